@@ -1,0 +1,99 @@
+"""The `harness` command: one entry point, a subcommand per workflow.
+
+    harness compare --config configs/default.yaml [key.sub=value ...]
+    harness zoo build [--profile full|micro] [--force]
+    harness zoo list [--profile full|micro]
+
+Errors in what the user gave (config, prompts, model folders) print one paragraph and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+
+
+def _quiet_libraries() -> None:
+    """Keeps third-party chatter (deprecations, banners) out of the harness's own output."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def cmd_compare(args) -> int:
+    from harness import compare, config, extract, prompts, report
+
+    cfg = config.load(args.config, args.overrides)
+    loaded_ref = extract.locate(cfg.reference, cfg.zoo_profile)
+    ref_tok = extract.load_tokenizer(loaded_ref)
+    tokens = prompts.tokenize(
+        ref_tok, prompts.load(cfg.prompts), max_length=extract.context_length(loaded_ref), source=cfg.reference.name
+    )
+    print(f"{len(tokens.prompts)} prompts, {sum(len(i) - 1 for i in tokens.ids)} scored positions, vocab {tokens.n_vocab}")
+    stores, facts = {}, {}
+    for spec in cfg.models:
+        loaded = loaded_ref if spec is cfg.reference else extract.locate(spec, cfg.zoo_profile)
+        prompts.check_same_ids(tokens, extract.load_tokenizer(loaded), spec.name)
+        stores[spec.name], facts[spec.name] = extract.extract(
+            loaded, tokens, batch_size=cfg.batch_size, store_dtype=cfg.store_dtype
+        )
+        facts[spec.name] |= {"source": spec.source, "path": loaded.path, "dtype": spec.dtype, "device": loaded.device}
+    pairs = [
+        compare.compare(cfg.reference.name, stores[cfg.reference.name], v.name, stores[v.name]) for v in cfg.variants
+    ]
+    out = report.write_run(cfg.reports_dir, cfg.model_dump_json(), pairs, facts)
+    print(report.table(pairs))
+    print(f"wrote {out / 'summary.csv'}")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from harness import zoo
+
+    if args.action == "build":
+        zoo.build(args.profile, force=args.force)
+    for name, state in zoo.status(args.profile).items():
+        print(f"{name:<34} {state:<10} {zoo.model_dir(name, args.profile)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="harness", description="Compare Qwen1.5 variants' next-token distributions.")
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compare", help="extract every variant and compare it with the reference")
+    p.add_argument("--config", required=True, help="a YAML comparison config, e.g. configs/default.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
+    p.set_defaults(run=cmd_compare)
+    p = sub.add_parser("zoo", help="build or list the embedded tiny Qwen1.5 family")
+    p.add_argument("action", choices=["build", "list"])
+    p.add_argument("--profile", default="full", choices=["full", "micro"])
+    p.add_argument("--force", action="store_true", help="rebuild even what verifies")
+    p.set_defaults(run=cmd_zoo)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet_libraries()
+    from harness.compare import CompareError
+    from harness.config import ConfigError
+    from harness.extract import ExtractError
+    from harness.prompts import PromptError
+
+    try:
+        return args.run(args)
+    except (ConfigError, PromptError, ExtractError, CompareError) as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

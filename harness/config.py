@@ -1,0 +1,127 @@
+"""One comparison = one YAML file, validated on load; `key.sub=value` overrides from the command line.
+
+    python -m harness.config configs/default.yaml batch_size=4     # prints the resolved config
+
+An unknown key, a wrong type or a missing file is a `ConfigError` that names the file and the key.
+Override values are parsed as YAML (`variants.0.dtype=bfloat16`, `seed=3`), never split by hand.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person who wrote the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1)
+    source: str = Field(min_length=1)  # "zoo:NAME", a local folder, or a hub id
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    trust_remote_code: bool = False
+
+
+class Config(_Strict):
+    name: str
+    zoo_profile: Literal["full", "micro"] = "full"  # which build of the embedded family `zoo:` means
+    reference: ModelSpec
+    variants: list[ModelSpec] = Field(min_length=1)
+    prompts: Path  # JSONL, relative to the config file
+    mode: Literal["text"] = "text"  # every next-token position of each prompt, teacher-forced
+    batch_size: int = Field(default=8, ge=1)
+    store_dtype: Literal["float32", "float16"] = "float16"
+    seed: int = 0
+    reports_dir: Path = Path("reports")
+    source_file: Path | None = None  # where this config was read from (set by `load`)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[ModelSpec]) -> list[ModelSpec]:
+        names = [v.name for v in variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique; repeated: {dupes}")
+        return variants
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        return [self.reference, *self.variants]
+
+
+def apply_override(data: dict, assignment: str, origin: str) -> None:
+    """Sets `a.b.0.c=value` in the raw mapping; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r}: expected KEY=VALUE, such as batch_size=4")
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {assignment!r}: {where} is not an index of a {len(node)}-item list in {origin}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {'.'.join(parts[:i])} is not a mapping in {origin}")
+        if last:
+            node[part] = yaml.safe_load(raw)
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        elif item["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        else:
+            lines.append(f"key '{key}': {item['msg']} (got {item.get('input')!r})")
+    known = ", ".join(Config.model_fields)
+    return f"{origin}: " + "; ".join(lines) + f". Top-level keys are: {known}."
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, not {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment, str(path))
+    data["source_file"] = str(path)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(path))) from None
+    prompts = config.prompts if config.prompts.is_absolute() else path.parent / config.prompts
+    if not prompts.is_file():
+        raise ConfigError(f"{path}: key 'prompts': prompt file {prompts} does not exist")
+    return config.model_copy(update={"prompts": prompts})
+
+
+if __name__ == "__main__":
+    print(yaml.safe_dump(load(sys.argv[1], sys.argv[2:]).model_dump(mode="json"), sort_keys=False))

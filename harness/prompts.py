@@ -1,0 +1,137 @@
+"""Prompt sets (JSONL) turned into the one token-id stream that every variant is scored on.
+
+    python -m harness.prompts configs/prompts/default.jsonl     # prints counts per prompt kind
+
+A line is `{"id": ..., "text": ...}` (raw text) or `{"id": ..., "messages": [{"role", "content"}]}`
+(rendered with the reference tokenizer's chat template). The reference tokenizer produces the ids;
+each variant's tokenizer must produce exactly the same ids, or the run stops at the first difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class PromptError(ValueError):
+    """A prompt file or tokenizer problem, naming the file and the prompt."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None  # ((role, content), ...)
+
+    @property
+    def kind(self) -> str:
+        return "chat" if self.messages else "text"
+
+
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    prompts: tuple[Prompt, ...]
+    ids: tuple[tuple[int, ...], ...]  # token ids per prompt, as the reference tokenizer gives them
+    n_vocab: int  # len(reference tokenizer): the real ids, the width every stored row is cut to
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over every prompt's ids: what a store or a baseline is tied to."""
+        digest = hashlib.sha256()
+        for ids in self.ids:
+            digest.update(json.dumps(ids).encode())
+        return digest.hexdigest()
+
+
+def load(path: Path) -> tuple[Prompt, ...]:
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt file {path} does not exist")
+    prompts, seen = [], set()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(row, dict) or "id" not in row or ("text" in row) == ("messages" in row):
+            raise PromptError(f'{where}: each line needs "id" and exactly one of "text" or "messages"')
+        extra = set(row) - {"id", "text", "messages"}
+        if extra:
+            raise PromptError(f"{where}: unknown keys {sorted(extra)}; a prompt has id, text or messages")
+        pid = str(row["id"])
+        if pid in seen:
+            raise PromptError(f"{where}: prompt id {pid!r} is repeated")
+        seen.add(pid)
+        if "text" in row:
+            if not isinstance(row["text"], str) or not row["text"].strip():
+                raise PromptError(f"{where}: prompt {pid!r} has an empty text")
+            prompts.append(Prompt(id=pid, text=row["text"]))
+        else:
+            msgs = row["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and set(m) == {"role", "content"} and isinstance(m["content"], str) for m in msgs
+            ):
+                raise PromptError(f'{where}: prompt {pid!r}: "messages" must be a non-empty list of {{"role", "content"}}')
+            prompts.append(Prompt(id=pid, messages=tuple((m["role"], m["content"]) for m in msgs)))
+    if not prompts:
+        raise PromptError(f"prompt file {path} holds no prompts")
+    return tuple(prompts)
+
+
+def encode(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of one prompt: raw text as is (Qwen has no BOS), chat through the chat template."""
+    if prompt.messages is None:
+        return tokenizer(prompt.text, add_special_tokens=False).input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError(f"prompt {prompt.id!r} is a chat, but the reference tokenizer has no chat template")
+    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in prompt.messages], tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def tokenize(tokenizer, prompts: tuple[Prompt, ...], *, max_length: int, source: str) -> TokenizedPrompts:
+    ids = []
+    for prompt in prompts:
+        row = encode(tokenizer, prompt)
+        if len(row) < 2:
+            raise PromptError(f"prompt {prompt.id!r} is {len(row)} token long: nothing to score")
+        if len(row) > max_length:
+            raise PromptError(
+                f"prompt {prompt.id!r} is {len(row)} tokens, longer than the context of {source} "
+                f"({max_length} positions); shorten it or split it into several prompts"
+            )
+        ids.append(tuple(row))
+    return TokenizedPrompts(prompts=prompts, ids=tuple(ids), n_vocab=len(tokenizer))
+
+
+def check_same_ids(reference: TokenizedPrompts, tokenizer, name: str) -> None:
+    """Stops the run if `tokenizer` (a variant's) does not give the reference's ids, at the first difference."""
+    if len(tokenizer) != reference.n_vocab:
+        raise PromptError(
+            f"variant {name!r}: its tokenizer has {len(tokenizer)} tokens, the reference's has {reference.n_vocab}; "
+            "their distributions cannot be aligned position by position"
+        )
+    for prompt, ref_ids in zip(reference.prompts, reference.ids):
+        ids = encode(tokenizer, prompt)
+        if tuple(ids) != ref_ids:
+            at = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+            mine = ids[at] if at < len(ids) else None
+            theirs = ref_ids[at] if at < len(ref_ids) else None
+            raise PromptError(
+                f"variant {name!r}: its tokenizer differs from the reference's on prompt {prompt.id!r} at token {at}: "
+                f"reference id {theirs} ({tokenizer.decode([theirs]) if theirs is not None else 'end'!r}), "
+                f"variant id {mine} ({tokenizer.decode([mine]) if mine is not None else 'end'!r})"
+            )
+
+
+if __name__ == "__main__":
+    loaded = load(Path(sys.argv[1]))
+    kinds = {}
+    for p in loaded:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    print(f"{len(loaded)} prompts: {kinds}")

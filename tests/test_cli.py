@@ -1,0 +1,38 @@
+"""End to end through the `harness` command on the micro zoo and the shipped default config."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+SMALL = Path(__file__).parent / "data" / "prompts-small.jsonl"
+
+
+def test_compare_default_config_on_micro_zoo(micro_zoo, tmp_path, tmp_store, capsys):
+    overrides = ["zoo_profile=micro", f"prompts={SMALL}", f"reports_dir={tmp_path / 'reports'}"]
+    assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), *overrides]) == 0
+    summary = tmp_path / "reports" / "latest" / "summary.csv"
+    rows = {r["candidate"]: r for r in csv.DictReader(summary.open())}
+    assert set(rows) == {"s-chat-bf16", "s-chat-gptq-int8", "s-chat-gptq-int4", "s-base", "m-chat"}
+    for row in rows.values():
+        assert row["reference"] == "s-chat-fp32" and int(row["positions"]) > 100
+    kl = {name: float(row["kl_mean"]) for name, row in rows.items()}
+    top1 = {name: float(row["top1_agree"]) for name, row in rows.items()}
+    assert 0 < kl["s-chat-gptq-int8"] < kl["s-chat-gptq-int4"]
+    assert max(kl["s-chat-bf16"], kl["s-chat-gptq-int8"]) < 1e-2 < min(kl["s-base"], kl["m-chat"])
+    assert top1["s-chat-gptq-int8"] >= 0.9
+    out = capsys.readouterr().out
+    assert "s-chat-gptq-int4" in out and "summary.csv" in out
+
+
+def test_config_error_exits_2_with_one_paragraph(tmp_path, capsys):
+    assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), "batch_sise=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harness: error:") and "unknown key 'batch_sise'" in err and "default.yaml" in err
+    assert "\n" not in err

@@ -1,0 +1,83 @@
+"""Configs: every shipped file validates; mistakes are errors that name the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from harness import config
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert any(p.name == "default.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_validates(path):
+    cfg = config.load(path)
+    assert cfg.prompts.is_file()
+    assert len({m.name for m in cfg.models}) == len(cfg.models)
+
+
+def _write(tmp_path, text):
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "hello there"}\n')
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: t
+reference: {name: ref, source: zoo:tiny-qwen1.5-s-chat}
+variants: [{name: v, source: zoo:tiny-qwen1.5-s}]
+prompts: p.jsonl
+"""
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = _write(tmp_path, BASE + "batch_sise: 4\n")
+    with pytest.raises(config.ConfigError, match=r"c\.yaml.*unknown key 'batch_sise'"):
+        config.load(path)
+
+
+def test_unknown_nested_key(tmp_path):
+    path = _write(tmp_path, BASE.replace("source: zoo:tiny-qwen1.5-s}", "source: zoo:tiny-qwen1.5-s, dtyp: float16}"))
+    with pytest.raises(config.ConfigError, match=r"unknown key 'variants\.0\.dtyp'"):
+        config.load(path)
+
+
+def test_wrong_value_names_key(tmp_path):
+    path = _write(tmp_path, BASE + "batch_size: many\n")
+    with pytest.raises(config.ConfigError, match=r"key 'batch_size'.*'many'"):
+        config.load(path)
+
+
+def test_missing_prompt_file(tmp_path):
+    path = _write(tmp_path, BASE.replace("p.jsonl", "nope.jsonl"))
+    with pytest.raises(config.ConfigError, match=r"key 'prompts'.*nope\.jsonl does not exist"):
+        config.load(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load(tmp_path / "absent.yaml")
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = _write(tmp_path, BASE)
+    cfg = config.load(path, ["batch_size=3", "variants.0.dtype=bfloat16", "reference.trust_remote_code=true"])
+    assert cfg.batch_size == 3 and cfg.variants[0].dtype == "bfloat16" and cfg.reference.trust_remote_code is True
+    with pytest.raises(config.ConfigError, match="variants.5"):
+        config.load(path, ["variants.5.dtype=float16"])
+    with pytest.raises(config.ConfigError, match="KEY=VALUE"):
+        config.load(path, ["batch_size"])
+    with pytest.raises(config.ConfigError, match="unknown key 'bogus'"):
+        config.load(path, ["bogus=1"])
+
+
+def test_duplicate_variant_names(tmp_path):
+    path = _write(tmp_path, BASE.replace("variants: [{name: v, source: zoo:tiny-qwen1.5-s}]",
+                                         "variants: [{name: v, source: a}, {name: v, source: b}]"))
+    with pytest.raises(config.ConfigError, match="repeated"):
+        config.load(path)

@@ -1,0 +1,84 @@
+"""Prompt files: bad input is a clear error; every variant must tokenize to the reference's ids."""
+
+import json
+
+import pytest
+
+from harness import prompts
+
+
+def _jsonl(tmp_path, rows):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def test_default_prompt_set_has_every_kind():
+    from pathlib import Path
+
+    loaded = prompts.load(Path(__file__).parents[1] / "configs" / "prompts" / "default.jsonl")
+    ids = [p.id for p in loaded]
+    assert len(loaded) >= 64
+    assert {i.split("-")[0] for i in ids} >= {"en", "zh", "code", "chat"}
+    assert any(p.messages and len(p.messages) >= 4 for p in loaded)  # multi-turn chats
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(prompts.PromptError, match="holds no prompts"):
+        prompts.load(path)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"id": "a", "text": "  "}, "empty text"),
+        ({"id": "a"}, "exactly one of"),
+        ({"id": "a", "text": "x", "messages": []}, "exactly one of"),
+        ({"id": "a", "messages": [{"role": "user"}]}, "messages"),
+        ({"id": "a", "text": "x", "lang": "en"}, "unknown keys"),
+    ],
+)
+def test_bad_rows_name_the_line(tmp_path, row, message):
+    with pytest.raises(prompts.PromptError, match=rf"p\.jsonl:1.*{message}"):
+        prompts.load(_jsonl(tmp_path, [row]))
+
+
+def test_repeated_id(tmp_path):
+    with pytest.raises(prompts.PromptError, match="repeated"):
+        prompts.load(_jsonl(tmp_path, [{"id": "a", "text": "x y"}, {"id": "a", "text": "z w"}]))
+
+
+@pytest.mark.slow
+def test_too_long_prompt_names_it(tokenizer, tmp_path):
+    loaded = prompts.load(_jsonl(tmp_path, [{"id": "short", "text": "hello there"}, {"id": "long", "text": "word " * 50}]))
+    with pytest.raises(prompts.PromptError, match="'long' is 50 tokens, longer than the context of ref"):
+        prompts.tokenize(tokenizer, loaded, max_length=20, source="ref")
+
+
+@pytest.mark.slow
+def test_chat_prompts_use_the_template(tokenizer, tmp_path):
+    loaded = prompts.load(_jsonl(tmp_path, [{"id": "c", "messages": [{"role": "user", "content": "hi"}]}]))
+    tokens = prompts.tokenize(tokenizer, loaded, max_length=100, source="ref")
+    assert tokens.ids[0][0] == 151644 and tokens.ids[0][-2:] == (151645, 198)  # <|im_start|> ... <|im_end|>\n
+    assert tokens.n_vocab == 151646
+
+
+@pytest.mark.slow
+def test_mismatched_tokenizer_shows_first_difference(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    loaded = prompts.load(_jsonl(tmp_path, [{"id": "greet", "text": "Hello world! Hello again."}]))
+    tokens = prompts.tokenize(tokenizer, loaded, max_length=100, source="ref")
+    prompts.check_same_ids(tokens, tokenizer, "same")  # the same tokenizer passes
+
+    # A tokenizer whose merges differ: " world" no longer merges, so ids part at token 1.
+    tokenizer.save_pretrained(tmp_path / "tok")
+    data = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    data["model"]["merges"] = [m for m in data["model"]["merges"] if m not in (["Ġw", "orld"], "Ġw orld", ["Ġwor", "ld"], "Ġwor ld")]
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
+    other = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert other("Hello world!").input_ids != [9707, 1879, 0]
+    with pytest.raises(prompts.PromptError, match=r"'odd'.*prompt 'greet' at token 1: reference id 1879"):
+        prompts.check_same_ids(tokens, other, "odd")

@@ -1,0 +1,116 @@
+"""The embedded tiny Qwen1.5 family: loads through transformers, is what it claims, and is reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from harness import zoo
+
+pytestmark = pytest.mark.slow
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_every_model_loads_through_transformers(micro_zoo, tokenizer, name):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    folder = micro_zoo[name]
+    assert zoo.problem(folder) is None
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu").eval()
+    config = model.config
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert config.vocab_size == (152064 if "-m" in name else 151936)
+    assert config.tie_word_embeddings == ("-m" not in name)
+    assert (folder / "CARD.md").is_file()
+
+    ids = tokenizer("The assert statement is a convenient way to insert debugging assertions", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0]
+    assert logits.shape[-1] == config.vocab_size and torch.isfinite(logits).all()
+    logp = torch.log_softmax(logits[:, : len(tokenizer)].double(), -1)
+    entropy = -(logp.exp() * logp).sum(-1).mean().item()
+    assert entropy < 0.8 * math.log(len(tokenizer)), "a trained model is far from uniform"
+
+    generation = GenerationConfig.from_pretrained(folder)
+    if "chat" in name:
+        assert generation.do_sample and generation.top_p == 0.8 and generation.eos_token_id == [151645, 151643]
+        assert config.eos_token_id == 151645
+    else:
+        assert not generation.do_sample and config.eos_token_id == 151643
+    if "gptq" in name:
+        qc = config.quantization_config
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        assert qc["bits"] == (4 if "int4" in name else 8) and qc["quant_method"] == "gptq"
+        quantized = [m for m in model.modules() if hasattr(m, "qweight")]
+        assert len(quantized) == 7 * config.num_hidden_layers  # q, k, v, o, gate, up, down
+
+
+def test_tokenizer_folder_is_the_real_qwen_tokenizer(tokenizer):
+    assert len(tokenizer) == 151646
+    assert tokenizer("Hello world!").input_ids == [9707, 1879, 0]
+
+
+def test_gptq_drifts_more_at_fewer_bits(micro_zoo, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer("Assignment statements are used to bind or rebind names to values", return_tensors="pt")
+
+    def logp(name):
+        model = AutoModelForCausalLM.from_pretrained(micro_zoo[name], dtype=torch.float32, device_map="cpu")
+        with torch.no_grad():
+            return torch.log_softmax(model(**ids).logits[0, :, :151646].double(), -1)
+
+    ref = logp(zoo.CHAT_S)
+    kl = {bits: (ref.exp() * (ref - logp(name))).sum(-1).mean().item() for bits, name in zoo.GPTQ.items()}
+    assert 0 < kl[8] < kl[4]
+
+
+def test_manifest_catches_corruption_and_build_repairs_it(micro_zoo, tmp_path, monkeypatch):
+    """A flipped byte or a missing manifest is named, and a build replaces the folder."""
+    home = tmp_path / "home"
+    shutil.copytree(micro_zoo[zoo.GPTQ[8]].parent, home / "zoo" / "micro")
+    monkeypatch.setenv("HARNESS_HOME", str(home))
+    weights = zoo.model_dir(zoo.GPTQ[8], "micro") / "model.safetensors"
+    good = _sha(weights)
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    assert "does not match its sha256" in zoo.problem(weights.parent)
+    (zoo.model_dir(zoo.BASE_M, "micro") / zoo.MANIFEST).unlink()
+    assert "build was interrupted" in zoo.problem(zoo.model_dir(zoo.BASE_M, "micro"))
+
+    messages = []
+    zoo.build("micro", log=messages.append)
+    assert zoo.problem(weights.parent) is None and _sha(weights) == good  # rebuilt, bit for bit
+    assert any("will be rebuilt" in m and zoo.GPTQ[8] in m for m in messages)
+    assert all(state == "ok" for state in zoo.status("micro").values())
+
+
+def test_half_built_folder_is_never_a_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_HOME", str(tmp_path))
+    final = zoo.model_dir(zoo.BASE_S, "micro")
+    tmp = zoo._tmp_dir(final)  # what an interrupted build leaves behind
+    (tmp / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert zoo.problem(final) == "not built"
+
+
+def test_same_seed_same_bits(micro_zoo, tmp_path, monkeypatch):
+    """Rebuilding the s lineage and its Int4 build from scratch reproduces the cached weights exactly."""
+    home = tmp_path / "home"
+    (home / "zoo" / "micro").mkdir(parents=True)
+    shutil.copytree(micro_zoo["qwen-tokenizer"], home / "zoo" / "micro" / "qwen-tokenizer")
+    for name in (zoo.BASE_M, zoo.CHAT_M, zoo.GPTQ[8]):  # not under test: keep the cached ones
+        shutil.copytree(micro_zoo[name], home / "zoo" / "micro" / name)
+    monkeypatch.setenv("HARNESS_HOME", str(home))
+    zoo.build("micro", log=lambda _: None)
+    for name in (zoo.BASE_S, zoo.CHAT_S, zoo.GPTQ[4]):
+        assert _sha(zoo.model_dir(name, "micro") / "model.safetensors") == _sha(micro_zoo[name] / "model.safetensors"), name
