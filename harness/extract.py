@@ -127,7 +127,8 @@ def forward_logprobs(model, batch: list[tuple[int, ...]], n_vocab: int, device: 
         if raw.shape[-1] < n_vocab:
             raise ExtractError(f"the model's logit rows are {raw.shape[-1]} wide, fewer than the tokenizer's {n_vocab} ids")
         lse_cut = torch.logsumexp(raw[:, :n_vocab], dim=-1)
-        pad_mass = -torch.expm1(lse_cut - torch.logsumexp(raw, dim=-1))  # mass on columns >= n_vocab
+        lse_pad = torch.logsumexp(raw[:, n_vocab:], dim=-1)  # -inf when there are no padding columns
+        pad_mass = torch.exp(lse_pad - torch.logaddexp(lse_cut, lse_pad))  # mass on columns >= n_vocab
         out.append((raw[:, :n_vocab] - lse_cut[:, None], pad_mass))
     return out
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from harness import train
+from harness import paths, train
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
 
@@ -47,6 +47,11 @@ def build_gptq(prof, source: Path, final: Path, bits: int, corpus: train.Corpus,
 
     with _quiet():
         from gptqmodel import GPTQModel, QuantizeConfig
+        from gptqmodel.looper import loop_processor
+
+    # gptqmodel 7.6 writes per-layer logs to ./logs of whatever the working directory is; keep them
+    # beside the zoo instead of in the user's checkout.
+    loop_processor._PROJECT_LOG_DIR = paths.home() / "logs" / "gptqmodel"
 
     torch.manual_seed(prof.seed)
     start = time.perf_counter()

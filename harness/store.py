@@ -109,7 +109,8 @@ class Store:
                 n = sliced.get_shape()[0]
                 for start in range(0, n, rows):
                     block = sliced[start : min(n, start + rows)].float()
-                    yield torch.log_softmax(block, dim=-1)
+                    # float64 normaliser: a float32 log-softmax over 151646 columns is off by ~1e-5
+                    yield block - torch.logsumexp(block.double(), dim=-1, keepdim=True).float()
 
 
 if __name__ == "__main__":

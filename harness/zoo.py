@@ -262,8 +262,11 @@ def _build_tokenizer(prof: Profile, log):
 
 def build(profile_name: str = "full", *, log=print, force: bool = False) -> dict[str, Path]:
     """Builds whatever of the family is missing or fails verification; returns name -> folder."""
+    from transformers.utils import logging as hf_logging
+
     prof = profile(profile_name)
     torch.use_deterministic_algorithms(True)
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars; training and GPTQ have their own
     start = time.perf_counter()
     folders = {name: model_dir(name, prof.name) for name in (TOKENIZER, *MODELS)}
     if force:

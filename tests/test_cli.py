@@ -19,11 +19,14 @@ def test_compare_default_config_on_micro_zoo(micro_zoo, tmp_path, tmp_store, cap
     assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), *overrides]) == 0
     summary = tmp_path / "reports" / "latest" / "summary.csv"
     rows = {r["candidate"]: r for r in csv.DictReader(summary.open())}
-    assert set(rows) == {"s-chat-bf16", "s-chat-gptq-int8", "s-chat-gptq-int4", "s-base", "m-chat"}
+    assert set(rows) == {"s-chat-fp16", "s-chat-bf16", "s-chat-gptq-int8", "s-chat-gptq-int4", "s-base", "m-chat"}
     for row in rows.values():
         assert row["reference"] == "s-chat-fp32" and int(row["positions"]) > 100
     kl = {name: float(row["kl_mean"]) for name, row in rows.items()}
     top1 = {name: float(row["top1_agree"]) for name, row in rows.items()}
+    # float16 < bfloat16 (3 fewer mantissa bits), Int8 < Int4; numerical noise and Int8 are tiny
+    # beside a different model (the base, or another size).
+    assert 0 < kl["s-chat-fp16"] < kl["s-chat-bf16"]
     assert 0 < kl["s-chat-gptq-int8"] < kl["s-chat-gptq-int4"]
     assert max(kl["s-chat-bf16"], kl["s-chat-gptq-int8"]) < 1e-2 < min(kl["s-base"], kl["m-chat"])
     assert top1["s-chat-gptq-int8"] >= 0.9
