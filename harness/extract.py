@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,5 +195,3 @@ def extract(
     store.write_index({"key": key, "model": spec.model_dump(), "path": loaded.path, "n_vocab": tokens.n_vocab, **facts})
     return store, facts
 
-
-__all__ = ["ExtractError", "Loaded", "extract", "json", "load_tokenizer", "locate"]

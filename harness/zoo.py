@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from harness import paths, train
 from harness.qwen_tokenizer import N_TOKENS, build_tokenizer
@@ -283,9 +284,9 @@ def build(profile_name: str = "full", *, log=print, force: bool = False) -> dict
             _build_lineage(prof, tokenizer, corpus, base, chat, size, log)
     from harness import quant
 
-    for bits, name in GPTQ.items():
-        if problem(folders[name]):
-            quant.build_gptq(prof, folders[CHAT_S], folders[name], bits, corpus, log=log)
+    todo = [(bits, name) for bits, name in GPTQ.items() if problem(folders[name])]
+    for bits, name in tqdm(todo, desc="GPTQ quantize", unit="model", leave=False, disable=not todo):
+        quant.build_gptq(prof, folders[CHAT_S], folders[name], bits, corpus, log=log)
     log(f"zoo ({prof.name}) ready in {time.perf_counter() - start:.1f}s under {paths.zoo_dir(prof.name)}")
     return folders
 
