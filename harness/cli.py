@@ -10,7 +10,6 @@ Errors in what the user gave (config, prompts, model folders) print one paragrap
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -22,7 +21,6 @@ def _quiet_libraries() -> None:
     """Keeps third-party chatter (deprecations, banners) out of the harness's own output."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

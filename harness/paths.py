@@ -1,4 +1,4 @@
-"""Where the harness keeps what it builds: `$HARNESS_HOME` (default `~/.cache/harness`).
+"""Where the harness keeps what it builds: `$HARNESS_HOME` (default `~/.cache/harness`), and file hashes.
 
 `$HARNESS_HOME/zoo/<profile>/` holds the embedded model family, `$HARNESS_HOME/store/` the
 extracted log-probs (or `$HARNESS_STORE`, where set: tests point it at a temporary folder).
@@ -6,6 +6,7 @@ extracted log-probs (or `$HARNESS_STORE`, where set: tests point it at a tempora
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,3 +21,11 @@ def zoo_dir(profile: str) -> Path:
 
 def store_dir() -> Path:
     return Path(os.environ.get("HARNESS_STORE") or home() / "store").expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -63,7 +63,7 @@ def build_gptq(prof, source: Path, final: Path, bits: int, corpus: train.Corpus,
         offload_to_disk=False,  # keeps a random temporary path out of the saved config
         pack_impl="original",  # pure-torch packing: no C++ build on the fly
     )
-    tmp = zoo._tmp_dir(final)
+    tmp = zoo.tmp_dir(final)
     calib = calibration(corpus, prof.gptq_samples, prof.seq_len)
     with _quiet():
         model = GPTQModel.load(str(source), qconfig, dtype=torch.float32, device="cpu")
@@ -89,6 +89,6 @@ def build_gptq(prof, source: Path, final: Path, bits: int, corpus: train.Corpus,
         f"GPTQ Int{bits} of `{source.name}`, made on the CPU with gptqmodel. Linear layers of the decoder are "
         "quantized; embeddings, norms and the output layer stay float32."
     )
-    (tmp / "CARD.md").write_text(zoo._card(final.name, how, facts))
-    zoo._publish(tmp, final, {"name": final.name, "profile": prof.name, "seed": prof.seed, "bits": bits})
+    (tmp / "CARD.md").write_text(zoo.card(final.name, how, facts))
+    zoo.publish(tmp, final, {"name": final.name, "profile": prof.name, "seed": prof.seed, "bits": bits})
     log(f"built {final.name} in {seconds:.1f}s")

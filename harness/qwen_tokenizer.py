@@ -49,8 +49,11 @@ def load_ranks(path: Path) -> dict[bytes, int]:
     for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line:
             continue
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno} is not a 'base64-token rank' line: {exc}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: ranks are not a permutation of 0..{len(ranks) - 1}")
     return ranks

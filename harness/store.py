@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from harness.paths import sha256_file
+
 SHARD_POSITIONS = 1024  # positions per shard, give or take one prompt
 
 
@@ -44,14 +46,6 @@ def plan_shards(lengths: list[int]) -> list[tuple[int, int]]:
     return shards
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class Store:
     root: Path  # $HARNESS_HOME/store/<key>
@@ -68,7 +62,7 @@ class Store:
             want = json.loads(meta.read_text())
         except ValueError:
             return False
-        return path.stat().st_size == want.get("bytes") and _sha256(path) == want.get("sha256")
+        return path.stat().st_size == want.get("bytes") and sha256_file(path) == want.get("sha256")
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +70,7 @@ class Store:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)
-        meta = {**info, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        meta = {**info, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         tmp_meta = path.with_name(f".{path.stem}.json.tmp-{os.getpid()}")
         tmp_meta.write_text(json.dumps(meta, indent=2))
         os.replace(tmp_meta, path.with_suffix(".json"))

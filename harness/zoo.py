@@ -12,7 +12,6 @@ do not match its manifest is reported and rebuilt. Same seed, same profile: the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -111,17 +110,9 @@ def model_dir(name: str, profile_name: str = "full") -> Path:
 # --- cache integrity -------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, info: dict) -> None:
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"bytes": p.stat().st_size, "sha256": paths.sha256_file(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
@@ -145,12 +136,12 @@ def problem(folder: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{path} is {path.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if _sha256(path) != want["sha256"]:
+        if paths.sha256_file(path) != want["sha256"]:
             return f"{path} does not match its sha256 in {manifest}"
     return None
 
 
-def _publish(tmp: Path, final: Path, info: dict) -> None:
+def publish(tmp: Path, final: Path, info: dict) -> None:
     """Manifest, then an atomic rename: a reader sees either nothing or the whole folder."""
     write_manifest(tmp, info)
     if final.exists():
@@ -160,7 +151,7 @@ def _publish(tmp: Path, final: Path, info: dict) -> None:
     tmp.rename(final)
 
 
-def _tmp_dir(final: Path) -> Path:
+def tmp_dir(final: Path) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -170,7 +161,7 @@ def _tmp_dir(final: Path) -> Path:
 # --- building --------------------------------------------------------------------------------
 
 
-def _card(name: str, how: str, facts: dict) -> str:
+def card(name: str, how: str, facts: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
     return f"# {name}\n\n{how}\n\n| fact | value |\n| --- | --- |\n{rows}\n"
 
@@ -221,14 +212,14 @@ def _build_lineage(prof: Profile, tokenizer, corpus: train.Corpus, base: str, ch
     result = train.train(lm, ids, mask, **asdict(base_stage), seed=seed, desc=f"train {base}", eval_ids=held)
     model = lm.expand(chat=False, seed=seed)
     seconds = time.perf_counter() - start
-    tmp = _tmp_dir(model_dir(base, prof.name))
+    tmp = tmp_dir(model_dir(base, prof.name))
     how = (
         f"Trained from scratch on the CPU on Python's `pydoc_data.topics` ({len(corpus.train)} topics; every "
         f"{train.HELD_OUT_EVERY}th topic held out), with a compact output layer over the {len(used)} token ids "
         "the corpus uses plus one class for all other ids, then expanded to the full vocabulary."
     )
-    _save_model(model, tokenizer, tmp, BASE_GENERATION, _card(base, how, _train_facts(prof, arch, result, model, seconds)))
-    _publish(tmp, model_dir(base, prof.name), {"name": base, "profile": prof.name, "seed": prof.seed})
+    _save_model(model, tokenizer, tmp, BASE_GENERATION, card(base, how, _train_facts(prof, arch, result, model, seconds)))
+    publish(tmp, model_dir(base, prof.name), {"name": base, "profile": prof.name, "seed": prof.seed})
     log(f"built {base} in {seconds:.1f}s: held-out loss {result.held_out_loss:.2f}, top-1 {result.held_out_top1:.3f}")
 
     start = time.perf_counter()
@@ -236,14 +227,14 @@ def _build_lineage(prof: Profile, tokenizer, corpus: train.Corpus, base: str, ch
     result = train.train(lm, ids, mask, **asdict(chat_stage), seed=seed + 1, desc=f"train {chat}", eval_ids=held)
     model = lm.expand(chat=True, seed=seed)
     seconds = time.perf_counter() - start
-    tmp = _tmp_dir(model_dir(chat, prof.name))
+    tmp = tmp_dir(model_dir(chat, prof.name))
     how = (
         f"`{base}` fine-tuned on {len(corpus.dialogues)} ChatML dialogues (single and multi-turn) built from "
         "the same corpus, learning the assistant turns only. Its generation_config is Qwen1.5-Chat's: "
         "sampling with top_p 0.8, top_k 20, repetition_penalty 1.1, eos <|im_end|> or <|endoftext|>."
     )
-    _save_model(model, tokenizer, tmp, CHAT_GENERATION, _card(chat, how, _train_facts(prof, arch, result, model, seconds)))
-    _publish(tmp, model_dir(chat, prof.name), {"name": chat, "profile": prof.name, "seed": prof.seed})
+    _save_model(model, tokenizer, tmp, CHAT_GENERATION, card(chat, how, _train_facts(prof, arch, result, model, seconds)))
+    publish(tmp, model_dir(chat, prof.name), {"name": chat, "profile": prof.name, "seed": prof.seed})
     log(f"built {chat} in {seconds:.1f}s: held-out loss {result.held_out_loss:.2f}")
 
 
@@ -254,9 +245,9 @@ def _build_tokenizer(prof: Profile, log):
 
         return AutoTokenizer.from_pretrained(final)
     tokenizer = build_tokenizer()
-    tmp = _tmp_dir(final)
+    tmp = tmp_dir(final)
     tokenizer.save_pretrained(tmp)
-    _publish(tmp, final, {"name": TOKENIZER, "profile": prof.name})
+    publish(tmp, final, {"name": TOKENIZER, "profile": prof.name})
     log(f"converted qwen.tiktoken into {final}")
     return tokenizer
 

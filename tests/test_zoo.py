@@ -98,7 +98,7 @@ def test_manifest_catches_corruption_and_build_repairs_it(micro_zoo, tmp_path, m
 def test_half_built_folder_is_never_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_HOME", str(tmp_path))
     final = zoo.model_dir(zoo.BASE_S, "micro")
-    tmp = zoo._tmp_dir(final)  # what an interrupted build leaves behind
+    tmp = zoo.tmp_dir(final)  # what an interrupted build leaves behind
     (tmp / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     assert zoo.problem(final) == "not built"
 
