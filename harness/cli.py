@@ -1,5 +1,6 @@
 """The `harness` command: one entry point, a subcommand per workflow.
 
+    harness extract --config configs/default.yaml [key.sub=value ...]
     harness compare --config configs/default.yaml [key.sub=value ...]
     harness zoo build [--profile full|micro] [--force]
     harness zoo list [--profile full|micro]
@@ -27,27 +28,28 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model
 
 
-def cmd_compare(args) -> int:
-    from harness import compare, config, extract, prompts, report
+def cmd_extract(args) -> int:
+    from harness import config, pipeline
 
     cfg = config.load(args.config, args.overrides)
-    loaded_ref = extract.locate(cfg.reference, cfg.zoo_profile)
-    ref_tok = extract.load_tokenizer(loaded_ref)
-    tokens = prompts.tokenize(
-        ref_tok, prompts.load(cfg.prompts), max_length=extract.context_length(loaded_ref), source=cfg.reference.name
-    )
-    print(f"{len(tokens.prompts)} prompts, {sum(len(i) - 1 for i in tokens.ids)} scored positions, vocab {tokens.n_vocab}")
-    stores, facts = {}, {}
-    for spec in cfg.models:
-        loaded = loaded_ref if spec is cfg.reference else extract.locate(spec, cfg.zoo_profile)
-        prompts.check_same_ids(tokens, extract.load_tokenizer(loaded), spec.name)
-        stores[spec.name], facts[spec.name] = extract.extract(
-            loaded, tokens, batch_size=cfg.batch_size, store_dtype=cfg.store_dtype
-        )
-        facts[spec.name] |= {"source": spec.source, "path": loaded.path, "dtype": spec.dtype, "device": loaded.device}
-    pairs = [
-        compare.compare(cfg.reference.name, stores[cfg.reference.name], v.name, stores[v.name]) for v in cfg.variants
-    ]
+    the_plan = pipeline.plan(cfg)
+    print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
+    _, facts = pipeline.extract_all(cfg, the_plan)
+    for name, f in facts.items():
+        done = "reused" if f["reused_shards"] == f["shards"] else f"{f['extract_s']:.1f}s"
+        print(f"{name:<28} {done:>8}  {f['store']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from harness import compare, config, pipeline, report
+
+    cfg = config.load(args.config, args.overrides)
+    the_plan = pipeline.plan(cfg)
+    print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
+    stores, facts = pipeline.extract_all(cfg, the_plan)
+    ref = cfg.reference.name
+    pairs = [compare.compare(ref, stores[ref], v.name, stores[v.name]) for v in cfg.variants]
     out = report.write_run(cfg.reports_dir, cfg.model_dump_json(), pairs, facts)
     print(report.table(pairs))
     print(f"wrote {out / 'summary.csv'}")
@@ -67,10 +69,14 @@ def cmd_zoo(args) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="harness", description="Compare Qwen1.5 variants' next-token distributions.")
     sub = top.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("compare", help="extract every variant and compare it with the reference")
-    p.add_argument("--config", required=True, help="a YAML comparison config, e.g. configs/default.yaml")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
-    p.set_defaults(run=cmd_compare)
+    for name, run, text in (
+        ("extract", cmd_extract, "fill the log-prob store of every model (reused and resumed across runs)"),
+        ("compare", cmd_compare, "extract every model, compare each variant with the reference, report"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="a YAML comparison config, e.g. configs/default.yaml")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
+        p.set_defaults(run=run)
     p = sub.add_parser("zoo", help="build or list the embedded tiny Qwen1.5 family")
     p.add_argument("action", choices=["build", "list"])
     p.add_argument("--profile", default="full", choices=["full", "micro"])

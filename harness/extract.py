@@ -1,29 +1,34 @@
 """Teacher-forced extraction: one model at a time, raw logits -> cut padding -> log-probs -> store.
 
-    harness compare --config configs/default.yaml     # extraction is the first half of a compare
+    harness extract --config configs/default.yaml      # fills the store of every model, then stops
 
-Every variant runs over the reference tokenizer's ids, in batches padded on the right with an
-attention mask (causal attention: padding after a prompt cannot change its logits). The row of
-logits is cut to the real token ids (`len(tokenizer)`, 151646 for Qwen1.5) before the softmax;
-the probability that the raw row put on the padding columns is kept beside it.
+Every model runs over the reference tokenizer's ids (`prompts.Segment`s), in batches padded on the
+right or the left with an attention mask and explicit position ids, so a padded row's logits equal
+its unpadded ones. Each logits row is cut to the real token ids (`len(tokenizer)`, 151646 for
+Qwen1.5) before the softmax; the probability the raw row put on the padding columns, and what the
+model's own generation_config warpers would leave of it, are stored beside it.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from harness import paths, zoo
 from harness.config import ModelSpec
-from harness.prompts import TokenizedPrompts
+from harness.prompts import Segment, TokenizedPrompts
 from harness.store import Store, plan_shards, store_key
+from harness.warpers import Warpers, warp_stats
 
-EXTRACT_VERSION = 1  # bump when what is stored changes meaning
+EXTRACT_VERSION = 2  # bump when what is stored changes meaning
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,20 +81,36 @@ def locate(spec: ModelSpec, zoo_profile: str) -> Loaded:
     return Loaded(spec, spec.source, f"hub:{spec.source}@{spec.revision or 'main'}", device)
 
 
+def _loading(loaded: Loaded, what: str, load):
+    """Runs a from_pretrained call; a missing file or an unreachable hub becomes one clear error."""
+    try:
+        return load()
+    except (OSError, ValueError) as exc:
+        hint = ""
+        if loaded.fingerprint.startswith("hub:"):
+            hint = (
+                " It is a hub id: without network access (or HF_HUB_OFFLINE) it must already be in the "
+                "Hugging Face cache; otherwise download it elsewhere and give its local folder as `source`."
+            )
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExtractError(f"model {loaded.spec.name!r}: cannot load the {what} of {loaded.path}: {first}.{hint}") from exc
+
+
 def load_model(loaded: Loaded):
     from transformers import AutoModelForCausalLM
 
     spec = loaded.spec
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
+    model = _loading(
+        loaded,
+        "weights",
+        lambda: AutoModelForCausalLM.from_pretrained(
             loaded.path,
             revision=spec.revision,
             dtype=TORCH_DTYPES[spec.dtype],
             device_map=loaded.device,
             trust_remote_code=spec.trust_remote_code,
-        )
-    except OSError as exc:
-        raise ExtractError(f"model {spec.name!r}: cannot load {loaded.path}: {exc}") from exc
+        ),
+    )
     return model.eval()
 
 
@@ -97,101 +118,202 @@ def load_tokenizer(loaded: Loaded):
     from transformers import AutoTokenizer
 
     spec = loaded.spec
+    return _loading(
+        loaded,
+        "tokenizer",
+        lambda: AutoTokenizer.from_pretrained(loaded.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code),
+    )
+
+
+def load_generation_config(loaded: Loaded):
+    from transformers import GenerationConfig
+
     try:
-        return AutoTokenizer.from_pretrained(loaded.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    except OSError as exc:
-        raise ExtractError(f"model {spec.name!r}: cannot load the tokenizer of {loaded.path}: {exc}") from exc
+        return GenerationConfig.from_pretrained(loaded.path, revision=loaded.spec.revision)
+    except OSError:  # a folder without generation_config.json: transformers' defaults (greedy)
+        return GenerationConfig()
 
 
 def context_length(loaded: Loaded) -> int:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(loaded.path, revision=loaded.spec.revision, trust_remote_code=loaded.spec.trust_remote_code)
+    spec = loaded.spec
+    config = _loading(
+        loaded,
+        "config",
+        lambda: AutoConfig.from_pretrained(loaded.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code),
+    )
     return int(config.max_position_embeddings)
 
 
 @torch.no_grad()
-def forward_logprobs(model, batch: list[tuple[int, ...]], n_vocab: int, device: str):
-    """Per prompt: ([L-1, n_vocab] float32 log-probs of the next token, [L-1] pad mass)."""
+def forward_logits(model, batch: list[tuple[int, ...]], device: str, padding_side: str = "right") -> torch.Tensor:
+    """[B, T, V_padded] raw logits; row b's own tokens sit at [b, :len] (right) or [b, T-len:] (left)."""
     width = max(len(ids) for ids in batch)
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
     attention = torch.zeros(len(batch), width, dtype=torch.long)
+    positions = torch.zeros(len(batch), width, dtype=torch.long)
     for i, ids in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # [B, T, V_padded]
-    out = []
-    for i, ids in enumerate(batch):
-        raw = logits[i, : len(ids) - 1].float().cpu()  # [L-1, V_padded]; row t predicts ids[t + 1]
-        if raw.shape[-1] < n_vocab:
-            raise ExtractError(f"the model's logit rows are {raw.shape[-1]} wide, fewer than the tokenizer's {n_vocab} ids")
-        lse_cut = torch.logsumexp(raw[:, :n_vocab], dim=-1)
-        lse_pad = torch.logsumexp(raw[:, n_vocab:], dim=-1)  # -inf when there are no padding columns
-        pad_mass = torch.exp(lse_pad - torch.logaddexp(lse_cut, lse_pad))  # mass on columns >= n_vocab
-        out.append((raw[:, :n_vocab] - lse_cut[:, None], pad_mass))
-    return out
+        cols = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+        input_ids[i, cols] = torch.tensor(ids)
+        attention[i, cols] = 1
+        positions[i, cols] = torch.arange(len(ids))  # left padding must not shift the rotary positions
+    out = model(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device)
+    )
+    return out.logits
+
+
+def own_rows(logits: torch.Tensor, b: int, length: int, padding_side: str) -> torch.Tensor:
+    """The [length, V] logits of batch row b without its padding."""
+    return logits[b, :length] if padding_side == "right" else logits[b, logits.shape[1] - length :]
+
+
+def row_stats(raw: torch.Tensor, n_vocab: int):
+    """[R, V_padded] raw logits -> ([R, n_vocab] log-probs, [R] pad mass, [R] logsumexp of the full row)."""
+    if raw.shape[-1] < n_vocab:
+        raise ExtractError(f"the model's logit rows are {raw.shape[-1]} wide, fewer than the tokenizer's {n_vocab} ids")
+    lse_cut = torch.logsumexp(raw[:, :n_vocab], dim=-1)
+    lse_pad = torch.logsumexp(raw[:, n_vocab:], dim=-1)  # -inf when there are no padding columns
+    lse_full = torch.logaddexp(lse_cut, lse_pad)
+    pad_mass = torch.exp(lse_pad - lse_full)  # mass on columns >= n_vocab
+    return raw[:, :n_vocab] - lse_cut[:, None], pad_mass, lse_full
+
+
+def greedy_continuations(loaded: Loaded, tokens: TokenizedPrompts, max_new_tokens: int, log=print) -> list[list[int]]:
+    """The reference's raw greedy continuation of every prompt (not its sampling generation_config).
+
+    Cached beside the stores: the continuation fixes the ids every variant is scored on.
+    """
+    from transformers import GenerationConfig
+
+    key = store_key(what="greedy", fingerprint=loaded.fingerprint, dtype=loaded.spec.dtype,
+                    device=loaded.device.split(":")[0], ids=tokens.fingerprint, n=max_new_tokens)  # fmt: skip
+    path = paths.store_dir() / "generations" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["continuations"]
+    own = load_generation_config(loaded)
+    greedy = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+        eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id or own.eos_token_id,
+    )  # fmt: skip
+    model = load_model(loaded)
+    # Replaced rather than passed: generate() fills a passed config's unset fields from the model's own
+    # (Qwen1.5-Chat's repetition_penalty 1.1 would creep into "greedy").
+    model.generation_config = greedy
+    continuations = []
+    try:
+        for ids in tqdm(tokens.ids, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False):
+            x = torch.tensor([ids], device=loaded.device)
+            with torch.no_grad():
+                out = model.generate(x, attention_mask=torch.ones_like(x))
+            continuations.append(out[0, len(ids) :].tolist())
+    finally:
+        del model
+        gc.collect()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations}))
+    os.replace(tmp, path)
+    log(f"{loaded.spec.name}: generated {sum(map(len, continuations))} greedy tokens")
+    return continuations
+
+
+def segments_fingerprint(segments: list[Segment]) -> str:
+    digest = hashlib.sha256()
+    for s in segments:
+        digest.update(json.dumps([s.prompt, s.offset, s.first, s.ids]).encode())
+    return digest.hexdigest()
 
 
 def extract(
     loaded: Loaded,
-    tokens: TokenizedPrompts,
+    segments: list[Segment],
+    n_vocab: int,
     *,
     batch_size: int,
     store_dtype: str,
+    padding_side: str = "right",
+    prompt_ids: tuple[str, ...] = (),
     log=print,
 ) -> tuple[Store, dict]:
     """Fills (or reuses, or resumes) the store of one model; returns it and timing facts."""
     spec = loaded.spec
     key = store_key(
         source=loaded.path, revision=spec.revision, fingerprint=loaded.fingerprint, dtype=spec.dtype,
-        device=loaded.device.split(":")[0], ids=tokens.fingerprint, n_vocab=tokens.n_vocab,
-        store_dtype=store_dtype, mode="text", version=EXTRACT_VERSION,
+        device=loaded.device.split(":")[0], segments=segments_fingerprint(segments), n_vocab=n_vocab,
+        store_dtype=store_dtype, version=EXTRACT_VERSION,
     )  # fmt: skip
     store = Store(paths.store_dir() / key)
-    plan = plan_shards([len(ids) - 1 for ids in tokens.ids])
+    plan = plan_shards([s.rows for s in segments])
     todo = [i for i in range(len(plan)) if not store.is_complete(i)]
     facts = {"store": str(store.root), "shards": len(plan), "reused_shards": len(plan) - len(todo)}
     if not todo:
         log(f"{spec.name}: reusing {store.root}")
-        return store, {**facts, "load_s": 0.0, "extract_s": 0.0}
+        return store, {**(store.index() or {}).get("facts", {}), **facts, "load_s": 0.0, "extract_s": 0.0}
     start = time.perf_counter()
     model = load_model(loaded)
-    facts["load_s"] = time.perf_counter() - start
-    facts["parameters"] = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
+    warpers = Warpers.from_generation_config(load_generation_config(loaded))
+    facts |= {"load_s": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters())}
+    facts |= {"warpers": warpers.__dict__, "logit_width": int(model.config.vocab_size)}
+    start, forward_s = time.perf_counter(), 0.0
+    bar = tqdm(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)
     try:
         for shard in todo:
             lo, hi = plan[shard]
-            rows, pads = [], []
+            n_rows = sum(segments[i].rows for i in range(lo, hi))
+            buf = {  # filled batch by batch: peak memory is one shard, whatever the number of positions
+                "logprobs": torch.empty(n_rows, n_vocab, dtype=TORCH_DTYPES[store_dtype]),
+                "target": torch.empty(n_rows, dtype=torch.long),
+                "prompt": torch.empty(n_rows, dtype=torch.long),
+                "position": torch.empty(n_rows, dtype=torch.long),
+                "pad_mass": torch.empty(n_rows),
+                "warp_finite": torch.empty(n_rows, dtype=torch.int32),
+                "warp_mass": torch.empty(n_rows),
+            }
+            row = 0
             for b in range(lo, hi, batch_size):
-                chunk = list(range(b, min(hi, b + batch_size)))
-                for p, (logprobs, pad) in zip(chunk, forward_logprobs(model, [tokens.ids[p] for p in chunk], tokens.n_vocab, loaded.device)):
-                    if not torch.isfinite(logprobs).any(dim=-1).all() or torch.isnan(logprobs).any():
+                batch = segments[b : min(hi, b + batch_size)]
+                t0 = time.perf_counter()
+                logits = forward_logits(model, [s.ids for s in batch], loaded.device, padding_side)
+                forward_s += time.perf_counter() - t0
+                for i, seg in enumerate(batch):
+                    raw = own_rows(logits, i, len(seg.ids), padding_side)[seg.first : len(seg.ids) - 1].float().cpu()
+                    logprobs, pad_mass, lse = row_stats(raw, n_vocab)
+                    if not torch.isfinite(lse).all():
+                        bad = int((~torch.isfinite(lse)).nonzero()[0, 0]) + seg.offset + seg.first
+                        name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
                         raise ExtractError(
-                            f"model {spec.name!r} produced NaN or all -inf logits on prompt {tokens.prompts[p].id!r}; "
-                            f"its dtype {spec.dtype} may overflow, try float32"
+                            f"model {spec.name!r} produced NaN or infinite logits on prompt {name!r} at token "
+                            f"{bad}; in {spec.dtype} its activations may overflow: try float32 (finished shards are kept)"
                         )
-                    rows.append(logprobs)
-                    pads.append(pad)
-            targets = [torch.tensor(tokens.ids[p][1:]) for p in range(lo, hi)]
-            prompt_index = [torch.full((len(tokens.ids[p]) - 1,), p) for p in range(lo, hi)]
-            store.write_shard(
-                shard,
-                {
-                    "logprobs": torch.cat(rows).to(TORCH_DTYPES[store_dtype]),
-                    "target": torch.cat(targets),
-                    "prompt": torch.cat(prompt_index),
-                    "pad_mass": torch.cat(pads),
-                },
-                {"prompts": [lo, hi]},
-            )
-            log(f"{spec.name}: shard {shard + 1}/{len(plan)} written")
+                    ids = torch.tensor(seg.ids)
+                    finite, kept = warp_stats(raw, ids, seg.first, lse, warpers)
+                    rows = slice(row, row + seg.rows)
+                    buf["logprobs"][rows] = logprobs
+                    buf["target"][rows] = ids[seg.first + 1 :]
+                    buf["prompt"][rows] = seg.prompt
+                    buf["position"][rows] = torch.arange(seg.first + 1, len(seg.ids)) + seg.offset
+                    buf["pad_mass"][rows] = pad_mass
+                    buf["warp_finite"][rows] = finite
+                    buf["warp_mass"][rows] = kept
+                    row += seg.rows
+                del logits
+                bar.update(len(batch))
+            try:
+                store.write_shard(shard, buf, {"segments": [lo, hi]})
+            except OSError as exc:
+                raise ExtractError(
+                    f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc} "
+                    f"(a full disk?). The {shard - todo[0]} shards finished in this run are kept; re-run to resume."
+                ) from exc
     finally:
+        bar.close()
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    facts["extract_s"] = time.perf_counter() - start
-    store.write_index({"key": key, "model": spec.model_dump(), "path": loaded.path, "n_vocab": tokens.n_vocab, **facts})
+    facts |= {"extract_s": time.perf_counter() - start, "forward_s": forward_s}
+    store.write_index({"key": key, "model": spec.model_dump(), "path": loaded.path, "n_vocab": n_vocab, "facts": facts})
+    log(f"{spec.name}: {len(todo)} shards written to {store.root}")
     return store, facts
-

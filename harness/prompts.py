@@ -84,23 +84,28 @@ def load(path: Path) -> tuple[Prompt, ...]:
     return tuple(prompts)
 
 
-def encode(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of one prompt: raw text as is (Qwen has no BOS), chat through the chat template."""
+def encode(tokenizer, prompt: Prompt, *, generation_prompt: bool = False) -> list[int]:
+    """Token ids of one prompt: raw text as is (Qwen has no BOS), chat through the chat template
+    (ending with the assistant's header when `generation_prompt`, for the generate mode)."""
     if prompt.messages is None:
         return tokenizer(prompt.text, add_special_tokens=False).input_ids
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError(f"prompt {prompt.id!r} is a chat, but the reference tokenizer has no chat template")
-    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in prompt.messages], tokenize=False)
+    messages = [{"role": r, "content": c} for r, c in prompt.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def tokenize(tokenizer, prompts: tuple[Prompt, ...], *, max_length: int, source: str) -> TokenizedPrompts:
+def tokenize(
+    tokenizer, prompts: tuple[Prompt, ...], *, max_length: int | None, source: str, generation_prompt: bool = False
+) -> TokenizedPrompts:
+    """Tokenizes every prompt; `max_length` (None: no limit) is the most tokens one prompt may have."""
     ids = []
     for prompt in prompts:
-        row = encode(tokenizer, prompt)
-        if len(row) < 2:
+        row = encode(tokenizer, prompt, generation_prompt=generation_prompt)
+        if len(row) < (1 if generation_prompt else 2):
             raise PromptError(f"prompt {prompt.id!r} is {len(row)} token long: nothing to score")
-        if len(row) > max_length:
+        if max_length is not None and len(row) > max_length:
             raise PromptError(
                 f"prompt {prompt.id!r} is {len(row)} tokens, longer than the context of {source} "
                 f"({max_length} positions); shorten it or split it into several prompts"
@@ -109,7 +114,61 @@ def tokenize(tokenizer, prompts: tuple[Prompt, ...], *, max_length: int, source:
     return TokenizedPrompts(prompts=prompts, ids=tuple(ids), n_vocab=len(tokenizer))
 
 
-def check_same_ids(reference: TokenizedPrompts, tokenizer, name: str) -> None:
+@dataclass(frozen=True)
+class Segment:
+    """One forward pass's worth of tokens: row t of its logits predicts ids[t + 1]."""
+
+    prompt: int  # index of the prompt it comes from
+    offset: int  # position of ids[0] in the prompt's full token sequence
+    ids: tuple[int, ...]
+    first: int  # first scored row; rows first .. len(ids) - 2 are scored
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids) - 1 - self.first
+
+
+def text_segments(tokens: TokenizedPrompts, *, context: int, score: str) -> list[Segment]:
+    """Cuts each prompt into windows of at most `context` tokens.
+
+    score="all": non-overlapping windows; every token but a window's first is scored.
+    score="second_half" (llama.cpp's perplexity): windows of `context` at a stride of context/2; the
+    first window scores all its rows and every later one only its second half, so each token is
+    scored once, and with at least context/2 tokens before it once past the first window.
+    """
+    if score not in ("all", "second_half"):
+        raise ValueError(f"text.score must be 'all' or 'second_half', not {score!r}")
+    segments = []
+    for p, ids in enumerate(tokens.ids):
+        if score == "all":
+            for start in range(0, len(ids) - 1, context):
+                window = ids[start : start + context]
+                if len(window) >= 2:
+                    segments.append(Segment(p, start, window, 0))
+            continue
+        half = max(1, context // 2)
+        start = 0
+        while True:
+            window = ids[start : start + context]
+            first = 0 if start == 0 else context - half - 1
+            if len(window) - 1 > first:
+                segments.append(Segment(p, start, window, first))
+            if start + context >= len(ids):
+                break
+            start += half
+    return segments
+
+
+def generate_segments(tokens: TokenizedPrompts, continuations: list[list[int]]) -> list[Segment]:
+    """Prompt + the reference's greedy continuation; the continuation's tokens are the scored ones."""
+    return [
+        Segment(p, 0, ids + tuple(cont), len(ids) - 1)
+        for p, (ids, cont) in enumerate(zip(tokens.ids, continuations, strict=True))
+        if cont
+    ]
+
+
+def check_same_ids(reference: TokenizedPrompts, tokenizer, name: str, *, generation_prompt: bool = False) -> None:
     """Stops the run if `tokenizer` (a variant's) does not give the reference's ids, at the first difference."""
     if len(tokenizer) != reference.n_vocab:
         raise PromptError(
@@ -117,7 +176,7 @@ def check_same_ids(reference: TokenizedPrompts, tokenizer, name: str) -> None:
             "their distributions cannot be aligned position by position"
         )
     for prompt, ref_ids in zip(reference.prompts, reference.ids):
-        ids = encode(tokenizer, prompt)
+        ids = encode(tokenizer, prompt, generation_prompt=generation_prompt)
         if tuple(ids) != ref_ids:
             at = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
             mine = ids[at] if at < len(ids) else None

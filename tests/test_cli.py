@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.cli import main
 
@@ -39,3 +40,25 @@ def test_config_error_exits_2_with_one_paragraph(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("harness: error:") and "unknown key 'batch_sise'" in err and "default.yaml" in err
     assert "\n" not in err
+
+
+def test_extract_generate_mode_then_reuse(micro_zoo, tmp_path, tmp_store, capsys):
+    config = str(ROOT / "configs" / "default.yaml")
+    overrides = ["zoo_profile=micro", f"prompts={SMALL}", "mode=generate", "generate.max_new_tokens=6",
+                 "variants=[{name: int4, source: 'zoo:tiny-qwen1.5-s-chat-gptq-int4'}]"]  # fmt: skip
+    assert main(["extract", "--config", config, *overrides]) == 0
+    first = capsys.readouterr().out
+    assert "scored positions" in first and "reused" not in first
+    assert main(["extract", "--config", config, *overrides]) == 0
+    again = capsys.readouterr().out
+    assert again.count("reused") == 2  # the reference and the variant, straight from the store
+
+    from harness import store
+
+    roots = [p for p in tmp_store.iterdir() if p.name != "generations"]
+    stores = [store.Store(p) for p in roots]
+    ref = next(s for s in stores if s.index()["model"]["name"] == "s-chat-fp32")
+    # Teacher-forcing the reference on its own greedy continuation gives that continuation back.
+    argmax = torch.cat([b.argmax(-1) for b in ref.blocks(64)])
+    assert torch.equal(argmax, ref.read("target"))
+    assert len(argmax) <= 8 * 6

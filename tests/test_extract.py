@@ -1,7 +1,8 @@
-"""Extraction: batched = one at a time, padding columns cut, stores reused and resumed."""
+"""Extraction: batched = one at a time, padding columns cut, warper stats exact, stores reused and resumed."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import torch
 
 from harness import extract, prompts, store, zoo
 from harness.config import ModelSpec
+from harness.warpers import Warpers, warp_stats
 
 pytestmark = pytest.mark.slow
 SMALL = Path(__file__).parent / "data" / "prompts-small.jsonl"
+QUIET = {"log": lambda _: None}
 
 
 @pytest.fixture(scope="module")
@@ -20,60 +23,173 @@ def tokens(tokenizer):
     return prompts.tokenize(tokenizer, prompts.load(SMALL), max_length=2048, source="ref")
 
 
+@pytest.fixture(scope="module")
+def segments(tokens):
+    return prompts.text_segments(tokens, context=48, score="all")
+
+
 def _loaded(name, dtype="float32"):
     return extract.locate(ModelSpec(name=name, source=f"zoo:{name}", dtype=dtype), "micro")
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("name", [zoo.CHAT_S, zoo.CHAT_M, zoo.GPTQ[4]])
-def test_batched_equals_one_at_a_time(micro_zoo, tokens, name):
-    loaded = _loaded(name)
-    model = extract.load_model(loaded)
+def test_batched_equals_one_at_a_time(micro_zoo, tokens, name, side):
+    model = extract.load_model(_loaded(name))
     batch = [tokens.ids[i] for i in range(4)]  # different lengths: the short ones are padded
-    together = extract.forward_logprobs(model, batch, tokens.n_vocab, "cpu")
-    for ids, (logp, pad) in zip(batch, together):
-        (alone, alone_pad), = extract.forward_logprobs(model, [ids], tokens.n_vocab, "cpu")
-        assert logp.shape == (len(ids) - 1, 151646)
-        torch.testing.assert_close(logp, alone, rtol=0, atol=1e-4)
-        torch.testing.assert_close(pad, alone_pad, rtol=0, atol=1e-6)
+    together = extract.forward_logits(model, batch, "cpu", side)
+    for b, ids in enumerate(batch):
+        alone = extract.forward_logits(model, [ids], "cpu", side)[0]
+        mine = extract.own_rows(together, b, len(ids), side)
+        assert mine.shape == alone.shape == (len(ids), model.config.vocab_size)
+        torch.testing.assert_close(mine, alone, rtol=0, atol=1e-4)
 
 
 def test_padding_columns_are_cut_and_their_mass_kept(micro_zoo, tokens):
     for name, width in ((zoo.CHAT_S, 151936), (zoo.CHAT_M, 152064)):
         model = extract.load_model(_loaded(name))
-        ids = tokens.ids[0]
-        with torch.no_grad():
-            raw = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+        raw = extract.forward_logits(model, [tokens.ids[0]], "cpu")[0]
         assert raw.shape[-1] == width
-        (logp, pad), = extract.forward_logprobs(model, [ids], tokens.n_vocab, "cpu")
-        full = torch.softmax(raw, -1)
-        torch.testing.assert_close(pad.double(), full[:, 151646:].sum(-1), rtol=1e-4, atol=1e-9)
-        torch.testing.assert_close(logp.double().exp(), full[:, :151646] / full[:, :151646].sum(-1, keepdim=True), rtol=1e-4, atol=1e-9)
+        logp, pad, lse = extract.row_stats(raw, tokens.n_vocab)
+        full = torch.softmax(raw.double(), -1)
+        assert logp.shape[-1] == 151646
+        torch.testing.assert_close(pad.double(), full[:, 151646:].sum(-1), rtol=1e-4, atol=1e-12)
+        cut = full[:, :151646] / full[:, :151646].sum(-1, keepdim=True)
+        torch.testing.assert_close(logp.double().exp(), cut, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(lse.double(), torch.logsumexp(raw.double(), -1), rtol=1e-6, atol=1e-5)
         assert (pad > 0).all() and (pad < 0.05).all()
 
 
-def test_store_is_reused_and_resumed(micro_zoo, tokens, tmp_store, monkeypatch):
+def _transformers_warp(raw, ids, first, warpers):
+    """The reference: transformers' own processors, one full row at a time, with the row's prefix."""
+    from transformers import GenerationConfig
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
+    )  # fmt: skip
+
+    config = GenerationConfig(do_sample=True, **{k: v for k, v in warpers.__dict__.items() if k != "do_sample"})
+    procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(config.repetition_penalty)])
+    if config.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k:
+        procs.append(TopKLogitsWarper(config.top_k))
+    if config.top_p < 1.0:
+        procs.append(TopPLogitsWarper(config.top_p))
+    finite, mass = [], []
+    p = torch.softmax(raw.double(), -1)
+    for r in range(raw.shape[0]):
+        out = procs(ids[None, : first + r + 1], raw[r : r + 1].clone())
+        kept = torch.isfinite(out[0])
+        finite.append(int(kept.sum()))
+        mass.append(float(p[r][kept].sum()))
+    return torch.tensor(finite), torch.tensor(mass, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "warpers",
+    [
+        Warpers(do_sample=True, repetition_penalty=1.1, top_k=20, top_p=0.8),  # Qwen1.5-Chat's
+        Warpers(do_sample=True, repetition_penalty=1.3, temperature=0.7, top_k=50, top_p=0.95),
+        Warpers(do_sample=True, repetition_penalty=0.9, top_k=0, top_p=0.5),  # full-row path
+    ],
+)
+def test_warp_stats_match_transformers(micro_zoo, tokens, warpers):
+    model = extract.load_model(_loaded(zoo.CHAT_S))
+    ids = torch.tensor(tokens.ids[1])
+    raw = extract.forward_logits(model, [tokens.ids[1]], "cpu")[0][:-1]
+    first = 5
+    _, _, lse = extract.row_stats(raw[first:], tokens.n_vocab)
+    finite, mass = warp_stats(raw[first:], ids, first, lse, warpers)
+    want_finite, want_mass = _transformers_warp(raw[first:], ids, first, warpers)
+    assert finite.tolist() == want_finite.tolist()
+    torch.testing.assert_close(mass.double(), want_mass, rtol=1e-5, atol=1e-7)
+    assert (finite < 151936).all()
+
+
+def test_greedy_warps_nothing():
+    raw = torch.randn(3, 100)
+    finite, mass = warp_stats(raw, torch.arange(4), 0, torch.logsumexp(raw, -1), Warpers(do_sample=False, top_k=20))
+    assert finite.tolist() == [100] * 3 and mass.tolist() == [1.0] * 3
+
+
+def test_store_is_reused_and_resumed(micro_zoo, tokens, segments, tmp_store, monkeypatch):
     monkeypatch.setattr(store, "SHARD_POSITIONS", 64)  # several shards from a few prompts
     loaded = _loaded(zoo.CHAT_S)
-    first, facts = extract.extract(loaded, tokens, batch_size=3, store_dtype="float16", log=lambda _: None)
+    run = dict(batch_size=3, store_dtype="float16", **QUIET)
+    first, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
     assert facts["shards"] >= 3 and facts["reused_shards"] == 0
     blocks = torch.cat(list(first.blocks(50)))
-    assert blocks.shape == (sum(len(i) - 1 for i in tokens.ids), 151646)
-    torch.testing.assert_close(blocks.exp().sum(-1), torch.ones(len(blocks)), rtol=0, atol=1e-5)  # renormalised on read
+    assert blocks.shape == (sum(s.rows for s in segments), 151646)
+    torch.testing.assert_close(blocks.double().exp().sum(-1), torch.ones(len(blocks), dtype=torch.float64), rtol=0, atol=1e-6)
+    # every next token of every prompt is scored once, but each window's first
+    assert first.read("target").tolist() == [t for s in segments for t in s.ids[1:]]
+    finite = first.read("warp_finite")
+    assert (finite >= 1).all() and (finite <= 20).all()  # the chat model's top_k 20
 
-    again, facts = extract.extract(loaded, tokens, batch_size=3, store_dtype="float16", log=lambda _: None)
+    again, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
     assert again.root == first.root and facts["reused_shards"] == facts["shards"] and facts["extract_s"] == 0.0
 
-    # An interrupted run: one shard lost, another corrupted; only those two are redone.
+    # An interrupted run: one shard lost, another truncated; only those two are redone.
     first.shard_path(1).unlink()
     path = first.shard_path(2)
     path.write_bytes(path.read_bytes()[:-10])
-    _, facts = extract.extract(loaded, tokens, batch_size=3, store_dtype="float16", log=lambda _: None)
+    _, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
     assert facts["reused_shards"] == facts["shards"] - 2
     torch.testing.assert_close(torch.cat(list(first.blocks(50))), blocks, rtol=0, atol=0)  # same numbers back
     assert json.loads((first.root / "index.json").read_text())["n_vocab"] == 151646
+
+
+def test_nan_logits_name_the_prompt_and_keep_finished_shards(micro_zoo, tokens, segments, tmp_store, monkeypatch):
+    monkeypatch.setattr(store, "SHARD_POSITIONS", 64)
+    real_load = extract.load_model
+
+    def poisoned(loaded):
+        model = real_load(loaded)
+        original = model.forward
+
+        def forward(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if kwargs["input_ids"].shape[0] and forward.calls >= 2:  # the third batch goes bad
+                out.logits[0, -2, 7] = float("nan")
+            forward.calls += 1
+            return out
+
+        forward.calls = 0
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(extract, "load_model", poisoned)
+    ids = tuple(p.id for p in tokens.prompts)
+    with pytest.raises(extract.ExtractError, match=r"NaN or infinite logits on prompt '[\w-]+' at token \d+.*finished shards are kept"):
+        extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=2, store_dtype="float16", prompt_ids=ids, **QUIET)
+    done = store.Store(next(tmp_store.iterdir()))
+    assert done.is_complete(0)
+
+
+def test_full_disk_is_a_clear_error(micro_zoo, tokens, segments, tmp_store, monkeypatch):
+    monkeypatch.setattr(store, "SHARD_POSITIONS", 64)
+    real_write = store.Store.write_shard
+
+    def write(self, index, tensors, info):
+        if index == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, index, tensors, info)
+
+    monkeypatch.setattr(store.Store, "write_shard", write)
+    with pytest.raises(extract.ExtractError, match=r"cannot write shard 1 to .*No space left on device.*kept"):
+        extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=4, store_dtype="float16", **QUIET)
+    assert store.Store(next(tmp_store.iterdir())).is_complete(0)
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     spec = ModelSpec(name="gone", source=str(tmp_path / "no-such-model"))
     with pytest.raises(extract.ExtractError, match=r"'gone'.*no-such-model does not exist"):
         extract.locate(spec, "micro")
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = extract.locate(ModelSpec(name="real", source="Qwen/Qwen1.5-0.5B-Chat"), "micro")
+    with pytest.raises(extract.ExtractError, match=r"'real': cannot load the config of Qwen/Qwen1.5-0.5B-Chat.*local folder"):
+        extract.context_length(loaded)

@@ -82,3 +82,35 @@ def test_mismatched_tokenizer_shows_first_difference(tokenizer, tmp_path):
     assert other("Hello world!").input_ids != [9707, 1879, 0]
     with pytest.raises(prompts.PromptError, match=r"'odd'.*prompt 'greet' at token 1: reference id 1879"):
         prompts.check_same_ids(tokens, other, "odd")
+
+
+def _tokens(lengths):
+    ids = tuple(tuple(range(100 * i, 100 * i + n)) for i, n in enumerate(lengths))
+    return prompts.TokenizedPrompts(prompts=tuple(prompts.Prompt(id=str(i), text="x") for i in range(len(lengths))), ids=ids, n_vocab=1000)
+
+
+@pytest.mark.parametrize("context", [4, 7, 16])
+@pytest.mark.parametrize("score", ["all", "second_half"])
+def test_text_windows_cover_each_token_once(context, score):
+    tokens = _tokens([3, 25, 40, 2])
+    segments = prompts.text_segments(tokens, context=context, score=score)
+    for p, ids in enumerate(tokens.ids):
+        scored = []
+        for s in (s for s in segments if s.prompt == p):
+            assert len(s.ids) <= context and s.ids == ids[s.offset : s.offset + len(s.ids)]
+            scored += [s.offset + r + 1 for r in range(s.first, len(s.ids) - 1)]
+            if score == "second_half" and s.offset > 0:
+                assert s.first + 1 >= context // 2  # at least half a window of context before each
+        assert len(scored) == len(set(scored))
+        if score == "second_half":
+            assert sorted(scored) == list(range(1, len(ids)))  # every next token, once
+        else:
+            assert set(scored) == set(range(1, len(ids))) - set(range(0, len(ids), context))
+
+
+def test_generate_segments_score_the_continuation():
+    tokens = _tokens([5, 3])
+    segments = prompts.generate_segments(tokens, [[7, 8, 9], []])
+    assert len(segments) == 1
+    (s,) = segments
+    assert s.ids == tokens.ids[0] + (7, 8, 9) and s.first == 4 and s.rows == 3
