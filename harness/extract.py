@@ -29,6 +29,7 @@ from harness.store import Store, plan_shards, store_key
 from harness.warpers import Warpers, warp_stats
 
 EXTRACT_VERSION = 2  # bump when what is stored changes meaning
+CHUNK_ROWS = 32  # rows post-processed at a time: 32 x 151936 float32 = 19 MB per temporary
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -278,26 +279,31 @@ def extract(
                 logits = forward_logits(model, [s.ids for s in batch], loaded.device, padding_side)
                 forward_s += time.perf_counter() - t0
                 for i, seg in enumerate(batch):
-                    raw = own_rows(logits, i, len(seg.ids), padding_side)[seg.first : len(seg.ids) - 1].float().cpu()
-                    logprobs, pad_mass, lse = row_stats(raw, n_vocab)
-                    if not torch.isfinite(lse).all():
-                        bad = int((~torch.isfinite(lse)).nonzero()[0, 0]) + seg.offset + seg.first
-                        name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
-                        raise ExtractError(
-                            f"model {spec.name!r} produced NaN or infinite logits on prompt {name!r} at token "
-                            f"{bad}; in {spec.dtype} its activations may overflow: try float32 (finished shards are kept)"
-                        )
                     ids = torch.tensor(seg.ids)
-                    finite, kept = warp_stats(raw, ids, seg.first, lse, warpers)
-                    rows = slice(row, row + seg.rows)
-                    buf["logprobs"][rows] = logprobs
-                    buf["target"][rows] = ids[seg.first + 1 :]
-                    buf["prompt"][rows] = seg.prompt
-                    buf["position"][rows] = torch.arange(seg.first + 1, len(seg.ids)) + seg.offset
-                    buf["pad_mass"][rows] = pad_mass
-                    buf["warp_finite"][rows] = finite
-                    buf["warp_mass"][rows] = kept
-                    row += seg.rows
+                    own = own_rows(logits, i, len(seg.ids), padding_side)
+                    # Chunks keep every temporary under glibc's 32 MB mmap threshold, so they reuse heap
+                    # pages instead of page-faulting fresh ones on every call.
+                    for r in range(seg.first, len(seg.ids) - 1, CHUNK_ROWS):
+                        r_end = min(r + CHUNK_ROWS, len(seg.ids) - 1)
+                        raw = own[r:r_end].float().cpu()  # [C, V_padded]
+                        logprobs, pad_mass, lse = row_stats(raw, n_vocab)
+                        if not torch.isfinite(lse).all():
+                            bad = int((~torch.isfinite(lse)).nonzero()[0, 0]) + seg.offset + r
+                            name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
+                            raise ExtractError(
+                                f"model {spec.name!r} produced NaN or infinite logits on prompt {name!r} at token "
+                                f"{bad}; in {spec.dtype} its activations may overflow: try float32 (finished shards are kept)"
+                            )
+                        finite, kept = warp_stats(raw, ids, r, lse, warpers)
+                        rows = slice(row, row + r_end - r)
+                        buf["logprobs"][rows] = logprobs
+                        buf["target"][rows] = ids[r + 1 : r_end + 1]
+                        buf["position"][rows] = torch.arange(r + 1, r_end + 1) + seg.offset
+                        buf["prompt"][rows] = seg.prompt
+                        buf["pad_mass"][rows] = pad_mass
+                        buf["warp_finite"][rows] = finite
+                        buf["warp_mass"][rows] = kept
+                        row += r_end - r
                 del logits
                 bar.update(len(batch))
             try:
@@ -307,6 +313,7 @@ def extract(
                     f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc} "
                     f"(a full disk?). The {shard - todo[0]} shards finished in this run are kept; re-run to resume."
                 ) from exc
+            del buf  # before the next shard's buffer exists: one shard in memory at a time
     finally:
         bar.close()
         del model

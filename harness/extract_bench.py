@@ -1,0 +1,101 @@
+"""Extraction overhead and memory: extract vs bare forward passes, and peak RSS at N and 10 N positions.
+
+    python -m harness.extract_bench [--model tiny-qwen1.5-s-chat] [--profile full] [--positions 1024]
+
+Each size runs in a fresh subprocess (so peak RSS is its own): it times the bare forward passes over
+the same segments at the same batch size, then a full extraction into a throwaway store (log-softmax,
+padding cut, warper stats, float16 shards written and hashed). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _segments(tokenizer, positions: int, context: int):
+    from harness import prompts, train
+
+    ids = [t for seq in train.load_corpus(tokenizer).train for t in seq]
+    per_window = context - 1
+    windows = max(1, positions // per_window)
+    ids = (ids * (1 + windows * context // len(ids)))[: windows * context]
+    tokens = prompts.TokenizedPrompts(
+        prompts=(prompts.Prompt(id="corpus", text="-"),), ids=(tuple(ids),), n_vocab=len(tokenizer)
+    )
+    return prompts.text_segments(tokens, context=context, score="all"), tokens.n_vocab
+
+
+def one(model_name: str, profile: str, positions: int, batch_size: int, context: int) -> dict:
+    """Runs in the subprocess: bare forward timing, then extraction; returns the figures."""
+    import torch
+
+    from harness import extract
+    from harness.config import ModelSpec
+
+    loaded = extract.locate(ModelSpec(name=model_name, source=f"zoo:{model_name}"), profile)
+    segments, n_vocab = _segments(extract.load_tokenizer(loaded), positions, context)
+    model = extract.load_model(loaded)
+    model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, model loaded
+    start = time.perf_counter()
+    for b in range(0, len(segments), batch_size):
+        logits = extract.forward_logits(model, [s.ids for s in segments[b : b + batch_size]], "cpu")
+        del logits
+    forward_s = time.perf_counter() - start
+    del model
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["HARNESS_STORE"] = tmp
+        start = time.perf_counter()
+        _, facts = extract.extract(loaded, segments, n_vocab, batch_size=batch_size, store_dtype="float16", log=lambda _: None)
+        extract_s = time.perf_counter() - start
+    rows = sum(s.rows for s in segments)
+    return {
+        "positions": rows,
+        "batch_size": batch_size,
+        "context": context,
+        "forward_s": forward_s,
+        "extract_s": extract_s,
+        "overhead_ratio": extract_s / forward_s,
+        "overhead_ms_per_position": 1000 * (extract_s - forward_s) / rows,
+        "model_rss_mib": model_rss,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-qwen1.5-s-chat")
+    parser.add_argument("--profile", default="full")
+    parser.add_argument("--positions", type=int, default=1024, help="N: the run is repeated at 10 N")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args.model, args.profile, args.positions, args.batch_size, args.context)))
+        return 0
+    results = []
+    for positions in (args.positions, 10 * args.positions):
+        cmd = [sys.executable, "-m", "harness.extract_bench", "--one", "--model", args.model, "--profile", args.profile,
+               "--positions", str(positions), "--batch-size", str(args.batch_size), "--context", str(args.context)]  # fmt: skip
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{'positions':>9} {'forward s':>9} {'extract s':>9} {'ratio':>6} {'ms/pos over':>11} {'model MiB':>9} {'peak MiB':>9}")
+    for r in results:
+        print(f"{r['positions']:>9} {r['forward_s']:>9.2f} {r['extract_s']:>9.2f} {r['overhead_ratio']:>6.2f} "
+              f"{r['overhead_ms_per_position']:>11.3f} {r['model_rss_mib']:>9.0f} {r['peak_rss_mib']:>9.0f}")  # fmt: skip
+    growth = results[1]["peak_rss_mib"] / results[0]["peak_rss_mib"] - 1
+    print(f"peak RSS grows {100 * growth:.1f}% for 10x the positions")
+    print(json.dumps({"model": args.model, "profile": args.profile, "results": results, "rss_growth_10x": growth}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
