@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 PIP := $(PY) -m pip --disable-pip-version-check
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install compare zoo zoo-micro test test-fast clean-reports
+.PHONY: install compare extract bench zoo zoo-micro test test-fast clean-reports
 
 install: $(STAMP)
 
@@ -21,6 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 compare: $(STAMP)
 	$(VENV)/bin/harness compare --config configs/default.yaml
+
+extract: $(STAMP)
+	$(VENV)/bin/harness extract --config configs/default.yaml
+
+# The softmax/filter throughput table + JSON line, then the pytest-benchmark suite saved for --benchmark-compare.
+bench: $(STAMP)
+	$(VENV)/bin/harness bench
+	mkdir -p reports
+	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json -q
 
 zoo: $(STAMP)
 	$(VENV)/bin/harness zoo build

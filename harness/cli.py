@@ -2,6 +2,7 @@
 
     harness extract --config configs/default.yaml [key.sub=value ...]
     harness compare --config configs/default.yaml [key.sub=value ...]
+    harness bench [--quick] [--batches 1,16,256,4096] ...
     harness zoo build [--profile full|micro] [--force]
     harness zoo list [--profile full|micro]
 
@@ -77,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="a YAML comparison config, e.g. configs/default.yaml")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
         p.set_defaults(run=run)
+    sub.add_parser("bench", help="throughput of the softmax/filter step beside the memory ceiling (bench --help)")
     p = sub.add_parser("zoo", help="build or list the embedded tiny Qwen1.5 family")
     p.add_argument("action", choices=["build", "list"])
     p.add_argument("--profile", default="full", choices=["full", "micro"])
@@ -86,6 +88,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are harness.bench's own
+        from harness import bench
+
+        return bench.main(argv[1:])
     args = parser().parse_args(argv)
     _quiet_libraries()
     from harness.compare import CompareError

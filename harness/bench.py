@@ -1,0 +1,225 @@
+"""Throughput of the softmax/filter step: logits rows -> sparse probabilities, against the memory ceiling.
+
+    python -m harness.bench --quick
+    python -m harness.bench --batches 1,16,256,4096 --dtypes float32,bfloat16 --repeats 5
+
+Inputs are Qwen1.5-wide rows (V = 151936) of realistic logits: a heavy-tailed body plus a few large
+logits (entropy of a few nats), and the same rows after a Qwen1.5-Chat generation config's warpers
+(transformers' TopKLogitsWarper(20) then TopPLogitsWarper(0.8): all but a handful -inf). Each
+implementation of harness.softmax_filter is timed per (batch, dtype, inputs, filter): CUDA events after
+warm-up on CUDA, time.perf_counter on CPU; medians over --repeats, with min and max. The ceiling is
+measured in the same run: read GB/s of a torch.sum over a buffer much larger than the last-level cache,
+and copy GB/s (bytes of the source copied per second). The web snippet is slow (~60 rows/s), so it is
+timed only at batches <= --snippet-max-batch and its rows/s is the reference for every speed-up.
+Prints a table, then one JSON line (`run()` returns the same dict, for a run record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from harness import softmax_filter as sf
+
+VOCAB = 151936  # Qwen1.5 0.5B-7B
+TOP_K, TOP_P = 20, 0.8  # Qwen1.5-Chat generation_config.json
+CASES = [("raw", "p>0"), ("warped", "p>0"), ("raw", "top-k")]  # (inputs, filter)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def realistic_logits(n: int, width: int = VOCAB, seed: int = 0, unique: int = 64) -> torch.Tensor:
+    """[n, width] float32 logits shaped like an LM's: Student-t(3) body (scale 1.5) plus 1-8 tokens
+    raised 8-20 above it. `unique` distinct rows are drawn and tiled, so that large batches are cheap to make."""
+    gen = torch.Generator().manual_seed(seed)
+    u = min(n, unique)
+    body = torch.randn(u, width, generator=gen) / (torch.rand(u, width, generator=gen) * 3 + 1e-3).sqrt()
+    x = 1.5 * body.clamp(-30, 30) - 4.0
+    for r in range(u):
+        hot = torch.randint(width, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen)
+        x[r, hot] += 8 + 12 * torch.rand(hot.numel(), generator=gen)
+    return x.repeat((n + u - 1) // u, 1)[:n].contiguous()
+
+
+def warp(x: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits after top_k 20 then top_p 0.8 (transformers' warpers): kept logits, the rest -inf."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    return TopPLogitsWarper(TOP_P)(None, TopKLogitsWarper(TOP_K)(None, x.clone()))
+
+
+def entropy_nats(x: torch.Tensor) -> float:
+    """Mean softmax entropy of [n, V] logits rows, in nats."""
+    lp = torch.log_softmax(x.float(), -1)
+    return float(-(lp.exp() * lp.nan_to_num(neginf=0.0)).sum(-1).mean())
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call of fn(), `repeats` times after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def ceilings(device: torch.device, gib: float, repeats: int) -> tuple[float, float]:
+    """(read GB/s of torch.sum, copy GB/s of Tensor.copy_) over a `gib` GiB float32 buffer."""
+    buf = torch.ones(int(gib * 2**30) // 4, device=device)
+    read = statistics.median(timed(lambda: buf.sum(), device, repeats))
+    dst = torch.empty_like(buf)
+    copy = statistics.median(timed(lambda: dst.copy_(buf), device, repeats))
+    nbytes = buf.numel() * 4
+    return nbytes / read / 1e9, nbytes / copy / 1e9
+
+
+def peak_bytes(impl: str, batch: int, width: int, itemsize: int, filter: str) -> int:
+    """Rough peak memory of one call beyond its input, for skipping what would not fit (--max-gb)."""
+    cells = batch * width
+    if impl == "snippet":
+        return cells * 100  # Python floats and dict entries
+    kept = cells if filter == "p>0" else batch * TOP_K  # upper bound: raw rows keep every token
+    if impl in ("torch", "compiled"):
+        return cells * (itemsize + 1) + kept * (8 + itemsize + 4)
+    return kept * (itemsize + 4)
+
+
+def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, impls=None, width=VOCAB,
+        snippet_max_batch=16, ceiling_gib=2.0, max_gb=8.0, device=None, log=print) -> dict:
+    """Times every implementation and returns the record: device, ceilings, settings, notes and `results`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    impls = list(impls or ["snippet", *sf.IMPLS])
+    notes = {i: sf.available(i, device.type) for i in impls if i != "snippet"}
+    notes = {i: why for i, why in notes.items() if why}
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks at nonzero/.item() are expected
+    read_gbps, copy_gbps = ceilings(device, ceiling_gib, repeats)
+    log(f"{device.type} ({name}), {torch.get_num_threads()} threads: read {read_gbps:.1f} GB/s, copy {copy_gbps:.1f} GB/s")
+    base = realistic_logits(max(batches), width)
+    inputs = {"raw": base, "warped": warp(base[: min(len(base), 64)]).repeat(len(base) // min(len(base), 64) + 1, 1)[: len(base)]}
+    log(f"raw rows: entropy {entropy_nats(base[:64]):.2f} nats; warped rows keep {(inputs['warped'][:64] > float('-inf')).sum(1).float().mean():.1f} tokens")
+    results, snippet_rps = [], {}
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for kind, filter in CASES:
+            rows_all = inputs[kind].to(device, dtype)
+            for impl in impls:
+                if impl in notes or (impl == "snippet" and filter != "p>0"):
+                    continue
+                for batch in batches:
+                    if impl == "snippet" and batch > snippet_max_batch:
+                        continue
+                    if peak_bytes(impl, batch, width, rows_all.element_size(), filter) > max_gb * 1e9:
+                        notes[f"{impl}@{batch}"] = f"skipped: needs more than --max-gb {max_gb}"
+                        continue
+                    x = rows_all[:batch]
+                    if impl == "snippet":
+                        scores = list(x.split(1))
+                        fn = lambda s=scores: sf.snippet(s)  # noqa: E731
+                    elif impl == "fused-cpu":
+                        fn = lambda x=x, f=filter, ws=sf.Workspace(): sf.fused_cpu_filter(x, f, TOP_K, ws)  # noqa: E731
+                    else:
+                        fn = lambda x=x, f=filter, g=sf.IMPLS[impl]: g(x, f, TOP_K)  # noqa: E731
+                    try:
+                        secs = timed(fn, device, repeats, warmup=1 if impl != "compiled" else 2)
+                    except Exception as e:  # noqa: BLE001 -- e.g. torch.compile failing on this machine
+                        notes[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        break
+                    med = statistics.median(secs)
+                    rps = batch / med
+                    if impl == "snippet":
+                        snippet_rps[(dtype_name, kind)] = rps
+                    ref = snippet_rps.get((dtype_name, kind)) or snippet_rps.get((dtype_name, "raw"))
+                    gbps = batch * width * x.element_size() / med / 1e9
+                    results.append({
+                        "impl": impl, "batch": batch, "dtype": dtype_name, "inputs": kind, "filter": filter,
+                        "rows_per_s": rps, "tokens_per_s": rps, "gbps": gbps, "fraction_of_ceiling": gbps / read_gbps,
+                        "speedup_vs_snippet": rps / ref if ref else None,
+                        "median_s": med, "min_s": min(secs), "max_s": max(secs), "repeats": repeats,
+                    })
+                    log(row_text(results[-1]))
+    return {
+        "version": 1, "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "width": width, "top_k": TOP_K, "top_p": TOP_P,
+        "read_ceiling_gbps": read_gbps, "copy_ceiling_gbps": copy_gbps, "ceiling_gib": ceiling_gib,
+        "notes": notes, "results": results,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "cpu"
+
+
+HEADER = f"{'impl':>10} {'dtype':>8} {'inputs':>6} {'filter':>6} {'batch':>5} {'rows/s':>10} {'GB/s':>6} {'ceil':>5} {'x snippet':>9} {'spread':>7}"
+
+
+def row_text(r: dict) -> str:
+    spread = (r["max_s"] - r["min_s"]) / r["median_s"]
+    up = f"{r['speedup_vs_snippet']:.0f}" if r["speedup_vs_snippet"] else "-"
+    return (f"{r['impl']:>10} {r['dtype']:>8} {r['inputs']:>6} {r['filter']:>6} {r['batch']:>5} {r['rows_per_s']:>10.0f}"
+            f" {r['gbps']:>6.2f} {r['fraction_of_ceiling']:>5.0%} {up:>9} {spread:>7.0%}")
+
+
+def table(record: dict) -> str:
+    lines = [f"{record['device']} ({record['device_name']}), {record['threads']} threads; ceiling: read "
+             f"{record['read_ceiling_gbps']:.1f} GB/s, copy {record['copy_ceiling_gbps']:.1f} GB/s "
+             f"(GB/s = logits bytes read; ceil = fraction of read; spread = (max - min) / median)", HEADER]
+    lines += [row_text(r) for r in record["results"]]
+    lines += [f"note {k}: {v}" for k, v in record["notes"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="harness bench", description=__doc__.split("\n")[0])
+    p.add_argument("--batches", default="1,16,256,4096", help="comma-separated batch sizes (rows per call)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, of {','.join(DTYPES)}")
+    p.add_argument("--impls", default=None, help=f"comma-separated, of snippet,{','.join(sf.IMPLS)} (default all)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--width", type=int, default=VOCAB, help="row width (vocabulary size)")
+    p.add_argument("--snippet-max-batch", type=int, default=16)
+    p.add_argument("--ceiling-gib", type=float, default=2.0, help="buffer size for the read/copy ceiling")
+    p.add_argument("--max-gb", type=float, default=8.0, help="skip cases whose working memory would exceed this")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--quick", action="store_true", help="batches 1,16, float32, 3 repeats, 1 GiB ceiling buffer")
+    a = p.parse_args(argv)
+    ints = [int(b) for b in a.batches.split(",")]
+    dtypes = a.dtypes.split(",")
+    impls = a.impls.split(",") if a.impls else None
+    for name in dtypes:
+        if name not in DTYPES:
+            p.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    for name in impls or []:
+        if name != "snippet" and name not in sf.IMPLS:
+            p.error(f"unknown implementation {name!r}; choose from snippet, {', '.join(sf.IMPLS)}")
+    if a.quick:
+        ints, dtypes, a.repeats, a.ceiling_gib = [1, 16], ["float32"], 3, 1.0
+    record = run(ints, dtypes, a.repeats, impls, a.width, a.snippet_max_batch, a.ceiling_gib, a.max_gb, a.device,
+                 log=lambda msg: None)
+    print(table(record))
+    print(json.dumps(record, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,487 @@
+"""Softmax-then-filter of logits rows into a sparse form: the reference snippet and faster equivalents.
+
+    python -m harness.softmax_filter      # checks every available implementation against the snippet
+
+A row of raw logits ([V] float32 or bfloat16, V = 151936 for Qwen1.5 up to 7B) becomes softmax
+probabilities, of which only the kept ones are stored: `p > 0` (the snippet's filter), or the `k` most
+likely with p > 0 ("top-k"). Every implementation returns a `SparseRows` (CSR: row offsets, column
+indices, probabilities); probabilities are in the logits' dtype, as `torch.softmax` gives them.
+A row holding NaN, +inf, or nothing but -inf raises ValueError naming the row (the snippet instead
+returns an empty dict for it).
+
+Implementations (IMPLS): "snippet" (the web snippet, list of [1, V] scores -> list of dicts),
+"torch" (vectorized), "compiled" (torch.compile of "torch"), "fused-cpu" (a C++ kernel built on first
+use with g++ and called through ctypes, rows split over torch.get_num_threads() threads), and
+"triton" (a fused kernel for CUDA; needs triton, imported lazily).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import platform
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+WHY = {1: "holds NaN", 2: "is all -inf", 3: "holds +inf"}
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    offsets: torch.Tensor  # [B + 1] int64: row r's entries are [offsets[r], offsets[r + 1])
+    indices: torch.Tensor  # [nnz] int32 column (token id); ascending for "p>0", by descending p for "top-k"
+    values: torch.Tensor  # [nnz] probabilities, the logits' dtype
+
+    def to_dicts(self) -> list[dict[int, float]]:
+        """The snippet's form: one {token id: probability} per row."""
+        off, idx, val = self.offsets.tolist(), self.indices.tolist(), self.values.float().tolist()
+        return [dict(zip(idx[a:b], val[a:b])) for a, b in zip(off[:-1], off[1:])]
+
+
+def snippet(scores: list[torch.Tensor]) -> list[dict[int, float]]:
+    """The baseline users copy from the web, exactly: a list of [1, V] scores -> a list of dicts."""
+    prob_distributions = [
+        {i: p for i, p in enumerate(prob[0]) if p > 0}
+        for prob in [torch.softmax(score, dim=1).tolist() for score in scores]
+    ]
+    return prob_distributions
+
+
+def bad_row_error(x: torch.Tensor, first_row: int = 0) -> ValueError:
+    """The ValueError for the first row of `x` [B, V] that has no distribution (NaN, +inf, all -inf)."""
+    nan, pinf, empty = x.isnan().any(1), (x == float("inf")).any(1), (x == float("-inf")).all(1)
+    for why, flags in (("holds NaN", nan), ("holds +inf", pinf), ("is all -inf", empty)):
+        if flags.any():
+            return ValueError(f"logits row {first_row + int(flags.nonzero()[0])} {why}: it has no softmax distribution")
+    return ValueError("a logits row has no softmax distribution")
+
+
+def _csr(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> SparseRows:
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return SparseRows(offsets, indices, values)
+
+
+def torch_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
+    """[B, V] logits -> SparseRows, with whole-batch torch ops (a [B, V] softmax and mask in memory)."""
+    p = torch.softmax(x, dim=-1)
+    if filter == "p>0":
+        keep = p > 0
+        counts = keep.sum(1)
+        if bool((counts == 0).any()):  # NaN, +inf or all -inf makes the whole softmax row NaN
+            raise bad_row_error(x)
+        return _csr(counts, keep.view(-1).nonzero().squeeze(1).remainder_(x.shape[1]).int(), p[keep])
+    top, idx = p.topk(k, dim=-1)
+    if bool(top[:, 0].isnan().any()):
+        raise bad_row_error(x)
+    keep = top > 0
+    return _csr(keep.sum(1), idx[keep].int(), top[keep])
+
+
+@cache
+def _compiled():
+    return torch.compile(torch_filter, dynamic=True)
+
+
+def compiled_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
+    """torch.compile of torch_filter (the first call per shape family compiles, seconds to a minute)."""
+    return _compiled()(x, filter, k)
+
+
+# --- fused CPU kernel: C++ source, built once per machine into $HARNESS_HOME/ext ----------------------
+CPP = r"""// One row at a time: pass 1 max (+ NaN flag, + running top-k), pass 2 sum of exp, pass 3 write kept entries.
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f_to_bf16(float f) {  // round to nearest even (inputs here are finite, >= 0)
+  uint32_t u; memcpy(&u, &f, 4); return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float load1(const void* x, int bf, int64_t i) {
+  return bf ? bf16_to_f(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+}
+// exp(d) for d <= 0: Cephes expf polynomial; d is clamped at -150 so -inf gives exactly 0.
+static inline float exp_s(float d) {
+  d = d < -150.f ? -150.f : d;
+  float n = nearbyintf(d * 1.44269504088896341f);
+  float r = fmaf(n, -0.693359375f, d); r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500E-4f;
+  p = fmaf(p, r, 1.3981999507E-3f); p = fmaf(p, r, 8.3334519073E-3f); p = fmaf(p, r, 4.1665795894E-2f);
+  p = fmaf(p, r, 1.6666665459E-1f); p = fmaf(p, r, 5.0000001201E-1f);
+  p = fmaf(p * r, r, r) + 1.f;
+  return ldexpf(p, (int)n);
+}
+#ifdef __AVX512F__
+static inline __m512 load16(const void* x, int bf, int64_t i, __mmask16 m, __m512 fill) {
+  if (bf) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)x + i);
+    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_mask_blend_ps(m, fill, v);
+  }
+  return _mm512_mask_loadu_ps(fill, m, (const float*)x + i);
+}
+// exp(d) for d <= 0. Lanes below -87 (where the result is subnormal or 0) are zeroed, and the rare ones
+// in (-104, -87] redone in scalar code: a subnormal vector result costs a microcode assist per
+// instruction, which on -inf-heavy (warped) rows made this pass 10x slower.
+static inline __m512 exp16(__m512 d) {
+  const __m512 d0 = d;
+  __mmask16 low = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+  if (low == 0xFFFF && !_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_GE_OQ)) return _mm512_setzero_ps();  // -inf runs
+  d = _mm512_max_ps(d, _mm512_set1_ps(-87.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), d);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  p = _mm512_maskz_scalef_ps((__mmask16)~low, p, n);
+  __mmask16 band = low & _mm512_cmp_ps_mask(d0, _mm512_set1_ps(-104.f), _CMP_GE_OQ);
+  if (band) {
+    float dd[16], pp[16];
+    _mm512_storeu_ps(dd, d0); _mm512_storeu_ps(pp, p);
+    for (int l = 0; l < 16; ++l) if (band >> l & 1) pp[l] = exp_s(dd[l]);
+    p = _mm512_loadu_ps(pp);
+  }
+  return p;
+}
+#endif
+
+// Keeps the k largest (value, index) seen so far, sorted descending; returns the new threshold.
+static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
+  int j = *cnt < k ? (*cnt)++ : k - 1;
+  while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
+  tv[j] = v; ti[j] = i;
+  return *cnt < k ? -INFINITY : tv[k - 1];
+}
+
+// Rows [0, n) of x (row stride `ld` elements). mode 0: keep p > 0 (cap >= V), mode 1: top k with p > 0 (cap >= k).
+// Row r's kept entries go to vals/idx + r*cap, ascending index (mode 0) or descending p (mode 1); counts[r] = kept.
+// Returns -1, or the first bad row with *why = 1 (NaN), 2 (all -inf), 3 (+inf).
+extern "C" int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k,
+                           void* vals, int32_t* idx, int64_t cap, int64_t* counts, int* why) {
+  float tv[256]; int32_t ti[256];
+  for (int64_t r = 0; r < n; ++r) {
+    const void* row = bf ? (const void*)((const uint16_t*)x + r * ld) : (const void*)((const float*)x + r * ld);
+    float m = -INFINITY, thr = -INFINITY; int nan = 0, tc = 0; int64_t i = 0;
+#ifdef __AVX512F__
+    __m512 vm = _mm512_set1_ps(-INFINITY); __mmask16 un = 0;
+    for (; i < V; i += 16) {
+      __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+      __m512 v = load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY));
+      vm = _mm512_max_ps(vm, v); un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      if (mode) {
+        __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
+        while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, i + l);
+                     if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(i + l)); }
+      }
+    }
+    m = _mm512_reduce_max_ps(vm); nan = un != 0;
+#else
+    for (; i < V; ++i) { float e = load1(row, bf, i); nan |= e != e; m = e > m ? e : m;
+      if (mode && e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)i); }
+#endif
+    if (nan || m == -INFINITY || m == INFINITY) { *why = nan ? 1 : (m == INFINITY ? 3 : 2); return r; }
+    float s = 0.f;
+#ifdef __AVX512F__
+    __m512 vs0 = _mm512_setzero_ps(), vs1 = _mm512_setzero_ps(), vmax = _mm512_set1_ps(m);
+    for (i = 0; i + 32 <= V; i += 32) {
+      vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, 0xFFFF, vmax), vmax)));
+      vs1 = _mm512_add_ps(vs1, exp16(_mm512_sub_ps(load16(row, bf, i + 16, 0xFFFF, vmax), vmax)));
+    }
+    for (; i < V; i += 16) {
+      __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+      vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)));
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(vs0, vs1));
+#else
+    for (i = 0; i < V; ++i) s += exp_s(load1(row, bf, i) - m);
+#endif
+    const float inv = 1.f / s;
+    float* vf = (float*)vals + r * cap; uint16_t* vb = (uint16_t*)vals + r * cap; int32_t* ix = idx + r * cap;
+    int64_t c = 0;
+    if (mode) {
+      for (int j = 0; j < tc; ++j) {
+        float p = exp_s(tv[j] - m) * inv;
+        if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[c] = b; ix[c++] = ti[j]; } }
+        else if (p > 0.f) { vf[c] = p; ix[c++] = ti[j]; }
+      }
+    } else {
+#ifdef __AVX512F__
+      const __m512 vinv = _mm512_set1_ps(inv); const __m512i iota = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15);
+      for (i = 0; i < V; i += 16) {
+        __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+        __m512 p = _mm512_mul_ps(exp16(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)), vinv);
+        __m512i ii = _mm512_add_epi32(iota, _mm512_set1_epi32((int)i));
+        __m512i pb;
+        if (bf) {  // round to nearest even, as torch does when it writes a bfloat16 softmax
+          __m512i u = _mm512_castps_si512(p);
+          u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+          pb = _mm512_srli_epi32(u, 16);
+        } else pb = _mm512_castps_si512(p);
+        __mmask16 keep = msk & _mm512_test_epi32_mask(pb, pb);  // p > 0 (p >= 0 and not NaN here)
+        int kc = __builtin_popcount(keep);
+        __mmask16 first = (__mmask16)((1u << kc) - 1);
+        if (keep == 0xFFFF && c == i && !bf && !(((uintptr_t)(vf + c) | (uintptr_t)(ix + c)) & 63)) {
+          // dense so far and aligned: non-temporal stores skip reading the output lines before writing them
+          _mm512_stream_si512((__m512i*)(vf + c), pb); _mm512_stream_si512((__m512i*)(ix + c), ii); c += 16; continue;
+        }
+        if (keep != 0xFFFF) { pb = _mm512_maskz_compress_epi32(keep, pb); ii = _mm512_maskz_compress_epi32(keep, ii); }
+        if (bf) _mm512_mask_cvtepi32_storeu_epi16(vb + c, first, pb); else _mm512_mask_storeu_epi32(vf + c, first, pb);
+        _mm512_mask_storeu_epi32(ix + c, first, ii);
+        c += kc;
+      }
+#else
+      for (i = 0; i < V; ++i) {
+        float p = exp_s(load1(row, bf, i) - m) * inv;
+        if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[c] = b; ix[c++] = (int32_t)i; } }
+        else if (p > 0.f) { vf[c] = p; ix[c++] = (int32_t)i; }
+      }
+#endif
+    }
+    counts[r] = c;
+  }
+#ifdef __AVX512F__
+  _mm_sfence();
+#endif
+  return -1;
+}
+
+// Packs row r's counts[r] entries from slot r*cap to offsets[r] (offsets[r] <= r*cap, so moving rows in order is safe).
+extern "C" void sf_pack(void* vals, int esize, int32_t* idx, int64_t n, int64_t cap, const int64_t* offsets, const int64_t* counts) {
+  for (int64_t r = 0; r < n; ++r) {
+    if (offsets[r] == r * cap) continue;
+    memmove((char*)vals + offsets[r] * esize, (char*)vals + r * cap * esize, counts[r] * esize);
+    memmove(idx + offsets[r], idx + r * cap, counts[r] * 4);
+  }
+}
+"""
+
+
+def _cpu_identity() -> str:
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor()
+    return "".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))[:4096]
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    """Builds (once) and loads the C++ kernel; raises RuntimeError where g++ is missing or fails."""
+    from harness import paths
+
+    if shutil.which("g++") is None:
+        raise RuntimeError("fused-cpu needs g++ on PATH")
+    errors = []
+    for flags in (["-march=native"], []):  # AVX-512 path where the compiler and CPU have it, else scalar
+        # -march=native code is only valid on this CPU: key the cached build by the CPU's identity too
+        tag = hashlib.sha256((CPP + " ".join(flags) + _cpu_identity()).encode()).hexdigest()[:16]
+        so = paths.home() / "ext" / f"softmax_filter_{tag}.so"
+        if not so.exists():
+            so.parent.mkdir(parents=True, exist_ok=True)
+            tmp = so.with_suffix(f".{id(errors)}.tmp")
+            cmd = ["g++", "-O3", *flags, "-shared", "-fPIC", "-x", "c++", "-", "-o", str(tmp)]
+            run = subprocess.run(cmd, input=CPP, text=True, capture_output=True)
+            if run.returncode:
+                errors.append(run.stderr[-2000:])
+                continue
+            tmp.replace(so)
+        lib = ctypes.CDLL(str(so))
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        lib.sf_rows.restype = i64
+        lib.sf_rows.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp]
+        lib.sf_pack.restype = None
+        lib.sf_pack.argtypes = [vp, ctypes.c_int, vp, i64, i64, vp, vp]
+        return lib
+    raise RuntimeError("building the fused-cpu kernel failed:\n" + "\n".join(errors))
+
+
+@cache
+def _pool(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n, thread_name_prefix="softmax-filter")
+
+
+class Workspace:
+    """Output buffers kept between calls, so a stream of batches pays no allocation or page faults.
+    A result built in a workspace is a view of it: the next call with the same workspace overwrites it."""
+
+    def __init__(self):
+        self.bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[(name, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n]
+
+
+def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspace: Workspace | None = None) -> SparseRows:
+    """[B, V] CPU float32/bfloat16 logits -> SparseRows, in one read of each row from memory.
+
+    Per row: pass 1 max (+ NaN check, + running top k), pass 2 Σ exp(x - max) from cache, pass 3 the
+    kept p = exp(x - max) / Σ, written compacted. Rows are split over torch.get_num_threads() threads
+    (ctypes drops the GIL). exp is a Cephes polynomial (about 1 ulp), so float32 values agree with
+    torch.softmax to ~1e-7 and bfloat16 ones to the same rounding up to one bfloat16 ulp at ties.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2:
+        raise ValueError(f"fused-cpu takes a [B, V] CPU float32/bfloat16 tensor, not {x.dtype} {tuple(x.shape)} on {x.device}")
+    if filter not in ("p>0", "top-k") or not 0 < k <= 256:
+        raise ValueError(f"filter must be 'p>0' or 'top-k' with 0 < k <= 256, not {filter!r}, k={k}")
+    lib, ws = _lib(), workspace or Workspace()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    (B, V), mode = x.shape, int(filter == "top-k")
+    cap = k if mode else V
+    vals, idx = ws.get("values", B * cap, x.dtype), ws.get("indices", B * cap, torch.int32)
+    counts, why = ws.get("counts", B, torch.int64), (ctypes.c_int * B)()
+    es, bf = x.element_size(), int(x.dtype == torch.bfloat16)
+
+    def rows(a: int, b: int) -> tuple[int, int]:  # (first bad row or -1, why); the kernel writes why[a]
+        bad = lib.sf_rows(x.data_ptr() + a * x.stride(0) * es, bf, b - a, V, x.stride(0), mode, k,
+                          vals.data_ptr() + a * cap * es, idx.data_ptr() + a * cap * 4, cap,
+                          counts.data_ptr() + a * 8, ctypes.addressof(why) + a * 4)
+        return (-1, 0) if bad < 0 else (a + bad, why[a])
+
+    n = max(1, min(torch.get_num_threads(), B))
+    cuts = [B * i // n for i in range(n + 1)]
+    bad = [rows(0, B)] if n == 1 else list(_pool(n).map(rows, cuts[:-1], cuts[1:]))
+    bad = [b for b in bad if b[0] >= 0]
+    if bad:
+        row, code = min(bad)
+        raise ValueError(f"logits row {row} {WHY[code]}: it has no softmax distribution")
+    out = _csr(counts, idx, vals)
+    nnz = int(out.offsets[-1])
+    if nnz != B * cap:  # rows kept fewer than cap entries: pack them to the front, in row order
+        lib.sf_pack(vals.data_ptr(), es, idx.data_ptr(), B, cap, out.offsets.data_ptr(), counts.data_ptr())
+    return SparseRows(out.offsets, idx[:nnz], vals[:nnz])
+
+
+# --- fused CUDA kernel (Triton, imported on first use) -------------------------------------------------
+@cache
+def _triton_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, ld, V, cap, val_ptr, idx_ptr, cnt_ptr, stat_ptr, BLOCK: tl.constexpr, WRITE: tl.constexpr):
+        # One program per row. Pass 1: online max and Σ exp (+ NaN flag); pass 2: kept p, compacted in order.
+        row = tl.program_id(0).to(tl.int64)
+        base, offs = x_ptr + row * ld, tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        nan = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, V, BLOCK):
+            x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
+            nan = tl.maximum(nan, (x != x).to(tl.int32))
+            m_new = tl.maximum(m, x)
+            s = s * tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
+            s += tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
+            m = m_new
+        mx = tl.max(m, 0)
+        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0)
+        tl.store(stat_ptr + row * 3, mx)
+        tl.store(stat_ptr + row * 3 + 1, total)
+        tl.store(stat_ptr + row * 3 + 2, tl.max(nan, 0).to(tl.float32))
+        if WRITE:
+            inv = 1.0 / total
+            c = tl.full([], 0, tl.int32)
+            for start in range(0, V, BLOCK):
+                x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
+                p = (tl.exp(x - mx) * inv).to(val_ptr.dtype.element_ty)
+                keep = (p > 0) & (start + offs < V)
+                pos = row * cap + c + tl.cumsum(keep.to(tl.int32), 0) - 1
+                tl.store(val_ptr + pos, p, mask=keep)
+                tl.store(idx_ptr + pos, (start + offs).to(tl.int32), mask=keep)
+                c += tl.sum(keep.to(tl.int32), 0)
+            tl.store(cnt_ptr + row, c.to(tl.int64))
+
+    return kernel
+
+
+def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
+    """[B, V] CUDA logits -> SparseRows with one fused Triton kernel (top-k: the kernel's max and Σ,
+    then torch.topk on the logits, which orders the same as the probabilities)."""
+    if x.device.type != "cuda":
+        raise ValueError("triton takes a CUDA tensor")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    (B, V), write = x.shape, filter == "p>0"
+    cap = V if write else 1
+    vals = torch.empty(B * cap, dtype=x.dtype, device=x.device)
+    idx = torch.empty(B * cap, dtype=torch.int32, device=x.device)
+    counts = torch.empty(B, dtype=torch.int64, device=x.device)
+    stat = torch.empty(B, 3, dtype=torch.float32, device=x.device)  # max, Σ exp(x - max), NaN flag
+    _triton_kernel()[(B,)](x, x.stride(0), V, cap, vals, idx, counts, stat, BLOCK=4096, WRITE=write)
+    mx = stat[:, 0]
+    if bool(((stat[:, 2] > 0) | mx.isinf()).any()):
+        raise bad_row_error(x)
+    if write:
+        nnz = int(counts.sum())
+        if nnz != B * cap:
+            keep = torch.arange(cap, device=x.device) < counts[:, None]
+            vals, idx = vals.view(B, cap)[keep], idx.view(B, cap)[keep]
+        return _csr(counts, idx, vals)
+    top, ti = x.topk(k, dim=-1)
+    p = ((top.float() - mx[:, None]).exp() / stat[:, 1:2]).to(x.dtype)
+    keep = p > 0
+    return _csr(keep.sum(1), ti[keep].int(), p[keep])
+
+
+IMPLS = {"torch": torch_filter, "compiled": compiled_filter, "fused-cpu": fused_cpu_filter, "triton": triton_filter}
+
+
+def available(name: str, device: str) -> str | None:
+    """None where implementation `name` can run on `device` ("cpu"/"cuda"), else why not."""
+    try:
+        if name == "fused-cpu":
+            if device != "cpu":
+                return "fused-cpu is the CPU kernel"
+            _lib()
+        if name == "triton":
+            if device != "cuda":
+                return "triton needs CUDA"
+            import triton  # noqa: F401
+    except (ImportError, RuntimeError, OSError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def same(ref: list[dict[int, float]], got: SparseRows, filter: str = "p>0", k: int = 20, atol: float = 1e-6) -> str | None:
+    """None where `got` equals the snippet's `ref` (same kept tokens, |Δp| <= atol), else the first difference.
+    For top-k, a token tied with the k-th probability may stand in for another (within atol)."""
+    for r, (want, have) in enumerate(zip(ref, got.to_dicts(), strict=True)):
+        if filter == "top-k":
+            order = sorted(want.values(), reverse=True)
+            kth = order[min(k, len(order)) - 1]
+            if len(have) != min(k, len(want)) or any(want.get(i, -1.0) < kth - atol for i in have):
+                return f"row {r}: top-k tokens differ"
+        elif have.keys() != want.keys():
+            return f"row {r}: kept {len(have)} tokens, the snippet {len(want)} ({sorted(have.keys() ^ want.keys())[:5]} differ)"
+        worst = max((abs(p - want[i]) for i, p in have.items()), default=0.0)
+        if worst > atol:
+            return f"row {r}: probability off by {worst:.3g} > {atol}"
+    return None
+
+
+if __name__ == "__main__":
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5000, generator=gen) * 3
+    x[1, 1::2], x[2, 1:] = x[1, 0], float("-inf")  # ties; a single finite entry
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(device, dtype)
+        ref = snippet(list(xd.split(1)))
+        for name, fn in IMPLS.items():
+            why = available(name, device)
+            for filter in ("p>0", "top-k"):
+                diff = why or same(ref, fn(xd, filter), filter, atol=1e-6 if dtype == torch.float32 else 4e-3)
+                print(f"{name:>10} {str(dtype):>15} {filter:>6}: {diff or 'same as the snippet'}")

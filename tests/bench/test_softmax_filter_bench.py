@@ -1,0 +1,49 @@
+"""pytest-benchmark suite of the softmax/filter implementations, at small fixed sizes (well under a minute).
+
+    .venv/bin/python -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json
+
+Rows are Qwen1.5-wide (151936) realistic float32 logits, 16 per call (the snippet: 1 per call). With the
+project's default --benchmark-disable each function runs once, as a smoke test. Full sweeps, the
+memory ceiling and the fraction of it: `python -m harness.bench`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import bench
+from harness import softmax_filter as sf
+
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def logits() -> dict[str, torch.Tensor]:
+    raw = bench.realistic_logits(BATCH, bench.VOCAB)
+    return {"raw": raw, "warped": bench.warp(raw)}
+
+
+@pytest.mark.parametrize("inputs", ["raw", "warped"])
+def test_snippet(benchmark, logits, inputs):
+    scores = list(logits[inputs][:1].split(1))
+    benchmark.extra_info.update(rows=1, width=bench.VOCAB)
+    out = benchmark(sf.snippet, scores)
+    assert len(out) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("inputs, filter", [("raw", "p>0"), ("warped", "p>0"), ("raw", "top-k")])
+@pytest.mark.parametrize("impl", ["torch", "compiled", "fused-cpu"])
+def test_impl(benchmark, logits, impl, inputs, filter, dtype):
+    why = sf.available(impl, "cpu")
+    if why:
+        pytest.skip(why)
+    x = logits[inputs].to(dtype)
+    fn = sf.IMPLS[impl]
+    kwargs = {"workspace": sf.Workspace()} if impl == "fused-cpu" else {}
+    if impl == "compiled":
+        fn(x, filter, bench.TOP_K)  # compile outside the timed rounds
+    benchmark.extra_info.update(rows=BATCH, width=bench.VOCAB, bytes_read=x.numel() * x.element_size())
+    out = benchmark(fn, x, filter, bench.TOP_K, **kwargs)
+    assert out.offsets.numel() == BATCH + 1
