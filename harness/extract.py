@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def load_model(loaded: Loaded):
             trust_remote_code=spec.trust_remote_code,
         ),
     )
+    # Loading a GPTQ model imports gptqmodel, whose logger (logbar) then reports its own housekeeping.
+    logging.getLogger("logbar").setLevel(logging.WARNING)
     return model.eval()
 
 
