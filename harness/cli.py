@@ -43,16 +43,25 @@ def cmd_extract(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from tqdm.auto import tqdm
+
     from harness import compare, config, pipeline, report
 
     cfg = config.load(args.config, args.overrides)
     the_plan = pipeline.plan(cfg)
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
     stores, facts = pipeline.extract_all(cfg, the_plan)
-    ref = cfg.reference.name
-    pairs = [compare.compare(ref, stores[ref], v.name, stores[v.name]) for v in cfg.variants]
-    out = report.write_run(cfg.reports_dir, cfg.model_dump_json(), pairs, facts)
-    print(report.table(pairs))
+    ref, options = cfg.reference.name, cfg.metrics
+    names = [p.id for p in the_plan.tokens.prompts]
+    pairs = [
+        compare.compare(ref, stores[ref], v.name, stores[v.name], ks=tuple(options.top_k),
+                        resamples=options.bootstrap_resamples, seed=cfg.seed, prompt_names=names)
+        for v in tqdm(cfg.variants, desc="compare", unit="pair", leave=False)
+    ]  # fmt: skip
+    report.add_floor(pairs, cfg.noise_floor)
+    grid = compare.matrix(stores, pairs) if options.matrix else []
+    out = report.write_run(cfg.reports_dir, cfg.model_dump_json(), pairs, grid, facts, floor=cfg.noise_floor)
+    print(report.table(pairs, cfg.noise_floor))
     print(f"wrote {out / 'summary.csv'}")
     return 0
 

@@ -1,55 +1,90 @@
-"""Streams two stores block by block through the metrics and reduces them to one summary per pair.
+"""Streams two stores block by block through the metrics, then reduces them per pair and per prompt.
 
     harness compare --config configs/default.yaml      # extract, then this, then the report
 
-Memory stays at a few [BLOCK, V] blocks whatever the number of positions.
+Memory stays at a few [BLOCK, V] float64 blocks plus one float per metric and position.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from harness import metrics
+from harness import aggregate, metrics
 from harness.store import Store
 
-BLOCK = 256  # rows per block: 256 x 151646 float32 = 155 MB per side
-
-
-@dataclass(frozen=True)
-class PairSummary:
-    reference: str
-    candidate: str
-    positions: int
-    kl_mean: float  # nats, mean over positions of KL(reference ‖ candidate)
-    kl_max: float  # nats
-    top1_agree: float  # fraction of positions whose argmax token is the same
-    pad_mass_ref: float  # mean probability the reference's raw rows put on padding columns
-    pad_mass_cand: float
+# rows per block: 16 x 151646 float64 = 19 MB per temporary, under glibc's 32 MB mmap threshold, so
+# temporaries reuse heap pages instead of page-faulting fresh ones on every operation
+BLOCK = 16
 
 
 class CompareError(RuntimeError):
     pass
 
 
-def compare(ref_name: str, ref: Store, cand_name: str, cand: Store) -> PairSummary:
-    if not torch.equal(ref.read("target"), cand.read("target")):
+@dataclass(frozen=True)
+class PairResult:
+    reference: str
+    candidate: str
+    aggregates: dict  # every aggregate (aggregate.pair_aggregates), plus kl_floor_multiple if a floor is set
+    prompts: list[dict]  # per-prompt aggregates
+    positions: dict[str, np.ndarray] = field(repr=False)  # per-position metric arrays, [P] each
+
+
+def _aligned(ref_name: str, ref: Store, cand_name: str, cand: Store) -> torch.Tensor:
+    target = ref.read("target")
+    if not torch.equal(target, cand.read("target")):
         raise CompareError(f"stores of {ref_name!r} and {cand_name!r} do not hold the same token positions")
-    kl_sum, kl_max, agree, n = 0.0, 0.0, 0, 0
-    for a, b in zip(ref.blocks(BLOCK), cand.blocks(BLOCK), strict=True):
-        k = metrics.kl(a, b)
-        kl_sum += k.sum().item()
-        kl_max = max(kl_max, k.max().item())
-        agree += int(metrics.top1_agree(a, b).sum())
-        n += len(k)
-    return PairSummary(
-        reference=ref_name,
-        candidate=cand_name,
-        positions=n,
-        kl_mean=kl_sum / n,
-        kl_max=kl_max,
-        top1_agree=agree / n,
-        pad_mass_ref=ref.read("pad_mass").double().mean().item(),
-        pad_mass_cand=cand.read("pad_mass").double().mean().item(),
-    )
+    return target
+
+
+def pair_metrics(ref: Store, cand: Store, target: torch.Tensor, ks) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {}
+    start = 0
+    for a, b in zip(ref.blocks(BLOCK, renormalise=False), cand.blocks(BLOCK, renormalise=False), strict=True):
+        block = metrics.position_metrics(a, b, target[start : start + len(a)], ks)
+        start += len(a)
+        for name, values in block.items():
+            parts.setdefault(name, []).append(values)
+    return {name: torch.cat(values).numpy() for name, values in parts.items()}
+
+
+def compare(
+    ref_name: str, ref: Store, cand_name: str, cand: Store, *, ks=(5, 10), resamples: int = 1000, seed: int = 0,
+    prompt_names: list[str] | None = None,
+) -> PairResult:  # fmt: skip
+    target = _aligned(ref_name, ref, cand_name, cand)
+    m = pair_metrics(ref, cand, target, ks)
+    prompt = ref.read("prompt").numpy()
+    names = prompt_names or [str(i) for i in range(int(prompt.max()) + 1)]
+    m |= {"prompt": prompt, "position": ref.read("position").numpy(), "target": target.numpy()}
+    agg = aggregate.pair_aggregates(m, prompt, ks=ks, resamples=resamples, seed=seed)
+    agg["pad_mass_ref"] = float(ref.read("pad_mass").double().mean())
+    agg["pad_mass_cand"] = float(cand.read("pad_mass").double().mean())
+    return PairResult(ref_name, cand_name, agg, aggregate.per_prompt(m, prompt, names), m)
+
+
+def matrix(stores: dict[str, Store], known: list[PairResult]) -> list[dict]:
+    """Top-1 agreement and symmetric KL (KL(a‖b) + KL(b‖a), nats) between every pair of models."""
+    done = {(r.reference, r.candidate): r for r in known}
+    rows = []
+    for a, b in tqdm(list(itertools.combinations(stores, 2)), desc="all-pairs matrix", unit="pair", leave=False):
+        if (a, b) in done or (b, a) in done:
+            r = done.get((a, b)) or done[(b, a)]
+            top1, sym = r.aggregates["top1_agree"], r.aggregates["kl_mean"] + r.aggregates["kl_rev_mean"]
+        else:
+            _aligned(a, stores[a], b, stores[b])
+            agree, ksum, n = 0, 0.0, 0
+            blocks = zip(stores[a].blocks(BLOCK, renormalise=False), stores[b].blocks(BLOCK, renormalise=False), strict=True)
+            for x, y in blocks:
+                lp, lq = metrics.normalize(x), metrics.normalize(y)
+                agree += int(metrics.top1_agree(lp, lq).sum())
+                ksum += float((metrics.kl(lp, lq) + metrics.kl(lq, lp)).sum())
+                n += len(lp)
+            top1, sym = agree / n, ksum / n
+        rows.append({"a": a, "b": b, "top1_agree": top1, "sym_kl_mean": sym})
+    return rows

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,6 +44,12 @@ class GenerateMode(_Strict):
     max_new_tokens: int = Field(default=32, ge=1)  # greedy tokens the reference adds to each prompt
 
 
+class Metrics(_Strict):
+    top_k: list[int] = Field(default=[5, 10], min_length=1)  # top-k overlaps to report
+    bootstrap_resamples: int = Field(default=1000, ge=0)  # 0: no bootstrap intervals
+    matrix: bool = True  # top-1 agreement and symmetric KL between every pair of models
+
+
 class Config(_Strict):
     name: str
     zoo_profile: Literal["full", "micro"] = "full"  # which build of the embedded family `zoo:` means
@@ -56,6 +62,8 @@ class Config(_Strict):
     batch_size: int = Field(default=8, ge=1)  # sequences per forward pass
     padding_side: Literal["right", "left"] = "right"
     store_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    metrics: Metrics = Metrics()
+    noise_floor: str | None = None  # a variant whose drift from the reference is the noise floor
     seed: int = 0
     reports_dir: Path = Path("reports")
     source_file: Path | None = None  # where this config was read from (set by `load`)
@@ -68,6 +76,12 @@ class Config(_Strict):
         if dupes:
             raise ValueError(f"variant names must be unique; repeated: {dupes}")
         return variants
+
+    @model_validator(mode="after")
+    def _floor_is_a_variant(self) -> Config:
+        if self.noise_floor is not None and self.noise_floor not in {v.name for v in self.variants}:
+            raise ValueError(f"noise_floor {self.noise_floor!r} is not the name of a variant")
+        return self
 
     @property
     def warnings(self) -> list[str]:

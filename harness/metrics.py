@@ -2,33 +2,128 @@
 
     python -m harness.metrics      # checks kl() against scipy.special.rel_entr on random rows
 
-Direction: `ref` is the reference, `cand` the candidate; KL(ref ‖ cand) = Σ p_ref (log p_ref − log p_cand),
-in nats. Rows are log-probs already normalised over the same vocabulary.
+Direction: `lp` is the reference, `lq` the candidate; KL(ref ‖ cand) = Σ p (log p − log q), in nats.
+Every function takes rows already passed through `normalize` (float64 log-probs that sum to 1):
+a float32 log-softmax row over 151646 columns sums to 1 only within ~1e-5, more than the KL of a
+good quantization, so both sides are renormalised and accumulated in float64. Zero probabilities
+(-inf log-probs, as warpers leave them) never make NaN: a zero in p contributes nothing, and a zero
+in q where p > 0 makes KL(p ‖ q) +inf.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def kl(ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """[B, V] log-probs, [B, V] log-probs -> [B] float64 KL(ref ‖ cand) in nats.
+def normalize(logp: torch.Tensor) -> torch.Tensor:
+    """[B, V] log-probs (any float dtype, maybe unnormalised) -> [B, V] float64 log-probs summing to 1."""
+    return torch.log_softmax(logp.double(), dim=-1)
 
-    Both rows are renormalised and accumulated in float64: a float32 log-softmax row sums to 1 only
-    within ~1e-7, which is larger than the KL of a good quantization, so without this a tiny KL can
-    come out negative. A column where the reference has zero probability contributes 0; a column
-    where the candidate has zero probability but the reference does not makes the row +inf (never NaN).
-    """
-    lp = torch.log_softmax(ref.double(), -1)
-    lq = torch.log_softmax(cand.double(), -1)
+
+def _xlogy_diff(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ p (a − b) over the last dim, with 0 where p = 0 (so 0 · (−inf − x) is 0, not NaN)."""
+    return (p * torch.where(p > 0, a - b, torch.zeros_like(a))).sum(-1)
+
+
+def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """[B] KL(p ‖ q) in nats, ≥ 0; +inf where q = 0 and p > 0."""
+    return _xlogy_diff(lp.exp(), lp, lq).clamp_min(0.0)
+
+
+def js(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """[B] Jensen–Shannon divergence ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q)/2, in nats (0 ≤ JS ≤ ln 2)."""
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    return (0.5 * _xlogy_diff(lp.exp(), lp, lm) + 0.5 * _xlogy_diff(lq.exp(), lq, lm)).clamp(0.0, math.log(2.0))
+
+
+def tv(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """[B] total variation ½ Σ |p − q|, in [0, 1]."""
+    return (0.5 * (lp.exp() - lq.exp()).abs().sum(-1)).clamp(0.0, 1.0)
+
+
+def entropy(lp: torch.Tensor) -> torch.Tensor:
+    """[B] −Σ p log p in nats."""
     p = lp.exp()
-    diff = torch.where(p > 0, lp - lq, torch.zeros_like(lp))  # 0 * (-inf - x) would be NaN
-    return (p * diff).sum(-1).clamp_min(0.0)
+    return -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
 
 
-def top1_agree(ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """[B, V], [B, V] -> [B] bool: the candidate's most likely token is the reference's."""
-    return ref.argmax(-1) == cand.argmax(-1)
+def top1_agree(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the candidate's most likely token is the reference's (ties: the lowest id wins)."""
+    return lp.argmax(-1) == lq.argmax(-1)
+
+
+def topk_overlap(lp: torch.Tensor, lq: torch.Tensor, k: int) -> torch.Tensor:
+    """[B] |top-k(p) ∩ top-k(q)| / k."""
+    a = lp.topk(k, dim=-1).indices
+    b = lq.topk(k, dim=-1).indices
+    return (a[:, :, None] == b[:, None, :]).any(-1).double().mean(-1)
+
+
+def rank_of(lq: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """[B] int64: how many candidate tokens are strictly more likely than `token` (0 = its top)."""
+    at = lq.gather(-1, token[:, None])
+    return (lq > at).sum(-1)
+
+
+def at(lp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """[B] log-prob of `token` in each row."""
+    return lp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, ks=(5, 10)) -> dict[str, torch.Tensor]:
+    """Every per-position metric of one block: [B, V] ref and cand log-probs, [B] actual next tokens.
+
+    Returns [B] float64 (or int64 / bool) tensors: kl, kl_rev, js, tv, top1_agree, top{k}_overlap,
+    ref_top_rank (rank of the reference's top token under the candidate), delta_p (p_cand − p_ref of
+    the actual next token), delta_p_top (of the reference's top token), nll_ref, nll_cand (of the
+    actual next token), entropy_ref, entropy_cand, p_top_ref and margin_ref (the reference's top-1
+    probability and its lead over its second token). Same formulas as the functions above, sharing
+    p, q and log p − log q between them (each [B, V] float64 temporary is made once).
+    """
+    lp, lq = normalize(ref), normalize(cand)
+    p, q = lp.exp(), lq.exp()
+    inf = math.inf
+
+    def xsum(x: torch.Tensor) -> torch.Tensor:  # 0 · ±inf terms (zero probabilities) count 0, +inf stays
+        return torch.nan_to_num(x, nan=0.0, posinf=inf, neginf=-inf).sum(-1)
+
+    d = lp - lq
+    kl_fwd = xsum(p * d).clamp_min(0.0)
+    kl_rev = xsum(-q * d).clamp_min(0.0)
+    h_ref, h_cand = -xsum(p * lp), -xsum(q * lq)
+    mix = 0.5 * (p + q)
+    h_mix = -xsum(mix * mix.log())
+    tv_ = 0.5 * (p - q).abs().sum(-1)
+    del d, mix
+    kmax = max(2, *ks)
+    top_p, top_q = lp.topk(kmax, dim=-1), lq.topk(kmax, dim=-1)
+    # argmax, not topk's first: among tied values (common in float16 stores) the lowest id wins, always
+    ref_top = lp.argmax(-1)
+    out = {
+        "kl": kl_fwd,
+        "kl_rev": kl_rev,
+        "js": (h_mix - 0.5 * (h_ref + h_cand)).clamp(0.0, math.log(2.0)),  # JS = H(m) − (H(p) + H(q))/2
+        "tv": tv_.clamp(0.0, 1.0),
+        "top1_agree": ref_top == lq.argmax(-1),
+    }
+    for k in ks:
+        a, b = top_p.indices[:, :k], top_q.indices[:, :k]
+        out[f"top{k}_overlap"] = (a[:, :, None] == b[:, None, :]).any(-1).double().mean(-1)
+    p_top = top_p.values[:, 0].exp()
+    out |= {
+        "ref_top_rank": rank_of(lq, ref_top),
+        "delta_p": at(q, target) - at(p, target),
+        "delta_p_top": at(q, ref_top) - p_top,
+        "nll_ref": -at(lp, target),
+        "nll_cand": -at(lq, target),
+        "entropy_ref": h_ref,
+        "entropy_cand": h_cand,
+        "p_top_ref": p_top,
+        "margin_ref": p_top - top_p.values[:, 1].exp(),
+    }
+    return out
 
 
 if __name__ == "__main__":
@@ -36,8 +131,8 @@ if __name__ == "__main__":
     from scipy.special import rel_entr
 
     gen = torch.Generator().manual_seed(0)
-    a = torch.log_softmax(torch.randn(4, 1000, generator=gen) * 3, -1)
-    b = torch.log_softmax(torch.randn(4, 1000, generator=gen) * 3, -1)
+    a = normalize(torch.randn(4, 1000, generator=gen) * 3)
+    b = normalize(torch.randn(4, 1000, generator=gen) * 3)
     ours = kl(a, b).numpy()
-    theirs = rel_entr(a.double().exp().numpy(), b.double().exp().numpy()).sum(-1)
+    theirs = rel_entr(a.exp().numpy(), b.exp().numpy()).sum(-1)
     print("ours  ", ours, "\nscipy ", theirs, "\nmax rel err", np.max(np.abs(ours - theirs) / theirs))

@@ -104,16 +104,21 @@ class Store:
                 parts.append(f.get_tensor(name))
         return torch.cat(parts)
 
-    def blocks(self, rows: int):
-        """Yields [<=rows, V] float32 log-prob blocks in position order, renormalised (memory-mapped)."""
+    def blocks(self, rows: int, *, renormalise: bool = True):
+        """Yields [<=rows, V] float32 log-prob blocks in position order (memory-mapped reads).
+
+        Stored rows are rounded to the store dtype, so they sum to 1 only approximately; they are
+        renormalised here unless the caller does it itself (metrics.normalize does, in float64).
+        """
         for path in self.shards():
             with safe_open(path, "pt") as f:
                 sliced = f.get_slice("logprobs")
                 n = sliced.get_shape()[0]
                 for start in range(0, n, rows):
                     block = sliced[start : min(n, start + rows)].float()
-                    # float64 normaliser: a float32 log-softmax over 151646 columns is off by ~1e-5
-                    yield block - torch.logsumexp(block.double(), dim=-1, keepdim=True).float()
+                    if renormalise:  # float64 normaliser: a float32 log-softmax over 151646 columns is off by ~1e-5
+                        block = block - torch.logsumexp(block.double(), dim=-1, keepdim=True).float()
+                    yield block
 
 
 if __name__ == "__main__":

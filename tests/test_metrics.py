@@ -1,15 +1,20 @@
 """Each metric against an independent computation (scipy, float64 by hand) on random rows."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 
 from harness import metrics
 
 
 def _probs(logp):
-    """float64 probabilities of float32 log-prob rows, normalised exactly (the independent side)."""
+    """float64 probabilities of log-prob rows, normalised exactly (the independent side)."""
     p = np.exp(logp.double().numpy())
     return p / p.sum(-1, keepdims=True)
 
@@ -22,17 +27,42 @@ def _rows(kind, n=16, v=5000, seed=0):
         logits = torch.randn(n, v, generator=gen) * 1e-3
     elif kind == "tied":
         logits = torch.randint(0, 3, (n, v), generator=gen).float()
+    elif kind == "filtered":  # what top-k / top-p warpers leave: most entries -inf
+        logits = torch.randn(n, v, generator=gen) * 3
+        logits[torch.rand(n, v, generator=gen) < 0.9] = -torch.inf
     else:
         logits = torch.randn(n, v, generator=gen) * 2
     return torch.log_softmax(logits, -1)
 
 
-@pytest.mark.parametrize("kind", ["normal", "peaked", "near-uniform", "tied"])
-def test_kl_matches_scipy(kind):
-    p, q = _rows(kind, seed=1), _rows(kind, seed=2)
-    ours = metrics.kl(p, q).numpy()
-    theirs = rel_entr(_probs(p), _probs(q)).sum(-1)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-15)
+KINDS = ["normal", "peaked", "near-uniform", "tied"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kl_both_ways_js_tv_entropy_match_scipy(kind):
+    a, b = _rows(kind, seed=1), _rows(kind, seed=2)
+    lp, lq = metrics.normalize(a), metrics.normalize(b)
+    P, Q = _probs(a), _probs(b)
+    np.testing.assert_allclose(metrics.kl(lp, lq).numpy(), rel_entr(P, Q).sum(-1), rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(metrics.kl(lq, lp).numpy(), rel_entr(Q, P).sum(-1), rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(metrics.js(lp, lq).numpy(), jensenshannon(P, Q, axis=-1) ** 2, rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(metrics.tv(lp, lq).numpy(), 0.5 * np.abs(P - Q).sum(-1), rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(metrics.entropy(lp).numpy(), -(P * np.log(P, where=P > 0, out=np.zeros_like(P))).sum(-1), rtol=1e-6)
+
+
+def test_filtered_rows_never_nan():
+    a, b = _rows("filtered", seed=1), _rows("filtered", seed=2)
+    lp, lq = metrics.normalize(a), metrics.normalize(b)
+    P, Q = _probs(a), _probs(b)
+    forward = metrics.kl(lp, lq).numpy()
+    assert np.isinf(forward).all()  # q = 0 where p > 0 somewhere in every row: +inf, reported as such
+    np.testing.assert_allclose(metrics.js(lp, lq).numpy(), jensenshannon(P, Q, axis=-1) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(metrics.tv(lp, lq).numpy(), 0.5 * np.abs(P - Q).sum(-1), rtol=1e-6)
+    same = metrics.kl(lp, lp)
+    assert (same == 0).all() and not torch.isnan(metrics.entropy(lp)).any()
+    p = torch.log_softmax(torch.tensor([[0.0, 1.0, -torch.inf, 2.0]]), -1)
+    q = torch.log_softmax(torch.tensor([[0.5, 1.0, 3.0, 2.0]]), -1)
+    assert 0 < metrics.kl(metrics.normalize(p), metrics.normalize(q)).item() < math.inf  # p = 0 adds nothing
 
 
 def test_kl_of_tiny_drift_keeps_its_digits():
@@ -42,21 +72,51 @@ def test_kl_of_tiny_drift_keeps_its_digits():
     q = torch.log_softmax(p + 5e-4 * noise, -1)
     exact = rel_entr(_probs(p), _probs(q)).sum(-1)
     assert exact.max() < 1e-6
-    np.testing.assert_allclose(metrics.kl(p, q).numpy(), exact, rtol=1e-6)
-    assert (metrics.kl(p, q) > 0).all()
+    ours = metrics.kl(metrics.normalize(p), metrics.normalize(q))
+    np.testing.assert_allclose(ours.numpy(), exact, rtol=1e-6)
+    assert (ours > 0).all()
 
 
-def test_kl_with_filtered_rows_is_never_nan():
-    p = torch.log_softmax(torch.tensor([[0.0, 1.0, -torch.inf, 2.0]]), -1)
-    q_ok = torch.log_softmax(torch.tensor([[0.5, 1.0, 3.0, 2.0]]), -1)
-    q_zero = torch.log_softmax(torch.tensor([[0.5, -torch.inf, 3.0, 2.0]]), -1)
-    finite = metrics.kl(p, q_ok)
-    assert torch.isfinite(finite).all() and finite.item() > 0  # p = 0 columns contribute nothing
-    assert metrics.kl(p, q_zero).item() == float("inf")  # q = 0 where p > 0
-    assert metrics.kl(p, p).item() == 0.0
+def test_position_metrics_against_float64_by_hand():
+    a, b = _rows("normal", n=8, v=300, seed=5), _rows("normal", n=8, v=300, seed=6)
+    target = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(7))
+    m = metrics.position_metrics(a, b, target, ks=(5, 10))
+    P, Q = _probs(a), _probs(b)
+    for i in range(8):
+        t, order_p, order_q = int(target[i]), np.argsort(-P[i], kind="stable"), np.argsort(-Q[i], kind="stable")
+        top = order_p[0]
+        assert m["top1_agree"][i].item() == (top == order_q[0])
+        for k in (5, 10):
+            assert m[f"top{k}_overlap"][i].item() == pytest.approx(len(set(order_p[:k]) & set(order_q[:k])) / k)
+        assert m["ref_top_rank"][i].item() == int((Q[i] > Q[i][top]).sum())
+        assert m["delta_p"][i].item() == pytest.approx(Q[i][t] - P[i][t], abs=1e-12)
+        assert m["delta_p_top"][i].item() == pytest.approx(Q[i][top] - P[i][top], abs=1e-12)
+        assert m["nll_ref"][i].item() == pytest.approx(-np.log(P[i][t]), rel=1e-9)
+        assert m["nll_cand"][i].item() == pytest.approx(-np.log(Q[i][t]), rel=1e-9)
+        assert m["p_top_ref"][i].item() == pytest.approx(P[i][top], rel=1e-9)
+        assert m["margin_ref"][i].item() == pytest.approx(P[i][order_p[0]] - P[i][order_p[1]], abs=1e-12)
+        assert m["entropy_cand"][i].item() == pytest.approx(-(Q[i] * np.log(Q[i])).sum(), rel=1e-9)
 
 
-def test_top1_agree():
-    p = torch.log_softmax(torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]]), -1)
-    q = torch.log_softmax(torch.tensor([[0.0, 5.0, 1.0], [0.0, 3.0, 1.0]]), -1)
-    assert metrics.top1_agree(p, q).tolist() == [True, False]
+row_pairs = st.tuples(st.integers(2, 60), st.integers(0, 2**31 - 1), st.floats(0.01, 20), st.floats(0.0, 0.9))
+
+
+@settings(max_examples=60, deadline=None)
+@given(row_pairs)
+def test_properties(case):
+    """KL ≥ 0, KL(p, p) = 0, JS symmetric and ≤ ln 2, TV in [0, 1], on random rows with dropped entries."""
+    v, seed, scale, drop = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, v, generator=gen, dtype=torch.float64) * scale
+    y = torch.randn(4, v, generator=gen, dtype=torch.float64) * scale
+    x[torch.rand(4, v, generator=gen) < drop] = -torch.inf
+    x[:, 0] = 0.0  # at least one finite entry per row
+    lp, lq = metrics.normalize(x), metrics.normalize(y)
+    assert (metrics.kl(lp, lq) >= 0).all() and (metrics.kl(lq, lp) >= 0).all()
+    assert (metrics.kl(lp, lp) == 0).all()
+    j1, j2 = metrics.js(lp, lq), metrics.js(lq, lp)
+    torch.testing.assert_close(j1, j2, rtol=1e-12, atol=1e-15)
+    assert ((j1 >= 0) & (j1 <= math.log(2) + 1e-12)).all()
+    t = metrics.tv(lp, lq)
+    assert ((t >= 0) & (t <= 1)).all()
+    assert not any(torch.isnan(f).any() for f in (metrics.kl(lp, lq), j1, t, metrics.entropy(lp)))

@@ -1,0 +1,124 @@
+"""Aggregates of per-position metrics: pure reducers from arrays to numbers with their uncertainty.
+
+    harness compare --config configs/default.yaml      # calls pair_aggregates() once per pair
+
+Means carry a standard error (sample std / √n), proportions a binomial one (√(p̂(1−p̂)/n)); the
+mean KL and the top-1 agreement also get a bootstrap confidence interval that resamples prompts,
+not positions (positions within a prompt are correlated). Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+PERCENTILES = (99.9, 99, 95, 90, 10, 5, 1, 0.1)
+CONFIDENCE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99, 1.0)  # edges on the reference's top-1 probability
+
+
+def _pkey(q: float) -> str:
+    return "p" + f"{q:g}".replace(".", "_")
+
+
+def distribution(x: np.ndarray, name: str) -> dict[str, float]:
+    """mean ± se, median, percentiles, min, max of `x`, keys prefixed by `name`; +inf values counted."""
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    inf = int(np.isinf(x).sum())
+    out = {
+        f"{name}_mean": float(x.mean()),
+        f"{name}_mean_se": float(x.std(ddof=1) / math.sqrt(n)) if n > 1 and not inf else float("nan"),
+        f"{name}_median": float(np.median(x)),
+        f"{name}_min": float(x.min()),
+        f"{name}_max": float(x.max()),
+        f"{name}_inf": inf,
+    }
+    with np.errstate(invalid="ignore"):  # percentiles between two +inf values
+        for q in PERCENTILES:
+            out[f"{name}_{_pkey(q)}"] = float(np.percentile(x, q))
+    return out
+
+
+def proportion(hits: np.ndarray, name: str) -> dict[str, float]:
+    p = float(np.mean(hits))
+    return {name: p, f"{name}_se": math.sqrt(p * (1 - p) / len(hits))}
+
+
+def bootstrap_mean(values: np.ndarray, prompt: np.ndarray, *, resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile CI of the position-weighted mean of `values`, resampling whole prompts."""
+    ids = np.unique(prompt)
+    if len(ids) < 2 or not np.isfinite(values).all():
+        return float("nan"), float("nan")
+    sums = np.bincount(np.searchsorted(ids, prompt), weights=values, minlength=len(ids))
+    counts = np.bincount(np.searchsorted(ids, prompt), minlength=len(ids)).astype(np.float64)
+    res = stats.bootstrap(
+        (sums, counts),
+        lambda s, c, axis=-1: s.sum(axis=axis) / c.sum(axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def confidence_bins(p_top: np.ndarray, kl: np.ndarray, flip: np.ndarray) -> list[dict]:
+    """KL and flip rate by the reference's top-1 probability: drift concentrates where it is unsure."""
+    rows = []
+    for lo, hi in zip(CONFIDENCE_BINS[:-1], CONFIDENCE_BINS[1:], strict=True):
+        inside = (p_top >= lo) & ((p_top < hi) if hi < 1.0 else (p_top <= hi))
+        n = int(inside.sum())
+        rows.append({
+            "p_top_lo": lo, "p_top_hi": hi, "positions": n,
+            "kl_mean": float(kl[inside].mean()) if n else float("nan"),
+            "flip_rate": float(flip[inside].mean()) if n else float("nan"),
+        })  # fmt: skip
+    return rows
+
+
+def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resamples: int, seed: int) -> dict:
+    """Every aggregate of one (reference, candidate) pair from its per-position metric arrays."""
+    n = len(m["kl"])
+    out: dict = {"positions": n}
+    for name in ("kl", "kl_rev", "js", "tv"):
+        out |= distribution(m[name], name)
+    out |= proportion(m["top1_agree"], "top1_agree")
+    for k in ks:
+        out[f"top{k}_overlap"] = float(np.mean(m[f"top{k}_overlap"]))
+    out["ref_top_rank_mean"] = float(np.mean(m["ref_top_rank"]))
+    for name in ("delta_p", "delta_p_top"):
+        rms = np.abs(m[name])
+        out[f"{name}_rms"] = float(np.sqrt(np.mean(m[name] ** 2)))
+        out |= {f"{name}_abs_{_pkey(q)}": float(np.percentile(rms, q)) for q in (99, 95, 90)}
+    nll_r, nll_c = m["nll_ref"], m["nll_cand"]
+    out["ppl_ref"] = float(np.exp(nll_r.mean()))
+    out["ppl_cand"] = float(np.exp(nll_c.mean()))
+    out["ppl_ratio"] = out["ppl_cand"] / out["ppl_ref"]
+    d = nll_c - nll_r
+    out["ln_ppl_ratio"] = float(d.mean())
+    out["ln_ppl_ratio_se"] = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    out["nll_correlation"] = float(np.corrcoef(nll_r, nll_c)[0, 1]) if n > 1 else float("nan")
+    out["entropy_ref_mean"] = float(m["entropy_ref"].mean())
+    out["entropy_cand_mean"] = float(m["entropy_cand"].mean())
+    out["flip_rate"] = 1.0 - out["top1_agree"]
+    out["by_confidence"] = confidence_bins(m["p_top_ref"], m["kl"], ~m["top1_agree"].astype(bool))
+    out["kl_mean_ci95"] = bootstrap_mean(m["kl"], prompt, resamples=resamples, seed=seed)
+    out["top1_agree_ci95"] = bootstrap_mean(m["top1_agree"].astype(np.float64), prompt, resamples=resamples, seed=seed)
+    return out
+
+
+def per_prompt(m: dict[str, np.ndarray], prompt: np.ndarray, names: list[str]) -> list[dict]:
+    """The main aggregates for each prompt on its own."""
+    rows = []
+    for p in np.unique(prompt):
+        inside = prompt == p
+        rows.append({
+            "prompt": names[int(p)], "positions": int(inside.sum()),
+            "kl_mean": float(m["kl"][inside].mean()), "kl_max": float(m["kl"][inside].max()),
+            "js_mean": float(m["js"][inside].mean()), "top1_agree": float(m["top1_agree"][inside].mean()),
+            "ppl_ratio": float(np.exp((m["nll_cand"][inside] - m["nll_ref"][inside]).mean())),
+        })  # fmt: skip
+    return rows

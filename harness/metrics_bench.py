@@ -1,0 +1,80 @@
+"""Speed of the per-position drift metrics on [N, 151646] float32 pairs, beside the read ceiling.
+
+    python -m harness.metrics_bench [--rows 512] [--repeats 3]
+
+Times (a) the pure-Python dict approach users copy (softmax rows to `{token: p}` dicts, KL and top-1
+from the dicts) on a few rows, and (b) `metrics.position_metrics` (every per-position metric at once,
+in float64) over blocks of `compare.BLOCK` rows. GB/s counts the two float32 rows read per position;
+the ceiling is a large torch.sum measured in the same run. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from harness import bench, compare, metrics
+
+WIDTH = 151646
+
+
+def dict_approach(ref: torch.Tensor, cand: torch.Tensor) -> tuple[list[float], list[bool]]:
+    """What users copy: Python dicts of probabilities, KL and top-1 token by token."""
+    kls, agree = [], []
+    for a, b in zip(torch.softmax(ref, -1).tolist(), torch.softmax(cand, -1).tolist(), strict=True):
+        p = {i: x for i, x in enumerate(a) if x > 0}
+        q = {i: x for i, x in enumerate(b) if x > 0}
+        kls.append(sum(x * math.log(x / q[i]) for i, x in p.items() if i in q))
+        agree.append(max(p, key=p.get) == max(q, key=q.get))
+    return kls, agree
+
+
+def _rate(fn, rows: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return rows / sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    ref = torch.log_softmax(bench.realistic_logits(args.rows, WIDTH, seed=1), -1)
+    cand = torch.log_softmax(ref + 0.05 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)), -1)
+    target = torch.randint(0, WIDTH, (args.rows,), generator=torch.Generator().manual_seed(3))
+    read_gbps, _ = bench.ceilings(torch.device("cpu"), 1.0, 3)
+
+    def ours():
+        for s in range(0, args.rows, compare.BLOCK):
+            metrics.position_metrics(ref[s : s + compare.BLOCK], cand[s : s + compare.BLOCK], target[s : s + compare.BLOCK])
+
+    few = min(args.rows, 8)
+    results = {
+        "dict": _rate(lambda: dict_approach(ref[:few], cand[:few]), few, 1),
+        "position_metrics": _rate(ours, args.rows, args.repeats),
+    }
+    bytes_per_row = 2 * WIDTH * 4
+    print(f"read ceiling {read_gbps:.1f} GB/s, threads {torch.get_num_threads()}")
+    print(f"{'impl':<18} {'positions/s':>12} {'GB/s':>7} {'of ceiling':>10} {'x dict':>8}")
+    rows = []
+    for impl, rate in results.items():
+        gbps = rate * bytes_per_row / 1e9
+        row = {"impl": impl, "positions_per_s": rate, "gbps": gbps, "fraction_of_ceiling": gbps / read_gbps,
+               "speedup_vs_dict": rate / results["dict"]}  # fmt: skip
+        rows.append(row)
+        print(f"{impl:<18} {rate:>12.1f} {gbps:>7.2f} {row['fraction_of_ceiling']:>10.1%} {row['speedup_vs_dict']:>8.1f}")
+    print(json.dumps({"read_ceiling_gbps": read_gbps, "threads": torch.get_num_threads(), "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
