@@ -60,7 +60,7 @@ def test_config_error_exits_2_with_one_paragraph(tmp_path, capsys):
 def test_extract_generate_mode_then_reuse(micro_zoo, tmp_path, tmp_store, capsys):
     config = str(ROOT / "configs" / "default.yaml")
     overrides = ["zoo_profile=micro", f"prompts={SMALL}", "mode=generate", "generate.max_new_tokens=6",
-                 "variants=[{name: int4, source: 'zoo:tiny-qwen1.5-s-chat-gptq-int4'}]"]  # fmt: skip
+                 "variants=[{name: int4, source: 'zoo:tiny-qwen1.5-s-chat-gptq-int4'}]", "noise_floor=null"]  # fmt: skip
     assert main(["extract", "--config", config, *overrides]) == 0
     first = capsys.readouterr().out
     assert "scored positions" in first and "reused" not in first
