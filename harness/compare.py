@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness import aggregate, metrics
+from harness import aggregate, metrics, metrics_fused
 from harness.store import Store
 
 # rows per block: 16 x 151646 float64 = 19 MB per temporary, under glibc's 32 MB mmap threshold, so
@@ -42,11 +42,17 @@ def _aligned(ref_name: str, ref: Store, cand_name: str, cand: Store) -> torch.Te
     return target
 
 
+def position_metrics_fn():
+    """The fused C++ kernel where it builds (g++ present), else the torch reference implementation."""
+    return metrics_fused.fused_position_metrics if metrics_fused.available() is None else metrics.position_metrics
+
+
 def pair_metrics(ref: Store, cand: Store, target: torch.Tensor, ks) -> dict[str, np.ndarray]:
+    fn = position_metrics_fn()
     parts: dict[str, list] = {}
     start = 0
     for a, b in zip(ref.blocks(BLOCK, renormalise=False), cand.blocks(BLOCK, renormalise=False), strict=True):
-        block = metrics.position_metrics(a, b, target[start : start + len(a)], ks)
+        block = fn(a, b, target[start : start + len(a)], ks)
         start += len(a)
         for name, values in block.items():
             parts.setdefault(name, []).append(values)
@@ -77,14 +83,7 @@ def matrix(stores: dict[str, Store], known: list[PairResult]) -> list[dict]:
             r = done.get((a, b)) or done[(b, a)]
             top1, sym = r.aggregates["top1_agree"], r.aggregates["kl_mean"] + r.aggregates["kl_rev_mean"]
         else:
-            _aligned(a, stores[a], b, stores[b])
-            agree, ksum, n = 0, 0.0, 0
-            blocks = zip(stores[a].blocks(BLOCK, renormalise=False), stores[b].blocks(BLOCK, renormalise=False), strict=True)
-            for x, y in blocks:
-                lp, lq = metrics.normalize(x), metrics.normalize(y)
-                agree += int(metrics.top1_agree(lp, lq).sum())
-                ksum += float((metrics.kl(lp, lq) + metrics.kl(lq, lp)).sum())
-                n += len(lp)
-            top1, sym = agree / n, ksum / n
+            m = pair_metrics(stores[a], stores[b], _aligned(a, stores[a], b, stores[b]), ks=(2,))
+            top1, sym = float(m["top1_agree"].mean()), float((m["kl"] + m["kl_rev"]).mean())
         rows.append({"a": a, "b": b, "top1_agree": top1, "sym_kl_mean": sym})
     return rows

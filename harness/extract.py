@@ -223,6 +223,32 @@ def greedy_continuations(loaded: Loaded, tokens: TokenizedPrompts, max_new_token
     return continuations
 
 
+def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, warpers: Warpers, spec, name) -> None:
+    """Writes one segment's scored rows into the shard buffers from `own` [len(ids), V_padded] logits."""
+    ids = torch.tensor(seg.ids)
+    # Chunks keep every temporary under glibc's 32 MB mmap threshold, so they reuse heap pages
+    # instead of page-faulting fresh ones on every call.
+    for r in range(seg.first, len(seg.ids) - 1, CHUNK_ROWS):
+        r_end = min(r + CHUNK_ROWS, len(seg.ids) - 1)
+        raw = own[r:r_end].float().cpu()  # [C, V_padded]
+        logprobs, pad_mass, lse = row_stats(raw, n_vocab)
+        if not torch.isfinite(lse).all():
+            bad = int((~torch.isfinite(lse)).nonzero()[0, 0]) + seg.offset + r
+            raise ExtractError(
+                f"model {spec.name!r} produced NaN or infinite logits on prompt {name!r} at token {bad}; "
+                f"in {spec.dtype} its activations may overflow: try float32 (finished shards are kept)"
+            )
+        finite, kept = warp_stats(raw, ids, r, lse, warpers)
+        rows = slice(row + r - seg.first, row + r_end - seg.first)
+        buf["logprobs"][rows] = logprobs
+        buf["target"][rows] = ids[r + 1 : r_end + 1]
+        buf["position"][rows] = torch.arange(r + 1, r_end + 1) + seg.offset
+        buf["prompt"][rows] = seg.prompt
+        buf["pad_mass"][rows] = pad_mass
+        buf["warp_finite"][rows] = finite
+        buf["warp_mass"][rows] = kept
+
+
 def segments_fingerprint(segments: list[Segment]) -> str:
     digest = hashlib.sha256()
     for s in segments:
@@ -282,32 +308,10 @@ def extract(
                 logits = forward_logits(model, [s.ids for s in batch], loaded.device, padding_side)
                 forward_s += time.perf_counter() - t0
                 for i, seg in enumerate(batch):
-                    ids = torch.tensor(seg.ids)
-                    own = own_rows(logits, i, len(seg.ids), padding_side)
-                    # Chunks keep every temporary under glibc's 32 MB mmap threshold, so they reuse heap
-                    # pages instead of page-faulting fresh ones on every call.
-                    for r in range(seg.first, len(seg.ids) - 1, CHUNK_ROWS):
-                        r_end = min(r + CHUNK_ROWS, len(seg.ids) - 1)
-                        raw = own[r:r_end].float().cpu()  # [C, V_padded]
-                        logprobs, pad_mass, lse = row_stats(raw, n_vocab)
-                        if not torch.isfinite(lse).all():
-                            bad = int((~torch.isfinite(lse)).nonzero()[0, 0]) + seg.offset + r
-                            name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
-                            raise ExtractError(
-                                f"model {spec.name!r} produced NaN or infinite logits on prompt {name!r} at token "
-                                f"{bad}; in {spec.dtype} its activations may overflow: try float32 (finished shards are kept)"
-                            )
-                        finite, kept = warp_stats(raw, ids, r, lse, warpers)
-                        rows = slice(row, row + r_end - r)
-                        buf["logprobs"][rows] = logprobs
-                        buf["target"][rows] = ids[r + 1 : r_end + 1]
-                        buf["position"][rows] = torch.arange(r + 1, r_end + 1) + seg.offset
-                        buf["prompt"][rows] = seg.prompt
-                        buf["pad_mass"][rows] = pad_mass
-                        buf["warp_finite"][rows] = finite
-                        buf["warp_mass"][rows] = kept
-                        row += r_end - r
-                del logits
+                    name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
+                    _fill(buf, row, seg, own_rows(logits, i, len(seg.ids), padding_side), n_vocab, warpers, spec, name)
+                    row += seg.rows
+                del logits  # no view of it outlives this line, so the next batch's logits replace it
                 bar.update(len(batch))
             try:
                 store.write_shard(shard, buf, {"segments": [lo, hi]})

@@ -3,8 +3,8 @@
     python -m harness.metrics_bench [--rows 512] [--repeats 3]
 
 Times (a) the pure-Python dict approach users copy (softmax rows to `{token: p}` dicts, KL and top-1
-from the dicts) on a few rows, and (b) `metrics.position_metrics` (every per-position metric at once,
-in float64) over blocks of `compare.BLOCK` rows. GB/s counts the two float32 rows read per position;
+from the dicts) on a few rows, (b) `metrics.position_metrics` (every per-position metric at once, in
+float64 torch ops) and (c) the fused C++ kernel of `metrics_fused`, over blocks of `compare.BLOCK` rows. GB/s counts the two float32 rows read per position;
 the ceiling is a large torch.sum measured in the same run. Prints a table, then one JSON line.
 """
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from harness import bench, compare, metrics
+from harness import bench, compare, metrics, metrics_fused
 
 WIDTH = 151646
 
@@ -53,15 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     target = torch.randint(0, WIDTH, (args.rows,), generator=torch.Generator().manual_seed(3))
     read_gbps, _ = bench.ceilings(torch.device("cpu"), 1.0, 3)
 
-    def ours():
-        for s in range(0, args.rows, compare.BLOCK):
-            metrics.position_metrics(ref[s : s + compare.BLOCK], cand[s : s + compare.BLOCK], target[s : s + compare.BLOCK])
+    def blocks(fn):
+        def run():
+            for s in range(0, args.rows, compare.BLOCK):
+                fn(ref[s : s + compare.BLOCK], cand[s : s + compare.BLOCK], target[s : s + compare.BLOCK])
+
+        return run
 
     few = min(args.rows, 8)
     results = {
         "dict": _rate(lambda: dict_approach(ref[:few], cand[:few]), few, 1),
-        "position_metrics": _rate(ours, args.rows, args.repeats),
+        "position_metrics": _rate(blocks(metrics.position_metrics), args.rows, args.repeats),
     }
+    if metrics_fused.available() is None:
+        metrics_fused.fused_position_metrics(ref[:2], cand[:2], target[:2])  # builds the kernel once
+        results["fused"] = _rate(blocks(metrics_fused.fused_position_metrics), args.rows, args.repeats)
     bytes_per_row = 2 * WIDTH * 4
     print(f"read ceiling {read_gbps:.1f} GB/s, threads {torch.get_num_threads()}")
     print(f"{'impl':<18} {'positions/s':>12} {'GB/s':>7} {'of ceiling':>10} {'x dict':>8}")
