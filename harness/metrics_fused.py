@@ -18,17 +18,13 @@ when a tie straddles the k-th place.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import torch
 
-from harness import softmax_filter
+from harness import cext
 
 MAX_K = 256
 
@@ -201,32 +197,11 @@ extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, in
 
 @cache
 def _lib() -> ctypes.CDLL:
-    """Builds (once) and loads the kernel, as softmax_filter._lib does; RuntimeError where g++ is missing or fails."""
-    from harness import paths
-
-    if shutil.which("g++") is None:
-        raise RuntimeError("the fused metrics kernel needs g++ on PATH")
-    errors = []
-    for flags in (["-march=native"], []):  # AVX-512 where the compiler and CPU have it, else scalar libm code
-        # -march=native code is only valid on this CPU: key the cached build by the CPU's identity too
-        tag = hashlib.sha256((CPP + " ".join(flags) + softmax_filter._cpu_identity()).encode()).hexdigest()[:16]
-        so = paths.home() / "ext" / f"metrics_fused_{tag}.so"
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            tmp = so.with_suffix(f".{os.getpid()}.tmp")
-            # no -ffast-math: the -inf and NaN masks, and Kahan's compensation, need IEEE semantics
-            cmd = ["g++", "-O3", *flags, "-shared", "-fPIC", "-x", "c++", "-", "-o", str(tmp)]
-            run = subprocess.run(cmd, input=CPP, text=True, capture_output=True)
-            if run.returncode:
-                errors.append(run.stderr[-2000:])
-                continue
-            tmp.replace(so)
-        lib = ctypes.CDLL(str(so))
-        i64, vp = ctypes.c_int64, ctypes.c_void_p
-        lib.pm_rows.restype = None
-        lib.pm_rows.argtypes = [vp, vp, i64, i64, i64, i64, ctypes.c_int, vp, vp, vp]
-        return lib
-    raise RuntimeError("building the fused metrics kernel failed:\n" + "\n".join(errors))
+    lib = cext.build("metrics_fused", CPP)
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.pm_rows.restype = None
+    lib.pm_rows.argtypes = [vp, vp, i64, i64, i64, i64, ctypes.c_int, vp, vp, vp]
+    return lib
 
 
 def available() -> str | None:

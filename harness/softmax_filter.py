@@ -18,15 +18,13 @@ use with g++ and called through ctypes, rows split over torch.get_num_threads() 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import platform
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
 import torch
+
+from harness import cext
 
 WHY = {1: "holds NaN", 2: "is all -inf", 3: "holds +inf"}
 
@@ -268,43 +266,15 @@ extern "C" void sf_pack(void* vals, int esize, int32_t* idx, int64_t n, int64_t 
 """
 
 
-def _cpu_identity() -> str:
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor()
-    return "".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))[:4096]
-
-
 @cache
 def _lib() -> ctypes.CDLL:
-    """Builds (once) and loads the C++ kernel; raises RuntimeError where g++ is missing or fails."""
-    from harness import paths
-
-    if shutil.which("g++") is None:
-        raise RuntimeError("fused-cpu needs g++ on PATH")
-    errors = []
-    for flags in (["-march=native"], []):  # AVX-512 path where the compiler and CPU have it, else scalar
-        # -march=native code is only valid on this CPU: key the cached build by the CPU's identity too
-        tag = hashlib.sha256((CPP + " ".join(flags) + _cpu_identity()).encode()).hexdigest()[:16]
-        so = paths.home() / "ext" / f"softmax_filter_{tag}.so"
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            tmp = so.with_suffix(f".{id(errors)}.tmp")
-            cmd = ["g++", "-O3", *flags, "-shared", "-fPIC", "-x", "c++", "-", "-o", str(tmp)]
-            run = subprocess.run(cmd, input=CPP, text=True, capture_output=True)
-            if run.returncode:
-                errors.append(run.stderr[-2000:])
-                continue
-            tmp.replace(so)
-        lib = ctypes.CDLL(str(so))
-        i64, vp = ctypes.c_int64, ctypes.c_void_p
-        lib.sf_rows.restype = i64
-        lib.sf_rows.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp]
-        lib.sf_pack.restype = None
-        lib.sf_pack.argtypes = [vp, ctypes.c_int, vp, i64, i64, vp, vp]
-        return lib
-    raise RuntimeError("building the fused-cpu kernel failed:\n" + "\n".join(errors))
+    lib = cext.build("softmax_filter", CPP)
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.sf_rows.restype = i64
+    lib.sf_rows.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp]
+    lib.sf_pack.restype = None
+    lib.sf_pack.argtypes = [vp, ctypes.c_int, vp, i64, i64, vp, vp]
+    return lib
 
 
 @cache

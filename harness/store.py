@@ -24,7 +24,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-
 SHARD_POSITIONS = 1024  # positions per shard, give or take one prompt
 
 

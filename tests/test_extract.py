@@ -64,7 +64,10 @@ def _transformers_warp(raw, ids, first, warpers):
     """The reference: transformers' own processors, one full row at a time, with the row's prefix."""
     from transformers import GenerationConfig
     from transformers.generation.logits_process import (
-        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
         TopPLogitsWarper,
     )  # fmt: skip
 
