@@ -83,8 +83,9 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
     """Every aggregate of one (reference, candidate) pair from its per-position metric arrays."""
     n = len(m["kl"])
     out: dict = {"positions": n}
-    for name in ("kl", "kl_rev", "js", "tv"):
-        out |= distribution(m[name], name)
+    for name in ("kl", "kl_rev", "js", "tv", "kl_smoothed"):
+        if name in m:
+            out |= distribution(m[name], name)
     out |= proportion(m["top1_agree"], "top1_agree")
     for k in ks:
         out[f"top{k}_overlap"] = float(np.mean(m[f"top{k}_overlap"]))

@@ -55,7 +55,8 @@ def cmd_compare(args) -> int:
     names = [p.id for p in the_plan.tokens.prompts]
     pairs = [
         compare.compare(ref, stores[ref], v.name, stores[v.name], ks=tuple(options.top_k),
-                        resamples=options.bootstrap_resamples, seed=cfg.seed, prompt_names=names)
+                        resamples=options.bootstrap_resamples, seed=cfg.seed, prompt_names=names,
+                        smoothing_eps=options.smoothing_eps)
         for v in tqdm(cfg.variants, desc="compare", unit="pair", leave=False)
     ]  # fmt: skip
     report.add_floor(pairs, cfg.noise_floor)

@@ -47,13 +47,19 @@ def position_metrics_fn():
     return metrics_fused.fused_position_metrics if metrics_fused.available() is None else metrics.position_metrics
 
 
-def pair_metrics(ref: Store, cand: Store, target: torch.Tensor, ks) -> dict[str, np.ndarray]:
+def pair_metrics(ref: Store, cand: Store, target: torch.Tensor, ks, smoothing_eps: float | None = None) -> dict[str, np.ndarray]:
     fn = position_metrics_fn()
     parts: dict[str, list] = {}
     start = 0
     for a, b in zip(ref.blocks(BLOCK, renormalise=False), cand.blocks(BLOCK, renormalise=False), strict=True):
         block = fn(a, b, target[start : start + len(a)], ks)
         start += len(a)
+        if smoothing_eps is not None:  # a finite stand-in beside every +inf KL (rare: only zeros in q)
+            smoothed = block["kl"].clone()
+            bad = torch.isinf(smoothed)
+            if bad.any():
+                smoothed[bad] = metrics.kl_smoothed(metrics.normalize(a[bad]), metrics.normalize(b[bad]), smoothing_eps)
+            block["kl_smoothed"] = smoothed
         for name, values in block.items():
             parts.setdefault(name, []).append(values)
     return {name: torch.cat(values).numpy() for name, values in parts.items()}
@@ -61,10 +67,10 @@ def pair_metrics(ref: Store, cand: Store, target: torch.Tensor, ks) -> dict[str,
 
 def compare(
     ref_name: str, ref: Store, cand_name: str, cand: Store, *, ks=(5, 10), resamples: int = 1000, seed: int = 0,
-    prompt_names: list[str] | None = None,
+    prompt_names: list[str] | None = None, smoothing_eps: float | None = None,
 ) -> PairResult:  # fmt: skip
     target = _aligned(ref_name, ref, cand_name, cand)
-    m = pair_metrics(ref, cand, target, ks)
+    m = pair_metrics(ref, cand, target, ks, smoothing_eps)
     prompt = ref.read("prompt").numpy()
     names = prompt_names or [str(i) for i in range(int(prompt.max()) + 1)]
     m |= {"prompt": prompt, "position": ref.read("position").numpy(), "target": target.numpy()}

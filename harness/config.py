@@ -48,6 +48,7 @@ class Metrics(_Strict):
     top_k: list[int] = Field(default=[5, 10], min_length=1)  # top-k overlaps to report
     bootstrap_resamples: int = Field(default=1000, ge=0)  # 0: no bootstrap intervals
     matrix: bool = True  # top-1 agreement and symmetric KL between every pair of models
+    smoothing_eps: float | None = Field(default=None, gt=0, lt=1)  # also report KL(p ‖ (1−ε)q + ε/V) where KL is +inf
 
 
 class Config(_Strict):

@@ -32,6 +32,12 @@ def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return _xlogy_diff(lp.exp(), lp, lq).clamp_min(0.0)
 
 
+def kl_smoothed(lp: torch.Tensor, lq: torch.Tensor, eps: float) -> torch.Tensor:
+    """[B] KL(p ‖ (1 − ε) q + ε/V) in nats: finite where the candidate has zeros (filtered rows)."""
+    floor = torch.full_like(lq, math.log(eps / lq.shape[-1]))
+    return kl(lp, torch.logaddexp(lq + math.log1p(-eps), floor))
+
+
 def js(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """[B] Jensen–Shannon divergence ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q)/2, in nats (0 ≤ JS ≤ ln 2)."""
     lm = torch.logaddexp(lp, lq) - math.log(2.0)

@@ -120,3 +120,13 @@ def test_properties(case):
     t = metrics.tv(lp, lq)
     assert ((t >= 0) & (t <= 1)).all()
     assert not any(torch.isnan(f).any() for f in (metrics.kl(lp, lq), j1, t, metrics.entropy(lp)))
+
+
+def test_smoothed_kl_is_finite_and_matches_scipy():
+    a, b = _rows("filtered", seed=1), _rows("filtered", seed=2)
+    lp, lq = metrics.normalize(a), metrics.normalize(b)
+    eps = 1e-6
+    got = metrics.kl_smoothed(lp, lq, eps).numpy()
+    Q = (1 - eps) * _probs(b) + eps / b.shape[-1]
+    np.testing.assert_allclose(got, rel_entr(_probs(a), Q).sum(-1), rtol=1e-6)
+    assert np.isfinite(got).all() and np.isinf(metrics.kl(lp, lq).numpy()).all()
