@@ -56,6 +56,13 @@ def plan(cfg: Config, log=print) -> Plan:
         segments = prompts.generate_segments(tokens, continuations)
     else:
         segments = prompts.text_segments(tokens, context=cfg.text.context, score=cfg.text.score)
+    longest = max(len(s.ids) for s in segments)
+    for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments
+        if (limit := extract.context_length(loaded[spec.name])) < longest:
+            raise prompts.PromptError(
+                f"variant {spec.name!r} has a context of {limit} positions, but the run feeds it {longest} tokens "
+                f"at once; lower 'text.context' (or shorten the prompts) in {cfg.source_file}"
+            )
     return Plan(tokens=tokens, segments=segments, loaded=loaded)
 
 

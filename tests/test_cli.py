@@ -77,3 +77,19 @@ def test_extract_generate_mode_then_reuse(micro_zoo, tmp_path, tmp_store, capsys
     argmax = torch.cat([b.argmax(-1) for b in ref.blocks(64)])
     assert torch.equal(argmax, ref.read("target"))
     assert len(argmax) <= 8 * 6
+
+
+def test_variant_with_a_shorter_context_is_refused(micro_zoo, tmp_path, tmp_store, capsys):
+    import shutil
+
+    from harness import zoo
+
+    short = tmp_path / "short-context"
+    shutil.copytree(micro_zoo[zoo.CHAT_S], short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 16
+    (short / "config.json").write_text(json.dumps(config))
+    overrides = ["zoo_profile=micro", f"prompts={SMALL}", "noise_floor=null", f"variants=[{{name: short, source: '{short}'}}]"]
+    assert main(["extract", "--config", str(ROOT / "configs" / "default.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "variant 'short' has a context of 16 positions" in err and "text.context" in err
