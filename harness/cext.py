@@ -34,7 +34,9 @@ def build(name: str, source: str) -> ctypes.CDLL:
     if shutil.which("g++") is None:
         raise RuntimeError(f"the {name} kernel needs g++ on PATH")
     errors = []
-    for flags in (["-march=native"], []):
+    # HARNESS_CEXT_PORTABLE=1 skips -march=native: how the tests reach the scalar code paths
+    portable = os.environ.get("HARNESS_CEXT_PORTABLE") == "1"
+    for flags in ([],) if portable else (["-march=native"], []):
         tag = hashlib.sha256((source + " ".join(flags) + cpu_identity()).encode()).hexdigest()[:16]
         so = paths.home() / "ext" / f"{name}_{tag}.so"
         if not so.exists():

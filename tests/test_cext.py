@@ -1,0 +1,37 @@
+"""The C++ kernels' portable (scalar) builds give the same numbers as the torch references.
+
+The rest of the suite runs the -march=native builds (AVX-512 here); a machine without AVX-512 runs
+the scalar code, so it is checked too, in a subprocess that builds only the portable versions.
+"""
+
+import os
+import subprocess
+import sys
+
+CHECK = r"""
+import torch
+from harness import bench, metrics, metrics_fused, softmax_filter as sf
+assert metrics_fused.available() is None
+gen = torch.Generator().manual_seed(0)
+ref = torch.log_softmax(bench.realistic_logits(6, 151646, seed=1), -1)
+cand = torch.log_softmax(ref + 0.05 * torch.randn(ref.shape, generator=gen), -1)
+cand[1, 7] = -float("inf")
+target = torch.randint(0, 151646, (6,), generator=gen)
+got = metrics_fused.fused_position_metrics(ref, cand, target, ks=(1,))
+want = metrics.position_metrics(ref, cand, target, ks=(1,))
+for key in ("kl", "kl_rev", "js", "tv", "nll_ref", "nll_cand", "entropy_ref", "entropy_cand", "delta_p"):
+    torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-12, msg=key)
+assert torch.equal(got["top1_agree"], want["top1_agree"]) and torch.equal(got["ref_top_rank"], want["ref_top_rank"])
+x = bench.realistic_logits(4, 151936, seed=2)
+for flt in ("p>0", "top-k"):
+    assert sf.same(sf.snippet(list(x.split(1))), sf.fused_cpu_filter(x, flt, 20), flt, 20) is None, flt
+print("portable ok")
+"""
+
+
+def test_portable_builds_match_the_references(tmp_path):
+    env = {**os.environ, "HARNESS_CEXT_PORTABLE": "1", "HARNESS_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "portable ok" in run.stdout
+    assert len(list((tmp_path / "ext").glob("*.so"))) == 2  # built here, portable only
