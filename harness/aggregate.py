@@ -49,7 +49,7 @@ def proportion(hits: np.ndarray, name: str) -> dict[str, float]:
 def bootstrap_mean(values: np.ndarray, prompt: np.ndarray, *, resamples: int, seed: int) -> tuple[float, float]:
     """95% percentile CI of the position-weighted mean of `values`, resampling whole prompts."""
     ids = np.unique(prompt)
-    if len(ids) < 2 or not np.isfinite(values).all():
+    if resamples == 0 or len(ids) < 2 or not np.isfinite(values).all():  # 0: intervals turned off
         return float("nan"), float("nan")
     sums = np.bincount(np.searchsorted(ids, prompt), weights=values, minlength=len(ids))
     counts = np.bincount(np.searchsorted(ids, prompt), minlength=len(ids)).astype(np.float64)

@@ -29,13 +29,19 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model
 
 
-def cmd_extract(args) -> int:
+def _extract(args):
+    """Config -> plan -> every model's store (reused where it is complete): the first half of both commands."""
     from harness import config, pipeline
 
     cfg = config.load(args.config, args.overrides)
     the_plan = pipeline.plan(cfg)
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
-    _, facts = pipeline.extract_all(cfg, the_plan)
+    stores, facts = pipeline.extract_all(cfg, the_plan)
+    return cfg, the_plan, stores, facts
+
+
+def cmd_extract(args) -> int:
+    _, _, _, facts = _extract(args)
     for name, f in facts.items():
         done = "reused" if f["reused_shards"] == f["shards"] else f"{f['extract_s']:.1f}s"
         print(f"{name:<28} {done:>8}  {f['store']}")
@@ -45,12 +51,9 @@ def cmd_extract(args) -> int:
 def cmd_compare(args) -> int:
     from tqdm.auto import tqdm
 
-    from harness import compare, config, pipeline, report
+    from harness import compare, report
 
-    cfg = config.load(args.config, args.overrides)
-    the_plan = pipeline.plan(cfg)
-    print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
-    stores, facts = pipeline.extract_all(cfg, the_plan)
+    cfg, the_plan, stores, facts = _extract(args)
     ref, options = cfg.reference.name, cfg.metrics
     names = [p.id for p in the_plan.tokens.prompts]
     pairs = [

@@ -55,18 +55,6 @@ def entropy(lp: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
 
 
-def top1_agree(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """[B] bool: the candidate's most likely token is the reference's (ties: the lowest id wins)."""
-    return lp.argmax(-1) == lq.argmax(-1)
-
-
-def topk_overlap(lp: torch.Tensor, lq: torch.Tensor, k: int) -> torch.Tensor:
-    """[B] |top-k(p) ∩ top-k(q)| / k."""
-    a = lp.topk(k, dim=-1).indices
-    b = lq.topk(k, dim=-1).indices
-    return (a[:, :, None] == b[:, None, :]).any(-1).double().mean(-1)
-
-
 def rank_of(lq: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """[B] int64: how many candidate tokens are strictly more likely than `token` (0 = its top)."""
     at = lq.gather(-1, token[:, None])

@@ -56,3 +56,9 @@ def test_pair_aggregates_perplexity_and_bins():
     assert a["delta_p_rms"] == pytest.approx(np.sqrt(np.mean(m["delta_p"] ** 2)))
     assert sum(b["positions"] for b in a["by_confidence"]) == n
     assert a["kl_mean_ci95"][0] < a["kl_mean"] < a["kl_mean_ci95"][1]
+
+
+def test_bootstrap_can_be_turned_off():
+    values, prompt = np.linspace(0, 1, 100), np.arange(100) // 10
+    lo, hi = aggregate.bootstrap_mean(values, prompt, resamples=0, seed=0)
+    assert math.isnan(lo) and math.isnan(hi)
