@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 PIP := $(PY) -m pip --disable-pip-version-check
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install compare extract bench zoo zoo-micro test test-fast clean-reports
+.PHONY: install chromium compare extract bench zoo zoo-micro test test-fast clean-reports
 
 install: $(STAMP)
 
@@ -19,15 +19,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt dashscope
 	touch $(STAMP)
 
+# Debian's chromium, for the HTML report's browser tests (they skip without it, unless CI is set).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
 compare: $(STAMP)
 	$(VENV)/bin/harness compare --config configs/default.yaml
 
 extract: $(STAMP)
 	$(VENV)/bin/harness extract --config configs/default.yaml
 
-# The softmax/filter throughput table + JSON line, then the pytest-benchmark suite saved for --benchmark-compare.
+# The softmax/filter throughput table + JSON line (also stored in the latest run record, so its
+# HTML report shows it), then the pytest-benchmark suite saved for --benchmark-compare.
 bench: $(STAMP)
-	$(VENV)/bin/harness bench
+	$(VENV)/bin/harness bench $(if $(wildcard reports/latest/run.json),--into reports/latest)
 	mkdir -p reports
 	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json -q
 

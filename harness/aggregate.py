@@ -123,3 +123,16 @@ def per_prompt(m: dict[str, np.ndarray], prompt: np.ndarray, names: list[str]) -
             "ppl_ratio": float(np.exp((m["nll_cand"][inside] - m["nll_ref"][inside]).mean())),
         })  # fmt: skip
     return rows
+
+
+def warp_summary(finite: np.ndarray, kept: np.ndarray, pad_mass: np.ndarray) -> dict:
+    """Per position: `finite` [P] entries the warpers (top-k, top-p, ...) leave finite, `kept` [P] raw
+    probability mass on those entries, `pad_mass` [P] raw mass on the padding columns past the tokenizer."""
+    finite = np.asarray(finite, dtype=np.float64)
+    out = {"positions": len(finite)}
+    for name, x in (("finite", finite), ("kept_mass", np.asarray(kept, dtype=np.float64))):
+        out |= {f"{name}_mean": float(x.mean()), f"{name}_min": float(x.min()), f"{name}_max": float(x.max())}
+        out |= {f"{name}_{_pkey(q)}": float(np.percentile(x, q)) for q in (10, 50, 90)}
+    out["single_finite_rate"] = float(np.mean(finite == 1))  # steps where sampling is in effect greedy
+    out["pad_mass_max"] = float(np.max(pad_mass))
+    return out

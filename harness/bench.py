@@ -21,6 +21,7 @@ import json
 import logging
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-gb", type=float, default=8.0, help="skip cases whose working memory would exceed this")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--quick", action="store_true", help="batches 1,16, float32, 3 repeats, 1 GiB ceiling buffer")
+    p.add_argument("--into", default=None, metavar="RUN_DIR",
+                   help="also store the result in that run's record (its HTML report gains a throughput section)")
     a = p.parse_args(argv)
     ints = [int(b) for b in a.batches.split(",")]
     dtypes = a.dtypes.split(",")
@@ -217,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     record = run(ints, dtypes, a.repeats, impls, a.width, a.snippet_max_batch, a.ceiling_gib, a.max_gb, a.device,
                  log=lambda msg: None)
     print(table(record))
+    if a.into:
+        from harness import records, report
+
+        target = records.read(Path(a.into))  # read first: a bad folder fails before the result is lost
+        records.write(Path(a.into), target.model_copy(update={"throughput": record}))
+        print(f"report: {report.render(Path(a.into))}")
     print(json.dumps(record, separators=(",", ":")))
     return 0
 

@@ -3,6 +3,7 @@
     harness extract --config configs/default.yaml [key.sub=value ...]
     harness compare --config configs/default.yaml [key.sub=value ...]
     harness bench [--quick] [--batches 1,16,256,4096] ...
+    harness report reports/latest                      # re-render CSV + HTML from run.json
     harness zoo build [--profile full|micro] [--force]
     harness zoo list [--profile full|micro]
 
@@ -12,6 +13,7 @@ Errors in what the user gave (config, prompts, model folders) print one paragrap
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -29,19 +31,20 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model
 
 
-def _extract(args):
+def _extract(cfg):
     """Config -> plan -> every model's store (reused where it is complete): the first half of both commands."""
-    from harness import config, pipeline
+    from harness import pipeline
 
-    cfg = config.load(args.config, args.overrides)
     the_plan = pipeline.plan(cfg)
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
     stores, facts = pipeline.extract_all(cfg, the_plan)
-    return cfg, the_plan, stores, facts
+    return the_plan, stores, facts
 
 
 def cmd_extract(args) -> int:
-    _, _, _, facts = _extract(args)
+    from harness import config
+
+    _, _, facts = _extract(config.load(args.config, args.overrides))
     for name, f in facts.items():
         done = "reused" if f["reused_shards"] == f["shards"] else f"{f['extract_s']:.1f}s"
         print(f"{name:<28} {done:>8}  {f['store']}")
@@ -49,11 +52,28 @@ def cmd_extract(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from harness import config, records, report
+
+    cfg = config.load(args.config, args.overrides)
+    try:
+        return _compare(cfg)
+    except (Exception, KeyboardInterrupt) as exc:  # the record says the run failed, and why; the error propagates
+        run_dir, now = records.new_run_dir(cfg.reports_dir, cfg.model_dump_json())
+        records.write(run_dir, records.RunRecord(
+            schema_version=records.SCHEMA_VERSION, run_id=run_dir.name, status="error", error=f"{type(exc).__name__}: {exc}",
+            created_at=now.isoformat(), **records.environment(), seed=cfg.seed, batch_size=cfg.batch_size,
+            config=json.loads(cfg.model_dump_json()),
+        ))  # fmt: skip
+        print(f"error record: {report.render(run_dir).with_name('run.json')}", file=sys.stderr)
+        raise
+
+
+def _compare(cfg) -> int:
     from tqdm.auto import tqdm
 
-    from harness import compare, report
+    from harness import compare, extract, prompts, records, report
 
-    cfg, the_plan, stores, facts = _extract(args)
+    the_plan, stores, facts = _extract(cfg)
     ref, options = cfg.reference.name, cfg.metrics
     names = [p.id for p in the_plan.tokens.prompts]
     pairs = [
@@ -64,9 +84,38 @@ def cmd_compare(args) -> int:
     ]  # fmt: skip
     report.add_floor(pairs, cfg.noise_floor)
     grid = compare.matrix(stores, pairs) if options.matrix else []
-    out = report.write_run(cfg.reports_dir, cfg.model_dump_json(), pairs, grid, facts, floor=cfg.noise_floor)
-    print(report.table(pairs, cfg.noise_floor))
-    print(f"wrote {out / 'summary.csv'}")
+    top = {name: compare.top_tokens(store) for name, store in tqdm(stores.items(), desc="top tokens", leave=False)}
+    for name, store in stores.items():
+        facts[name] |= {"warp": compare.warp_summary(store), "n_vocab": the_plan.tokens.n_vocab}
+    tokenizer = extract.load_tokenizer(the_plan.loaded[ref])
+    sequences = prompts.sequences(the_plan.segments)
+    shown = {int(i) for ids, _ in top.values() for i in ids.reshape(-1)} | {int(i) for i in stores[ref].read("target")}
+    tokens = {
+        "n_vocab": the_plan.tokens.n_vocab,
+        "prompts": [{"id": names[p], "ids": seq, "texts": prompts.sequence_texts(tokenizer, seq)} for p, seq in sorted(sequences.items())],
+        "vocab": prompts.vocab_texts(tokenizer, sorted(shown)),
+    }
+    config_json = cfg.model_dump_json()  # the record's run id hashes exactly this
+    run_dir, now = records.new_run_dir(cfg.reports_dir, config_json)
+    record = records.RunRecord(
+        schema_version=records.SCHEMA_VERSION, run_id=run_dir.name, status="ok", created_at=now.isoformat(),
+        **records.environment(), seed=cfg.seed, batch_size=cfg.batch_size, config=json.loads(config_json),
+        variants=facts, noise_floor=cfg.noise_floor, matrix=grid,
+    )  # fmt: skip
+    record = report.save_run(run_dir, record, pairs, top, tokens)
+    index = report.render(run_dir)
+    records.point_latest(cfg.reports_dir, run_dir)
+    print(report.table(record))
+    print(f"wrote {run_dir / 'summary.csv'}")
+    print(f"report: {index}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness import report
+
+    index = report.render(args.run_dir)
+    print(f"report: {index}")
     return 0
 
 
@@ -91,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="a YAML comparison config, e.g. configs/default.yaml")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
         p.set_defaults(run=run)
+    p = sub.add_parser("report", help="re-render a run folder's CSV and HTML reports from its run.json (no model loads)")
+    p.add_argument("run_dir", help="a run folder, e.g. reports/latest")
+    p.set_defaults(run=cmd_report)
     sub.add_parser("bench", help="throughput of the softmax/filter step beside the memory ceiling (bench --help)")
     p = sub.add_parser("zoo", help="build or list the embedded tiny Qwen1.5 family")
     p.add_argument("action", choices=["build", "list"])
@@ -112,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     from harness.config import ConfigError
     from harness.extract import ExtractError
     from harness.prompts import PromptError
+    from harness.records import RecordError
 
     try:
         return args.run(args)
-    except (ConfigError, PromptError, ExtractError, CompareError) as exc:
+    except (ConfigError, PromptError, ExtractError, CompareError, RecordError) as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
 

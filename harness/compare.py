@@ -93,3 +93,18 @@ def matrix(stores: dict[str, Store], known: list[PairResult]) -> list[dict]:
             top1, sym = float(m["top1_agree"].mean()), float((m["kl"] + m["kl_rev"]).mean())
         rows.append({"a": a, "b": b, "top1_agree": top1, "sym_kl_mean": sym})
     return rows
+
+
+def top_tokens(store: Store, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Each position's k most likely tokens: [P, k] int32 ids and [P, k] float32 probabilities."""
+    ids, probs = [], []
+    for block in store.blocks(BLOCK):
+        values, index = torch.topk(block, k, dim=-1)
+        ids.append(index.to(torch.int32))
+        probs.append(values.exp())
+    return torch.cat(ids).numpy(), torch.cat(probs).numpy()
+
+
+def warp_summary(store: Store) -> dict:
+    """What the model's own generation-config warpers leave at each scored position (aggregate.warp_summary)."""
+    return aggregate.warp_summary(store.read("warp_finite").numpy(), store.read("warp_mass").numpy(), store.read("pad_mass").numpy())

@@ -194,3 +194,44 @@ if __name__ == "__main__":
     for p in loaded:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
     print(f"{len(loaded)} prompts: {kinds}")
+
+
+def sequences(segments: list[Segment]) -> dict[int, list[int]]:
+    """prompt index -> its whole token sequence (prompt, and continuation in generate mode) from the segments."""
+    out: dict[int, list[int]] = {}
+    for s in segments:
+        seq = out.setdefault(s.prompt, [])
+        if s.offset + len(s.ids) > len(seq):  # windows overlap; every window agrees on the shared ids
+            seq.extend(s.ids[len(seq) - s.offset :])
+    return out
+
+
+def token_bytes(tokenizer, ids: list[int]) -> list[bytes]:
+    """Each id's raw bytes (byte-level BPE pieces mapped back; special tokens as their own text)."""
+    from harness.qwen_tokenizer import byte_alphabet
+
+    decoder = {c: b for b, c in byte_alphabet().items()}  # GPT-2's byte <-> printable character table
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    out = []
+    for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(list(ids)), strict=True):
+        if i in special or any(c not in decoder for c in piece):
+            out.append(piece.encode())
+        else:
+            out.append(bytes(decoder[c] for c in piece))
+    return out
+
+
+def sequence_texts(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds to the decoded sequence: a character split over several tokens
+    (CJK, emoji) is credited to the token that completes it, so the pieces join to the exact text."""
+    import codecs
+
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    texts = [utf8.decode(b) for b in token_bytes(tokenizer, ids)]
+    texts[-1:] = [texts[-1] + utf8.decode(b"", final=True)] if texts else []
+    return texts
+
+
+def vocab_texts(tokenizer, ids: list[int]) -> dict[int, str]:
+    """id -> printable text of that token alone; bytes of an incomplete character show as \\xNN."""
+    return {i: b.decode("utf-8", errors="backslashreplace") for i, b in zip(ids, token_bytes(tokenizer, ids), strict=True)}

@@ -73,7 +73,7 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
         parts[best : best + 2] = [parts[best] + parts[best + 1]]
 
 
-def _byte_alphabet() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable unicode map, which byte-level BPE vocabularies are written in."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -88,7 +88,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
 
     def text(b: bytes) -> str:
         return "".join(alphabet[x] for x in b)

@@ -1,38 +1,36 @@
-"""Writes a run's results into `reports/<run-id>/` and points `reports/latest` at it.
+"""Renders a run folder's reports from its record alone: CSV files and one self-contained index.html.
 
-    harness compare --config configs/default.yaml      # ends by calling write_run()
+    harness compare --config configs/default.yaml      # ends by calling save_run(), then render()
+    harness report reports/latest                      # re-renders without loading any model
 
-`run.json` holds every aggregate of every pair, the all-pairs matrix and the per-variant facts;
-`summary.csv` a row per pair, `prompts.csv` a row per (pair, prompt), `matrix.csv` a row per pair of
-models, and `positions-<candidate>.npz` every per-position metric. The run id is the UTC time plus
-a short hash of the resolved config, so two runs never collide.
+Beside `run.json` (harness.records): `positions-<candidate>.npz` (every per-position metric of a
+pair), `tokens.json` (each prompt's token ids and texts, and the text of every id the report shows)
+and `top_tokens.npz` (each model's five most likely tokens per position). From those this writes
+`summary.csv` (a row per pair), `prompts.csv` (pair x prompt), `matrix.csv` (all pairs of models),
+`positions.csv.gz` (pair x position) and `index.html`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import gzip
 import json
 import math
-import os
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from harness import html_report, records
 from harness.compare import PairResult
 
-SCHEMA_VERSION = 1
 SUMMARY_COLUMNS = [
     "reference", "candidate", "positions", "kl_mean", "kl_mean_se", "kl_median", "kl_p99", "kl_max", "kl_rev_mean",
     "js_mean", "tv_mean", "top1_agree", "top1_agree_se", "top5_overlap", "delta_p_rms", "ppl_ref", "ppl_cand",
     "ppl_ratio", "ln_ppl_ratio", "ln_ppl_ratio_se", "kl_floor_multiple",
 ]  # fmt: skip
-
-
-def run_id(config_json: str, now: datetime) -> str:
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + hashlib.sha256(config_json.encode()).hexdigest()[:8]
+PROMPT_COLUMNS = ["reference", "candidate", "prompt", "positions", "kl_mean", "kl_max", "js_mean", "top1_agree", "ppl_ratio"]
+MATRIX_COLUMNS = ["a", "b", "top1_agree", "sym_kl_mean"]
+POSITION_KEYS = ("prompt", "position", "target")  # in every positions-*.npz beside the metrics
 
 
 def add_floor(pairs: list[PairResult], floor: str | None) -> None:
@@ -44,6 +42,27 @@ def add_floor(pairs: list[PairResult], floor: str | None) -> None:
         p.aggregates["kl_floor_multiple"] = p.aggregates["kl_mean"] / base if base > 0 else math.inf
 
 
+def save_run(
+    run_dir: Path, record: records.RunRecord, pairs: list[PairResult], top: dict[str, tuple[np.ndarray, np.ndarray]],
+    tokens: dict,
+) -> records.RunRecord:  # fmt: skip
+    """Writes the per-position files, then the record that names them; returns the record as written."""
+    for p in pairs:
+        np.savez_compressed(run_dir / f"positions-{p.candidate}.npz", **p.positions)
+    np.savez_compressed(run_dir / "top_tokens.npz", **{f"{m}.{part}": a for m, (i, pr) in top.items() for part, a in (("ids", i), ("probs", pr))})
+    (run_dir / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False))
+    record = record.model_copy(update={
+        "pairs": [
+            records.PairRecord(reference=p.reference, candidate=p.candidate, aggregates=p.aggregates, prompts=p.prompts,
+                               positions_file=f"positions-{p.candidate}.npz")
+            for p in pairs
+        ],
+        "files": {"tokens": "tokens.json", "top_tokens": "top_tokens.npz"},
+    })  # fmt: skip
+    records.write(run_dir, record)
+    return record
+
+
 def _csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -51,54 +70,67 @@ def _csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
-def write_run(
-    reports_dir: Path, config_json: str, pairs: list[PairResult], matrix: list[dict], variants: dict[str, dict],
-    *, floor: str | None = None,
-) -> Path:  # fmt: skip
-    now = datetime.now(timezone.utc)
-    out = Path(reports_dir) / run_id(config_json, now)
-    out.mkdir(parents=True, exist_ok=True)
-    _csv(out / "summary.csv", [{"reference": p.reference, "candidate": p.candidate, **p.aggregates} for p in pairs], SUMMARY_COLUMNS)
-    prompt_rows = [{"reference": p.reference, "candidate": p.candidate, **row} for p in pairs for row in p.prompts]
-    _csv(out / "prompts.csv", prompt_rows, list(prompt_rows[0]) if prompt_rows else ["reference"])
-    _csv(out / "matrix.csv", matrix, ["a", "b", "top1_agree", "sym_kl_mean"])
-    for p in pairs:
-        np.savez_compressed(out / f"positions-{p.candidate}.npz", **p.positions)
-    record = {
-        "schema_version": SCHEMA_VERSION,
-        "status": "ok",
-        "created_at": now.isoformat(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "config": json.loads(config_json),
-        "variants": variants,
-        "noise_floor": floor,
-        "pairs": [
-            {"reference": p.reference, "candidate": p.candidate, "aggregates": p.aggregates, "prompts": p.prompts,
-             "positions_file": f"positions-{p.candidate}.npz"}
-            for p in pairs
-        ],  # fmt: skip
-        "matrix": matrix,
-    }
-    (out / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    latest = Path(reports_dir) / "latest"
-    tmp = latest.with_name(f".latest.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(out.name)
-    os.replace(tmp, latest)
-    return out
+def load_positions(run_dir: Path, pair: records.PairRecord) -> dict[str, np.ndarray]:
+    with np.load(Path(run_dir) / pair.positions_file) as z:
+        return {k: z[k] for k in z.files}
 
 
-def table(pairs: list[PairResult], floor: str | None = None) -> str:
+def load_tokens(run_dir: Path, record: records.RunRecord) -> dict | None:
+    name = record.files.get("tokens")
+    return json.loads((Path(run_dir) / name).read_text()) if name and (Path(run_dir) / name).exists() else None
+
+
+def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict | None) -> Path:
+    """positions.csv.gz: a row per (pair, scored position) with every per-position metric."""
+    path = Path(run_dir) / "positions.csv.gz"
+    names = [p["id"] for p in tokens["prompts"]] if tokens else None
+    vocab = tokens["vocab"] if tokens else {}
+    with gzip.open(path, "wt", newline="", compresslevel=6) as f:
+        writer = None
+        for pair in record.pairs:
+            m = load_positions(run_dir, pair)
+            metrics = [k for k in m if k not in POSITION_KEYS]
+            if writer is None:
+                writer = csv.writer(f)
+                writer.writerow(["reference", "candidate", "prompt", "position", "token", "token_text", *metrics])
+            columns = [m[k].astype(np.int8) if m[k].dtype == bool else m[k] for k in metrics]
+            for i in range(len(m["target"])):
+                token = int(m["target"][i])
+                prompt = names[int(m["prompt"][i])] if names else int(m["prompt"][i])
+                writer.writerow([pair.reference, pair.candidate, prompt, int(m["position"][i]), token,
+                                 vocab.get(str(token), ""), *(c[i].item() for c in columns)])  # fmt: skip
+    return path
+
+
+def render(run_dir: Path) -> Path:
+    """Every report file of a run folder from its record; returns the path of index.html."""
+    run_dir = Path(run_dir)
+    record = records.read(run_dir)
+    if record.status == "ok":
+        summary = [{"reference": p.reference, "candidate": p.candidate, **p.aggregates} for p in record.pairs]
+        _csv(run_dir / "summary.csv", summary, SUMMARY_COLUMNS if record.noise_floor else SUMMARY_COLUMNS[:-1])
+        prompt_rows = [{"reference": p.reference, "candidate": p.candidate, **row} for p in record.pairs for row in p.prompts]
+        _csv(run_dir / "prompts.csv", prompt_rows, PROMPT_COLUMNS)
+        _csv(run_dir / "matrix.csv", record.matrix, MATRIX_COLUMNS)
+        tokens = load_tokens(run_dir, record)
+        write_positions_csv(run_dir, record, tokens)
+    index = run_dir / "index.html"
+    index.write_text(html_report.render(run_dir, record), encoding="utf-8")
+    return index
+
+
+def table(record: records.RunRecord) -> str:
+    floor = record.noise_floor
     head = (
         f"{'candidate':<22} {'positions':>9} {'kl_mean':>10} {'± se':>9} {'kl_p99':>9} {'js_mean':>9} "
         f"{'top1_agree':>10} {'ppl_ratio':>9}" + (f" {'x floor':>9}" if floor else "")
     )
     rows = []
-    for p in pairs:
+    for p in record.pairs:
         a = p.aggregates
         row = (
             f"{p.candidate:<22} {a['positions']:>9} {a['kl_mean']:>10.3e} {a['kl_mean_se']:>9.1e} {a['kl_p99']:>9.2e} "
             f"{a['js_mean']:>9.2e} {a['top1_agree']:>10.4f} {a['ppl_ratio']:>9.4f}"
         )
         rows.append(row + (f" {a['kl_floor_multiple']:>9.3g}" if floor else ""))
-    return "\n".join([f"reference: {pairs[0].reference}" if pairs else "", head, *rows])
+    return "\n".join([f"reference: {record.reference}", head, *rows])

@@ -28,3 +28,34 @@ def tokenizer(micro_zoo):
 def tmp_store(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "store"))
     return tmp_path / "store"
+
+
+XSS_PROMPTS = [  # prompt text and ids that a careless report would execute
+    {"id": "xss-<img src=x onerror=\"window.__pwned='id'\">",
+     "text": "Plain words first, then <script>window.__pwned='text'</script> and <img src=x onerror=\"window.__pwned='img'\"> & more."},
+    {"id": "xss-chat", "messages": [{"role": "user", "content": "<script>window.__pwned='chat'</script> hello"}]},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def micro_run(micro_zoo, tmp_path_factory):
+    """One `harness compare` of the default config on the micro zoo, over the small prompt set plus
+    two prompts that carry HTML payloads, shared by the CLI and report tests: (run folder, stdout)."""
+    import contextlib
+    import io
+    import json
+    from pathlib import Path
+
+    from harness.cli import main
+
+    root = Path(__file__).parents[1]
+    tmp = tmp_path_factory.mktemp("micro-run")
+    prompts = tmp / "prompts.jsonl"
+    small = (Path(__file__).parent / "data" / "prompts-small.jsonl").read_text()
+    prompts.write_text(small + "".join(json.dumps(p) + "\n" for p in XSS_PROMPTS))
+    overrides = ["zoo_profile=micro", f"prompts={prompts}", f"reports_dir={tmp / 'reports'}", "metrics.bootstrap_resamples=200"]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("HARNESS_STORE", str(tmp / "store"))
+        assert main(["compare", "--config", str(root / "configs" / "default.yaml"), *overrides]) == 0
+    return (tmp / "reports" / "latest").resolve(), out.getvalue()

@@ -114,3 +114,18 @@ def test_cuda_matches_snippet(impl):
         xn[2, 3] = float("nan")
         with pytest.raises(ValueError, match="row 2 holds NaN"):
             sf.IMPLS[impl](xn, "p>0", 20)
+
+
+def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
+    from harness import records
+    from harness.cli import main
+
+    records.write(tmp_path, records.RunRecord(schema_version=records.SCHEMA_VERSION, status="ok", created_at="2026-01-01T00:00:00Z"))
+    args = ["bench", "--batches", "1", "--dtypes", "float32", "--impls", "snippet,torch", "--repeats", "1", "--ceiling-gib", "0.25",
+            "--width", "4096", "--into", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the JSON line stays last
+    stored = records.read(tmp_path).throughput
+    assert stored == last and {r["impl"] for r in stored["results"]} == {"snippet", "torch"}
+    page = (tmp_path / "index.html").read_text()
+    assert 'id=bench' in page and "Softmax/filter throughput" in page

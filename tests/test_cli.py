@@ -17,10 +17,9 @@ ROOT = Path(__file__).parents[1]
 SMALL = Path(__file__).parent / "data" / "prompts-small.jsonl"
 
 
-def test_compare_default_config_on_micro_zoo(micro_zoo, tmp_path, tmp_store, capsys):
-    overrides = ["zoo_profile=micro", f"prompts={SMALL}", f"reports_dir={tmp_path / 'reports'}", "metrics.bootstrap_resamples=200"]
-    assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), *overrides]) == 0
-    summary = tmp_path / "reports" / "latest" / "summary.csv"
+def test_compare_default_config_on_micro_zoo(micro_run):
+    run_dir, out = micro_run  # the default config on the micro zoo, 8 small prompts + 2 with HTML payloads
+    summary = run_dir / "summary.csv"
     rows = {r["candidate"]: r for r in csv.DictReader(summary.open())}
     assert set(rows) == {"s-chat-fp16", "s-chat-bf16", "s-chat-gptq-int8", "s-chat-gptq-int4", "s-base", "m-chat"}
     for row in rows.values():
@@ -33,21 +32,21 @@ def test_compare_default_config_on_micro_zoo(micro_zoo, tmp_path, tmp_store, cap
     assert 0 < kl["s-chat-gptq-int8"] < kl["s-chat-gptq-int4"]
     assert max(kl["s-chat-bf16"], kl["s-chat-gptq-int8"]) < 1e-2 < min(kl["s-base"], kl["m-chat"])
     assert top1["s-chat-gptq-int8"] >= 0.9
-    out = capsys.readouterr().out
     assert "s-chat-gptq-int4" in out and "summary.csv" in out
+    assert out.strip().splitlines()[-1] == f"report: {run_dir / 'index.html'}"  # `make compare` ends with it
     # The noise floor (bf16) and every aggregate land where the report stage reads them.
     assert float(rows["s-chat-bf16"]["kl_floor_multiple"]) == pytest.approx(1.0)
-    run = json.loads((tmp_path / "reports" / "latest" / "run.json").read_text())
-    assert run["schema_version"] == 1 and run["noise_floor"] == "s-chat-bf16"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["schema_version"] == 2 and run["status"] == "ok" and run["noise_floor"] == "s-chat-bf16"
     agg = next(p for p in run["pairs"] if p["candidate"] == "s-chat-gptq-int4")["aggregates"]
     assert agg["kl_mean_ci95"][0] <= agg["kl_mean"] <= agg["kl_mean_ci95"][1]
     assert {"kl_p99_9", "js_mean_se", "ppl_ratio", "nll_correlation", "by_confidence", "top10_overlap"} <= set(agg)
     assert len(run["matrix"]) == 6 * 7 // 2  # every pair of the 7 models
-    positions = np.load(tmp_path / "reports" / "latest" / "positions-s-chat-gptq-int4.npz")
+    positions = np.load(run_dir / "positions-s-chat-gptq-int4.npz")
     assert len(positions["kl"]) == int(rows["s-chat-gptq-int4"]["positions"])
     np.testing.assert_allclose(positions["kl"].mean(), kl["s-chat-gptq-int4"], rtol=1e-9)
-    prompt_rows = list(csv.DictReader((tmp_path / "reports" / "latest" / "prompts.csv").open()))
-    assert len(prompt_rows) == 6 * 8  # every (pair, prompt)
+    prompt_rows = list(csv.DictReader((run_dir / "prompts.csv").open()))
+    assert len(prompt_rows) == 6 * 10  # every (pair, prompt)
 
 
 def test_config_error_exits_2_with_one_paragraph(tmp_path, capsys):

@@ -1,0 +1,137 @@
+// The report's behaviour: sortable tables and the per-prompt token view. Every text from the run
+// (prompt, token, model name) is placed with textContent, never as markup.
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const num = (x) => (x === "inf" ? Infinity : x === "-inf" ? -Infinity : x === null ? NaN : x);
+
+function el(tag, text, attrs) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = text;
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  return e;
+}
+
+// ---- sortable tables: click a header; numbers sort by their data-v value
+document.querySelectorAll("table.sortable").forEach((table) => {
+  table.querySelectorAll("th").forEach((th, col) => {
+    th.addEventListener("click", () => {
+      const body = table.tBodies[0];
+      const desc = th.classList.contains("asc");
+      table.querySelectorAll("th").forEach((h) => h.classList.remove("asc", "desc"));
+      th.classList.add(desc ? "desc" : "asc");
+      const text = th.dataset.type === "text";
+      const key = (row) => {
+        const cell = row.cells[col];
+        const v = cell.dataset.v !== undefined ? cell.dataset.v : cell.textContent;
+        return text ? v : v === "" ? NaN : parseFloat(v);
+      };
+      const rows = Array.from(body.rows);
+      rows.sort((a, b) => {
+        const x = key(a), y = key(b);
+        const c = text ? String(x).localeCompare(String(y)) : (isNaN(x) ? 1 : isNaN(y) ? -1 : x - y);
+        return desc ? -c : c;
+      });
+      rows.forEach((r) => body.appendChild(r));
+    });
+  });
+});
+
+// ---- per-prompt view: token text coloured by KL; click a token for both models' top-5
+function klColour(kl) {
+  if (!(kl > 0)) return "hsl(120,60%,92%)";
+  const f = Math.min(1, Math.max(0, (Math.log10(kl) + 7) / 7)); // 1e-7 .. 1 nats
+  return `hsl(${Math.round(120 * (1 - f))},75%,${Math.round(90 - 25 * f)}%)`;
+}
+
+function topTable(model, i) {
+  const t = el("table");
+  const head = t.insertRow();
+  head.appendChild(el("th", model));
+  head.appendChild(el("th", "p"));
+  const top = D.top[model];
+  if (!top) return t;
+  for (let k = 0; k < 5; k++) {
+    const r = t.insertRow();
+    const id = top.ids[5 * i + k];
+    r.appendChild(el("td", JSON.stringify(D.vocab[id] !== undefined ? D.vocab[id] : `#${id}`)));
+    r.appendChild(el("td", Number(top.probs[5 * i + k]).toFixed(4)));
+  }
+  return t;
+}
+
+function buildView() {
+  const root = document.getElementById("view");
+  if (!root || !D.pos) return;
+  root.textContent = "";
+  const cands = Object.keys(D.kl);
+  const rowsOf = new Map(); // prompt index -> Map(position -> row)
+  D.pos.prompt.forEach((p, i) => {
+    if (!rowsOf.has(p)) rowsOf.set(p, new Map());
+    rowsOf.get(p).set(D.pos.position[i], i);
+  });
+  const controls = el("div", null, { class: "controls" });
+  const pairSel = el("select", null, { id: "pair-select" });
+  cands.forEach((c) => pairSel.appendChild(el("option", `${D.reference} vs ${c}`, { value: c })));
+  const promptSel = el("select", null, { id: "prompt-select" });
+  controls.append("pair ", pairSel, "  prompt ", promptSel);
+  const legend = el("div", null, { class: "legend small" });
+  legend.append("KL (nats): ");
+  [1e-7, 1e-5, 1e-3, 1e-1, 1].forEach((v) => legend.appendChild(el("span", v.toExponential(0), { style: `background:${klColour(v)}` })));
+  legend.append(" · grey: context, not scored · click a token for both models' top-5");
+  const out = el("div", null, { id: "tokens-out" });
+  const detail = el("div", null, { id: "detail" });
+  root.append(controls, legend, out, detail);
+
+  function fillPrompts() {
+    const c = pairSel.value;
+    const kl = D.kl[c];
+    const keep = promptSel.value;
+    promptSel.textContent = "";
+    const order = Array.from(rowsOf.keys()).map((p) => {
+      let s = 0, n = 0;
+      rowsOf.get(p).forEach((i) => { s += num(kl[i]); n += 1; });
+      return [p, s / n];
+    }).sort((a, b) => b[1] - a[1]);
+    order.forEach(([p, m]) => promptSel.appendChild(el("option", `${D.prompts[p].id} (mean KL ${m.toExponential(2)})`, { value: p })));
+    if (keep && rowsOf.has(Number(keep))) promptSel.value = keep;
+  }
+
+  function show(i, span) {
+    out.querySelectorAll(".sel").forEach((s) => s.classList.remove("sel"));
+    span.classList.add("sel");
+    const c = pairSel.value;
+    detail.textContent = "";
+    const target = D.pos.target[i];
+    const word = D.vocab[target] !== undefined ? D.vocab[target] : `#${target}`;
+    detail.appendChild(el("p", `position ${D.pos.position[i]}: next token ${JSON.stringify(word)} · KL ${num(D.kl[c][i]).toExponential(3)} nats`));
+    detail.append(topTable(D.reference, i), topTable(c, i));
+  }
+
+  function draw() {
+    const c = pairSel.value;
+    const p = Number(promptSel.value);
+    const rows = rowsOf.get(p);
+    const texts = D.prompts[p].texts;
+    out.textContent = "";
+    detail.textContent = "";
+    const frag = document.createDocumentFragment();
+    texts.forEach((text, t) => {
+      const i = rows.get(t);
+      if (i === undefined) {
+        frag.appendChild(el("span", text, { class: "ctx" }));
+        return;
+      }
+      const kl = num(D.kl[c][i]);
+      const span = el("span", text, { class: "tok", style: `background:${klColour(kl)}`, title: `KL ${kl.toExponential(2)}` });
+      span.addEventListener("click", () => show(i, span));
+      frag.appendChild(span);
+    });
+    out.appendChild(frag);
+  }
+
+  pairSel.addEventListener("change", () => { fillPrompts(); draw(); });
+  promptSel.addEventListener("change", draw);
+  fillPrompts();
+  draw();
+}
+buildView();

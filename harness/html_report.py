@@ -1,0 +1,352 @@
+"""index.html of a run: one self-contained file (no network, everything inlined) rendered from the record.
+
+    harness report reports/latest && chromium reports/latest/index.html
+
+Tables, SVG charts and heatmaps are built here in Python; the per-prompt token view is drawn by
+assets/report.js from a JSON block. Every text that comes from a prompt, a token or the config is
+escaped (html.escape here, textContent in the script), and the page's Content-Security-Policy
+forbids every fetch, so a prompt holding `<script>` shows as text and nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from harness import records
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
+CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x, spec: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return format(x, spec)
+
+
+def _clean(obj):
+    """JSON-safe: NaN becomes null, ±inf the strings "inf"/"-inf" (the script reads them back)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf") if math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def script_json(obj) -> str:
+    """JSON to place inside <script type="application/json">: no '<', '>' or '&' can close the element."""
+    text = json.dumps(_clean(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for a, b in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(a, b)
+    return text
+
+
+def _round(a: np.ndarray, digits: int = 4) -> list:
+    return [float(f"{x:.{digits}g}") if math.isfinite(x) else float(x) for x in np.asarray(a, dtype=np.float64).tolist()]
+
+
+# ---------------------------------------------------------------- charts (inline SVG)
+
+
+def _decades(values: list[np.ndarray]) -> tuple[int, int]:
+    positive = np.concatenate([v[(v > 0) & np.isfinite(v)] for v in values] or [np.array([1.0])])
+    if not len(positive):
+        return -8, 0
+    return max(-12, math.floor(math.log10(positive.min()))), max(-11, math.ceil(math.log10(positive.max())))
+
+
+def _axis(x0: float, x1: float, y1: float, lo: int, hi: int, sx) -> list[str]:
+    step = max(1, (hi - lo) // 8)
+    out = [f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#444"/>']
+    for d in range(lo, hi + 1, step):
+        x = sx(d)
+        out.append(f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y1 + 4}" stroke="#444"/>')
+        out.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="middle">1e{d}</text>')
+    return out
+
+
+def cdf_svg(series: dict[str, np.ndarray], width: int = 720, height: int = 300) -> str:
+    """Empirical CDF of each pair's per-position KL on a log axis (KL = 0 is drawn at the left edge)."""
+    lo, hi = _decades(list(series.values()))
+    x0, x1, y0, y1 = 50, width - 150, 10, height - 30
+    sx = lambda d: x0 + (d - lo) / max(1, hi - lo) * (x1 - x0)  # noqa: E731
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="KL CDF">']
+    parts += _axis(x0, x1, y1, lo, hi, sx)
+    for f in (0, 0.25, 0.5, 0.75, 1.0):
+        y = y1 - f * (y1 - y0)
+        parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="#ddd"/><text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{f:g}</text>')
+    for i, (name, kl) in enumerate(series.items()):
+        v = np.sort(np.asarray(kl, dtype=np.float64))
+        n = len(v)
+        idx = np.unique(np.linspace(0, n - 1, min(n, 300)).astype(int))
+        logs = np.log10(np.clip(v[idx], 10.0**lo, 10.0**hi))
+        pts = " ".join(f"{sx(d):.1f},{y1 - (k + 1) / n * (y1 - y0):.1f}" for d, k in zip(logs, idx, strict=True))
+        color = PALETTE[i % len(PALETTE)]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{pts}"><title>{_e(name)}</title></polyline>')
+        parts.append(f'<rect x="{x1 + 12}" y="{y0 + 16 * i}" width="10" height="10" fill="{color}"/><text x="{x1 + 26}" y="{y0 + 9 + 16 * i}">{_e(name)}</text>')
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL(reference ‖ candidate), nats</text></svg>')
+    return "".join(parts)
+
+
+def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150) -> str:
+    """Histogram of per-position KL over log-spaced bins; positions with KL = 0 go to the first bin."""
+    v = np.asarray(kl, dtype=np.float64)
+    lo, hi = _decades([v])
+    bins = 4 * (hi - lo)
+    logs = np.log10(np.clip(v[np.isfinite(v)], 10.0**lo, 10.0**hi))
+    counts, _ = np.histogram(logs, bins=bins, range=(lo, hi))
+    x0, x1, y0, y1 = 10, width - 10, 6, height - 24
+    sx = lambda d: x0 + (d - lo) / max(1, hi - lo) * (x1 - x0)  # noqa: E731
+    top = max(1, counts.max())
+    w = (x1 - x0) / bins
+    parts = [f'<svg class="chart small" viewBox="0 0 {width} {height}" role="img" aria-label="KL histogram">']
+    for i, c in enumerate(counts):
+        h = c / top * (y1 - y0)
+        parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} positions</title></rect>')
+    parts += _axis(x0, x1, y1, lo, hi, sx)
+    if np.isinf(v).any():
+        parts.append(f'<text x="{x1}" y="{y0 + 10}" text-anchor="end">+{int(np.isinf(v).sum())} infinite</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _heat(value: float | None, kind: str) -> str:
+    """Background colour: green (close) to red (far); top-1 agreement on [0.5, 1], KL on log10 [-7, 1]."""
+    if value is None or not math.isfinite(value):
+        return "#eee"
+    if kind == "top1":
+        f = min(1.0, max(0.0, (value - 0.5) / 0.5))
+    else:
+        f = 1.0 - min(1.0, max(0.0, (math.log10(max(value, 1e-12)) + 7) / 8))
+    return f"hsl({120 * f:.0f},70%,{78 - 8 * f:.0f}%)"
+
+
+# ---------------------------------------------------------------- sections
+
+
+SUMMARY_HEAD = [  # (aggregate key, header, format)
+    ("positions", "positions", "d"), ("kl_mean", "KL mean", ".3e"), ("kl_mean_se", "± se", ".1e"),
+    ("kl_median", "KL median", ".2e"), ("kl_p99", "KL p99", ".2e"), ("kl_max", "KL max", ".2e"),
+    ("kl_rev_mean", "rev. KL", ".2e"), ("js_mean", "JS", ".2e"), ("tv_mean", "TV", ".2e"),
+    ("top1_agree", "top-1 agree", ".4f"), ("top1_agree_se", "± se", ".4f"), ("top5_overlap", "top-5 overlap", ".4f"),
+    ("delta_p_rms", "Δp RMS", ".2e"), ("ppl_ref", "PPL ref", ".3f"), ("ppl_cand", "PPL cand", ".3f"),
+    ("ppl_ratio", "PPL ratio", ".5f"),
+]  # fmt: skip
+
+
+def summary_table(record: records.RunRecord) -> str:
+    head = SUMMARY_HEAD + ([("kl_floor_multiple", "× floor", ".3g")] if record.noise_floor else [])
+    rows = ['<div class=wide><table class="sortable" id="summary"><thead><tr><th data-type="text">candidate</th>']
+    rows += [f"<th>{_e(h)}</th>" for _, h, _ in head]
+    rows.append("</tr></thead><tbody>")
+    for p in record.pairs:
+        floor = p.candidate == record.noise_floor
+        cells = [f'<td data-v="{_e(p.candidate)}">{_e(p.candidate)}{" <span class=badge>noise floor</span>" if floor else ""}</td>']
+        for key, _, spec in head:
+            v = p.aggregates.get(key)
+            raw = "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
+            cells.append(f'<td data-v="{raw}">{_num(v, spec)}</td>')
+        rows.append(f'<tr class="{"floor" if floor else ""}">{"".join(cells)}</tr>')
+    rows.append("</tbody></table></div>")
+    return "".join(rows)
+
+
+def _bins_table(bins: list[dict]) -> str:
+    rows = ["<table class=bins><tr><th>reference p(top)</th><th>positions</th><th>KL mean</th><th>flip rate</th></tr>"]
+    for b in bins:
+        rows.append(
+            f"<tr><td>{b['p_top_lo']:g}–{b['p_top_hi']:g}</td><td>{b['positions']}</td>"
+            f"<td style=\"background:{_heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}</td>"
+            f"<td style=\"background:{_heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_num(b['flip_rate'], '.3f')}</td></tr>"
+        )
+    return "".join(rows) + "</table>"
+
+
+def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -> str:
+    out = ["<h2 id=dist>KL distribution</h2>", cdf_svg(kl), '<div class="cards">']
+    for i, p in enumerate(record.pairs):
+        a = p.aggregates
+        pct = " · ".join(f"p{q}: {_num(a.get('kl_p' + q.replace('.', '_')), '.2e')}" for q in ("99.9", "99", "90", "10"))
+        ci = a.get("kl_mean_ci95") or [None, None]
+        out.append(
+            f'<div class="card"><h3>{_e(p.candidate)}</h3>{hist_svg(kl[p.candidate], PALETTE[i % len(PALETTE)])}'
+            f"<p class=small>mean {_num(a['kl_mean'], '.3e')} (95% CI over prompts {_num(ci[0], '.2e')}–{_num(ci[1], '.2e')}) · {pct}</p>"
+            f"<h4>by reference confidence</h4>{_bins_table(a.get('by_confidence', []))}</div>"
+        )
+    return "".join(out) + "</div>"
+
+
+def matrix_section(record: records.RunRecord) -> str:
+    if not record.matrix:
+        return "<h2 id=matrix>All pairs</h2><p>Not computed (metrics.matrix: false).</p>"
+    models = list(dict.fromkeys([r["a"] for r in record.matrix] + [r["b"] for r in record.matrix]))
+    cell = {(r["a"], r["b"]): r for r in record.matrix} | {(r["b"], r["a"]): r for r in record.matrix}
+    out = ["<h2 id=matrix>All pairs</h2><div class=cards>"]
+    for key, title, kind, spec in (("top1_agree", "top-1 agreement", "top1", ".3f"), ("sym_kl_mean", "symmetric KL (nats)", "kl", ".2e")):
+        rows = [f"<div class=card><h3>{title}</h3><table class=heat id=heat-{kind}><tr><th></th>"]
+        rows += [f"<th class=rot><span>{_e(m)}</span></th>" for m in models]
+        rows.append("</tr>")
+        for a in models:
+            rows.append(f"<tr><th>{_e(a)}</th>")
+            for b in models:
+                v = (1.0 if kind == "top1" else 0.0) if a == b else cell.get((a, b), {}).get(key)
+                rows.append(f'<td style="background:{_heat(v, kind)}" title="{_e(a)} vs {_e(b)}">{_num(v, spec)}</td>')
+            rows.append("</tr>")
+        out.append("".join(rows) + "</table></div>")
+    return "".join(out) + "</div>"
+
+
+def warp_section(record: records.RunRecord, n_vocab: int | None) -> str:
+    out = [
+        "<h2 id=inf>Why are generate()'s scores mostly −inf?</h2>",
+        "<p>Qwen1.5-Chat models ship a sampling <code>generation_config</code> (top-k, top-p, temperature, "
+        "repetition penalty). <code>generate(output_scores=True)</code> returns the scores <em>after</em> those "
+        "warpers, so every token they cut is −inf; <code>output_logits=True</code> (or a plain forward pass, as "
+        "this harness uses) gives the raw row, in which every entry is finite. Per scored position of this run:</p>",
+        "<div class=wide><table id=warp><tr><th>model</th><th>warpers</th><th>raw row: entries, all finite</th>"
+        "<th>finite after warpers: median (p10–p90, min–max)</th><th>steps with one finite</th>"
+        "<th>raw mass kept: mean (median)</th><th>max raw mass on the padding columns</th></tr>",
+    ]
+    first = None
+    for name, v in record.variants.items():
+        w, cfg = v.get("warp"), v.get("warpers") or {}
+        if not w:
+            continue
+        knobs = ", ".join(f"{k}={cfg[k]}" for k in ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty") if cfg.get(k) is not None)
+        first = first or (name, w)
+        out.append(
+            f"<tr><td>{_e(name)}</td><td>{_e(knobs or 'none')}</td><td>{_e(v.get('logit_width', '–'))}</td>"
+            f"<td>{_num(w['finite_p50'], '.0f')} ({_num(w['finite_p10'], '.0f')}–{_num(w['finite_p90'], '.0f')}, "
+            f"{_num(w['finite_min'], '.0f')}–{_num(w['finite_max'], '.0f')})</td><td>{_num(100 * w['single_finite_rate'], '.1f')}%</td>"
+            f"<td>{_num(w['kept_mass_mean'], '.3f')} ({_num(w['kept_mass_p50'], '.3f')})</td>"
+            f"<td>{_num(w['pad_mass_max'], '.1e')}</td></tr>"
+        )
+    out.append("</table></div>")
+    if first and (width := record.variants[first[0]].get("logit_width")):
+        name, w = first
+        out.append(
+            f"<p>So for <b>{_e(name)}</b>, of the {width} entries of a step's score row a median of "
+            f"{_num(w['finite_p50'], '.0f')} are finite and the other {_num(width - w['finite_p50'], '.0f')} are −inf; "
+            f"those finite tokens held {_num(100 * w['kept_mass_mean'], '.1f')}% of the raw probability on average. "
+            f"Only the first {_e(n_vocab or '–')} columns are real tokens: the rest of the row is padding, cut before "
+            "every statistic in this report.</p>"
+        )
+    return "".join(out)
+
+
+def throughput_section(record: records.RunRecord) -> str:
+    t = record.throughput
+    if not t:
+        return ""
+    rows = [
+        f"<h2 id=throughput>Softmax/filter throughput</h2><p>{_e(t.get('device'))} ({_e(t.get('device_name'))}): read ceiling "
+        f"{_num(t.get('read_ceiling_gbps'), '.1f')} GB/s, copy ceiling {_num(t.get('copy_ceiling_gbps'), '.1f')} GB/s.</p>",
+        "<table class=sortable id=bench><thead><tr><th data-type=text>impl</th><th>batch</th><th data-type=text>dtype</th>"
+        "<th data-type=text>filter</th><th>rows/s</th><th>GB/s</th><th>of ceiling</th><th>× snippet</th></tr></thead><tbody>",
+    ]
+    for r in t.get("results", []):
+        rows.append(
+            f"<tr><td>{_e(r.get('impl'))}</td><td data-v=\"{r.get('batch')}\">{_e(r.get('batch'))}</td><td>{_e(r.get('dtype'))}</td>"
+            f"<td>{_e(r.get('filter'))}</td><td data-v=\"{r.get('rows_per_s')}\">{_num(r.get('rows_per_s'), ',.0f')}</td>"
+            f"<td data-v=\"{r.get('gbps')}\">{_num(r.get('gbps'), '.2f')}</td><td data-v=\"{r.get('fraction_of_ceiling')}\">"
+            f"{_num(r.get('fraction_of_ceiling'), '.1%')}</td><td data-v=\"{r.get('speedup_vs_snippet')}\">{_num(r.get('speedup_vs_snippet'), '.0f')}</td></tr>"
+        )
+    return "".join(rows) + "</tbody></table>"
+
+
+def metadata_section(record: records.RunRecord) -> str:
+    kv = lambda d: "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in (d or {}).items())  # noqa: E731
+    git = record.git or {}
+    run = {"run id": record.run_id, "created (UTC)": record.created_at, "status": record.status, "seed": record.seed,
+           "batch size": record.batch_size, "git commit": git.get("commit", "–"), "tree dirty": git.get("dirty", "–")}  # fmt: skip
+    out = [
+        "<h2 id=meta>Run</h2><div class=cards>",
+        f"<div class=card><h3>run</h3><table class=kv>{kv(run)}</table></div>",
+        f"<div class=card><h3>machine</h3><table class=kv>{kv(record.machine)}</table></div>",
+        f"<div class=card><h3>versions</h3><table class=kv>{kv(record.versions)}</table></div></div>",
+        "<h3>models</h3><table id=models><tr><th>model</th><th>source</th><th>dtype</th><th>device</th><th>parameters</th>"
+        "<th>load s</th><th>extract s</th><th>forward s</th><th>store</th></tr>",
+    ]
+    for name, v in record.variants.items():
+        reused = v.get("reused_shards") == v.get("shards")
+        out.append(
+            f"<tr><td>{_e(name)}</td><td>{_e(v.get('source'))}</td><td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}</td>"
+            f"<td>{_num(v.get('parameters'), ',')}</td><td>{_num(v.get('load_s'), '.1f')}</td>"
+            f"<td>{_num(v.get('extract_s'), '.1f')}{' (reused)' if reused else ''}</td><td>{_num(v.get('forward_s'), '.1f')}</td>"
+            f"<td class=small>{_e(v.get('store'))}</td></tr>"
+        )
+    out.append(f"</table><h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>")
+    return "".join(out)
+
+
+def view_data(run_dir: Path, record: records.RunRecord, kl: dict[str, np.ndarray], tokens: dict | None) -> dict:
+    """What the per-prompt token view needs: per-position KL and flips, both models' top-5, token texts."""
+    if not record.pairs or tokens is None:
+        return {}
+    first = np.load(run_dir / record.pairs[0].positions_file)
+    data = {
+        "reference": record.reference,
+        "pos": {"prompt": first["prompt"].tolist(), "position": first["position"].tolist(), "target": first["target"].tolist()},
+        "kl": {c: _round(v) for c, v in kl.items()},
+        "prompts": [{"id": p["id"], "texts": p["texts"]} for p in tokens["prompts"]],
+        "vocab": tokens["vocab"],
+        "top": {},
+    }
+    if name := record.files.get("top_tokens"):
+        with np.load(run_dir / name) as z:
+            for key in z.files:
+                model, part = key.rsplit(".", 1)
+                a = z[key]
+                data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 3)
+    return data
+
+
+def render(run_dir: Path, record: records.RunRecord) -> str:
+    from harness.report import load_tokens
+
+    run_dir = Path(run_dir)
+    css = resources.files("harness").joinpath("assets/report.css").read_text()
+    js = resources.files("harness").joinpath("assets/report.js").read_text()
+    kl = {p.candidate: np.load(run_dir / p.positions_file)["kl"] for p in record.pairs}
+    tokens = load_tokens(run_dir, record)
+    n_vocab = (record.variants.get(record.reference or "", {}) or {}).get("n_vocab") or (tokens or {}).get("n_vocab")
+    title = f"Drift report {record.run_id}"
+    body = [f"<h1>{_e(title)}</h1>"]
+    if record.status != "ok":
+        body.append(f'<div class="error"><b>This run failed.</b> {_e(record.error)}</div>')
+    else:
+        n = record.pairs[0].aggregates["positions"] if record.pairs else 0
+        body.append(
+            f"<p>Reference <b>{_e(record.reference)}</b>, {len(record.pairs)} candidates, {n} scored positions, "
+            f"mode {_e(record.config.get('mode'))}. Noise floor: <b>{_e(record.noise_floor or 'none set')}</b>. "
+            "Click a column to sort.</p>"
+        )
+        body += [
+            '<nav><a href="#summary">summary</a> <a href="#dist">KL distribution</a> <a href="#matrix">all pairs</a> '
+            '<a href="#tokens">per prompt</a> <a href="#inf">−inf scores</a> <a href="#meta">run</a></nav>',
+            "<h2>Summary</h2>", summary_table(record), distribution_section(record, kl), matrix_section(record),
+            "<h2 id=tokens>Per prompt</h2><div id=view><p>Needs the script to run.</p></div>",
+            warp_section(record, n_vocab), throughput_section(record),
+        ]  # fmt: skip
+    body.append(metadata_section(record))
+    data = view_data(run_dir, record, kl, tokens) if record.status == "ok" else {}
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
+        f"<style>{css}</style></head><body>{''.join(body)}"
+        f'<script type="application/json" id="data">{script_json(data)}</script><script>{js}</script></body></html>\n'
+    )

@@ -1,0 +1,204 @@
+"""The versioned run record, `reports/<run-id>/run.json`: the one file every report renders from.
+
+    harness compare --config configs/default.yaml      # writes one (and reports/latest)
+    python -m harness.records reports/latest           # reads it back, prints its headline facts
+
+The run id is the UTC time plus a short hash of the resolved config. Per-position data lies in
+files beside the record, named in `files`. `read()` accepts every schema version up to this one.
+
+Schema history:
+  1  pairs (aggregates, per-prompt rows, positions file), matrix, variants, machine {platform, cpus}
+  2  status/error, git, machine (cpu, ram, gpu), versions, seed, batch_size, per-variant warp
+     summary, `files` (tokens, top tokens), `throughput` (harness bench)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+SCHEMA_VERSION = 2
+LIBRARIES = ("torch", "transformers", "gptqmodel", "optimum", "safetensors", "numpy", "scipy", "harness")
+_DISTRIBUTIONS = {"harness": "qwen-compare-harness"}
+
+
+class RecordError(ValueError):
+    """A run record that cannot be read: missing, not JSON, from a newer schema, or malformed."""
+
+
+class PairRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    reference: str
+    candidate: str
+    aggregates: dict  # every aggregate.pair_aggregates() value, plus kl_floor_multiple
+    prompts: list[dict]  # aggregate.per_prompt() rows
+    positions_file: str  # .npz of per-position metric arrays, beside run.json
+
+
+class RunRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a reader keeps what a newer minor writer added
+    schema_version: int
+    run_id: str = ""
+    status: Literal["ok", "error"]
+    error: str | None = None
+    created_at: str
+    git: dict | None = None  # {"commit", "dirty"}
+    machine: dict = {}
+    versions: dict = {}
+    seed: int | None = None
+    batch_size: int | None = None
+    config: dict = {}
+    variants: dict[str, dict] = {}  # name -> source, dtype, device, parameters, load_s, extract_s, warp, ...
+    noise_floor: str | None = None
+    pairs: list[PairRecord] = []
+    matrix: list[dict] = []  # {"a", "b", "top1_agree", "sym_kl_mean"}
+    files: dict[str, str] = {}  # what -> file name beside run.json ("tokens", "top_tokens")
+    throughput: dict | None = None  # the last JSON line of `harness bench`, when one was attached
+
+    @property
+    def reference(self) -> str | None:
+        return self.pairs[0].reference if self.pairs else self.config.get("reference", {}).get("name")
+
+
+def run_id(config_json: str, now: datetime) -> str:
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + hashlib.sha256(config_json.encode()).hexdigest()[:8]
+
+
+def new_run_dir(reports_dir: Path, config_json: str) -> tuple[Path, datetime]:
+    now = datetime.now(timezone.utc)
+    out = Path(reports_dir) / run_id(config_json, now)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, now
+
+
+def git_state(where: Path | None = None) -> dict | None:
+    """The commit checked out where the harness runs, and whether the tree had changes; None outside git."""
+    cwd = where or Path.cwd()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if commit.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def environment() -> dict:
+    """Machine, library versions and git state: what a number depends on besides the config."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    versions = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(_DISTRIBUTIONS.get(lib, lib))
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    machine = {
+        "platform": platform.platform(), "cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "ram_gib": _ram_gib(), "gpu": gpu, "hostname": platform.node(),
+    }  # fmt: skip
+    return {"machine": machine, "versions": versions, "git": git_state()}
+
+
+def write(run_dir: Path, record: RunRecord) -> Path:
+    """Writes run.json atomically (a reader never sees half a record)."""
+    path = Path(run_dir) / "run.json"
+    tmp = path.with_name(f".run.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record.model_dump(), indent=2, default=str, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def point_latest(reports_dir: Path, run_dir: Path) -> None:
+    latest = Path(reports_dir) / "latest"
+    tmp = latest.with_name(f".latest.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(run_dir).name)
+    os.replace(tmp, latest)
+
+
+def _upgrade_1(raw: dict) -> dict:
+    """Schema 1 had no status detail, versions, git, seed or side files: fill what can be known."""
+    raw = dict(raw)
+    cfg = raw.get("config", {})
+    raw.setdefault("seed", cfg.get("seed"))
+    raw.setdefault("batch_size", cfg.get("batch_size"))
+    raw.setdefault("files", {})
+    raw["schema_version"] = 2
+    return raw
+
+
+_UPGRADES = {1: _upgrade_1}
+
+
+def upgrade(raw: dict, source: str = "run.json") -> dict:
+    version = raw.get("schema_version")
+    if not isinstance(version, int):
+        raise RecordError(f"{source}: no integer 'schema_version'; this is not a harness run record")
+    if version > SCHEMA_VERSION:
+        raise RecordError(
+            f"{source}: schema_version {version} is newer than this harness reads ({SCHEMA_VERSION}); "
+            "update the harness to read it"
+        )
+    while version < SCHEMA_VERSION:
+        raw = _UPGRADES[version](raw)
+        version = raw["schema_version"]
+    return raw
+
+
+def read(path: Path) -> RunRecord:
+    """A run record from `run.json` or its folder, upgraded to the current schema."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "run.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecordError(f"{path}: no run record there (expected the run.json that `harness compare` writes)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path}: cannot read the run record: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecordError(f"{path}: a run record is a JSON object, this is a {type(raw).__name__}")
+    try:
+        record = RunRecord.model_validate(upgrade(raw, str(path)))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise RecordError(f"{path}: key {where!r}: {first['msg']}") from None
+    return record if record.run_id else record.model_copy(update={"run_id": path.resolve().parent.name})
+
+
+if __name__ == "__main__":
+    rec = read(Path(sys.argv[1] if len(sys.argv) > 1 else "reports/latest"))
+    print(f"{rec.run_id} schema {rec.schema_version} {rec.status} {rec.created_at} git {rec.git}")
+    for p in rec.pairs:
+        print(f"{p.candidate:<28} kl_mean {p.aggregates['kl_mean']:.3e} top1 {p.aggregates['top1_agree']:.4f}")

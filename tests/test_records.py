@@ -1,0 +1,75 @@
+"""The run record: writes and reads back losslessly, accepts older schemas, refuses what it cannot read."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from harness import records
+from harness.records import RecordError, RunRecord
+
+
+def _record(**extra) -> RunRecord:
+    pair = records.PairRecord(reference="ref", candidate="cand", aggregates={"kl_mean": 1.5e-5, "kl_max": math.inf,
+                              "kl_mean_se": math.nan, "by_confidence": [{"p_top_lo": 0.0, "positions": 3}]},
+                              prompts=[{"prompt": "a", "kl_mean": 1e-5}], positions_file="positions-cand.npz")  # fmt: skip
+    return RunRecord(schema_version=records.SCHEMA_VERSION, run_id="r1", status="ok", created_at="2026-01-01T00:00:00+00:00",
+                     seed=3, batch_size=4, config={"seed": 3}, variants={"ref": {"dtype": "float32"}}, pairs=[pair],
+                     matrix=[{"a": "ref", "b": "cand", "top1_agree": 0.9, "sym_kl_mean": 2e-5}], **extra)  # fmt: skip
+
+
+def test_round_trip_keeps_every_value_including_inf_and_nan(tmp_path):
+    written = _record(**records.environment())
+    records.write(tmp_path, written)
+    back = records.read(tmp_path)  # a folder or its run.json
+    assert back.model_dump_json() == written.model_dump_json()
+    agg = back.pairs[0].aggregates
+    assert agg["kl_max"] == math.inf and math.isnan(agg["kl_mean_se"]) and agg["kl_mean"] == 1.5e-5
+    assert records.read(tmp_path / "run.json").reference == "ref"
+
+
+def test_environment_names_the_machine_the_libraries_and_the_commit():
+    env = records.environment()
+    assert env["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert {"transformers", "gptqmodel", "optimum", "python"} <= set(env["versions"])
+    assert env["machine"]["cpus"] >= 1 and env["machine"]["ram_gib"] > 0 and env["machine"]["cpu"]
+    assert re.fullmatch(r"[0-9a-f]{40}", env["git"]["commit"]) and isinstance(env["git"]["dirty"], bool)
+
+
+def test_reads_a_schema_1_record_and_upgrades_it(tmp_path):
+    old = {  # exactly the keys schema 1 wrote
+        "schema_version": 1, "status": "ok", "created_at": "2026-11-20T10:00:00+00:00",
+        "machine": {"platform": "Linux", "cpus": 2}, "config": {"seed": 7, "batch_size": 8},
+        "variants": {"ref": {}}, "noise_floor": None, "matrix": [],
+        "pairs": [{"reference": "ref", "candidate": "c", "aggregates": {"kl_mean": 0.1}, "prompts": [], "positions_file": "p.npz"}],
+    }  # fmt: skip
+    run = tmp_path / "20261120T100000Z-abcd1234"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps(old))
+    rec = records.read(run)
+    assert rec.schema_version == records.SCHEMA_VERSION
+    assert (rec.seed, rec.batch_size, rec.run_id, rec.files) == (7, 8, run.name, {})
+    assert rec.pairs[0].aggregates["kl_mean"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no run record there"),
+        ("{not json", "cannot read the run record"),
+        ("[1, 2]", "a run record is a JSON object"),
+        ('{"status": "ok"}', "no integer 'schema_version'"),
+        (json.dumps({"schema_version": 99, "status": "ok"}), "newer than this harness reads"),
+        (json.dumps({"schema_version": 2, "status": "maybe", "created_at": "x"}), "key 'status'"),
+    ],
+)
+def test_unreadable_records_name_the_file_and_the_problem(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "run.json").write_text(content)
+    with pytest.raises(RecordError, match=re.escape(message)) as err:
+        records.read(tmp_path)
+    assert str(tmp_path / "run.json") in str(err.value)

@@ -1,0 +1,195 @@
+"""Reports of a real run (the micro zoo, `micro_run`): CSV columns, re-rendering from the record alone,
+and index.html loaded in Debian's headless chromium (no console error, no request, payloads inert)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import html_report, records, report
+from harness.cli import main
+
+pytestmark = pytest.mark.slow
+REQUIRED_SUMMARY = (
+    "reference,candidate,positions,kl_mean,kl_mean_se,kl_median,kl_p99,kl_max,kl_rev_mean,js_mean,tv_mean,"
+    "top1_agree,top1_agree_se,top5_overlap,delta_p_rms,ppl_ref,ppl_cand,ppl_ratio,kl_floor_multiple"
+).split(",")
+CANDIDATES = {"s-chat-fp16", "s-chat-bf16", "s-chat-gptq-int8", "s-chat-gptq-int4", "s-base", "m-chat"}
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def test_summary_csv_has_every_column_and_matches_the_record(micro_run):
+    run_dir, _ = micro_run
+    with (run_dir / "summary.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert set(REQUIRED_SUMMARY) <= set(reader.fieldnames)
+        rows = {r["candidate"]: r for r in reader}
+    assert set(rows) == CANDIDATES
+    rec = records.read(run_dir)
+    for p in rec.pairs:
+        for key in ("kl_mean", "kl_p99", "top1_agree", "ppl_ratio", "kl_floor_multiple"):
+            assert float(rows[p.candidate][key]) == pytest.approx(p.aggregates[key], rel=1e-12)
+
+
+def test_positions_csv_has_a_row_per_pair_and_position_with_the_token_text(micro_run):
+    run_dir, _ = micro_run
+    rec = records.read(run_dir)
+    tokens = json.loads((run_dir / "tokens.json").read_text())
+    with gzip.open(run_dir / "positions.csv.gz", "rt", newline="") as f:
+        rows = list(csv.DictReader(f))
+    n = rec.pairs[0].aggregates["positions"]
+    assert len(rows) == len(rec.pairs) * n
+    assert {"prompt", "position", "token", "token_text", "kl", "kl_rev", "js", "tv", "top1_agree", "delta_p", "nll_ref",
+            "nll_cand", "entropy_ref", "p_top_ref", "margin_ref"} <= set(rows[0])  # fmt: skip
+    int4 = [r for r in rows if r["candidate"] == "s-chat-gptq-int4"]
+    kl = np.load(run_dir / "positions-s-chat-gptq-int4.npz")["kl"]
+    np.testing.assert_allclose([float(r["kl"]) for r in int4], kl, rtol=1e-12)
+    names = {p["id"] for p in tokens["prompts"]}
+    for r in int4[:50]:
+        assert r["prompt"] in names and r["token_text"] == tokens["vocab"][r["token"]]
+        seq = next(p for p in tokens["prompts"] if p["id"] == r["prompt"])
+        assert seq["ids"][int(r["position"])] == int(r["token"])  # the scored token sits at that position
+
+
+def test_prompt_and_matrix_csv(micro_run):
+    run_dir, _ = micro_run
+    prompts = list(csv.DictReader((run_dir / "prompts.csv").open()))
+    assert len(prompts) == 6 * 10 and set(report.PROMPT_COLUMNS) <= set(prompts[0])
+    matrix = list(csv.DictReader((run_dir / "matrix.csv").open()))
+    assert len(matrix) == 7 * 6 // 2 and all(0 <= float(m["top1_agree"]) <= 1 and float(m["sym_kl_mean"]) >= 0 for m in matrix)
+
+
+def test_token_texts_join_to_the_decoded_prompt(micro_run, tokenizer):
+    run_dir, _ = micro_run
+    for p in json.loads((run_dir / "tokens.json").read_text())["prompts"]:
+        assert "".join(p["texts"]) == tokenizer.decode(p["ids"])
+
+
+def test_report_re_renders_from_the_record_alone(micro_run, tmp_path, monkeypatch):
+    run_dir, _ = micro_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for name in ("summary.csv", "prompts.csv", "matrix.csv", "positions.csv.gz", "index.html"):
+        (copy / name).unlink()
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("harness report loaded a model")
+
+    monkeypatch.setattr("harness.extract.load_model", no_models)
+    monkeypatch.setattr("harness.extract.load_tokenizer", no_models)
+    assert main(["report", str(copy)]) == 0
+    for name in ("summary.csv", "prompts.csv", "matrix.csv", "index.html"):
+        assert (copy / name).read_bytes() == (run_dir / name).read_bytes(), name
+
+
+def test_a_schema_1_record_still_renders(micro_run, tmp_path):
+    run_dir, _ = micro_run
+    copy = tmp_path / "old"
+    shutil.copytree(run_dir, copy)
+    raw = json.loads((copy / "run.json").read_text())
+    keep = {"status", "created_at", "config", "variants", "noise_floor", "pairs", "matrix"}
+    old = {k: v for k, v in raw.items() if k in keep} | {"schema_version": 1, "machine": {"platform": "x", "cpus": 2}}
+    (copy / "run.json").write_text(json.dumps(old))
+    index = report.render(copy)
+    assert "Summary" in index.read_text() and records.read(copy).schema_version == records.SCHEMA_VERSION
+
+
+def test_script_json_cannot_close_its_element():
+    payload = {"t": "</script><script>alert(1)</script>", "u": "a\u2028b & <!--", "inf": float("inf"), "nan": float("nan")}
+    text = html_report.script_json(payload)
+    assert "<" not in text and ">" not in text and "&" not in text
+    back = json.loads(text)
+    assert back == {"t": payload["t"], "u": payload["u"], "inf": "inf", "nan": None}
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        message = "Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def _open(browser, path: Path):
+    """A page on `path` that records console messages, page errors and every request it makes."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    seen = {"console": [], "errors": [], "requests": []}
+    page.on("console", lambda m: seen["console"].append((m.type, m.text)))
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+    page.on("request", lambda r: seen["requests"].append(r.url))
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    return page, seen
+
+
+def test_index_html_opens_offline_with_no_errors(browser, micro_run):
+    run_dir, _ = micro_run
+    index = run_dir / "index.html"
+    page, seen = _open(browser, index)
+    assert seen["errors"] == [] and [m for m in seen["console"] if m[0] in ("error", "warning")] == []
+    assert seen["requests"] == [index.as_uri()]  # nothing but the file itself: no CDN, no font, no image
+    assert page.locator("#summary tbody tr").count() == len(CANDIDATES)
+    assert page.locator("#summary tr.floor").inner_text().startswith("s-chat-bf16")
+    assert page.locator("svg.chart").count() == 1 + len(CANDIDATES)  # the CDF, and a histogram per pair
+    assert page.locator("#heat-top1 td").count() == 7 * 7
+    assert page.locator("#warp tr").count() == 1 + 7
+    # sorting by mean KL puts fp16 (~1e-6) first and a different model last
+    page.locator("#summary th", has_text="KL mean").click()
+    order = page.locator("#summary tbody tr td:first-child").all_inner_texts()
+    kl = {p.candidate: p.aggregates["kl_mean"] for p in records.read(run_dir).pairs}
+    assert [o.split()[0] for o in order] == sorted(kl, key=kl.get)
+    # the token view: a click on a scored token shows both models' top-5
+    assert page.locator("#tokens-out span.tok").count() > 5
+    page.locator("#tokens-out span.tok").nth(3).click()
+    assert page.locator("#detail table").count() == 2 and page.locator("#detail table tr").count() == 2 * 6
+    shot = run_dir.parent / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seen["errors"] == [] and len(seen["requests"]) == 1
+
+
+def test_html_payloads_in_prompts_show_as_text_and_run_nothing(browser, micro_run):
+    run_dir, _ = micro_run
+    page, seen = _open(browser, run_dir / "index.html")
+    select = page.locator("#prompt-select")
+    for option in select.locator("option").all():
+        if option.inner_text().startswith("xss-"):
+            select.select_option(option.get_attribute("value"))
+            shown = page.locator("#tokens-out").inner_text()
+            assert "<script>window.__pwned=" in shown
+            page.locator("#tokens-out span.tok").last.dispatch_event("click")  # the last may be only a newline
+            assert page.locator("#detail table").count() == 2
+    assert any(o.startswith('xss-<img src=x onerror="window.__pwned=') for o in select.locator("option").all_inner_texts())
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert page.locator("img").count() == 0 and page.locator("#tokens-out script").count() == 0
+    assert seen["errors"] == [] and len(seen["requests"]) == 1  # an <img src=x> that rendered would request x
+
+
+def test_a_failed_run_renders_its_error(browser, micro_run, tmp_path):
+    run_dir, _ = micro_run
+    rec = records.read(run_dir)
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    records.write(failed, rec.model_copy(update={"status": "error", "error": "ExtractError: <b>NaN</b> logits", "pairs": []}))
+    page, seen = _open(browser, report.render(failed))
+    assert "This run failed. ExtractError: <b>NaN</b> logits" in page.locator(".error").inner_text()
+    assert seen["errors"] == []
