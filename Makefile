@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 PIP := $(PY) -m pip --disable-pip-version-check
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install chromium compare extract bench zoo zoo-micro test test-fast clean-reports
+.PHONY: install chromium compare check-quant check-quant-damaged extract bench zoo zoo-micro test test-fast clean-reports
 
 install: $(STAMP)
 
@@ -27,6 +27,18 @@ chromium:
 
 compare: $(STAMP)
 	$(VENV)/bin/harness compare --config configs/default.yaml
+
+# The quantization gate on the embedded family's GPTQ builds (exit 1 on a regression).
+check-quant: $(STAMP)
+	$(VENV)/bin/harness check --config configs/ci-gate.yaml
+
+# The same gate on deliberately damaged Int4 builds: succeeds only if the gate fails each of them.
+check-quant-damaged: $(STAMP)
+	for build in tiny-qwen1.5-s-chat-gptq-int2 tiny-qwen1.5-s-chat-gptq-int4-bad-scales; do \
+		echo "== gate on $$build as s-chat-gptq-int4"; \
+		$(VENV)/bin/harness check --config configs/ci-gate.yaml variants.2.source=zoo:$$build; \
+		test $$? -eq 1 || { echo "the gate did not catch $$build"; exit 1; }; \
+	done
 
 extract: $(STAMP)
 	$(VENV)/bin/harness extract --config configs/default.yaml

@@ -3,11 +3,13 @@
     harness extract --config configs/default.yaml [key.sub=value ...]
     harness compare --config configs/default.yaml [key.sub=value ...]
     harness bench [--quick] [--batches 1,16,256,4096] ...
+    harness check --config configs/ci-gate.yaml [--baseline RUN.json --fail kl_mean:+10%] [--strict]
     harness report reports/latest                      # re-render CSV + HTML from run.json
     harness zoo build [--profile full|micro] [--force]
     harness zoo list [--profile full|micro]
 
-Errors in what the user gave (config, prompts, model folders) print one paragraph and exit 2.
+Errors in what the user gave (config, prompts, model folders) print one paragraph and exit 2;
+`check` exits 1 on a regression.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
 
@@ -52,9 +55,17 @@ def cmd_extract(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from harness import config, records, report
+    from harness import config
 
-    cfg = config.load(args.config, args.overrides)
+    run_compare(config.load(args.config, args.overrides))
+    return 0
+
+
+def run_compare(cfg) -> Path:
+    """Extract, compare, record and render one config; returns the run folder. A failure after the
+    config loaded still leaves a run record (status "error") saying what went wrong."""
+    from harness import records, report
+
     try:
         return _compare(cfg)
     except (Exception, KeyboardInterrupt) as exc:  # the record says the run failed, and why; the error propagates
@@ -68,10 +79,10 @@ def cmd_compare(args) -> int:
         raise
 
 
-def _compare(cfg) -> int:
+def _compare(cfg) -> Path:
     from tqdm.auto import tqdm
 
-    from harness import compare, extract, prompts, records, report
+    from harness import compare, extract, paths, prompts, records, report
 
     the_plan, stores, facts = _extract(cfg)
     ref, options = cfg.reference.name, cfg.metrics
@@ -95,12 +106,17 @@ def _compare(cfg) -> int:
         "prompts": [{"id": names[p], "ids": seq, "texts": prompts.sequence_texts(tokenizer, seq)} for p, seq in sorted(sequences.items())],
         "vocab": prompts.vocab_texts(tokenizer, sorted(shown)),
     }
+    inputs = {
+        "prompts_file": str(cfg.prompts), "prompts_sha256": paths.sha256_file(cfg.prompts), "prompts": len(names),
+        "positions": the_plan.positions, "token_ids_sha256": the_plan.tokens.fingerprint,
+        "tokenizer_sha256": prompts.tokenizer_fingerprint(tokenizer),
+    }  # fmt: skip
     config_json = cfg.model_dump_json()  # the record's run id hashes exactly this
     run_dir, now = records.new_run_dir(cfg.reports_dir, config_json)
     record = records.RunRecord(
         schema_version=records.SCHEMA_VERSION, run_id=run_dir.name, status="ok", created_at=now.isoformat(),
         **records.environment(), seed=cfg.seed, batch_size=cfg.batch_size, config=json.loads(config_json),
-        variants=facts, noise_floor=cfg.noise_floor, matrix=grid,
+        inputs=inputs, variants=facts, noise_floor=cfg.noise_floor, matrix=grid,
     )  # fmt: skip
     record = report.save_run(run_dir, record, pairs, top, tokens)
     index = report.render(run_dir)
@@ -108,7 +124,21 @@ def _compare(cfg) -> int:
     print(report.table(record))
     print(f"wrote {run_dir / 'summary.csv'}")
     print(f"report: {index}")
-    return 0
+    return run_dir
+
+
+def cmd_check(args) -> int:
+    from harness import check, config
+
+    if (args.config is None) == (args.run is None):
+        raise check.GateError("give either --config (compare, then gate) or --run RUN_DIR (gate a finished run)")
+    if args.run is None:
+        run_dir = run_compare(config.load(args.config, args.overrides))
+    elif args.overrides:
+        raise check.GateError(f"overrides {args.overrides} apply to --config, not to --run")
+    else:
+        run_dir = Path(args.run)
+    return check.main(run_dir, baseline=args.baseline, fail=args.fail, strict=args.strict)
 
 
 def cmd_report(args) -> int:
@@ -124,8 +154,10 @@ def cmd_zoo(args) -> int:
 
     if args.action == "build":
         zoo.build(args.profile, force=args.force)
+        if args.damaged:
+            zoo.build_damaged(args.profile)
     for name, state in zoo.status(args.profile).items():
-        print(f"{name:<34} {state:<10} {zoo.model_dir(name, args.profile)}")
+        print(f"{name:<42} {state:<10} {zoo.model_dir(name, args.profile)}")
     return 0
 
 
@@ -139,16 +171,26 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="a YAML comparison config, e.g. configs/default.yaml")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
-        p.set_defaults(run=run)
+        p.set_defaults(run_command=run)
+    p = sub.add_parser("check", help="the quantization regression gate: limits and/or a baseline, one verdict, exit 0/1/2")
+    p.add_argument("--config", help="compare with this config, then gate the run with its 'gate' limits")
+    p.add_argument("--run", help="gate a finished run folder (e.g. reports/latest) with its config's limits")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
+    p.add_argument("--baseline", type=Path, help="a run.json (or its folder) to compare with")
+    p.add_argument("--fail", action="extend", nargs="+", default=[], metavar="METRIC:[+|-]AMOUNT[%]",
+                   help="regressions against the baseline that fail the gate, e.g. kl_mean:+10%% top1_agree:-1%%")
+    p.add_argument("--strict", action="store_true", help="fail even on breaches within the runs' standard error")
+    p.set_defaults(run_command=cmd_check)
     p = sub.add_parser("report", help="re-render a run folder's CSV and HTML reports from its run.json (no model loads)")
     p.add_argument("run_dir", help="a run folder, e.g. reports/latest")
-    p.set_defaults(run=cmd_report)
+    p.set_defaults(run_command=cmd_report)
     sub.add_parser("bench", help="throughput of the softmax/filter step beside the memory ceiling (bench --help)")
     p = sub.add_parser("zoo", help="build or list the embedded tiny Qwen1.5 family")
     p.add_argument("action", choices=["build", "list"])
     p.add_argument("--profile", default="full", choices=["full", "micro"])
     p.add_argument("--force", action="store_true", help="rebuild even what verifies")
-    p.set_defaults(run=cmd_zoo)
+    p.add_argument("--damaged", action="store_true", help="also build the damaged GPTQ builds (int2, bad scales)")
+    p.set_defaults(run_command=cmd_zoo)
     return top
 
 
@@ -164,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     from harness.config import ConfigError
     from harness.extract import ExtractError
     from harness.prompts import PromptError
+    from harness.check import GateError
     from harness.records import RecordError
 
     try:
-        return args.run(args)
-    except (ConfigError, PromptError, ExtractError, CompareError, RecordError) as exc:
+        return args.run_command(args)
+    except (ConfigError, PromptError, ExtractError, CompareError, RecordError, GateError) as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
 

@@ -51,6 +51,20 @@ class Metrics(_Strict):
     smoothing_eps: float | None = Field(default=None, gt=0, lt=1)  # also report KL(p ‖ (1−ε)q + ε/V) where KL is +inf
 
 
+class Limit(_Strict):
+    """Bounds on one aggregate of one pair (`harness check`); give at least one."""
+
+    min: float | None = None  # fail below
+    max: float | None = None  # fail above
+    max_x_floor: float | None = Field(default=None, gt=0)  # fail above this multiple of the noise-floor pair's value
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> Limit:
+        if self.min is None and self.max is None and self.max_x_floor is None:
+            raise ValueError("a limit needs at least one of min, max, max_x_floor")
+        return self
+
+
 class Config(_Strict):
     name: str
     zoo_profile: Literal["full", "micro"] = "full"  # which build of the embedded family `zoo:` means
@@ -65,6 +79,8 @@ class Config(_Strict):
     store_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     metrics: Metrics = Metrics()
     noise_floor: str | None = None  # a variant whose drift from the reference is the noise floor
+    # `harness check`: candidate name (or "*", every pair) -> aggregate name (kl_mean, top1_agree, ...) -> limits
+    gate: dict[str, dict[str, Limit]] = {}
     seed: int = 0
     reports_dir: Path = Path("reports")
     source_file: Path | None = None  # where this config was read from (set by `load`)
@@ -82,6 +98,12 @@ class Config(_Strict):
     def _floor_is_a_variant(self) -> Config:
         if self.noise_floor is not None and self.noise_floor not in {v.name for v in self.variants}:
             raise ValueError(f"noise_floor {self.noise_floor!r} is not the name of a variant")
+        names = {v.name for v in self.variants}
+        for pair, limits in self.gate.items():
+            if pair != "*" and pair not in names:
+                raise ValueError(f"gate key {pair!r} is not the name of a variant (nor '*', every variant)")
+            if self.noise_floor is None and any(lim.max_x_floor is not None for lim in limits.values()):
+                raise ValueError(f"gate.{pair} uses max_x_floor, but no noise_floor is set")
         return self
 
     @property

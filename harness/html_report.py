@@ -36,20 +36,9 @@ def _num(x, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
-def _clean(obj):
-    """JSON-safe: NaN becomes null, ±inf the strings "inf"/"-inf" (the script reads them back)."""
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf") if math.isinf(obj) else obj
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def script_json(obj) -> str:
     """JSON to place inside <script type="application/json">: no '<', '>' or '&' can close the element."""
-    text = json.dumps(_clean(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(records.json_safe(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     for a, b in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(a, b)
     return text

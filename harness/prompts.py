@@ -235,3 +235,12 @@ def sequence_texts(tokenizer, ids: list[int]) -> list[str]:
 def vocab_texts(tokenizer, ids: list[int]) -> dict[int, str]:
     """id -> printable text of that token alone; bytes of an incomplete character show as \\xNN."""
     return {i: b.decode("utf-8", errors="backslashreplace") for i, b in zip(ids, token_bytes(tokenizer, ids), strict=True)}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the vocabulary, the added tokens and the chat template: what makes two tokenizers interchangeable."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps({i: str(t) for i, t in sorted(tokenizer.added_tokens_decoder.items())}).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return digest.hexdigest()

@@ -92,3 +92,32 @@ def build_gptq(prof, source: Path, final: Path, bits: int, corpus: train.Corpus,
     (tmp / "CARD.md").write_text(zoo.card(final.name, how, facts))
     zoo.publish(tmp, final, {"name": final.name, "profile": prof.name, "seed": prof.seed, "bits": bits})
     log(f"built {final.name} in {seconds:.1f}s")
+
+
+def build_bad_scales(source: Path, final: Path, *, layer: str, sigma: float, seed: int, log=print) -> None:
+    """A copy of the GPTQ checkpoint `source` whose one linear layer has its `scales` multiplied by
+    seeded log-normal noise (exp(sigma * N(0, 1)) per group and column): what a corrupt upload or a
+    buggy conversion does to one tensor. Every other byte of the checkpoint is unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from harness import zoo
+
+    start = time.perf_counter()
+    tmp = zoo.tmp_dir(final)
+    for path in source.iterdir():
+        if path.is_file() and path.name not in (zoo.MANIFEST, "CARD.md", "model.safetensors"):
+            shutil.copy2(path, tmp / path.name)
+    with safe_open(source / "model.safetensors", "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = f"{layer}.scales"
+    if key not in tensors:
+        raise ValueError(f"{source / 'model.safetensors'} has no tensor {key!r}")
+    noise = torch.exp(sigma * torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(seed)))
+    tensors[key] = (tensors[key].float() * noise).to(tensors[key].dtype)
+    save_file(tensors, tmp / "model.safetensors", metadata=metadata)
+    facts = {"source": source.name, "damaged tensor": key, "noise": f"x exp({sigma} N(0,1)), seed {seed}"}
+    how = f"`{source.name}` with the scales of `{layer}` perturbed: a deliberately damaged build, for testing the gate."
+    (tmp / "CARD.md").write_text(zoo.card(final.name, how, facts))
+    zoo.publish(tmp, final, {"name": final.name, "damaged": key, "sigma": sigma, "seed": seed})
+    log(f"built {final.name} in {time.perf_counter() - start:.1f}s")

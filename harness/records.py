@@ -8,8 +8,8 @@ files beside the record, named in `files`. `read()` accepts every schema version
 
 Schema history:
   1  pairs (aggregates, per-prompt rows, positions file), matrix, variants, machine {platform, cpus}
-  2  status/error, git, machine (cpu, ram, gpu), versions, seed, batch_size, per-variant warp
-     summary, `files` (tokens, top tokens), `throughput` (harness bench)
+  2  status/error, git, machine (cpu, ram, gpu), versions, seed, batch_size, `inputs` (prompt and
+     tokenizer fingerprints), per-variant warp summary, `files` (tokens, top tokens), `throughput`
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -58,6 +59,7 @@ class RunRecord(BaseModel):
     seed: int | None = None
     batch_size: int | None = None
     config: dict = {}
+    inputs: dict = {}  # prompts file and sha256, token ids' sha256, reference tokenizer's sha256, counts
     variants: dict[str, dict] = {}  # name -> source, dtype, device, parameters, load_s, extract_s, warp, ...
     noise_floor: str | None = None
     pairs: list[PairRecord] = []
@@ -68,6 +70,17 @@ class RunRecord(BaseModel):
     @property
     def reference(self) -> str | None:
         return self.pairs[0].reference if self.pairs else self.config.get("reference", {}).get("name")
+
+
+def json_safe(obj):
+    """Strict JSON for other readers (browsers, jq): NaN becomes null, ±inf the strings "inf"/"-inf"."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf") if math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def run_id(config_json: str, now: datetime) -> str:
@@ -173,6 +186,16 @@ def upgrade(raw: dict, source: str = "run.json") -> dict:
         raw = _UPGRADES[version](raw)
         version = raw["schema_version"]
     return raw
+
+
+def schema_of(path: Path) -> int | None:
+    """The schema version a record was written with (read() upgrades it), or None where there is none."""
+    path = Path(path)
+    try:
+        raw = json.loads((path / "run.json" if path.is_dir() else path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return raw.get("schema_version") if isinstance(raw, dict) else None
 
 
 def read(path: Path) -> RunRecord:

@@ -1,6 +1,7 @@
 """The embedded tiny Qwen1.5 family: built once on the CPU, cached as ordinary Hugging Face folders.
 
     harness zoo build [--profile full|micro]     # or: make zoo
+    harness zoo build --damaged                  # also the damaged builds the gate must catch
     harness zoo list                             # what is cached, and whether it verifies
 
 Names mirror the real releases (`tiny-qwen1.5-s` ~ Qwen1.5-0.5B, tied, 151936 wide; `-m` ~ the
@@ -30,6 +31,12 @@ BASE_S, CHAT_S = "tiny-qwen1.5-s", "tiny-qwen1.5-s-chat"
 BASE_M, CHAT_M = "tiny-qwen1.5-m", "tiny-qwen1.5-m-chat"
 GPTQ = {4: "tiny-qwen1.5-s-chat-gptq-int4", 8: "tiny-qwen1.5-s-chat-gptq-int8"}
 MODELS = (BASE_S, CHAT_S, BASE_M, CHAT_M, GPTQ[4], GPTQ[8])
+# Deliberately damaged builds, made on demand (`harness zoo build --damaged`, or a config naming one):
+# what the quantization gate must catch. A 2-bit GPTQ build, and the Int4 build with one layer's
+# scales perturbed.
+INT2, BAD_SCALES = "tiny-qwen1.5-s-chat-gptq-int2", "tiny-qwen1.5-s-chat-gptq-int4-bad-scales"
+DAMAGED = (INT2, BAD_SCALES)
+BAD_SCALES_LAYER, BAD_SCALES_SIGMA = "model.layers.0.mlp.down_proj", 0.5
 MANIFEST = "zoo.json"
 
 # Qwen1.5's shipped generation configs: greedy for the base models, sampling for the chat ones.
@@ -282,18 +289,34 @@ def build(profile_name: str = "full", *, log=print, force: bool = False) -> dict
     return folders
 
 
+def build_damaged(profile_name: str = "full", *, log=print) -> dict[str, Path]:
+    """The damaged builds (after the family they derive from); returns name -> folder."""
+    from harness import quant
+
+    prof = profile(profile_name)
+    folders = build(profile_name, log=log)
+    damaged = {name: model_dir(name, prof.name) for name in DAMAGED}
+    if problem(damaged[INT2]):
+        tokenizer = _build_tokenizer(prof, log)
+        quant.build_gptq(prof, folders[CHAT_S], damaged[INT2], 2, train.load_corpus(tokenizer), log=log)
+    if problem(damaged[BAD_SCALES]):
+        quant.build_bad_scales(folders[GPTQ[4]], damaged[BAD_SCALES], layer=BAD_SCALES_LAYER, sigma=BAD_SCALES_SIGMA,
+                               seed=prof.seed, log=log)  # fmt: skip
+    return folders | damaged
+
+
 def status(profile_name: str = "full") -> dict[str, str]:
-    return {name: problem(model_dir(name, profile_name)) or "ok" for name in (TOKENIZER, *MODELS)}
+    return {name: problem(model_dir(name, profile_name)) or "ok" for name in (TOKENIZER, *MODELS, *DAMAGED)}
 
 
 def resolve(source: str, profile_name: str) -> Path:
     """`zoo:NAME` -> its cached folder, built first if needed."""
     name = source.removeprefix("zoo:")
-    if name not in (*MODELS, TOKENIZER):
-        raise ValueError(f"unknown zoo model {source!r}; the zoo has {', '.join(MODELS)}")
+    if name not in (*MODELS, *DAMAGED, TOKENIZER):
+        raise ValueError(f"unknown zoo model {source!r}; the zoo has {', '.join((*MODELS, *DAMAGED))}")
     folder = model_dir(name, profile_name)
     if problem(folder):
-        build(profile_name)
+        build_damaged(profile_name) if name in DAMAGED else build(profile_name)
     return folder
 
 

@@ -81,3 +81,24 @@ def test_duplicate_variant_names(tmp_path):
                                          "variants: [{name: v, source: a}, {name: v, source: b}]"))
     with pytest.raises(config.ConfigError, match="repeated"):
         config.load(path)
+
+
+@pytest.mark.parametrize(
+    "gate, message",
+    [
+        ("gate: {v: {kl_mean: {maxx: 0.01}}}", r"unknown key 'gate\.v\.kl_mean\.maxx'"),
+        ("gate: {v: {kl_mean: {}}}", r"gate\.v\.kl_mean.*at least one of min, max, max_x_floor"),
+        ("gate: {w: {kl_mean: {max: 0.01}}}", r"gate key 'w' is not the name of a variant"),
+        ("gate: {v: {kl_mean: {max_x_floor: 20}}}", r"gate\.v uses max_x_floor, but no noise_floor is set"),
+        ("gate: {v: {kl_mean: {max: lots}}}", r"key 'gate\.v\.kl_mean\.max'.*'lots'"),
+    ],
+)  # fmt: skip
+def test_gate_limits_are_validated(tmp_path, gate, message):
+    path = _write(tmp_path, BASE + gate + "\n")
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(path)
+
+
+def test_gate_limits_load(tmp_path):
+    cfg = config.load(_write(tmp_path, BASE + "noise_floor: v\ngate: {'*': {kl_mean: {max: 0.01, max_x_floor: 20}}}\n"))
+    assert cfg.gate["*"]["kl_mean"].max == 0.01 and cfg.gate["*"]["kl_mean"].max_x_floor == 20

@@ -1,0 +1,287 @@
+"""The quantization regression gate: limits from the config and/or a baseline run, one verdict.
+
+    harness check --config configs/ci-gate.yaml             # compare, then gate (make check-quant)
+    harness check --run reports/latest                      # gate a finished run with its config's limits
+    harness check --run reports/latest --baseline reports/<run>/run.json --fail kl_mean:+10% top1_agree:-1%
+
+Limits (`gate:` in the config) bound any aggregate of a pair by name: `min`, `max`, and `max_x_floor`
+(a multiple of the noise-floor pair's value). `--fail METRIC:[+|-]AMOUNT[%]` (pytest-benchmark's
+`--benchmark-compare-fail` idea) fails a pair whose metric moved past the baseline's by more than
+AMOUNT in the bad direction: `+` an increase (the default), `-` a decrease; `%` relative, else absolute.
+Each limit becomes a check whose `breach()` returns None or a Breach. A breach smaller than the
+combined standard error of the numbers it compares is "within noise" (a warning) unless `strict`.
+Every breach is printed once as a table; the last line is one JSON verdict. Exit 0 pass, 1 fail,
+2 a usage or config error (GateError).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness import records
+from harness.config import Limit
+
+# What may differ between a run and its baseline with only a warning; the prompt set and the
+# tokenizer may not (the numbers would not be comparable).
+VERSION_KEYS = ("torch", "transformers", "gptqmodel", "optimum")
+MACHINE_KEYS = ("cpu", "gpu")
+CONFIG_KEYS = ("mode", "text", "generate", "store_dtype", "batch_size", "padding_side", "seed", "zoo_profile")
+VARIANT_KEYS = ("source", "dtype", "device")
+
+
+class GateError(ValueError):
+    """A usage or config problem (exit 2), not a regression."""
+
+
+@dataclass(frozen=True)
+class Breach:
+    pair: str
+    metric: str
+    value: float
+    limit: float
+    rule: str  # e.g. "<= 40 x floor", "+10% vs baseline"
+    baseline: float | None = None
+    noise: float | None = None  # the combined standard error it was judged against
+    within_noise: bool = False
+
+    def line(self) -> str:
+        base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
+        verdict = "within noise" if self.within_noise else "FAIL"
+        return f"{self.pair}: {self.metric} = {self.value:.4g}, limit {self.rule} = {self.limit:.4g}{base}: {verdict}"
+
+
+def standard_error(aggregates: dict, metric: str) -> float | None:
+    """The standard error of an aggregate where the run recorded one (or one follows from it)."""
+    a = aggregates
+    if isinstance(a.get(f"{metric}_se"), (int, float)):
+        return float(a[f"{metric}_se"])
+    if metric == "ppl_ratio" and "ln_ppl_ratio_se" in a:  # delta method: se(e^x) = e^x se(x)
+        return float(a["ppl_ratio"] * a["ln_ppl_ratio_se"])
+    if metric == "kl_floor_multiple" and a.get("kl_mean"):
+        return float(a["kl_floor_multiple"] * a.get("kl_mean_se", math.nan) / a["kl_mean"])
+    if metric == "flip_rate" and "top1_agree_se" in a:
+        return float(a["top1_agree_se"])
+    return None
+
+
+def _combined(*errors: float | None) -> float | None:
+    if any(e is None or not math.isfinite(e) for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors))
+
+
+def _judge(pair, metric, value, limit, rule, noise, *, baseline=None, strict=False) -> Breach:
+    within = not strict and noise is not None and abs(value - limit) < noise
+    return Breach(pair, metric, value, limit, rule, baseline, noise, within)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One bound from the config's `gate:` on one pair's aggregate."""
+
+    pair: str
+    metric: str
+    kind: str  # "min", "max" or "max_x_floor"
+    bound: float
+
+    @property
+    def rule(self) -> str:
+        return {"min": f">= {self.bound:g}", "max": f"<= {self.bound:g}", "max_x_floor": f"<= {self.bound:g} x floor"}[self.kind]
+
+    def breach(self, aggregates: dict, floor: dict | None, *, strict: bool = False) -> Breach | None:
+        value = float(aggregates[self.metric])
+        se = standard_error(aggregates, self.metric)
+        if self.kind == "max_x_floor":
+            limit = self.bound * float(floor[self.metric])
+            se = _combined(se, None if (f := standard_error(floor, self.metric)) is None else self.bound * f)
+        else:
+            limit = self.bound
+        bad = value < limit if self.kind == "min" else value > limit
+        if not bad and not math.isnan(value):
+            return None
+        return _judge(self.pair, self.metric, value, limit, self.rule, se, strict=strict)
+
+
+_FAIL = re.compile(r"^(?P<metric>[A-Za-z_][A-Za-z0-9_]*):(?P<sign>[+-]?)(?P<amount>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?P<pct>%?)$")
+
+
+@dataclass(frozen=True)
+class Regression:
+    """`--fail METRIC:[+|-]AMOUNT[%]`: the metric may not move past the baseline's in the bad direction."""
+
+    metric: str
+    sign: int  # +1: an increase is bad; -1: a decrease is bad
+    amount: float
+    relative: bool
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Regression:
+        m = _FAIL.match(text.strip())
+        if not m:
+            raise GateError(
+                f"--fail {text!r}: expected METRIC:[+|-]AMOUNT[%], e.g. kl_mean:+10% (fail if it grows by more "
+                "than 10%), top1_agree:-1% (fail if it drops by more than 1%), kl_mean:+0.001 (absolute)"
+            )
+        return cls(m["metric"], -1 if m["sign"] == "-" else 1, float(m["amount"]), bool(m["pct"]), text.strip())
+
+    @property
+    def rule(self) -> str:
+        return f"{'+' if self.sign > 0 else '-'}{self.amount:g}{'%' if self.relative else ''} vs baseline"
+
+    def breach(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False) -> Breach | None:
+        value, ref = float(aggregates[self.metric]), float(base[self.metric])
+        step = abs(ref) * self.amount / 100 if self.relative else self.amount
+        limit = ref + self.sign * step
+        bad = (value - limit) * self.sign > 0
+        if not bad and not math.isnan(value):
+            return None
+        noise = _combined(standard_error(aggregates, self.metric), standard_error(base, self.metric))
+        return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict)
+
+
+def thresholds(gate: dict) -> list[Threshold]:
+    """The config's `gate:` (as the run record holds it) as checks."""
+    out = []
+    for pair, limits in (gate or {}).items():
+        for metric, raw in limits.items():
+            limit = raw if isinstance(raw, Limit) else Limit.model_validate(raw)
+            for kind in ("min", "max", "max_x_floor"):
+                if (bound := getattr(limit, kind)) is not None:
+                    out.append(Threshold(pair, metric, kind, float(bound)))
+    return out
+
+
+def _known_metric(metric: str, aggregates: dict, where: str) -> None:
+    scalars = sorted(k for k, v in aggregates.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if metric not in scalars:
+        close = difflib.get_close_matches(metric, scalars, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(scalars)}"
+        raise GateError(f"{where}: unknown metric {metric!r}{hint}")
+
+
+def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Path) -> list[str]:
+    """Warnings for every difference that may move the numbers; GateError where they cannot be compared."""
+    ri, bi = run.inputs, base.inputs
+    for key, what in (("token_ids_sha256", "prompt set (token ids)"), ("tokenizer_sha256", "tokenizer")):
+        if ri.get(key) and bi.get(key) and ri[key] != bi[key]:
+            raise GateError(
+                f"baseline {base_path} was made with another {what} ({bi.get('prompts_file')}, {bi.get('prompts')} prompts; "
+                f"this run: {ri.get('prompts_file')}, {ri.get('prompts')} prompts): its numbers are not comparable"
+            )
+    warnings = []
+    if not (ri.get("token_ids_sha256") and bi.get("token_ids_sha256")):
+        warnings.append("the prompt set and tokenizer cannot be verified: one record has no input fingerprints")
+    for group, keys, a, b in (("versions", VERSION_KEYS, run.versions, base.versions), ("machine", MACHINE_KEYS, run.machine, base.machine),
+                              ("config", CONFIG_KEYS, run.config, base.config)):  # fmt: skip
+        for key in keys:
+            if a.get(key) != b.get(key):
+                warnings.append(f"{group}.{key} differs: baseline {b.get(key)!r}, this run {a.get(key)!r}")
+    for name, v in run.variants.items():
+        if name not in base.variants:
+            continue
+        for key in VARIANT_KEYS:
+            if v.get(key) != base.variants[name].get(key):
+                warnings.append(f"{name}.{key} differs: baseline {base.variants[name].get(key)!r}, this run {v.get(key)!r}")
+    return warnings
+
+
+def gate(
+    run: records.RunRecord, *, baseline: records.RunRecord | None = None, baseline_path: Path | None = None,
+    fail: list[str] = (), strict: bool = False, limits: dict | None = None,
+) -> dict:  # fmt: skip
+    """Runs every check; returns the verdict {"verdict", "breaches", "within_noise", "warnings", "checks"}."""
+    if run.status != "ok":
+        raise GateError(f"run {run.run_id} failed ({run.error}); there is nothing to gate")
+    if fail and baseline is None:
+        raise GateError("--fail compares with a baseline: give --baseline reports/<run>/run.json")
+    regressions = [Regression.parse(f) for f in fail]
+    checks = thresholds(run.config.get("gate", {}) if limits is None else limits)
+    if not checks and not regressions:
+        raise GateError(f"nothing to check: the config of run {run.run_id} has no 'gate' limits and no --fail was given")
+    pairs = {p.candidate: p.aggregates for p in run.pairs}
+    sample = next(iter(pairs.values()), {})
+    for t in checks:
+        _known_metric(t.metric, sample, f"gate.{t.pair}")
+        if t.pair != "*" and t.pair not in pairs:
+            raise GateError(f"gate.{t.pair}: run {run.run_id} has no pair with candidate {t.pair!r}")
+        if t.kind == "max_x_floor" and run.noise_floor not in pairs:
+            raise GateError(f"gate.{t.pair}.{t.metric}: max_x_floor needs a noise floor, and run {run.run_id} has none")
+    for r in regressions:
+        _known_metric(r.metric, sample, f"--fail {r.text}")
+    warnings = comparability(run, baseline, baseline_path) if baseline is not None else []
+    floor = pairs.get(run.noise_floor) if run.noise_floor else None
+    found: list[Breach] = []
+    n = 0
+    for t in checks:
+        for name in pairs if t.pair == "*" else [t.pair]:
+            n += 1
+            found += [b] if (b := t.breach(pairs[name], floor, strict=strict)) else []
+    if baseline is not None:
+        base_pairs = {p.candidate: p.aggregates for p in baseline.pairs}
+        for name, agg in pairs.items():
+            if name not in base_pairs:
+                warnings.append(f"pair {name!r} is not in the baseline: not compared")
+                continue
+            for r in regressions:
+                _known_metric(r.metric, base_pairs[name], f"--fail {r.text} (baseline {baseline_path})")
+                n += 1
+                found += [b] if (b := r.breach(name, agg, base_pairs[name], strict=strict)) else []
+    breaches = [b for b in found if not b.within_noise]
+    noise = [b for b in found if b.within_noise]
+    warnings += [f"within noise: {b.line()}" for b in noise]
+    return {
+        "verdict": "fail" if breaches else "pass",
+        "breaches": [asdict(b) for b in breaches],
+        "within_noise": [asdict(b) for b in noise],
+        "warnings": warnings,
+        "checks": n,
+        "run": run.run_id,
+        "baseline": baseline.run_id if baseline is not None else None,
+    }
+
+
+def table(verdict: dict) -> str:
+    rows = verdict["breaches"] + verdict["within_noise"]
+    if not rows:
+        return f"gate: all {verdict['checks']} checks pass (run {verdict['run']})"
+    head = f"{'pair':<26} {'metric':<14} {'value':>11} {'limit':>11} {'baseline':>11}  {'rule':<22} verdict"
+    lines = [head, "-" * len(head)]
+    for b in rows:
+        base = f"{b['baseline']:>11.4g}" if b["baseline"] is not None else f"{'–':>11}"
+        verdict_word = "within noise" if b["within_noise"] else "FAIL"
+        lines.append(f"{b['pair']:<26} {b['metric']:<14} {b['value']:>11.4g} {b['limit']:>11.4g} {base}  {b['rule']:<22} {verdict_word}")
+    fails = len(verdict["breaches"])
+    lines.append(f"gate: {fails} of {verdict['checks']} checks fail" if fails else f"gate: all {verdict['checks']} checks pass")
+    return "\n".join(lines)
+
+
+def load_baseline(path: Path) -> records.RunRecord:
+    """A baseline must be a record of this very schema: older records lack what the gate compares."""
+    version = records.schema_of(path)
+    if version != records.SCHEMA_VERSION:
+        raise GateError(
+            f"baseline {path} is a schema {version} run record; the gate compares only schema {records.SCHEMA_VERSION} "
+            "records: re-run the baseline with this harness"
+        )
+    try:
+        return records.read(path)
+    except records.RecordError as exc:
+        raise GateError(str(exc)) from None
+
+
+def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool) -> int:
+    run = records.read(run_dir)
+    base = load_baseline(Path(baseline)) if baseline else None
+    verdict = gate(run, baseline=base, baseline_path=baseline, fail=fail, strict=strict)
+    (Path(run_dir) / "gate.json").write_text(json.dumps(records.json_safe(verdict), indent=2) + "\n")
+    for w in verdict["warnings"]:
+        print(f"warning: {w}")
+    print(table(verdict))
+    print(json.dumps(records.json_safe(verdict), separators=(",", ":"), allow_nan=False))
+    return 1 if verdict["verdict"] == "fail" else 0

@@ -1,0 +1,203 @@
+"""The quantization gate: limit and --fail parsing, noise handling and comparability on synthetic
+records; then on the micro family, the good builds pass and the deliberately damaged ones fail."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from harness import check, records
+from harness.check import GateError, Regression
+from harness.cli import main
+
+ROOT = Path(__file__).parents[1]
+SMALL = Path(__file__).parent / "data" / "prompts-small.jsonl"
+INPUTS = {"prompts_file": "p.jsonl", "prompts": 8, "token_ids_sha256": "a" * 64, "tokenizer_sha256": "b" * 64}
+
+
+def _agg(kl: float, kl_se: float, top1: float, n: int = 1000) -> dict:
+    return {"positions": n, "kl_mean": kl, "kl_mean_se": kl_se, "top1_agree": top1,
+            "top1_agree_se": math.sqrt(top1 * (1 - top1) / n), "ppl_ratio": 1.01, "ln_ppl_ratio_se": 0.002,
+            "by_confidence": []}  # fmt: skip
+
+
+def _run(pairs: dict[str, dict], gate: dict | None = None, **extra) -> records.RunRecord:
+    config = {"mode": "text", "store_dtype": "float16", "batch_size": 8, "seed": 0, "gate": gate or {}}
+    return records.RunRecord(
+        schema_version=records.SCHEMA_VERSION, run_id=extra.pop("run_id", "run"), status="ok", created_at="2026-11-25T00:00:00Z",
+        config=config, noise_floor="bf16", inputs=dict(INPUTS), versions={"torch": "2.13.0"}, machine={"cpu": "x"},
+        variants={name: {"dtype": "float32", "device": "cpu", "source": f"zoo:{name}"} for name in pairs},
+        pairs=[records.PairRecord(reference="ref", candidate=c, aggregates=a, prompts=[], positions_file="-") for c, a in pairs.items()],
+        **extra,
+    )  # fmt: skip
+
+
+GOOD = {"bf16": _agg(2e-4, 1e-5, 0.99), "int4": _agg(3e-3, 1e-4, 0.98)}
+
+
+@pytest.mark.parametrize(
+    "text, metric, sign, amount, relative",
+    [("kl_mean:+10%", "kl_mean", 1, 10, True), ("top1_agree:-1%", "top1_agree", -1, 1, True),
+     ("kl_mean:0.001", "kl_mean", 1, 0.001, False), ("kl_p99:+2.5e-3", "kl_p99", 1, 2.5e-3, False)],
+)  # fmt: skip
+def test_fail_expressions_parse(text, metric, sign, amount, relative):
+    r = Regression.parse(text)
+    assert (r.metric, r.sign, r.amount, r.relative) == (metric, sign, amount, relative)
+
+
+@pytest.mark.parametrize("text", ["kl_mean", "kl_mean:+", "kl_mean:ten%", ":+10%", "kl_mean:+10%%", "kl mean:+1%", "kl_mean:*2"])
+def test_malformed_fail_expressions_are_usage_errors(text):
+    with pytest.raises(GateError, match="expected METRIC"):
+        Regression.parse(text)
+
+
+def test_limits_pass_and_fail_with_the_floor_multiple():
+    gate = {"int4": {"kl_mean": {"max": 0.01, "max_x_floor": 20}, "top1_agree": {"min": 0.95}}}
+    v = check.gate(_run(GOOD, gate))
+    assert v["verdict"] == "pass" and v["checks"] == 3 and v["breaches"] == []
+    worse = {"bf16": GOOD["bf16"], "int4": _agg(0.05, 1e-3, 0.90)}
+    v = check.gate(_run(worse, gate))
+    assert v["verdict"] == "fail"
+    got = {(b["metric"], b["rule"]): b for b in v["breaches"]}
+    assert set(got) == {("kl_mean", "<= 0.01"), ("kl_mean", "<= 20 x floor"), ("top1_agree", ">= 0.95")}
+    assert got[("kl_mean", "<= 20 x floor")]["limit"] == pytest.approx(20 * 2e-4)
+    assert got[("top1_agree", ">= 0.95")]["value"] == 0.90
+
+
+def test_a_breach_inside_the_standard_error_is_within_noise_unless_strict():
+    gate = {"int4": {"kl_mean": {"max": 2.95e-3}}}  # KL 3e-3 is 5e-5 over it; its standard error is 1e-4
+    v = check.gate(_run(GOOD, gate))
+    assert v["verdict"] == "pass" and len(v["within_noise"]) == 1 and "within noise" in v["warnings"][0]
+    assert check.gate(_run(GOOD, gate), strict=True)["verdict"] == "fail"
+    far = {"int4": {"kl_mean": {"max": 2.5e-3}}}  # 5 standard errors over
+    assert check.gate(_run(GOOD, far))["verdict"] == "fail"
+
+
+def test_baseline_regressions_use_the_combined_standard_error():
+    base = _run(GOOD, run_id="base")
+    same = check.gate(_run(GOOD), baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%", "top1_agree:-1%"])
+    assert same["verdict"] == "pass" and same["checks"] == 4 and same["warnings"] == []
+    slightly = {"bf16": GOOD["bf16"], "int4": _agg(3.35e-3, 1e-4, 0.98)}  # +11.7%, but within sqrt(2) x 1e-4 of the limit
+    v = check.gate(_run(slightly), baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "pass" and v["within_noise"][0]["baseline"] == 3e-3
+    worse = {"bf16": GOOD["bf16"], "int4": _agg(6e-3, 1e-4, 0.95)}
+    v = check.gate(_run(worse), baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%", "top1_agree:-1%"])
+    assert v["verdict"] == "fail" and {b["metric"] for b in v["breaches"]} == {"kl_mean", "top1_agree"}
+    assert all(b["baseline"] is not None and b["pair"] == "int4" for b in v["breaches"])
+
+
+def test_usage_errors():
+    run = _run(GOOD, {"int4": {"kl_mean": {"max": 0.01}}})
+    with pytest.raises(GateError, match="give --baseline"):
+        check.gate(run, fail=["kl_mean:+10%"])
+    with pytest.raises(GateError, match="unknown metric 'kl_maen'; did you mean kl_mean"):
+        check.gate(_run(GOOD, {"int4": {"kl_maen": {"max": 0.01}}}))
+    with pytest.raises(GateError, match="unknown metric 'nonsense'"):
+        check.gate(run, baseline=_run(GOOD), baseline_path=Path("b"), fail=["nonsense:+1%"])
+    with pytest.raises(GateError, match="nothing to check"):
+        check.gate(_run(GOOD))
+    with pytest.raises(GateError, match="no pair with candidate 'int8'"):
+        check.gate(_run(GOOD, {"int8": {"kl_mean": {"max": 0.01}}}))
+    with pytest.raises(GateError, match="nothing to gate"):
+        check.gate(run.model_copy(update={"status": "error", "error": "boom"}))
+
+
+def test_a_baseline_with_another_prompt_set_or_tokenizer_is_refused():
+    for key in ("token_ids_sha256", "tokenizer_sha256"):
+        other = _run(GOOD, run_id="base")
+        other.inputs[key] = "c" * 64
+        with pytest.raises(GateError, match="not comparable"):
+            check.gate(_run(GOOD), baseline=other, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+
+
+def test_other_settings_and_machines_are_compared_with_a_warning_per_difference():
+    other = _run({"int4": GOOD["int4"], "bf16": GOOD["bf16"]}, run_id="base")
+    other = other.model_copy(update={
+        "versions": {"torch": "2.12.0"}, "machine": {"cpu": "y"}, "config": {**other.config, "store_dtype": "float32"},
+        "variants": {**other.variants, "int4": {**other.variants["int4"], "dtype": "bfloat16"}},
+    })  # fmt: skip
+    run = _run({**GOOD, "int8": _agg(1e-5, 1e-6, 0.999)})
+    v = check.gate(run, baseline=other, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "pass"
+    text = "\n".join(v["warnings"])
+    for needle in ("versions.torch differs: baseline '2.12.0', this run '2.13.0'", "machine.cpu differs",
+                   "config.store_dtype differs", "int4.dtype differs", "pair 'int8' is not in the baseline"):  # fmt: skip
+        assert needle in text
+
+
+def test_exit_codes_table_and_json_verdict_line(tmp_path, capsys):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    gate = {"int4": {"kl_mean": {"max_x_floor": 20}}}
+    for folder, pairs in ((good, GOOD), (bad, {"bf16": GOOD["bf16"], "int4": _agg(0.02, 1e-4, 0.9)})):
+        folder.mkdir()
+        records.write(folder, _run(pairs, gate, run_id=folder.name))
+    assert main(["check", "--run", str(good)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verdict"] == "pass"
+    assert main(["check", "--run", str(bad), "--baseline", str(good / "run.json"), "--fail", "kl_mean:+10%"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    verdict = json.loads(out[-1])
+    assert verdict["verdict"] == "fail" and len(verdict["breaches"]) == 2 and verdict["baseline"] == "good"
+    assert {"pair", "metric", "value", "limit", "baseline"} <= set(verdict["breaches"][0]) and "warnings" in verdict
+    assert any("int4" in line and "kl_mean" in line and "FAIL" in line and "<= 20 x floor" in line for line in out)
+    assert json.loads((bad / "gate.json").read_text())["verdict"] == "fail"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"schema_version": 1, "status": "ok", "created_at": "x"}))
+    assert main(["check", "--run", str(good), "--baseline", str(old), "--fail", "kl_mean:+10%"]) == 2
+    assert "schema 1 run record" in capsys.readouterr().err
+    assert main(["check", "--run", str(good), "--fail", "kl_mean:+10%"]) == 2
+    assert main(["check", "--run", str(good), "--config", "configs/ci-gate.yaml"]) == 2
+
+
+# ---------------------------------------------------------------- the micro family, for real
+
+
+@pytest.fixture(scope="module")
+def gate_env(micro_zoo, tmp_path_factory):
+    """Where the gate runs of this module put their stores (shared: unchanged models are reused) and reports."""
+    tmp = tmp_path_factory.mktemp("gate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HARNESS_STORE", str(tmp / "store"))
+        yield tmp
+
+
+def _gate(env: Path, *extra: str, source: str | None = None) -> list[str]:
+    args = ["check", "--config", str(ROOT / "configs" / "ci-gate.yaml"), "zoo_profile=micro", f"prompts={SMALL}",
+            f"reports_dir={env / 'reports'}", "metrics.bootstrap_resamples=0"]  # fmt: skip
+    if source:
+        args.append(f"variants.2.source=zoo:{source}")  # a new Int4 build, gated under the same name
+    return args + list(extra)
+
+
+@pytest.mark.slow
+def test_the_gate_passes_the_good_builds_and_fails_the_damaged_ones(gate_env, capsys):
+    from harness import zoo
+
+    assert main(_gate(gate_env)) == 0  # the project's own CI runs the gate on the micro family
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("gate: all 7 checks pass") and json.loads(out[-1])["verdict"] == "pass"
+    good = (gate_env / "reports" / "latest").resolve()
+
+    for damaged, must in ((zoo.INT2, {"kl_mean"}), (zoo.BAD_SCALES, {"kl_mean", "top1_agree"})):
+        assert main(_gate(gate_env, source=damaged)) == 1, damaged
+        out = capsys.readouterr().out.strip().splitlines()
+        verdict = json.loads(out[-1])
+        assert verdict["verdict"] == "fail" and must <= {b["metric"] for b in verdict["breaches"]}
+        assert all(b["pair"] == "s-chat-gptq-int4" for b in verdict["breaches"])
+        table = "\n".join(out)
+        assert "s-chat-gptq-int4" in table and "FAIL" in table and "kl_mean" in table
+        bad = (gate_env / "reports" / "latest").resolve()
+        # against the good run as baseline it is a regression too, with a warning naming the new source
+        assert main(["check", "--run", str(bad), "--baseline", str(good), "--fail", "kl_mean:+10%", "top1_agree:-1%"]) == 1
+        verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert any(b["rule"] == "+10% vs baseline" and b["baseline"] is not None for b in verdict["breaches"])
+        assert any("s-chat-gptq-int4.source differs" in w and damaged in w for w in verdict["warnings"])
+
+    # a run against itself passes; so does a fresh run of the same builds (deterministic)
+    assert main(["check", "--run", str(good), "--baseline", str(good), "--fail", "kl_mean:+10%", "top1_agree:-1%"]) == 0
+    assert main(_gate(gate_env, "--baseline", str(good), "--fail", "kl_mean:+1%", "--strict")) == 0
+    verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert verdict["verdict"] == "pass" and verdict["warnings"] == []
