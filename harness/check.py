@@ -280,6 +280,12 @@ def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool)
     base = load_baseline(Path(baseline)) if baseline else None
     verdict = gate(run, baseline=base, baseline_path=baseline, fail=fail, strict=strict)
     (Path(run_dir) / "gate.json").write_text(json.dumps(records.json_safe(verdict), indent=2) + "\n")
+    from harness import report
+
+    try:
+        report.render(run_dir)  # index.html gains the verdict
+    except (OSError, ValueError, KeyError) as exc:  # the verdict stands without it
+        verdict["warnings"].append(f"{run_dir}/index.html not re-rendered: {exc}")
     for w in verdict["warnings"]:
         print(f"warning: {w}")
     print(table(verdict))

@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PromptError, ExtractError, CompareError, RecordError, GateError) as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("harness: interrupted. Finished store shards are kept: the same command resumes from them.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def _e(x) -> str:
 
 
 def _num(x, spec: str = ".3g") -> str:
+    if isinstance(x, str):  # "inf" / "-inf" from a strict-JSON file
+        return _e(x)
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     if isinstance(x, float) and math.isinf(x):
@@ -256,6 +258,30 @@ def throughput_section(record: records.RunRecord) -> str:
     return "".join(rows) + "</tbody></table>"
 
 
+def gate_section(run_dir: Path) -> str:
+    """The verdict of `harness check` on this run (gate.json beside the record), when there is one."""
+    path = run_dir / "gate.json"
+    if not path.is_file():
+        return ""
+    v = json.loads(path.read_text())
+    rows = v.get("breaches", []) + v.get("within_noise", [])
+    word = "PASS" if v.get("verdict") == "pass" else "FAIL"
+    out = [f"<h2 id=gate>Quantization gate: {word}</h2><p>{v.get('checks')} checks"
+           + (f", against baseline {_e(v['baseline'])}" if v.get("baseline") else "") + ".</p>"]  # fmt: skip
+    if rows:
+        out.append("<table id=gate-table><tr><th>pair</th><th>metric</th><th>value</th><th>limit</th><th>baseline</th>"
+                   "<th>rule</th><th>verdict</th></tr>")  # fmt: skip
+        for b in rows:
+            out.append(
+                f"<tr><td>{_e(b['pair'])}</td><td>{_e(b['metric'])}</td><td>{_num(b['value'], '.4g')}</td>"
+                f"<td>{_num(b['limit'], '.4g')}</td><td>{_num(b.get('baseline'), '.4g')}</td><td>{_e(b['rule'])}</td>"
+                f"<td>{'within noise' if b['within_noise'] else 'FAIL'}</td></tr>"
+            )
+        out.append("</table>")
+    out += [f"<p class=small>warning: {_e(w)}</p>" for w in v.get("warnings", [])]
+    return "".join(out)
+
+
 def metadata_section(record: records.RunRecord) -> str:
     kv = lambda d: "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in (d or {}).items())  # noqa: E731
     git = record.git or {}
@@ -326,7 +352,7 @@ def render(run_dir: Path, record: records.RunRecord) -> str:
         body += [
             '<nav><a href="#summary">summary</a> <a href="#dist">KL distribution</a> <a href="#matrix">all pairs</a> '
             '<a href="#tokens">per prompt</a> <a href="#inf">−inf scores</a> <a href="#meta">run</a></nav>',
-            "<h2>Summary</h2>", summary_table(record), distribution_section(record, kl), matrix_section(record),
+            "<h2>Summary</h2>", summary_table(record), gate_section(run_dir), distribution_section(record, kl), matrix_section(record),
             "<h2 id=tokens>Per prompt</h2><div id=view><p>Needs the script to run.</p></div>",
             warp_section(record, n_vocab), throughput_section(record),
         ]  # fmt: skip

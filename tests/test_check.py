@@ -190,6 +190,8 @@ def test_the_gate_passes_the_good_builds_and_fails_the_damaged_ones(gate_env, ca
         table = "\n".join(out)
         assert "s-chat-gptq-int4" in table and "FAIL" in table and "kl_mean" in table
         bad = (gate_env / "reports" / "latest").resolve()
+        page = (bad / "index.html").read_text()
+        assert "Quantization gate: FAIL" in page and "id=gate-table" in page  # the report shows the verdict
         # against the good run as baseline it is a regression too, with a warning naming the new source
         assert main(["check", "--run", str(bad), "--baseline", str(good), "--fail", "kl_mean:+10%", "top1_agree:-1%"]) == 1
         verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
