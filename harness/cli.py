@@ -202,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         return bench.main(argv[1:])
     args = parser().parse_args(argv)
     _quiet_libraries()
+    from harness.check import GateError
     from harness.compare import CompareError
     from harness.config import ConfigError
     from harness.extract import ExtractError
     from harness.prompts import PromptError
-    from harness.check import GateError
     from harness.records import RecordError
 
     try:

@@ -311,10 +311,11 @@ def view_data(run_dir: Path, record: records.RunRecord, kl: dict[str, np.ndarray
     """What the per-prompt token view needs: per-position KL and flips, both models' top-5, token texts."""
     if not record.pairs or tokens is None:
         return {}
-    first = np.load(run_dir / record.pairs[0].positions_file)
+    with np.load(run_dir / record.pairs[0].positions_file) as first:
+        pos = {key: first[key].tolist() for key in ("prompt", "position", "target")}
     data = {
         "reference": record.reference,
-        "pos": {"prompt": first["prompt"].tolist(), "position": first["position"].tolist(), "target": first["target"].tolist()},
+        "pos": pos,
         "kl": {c: _round(v) for c, v in kl.items()},
         "prompts": [{"id": p["id"], "texts": p["texts"]} for p in tokens["prompts"]],
         "vocab": tokens["vocab"],
@@ -335,7 +336,10 @@ def render(run_dir: Path, record: records.RunRecord) -> str:
     run_dir = Path(run_dir)
     css = resources.files("harness").joinpath("assets/report.css").read_text()
     js = resources.files("harness").joinpath("assets/report.js").read_text()
-    kl = {p.candidate: np.load(run_dir / p.positions_file)["kl"] for p in record.pairs}
+    kl = {}
+    for p in record.pairs:
+        with np.load(run_dir / p.positions_file) as z:
+            kl[p.candidate] = z["kl"]
     tokens = load_tokens(run_dir, record)
     n_vocab = (record.variants.get(record.reference or "", {}) or {}).get("n_vocab") or (tokens or {}).get("n_vocab")
     title = f"Drift report {record.run_id}"

@@ -188,14 +188,6 @@ def check_same_ids(reference: TokenizedPrompts, tokenizer, name: str, *, generat
             )
 
 
-if __name__ == "__main__":
-    loaded = load(Path(sys.argv[1]))
-    kinds = {}
-    for p in loaded:
-        kinds[p.kind] = kinds.get(p.kind, 0) + 1
-    print(f"{len(loaded)} prompts: {kinds}")
-
-
 def sequences(segments: list[Segment]) -> dict[int, list[int]]:
     """prompt index -> its whole token sequence (prompt, and continuation in generate mode) from the segments."""
     out: dict[int, list[int]] = {}
@@ -244,3 +236,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest.update(json.dumps({i: str(t) for i, t in sorted(tokenizer.added_tokens_decoder.items())}).encode())
     digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
     return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    loaded = load(Path(sys.argv[1]))
+    kinds = {}
+    for p in loaded:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    print(f"{len(loaded)} prompts: {kinds}")
