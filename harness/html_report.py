@@ -297,10 +297,13 @@ def metadata_section(record: records.RunRecord) -> str:
     ]
     for name, v in record.variants.items():
         reused = v.get("reused_shards") == v.get("shards")
+        took = f" (store reused; filling it took {_num(v.get('first_extract_s'), '.1f')})" if reused else ""
         out.append(
-            f"<tr><td>{_e(name)}</td><td>{_e(v.get('source'))}</td><td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}</td>"
+            f"<tr><td>{_e(name)}</td><td>{_e(v.get('source'))}{'@' + _e(v['revision']) if v.get('revision') else ''}</td>"
+            f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}</td>"
             f"<td>{_num(v.get('parameters'), ',')}</td><td>{_num(v.get('load_s'), '.1f')}</td>"
-            f"<td>{_num(v.get('extract_s'), '.1f')}{' (reused)' if reused else ''}</td><td>{_num(v.get('forward_s'), '.1f')}</td>"
+            f"<td>{_num(v.get('extract_s'), '.1f')}{took}</td>"
+            f"<td>{_num(v.get('forward_s'), '.1f')}</td>"
             f"<td class=small>{_e(v.get('store'))}</td></tr>"
         )
     out.append(f"</table><h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>")

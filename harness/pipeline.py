@@ -75,5 +75,6 @@ def extract_all(cfg: Config, the_plan: Plan, log=print) -> tuple[dict[str, Store
             loaded, the_plan.segments, the_plan.tokens.n_vocab, batch_size=cfg.batch_size,
             store_dtype=cfg.store_dtype, padding_side=cfg.padding_side, prompt_ids=ids, log=log,
         )  # fmt: skip
-        facts[spec.name] |= {"source": spec.source, "path": loaded.path, "dtype": spec.dtype, "device": loaded.device}
+        facts[spec.name] |= {"source": spec.source, "revision": spec.revision, "path": loaded.path, "dtype": spec.dtype,
+                             "device": loaded.device}  # fmt: skip
     return stores, facts
