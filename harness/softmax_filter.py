@@ -92,7 +92,8 @@ def compiled_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> Sparse
 
 
 # --- fused CPU kernel: C++ source, built once per machine into $HARNESS_HOME/ext ----------------------
-CPP = r"""// One row at a time: pass 1 max (+ NaN flag, + running top-k), pass 2 sum of exp, pass 3 write kept entries.
+CPP = r"""// One row at a time: pass 1 max (+ NaN flag, + running top-k, + where the finite entries are while they are few),
+// pass 2 sum of exp, pass 3 write kept entries; on a warped row (<= FCAP finite) passes 2 and 3 visit only those.
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -169,15 +170,29 @@ static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v
 extern "C" int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k,
                            void* vals, int32_t* idx, int64_t cap, int64_t* counts, int* why) {
   float tv[256]; int32_t ti[256];
+#ifdef __AVX512F__
+  enum { FCAP = 4096 };
+  static thread_local int32_t fi[FCAP + 16];
+#endif
   for (int64_t r = 0; r < n; ++r) {
     const void* row = bf ? (const void*)((const uint16_t*)x + r * ld) : (const void*)((const float*)x + r * ld);
     float m = -INFINITY, thr = -INFINITY; int nan = 0, tc = 0; int64_t i = 0;
 #ifdef __AVX512F__
     __m512 vm = _mm512_set1_ps(-INFINITY); __mmask16 un = 0;
+    int64_t nf = 0;  // finite entries listed in fi[] so far; -1 once there are more than FCAP
+    const __m512i iota16 = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15);
     for (; i < V; i += 16) {
       __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
       __m512 v = load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY));
       vm = _mm512_max_ps(vm, v); un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      if (nf >= 0) {  // warped rows: remember where the few finite entries are, so passes 2 and 3 visit only them
+        __mmask16 fin = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+        if (fin) {
+          int cnt = __builtin_popcount(fin);
+          if (nf + cnt > FCAP) nf = -1;
+          else { _mm512_mask_compressstoreu_epi32(fi + nf, fin, _mm512_add_epi32(iota16, _mm512_set1_epi32((int)i))); nf += cnt; }
+        }
+      }
       if (mode) {
         __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
         while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, i + l);
@@ -192,6 +207,27 @@ extern "C" int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t 
     if (nan || m == -INFINITY || m == INFINITY) { *why = nan ? 1 : (m == INFINITY ? 3 : 2); return r; }
     float s = 0.f;
 #ifdef __AVX512F__
+    if (nf >= 0) {  // at most FCAP finite entries (a warped row): sum and write from the list, not the row
+      for (int64_t j = 0; j < nf; ++j) s += exp_s(load1(row, bf, fi[j]) - m);
+      const float inv = 1.f / s;
+      float* vf = (float*)vals + r * cap; uint16_t* vb = (uint16_t*)vals + r * cap; int32_t* ix = idx + r * cap;
+      int64_t c = 0;
+      if (mode) {
+        for (int j = 0; j < tc; ++j) {
+          float p = exp_s(tv[j] - m) * inv;
+          if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[c] = b; ix[c++] = ti[j]; } }
+          else if (p > 0.f) { vf[c] = p; ix[c++] = ti[j]; }
+        }
+      } else {
+        for (int64_t j = 0; j < nf; ++j) {
+          float p = exp_s(load1(row, bf, fi[j]) - m) * inv;
+          if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[c] = b; ix[c++] = fi[j]; } }
+          else if (p > 0.f) { vf[c] = p; ix[c++] = fi[j]; }
+        }
+      }
+      counts[r] = c;
+      continue;
+    }
     __m512 vs0 = _mm512_setzero_ps(), vs1 = _mm512_setzero_ps(), vmax = _mm512_set1_ps(m);
     for (i = 0; i + 32 <= V; i += 32) {
       vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, 0xFFFF, vmax), vmax)));
