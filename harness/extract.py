@@ -6,17 +6,20 @@ Every model runs over the reference tokenizer's ids (`prompts.Segment`s), in bat
 right or the left with an attention mask and explicit position ids, so a padded row's logits equal
 its unpadded ones. Each logits row is cut to the real token ids (`len(tokenizer)`, 151646 for
 Qwen1.5) before the softmax; the probability the raw row put on the padding columns, and what the
-model's own generation_config warpers would leave of it, are stored beside it.
+model's own generation_config warpers would leave of it, are stored beside it. A finished shard is
+written by a background thread while the next one's forward passes run (two shard buffers at most).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,11 +293,28 @@ def extract(
     facts |= {"warpers": warpers.__dict__, "logit_width": int(model.config.vocab_size)}
     start, forward_s = time.perf_counter(), 0.0
     bar = tqdm(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+    pending: list = []  # (shard, future) of the shard being written; written[0]: shards done in this run
+    written = [0]
+
+    def finish() -> None:
+        """Waits for the shard being written; a failed write is one clear error, finished shards kept."""
+        while pending:
+            shard, future = pending.pop()
+            try:
+                future.result()
+            except OSError as exc:
+                raise ExtractError(
+                    f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc} "
+                    f"(a full disk?). The {written[0]} shards finished in this run are kept; re-run to resume."
+                ) from exc
+            written[0] += 1
+
     try:
         for shard in todo:
             lo, hi = plan[shard]
             n_rows = sum(segments[i].rows for i in range(lo, hi))
-            buf = {  # filled batch by batch: peak memory is one shard, whatever the number of positions
+            buf = {  # filled batch by batch: peak memory is two shards (one being written), whatever the positions
                 "logprobs": torch.empty(n_rows, n_vocab, dtype=TORCH_DTYPES[store_dtype]),
                 "target": torch.empty(n_rows, dtype=torch.long),
                 "prompt": torch.empty(n_rows, dtype=torch.long),
@@ -315,15 +335,16 @@ def extract(
                     row += seg.rows
                 del logits  # no view of it outlives this line, so the next batch's logits replace it
                 bar.update(len(batch))
-            try:
-                store.write_shard(shard, buf, {"segments": [lo, hi]})
-            except OSError as exc:
-                raise ExtractError(
-                    f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc} "
-                    f"(a full disk?). The {shard - todo[0]} shards finished in this run are kept; re-run to resume."
-                ) from exc
-            del buf  # before the next shard's buffer exists: one shard in memory at a time
+            finish()  # the previous shard: at most one written while this one fills
+            pending.append((shard, writer.submit(store.write_shard, shard, buf, {"segments": [lo, hi]})))
+            del buf  # the writer holds it until written
+        finish()
+    except BaseException:
+        with contextlib.suppress(ExtractError):  # the error in flight is the one to report
+            finish()  # an interrupted run still completes (atomically) the shard already being written
+        raise
     finally:
+        writer.shutdown(wait=True)
         bar.close()
         del model
         gc.collect()

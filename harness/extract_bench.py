@@ -1,6 +1,13 @@
 """Extraction overhead and memory: extract vs bare forward passes, and peak RSS at N and 10 N positions.
 
     python -m harness.extract_bench [--model tiny-qwen1.5-s-chat] [--profile full] [--positions 1024]
+    python -m harness.extract_bench --shape qwen1.5-0.5b --positions 512 --no-10x
+
+`--shape qwen1.5-0.5b` measures a model of Qwen1.5-0.5B's exact architecture (24 layers, hidden 1024,
+151936-wide logits, tied embeddings, the chat generation config) with seeded random weights: no
+checkpoint can be downloaded here, and the cost of extraction does not depend on what the weights
+learned. It is built once into $HARNESS_HOME/bench/. The tiny zoo models' forward pass is a fraction
+of a millisecond per position, so there the fixed per-position cost of extraction dominates.
 
 Each size runs in a fresh subprocess (so peak RSS is its own): it times the bare forward passes over
 the same segments at the same batch size, then a full extraction into a throwaway store (log-softmax,
@@ -32,14 +39,43 @@ def _segments(tokenizer, positions: int, context: int):
     return prompts.text_segments(tokens, context=context, score="all"), tokens.n_vocab
 
 
-def one(model_name: str, profile: str, positions: int, batch_size: int, context: int) -> dict:
+# Qwen1.5-0.5B's config.json (the architecture fields)
+SHAPES = {
+    "qwen1.5-0.5b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                         num_key_value_heads=16, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu"),
+}  # fmt: skip
+
+
+def shaped_model(shape: str, profile: str) -> str:
+    """A folder with a randomly initialised model of a real release's architecture (built once)."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from harness import paths, zoo
+
+    folder = paths.home() / "bench" / f"{shape}-shaped"
+    if zoo.problem(folder) is None:
+        return str(folder)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape], bos_token_id=151643, eos_token_id=151645))
+    model.generation_config = GenerationConfig(**zoo.CHAT_GENERATION)
+    tmp = zoo.tmp_dir(folder)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(zoo.build(profile, log=lambda _: None)[zoo.TOKENIZER]).save_pretrained(tmp)
+    zoo.publish(tmp, folder, {"name": folder.name, "shape": shape, "weights": "random, seed 0"})
+    return str(folder)
+
+
+def one(model_name: str, profile: str, positions: int, batch_size: int, context: int, shape: str | None = None) -> dict:
     """Runs in the subprocess: bare forward timing, then extraction; returns the figures."""
     import torch
 
     from harness import extract
     from harness.config import ModelSpec
 
-    loaded = extract.locate(ModelSpec(name=model_name, source=f"zoo:{model_name}"), profile)
+    source = shaped_model(shape, profile) if shape else f"zoo:{model_name}"
+    loaded = extract.locate(ModelSpec(name=shape or model_name, source=source), profile)
     segments, n_vocab = _segments(extract.load_tokenizer(loaded), positions, context)
     model = extract.load_model(loaded)
     model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, model loaded
@@ -56,13 +92,16 @@ def one(model_name: str, profile: str, positions: int, batch_size: int, context:
         extract_s = time.perf_counter() - start
     rows = sum(s.rows for s in segments)
     return {
+        "model": shape or model_name,
         "positions": rows,
         "batch_size": batch_size,
         "context": context,
         "forward_s": forward_s,
         "extract_s": extract_s,
-        "overhead_ratio": extract_s / forward_s,
-        "overhead_ms_per_position": 1000 * (extract_s - forward_s) / rows,
+        "load_s": facts["load_s"],
+        # extraction loads the model itself; the bare forward passes start with it loaded
+        "overhead_ratio": (extract_s - facts["load_s"]) / forward_s,
+        "overhead_ms_per_position": 1000 * (extract_s - facts["load_s"] - forward_s) / rows,
         "model_rss_mib": model_rss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
@@ -76,24 +115,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--positions", type=int, default=1024, help="N: the run is repeated at 10 N")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a randomly initialised model of this release's architecture")
+    parser.add_argument("--no-10x", action="store_true", help="only N positions (skip the 10 N memory run)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.model, args.profile, args.positions, args.batch_size, args.context)))
+        print(json.dumps(one(args.model, args.profile, args.positions, args.batch_size, args.context, args.shape)))
         return 0
     results = []
-    for positions in (args.positions, 10 * args.positions):
+    for positions in (args.positions,) if args.no_10x else (args.positions, 10 * args.positions):
         cmd = [sys.executable, "-m", "harness.extract_bench", "--one", "--model", args.model, "--profile", args.profile,
-               "--positions", str(positions), "--batch-size", str(args.batch_size), "--context", str(args.context)]  # fmt: skip
+               "--positions", str(positions), "--batch-size", str(args.batch_size), "--context", str(args.context),
+               *(["--shape", args.shape] if args.shape else [])]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{'positions':>9} {'forward s':>9} {'extract s':>9} {'ratio':>6} {'ms/pos over':>11} {'model MiB':>9} {'peak MiB':>9}")
+    print(f"{results[0]['model']}, batch {args.batch_size}, {args.context}-token windows; ratio = (extract - model load) / bare forward")
+    print(f"{'positions':>9} {'forward s':>9} {'extract s':>9} {'load s':>6} {'ratio':>6} {'ms/pos over':>11} {'model MiB':>9} {'peak MiB':>9}")
     for r in results:
-        print(f"{r['positions']:>9} {r['forward_s']:>9.2f} {r['extract_s']:>9.2f} {r['overhead_ratio']:>6.2f} "
+        print(f"{r['positions']:>9} {r['forward_s']:>9.2f} {r['extract_s']:>9.2f} {r['load_s']:>6.2f} {r['overhead_ratio']:>6.2f} "
               f"{r['overhead_ms_per_position']:>11.3f} {r['model_rss_mib']:>9.0f} {r['peak_rss_mib']:>9.0f}")  # fmt: skip
-    growth = results[1]["peak_rss_mib"] / results[0]["peak_rss_mib"] - 1
-    print(f"peak RSS grows {100 * growth:.1f}% for 10x the positions")
-    print(json.dumps({"model": args.model, "profile": args.profile, "results": results, "rss_growth_10x": growth}))
+    growth = results[1]["peak_rss_mib"] / results[0]["peak_rss_mib"] - 1 if len(results) > 1 else None
+    if growth is not None:
+        print(f"peak RSS grows {100 * growth:.1f}% for 10x the positions")
+    print(json.dumps({"model": results[0]["model"], "profile": args.profile, "results": results, "rss_growth_10x": growth}))
     return 0
 
 

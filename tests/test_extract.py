@@ -196,3 +196,25 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch):
     loaded = extract.locate(ModelSpec(name="real", source="Qwen/Qwen1.5-0.5B-Chat"), "micro")
     with pytest.raises(extract.ExtractError, match=r"'real': cannot load the config of Qwen/Qwen1.5-0.5B-Chat.*local folder"):
         extract.context_length(loaded)
+
+
+def test_interrupt_keeps_the_shard_being_written(micro_zoo, tokens, segments, tmp_store, monkeypatch):
+    """Shards are written in the background while the next fills; Ctrl-C there still completes them."""
+    monkeypatch.setattr(store, "SHARD_POSITIONS", 64)
+    plan = store.plan_shards([s.rows for s in segments])
+    real_forward, calls = extract.forward_logits, []
+    assert len(plan) >= 3
+    first_batch_of_shard_2 = sum(-(-(hi - lo) // 2) for lo, hi in plan[:2])  # forward passes of shards 0 and 1, batch 2
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > first_batch_of_shard_2:
+            raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "forward_logits", forward)
+    with pytest.raises(KeyboardInterrupt):
+        extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=2, store_dtype="float16", **QUIET)
+    done = store.Store(next(tmp_store.iterdir()))
+    assert done.is_complete(0) and done.is_complete(1) and not done.is_complete(2)
+    assert not list(done.root.glob(".*tmp*"))  # no half-written file left behind
