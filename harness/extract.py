@@ -6,20 +6,18 @@ Every model runs over the reference tokenizer's ids (`prompts.Segment`s), in bat
 right or the left with an attention mask and explicit position ids, so a padded row's logits equal
 its unpadded ones. Each logits row is cut to the real token ids (`len(tokenizer)`, 151646 for
 Qwen1.5) before the softmax; the probability the raw row put on the padding columns, and what the
-model's own generation_config warpers would leave of it, are stored beside it. A finished shard is
-written by a background thread while the next one's forward passes run (two shard buffers at most).
+model's own generation_config warpers would leave of it, are stored beside it. Each batch's rows go
+to disk from a background thread (store.ShardWriter) while the next batch's forward pass runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +27,11 @@ from tqdm.auto import tqdm
 from harness import paths, zoo
 from harness.config import ModelSpec
 from harness.prompts import Segment, TokenizedPrompts
+from harness.row_stats import row_stats
 from harness.store import Store, plan_shards, store_key
 from harness.warpers import Warpers, warp_stats
 
-EXTRACT_VERSION = 2  # bump when what is stored changes meaning
+EXTRACT_VERSION = 3  # bump when what is stored changes meaning
 CHUNK_ROWS = 32  # rows post-processed at a time: 32 x 151936 float32 = 19 MB per temporary
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -176,17 +175,6 @@ def own_rows(logits: torch.Tensor, b: int, length: int, padding_side: str) -> to
     return logits[b, :length] if padding_side == "right" else logits[b, logits.shape[1] - length :]
 
 
-def row_stats(raw: torch.Tensor, n_vocab: int):
-    """[R, V_padded] raw logits -> ([R, n_vocab] log-probs, [R] pad mass, [R] logsumexp of the full row)."""
-    if raw.shape[-1] < n_vocab:
-        raise ExtractError(f"the model's logit rows are {raw.shape[-1]} wide, fewer than the tokenizer's {n_vocab} ids")
-    lse_cut = torch.logsumexp(raw[:, :n_vocab], dim=-1)
-    lse_pad = torch.logsumexp(raw[:, n_vocab:], dim=-1)  # -inf when there are no padding columns
-    lse_full = torch.logaddexp(lse_cut, lse_pad)
-    pad_mass = torch.exp(lse_pad - lse_full)  # mass on columns >= n_vocab
-    return raw[:, :n_vocab] - lse_cut[:, None], pad_mass, lse_full
-
-
 def greedy_continuations(loaded: Loaded, tokens: TokenizedPrompts, max_new_tokens: int, log=print) -> list[list[int]]:
     """The reference's raw greedy continuation of every prompt (not its sampling generation_config).
 
@@ -234,7 +222,8 @@ def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, wa
     for r in range(seg.first, len(seg.ids) - 1, CHUNK_ROWS):
         r_end = min(r + CHUNK_ROWS, len(seg.ids) - 1)
         raw = own[r:r_end].float().cpu()  # [C, V_padded]
-        logprobs, pad_mass, lse = row_stats(raw, n_vocab)
+        rows = slice(row + r - seg.first, row + r_end - seg.first)
+        _, pad_mass, lse = row_stats(raw, n_vocab, out=buf["logprobs"][rows])  # log-probs straight into the shard
         if not torch.isfinite(lse).all():
             bad = int((~torch.isfinite(lse)).nonzero()[0, 0]) + seg.offset + r
             raise ExtractError(
@@ -242,8 +231,6 @@ def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, wa
                 f"in {spec.dtype} its activations may overflow: try float32 (finished shards are kept)"
             )
         finite, kept = warp_stats(raw, ids, r, lse, warpers)
-        rows = slice(row + r - seg.first, row + r_end - seg.first)
-        buf["logprobs"][rows] = logprobs
         buf["target"][rows] = ids[r + 1 : r_end + 1]
         buf["position"][rows] = torch.arange(r + 1, r_end + 1) + seg.offset
         buf["prompt"][rows] = seg.prompt
@@ -293,28 +280,19 @@ def extract(
     facts |= {"warpers": warpers.__dict__, "logit_width": int(model.config.vocab_size)}
     start, forward_s = time.perf_counter(), 0.0
     bar = tqdm(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)
-    writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-    pending: list = []  # (shard, future) of the shard being written; written[0]: shards done in this run
-    written = [0]
+    written = 0  # shards finished in this run
 
-    def finish() -> None:
-        """Waits for the shard being written; a failed write is one clear error, finished shards kept."""
-        while pending:
-            shard, future = pending.pop()
-            try:
-                future.result()
-            except OSError as exc:
-                raise ExtractError(
-                    f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc} "
-                    f"(a full disk?). The {written[0]} shards finished in this run are kept; re-run to resume."
-                ) from exc
-            written[0] += 1
+    def failed(shard: int, exc: OSError) -> ExtractError:
+        return ExtractError(
+            f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc} "
+            f"(a full disk?). The {written} shards finished in this run are kept; re-run to resume."
+        )
 
     try:
         for shard in todo:
             lo, hi = plan[shard]
             n_rows = sum(segments[i].rows for i in range(lo, hi))
-            buf = {  # filled batch by batch: peak memory is two shards (one being written), whatever the positions
+            buf = {  # filled batch by batch: peak memory is one shard, whatever the number of positions
                 "logprobs": torch.empty(n_rows, n_vocab, dtype=TORCH_DTYPES[store_dtype]),
                 "target": torch.empty(n_rows, dtype=torch.long),
                 "prompt": torch.empty(n_rows, dtype=torch.long),
@@ -323,28 +301,35 @@ def extract(
                 "warp_finite": torch.empty(n_rows, dtype=torch.int32),
                 "warp_mass": torch.empty(n_rows),
             }
-            row = 0
-            for b in range(lo, hi, batch_size):
-                batch = segments[b : min(hi, b + batch_size)]
-                t0 = time.perf_counter()
-                logits = forward_logits(model, [s.ids for s in batch], loaded.device, padding_side)
-                forward_s += time.perf_counter() - t0
-                for i, seg in enumerate(batch):
-                    name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
-                    _fill(buf, row, seg, own_rows(logits, i, len(seg.ids), padding_side), n_vocab, warpers, spec, name)
-                    row += seg.rows
-                del logits  # no view of it outlives this line, so the next batch's logits replace it
-                bar.update(len(batch))
-            finish()  # the previous shard: at most one written while this one fills
-            pending.append((shard, writer.submit(store.write_shard, shard, buf, {"segments": [lo, hi]})))
-            del buf  # the writer holds it until written
-        finish()
-    except BaseException:
-        with contextlib.suppress(ExtractError):  # the error in flight is the one to report
-            finish()  # an interrupted run still completes (atomically) the shard already being written
-        raise
+            try:
+                writer = store.shard_writer(shard, {k: (v.dtype, tuple(v.shape)) for k, v in buf.items()}, {"segments": [lo, hi]})
+            except OSError as exc:
+                raise failed(shard, exc) from exc
+            try:
+                row = 0
+                for b in range(lo, hi, batch_size):
+                    batch = segments[b : min(hi, b + batch_size)]
+                    t0 = time.perf_counter()
+                    logits = forward_logits(model, [s.ids for s in batch], loaded.device, padding_side)
+                    forward_s += time.perf_counter() - t0
+                    first = row
+                    for i, seg in enumerate(batch):
+                        name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
+                        _fill(buf, row, seg, own_rows(logits, i, len(seg.ids), padding_side), n_vocab, warpers, spec, name)
+                        row += seg.rows
+                    del logits  # no view of it outlives this line, so the next batch's logits replace it
+                    writer.write_rows(first, buf["logprobs"][first:row])  # to disk while the next batch runs
+                    bar.update(len(batch))
+                writer.close({k: v for k, v in buf.items() if k != "logprobs"})
+            except OSError as exc:
+                writer.abort()
+                raise failed(shard, exc) from exc
+            except BaseException:
+                writer.abort()  # an unfinished shard leaves nothing behind; finished ones are kept
+                raise
+            written += 1
+            del buf, writer  # before the next shard's buffer exists: one shard in memory at a time
     finally:
-        writer.shutdown(wait=True)
         bar.close()
         del model
         gc.collect()

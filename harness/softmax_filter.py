@@ -92,7 +92,7 @@ def compiled_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> Sparse
 
 
 # --- fused CPU kernel: C++ source, built once per machine into $HARNESS_HOME/ext ----------------------
-CPP = r"""// One row at a time: pass 1 max (+ NaN flag, + running top-k, + where the finite entries are while they are few),
+CPP = cext.EXP_F32 + r"""// One row at a time: pass 1 max (+ NaN flag, + running top-k, + where the finite entries are while they are few),
 // pass 2 sum of exp, pass 3 write kept entries; on a warped row (<= FCAP finite) passes 2 and 3 visit only those.
 #include <stdint.h>
 #include <string.h>
@@ -108,17 +108,6 @@ static inline uint16_t f_to_bf16(float f) {  // round to nearest even (inputs he
 static inline float load1(const void* x, int bf, int64_t i) {
   return bf ? bf16_to_f(((const uint16_t*)x)[i]) : ((const float*)x)[i];
 }
-// exp(d) for d <= 0: Cephes expf polynomial; d is clamped at -150 so -inf gives exactly 0.
-static inline float exp_s(float d) {
-  d = d < -150.f ? -150.f : d;
-  float n = nearbyintf(d * 1.44269504088896341f);
-  float r = fmaf(n, -0.693359375f, d); r = fmaf(n, 2.12194440e-4f, r);
-  float p = 1.9875691500E-4f;
-  p = fmaf(p, r, 1.3981999507E-3f); p = fmaf(p, r, 8.3334519073E-3f); p = fmaf(p, r, 4.1665795894E-2f);
-  p = fmaf(p, r, 1.6666665459E-1f); p = fmaf(p, r, 5.0000001201E-1f);
-  p = fmaf(p * r, r, r) + 1.f;
-  return ldexpf(p, (int)n);
-}
 #ifdef __AVX512F__
 static inline __m512 load16(const void* x, int bf, int64_t i, __mmask16 m, __m512 fill) {
   if (bf) {
@@ -127,32 +116,6 @@ static inline __m512 load16(const void* x, int bf, int64_t i, __mmask16 m, __m51
     return _mm512_mask_blend_ps(m, fill, v);
   }
   return _mm512_mask_loadu_ps(fill, m, (const float*)x + i);
-}
-// exp(d) for d <= 0. Lanes below -87 (where the result is subnormal or 0) are zeroed, and the rare ones
-// in (-104, -87] redone in scalar code: a subnormal vector result costs a microcode assist per
-// instruction, which on -inf-heavy (warped) rows made this pass 10x slower.
-static inline __m512 exp16(__m512 d) {
-  const __m512 d0 = d;
-  __mmask16 low = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
-  if (low == 0xFFFF && !_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_GE_OQ)) return _mm512_setzero_ps();  // -inf runs
-  d = _mm512_max_ps(d, _mm512_set1_ps(-87.f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), d);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
-  p = _mm512_maskz_scalef_ps((__mmask16)~low, p, n);
-  __mmask16 band = low & _mm512_cmp_ps_mask(d0, _mm512_set1_ps(-104.f), _CMP_GE_OQ);
-  if (band) {
-    float dd[16], pp[16];
-    _mm512_storeu_ps(dd, d0); _mm512_storeu_ps(pp, p);
-    for (int l = 0; l < 16; ++l) if (band >> l & 1) pp[l] = exp_s(dd[l]);
-    p = _mm512_loadu_ps(pp);
-  }
-  return p;
 }
 #endif
 

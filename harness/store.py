@@ -8,6 +8,10 @@ index), `pad_mass` [P] float32 (probability the raw row put on the padding colum
 everything the numbers depend on, so a second run reuses a store and an interrupted one resumes at
 the first missing shard. A shard is written under a temporary name and renamed; its sidecar JSON
 (bytes, crc32) is written after it, so a shard without a matching sidecar is redone.
+
+Shards are written while they fill (ShardWriter): the header first (every shape is known up front),
+then the log-prob rows batch by batch from a background thread, then the small per-position
+tensors, so the disk works while the model runs. The file is plain safetensors: `logprobs` first.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 SHARD_POSITIONS = 1024  # positions per shard, give or take one prompt
 
@@ -72,16 +77,21 @@ class Store:
             return False
         return path.stat().st_size == want.get("bytes") and crc32_file(path) == want.get("crc32")
 
-    def write_shard(self, index: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    def shard_writer(self, index: int, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], info: dict) -> ShardWriter:
+        """A writer for shard `index` holding the tensors of `layout` (name -> (dtype, shape)), `logprobs` first."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.shard_path(index)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-        meta = {**info, "bytes": path.stat().st_size, "crc32": crc32_file(path)}
-        tmp_meta = path.with_name(f".{path.stem}.json.tmp-{os.getpid()}")
-        tmp_meta.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_meta, path.with_suffix(".json"))
+        return ShardWriter(self.shard_path(index), layout, info)
+
+    def write_shard(self, index: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        """Writes a whole shard at once (tests, small stores): the same writer, fed in one go."""
+        layout = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+        writer = self.shard_writer(index, layout, info)
+        try:
+            writer.write_rows(0, tensors["logprobs"])
+            writer.close({k: v for k, v in tensors.items() if k != "logprobs"})
+        except BaseException:
+            writer.abort()
+            raise
 
     def write_index(self, info: dict) -> None:
         tmp = self.root / f".index.json.tmp-{os.getpid()}"
@@ -118,6 +128,90 @@ class Store:
                     if renormalise:  # float64 normaliser: a float32 log-softmax over 151646 columns is off by ~1e-5
                         block = block - torch.logsumexp(block.double(), dim=-1, keepdim=True).float()
                     yield block
+
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32"}
+
+
+class ShardWriter:
+    """One shard, written as it fills. `write_rows(start, rows)` queues log-prob rows for a background
+    thread that writes them at their place in the file, in order, updating the crc32 as it goes;
+    `close(small)` writes the other tensors after them, renames the file into place and writes the
+    sidecar (bytes, crc32). A write error surfaces as OSError from the next call; `abort()` removes
+    the temporary file. Rows passed in must stay unchanged until close() returns."""
+
+    def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], info: dict):
+        order = ["logprobs", *(n for n in layout if n != "logprobs")]
+        header, offset = {}, 0
+        for name in order:
+            dtype, shape = layout[name]
+            nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self.path, self.info, self.layout, self.order = path, info, layout, order
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.data_start = 8 + len(blob)
+        self.size = self.data_start + offset
+        self.row_bytes = header["logprobs"]["data_offsets"][1] // max(1, layout["logprobs"][1][0])
+        self.next_row, self.crc = 0, 0
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self.pending: list = []
+        self._write(struct.pack("<Q", len(blob)) + blob, 0)
+
+    def _write(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+        self.crc = zlib.crc32(data, self.crc)
+
+    def _check(self, wait: bool) -> None:
+        """Raises the first write error; with `wait`, first lets every queued write finish."""
+        while self.pending and (wait or self.pending[0].done()):
+            self.pending.pop(0).result()
+
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        if start != self.next_row or rows.dtype != self.layout["logprobs"][0] or not rows.is_contiguous():
+            raise ValueError(f"rows must come in order, contiguous, as {self.layout['logprobs'][0]} (expected row {self.next_row})")
+        self._check(wait=False)
+        data = rows.view(torch.uint8).numpy() if rows.dtype == torch.bfloat16 else rows.numpy()
+        self.pending.append(self.pool.submit(self._write, data, self.data_start + start * self.row_bytes))
+        self.next_row += rows.shape[0]
+
+    def close(self, small: dict[str, torch.Tensor]) -> None:
+        self._check(wait=True)
+        if self.next_row != self.layout["logprobs"][1][0]:
+            raise ValueError(f"{self.path}: {self.next_row} log-prob rows written of {self.layout['logprobs'][1][0]}")
+        offset = self.data_start + self.next_row * self.row_bytes
+        for name in self.order[1:]:
+            t = small[name].contiguous()
+            if (t.dtype, tuple(t.shape)) != self.layout[name]:
+                raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)}, the layout says {self.layout[name]}")
+            data = t.view(torch.uint8).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+            self._write(data, offset)
+            offset += data.nbytes
+        os.close(self.fd)
+        self.fd = None
+        self.pool.shutdown()
+        os.replace(self.tmp, self.path)
+        meta = {**self.info, "bytes": self.size, "crc32": self.crc}
+        tmp_meta = self.path.with_name(f".{self.path.stem}.json.tmp-{os.getpid()}")
+        tmp_meta.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_meta, self.path.with_suffix(".json"))
+
+    def abort(self) -> None:
+        """Lets queued writes finish (or fail), then removes the temporary file."""
+        for future in self.pending:
+            future.exception()
+        self.pending.clear()
+        self.pool.shutdown()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import sys
 
 CHECK = r"""
 import torch
-from harness import bench, metrics, metrics_fused, softmax_filter as sf
-assert metrics_fused.available() is None
+from harness import bench, metrics, metrics_fused, row_stats, softmax_filter as sf
+assert metrics_fused.available() is None and row_stats.available() is None
 gen = torch.Generator().manual_seed(0)
 ref = torch.log_softmax(bench.realistic_logits(6, 151646, seed=1), -1)
 cand = torch.log_softmax(ref + 0.05 * torch.randn(ref.shape, generator=gen), -1)
@@ -25,6 +25,14 @@ assert torch.equal(got["top1_agree"], want["top1_agree"]) and torch.equal(got["r
 x = bench.realistic_logits(4, 151936, seed=2)
 for flt in ("p>0", "top-k"):
     assert sf.same(sf.snippet(list(x.split(1))), sf.fused_cpu_filter(x, flt, 20), flt, 20) is None, flt
+raw = bench.realistic_logits(5, 151936, seed=3)
+want, want_pad, want_lse = row_stats.reference(raw.double(), 151646)
+for dtype in (torch.float32, torch.float16):  # float16: the torch fallback of a scalar build
+    got, pad, lse = row_stats.row_stats(raw, 151646, torch.empty(5, 151646, dtype=dtype))
+    half = dtype == torch.float16  # one float16 step of rounding either way: 2^-10 relative
+    torch.testing.assert_close(got.double(), want, rtol=2.0**-10 if half else 2.0**-22, atol=4e-6)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=0)
+    torch.testing.assert_close(pad.double(), want_pad, rtol=1e-5, atol=1e-12)
 print("portable ok")
 """
 
@@ -34,4 +42,4 @@ def test_portable_builds_match_the_references(tmp_path):
     run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "portable ok" in run.stdout
-    assert len(list((tmp_path / "ext").glob("*.so"))) == 2  # built here, portable only
+    assert len(list((tmp_path / "ext").glob("*.so"))) == 3  # built here, portable only

@@ -1,0 +1,191 @@
+"""The per-row work of extraction, fused: raw logits -> log-probs over the real token ids, written
+straight into the store's buffer in its dtype, plus the mass on the padding columns and the full
+row's log normaliser.
+
+    python -m harness.row_stats      # largest difference from the torch reference, and the speed of both
+
+`row_stats(raw, n_vocab, out)` takes [R, V_padded] float32 logits. The C++ kernel (built on first
+use, see harness.cext) reads each row three times while it sits in cache: the maxima of the real
+and the padding columns, Σ exp(x − max) of each (float32 lanes, summed across blocks in float64),
+then x − logsumexp(real columns) converted to float32, float16 or bfloat16 (round to nearest even,
+as torch converts). Rows are split over torch.get_num_threads() threads. Where the kernel cannot
+build (no g++), or has no vector path for a 16-bit output, the torch reference does the same work.
+NaN or ±inf in a row gives a non-finite logsumexp, which the caller reports.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import torch
+
+from harness import cext
+
+KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+CPP = cext.EXP_F32 + r"""// Rows [0, n) of x (stride ld), Vp wide; columns < nv are real tokens, the rest padding. out (stride ldo)
+// gets x - logsumexp(real columns) as kind 0 float32, 1 float16, 2 bfloat16 (16-bit kinds: AVX-512 build only);
+// lse[r] = logsumexp of the whole row, pad[r] = its probability mass on the padding columns.
+enum { BS = 1024 };
+static inline double log_sum_exp(const float* x, int64_t a, int64_t b, float* mx) {
+  float m = -INFINITY; int64_t i = a; int nan = 0;
+#ifdef __AVX512F__
+  __m512 vm = _mm512_set1_ps(-INFINITY); __mmask16 un = 0;
+  for (; i + 16 <= b; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    vm = _mm512_max_ps(vm, v); un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // max_ps drops NaN: flag it
+  }
+  m = _mm512_reduce_max_ps(vm); nan = un != 0;
+#endif
+  for (; i < b; ++i) { m = x[i] > m ? x[i] : m; nan |= x[i] != x[i]; }
+  *mx = m;
+  if (nan) return NAN;
+  if (a == b || m == -INFINITY) return -INFINITY;
+  double s = 0; i = a;
+#ifdef __AVX512F__
+  const __m512 vmax = _mm512_set1_ps(m);
+  while (i + 16 <= b) {  // float32 lanes over a block, then float64 across blocks
+    __m512 acc = _mm512_setzero_ps();
+    const int64_t end = i + BS < b ? i + BS : b;
+    for (; i + 16 <= end; i += 16) acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmax)));
+    s += _mm512_reduce_add_ps(acc);
+  }
+#endif
+  for (; i < b; ++i) s += exp_s(x[i] - m);  // +inf in the row: m = +inf, so s = 0 and m + log s is NaN
+  return (double)m + log(s);
+}
+
+extern "C" int rs_vector(void) {
+#ifdef __AVX512F__
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+extern "C" void rs_rows(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t nv, void* out, int kind, int64_t ldo,
+                        float* lse, float* pad) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = X + r * ld;
+    float mc, mp;
+    const double lc = log_sum_exp(x, 0, nv, &mc), lp = log_sum_exp(x, nv, Vp, &mp);
+    const double hi = lc > lp ? lc : lp, full = lp == -INFINITY ? lc : hi + log1p(exp((lc > lp ? lp : lc) - hi));
+    lse[r] = (float)full;
+    pad[r] = lp == -INFINITY ? 0.f : (float)exp(lp - full);
+    const float c = (float)lc;
+    int64_t i = 0;
+    if (kind == 0) {
+      float* o = (float*)out + r * ldo;
+#ifdef __AVX512F__
+      for (; i + 16 <= nv; i += 16) _mm512_storeu_ps(o + i, _mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(c)));
+#endif
+      for (; i < nv; ++i) o[i] = x[i] - c;
+    }
+#ifdef __AVX512F__
+    else if (kind == 1) {
+      uint16_t* o = (uint16_t*)out + r * ldo;
+      for (; i < nv; i += 16) {
+        __mmask16 m = nv - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nv - i)) - 1);
+        __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(c));
+        _mm256_mask_storeu_epi16(o + i, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+    } else {
+      uint16_t* o = (uint16_t*)out + r * ldo;
+      for (; i < nv; i += 16) {
+        __mmask16 m = nv - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nv - i)) - 1);
+        __m512i u = _mm512_castps_si512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(c)));
+        // round to nearest even on the top 16 bits (finite values; -inf stays -inf)
+        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        _mm512_mask_cvtepi32_storeu_epi16(o + i, m, _mm512_srli_epi32(u, 16));
+      }
+    }
+#endif
+  }
+}
+"""
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    lib = cext.build("row_stats", CPP)
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.rs_vector.restype = ctypes.c_int
+    lib.rs_rows.restype = None
+    lib.rs_rows.argtypes = [vp, i64, i64, i64, i64, vp, ctypes.c_int, i64, vp, vp]
+    return lib
+
+
+def available() -> str | None:
+    """None where the kernel builds and loads here, else why not."""
+    try:
+        _lib()
+    except (RuntimeError, OSError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+@cache
+def _pool(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n, thread_name_prefix="row-stats")
+
+
+def reference(raw: torch.Tensor, n_vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch version: ([R, n_vocab] float32 log-probs, [R] pad mass, [R] logsumexp of the full row)."""
+    lse_cut = torch.logsumexp(raw[:, :n_vocab], dim=-1)
+    lse_pad = torch.logsumexp(raw[:, n_vocab:], dim=-1)  # -inf when there are no padding columns
+    lse_full = torch.logaddexp(lse_cut, lse_pad)
+    pad_mass = torch.exp(lse_pad - lse_full)  # mass on columns >= n_vocab
+    return raw[:, :n_vocab] - lse_cut[:, None], pad_mass, lse_full
+
+
+def row_stats(raw: torch.Tensor, n_vocab: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[R, V_padded] float32 raw logits -> (log-probs [R, n_vocab] written into `out` (its dtype; a new
+    float32 tensor if None), [R] float32 pad mass, [R] float32 logsumexp of the full row)."""
+    rows, width = raw.shape
+    out = torch.empty(rows, n_vocab) if out is None else out
+    if out.shape != (rows, n_vocab) or out.stride(1) != 1:
+        raise ValueError(f"out must be a row-contiguous [{rows}, {n_vocab}] tensor, not {tuple(out.shape)}")
+    kind = KINDS.get(out.dtype)
+    use_kernel = (
+        available() is None and raw.dtype == torch.float32 and raw.device.type == "cpu" and raw.stride(1) == 1
+        and kind is not None and (kind == 0 or _lib().rs_vector())
+    )  # fmt: skip
+    if not use_kernel:
+        logprobs, pad_mass, lse = reference(raw.float(), n_vocab)
+        out.copy_(logprobs)
+        return out, pad_mass, lse
+    lse, pad = torch.empty(rows), torch.empty(rows)
+    lib, threads = _lib(), max(1, min(torch.get_num_threads(), rows))
+    step = -(-rows // threads)
+
+    def part(a: int) -> None:
+        b = min(rows, a + step)
+        lib.rs_rows(raw[a].data_ptr(), b - a, width, raw.stride(0), n_vocab, out[a].data_ptr(), kind, out.stride(0),
+                    lse[a:].data_ptr(), pad[a:].data_ptr())  # fmt: skip
+
+    if rows:
+        list(_pool(threads).map(part, range(0, rows, step)))
+    return out, pad, lse
+
+
+if __name__ == "__main__":
+    import time
+
+    torch.manual_seed(0)
+    raw = torch.randn(32, 151936) * 3
+    print(f"kernel: {available() or 'available'}")
+    want, want_pad, want_lse = reference(raw, 151646)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got, pad, lse = row_stats(raw, 151646, torch.empty(32, 151646, dtype=dtype))
+        err = (got.float() - want.to(dtype).float()).abs().max().item()
+        print(f"{str(dtype):>15}: max |Δ log-prob| {err:.2g}, |Δ lse| {(lse - want_lse).abs().max():.2g}, |Δ pad| {(pad - want_pad).abs().max():.2g}")
+    for name, fn in (("torch", lambda: reference(raw, 151646)), ("fused", lambda: row_stats(raw, 151646, torch.empty(32, 151646, dtype=torch.float16)))):
+        fn()
+        t = time.perf_counter()
+        for _ in range(10):
+            fn()
+        print(f"{name}: {(time.perf_counter() - t) / 320 * 1e6:.0f} us/row")
+    sys.exit(0)

@@ -1,0 +1,59 @@
+"""The fused per-row kernel of extraction against a float64 computation: log-probs over the real
+columns, the padding mass and the row's logsumexp, for every output dtype and awkward widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import bench, row_stats
+
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # relative spacing of each dtype
+
+
+def _rows(n: int, width: int, seed: int = 0) -> torch.Tensor:
+    x = bench.realistic_logits(n, width, seed)
+    x[0, 5:40] = float("-inf")  # masked entries stay -inf in the log-probs
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width, n_vocab", [(151936, 151646), (152064, 151646), (151646, 151646), (1000, 997), (37, 20)])
+def test_matches_float64(dtype, width, n_vocab):
+    raw = _rows(7, width)
+    out = torch.empty(7, n_vocab, dtype=dtype)
+    got, pad, lse = row_stats.row_stats(raw, n_vocab, out)
+    assert got.data_ptr() == out.data_ptr()  # written in place, in the store's dtype
+    x = raw.double()
+    want_lse = torch.logsumexp(x, -1)
+    want = x[:, :n_vocab] - torch.logsumexp(x[:, :n_vocab], -1, keepdim=True)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=1e-6)
+    want_pad = (x[:, n_vocab:] - want_lse[:, None]).exp().sum(-1)
+    torch.testing.assert_close(pad.double(), want_pad, rtol=1e-5, atol=1e-12)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    # within the float32 error of the normaliser plus one rounding step of the output dtype
+    err = (got.double() - want).abs()[finite]
+    allowed = 4e-6 + ULP[dtype] * want.abs()[finite]
+    assert (err <= allowed).all(), float((err - allowed).max())
+
+
+def test_threads_split_rows_the_same_way(monkeypatch):
+    raw = _rows(9, 5000, seed=1)
+    one_thread = row_stats.row_stats(raw, 4990)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    for a, b in zip(one_thread, row_stats.row_stats(raw, 4990), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_gives_a_non_finite_logsumexp(bad):
+    raw = _rows(3, 2000)
+    raw[1, 1234] = bad
+    _, _, lse = row_stats.row_stats(raw, 1990, torch.empty(3, 1990, dtype=torch.float16))
+    assert torch.isfinite(lse[[0, 2]]).all() and not torch.isfinite(lse[1])
+
+
+def test_rejects_a_wrong_output_shape():
+    with pytest.raises(ValueError, match="row-contiguous"):
+        row_stats.row_stats(_rows(2, 100), 90, torch.empty(2, 91))
