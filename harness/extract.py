@@ -7,11 +7,13 @@ right or the left with an attention mask and explicit position ids, so a padded 
 its unpadded ones. Each logits row is cut to the real token ids (`len(tokenizer)`, 151646 for
 Qwen1.5) before the softmax; the probability the raw row put on the padding columns, and what the
 model's own generation_config warpers would leave of it, are stored beside it. Each batch's rows go
-to disk from a background thread (store.ShardWriter) while the next batch's forward pass runs.
+to disk from a background thread (store.ShardWriter) while the next batch's forward pass runs, and
+a finished shard completes there while the next shard fills.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -288,11 +290,26 @@ def extract(
             f"(a full disk?). The {written} shards finished in this run are kept; re-run to resume."
         )
 
+    closing: tuple | None = None  # (shard, writer, future): the previous shard, finishing in the background
+
+    def wait_closing() -> None:
+        nonlocal closing, written
+        if closing is None:
+            return
+        shard, writer, future = closing
+        closing = None
+        try:
+            future.result()
+        except OSError as exc:
+            writer.abort()
+            raise failed(shard, exc) from exc
+        written += 1
+
     try:
         for shard in todo:
             lo, hi = plan[shard]
             n_rows = sum(segments[i].rows for i in range(lo, hi))
-            buf = {  # filled batch by batch: peak memory is one shard, whatever the number of positions
+            buf = {  # filled batch by batch; with the shard before still being written, two shards in memory at most
                 "logprobs": torch.empty(n_rows, n_vocab, dtype=TORCH_DTYPES[store_dtype]),
                 "target": torch.empty(n_rows, dtype=torch.long),
                 "prompt": torch.empty(n_rows, dtype=torch.long),
@@ -320,15 +337,21 @@ def extract(
                     del logits  # no view of it outlives this line, so the next batch's logits replace it
                     writer.write_rows(first, buf["logprobs"][first:row])  # to disk while the next batch runs
                     bar.update(len(batch))
-                writer.close({k: v for k, v in buf.items() if k != "logprobs"})
+                future = writer.close({k: v for k, v in buf.items() if k != "logprobs"}, wait=False)
             except OSError as exc:
                 writer.abort()
                 raise failed(shard, exc) from exc
             except BaseException:
                 writer.abort()  # an unfinished shard leaves nothing behind; finished ones are kept
                 raise
-            written += 1
-            del buf, writer  # before the next shard's buffer exists: one shard in memory at a time
+            wait_closing()  # the shard before: at most two shard buffers exist, one filling, one on its way to disk
+            closing = (shard, writer, future)
+            del buf, writer
+        wait_closing()
+    except BaseException:
+        with contextlib.suppress(ExtractError):  # the error in flight is the one to report
+            wait_closing()  # a finished shard still on its way to disk is completed and kept
+        raise
     finally:
         bar.close()
         del model

@@ -7,7 +7,7 @@ ids, renormalised on read), `target` [P] int64 (the actual next token), `prompt`
 index), `pad_mass` [P] float32 (probability the raw row put on the padding columns). The key hashes
 everything the numbers depend on, so a second run reuses a store and an interrupted one resumes at
 the first missing shard. A shard is written under a temporary name and renamed; its sidecar JSON
-(bytes, crc32) is written after it, so a shard without a matching sidecar is redone.
+(bytes, xxh3-64 checksum) is written after it, so a shard without a matching sidecar is redone.
 
 Shards are written while they fill (ShardWriter): the header first (every shape is known up front),
 then the log-prob rows batch by batch from a background thread, then the small per-position
@@ -21,15 +21,15 @@ import json
 import os
 import struct
 import sys
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors import safe_open
 
-SHARD_POSITIONS = 1024  # positions per shard, give or take one prompt
+SHARD_POSITIONS = 512  # positions per shard, give or take one prompt; extraction holds two shards at most
 
 
 def store_key(**parts) -> str:
@@ -38,13 +38,13 @@ def store_key(**parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def crc32_file(path: Path) -> int:
-    """A checksum to catch torn or corrupted shards; crc32 reads ~1.6x faster than sha256 here."""
-    crc = 0
+def checksum_file(path: Path) -> str:
+    """xxh3-64 of a file: catches torn or corrupted shards, at ~10 GB/s (crc32 ran at ~2, sha256 slower)."""
+    digest = xxhash.xxh3_64()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def plan_shards(lengths: list[int]) -> list[tuple[int, int]]:
@@ -67,7 +67,7 @@ class Store:
         return self.root / f"shard-{index:05d}.safetensors"
 
     def is_complete(self, index: int) -> bool:
-        """A shard counts only if its sidecar exists and its size and crc32 match."""
+        """A shard counts only if its sidecar exists and its size and checksum match."""
         path, meta = self.shard_path(index), self.shard_path(index).with_suffix(".json")
         if not (path.is_file() and meta.is_file()):
             return False
@@ -75,7 +75,7 @@ class Store:
             want = json.loads(meta.read_text())
         except ValueError:
             return False
-        return path.stat().st_size == want.get("bytes") and crc32_file(path) == want.get("crc32")
+        return path.stat().st_size == want.get("bytes") and checksum_file(path) == want.get("xxh3_64")
 
     def shard_writer(self, index: int, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], info: dict) -> ShardWriter:
         """A writer for shard `index` holding the tensors of `layout` (name -> (dtype, shape)), `logprobs` first."""
@@ -135,9 +135,9 @@ _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"
 
 class ShardWriter:
     """One shard, written as it fills. `write_rows(start, rows)` queues log-prob rows for a background
-    thread that writes them at their place in the file, in order, updating the crc32 as it goes;
+    thread that writes them at their place in the file, in order, updating the checksum as it goes;
     `close(small)` writes the other tensors after them, renames the file into place and writes the
-    sidecar (bytes, crc32). A write error surfaces as OSError from the next call; `abort()` removes
+    sidecar (bytes, xxh3-64). A write error surfaces as OSError from the next call; `abort()` removes
     the temporary file. Rows passed in must stay unchanged until close() returns."""
 
     def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], info: dict):
@@ -155,7 +155,7 @@ class ShardWriter:
         self.data_start = 8 + len(blob)
         self.size = self.data_start + offset
         self.row_bytes = header["logprobs"]["data_offsets"][1] // max(1, layout["logprobs"][1][0])
-        self.next_row, self.crc = 0, 0
+        self.next_row, self.digest = 0, xxhash.xxh3_64()
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
         self.pending: list = []
@@ -166,7 +166,7 @@ class ShardWriter:
         while view.nbytes:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
-        self.crc = zlib.crc32(data, self.crc)
+        self.digest.update(data)
 
     def _check(self, wait: bool) -> None:
         """Raises the first write error; with `wait`, first lets every queued write finish."""
@@ -181,10 +181,18 @@ class ShardWriter:
         self.pending.append(self.pool.submit(self._write, data, self.data_start + start * self.row_bytes))
         self.next_row += rows.shape[0]
 
-    def close(self, small: dict[str, torch.Tensor]) -> None:
-        self._check(wait=True)
+    def close(self, small: dict[str, torch.Tensor], *, wait: bool = True):
+        """Finishes the shard; with wait=False in the background, returning a future (OSError from .result())."""
         if self.next_row != self.layout["logprobs"][1][0]:
             raise ValueError(f"{self.path}: {self.next_row} log-prob rows written of {self.layout['logprobs'][1][0]}")
+        if wait:
+            return self._finish(small)
+        future = self.pool.submit(self._finish, small, in_pool=True)
+        self.pool.shutdown(wait=False)  # the queued writes and the finish still run
+        return future
+
+    def _finish(self, small: dict[str, torch.Tensor], in_pool: bool = False) -> None:
+        self._check(wait=True)  # in the pool every queued write has run already (one worker, in order)
         offset = self.data_start + self.next_row * self.row_bytes
         for name in self.order[1:]:
             t = small[name].contiguous()
@@ -195,9 +203,10 @@ class ShardWriter:
             offset += data.nbytes
         os.close(self.fd)
         self.fd = None
-        self.pool.shutdown()
+        if not in_pool:
+            self.pool.shutdown()
         os.replace(self.tmp, self.path)
-        meta = {**self.info, "bytes": self.size, "crc32": self.crc}
+        meta = {**self.info, "bytes": self.size, "xxh3_64": self.digest.hexdigest()}
         tmp_meta = self.path.with_name(f".{self.path.stem}.json.tmp-{os.getpid()}")
         tmp_meta.write_text(json.dumps(meta, indent=2))
         os.replace(tmp_meta, self.path.with_suffix(".json"))

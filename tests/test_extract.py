@@ -133,12 +133,18 @@ def test_store_is_reused_and_resumed(micro_zoo, tokens, segments, tmp_store, mon
     again, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
     assert again.root == first.root and facts["reused_shards"] == facts["shards"] and facts["extract_s"] == 0.0
 
-    # An interrupted run: one shard lost, another truncated; only those two are redone.
+    # An interrupted run: one shard lost, another truncated, a third with one byte flipped (same size:
+    # only the checksum tells); only those three are redone.
     first.shard_path(1).unlink()
     path = first.shard_path(2)
     path.write_bytes(path.read_bytes()[:-10])
+    path = first.shard_path(0)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert not first.is_complete(0)
     _, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
-    assert facts["reused_shards"] == facts["shards"] - 2
+    assert facts["reused_shards"] == facts["shards"] - 3
     torch.testing.assert_close(torch.cat(list(first.blocks(50))), blocks, rtol=0, atol=0)  # same numbers back
     assert json.loads((first.root / "index.json").read_text())["n_vocab"] == 151646
 
