@@ -106,6 +106,12 @@ def load_model(loaded: Loaded):
     from transformers import AutoModelForCausalLM
 
     spec = loaded.spec
+    config = Path(loaded.path) / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+        from harness.quant import quiet
+
+        with quiet():  # gptqmodel prints a banner and its settings on import: not the harness's output
+            import gptqmodel  # noqa: F401
     model = _loading(
         loaded,
         "weights",

@@ -26,7 +26,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """gptqmodel prints a banner and per-layer tables to stdout; keep them out of the harness output."""
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -45,7 +45,7 @@ def calibration(corpus: train.Corpus, samples: int, length: int) -> list[dict[st
 def build_gptq(prof, source: Path, final: Path, bits: int, corpus: train.Corpus, *, log=print) -> None:
     from harness import zoo
 
-    with _quiet():
+    with quiet():
         from gptqmodel import GPTQModel, QuantizeConfig
         from gptqmodel.looper import loop_processor
 
@@ -65,7 +65,7 @@ def build_gptq(prof, source: Path, final: Path, bits: int, corpus: train.Corpus,
     )
     tmp = zoo.tmp_dir(final)
     calib = calibration(corpus, prof.gptq_samples, prof.seq_len)
-    with _quiet():
+    with quiet():
         model = GPTQModel.load(str(source), qconfig, dtype=torch.float32, device="cpu")
         model.quantize(calib, batch_size=1)
         model.save(str(tmp))
