@@ -274,7 +274,10 @@ def extract(
     )  # fmt: skip
     store = Store(paths.store_dir() / key)
     plan = plan_shards([s.rows for s in segments])
-    todo = [i for i in range(len(plan)) if not store.is_complete(i)]
+    for stale in store.shards()[len(plan) :]:  # left by a store cut into more shards: not part of this plan
+        stale.with_suffix(".json").unlink(missing_ok=True)
+        stale.unlink()
+    todo = [i for i in range(len(plan)) if not store.is_complete(i, plan[i])]
     facts = {"store": str(store.root), "shards": len(plan), "reused_shards": len(plan) - len(todo)}
     if not todo:
         log(f"{spec.name}: reusing {store.root}")

@@ -66,14 +66,17 @@ class Store:
     def shard_path(self, index: int) -> Path:
         return self.root / f"shard-{index:05d}.safetensors"
 
-    def is_complete(self, index: int) -> bool:
-        """A shard counts only if its sidecar exists and its size and checksum match."""
+    def is_complete(self, index: int, segments: tuple[int, int] | None = None) -> bool:
+        """A shard counts only if its sidecar exists, its size and checksum match, and (where given) it
+        holds the planned [start, stop) range of segments: a store cut into shards differently is redone."""
         path, meta = self.shard_path(index), self.shard_path(index).with_suffix(".json")
         if not (path.is_file() and meta.is_file()):
             return False
         try:
             want = json.loads(meta.read_text())
         except ValueError:
+            return False
+        if segments is not None and want.get("segments") != list(segments):
             return False
         return path.stat().st_size == want.get("bytes") and checksum_file(path) == want.get("xxh3_64")
 
@@ -137,8 +140,9 @@ class ShardWriter:
     """One shard, written as it fills. `write_rows(start, rows)` queues log-prob rows for a background
     thread that writes them at their place in the file, in order, updating the checksum as it goes;
     `close(small)` writes the other tensors after them, renames the file into place and writes the
-    sidecar (bytes, xxh3-64). A write error surfaces as OSError from the next call; `abort()` removes
-    the temporary file. Rows passed in must stay unchanged until close() returns."""
+    sidecar (bytes, xxh3-64); `close(small, wait=False)` does that in the background and returns a
+    future. A write error surfaces as OSError from the next call (or the future); `abort()` removes
+    the temporary file. Rows passed in must stay unchanged until the shard is closed."""
 
     def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], info: dict):
         order = ["logprobs", *(n for n in layout if n != "logprobs")]

@@ -225,3 +225,15 @@ def test_interrupt_keeps_the_shard_being_written(micro_zoo, tokens, segments, tm
     done = store.Store(next(tmp_store.iterdir()))
     assert done.is_complete(0) and done.is_complete(1) and not done.is_complete(2)
     assert not list(done.root.glob(".*tmp*"))  # no half-written file left behind
+
+
+def test_a_store_cut_differently_is_redone_not_misread(micro_zoo, tokens, segments, tmp_store, monkeypatch):
+    """Shards hold a planned range of segments; if the plan changes, a shard with the same index is redone."""
+    run = dict(batch_size=4, store_dtype="float16", **QUIET)
+    monkeypatch.setattr(store, "SHARD_POSITIONS", 64)
+    first, _ = extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, **run)
+    want = first.read("target")
+    monkeypatch.setattr(store, "SHARD_POSITIONS", 160)
+    again, facts = extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, **run)
+    assert facts["reused_shards"] < facts["shards"] and len(again.shards()) == facts["shards"]
+    assert torch.equal(again.read("target"), want)  # no shard of the old cut is read
