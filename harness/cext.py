@@ -16,6 +16,8 @@ import os
 import platform
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 from harness import paths
 
@@ -98,3 +100,18 @@ def build(name: str, source: str) -> ctypes.CDLL:
             tmp.replace(so)
         return ctypes.CDLL(str(so))
     raise RuntimeError(f"building the {name} kernel failed:\n" + "\n".join(errors))
+
+
+def why_not(load) -> str | None:
+    """None where `load()` (a kernel module's cached loader) builds and loads here, else why not, in a line."""
+    try:
+        load()
+    except (RuntimeError, OSError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+@cache
+def pool(n: int) -> ThreadPoolExecutor:
+    """The threads the kernels split their rows over (ctypes releases the GIL during a call)."""
+    return ThreadPoolExecutor(n, thread_name_prefix="kernel")

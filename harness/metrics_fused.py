@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import torch
@@ -306,16 +305,8 @@ def _lib() -> ctypes.CDLL:
 
 def available() -> str | None:
     """None where the fused kernel builds and loads here, else why not."""
-    try:
-        _lib()
-    except (RuntimeError, OSError) as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
+    return cext.why_not(_lib)
 
-
-@cache
-def _pool(n: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(n, thread_name_prefix="metrics-fused")
 
 
 def fused_position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, ks=(5, 10)) -> dict[str, torch.Tensor]:
@@ -343,7 +334,7 @@ def fused_position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.
     if n == 1:
         rows(0, B)
     else:
-        list(_pool(n).map(rows, cuts[:-1], cuts[1:]))
+        list(cext.pool(n).map(rows, cuts[:-1], cuts[1:]))
     if (rank < 0).any():  # the kernel could not allocate its per-thread buffer
         raise MemoryError("the fused metrics kernel could not allocate its ~2.4 MB per-thread buffer")
     log_zp, log_zq, kl, kl_rev, plp, qlq, l1, js4, inf_p, inf_q = out.unbind(1)

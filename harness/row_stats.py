@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import torch
@@ -120,16 +119,8 @@ def _lib() -> ctypes.CDLL:
 
 def available() -> str | None:
     """None where the kernel builds and loads here, else why not."""
-    try:
-        _lib()
-    except (RuntimeError, OSError) as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
+    return cext.why_not(_lib)
 
-
-@cache
-def _pool(n: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(n, thread_name_prefix="row-stats")
 
 
 def reference(raw: torch.Tensor, n_vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,7 +158,7 @@ def row_stats(raw: torch.Tensor, n_vocab: int, out: torch.Tensor | None = None) 
                     lse[a:].data_ptr(), pad[a:].data_ptr())  # fmt: skip
 
     if rows:
-        list(_pool(threads).map(part, range(0, rows, step)))
+        list(cext.pool(threads).map(part, range(0, rows, step)))
     return out, pad, lse
 
 

@@ -18,7 +18,6 @@ use with g++ and called through ctypes, rows split over torch.get_num_threads() 
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -119,6 +118,12 @@ static inline __m512 load16(const void* x, int bf, int64_t i, __mmask16 m, __m51
 }
 #endif
 
+// Appends (p, i) to a row's output if p survives as a nonzero value of the output dtype.
+static inline void keep1(float p, int32_t i, int bf, float* vf, uint16_t* vb, int32_t* ix, int64_t* c) {
+  if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[*c] = b; ix[(*c)++] = i; } }
+  else if (p > 0.f) { vf[*c] = p; ix[(*c)++] = i; }
+}
+
 // Keeps the k largest (value, index) seen so far, sorted descending; returns the new threshold.
 static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
   int j = *cnt < k ? (*cnt)++ : k - 1;
@@ -170,37 +175,20 @@ extern "C" int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t 
     if (nan || m == -INFINITY || m == INFINITY) { *why = nan ? 1 : (m == INFINITY ? 3 : 2); return r; }
     float s = 0.f;
 #ifdef __AVX512F__
-    if (nf >= 0) {  // at most FCAP finite entries (a warped row): sum and write from the list, not the row
-      for (int64_t j = 0; j < nf; ++j) s += exp_s(load1(row, bf, fi[j]) - m);
-      const float inv = 1.f / s;
-      float* vf = (float*)vals + r * cap; uint16_t* vb = (uint16_t*)vals + r * cap; int32_t* ix = idx + r * cap;
-      int64_t c = 0;
-      if (mode) {
-        for (int j = 0; j < tc; ++j) {
-          float p = exp_s(tv[j] - m) * inv;
-          if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[c] = b; ix[c++] = ti[j]; } }
-          else if (p > 0.f) { vf[c] = p; ix[c++] = ti[j]; }
-        }
-      } else {
-        for (int64_t j = 0; j < nf; ++j) {
-          float p = exp_s(load1(row, bf, fi[j]) - m) * inv;
-          if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[c] = b; ix[c++] = fi[j]; } }
-          else if (p > 0.f) { vf[c] = p; ix[c++] = fi[j]; }
-        }
-      }
-      counts[r] = c;
-      continue;
-    }
+    const bool listed = nf >= 0;  // at most FCAP finite entries (a warped row): sum and write from the list
     __m512 vs0 = _mm512_setzero_ps(), vs1 = _mm512_setzero_ps(), vmax = _mm512_set1_ps(m);
-    for (i = 0; i + 32 <= V; i += 32) {
-      vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, 0xFFFF, vmax), vmax)));
-      vs1 = _mm512_add_ps(vs1, exp16(_mm512_sub_ps(load16(row, bf, i + 16, 0xFFFF, vmax), vmax)));
+    if (listed) for (int64_t j = 0; j < nf; ++j) s += exp_s(load1(row, bf, fi[j]) - m);
+    else {
+      for (i = 0; i + 32 <= V; i += 32) {
+        vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, 0xFFFF, vmax), vmax)));
+        vs1 = _mm512_add_ps(vs1, exp16(_mm512_sub_ps(load16(row, bf, i + 16, 0xFFFF, vmax), vmax)));
+      }
+      for (; i < V; i += 16) {
+        __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+        vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)));
+      }
+      s = _mm512_reduce_add_ps(_mm512_add_ps(vs0, vs1));
     }
-    for (; i < V; i += 16) {
-      __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
-      vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)));
-    }
-    s = _mm512_reduce_add_ps(_mm512_add_ps(vs0, vs1));
 #else
     for (i = 0; i < V; ++i) s += exp_s(load1(row, bf, i) - m);
 #endif
@@ -208,42 +196,37 @@ extern "C" int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t 
     float* vf = (float*)vals + r * cap; uint16_t* vb = (uint16_t*)vals + r * cap; int32_t* ix = idx + r * cap;
     int64_t c = 0;
     if (mode) {
-      for (int j = 0; j < tc; ++j) {
-        float p = exp_s(tv[j] - m) * inv;
-        if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[c] = b; ix[c++] = ti[j]; } }
-        else if (p > 0.f) { vf[c] = p; ix[c++] = ti[j]; }
-      }
+      for (int j = 0; j < tc; ++j) keep1(exp_s(tv[j] - m) * inv, ti[j], bf, vf, vb, ix, &c);
     } else {
 #ifdef __AVX512F__
-      const __m512 vinv = _mm512_set1_ps(inv); const __m512i iota = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15);
-      for (i = 0; i < V; i += 16) {
-        __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
-        __m512 p = _mm512_mul_ps(exp16(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)), vinv);
-        __m512i ii = _mm512_add_epi32(iota, _mm512_set1_epi32((int)i));
-        __m512i pb;
-        if (bf) {  // round to nearest even, as torch does when it writes a bfloat16 softmax
-          __m512i u = _mm512_castps_si512(p);
-          u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-          pb = _mm512_srli_epi32(u, 16);
-        } else pb = _mm512_castps_si512(p);
-        __mmask16 keep = msk & _mm512_test_epi32_mask(pb, pb);  // p > 0 (p >= 0 and not NaN here)
-        int kc = __builtin_popcount(keep);
-        __mmask16 first = (__mmask16)((1u << kc) - 1);
-        if (keep == 0xFFFF && c == i && !bf && !(((uintptr_t)(vf + c) | (uintptr_t)(ix + c)) & 63)) {
-          // dense so far and aligned: non-temporal stores skip reading the output lines before writing them
-          _mm512_stream_si512((__m512i*)(vf + c), pb); _mm512_stream_si512((__m512i*)(ix + c), ii); c += 16; continue;
+      if (listed) for (int64_t j = 0; j < nf; ++j) keep1(exp_s(load1(row, bf, fi[j]) - m) * inv, fi[j], bf, vf, vb, ix, &c);
+      else {
+        const __m512 vinv = _mm512_set1_ps(inv); const __m512i iota = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15);
+        for (i = 0; i < V; i += 16) {
+          __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+          __m512 p = _mm512_mul_ps(exp16(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)), vinv);
+          __m512i ii = _mm512_add_epi32(iota, _mm512_set1_epi32((int)i));
+          __m512i pb;
+          if (bf) {  // round to nearest even, as torch does when it writes a bfloat16 softmax
+            __m512i u = _mm512_castps_si512(p);
+            u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+            pb = _mm512_srli_epi32(u, 16);
+          } else pb = _mm512_castps_si512(p);
+          __mmask16 keep = msk & _mm512_test_epi32_mask(pb, pb);  // p > 0 (p >= 0 and not NaN here)
+          int kc = __builtin_popcount(keep);
+          __mmask16 first = (__mmask16)((1u << kc) - 1);
+          if (keep == 0xFFFF && c == i && !bf && !(((uintptr_t)(vf + c) | (uintptr_t)(ix + c)) & 63)) {
+            // dense so far and aligned: non-temporal stores skip reading the output lines before writing them
+            _mm512_stream_si512((__m512i*)(vf + c), pb); _mm512_stream_si512((__m512i*)(ix + c), ii); c += 16; continue;
+          }
+          if (keep != 0xFFFF) { pb = _mm512_maskz_compress_epi32(keep, pb); ii = _mm512_maskz_compress_epi32(keep, ii); }
+          if (bf) _mm512_mask_cvtepi32_storeu_epi16(vb + c, first, pb); else _mm512_mask_storeu_epi32(vf + c, first, pb);
+          _mm512_mask_storeu_epi32(ix + c, first, ii);
+          c += kc;
         }
-        if (keep != 0xFFFF) { pb = _mm512_maskz_compress_epi32(keep, pb); ii = _mm512_maskz_compress_epi32(keep, ii); }
-        if (bf) _mm512_mask_cvtepi32_storeu_epi16(vb + c, first, pb); else _mm512_mask_storeu_epi32(vf + c, first, pb);
-        _mm512_mask_storeu_epi32(ix + c, first, ii);
-        c += kc;
       }
 #else
-      for (i = 0; i < V; ++i) {
-        float p = exp_s(load1(row, bf, i) - m) * inv;
-        if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[c] = b; ix[c++] = (int32_t)i; } }
-        else if (p > 0.f) { vf[c] = p; ix[c++] = (int32_t)i; }
-      }
+      for (i = 0; i < V; ++i) keep1(exp_s(load1(row, bf, i) - m) * inv, (int32_t)i, bf, vf, vb, ix, &c);
 #endif
     }
     counts[r] = c;
@@ -275,10 +258,6 @@ def _lib() -> ctypes.CDLL:
     lib.sf_pack.argtypes = [vp, ctypes.c_int, vp, i64, i64, vp, vp]
     return lib
 
-
-@cache
-def _pool(n: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(n, thread_name_prefix="softmax-filter")
 
 
 class Workspace:
@@ -323,7 +302,7 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
 
     n = max(1, min(torch.get_num_threads(), B))
     cuts = [B * i // n for i in range(n + 1)]
-    bad = [rows(0, B)] if n == 1 else list(_pool(n).map(rows, cuts[:-1], cuts[1:]))
+    bad = [rows(0, B)] if n == 1 else list(cext.pool(n).map(rows, cuts[:-1], cuts[1:]))
     bad = [b for b in bad if b[0] >= 0]
     if bad:
         row, code = min(bad)
