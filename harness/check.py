@@ -193,7 +193,7 @@ def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Pa
 
 def gate(
     run: records.RunRecord, *, baseline: records.RunRecord | None = None, baseline_path: Path | None = None,
-    fail: list[str] = (), strict: bool = False, limits: dict | None = None,
+    fail: list[str] = (), strict: bool = False,
 ) -> dict:  # fmt: skip
     """Runs every check; returns the verdict {"verdict", "breaches", "within_noise", "warnings", "checks"}."""
     if run.status != "ok":
@@ -201,7 +201,7 @@ def gate(
     if fail and baseline is None:
         raise GateError("--fail compares with a baseline: give --baseline reports/<run>/run.json")
     regressions = [Regression.parse(f) for f in fail]
-    checks = thresholds(run.config.get("gate", {}) if limits is None else limits)
+    checks = thresholds(run.config.get("gate", {}))
     if not checks and not regressions:
         raise GateError(f"nothing to check: the config of run {run.run_id} has no 'gate' limits and no --fail was given")
     pairs = {p.candidate: p.aggregates for p in run.pairs}

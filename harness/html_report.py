@@ -310,16 +310,16 @@ def metadata_section(record: records.RunRecord) -> str:
     return "".join(out)
 
 
-def view_data(run_dir: Path, record: records.RunRecord, kl: dict[str, np.ndarray], tokens: dict | None) -> dict:
+def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dict], tokens: dict | None) -> dict:
     """What the per-prompt token view needs: per-position KL and flips, both models' top-5, token texts."""
     if not record.pairs or tokens is None:
         return {}
-    with np.load(run_dir / record.pairs[0].positions_file) as first:
-        pos = {key: first[key].tolist() for key in ("prompt", "position", "target")}
+    first = positions[record.pairs[0].candidate]  # every pair has the same positions, in the same order
+    pos = {key: first[key].tolist() for key in ("prompt", "position", "target")}
     data = {
         "reference": record.reference,
         "pos": pos,
-        "kl": {c: _round(v) for c, v in kl.items()},
+        "kl": {c: _round(m["kl"]) for c, m in positions.items()},
         "prompts": [{"id": p["id"], "texts": p["texts"]} for p in tokens["prompts"]],
         "vocab": tokens["vocab"],
         "top": {},
@@ -334,16 +334,12 @@ def view_data(run_dir: Path, record: records.RunRecord, kl: dict[str, np.ndarray
 
 
 def render(run_dir: Path, record: records.RunRecord) -> str:
-    from harness.report import load_tokens
-
     run_dir = Path(run_dir)
     css = resources.files("harness").joinpath("assets/report.css").read_text()
     js = resources.files("harness").joinpath("assets/report.js").read_text()
-    kl = {}
-    for p in record.pairs:
-        with np.load(run_dir / p.positions_file) as z:
-            kl[p.candidate] = z["kl"]
-    tokens = load_tokens(run_dir, record)
+    positions = {p.candidate: records.load_positions(run_dir, p) for p in record.pairs}
+    kl = {c: m["kl"] for c, m in positions.items()}
+    tokens = records.load_tokens(run_dir, record)
     n_vocab = (record.variants.get(record.reference or "", {}) or {}).get("n_vocab") or (tokens or {}).get("n_vocab")
     title = f"Drift report {record.run_id}"
     body = [f"<h1>{_e(title)}</h1>"]
@@ -364,7 +360,7 @@ def render(run_dir: Path, record: records.RunRecord) -> str:
             warp_section(record, n_vocab), throughput_section(record),
         ]  # fmt: skip
     body.append(metadata_section(record))
-    data = view_data(run_dir, record, kl, tokens) if record.status == "ok" else {}
+    data = view_data(run_dir, record, positions, tokens) if record.status == "ok" else {}
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 SCHEMA_VERSION = 2
@@ -157,6 +158,18 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(Path(run_dir).name)
     os.replace(tmp, latest)
+
+
+def load_positions(run_dir: Path, pair: PairRecord) -> dict[str, np.ndarray]:
+    """Every per-position array of one pair ([P] each: the metrics, prompt, position, target)."""
+    with np.load(Path(run_dir) / pair.positions_file) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_tokens(run_dir: Path, record: RunRecord) -> dict | None:
+    """tokens.json beside the record (each prompt's ids and texts, the text of every id shown), if any."""
+    name = record.files.get("tokens")
+    return json.loads((Path(run_dir) / name).read_text()) if name and (Path(run_dir) / name).exists() else None
 
 
 def _upgrade_1(raw: dict) -> dict:

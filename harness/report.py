@@ -70,16 +70,6 @@ def _csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
-def load_positions(run_dir: Path, pair: records.PairRecord) -> dict[str, np.ndarray]:
-    with np.load(Path(run_dir) / pair.positions_file) as z:
-        return {k: z[k] for k in z.files}
-
-
-def load_tokens(run_dir: Path, record: records.RunRecord) -> dict | None:
-    name = record.files.get("tokens")
-    return json.loads((Path(run_dir) / name).read_text()) if name and (Path(run_dir) / name).exists() else None
-
-
 def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict | None) -> Path:
     """positions.csv.gz: a row per (pair, scored position) with every per-position metric."""
     path = Path(run_dir) / "positions.csv.gz"
@@ -88,7 +78,7 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
     with gzip.open(path, "wt", newline="", compresslevel=6) as f:
         writer = None
         for pair in record.pairs:
-            m = load_positions(run_dir, pair)
+            m = records.load_positions(run_dir, pair)
             metrics = [k for k in m if k not in POSITION_KEYS]
             if writer is None:
                 writer = csv.writer(f)
@@ -112,7 +102,7 @@ def render(run_dir: Path) -> Path:
         prompt_rows = [{"reference": p.reference, "candidate": p.candidate, **row} for p in record.pairs for row in p.prompts]
         _csv(run_dir / "prompts.csv", prompt_rows, PROMPT_COLUMNS)
         _csv(run_dir / "matrix.csv", record.matrix, MATRIX_COLUMNS)
-        tokens = load_tokens(run_dir, record)
+        tokens = records.load_tokens(run_dir, record)
         write_positions_csv(run_dir, record, tokens)
     index = run_dir / "index.html"
     index.write_text(html_report.render(run_dir, record), encoding="utf-8")
