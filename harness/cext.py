@@ -115,3 +115,13 @@ def why_not(load) -> str | None:
 def pool(n: int) -> ThreadPoolExecutor:
     """The threads the kernels split their rows over (ctypes releases the GIL during a call)."""
     return ThreadPoolExecutor(n, thread_name_prefix="kernel")
+
+
+def split_rows(fn, rows: int, threads: int) -> list:
+    """[fn(a, b) for each of `threads` contiguous parts [a, b) of range(rows)]: the first part on the
+    calling thread, the others on the pool's threads at the same time (one thread wake-up fewer)."""
+    n = max(1, min(threads, rows))
+    cuts = [rows * i // n for i in range(n + 1)]
+    rest = [pool(n - 1).submit(fn, a, b) for a, b in zip(cuts[1:-1], cuts[2:])] if n > 1 else []
+    first = fn(cuts[0], cuts[1])
+    return [first, *(f.result() for f in rest)]

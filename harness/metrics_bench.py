@@ -4,7 +4,7 @@
 
 Times (a) the pure-Python dict approach users copy (softmax rows to `{token: p}` dicts, KL and top-1
 from the dicts) on a few rows, (b) `metrics.position_metrics` (every per-position metric at once, in
-float64 torch ops) and (c) the fused C++ kernel of `metrics_fused`, over blocks of `compare.BLOCK` rows. GB/s counts the two float32 rows read per position;
+float64 torch ops) and (c) the fused C++ kernel of `metrics_fused`, over blocks of the rows `harness compare` uses for each (`compare.BLOCK`, `compare.FUSED_BLOCK`). GB/s counts the two float32 rows read per position;
 the ceiling is a large torch.sum measured in the same run. Prints a table, then one JSON line.
 """
 
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     target = torch.randint(0, WIDTH, (args.rows,), generator=torch.Generator().manual_seed(3))
     read_gbps, _ = bench.ceilings(torch.device("cpu"), 1.0, 3)
 
-    def blocks(fn):
+    def blocks(fn, n=compare.BLOCK):
         def run():
-            for s in range(0, args.rows, compare.BLOCK):
-                fn(ref[s : s + compare.BLOCK], cand[s : s + compare.BLOCK], target[s : s + compare.BLOCK])
+            for s in range(0, args.rows, n):
+                fn(ref[s : s + n], cand[s : s + n], target[s : s + n])
 
         return run
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if metrics_fused.available() is None:
         metrics_fused.fused_position_metrics(ref[:2], cand[:2], target[:2])  # builds the kernel once
-        results["fused"] = _rate(blocks(metrics_fused.fused_position_metrics), args.rows, args.repeats)
+        results["fused"] = _rate(blocks(metrics_fused.fused_position_metrics, compare.FUSED_BLOCK), args.rows, args.repeats)
     bytes_per_row = 2 * WIDTH * 4
     print(f"read ceiling {read_gbps:.1f} GB/s, threads {torch.get_num_threads()}")
     print(f"{'impl':<18} {'positions/s':>12} {'GB/s':>7} {'of ceiling':>10} {'x dict':>8}")

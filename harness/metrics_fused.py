@@ -1,27 +1,35 @@
-"""Every per-position metric of `metrics.position_metrics` from one fused C++ pass set per row pair.
+"""Every per-position metric of `metrics.position_metrics` from one fused C++ kernel per row pair.
 
     python -m harness.metrics_fused      # max relative difference from metrics.position_metrics, and speed
 
 Same inputs, keys, dtypes and semantics as `metrics.position_metrics` ([B, V] ref and cand log-probs,
-maybe unnormalised, -inf allowed; [B] targets): KL(ref ‖ cand) etc. in nats, renormalised in float64.
-The kernel (C++ embedded below, built on first use with g++ into $HARNESS_HOME/ext, called through
-ctypes on torch.get_num_threads() threads) goes over each float32 row pair twice. Pass 1, by blocks of
-512 (the next blocks prefetched): the top-k lists of both rows (stable: among ties the lowest id ranks
-first, as argmax does), then exp(v − running max) of the block in float64 (a 16-entry 2^(j/16) table
-and a degree-7 polynomial, ≤ 1.03 ulp), kept in a per-thread buffer, and the block's sum; the
-normalisers are Σ_b exp(R_b − max)·Σ_block, Kahan-compensated over blocks (a normaliser error δ moves
-KL by ~δ). Pass 2: p and q from the buffer (no exps) and every sum. JS uses the non-cancelling form
-JS = ¼ Σ (p+q)·ψ, u = (p−q)/(p+q), d = ln p − ln q, ψ = u·d + ln(1−u²) ≥ 0, so it stays accurate when
-JS ~ 1e-8 (where H(m) − (H(p)+H(q))/2 loses digits); where |d| ≤ 0.2 (the usual case) ψ is the
-series in d² of d·tanh(d/2) − 2 ln cosh(d/2), so no division or log. Top-k ties: torch.topk's
-choice inside a tie group is unspecified; here the lowest ids win, so top{k}_overlap may differ from
-the reference only when a tie straddles the k-th place.
+maybe unnormalised, -inf allowed; [B] targets): KL(ref ‖ cand) etc. in nats, as if renormalised in
+float64. The kernel (C++ embedded below, built on first use with g++ into $HARNESS_HOME/ext, called
+through ctypes on torch.get_num_threads() threads) computes every metric of a row pair, the
+scalar ones (Δp, NLL, margin, top-k overlaps) included, and takes one of two paths:
+
+- float32 fast path, for finite rows whose normalisers differ by |c| ≤ 0.01 (stored log-prob rows
+  always do). Pass 1 reads the rows once: the top-k lists (stable: among ties the lowest id ranks
+  first, as argmax does), e = exp(x − running max) in float32 (kept in a per-thread buffer, summed
+  in float64; the top 16 terms redone in float64, so a peaked row's ln Z is exact to ~1e-15), and
+  Σ e·(e^(−d0) − 1) with d0 = x − y, which gives c = ln Z_x − ln Z_y = −ln(1 + Σ p·(e^(−d0) − 1))
+  with no cancellation: c comes out as exact as the drift it measures, which Δp and TV need. Pass 2
+  (rows from cache): p from the buffer, d = d0 − c = ln p − ln q, q = p·e^(−d), and each sum in a
+  form whose float32 rounding stays relative: KL = Σ p·g(d), KL_rev = Σ q·g(−d) with g(d) = d − 1 +
+  e^(−d) ≥ 0, TV = Σ p·|e^(−d) − 1|, JS = ¼ Σ (p+q)·ψ(d) with ψ = d·tanh(d/2) − 2 ln cosh(d/2) ≥ 0,
+  all as series in d² while |d0| ≤ 0.2 in a group of 16 (the drift of a quantised model); float32
+  partial sums go into float64 once per 512 entries. Groups with a larger |d0| go in float64.
+- float64 kernel, for every other row (-inf entries, unnormalised rows, NaN): exps to ~1 ulp in
+  float64, Kahan-compensated normalisers, the same non-cancelling JS.
+
+Both paths agree with the float64 torch reference within 1e-6 relative (tests/test_metrics_fused.py).
+Top-k ties: torch.topk's choice inside a tie group is unspecified; here the lowest ids win, so
+top{k}_overlap may differ from the reference only when a tie straddles the k-th place.
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
 from functools import cache
 
 import torch
@@ -29,15 +37,11 @@ import torch
 from harness import cext
 
 MAX_K = 256
+FIXED = ("kl", "kl_rev", "js", "tv", "top1_agree", "ref_top_rank", "delta_p", "delta_p_top", "nll_ref", "nll_cand",
+         "entropy_ref", "entropy_cand", "p_top_ref", "margin_ref")  # fmt: skip
 
-CPP = r"""// Per row pair: pass 1 by blocks top-K of x and y (stable), exps and normalisers; pass 2 every sum (see the module docstring).
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
+CPP = cext.EXP_F32 + r"""// Per row pair: a float32 fast path (row_f32), else the float64 kernel (row_f64); then finish() (see the module docstring).
 #include <stdlib.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 // Keeps the k largest (value, index) seen so far, sorted descending, earlier index first among ties.
 static inline void topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
@@ -47,11 +51,52 @@ static inline void topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v,
   tv[j] = v; ti[j] = i;
 }
 
+// A row pair's sums: ln of the normalisers (lx, ly), KL, KL_rev, Σ p·ln p, Σ q·ln q, Σ|p − q|, Σ (p + q)·ψ,
+// +inf flags, and #{y > y[ref top]}.
+struct Raw { double lx, ly, kl, klr, hp, hq, l1, js4; int infp, infq; int64_t rank; };
+
+// q_i − p_i, and p_i into *p: as p·expm1(−d) where ln p − ln q = d is small (no cancellation), else directly.
+static inline double dprob(float xi, float yi, const Raw& R, double* p) {
+  const double lp = (double)xi - R.lx, lq = (double)yi - R.ly, d = lp - lq;
+  *p = exp(lp);
+  return fabs(d) < 1 ? *p * expm1(-d) : exp(lq) - *p;
+}
+
+enum { NFIX = 14 };
+// o: kl, kl_rev, js, tv, top1_agree, ref_top_rank, delta_p, delta_p_top, nll_ref, nll_cand, entropy_ref,
+// entropy_cand, p_top_ref, margin_ref, then top{k}_overlap for each k of ks.
+static void finish(const float* x, const float* y, int64_t t, const Raw& R, const int32_t* tx, const int32_t* ty,
+                   const int32_t* ks, int nks, double* o) {
+  double pt, ptop;
+  o[0] = R.infp ? INFINITY : (R.kl > 0 ? R.kl : 0.0);
+  o[1] = R.infq ? INFINITY : (R.klr > 0 ? R.klr : 0.0);
+  o[2] = fmin(fmax(0.25 * R.js4, 0.0), M_LN2);
+  o[3] = fmin(fmax(0.5 * R.l1, 0.0), 1.0);
+  o[4] = tx[0] == ty[0];
+  o[5] = (double)R.rank;
+  o[6] = dprob(x[t], y[t], R, &pt);
+  o[7] = dprob(x[tx[0]], y[tx[0]], R, &ptop);
+  o[8] = R.lx - (double)x[t];
+  o[9] = R.ly - (double)y[t];
+  o[10] = -R.hp;
+  o[11] = -R.hq;
+  o[12] = ptop;
+  const double gap = (double)x[tx[1]] - (double)x[tx[0]];  // p_top − p_2nd = p_top·(1 − e^gap)
+  o[13] = gap == -INFINITY ? ptop : gap != gap ? 0.0 : -ptop * expm1(gap);
+  for (int j = 0; j < nks; ++j) {
+    const int k = ks[j];
+    int hit = 0;
+    for (int a = 0; a < k; ++a)
+      for (int b = 0; b < k; ++b)
+        if (tx[a] == ty[b]) { ++hit; break; }
+    o[NFIX + j] = (double)hit / k;
+  }
+}
+
 #ifdef __AVX512F__
 static const double LN2_HI = 0.6931471805599453094, LN2_LO = 2.319046813846299558e-17;
-// exp(t) for t <= 0 in float64: t = (16m + j + f) ln2/16, |f ln2/16| <= ln2/32; 2^(j/16) from a 16-entry table in two
-// registers, exp of the remainder by Taylor to r^7 (truncation < 1.3e-18 relative): error < 1 ulp + table rounding.
-// t < -708 (incl. -inf) gives 0.
+// exp(t) in float64 to ~1 ulp (t = (16m + j + f) ln2/16, 2^(j/16) from a 16-entry table, Taylor to r^7);
+// t < -708 (incl. -inf) gives 0, t > 709 inf.
 static inline __m512d exp8(__m512d t) {
   __mmask8 ok = _mm512_cmp_pd_mask(t, _mm512_set1_pd(-708.0), _CMP_GE_OQ);
   t = _mm512_max_pd(t, _mm512_set1_pd(-708.0));
@@ -106,161 +151,412 @@ static inline __m512d load8(const float* x, int64_t i, int64_t V) {  // 8 floats
   __mmask8 m = V - i >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (V - i)) - 1);
   return _mm512_cvtps_pd(_mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, x + i));
 }
+// exp(t) in float32 for the fast path (the Cephes polynomial of exp16): lanes below -87 give 0, not a subnormal
+// (their share of any sum is < 1e-37 of the row's largest term), so there is no scalar fallback.
+static inline __m512 exp16z(__m512 t) {
+  const __mmask16 ok = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), t);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(ok, p, n);
+}
 static inline double hsum(__m512d v) { return _mm512_reduce_add_pd(v); }
-#endif
+static inline __m512d fold16(__m512 v) {  // the 16 float32 lanes, pairwise added, as 8 doubles
+  return _mm512_cvtps_pd(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
 
-// out[r*10 + ...]: log Σ_p, log Σ_q (with the maxima folded in: ln of the normaliser), Σp·d, −Σq·d, Σp·lp, Σq·lq,
-// Σ|p−q|, Σ(p+q)ψ, kl=+inf flag, kl_rev=+inf flag. rank[r]: #{y > y[ref top]}. top[r*2K ...]: K ids of x, K of y.
-#ifdef __AVX512F__
-enum { BS = 512 };  // a row goes by blocks of BS: top-K scan, then exp(v − running max) while the block is in L1
-extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
-                        double* out, int64_t* rank, int32_t* top) {
+enum { BS = 512, G = 16 };  // rows go by blocks of BS (one running max and one float32 partial sum each), groups of G lanes
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The float64 kernel: any row pair (-inf, unnormalised, far apart). Pass 1 by blocks: top-K of x and y, exp(v − running
+// max) in float64 into buf, block sums; normalisers Kahan-compensated over blocks. Pass 2: every sum from buf.
+static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* tx, int32_t* ty, double* buf, Raw& R) {
   float tvx[256], tvy[256];
-  // per thread: exp(x − Rx), exp(y − Ry) of a row, and per block Rx, Ry (then factors), Σ exp(x − Rx), Σ exp(y − Ry)
-  static thread_local double* buf = nullptr; static thread_local int64_t cap = 0;
-  const int64_t Vr = (V + 7) / 8 * 8, nb = (V + BS - 1) / BS, need = 2 * Vr + 4 * nb;
-  if (cap < need) {
-    free(buf); cap = 0;
-    buf = (double*)aligned_alloc(64, (need * 8 + 63) / 64 * 64);
-    if (!buf) { for (int64_t j = 0; j < n * 10; ++j) out[j] = NAN; for (int64_t j = 0; j < n; ++j) rank[j] = -1; return; }  // out of memory
-    cap = need;
-  }
+  const int64_t Vr = (V + 7) / 8 * 8, nb = (V + BS - 1) / BS;
   double *bx = buf, *by = bx + Vr, *rx = by + Vr, *ry = rx + nb, *sx = ry + nb, *sy = sx + nb;
   const double NINF = -INFINITY;
-  for (int64_t r = 0; r < n; ++r) {
-    const float* x = X + r * ldx; const float* y = Y + r * ldy;
-    int32_t* tx = top + r * 2 * K; int32_t* ty = tx + K;
-    int cx = 0, cy = 0;
-    __m256 vmin = _mm256_set1_ps(INFINITY);
+  int cx = 0, cy = 0;
+  __m256 vmin = _mm256_set1_ps(INFINITY);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
+    for (int64_t i = i0; i < i1; i += 16) {  // lanes above the K-th value so far (all lanes until K are held) go to the lists
+      __mmask16 m = i1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (i1 - i)) - 1);
+      __m512 vx = _mm512_maskz_loadu_ps(m, x + i), vy = _mm512_maskz_loadu_ps(m, y + i);
+      __mmask16 gx = cx < K ? m : m & _mm512_cmp_ps_mask(vx, _mm512_set1_ps(tvx[K - 1]), _CMP_GT_OQ);
+      __mmask16 gy = cy < K ? m : m & _mm512_cmp_ps_mask(vy, _mm512_set1_ps(tvy[K - 1]), _CMP_GT_OQ);
+      while (gx) { int l = __builtin_ctz(gx); gx &= gx - 1; topk_insert(tvx, tx, &cx, K, x[i + l], (int32_t)(i + l)); }
+      while (gy) { int l = __builtin_ctz(gy); gy &= gy - 1; topk_insert(tvy, ty, &cy, K, y[i + l], (int32_t)(i + l)); }
+    }
+    rx[b] = tvx[0]; ry[b] = tvy[0];  // running maxima, so every exp below is <= 1 (-inf: the block is all -inf so far)
+    const __m512d vrx = _mm512_set1_pd(rx[b] == NINF ? 0.0 : rx[b]), vry = _mm512_set1_pd(ry[b] == NINF ? 0.0 : ry[b]);
+    __m512d bp = _mm512_setzero_pd(), bq = bp;
+    for (int64_t i = i0; i < i1; i += 8) {
+      _mm_prefetch((const char*)(x + i + 2 * BS), _MM_HINT_T0); _mm_prefetch((const char*)(y + i + 2 * BS), _MM_HINT_T0);
+      __mmask8 m = i1 - i >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (i1 - i)) - 1);
+      __m256 fx = _mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, x + i), fy = _mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, y + i);
+      vmin = _mm256_min_ps(vmin, _mm256_mask_mov_ps(_mm256_set1_ps(INFINITY), m, _mm256_min_ps(fx, fy)));
+      __m512d ex = exp8(_mm512_sub_pd(_mm512_cvtps_pd(fx), vrx)), ey = exp8(_mm512_sub_pd(_mm512_cvtps_pd(fy), vry));
+      _mm512_store_pd(bx + i, ex); _mm512_store_pd(by + i, ey);
+      bp = _mm512_add_pd(bp, ex); bq = _mm512_add_pd(bq, ey);
+    }
+    sx[b] = hsum(bp); sy[b] = hsum(bq);
+  }
+  const double mx = tvx[0], my = tvy[0];
+  const bool finite = _mm256_cmp_ps_mask(vmin, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ) == 0;
+  // normalisers Σ_b exp(R_b − max) Σ_block, Kahan-compensated over blocks (exp only where the running max rose)
+  double sp = 0, sq = 0, cp = 0, cq = 0;
+  {
+    double lx = NAN, fx = 0, ly = NAN, fy = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      if (!(rx[b] == lx)) { lx = rx[b]; fx = lx == NINF ? 0.0 : exp(lx - mx); }
+      if (!(ry[b] == ly)) { ly = ry[b]; fy = ly == NINF ? 0.0 : exp(ly - my); }
+      rx[b] = fx; ry[b] = fy;
+      double a = fx * sx[b] - cp, t = sp + a; cp = (t - sp) - a; sp = t;
+      a = fy * sy[b] - cq; t = sq + a; cq = (t - sq) - a; sq = t;
+    }
+  }
+  const double lsp = log(sp), lsq = log(sq), c = lsp - lsq;
+  for (int64_t b = 0; b < nb; ++b) { rx[b] /= sp; ry[b] /= sq; }  // p = exp(x − R_b) · rx[b]
+  double kl = 0, klr = 0, hp = 0, hq = 0, tv = 0, js = 0; int infp = 0, infq = 0; int64_t cnt = 0;
+  __m512d akl = _mm512_setzero_pd(), aklr = akl, ahp = akl, ahq = akl, atv = akl, ajs = akl;
+  const __m512d vmx = _mm512_set1_pd(mx), vmy = _mm512_set1_pd(my), vlp = _mm512_set1_pd(lsp), vlq = _mm512_set1_pd(lsq);
+  const __m512d vc = _mm512_set1_pd(c), ln4 = _mm512_set1_pd(2 * LN2_HI), ninf = _mm512_set1_pd(-INFINITY);
+  const __m512d vyt = _mm512_set1_pd((double)y[tx[0]] - my), one = _mm512_set1_pd(1.0), lim = _mm512_set1_pd(0.01);
+  if (finite) {  // no -inf in either row (so p, q > 0): Σ p(dx − dy) − c and Σ p dx − ln Σ, no masks
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
-      for (int64_t i = i0; i < i1; i += 16) {  // lanes above the K-th value so far (all lanes until K are held) go to the lists
-        __mmask16 m = i1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (i1 - i)) - 1);
-        __m512 vx = _mm512_maskz_loadu_ps(m, x + i), vy = _mm512_maskz_loadu_ps(m, y + i);
-        __mmask16 gx = cx < K ? m : m & _mm512_cmp_ps_mask(vx, _mm512_set1_ps(tvx[K - 1]), _CMP_GT_OQ);
-        __mmask16 gy = cy < K ? m : m & _mm512_cmp_ps_mask(vy, _mm512_set1_ps(tvy[K - 1]), _CMP_GT_OQ);
+      const __m512d gx = _mm512_set1_pd(rx[b]), gy = _mm512_set1_pd(ry[b]);
+      for (int64_t i = i0; i < i1; i += 8) {
+        __m512d dx = _mm512_sub_pd(load8(x, i, i1), vmx), dy = _mm512_sub_pd(load8(y, i, i1), vmy);
+        cnt += __builtin_popcount(_mm512_cmp_pd_mask(dy, vyt, _CMP_GT_OQ));
+        __m512d p = _mm512_mul_pd(_mm512_load_pd(bx + i), gx), q = _mm512_mul_pd(_mm512_load_pd(by + i), gy);
+        if (i1 - i < 8) {
+          __mmask8 m = (__mmask8)((1u << (i1 - i)) - 1);
+          p = _mm512_maskz_mov_pd(m, p); q = _mm512_maskz_mov_pd(m, q); dx = _mm512_maskz_mov_pd(m, dx); dy = _mm512_maskz_mov_pd(m, dy);
+        }
+        __m512d e = _mm512_sub_pd(dx, dy);
+        akl = _mm512_fmadd_pd(p, e, akl); aklr = _mm512_fnmadd_pd(q, e, aklr);
+        ahp = _mm512_fmadd_pd(p, dx, ahp); ahq = _mm512_fmadd_pd(q, dy, ahq);
+        __m512d pm = _mm512_sub_pd(p, q), pp = _mm512_add_pd(p, q);
+        atv = _mm512_add_pd(atv, _mm512_abs_pd(pm));
+        __m512d d = _mm512_sub_pd(e, vc), w = _mm512_mul_pd(d, d), psi;  // d = ln p − ln q
+        if (_mm512_cmp_pd_mask(w, _mm512_set1_pd(0.04), _CMP_LE_OQ) == 0xFF) {
+          // |d| <= 0.2 (the usual case): ψ = d tanh(d/2) − 2 ln cosh(d/2) in powers of w = d², to w^6
+          // (the next term is 5461 w^7 / 13412044800: truncation < 1e-14 relative)
+          __m512d t = _mm512_fmadd_pd(_mm512_set1_pd(-691.0 / 174182400), w, _mm512_set1_pd(31.0 / 806400));
+          t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(-17.0 / 46080));
+          t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(1.0 / 288));
+          t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(-1.0 / 32));
+          t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(0.25));
+          psi = _mm512_mul_pd(t, w);
+        } else {  // u = (p − q)/(p + q); tail lanes: p = q = 0, so u is NaN and ψ = 2 ln 2 times p + q = 0
+          __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
+          __mmask8 ok = _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);
+          psi = _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
+        }
+        ajs = _mm512_fmadd_pd(pp, psi, ajs);
+      }
+    }
+    kl = hsum(akl) - c; klr = hsum(aklr) + c; hp = hsum(ahp) - lsp; hq = hsum(ahq) - lsq; tv = hsum(atv); js = hsum(ajs);
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
+      const __m512d gx = _mm512_set1_pd(rx[b]), gy = _mm512_set1_pd(ry[b]);
+      for (int64_t i = i0; i < i1; i += 8) {
+        __m512d dx = _mm512_sub_pd(load8(x, i, i1), vmx), dy = _mm512_sub_pd(load8(y, i, i1), vmy);
+        cnt += __builtin_popcount(_mm512_cmp_pd_mask(dy, vyt, _CMP_GT_OQ));
+        __m512d lp = _mm512_sub_pd(dx, vlp), lq = _mm512_sub_pd(dy, vlq);
+        __mmask8 fx = _mm512_cmp_pd_mask(dx, ninf, _CMP_NEQ_OQ), fy = _mm512_cmp_pd_mask(dy, ninf, _CMP_NEQ_OQ), both = fx & fy;
+        __m512d p = _mm512_maskz_mul_pd(fx, _mm512_load_pd(bx + i), gx), q = _mm512_maskz_mul_pd(fy, _mm512_load_pd(by + i), gy);
+        __m512d d = _mm512_sub_pd(_mm512_sub_pd(dx, dy), vc);
+        akl = _mm512_mask3_fmadd_pd(p, d, akl, both);
+        aklr = _mm512_mask3_fnmadd_pd(q, d, aklr, both);
+        ahp = _mm512_mask3_fmadd_pd(p, lp, ahp, fx);
+        ahq = _mm512_mask3_fmadd_pd(q, lq, ahq, fy);
+        __m512d pm = _mm512_sub_pd(p, q), pp = _mm512_add_pd(p, q);
+        atv = _mm512_add_pd(atv, _mm512_abs_pd(pm));
+        __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
+        __mmask8 ok = both & _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);
+        __m512d psi = ln4;  // ψ(±1) = 2 ln 2: one side is 0 (-inf, or underflowed)
+        if (ok && _mm512_mask_cmp_pd_mask(ok, z, lim, _CMP_LE_OQ) == ok) {
+          __m512d t = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 66), z, _mm512_set1_pd(1.0 / 45));
+          t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 28));
+          t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 15));
+          t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 6));
+          t = _mm512_fmadd_pd(t, z, one);
+          psi = _mm512_mask_mov_pd(ln4, ok, _mm512_mul_pd(t, z));
+        } else if (ok) psi = _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
+        ajs = _mm512_fmadd_pd(pp, psi, ajs);
+        __mmask8 ox = fx & ~fy, oy = fy & ~fx;  // one side -inf: that KL is +inf where the other p > 0 in float64
+        if ((ox && !infp) || (oy && !infq)) {
+          double a[8], bb[8]; _mm512_storeu_pd(a, lp); _mm512_storeu_pd(bb, lq);
+          for (int l = 0; l < 8; ++l) { infp |= (ox >> l & 1) && exp(a[l]) > 0; infq |= (oy >> l & 1) && exp(bb[l]) > 0; }
+        }
+      }
+    }
+    kl = hsum(akl); klr = hsum(aklr); hp = hsum(ahp); hq = hsum(ahq); tv = hsum(atv); js = hsum(ajs);
+  }
+  R.lx = mx + lsp; R.ly = my + lsq; R.kl = kl; R.klr = klr; R.hp = hp; R.hq = hq; R.l1 = tv; R.js4 = js;
+  R.infp = infp; R.infq = infq; R.rank = cnt;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The float32 fast path: finite rows whose normalisers differ by |c| <= 0.01 (log-prob rows always do). Groups of 16
+// with every |x − y| <= 0.2 (a quantised model's drift) go in float32 with series; other groups (and the row's last
+// < 16) in float64. Returns false (nothing usable) for a row it does not take, which then goes to row_f64.
+struct Fast { double *S, *E, *F; float *M, *pb; uint8_t* gen; };
+struct Row { __m512d Lx, Ly, c; };
+struct Acc { __m512d kl, klr, hp, hq, tv, js; int infp, infq; };
+
+// Pass 1 of a float64 group (n <= 16 lanes): Σ e^(x−m) into z, Σ e^(y−m) − e^(x−m) into e; false where a lane is not finite.
+static inline bool gen_p1(const float* x, const float* y, int64_t n, float m, __m512d& z, __m512d& e) {
+  const __m512d vm = _mm512_set1_pd(m), zero = _mm512_setzero_pd();
+  for (int64_t h = 0; h < n; h += 8) {
+    const __mmask8 mk = n - h >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (n - h)) - 1);
+    const __m512d xd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, x + h)), yd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, y + h));
+    if (_mm512_cmp_pd_mask(_mm512_sub_pd(xd, xd), zero, _CMP_EQ_OQ) != 0xFF ||
+        _mm512_cmp_pd_mask(_mm512_sub_pd(yd, yd), zero, _CMP_EQ_OQ) != 0xFF) return false;  // ±inf − ±inf, NaN: NaN
+    const __m512d ex = _mm512_maskz_mov_pd(mk, exp8(_mm512_sub_pd(xd, vm))), ey = _mm512_maskz_mov_pd(mk, exp8(_mm512_sub_pd(yd, vm)));
+    z = _mm512_add_pd(z, ex); e = _mm512_add_pd(e, _mm512_sub_pd(ey, ex));
+  }
+  return true;
+}
+
+// Pass 2 of a float64 group, n <= 8 lanes (finite): p, q by exp8, KL as Σ p·d − p + q (= p·g(d)), KL_rev as Σ −q·d + p − q,
+// ψ = u·d + ln(1 − u²) with u = (p − q)/(p + q) (series in u² where u² <= 0.01).
+static inline void gen8(const float* x, const float* y, int64_t n, const Row& R, Acc& A) {
+  const __mmask8 m = n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
+  const __m512d one = _mm512_set1_pd(1.0), ln4 = _mm512_set1_pd(2 * LN2_HI);
+  const __m512d xd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x)), yd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, y));
+  const __m512d lp = _mm512_sub_pd(xd, R.Lx), lq = _mm512_sub_pd(yd, R.Ly);
+  const __m512d p = _mm512_maskz_mov_pd(m, exp8(lp)), q = _mm512_maskz_mov_pd(m, exp8(lq));
+  const __m512d d = _mm512_sub_pd(_mm512_sub_pd(xd, yd), R.c);
+  const __m512d pm = _mm512_sub_pd(p, q), pp = _mm512_add_pd(p, q);
+  A.kl = _mm512_add_pd(A.kl, _mm512_fmadd_pd(p, d, _mm512_sub_pd(q, p)));
+  A.klr = _mm512_add_pd(A.klr, _mm512_fnmadd_pd(q, d, pm));
+  A.hp = _mm512_fmadd_pd(p, lp, A.hp);
+  A.hq = _mm512_fmadd_pd(q, lq, A.hq);
+  A.tv = _mm512_add_pd(A.tv, _mm512_abs_pd(pm));
+  const __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
+  const __mmask8 ok = m & _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);  // not ok: p or q underflowed (ψ = 2 ln 2), or past n
+  __m512d psi = ln4;
+  if (ok && _mm512_mask_cmp_pd_mask(ok, z, _mm512_set1_pd(0.01), _CMP_LE_OQ) == ok) {
+    __m512d t = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 66), z, _mm512_set1_pd(1.0 / 45));
+    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 28));
+    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 15));
+    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 6));
+    t = _mm512_fmadd_pd(t, z, one);
+    psi = _mm512_mask_mov_pd(ln4, ok, _mm512_mul_pd(t, z));
+  } else if (ok) psi = _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
+  A.js = _mm512_fmadd_pd(pp, psi, A.js);  // lanes past n: p + q = 0
+}
+
+__attribute__((noinline)) static void gen16(const float* x, const float* y, int64_t n, const Row& R, Acc& A) {
+  gen8(x, y, n < 8 ? n : 8, R, A);
+  if (n > 8) gen8(x + 8, y + 8, n - 8, R, A);
+}
+
+// Pass 1's float32 work on 16 lanes with |d0| <= 0.21, d0 = x − y, w = d0²: e = exp(x − m), and ee = e·(e^(−d0) − 1)
+// rounded once (rounding e^(−d0) − 1 on its own would err alike wherever d0 repeats, as it does in float16 stores, and
+// those errors would add up; these stay random). e^(−d0) − 1 = −d0 + Σ_n≥2 (−d0)^n/n! in powers of w: even
+// w/2 + w²/24 + w³/720, odd d0·w·(1/6 + w/120 + w²/5040) (truncation < 2e-9 relative).
+// E's terms of 16 lanes in float64: Σ e^(y−m) − e^(x−m) into e.
+__attribute__((noinline)) static void ee_exact(const float* x, const float* y, float m, __m512d& e) {
+  const __m512d vm = _mm512_set1_pd(m);
+  for (int h = 0; h < 16; h += 8) {
+    const __m512d xd = _mm512_cvtps_pd(_mm256_loadu_ps(x + h)), yd = _mm512_cvtps_pd(_mm256_loadu_ps(y + h));
+    e = _mm512_add_pd(e, _mm512_sub_pd(exp8(_mm512_sub_pd(yd, vm)), exp8(_mm512_sub_pd(xd, vm))));
+  }
+}
+
+static inline void p1_lanes(__m512 vx, __m512 vm, __m512 d0, __m512 w, __m512& e, __m512& ee) {
+  e = exp16z(_mm512_sub_ps(vx, vm));
+  __m512 ev = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 720), w, _mm512_set1_ps(1.0f / 24));
+  ev = _mm512_mul_ps(_mm512_fmadd_ps(ev, w, _mm512_set1_ps(0.5f)), w);
+  __m512 od = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040), w, _mm512_set1_ps(1.0f / 120));
+  od = _mm512_mul_ps(_mm512_fmadd_ps(od, w, _mm512_set1_ps(1.0f / 6)), _mm512_mul_ps(w, d0));
+  ee = _mm512_fmsub_ps(e, _mm512_sub_ps(ev, od), _mm512_mul_ps(e, d0));
+}
+
+static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* tx, int32_t* ty, const Fast& s, Raw& R,
+                    const float* nx, const float* ny) {
+  float tvx[256], tvy[256];
+  int cx = 0, cy = 0;
+  const int64_t nb = (V + BS - 1) / BS;
+  // Pass 1, one read: top-K of x and y; e = exp(x − m) in float32 (m: x's running maximum before the block, the first
+  // block's own for block 0), kept in pb, summed in float64; and Σ e·(e^(−d0) − 1) in float64, d0 = x − y, which gives
+  // c = ln Σe^x − ln Σe^y = −ln(1 + Σ p·(e^(−d0) − 1)) with no cancellation: c is as exact as the drift it measures.
+  float m = -INFINITY;
+  for (int64_t i = 0; i < (V < BS ? V : BS); ++i) m = x[i] > m ? x[i] : m;
+  if (!(m > -INFINITY && m < INFINITY)) return false;
+  const __m512 lim = _mm512_set1_ps(0.04f), tau = _mm512_set1_ps(1.0f / 8388608);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
+    if (b > 0) m = tvx[0];
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512d z0 = _mm512_setzero_pd(), z1 = z0, zg = z0, e0 = z0, e1 = z0, eg = z0;
+    for (int64_t i = i0; i < i1; i += G) {
+      const int64_t n = i1 - i < G ? i1 - i : G;
+      const __mmask16 mk = n == G ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+      _mm_prefetch((const char*)(x + i + 1024), _MM_HINT_T0); _mm_prefetch((const char*)(y + i + 1024), _MM_HINT_T0);
+      const __m512 vx = _mm512_maskz_loadu_ps(mk, x + i), vy = _mm512_maskz_loadu_ps(mk, y + i);
+      __mmask16 gx = cx < K ? mk : _mm512_mask_cmp_ps_mask(mk, vx, _mm512_set1_ps(tvx[K - 1]), _CMP_GT_OQ);
+      __mmask16 gy = cy < K ? mk : _mm512_mask_cmp_ps_mask(mk, vy, _mm512_set1_ps(tvy[K - 1]), _CMP_GT_OQ);
+      if (__builtin_expect(_kortestz_mask16_u8(gx, gy) == 0, 0)) {
         while (gx) { int l = __builtin_ctz(gx); gx &= gx - 1; topk_insert(tvx, tx, &cx, K, x[i + l], (int32_t)(i + l)); }
         while (gy) { int l = __builtin_ctz(gy); gy &= gy - 1; topk_insert(tvy, ty, &cy, K, y[i + l], (int32_t)(i + l)); }
       }
-      rx[b] = tvx[0]; ry[b] = tvy[0];  // running maxima, so every exp below is <= 1 (-inf: the block is all -inf so far)
-      const __m512d vrx = _mm512_set1_pd(rx[b] == NINF ? 0.0 : rx[b]), vry = _mm512_set1_pd(ry[b] == NINF ? 0.0 : ry[b]);
-      __m512d bp = _mm512_setzero_pd(), bq = bp;
-      for (int64_t i = i0; i < i1; i += 8) {
-        _mm_prefetch((const char*)(x + i + 2 * BS), _MM_HINT_T0); _mm_prefetch((const char*)(y + i + 2 * BS), _MM_HINT_T0);
-        __mmask8 m = i1 - i >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (i1 - i)) - 1);
-        __m256 fx = _mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, x + i), fy = _mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, y + i);
-        vmin = _mm256_min_ps(vmin, _mm256_mask_mov_ps(_mm256_set1_ps(INFINITY), m, _mm256_min_ps(fx, fy)));
-        __m512d ex = exp8(_mm512_sub_pd(_mm512_cvtps_pd(fx), vrx)), ey = exp8(_mm512_sub_pd(_mm512_cvtps_pd(fy), vry));
-        _mm512_store_pd(bx + i, ex); _mm512_store_pd(by + i, ey);
-        bp = _mm512_add_pd(bp, ex); bq = _mm512_add_pd(bq, ey);
-      }
-      sx[b] = hsum(bp); sy[b] = hsum(bq);
-    }
-    const double mx = tvx[0], my = tvy[0];
-    const bool finite = _mm256_cmp_ps_mask(vmin, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ) == 0;
-    // normalisers Σ_b exp(R_b − max) Σ_block, Kahan-compensated over blocks (exp only where the running max rose)
-    double sp = 0, sq = 0, cp = 0, cq = 0;
-    {
-      double lx = NAN, fx = 0, ly = NAN, fy = 0;
-      for (int64_t b = 0; b < nb; ++b) {
-        if (!(rx[b] == lx)) { lx = rx[b]; fx = lx == NINF ? 0.0 : exp(lx - mx); }
-        if (!(ry[b] == ly)) { ly = ry[b]; fy = ly == NINF ? 0.0 : exp(ly - my); }
-        rx[b] = fx; ry[b] = fy;
-        double a = fx * sx[b] - cp, t = sp + a; cp = (t - sp) - a; sp = t;
-        a = fy * sy[b] - cq; t = sq + a; cq = (t - sq) - a; sq = t;
-      }
-    }
-    const double lsp = log(sp), lsq = log(sq), c = lsp - lsq;
-    for (int64_t b = 0; b < nb; ++b) { rx[b] /= sp; ry[b] /= sq; }  // p = exp(x − R_b) · rx[b]
-    double kl = 0, klr = 0, hp = 0, hq = 0, tv = 0, js = 0; int infp = 0, infq = 0; int64_t cnt = 0;
-    {
-      __m512d akl = _mm512_setzero_pd(), aklr = akl, ahp = akl, ahq = akl, atv = akl, ajs = akl;
-      const __m512d vmx = _mm512_set1_pd(mx), vmy = _mm512_set1_pd(my), vlp = _mm512_set1_pd(lsp), vlq = _mm512_set1_pd(lsq);
-      const __m512d vc = _mm512_set1_pd(c), ln4 = _mm512_set1_pd(2 * LN2_HI), ninf = _mm512_set1_pd(-INFINITY);
-      const __m512d vyt = _mm512_set1_pd((double)y[tx[0]] - my), one = _mm512_set1_pd(1.0), lim = _mm512_set1_pd(0.01);
-      if (finite) {  // no -inf in either row (so p, q > 0): Σ p(dx − dy) − c and Σ p dx − ln Σ, no masks
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
-          const __m512d gx = _mm512_set1_pd(rx[b]), gy = _mm512_set1_pd(ry[b]);
-          for (int64_t i = i0; i < i1; i += 8) {
-            __m512d dx = _mm512_sub_pd(load8(x, i, i1), vmx), dy = _mm512_sub_pd(load8(y, i, i1), vmy);
-            cnt += __builtin_popcount(_mm512_cmp_pd_mask(dy, vyt, _CMP_GT_OQ));
-            __m512d p = _mm512_mul_pd(_mm512_load_pd(bx + i), gx), q = _mm512_mul_pd(_mm512_load_pd(by + i), gy);
-            if (i1 - i < 8) {
-              __mmask8 m = (__mmask8)((1u << (i1 - i)) - 1);
-              p = _mm512_maskz_mov_pd(m, p); q = _mm512_maskz_mov_pd(m, q); dx = _mm512_maskz_mov_pd(m, dx); dy = _mm512_maskz_mov_pd(m, dy);
-            }
-            __m512d e = _mm512_sub_pd(dx, dy);
-            akl = _mm512_fmadd_pd(p, e, akl); aklr = _mm512_fnmadd_pd(q, e, aklr);
-            ahp = _mm512_fmadd_pd(p, dx, ahp); ahq = _mm512_fmadd_pd(q, dy, ahq);
-            __m512d pm = _mm512_sub_pd(p, q), pp = _mm512_add_pd(p, q);
-            atv = _mm512_add_pd(atv, _mm512_abs_pd(pm));
-            __m512d d = _mm512_sub_pd(e, vc), w = _mm512_mul_pd(d, d), psi;  // d = ln p − ln q
-            if (_mm512_cmp_pd_mask(w, _mm512_set1_pd(0.04), _CMP_LE_OQ) == 0xFF) {
-              // |d| <= 0.2 (the usual case): ψ = d tanh(d/2) − 2 ln cosh(d/2) in powers of w = d², to w^6
-              // (the next term is 5461 w^7 / 13412044800: truncation < 1e-14 relative)
-              __m512d t = _mm512_fmadd_pd(_mm512_set1_pd(-691.0 / 174182400), w, _mm512_set1_pd(31.0 / 806400));
-              t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(-17.0 / 46080));
-              t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(1.0 / 288));
-              t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(-1.0 / 32));
-              t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(0.25));
-              psi = _mm512_mul_pd(t, w);
-            } else {  // u = (p − q)/(p + q); tail lanes: p = q = 0, so u is NaN and ψ = 2 ln 2 times p + q = 0
-              __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
-              __mmask8 ok = _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);
-              psi = _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
-            }
-            ajs = _mm512_fmadd_pd(pp, psi, ajs);
-          }
+      const __m512 d0 = _mm512_sub_ps(vx, vy), w = _mm512_mul_ps(d0, d0);
+      if (__builtin_expect(n == G && _mm512_cmp_ps_mask(w, lim, _CMP_LE_OQ) == 0xFFFF, 1)) {  // NaN, ±inf: not <=
+        __m512 e, ee;
+        p1_lanes(vx, vm, d0, w, e, ee);
+        _mm512_store_ps(s.pb + i, e);
+        z0 = _mm512_add_pd(z0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+        z1 = _mm512_add_pd(z1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+        if (__builtin_expect(_mm512_cmp_ps_mask(_mm512_abs_ps(ee), tau, _CMP_LE_OQ) == 0xFFFF, 1)) {
+          e0 = _mm512_add_pd(e0, _mm512_cvtps_pd(_mm512_castps512_ps256(ee)));
+          e1 = _mm512_add_pd(e1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee, 1)));
+          s.gen[i / G] = 0;
+        } else {  // a term of E over 2^-23 of the row's largest: float32's 1e-7 would show in c, so float64
+          ee_exact(x + i, y + i, m, eg);
+          s.gen[i / G] = 2;
         }
-        kl = hsum(akl) - c; klr = hsum(aklr) + c; hp = hsum(ahp) - lsp; hq = hsum(ahq) - lsq; tv = hsum(atv); js = hsum(ajs);
       } else {
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
-          const __m512d gx = _mm512_set1_pd(rx[b]), gy = _mm512_set1_pd(ry[b]);
-          for (int64_t i = i0; i < i1; i += 8) {
-            __m512d dx = _mm512_sub_pd(load8(x, i, i1), vmx), dy = _mm512_sub_pd(load8(y, i, i1), vmy);
-            cnt += __builtin_popcount(_mm512_cmp_pd_mask(dy, vyt, _CMP_GT_OQ));
-            __m512d lp = _mm512_sub_pd(dx, vlp), lq = _mm512_sub_pd(dy, vlq);
-            __mmask8 fx = _mm512_cmp_pd_mask(dx, ninf, _CMP_NEQ_OQ), fy = _mm512_cmp_pd_mask(dy, ninf, _CMP_NEQ_OQ), both = fx & fy;
-            __m512d p = _mm512_maskz_mul_pd(fx, _mm512_load_pd(bx + i), gx), q = _mm512_maskz_mul_pd(fy, _mm512_load_pd(by + i), gy);
-            __m512d d = _mm512_sub_pd(_mm512_sub_pd(dx, dy), vc);
-            akl = _mm512_mask3_fmadd_pd(p, d, akl, both);
-            aklr = _mm512_mask3_fnmadd_pd(q, d, aklr, both);
-            ahp = _mm512_mask3_fmadd_pd(p, lp, ahp, fx);
-            ahq = _mm512_mask3_fmadd_pd(q, lq, ahq, fy);
-            __m512d pm = _mm512_sub_pd(p, q), pp = _mm512_add_pd(p, q);
-            atv = _mm512_add_pd(atv, _mm512_abs_pd(pm));
-            __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
-            __mmask8 ok = both & _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);
-            __m512d psi = ln4;  // ψ(±1) = 2 ln 2: one side is 0 (-inf, or underflowed)
-            if (ok && _mm512_mask_cmp_pd_mask(ok, z, lim, _CMP_LE_OQ) == ok) {
-              __m512d t = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 66), z, _mm512_set1_pd(1.0 / 45));
-              t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 28));
-              t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 15));
-              t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 6));
-              t = _mm512_fmadd_pd(t, z, one);
-              psi = _mm512_mask_mov_pd(ln4, ok, _mm512_mul_pd(t, z));
-            } else if (ok) psi = _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
-            ajs = _mm512_fmadd_pd(pp, psi, ajs);
-            __mmask8 ox = fx & ~fy, oy = fy & ~fx;  // one side -inf: that KL is +inf where the other p > 0 in float64
-            if ((ox && !infp) || (oy && !infq)) {
-              double a[8], bb[8]; _mm512_storeu_pd(a, lp); _mm512_storeu_pd(bb, lq);
-              for (int l = 0; l < 8; ++l) { infp |= (ox >> l & 1) && exp(a[l]) > 0; infq |= (oy >> l & 1) && exp(bb[l]) > 0; }
-            }
-          }
-        }
-        kl = hsum(akl); klr = hsum(aklr); hp = hsum(ahp); hq = hsum(ahq); tv = hsum(atv); js = hsum(ajs);
+        if (!gen_p1(x + i, y + i, n, m, zg, eg)) return false;
+        s.gen[i / G] = 1;
       }
     }
-    double* o = out + r * 10;
-    o[0] = mx + lsp; o[1] = my + lsq; o[2] = kl; o[3] = klr; o[4] = hp; o[5] = hq; o[6] = tv; o[7] = js;
-    o[8] = infp; o[9] = infq; rank[r] = cnt;
+    s.S[b] = hsum(_mm512_add_pd(_mm512_add_pd(z0, z1), zg));
+    s.E[b] = hsum(_mm512_add_pd(_mm512_add_pd(e0, e1), eg));
+    s.M[b] = m;
+  }
+  // Z = Σ_b e^(m_b − max) S_b (Kahan), and the same for E; then the top 16 entries' float32 terms (the largest, whose
+  // rounding would otherwise show in ln Z and c for peaked rows) are replaced by float64 ones.
+  const double Mx = tvx[0];
+  double Z = 0, cz = 0, E = 0;
+  {
+    float last = NAN; double f = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      if (!(s.M[b] == last)) { last = s.M[b]; f = exp((double)last - Mx); }
+      s.F[b] = f;
+      double a = f * s.S[b] - cz, t = Z + a; cz = (t - Z) - a; Z = t;
+      E += f * s.E[b];
+    }
+    alignas(64) float xv[16] = {0}, yv[16] = {0}, mv[16] = {0}, ev[16], eev[16];
+    int64_t at[16]; int nt = 0;
+    for (int j = 0; j < (cx < 16 ? cx : 16); ++j)
+      if (s.gen[tx[j] / G] != 1) { at[nt] = tx[j]; xv[nt] = x[tx[j]]; yv[nt] = y[tx[j]]; mv[nt] = s.M[tx[j] / BS]; ++nt; }
+    {
+      const __m512 vx = _mm512_load_ps(xv), d0 = _mm512_sub_ps(vx, _mm512_load_ps(yv));
+      __m512 e, ee;
+      p1_lanes(vx, _mm512_load_ps(mv), d0, _mm512_mul_ps(d0, d0), e, ee);  // bit for bit as in pass 1
+      _mm512_store_ps(ev, e); _mm512_store_ps(eev, ee);
+    }
+    double fix = 0, fixe = 0;
+    for (int l = 0; l < nt; ++l) {
+      const double f = s.F[at[l] / BS], e64 = exp((double)xv[l] - (double)mv[l]);
+      fix += f * (e64 - (double)ev[l]);
+      if (!s.gen[at[l] / G]) fixe += f * (e64 * expm1((double)yv[l] - (double)xv[l]) - (double)eev[l]);
+    }
+    E += fixe;
+    Z = Z + (fix - cz);
+  }
+  if (!(Z > 0 && Z < INFINITY && fabs(E) < INFINITY)) return false;
+  const double lx = Mx + log(Z), c = -log1p(E / Z);
+  if (!(fabs(c) <= 0.01 && fabs(lx) < 1e4)) return false;
+  // Pass 2 (rows again, now from cache; meanwhile the next row pair is fetched into L2, so that pass 1 does not wait on
+// memory): p = e·e^(m_b − max)/Z; d = (x − y) − c = ln p − ln q; q = p·e^(−d). Sums in
+  // forms whose float32 rounding stays relative: KL = Σ p·g(d), KL_rev = Σ q·g(−d), g(d) = d − 1 + e^(−d) ≥ 0
+  // (= Σ p·d as Σp = Σq = 1), TV = Σ p·|e^(−d) − 1|, JS = ¼ Σ (p + q)·ψ(d), ψ = d·tanh(d/2) − 2 ln cosh(d/2) ≥ 0, as
+  // series in w = d² (truncation < 4e-7 of each term); float32 partial sums go into float64 once per block.
+  const float Lh = (float)lx, c32 = (float)c;
+  const __m512 vLh = _mm512_set1_ps(Lh), vLl = _mm512_set1_ps((float)(lx - Lh)), vc = _mm512_set1_ps(c32),
+               vcl = _mm512_set1_ps((float)(c - c32)), vyt = _mm512_set1_ps(y[tx[0]]);
+  Row Rg; Rg.Lx = _mm512_set1_pd(lx); Rg.Ly = _mm512_set1_pd(lx - c); Rg.c = _mm512_set1_pd(c);
+  Acc A; A.kl = A.klr = A.hp = A.hq = A.tv = A.js = _mm512_setzero_pd(); A.infp = A.infq = 0;
+  __m512i cnt = _mm512_setzero_si512();
+  const __m512i m1 = _mm512_set1_epi32(-1);
+  const double iz = 1.0 / Z;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
+    const __m512 vf = _mm512_set1_ps((float)(s.F[b] * iz));
+    __m512 akl = _mm512_setzero_ps(), aklr = akl, atv = akl, ahp = akl, ahq = akl, ajs = akl;
+    for (int64_t i = i0; i < i1; i += G) {
+      _mm_prefetch((const char*)(nx + i), _MM_HINT_T1); _mm_prefetch((const char*)(ny + i), _MM_HINT_T1);
+      _mm_prefetch((const char*)(x + i + 512), _MM_HINT_T0); _mm_prefetch((const char*)(y + i + 512), _MM_HINT_T0);
+      _mm_prefetch((const char*)(s.pb + i + 512), _MM_HINT_T0);
+      if (__builtin_expect(s.gen[i / G] != 1, 1)) {
+        const __m512 vx = _mm512_loadu_ps(x + i), vy = _mm512_loadu_ps(y + i);
+        cnt = _mm512_mask_sub_epi32(cnt, _mm512_cmp_ps_mask(vy, vyt, _CMP_GT_OQ), cnt, m1);
+        const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_sub_ps(vx, vy), vc), vcl), w = _mm512_mul_ps(d, d);
+        const __m512 p = _mm512_mul_ps(_mm512_load_ps(s.pb + i), vf);
+        __m512 ev = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 720), w, _mm512_set1_ps(1.0f / 24));
+        ev = _mm512_mul_ps(_mm512_fmadd_ps(ev, w, _mm512_set1_ps(0.5f)), w);
+        __m512 od = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040), w, _mm512_set1_ps(1.0f / 120));
+        od = _mm512_mul_ps(_mm512_fmadd_ps(od, w, _mm512_set1_ps(1.0f / 6)), _mm512_mul_ps(w, d));
+        const __m512 g = _mm512_sub_ps(ev, od), gr = _mm512_add_ps(ev, od), em = _mm512_sub_ps(g, d);
+        const __m512 q = _mm512_fmadd_ps(p, em, p);
+        const __m512 lp = _mm512_sub_ps(_mm512_sub_ps(vx, vLh), vLl), lq = _mm512_sub_ps(lp, d);
+        akl = _mm512_fmadd_ps(p, g, akl);
+        aklr = _mm512_fmadd_ps(q, gr, aklr);
+        atv = _mm512_fmadd_ps(p, _mm512_abs_ps(em), atv);
+        ahp = _mm512_fmadd_ps(p, lp, ahp);
+        ahq = _mm512_fmadd_ps(q, lq, ahq);
+        // ψ = w/4 − w²/32 + w³/288 − 17w⁴/46080 (next: 31w⁵/806400, < 3e-9 relative for w <= 0.045)
+        __m512 ps = _mm512_fmadd_ps(_mm512_set1_ps(-17.0f / 46080), w, _mm512_set1_ps(1.0f / 288));
+        ps = _mm512_fmadd_ps(ps, w, _mm512_set1_ps(-1.0f / 32));
+        ps = _mm512_mul_ps(_mm512_fmadd_ps(ps, w, _mm512_set1_ps(0.25f)), w);
+        ajs = _mm512_fmadd_ps(_mm512_add_ps(p, q), ps, ajs);
+      } else {
+        const int64_t n = i1 - i < G ? i1 - i : G;
+        const __mmask16 mk = n == G ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+        cnt = _mm512_mask_sub_epi32(cnt, _mm512_mask_cmp_ps_mask(mk, _mm512_maskz_loadu_ps(mk, y + i), vyt, _CMP_GT_OQ), cnt, m1);
+        gen16(x + i, y + i, n, Rg, A);
+      }
+    }
+    A.kl = _mm512_add_pd(A.kl, fold16(akl)); A.klr = _mm512_add_pd(A.klr, fold16(aklr));
+    A.hp = _mm512_add_pd(A.hp, fold16(ahp)); A.hq = _mm512_add_pd(A.hq, fold16(ahq));
+    A.tv = _mm512_add_pd(A.tv, fold16(atv)); A.js = _mm512_add_pd(A.js, fold16(ajs));
+  }
+  R.lx = lx; R.ly = lx - c; R.kl = hsum(A.kl); R.klr = hsum(A.klr); R.hp = hsum(A.hp); R.hq = hsum(A.hq);
+  R.l1 = hsum(A.tv); R.js4 = hsum(A.js); R.infp = R.infq = 0; R.rank = _mm512_reduce_add_epi32(cnt);
+  return true;
+}
+
+extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
+                        const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top) {
+  // per thread: row_f64's exps of a row pair and block table, then the fast path's block sums, p buffer and group flags
+  static thread_local char* buf = nullptr; static thread_local int64_t cap = 0;
+  const int64_t Vr = (V + G - 1) / G * G, nb = (V + BS - 1) / BS, n64 = (2 * Vr + 7 * nb + 7) / 8 * 8;  // doubles, to a 64-byte multiple
+  const int64_t need = n64 * 8 + nb * 4 + Vr * 4 + Vr / G + 64;
+  if (cap < need) {
+    free(buf); cap = 0;
+    buf = (char*)aligned_alloc(64, (need + 63) / 64 * 64);
+    if (!buf) { for (int64_t j = 0; j < n * (NFIX + nks); ++j) out[j] = NAN; return; }  // out of memory: NaN, the wrapper raises
+    cap = need;
+  }
+  double* b64 = (double*)buf;
+  Fast s;
+  s.S = b64 + 2 * Vr + 4 * nb; s.E = s.S + nb; s.F = s.E + nb;
+  s.pb = (float*)(b64 + n64); s.M = s.pb + Vr; s.gen = (uint8_t*)(s.M + nb);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = X + r * ldx; const float* y = Y + r * ldy;
+    int32_t* tx = top + r * 2 * K; int32_t* ty = tx + K;
+    Raw R;
+    const float* nx = r + 1 < n ? x + ldx : x; const float* ny = r + 1 < n ? y + ldy : y;
+    if (mode == 1 || !row_f32(x, y, V, K, tx, ty, s, R, nx, ny)) row_f64(x, y, V, K, tx, ty, b64, R);
+    finish(x, y, T[r], R, tx, ty, ks, nks, out + r * (NFIX + nks));
   }
 }
 #else
 extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
-                        double* out, int64_t* rank, int32_t* top) {
+                        const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top) {
   float tvx[256], tvy[256];
   for (int64_t r = 0; r < n; ++r) {
     const float* x = X + r * ldx; const float* y = Y + r * ldy;
@@ -285,9 +581,8 @@ extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, in
       if (fx) hp += p * lp;
       if (fy) hq += q * lq;
     }
-    double* o = out + r * 10;
-    o[0] = mx + lsp; o[1] = my + lsq; o[2] = kl; o[3] = klr; o[4] = hp; o[5] = hq; o[6] = tv; o[7] = js;
-    o[8] = infp; o[9] = infq; rank[r] = cnt;
+    Raw R = {mx + lsp, my + lsq, kl, klr, hp, hq, tv, js, infp, infq, cnt};
+    finish(x, y, T[r], R, tx, ty, ks, nks, out + r * (NFIX + nks));
   }
 }
 #endif
@@ -299,7 +594,7 @@ def _lib() -> ctypes.CDLL:
     lib = cext.build("metrics_fused", CPP)
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.pm_rows.restype = None
-    lib.pm_rows.argtypes = [vp, vp, i64, i64, i64, i64, ctypes.c_int, vp, vp, vp]
+    lib.pm_rows.argtypes = [vp, vp, i64, i64, i64, i64, ctypes.c_int, vp, vp, ctypes.c_int, ctypes.c_int, vp, vp]
     return lib
 
 
@@ -308,62 +603,44 @@ def available() -> str | None:
     return cext.why_not(_lib)
 
 
-
-def fused_position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, ks=(5, 10)) -> dict[str, torch.Tensor]:
+def fused_position_metrics(
+    ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, ks=(5, 10), *, float64_only: bool = False
+) -> dict[str, torch.Tensor]:
     """`metrics.position_metrics` from the fused kernel: [B, V] ref and cand log-probs (any float dtype,
     maybe unnormalised; read as float32), [B] next tokens -> the same dict of [B] float64 / int64 / bool
-    tensors (KL(ref ‖ cand), kl_rev, js in nats; see metrics.position_metrics for every key)."""
+    tensors (KL(ref ‖ cand), kl_rev, js in nats; see metrics.position_metrics for every key).
+    `float64_only` skips the float32 fast path (for tests and the benchmark)."""
     if ref.dim() != 2 or ref.shape != cand.shape or ref.device.type != "cpu" or cand.device.type != "cpu":
         raise ValueError(f"fused_position_metrics takes two [B, V] CPU tensors, not {tuple(ref.shape)} and {tuple(cand.shape)}")
     (B, V), K = ref.shape, max(2, *ks)
-    if K > min(MAX_K, V):
-        raise ValueError(f"top-k sizes must be at most {min(MAX_K, V)}, not {K}")
+    if K > min(MAX_K, V) or min(ks) < 1:
+        raise ValueError(f"top-k sizes must be in [1, {min(MAX_K, V)}], not {tuple(ks)}")
     x, y = (t.float() if t.dtype != torch.float32 else t for t in (ref, cand))
     x, y = (t if t.stride(1) == 1 else t.contiguous() for t in (x, y))
+    t = target.to(torch.int64).contiguous()
+    if t.shape != (B,) or (B and not (0 <= int(t.min()) and int(t.max()) < V)):
+        raise ValueError(f"targets must be [{B}] token ids in [0, {V}), not shape {tuple(t.shape)}")
     lib = _lib()
-    out = torch.empty(B, 10, dtype=torch.float64)
-    rank = torch.empty(B, dtype=torch.int64)
+    kk = torch.tensor(ks, dtype=torch.int32)
+    width = len(FIXED) + len(ks)
+    out = torch.empty(B, width, dtype=torch.float64)
     top = torch.empty(B, 2, K, dtype=torch.int32)
 
     def rows(a: int, b: int) -> None:
         lib.pm_rows(x.data_ptr() + a * x.stride(0) * 4, y.data_ptr() + a * y.stride(0) * 4, b - a, V, x.stride(0),
-                    y.stride(0), K, out.data_ptr() + a * 80, rank.data_ptr() + a * 8, top.data_ptr() + a * 8 * K)
+                    y.stride(0), K, t.data_ptr() + a * 8, kk.data_ptr(), len(ks), int(float64_only),
+                    out.data_ptr() + a * width * 8, top.data_ptr() + a * 8 * K)  # fmt: skip
 
-    n = max(1, min(torch.get_num_threads(), B))
-    cuts = [B * i // n for i in range(n + 1)]
-    if n == 1:
-        rows(0, B)
-    else:
-        list(cext.pool(n).map(rows, cuts[:-1], cuts[1:]))
-    if (rank < 0).any():  # the kernel could not allocate its per-thread buffer
-        raise MemoryError("the fused metrics kernel could not allocate its ~2.4 MB per-thread buffer")
-    log_zp, log_zq, kl, kl_rev, plp, qlq, l1, js4, inf_p, inf_q = out.unbind(1)
-    top_p, top_q = top.long().unbind(1)  # [B, K] each, by descending log-prob
-    inf = torch.full_like(kl, math.inf)
-    ref_top, t = top_p[:, 0:1], target.long()[:, None]
-    lp_t, lq_t = x.gather(1, t).squeeze(1).double() - log_zp, y.gather(1, t).squeeze(1).double() - log_zq
-    p_top, p_2nd = (x.gather(1, top_p[:, :2]).double() - log_zp[:, None]).exp().unbind(1)
-    res = {
-        "kl": torch.where(inf_p > 0, inf, kl.clamp_min(0.0)),
-        "kl_rev": torch.where(inf_q > 0, inf, kl_rev.clamp_min(0.0)),
-        "js": (0.25 * js4).clamp(0.0, math.log(2.0)),
-        "tv": (0.5 * l1).clamp(0.0, 1.0),
-        "top1_agree": top_p[:, 0] == top_q[:, 0],
-    }
-    for k in ks:
-        res[f"top{k}_overlap"] = (top_p[:, :k, None] == top_q[:, None, :k]).any(-1).double().mean(-1)
-    res |= {
-        "ref_top_rank": rank,
-        "delta_p": lq_t.exp() - lp_t.exp(),
-        "delta_p_top": (y.gather(1, ref_top).squeeze(1).double() - log_zq).exp() - p_top,
-        "nll_ref": -lp_t,
-        "nll_cand": -lq_t,
-        "entropy_ref": -plp,
-        "entropy_cand": -qlq,
-        "p_top_ref": p_top,
-        "margin_ref": p_top - p_2nd,
-    }
-    return res
+    cext.split_rows(rows, B, torch.get_num_threads())
+    cols = out.T.contiguous()
+    if cols[5].isnan().any():  # the kernel could not allocate its per-thread buffer
+        raise MemoryError("the fused metrics kernel could not allocate its ~3.5 MB per-thread buffer")
+    res = dict(zip(FIXED, cols[: len(FIXED)], strict=True))
+    res["top1_agree"] = res["top1_agree"] > 0
+    res["ref_top_rank"] = res["ref_top_rank"].long()
+    order = list(FIXED[:5]) + [f"top{k}_overlap" for k in ks] + list(FIXED[5:])
+    res |= {f"top{k}_overlap": cols[len(FIXED) + j] for j, k in enumerate(ks)}
+    return {key: res[key] for key in order}
 
 
 if __name__ == "__main__":
@@ -382,7 +659,9 @@ if __name__ == "__main__":
     for key, w in want.items():
         diff = ((got[key].double() - w.double()).abs() / w.double().abs().clamp_min(1e-12)).max()
         print(f"{key:>14}: max relative difference {float(diff):.2e}")
-    start = time.perf_counter()
-    fused_position_metrics(ref, cand, target)
-    rate = rows / (time.perf_counter() - start)
-    print(f"{rate:.0f} positions/s, {rate * width * 8 / 1e9:.2f} GB/s read, {torch.get_num_threads()} threads")
+    for f64 in (False, True):
+        start = time.perf_counter()
+        fused_position_metrics(ref, cand, target, float64_only=f64)
+        rate = rows / (time.perf_counter() - start)
+        path = "float64 kernel" if f64 else "fast path"
+        print(f"{path}: {rate:.0f} positions/s, {rate * width * 8 / 1e9:.2f} GB/s read, {torch.get_num_threads()} threads")

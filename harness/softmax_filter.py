@@ -300,10 +300,7 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
                           counts.data_ptr() + a * 8, ctypes.addressof(why) + a * 4)
         return (-1, 0) if bad < 0 else (a + bad, why[a])
 
-    n = max(1, min(torch.get_num_threads(), B))
-    cuts = [B * i // n for i in range(n + 1)]
-    bad = [rows(0, B)] if n == 1 else list(cext.pool(n).map(rows, cuts[:-1], cuts[1:]))
-    bad = [b for b in bad if b[0] >= 0]
+    bad = [b for b in cext.split_rows(rows, B, torch.get_num_threads()) if b[0] >= 0]
     if bad:
         row, code = min(bad)
         raise ValueError(f"logits row {row} {WHY[code]}: it has no softmax distribution")

@@ -19,6 +19,10 @@ def _rows(kind, n, v, seed):
     scale = {"normal": 2.0, "peaked": 8.0, "near-uniform": 1e-3, "filtered": 3.0}.get(kind, 2.0)
     if kind == "tied":
         ref, cand = (torch.randint(0, 3, (n, v), generator=gen).float() for _ in range(2))
+    elif kind == "quantised":  # small drift (the float32 fast path's groups), with a few large jumps (its float64 groups)
+        ref = torch.randn(n, v, generator=gen) * scale
+        cand = ref + 0.02 * scale * torch.randn(n, v, generator=gen)
+        cand[:, 7::997] += 3.0
     else:
         ref = torch.randn(n, v, generator=gen) * scale
         cand = ref + 0.3 * scale * torch.randn(n, v, generator=gen)
@@ -56,14 +60,14 @@ def _check(ref, cand, target, ks=(5, 10), atol=1e-12):
     return got, want
 
 
-@pytest.mark.parametrize("kind", ["normal", "peaked", "near-uniform", "filtered"])
+@pytest.mark.parametrize("kind", ["normal", "peaked", "near-uniform", "filtered", "quantised"])
 def test_many_rows(kind):
     ref, cand = _rows(kind, 64, 5003, seed=1)
     target = torch.randint(0, 5003, (64,), generator=torch.Generator().manual_seed(2))
     _check(ref, cand, target)
 
 
-@pytest.mark.parametrize("kind", ["normal", "peaked", "filtered"])
+@pytest.mark.parametrize("kind", ["normal", "peaked", "filtered", "quantised"])
 def test_full_vocab(kind):
     ref, cand = _rows(kind, 3, WIDE, seed=3)
     target = torch.tensor([0, 17, WIDE - 1])
@@ -109,3 +113,38 @@ def test_bad_arguments():
         metrics_fused.fused_position_metrics(x, x[:, :4], torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError):
         metrics_fused.fused_position_metrics(x, x, torch.zeros(2, dtype=torch.long), ks=(9,))
+
+
+@pytest.mark.parametrize("shift", [0.0, 7.3])
+def test_tiny_drift_realistic_rows(shift):
+    """LM-shaped rows (hot tokens over a heavy tail), KL ~ 1e-8 nats as quantised models give: divergences within
+    1e-6 relative, no absolute slack. shift > 0: unnormalised reference logits, normalisers far apart (float64 kernel)."""
+    from harness import bench
+
+    gen = torch.Generator().manual_seed(8)
+    logits = bench.realistic_logits(4, WIDE, seed=9)
+    ref = torch.log_softmax(logits, -1) if shift == 0 else logits + shift
+    cand = torch.log_softmax(ref + 1e-4 * torch.randn(4, WIDE, generator=gen), -1)
+    got, want = _check(ref, cand, torch.tensor([0, 1, 2, 3]))
+    assert 1e-10 < float(want["kl"].min()) and float(want["kl"].max()) < 1e-7
+    for key in ("kl", "kl_rev", "js", "tv", "delta_p", "delta_p_top"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0.0, msg=lambda m: f"{key}: {m}")
+
+
+def test_fast_path_and_float64_kernel_agree():
+    """The benchmark's rows (quantisation-sized drift): the float32 fast path and the float64 kernel both match the
+    reference within 1e-6 relative, and differ from each other (so the fast path did run)."""
+    from harness import bench
+
+    ref = torch.log_softmax(bench.realistic_logits(8, WIDE, seed=1), -1)
+    cand = torch.log_softmax(ref + 0.05 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)), -1)
+    target = torch.randint(0, WIDE, (8,), generator=torch.Generator().manual_seed(3))
+    want = metrics.position_metrics(ref, cand, target)
+    fast = metrics_fused.fused_position_metrics(ref, cand, target)
+    slow = metrics_fused.fused_position_metrics(ref, cand, target, float64_only=True)
+    for key in ("kl", "kl_rev", "js", "tv", "delta_p", "delta_p_top", "nll_ref", "nll_cand", "entropy_ref", "entropy_cand"):
+        for got in (fast, slow):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0.0, msg=lambda m: f"{key}: {m}")
+    assert not torch.equal(fast["kl"], slow["kl"])
+    for key in ("top1_agree", "ref_top_rank"):
+        assert torch.equal(fast[key], want[key]) and torch.equal(slow[key], want[key]), key
