@@ -116,18 +116,27 @@ class Store:
                 parts.append(f.get_tensor(name))
         return torch.cat(parts)
 
-    def blocks(self, rows: int, *, renormalise: bool = True):
+    def blocks(self, rows: int, *, renormalise: bool = True, reuse: bool = False):
         """Yields [<=rows, V] float32 log-prob blocks in position order (memory-mapped reads).
 
         Stored rows are rounded to the store dtype, so they sum to 1 only approximately; they are
         renormalised here unless the caller does it itself (metrics.normalize does, in float64).
+        `reuse` (without renormalise) yields views of one buffer, overwritten by the next block: no
+        fresh allocation per block (over glibc's 32 MB mmap threshold, each would page-fault anew).
         """
+        buf = None
         for path in self.shards():
             with safe_open(path, "pt") as f:
                 sliced = f.get_slice("logprobs")
                 n = sliced.get_shape()[0]
                 for start in range(0, n, rows):
-                    block = sliced[start : min(n, start + rows)].float()
+                    part = sliced[start : min(n, start + rows)]
+                    if reuse and not renormalise:
+                        if buf is None:
+                            buf = torch.empty(rows, part.shape[1], dtype=torch.float32)
+                        yield buf[: len(part)].copy_(part)
+                        continue
+                    block = part.float()
                     if renormalise:  # float64 normaliser: a float32 log-softmax over 151646 columns is off by ~1e-5
                         block = block - torch.logsumexp(block.double(), dim=-1, keepdim=True).float()
                     yield block

@@ -148,3 +148,13 @@ def test_fast_path_and_float64_kernel_agree():
     assert not torch.equal(fast["kl"], slow["kl"])
     for key in ("top1_agree", "ref_top_rank"):
         assert torch.equal(fast[key], want[key]) and torch.equal(slow[key], want[key]), key
+
+
+def test_rank_when_the_reference_top_is_far_down_the_candidate():
+    """Near-flat, unrelated rows (fast path: every |x − y| tiny): the reference's top token sits far below the
+    candidate's top-k list, so its rank is counted over the row; it must equal the reference's exactly."""
+    gen = torch.Generator().manual_seed(11)
+    ref = torch.log_softmax(1e-3 * torch.randn(6, 20000, generator=gen), -1)
+    cand = torch.log_softmax(1e-3 * torch.randn(6, 20000, generator=gen), -1)
+    got, want = _check(ref, cand, torch.arange(6))
+    assert int(want["ref_top_rank"].min()) > 10

@@ -38,6 +38,8 @@ def test_written_in_pieces_reads_back_exactly(tmp_path, dtype):
     meta = json.loads(s.shard_path(0).with_suffix(".json").read_text())
     assert meta["segments"] == [0, 3] and meta["xxh3_64"] == store.checksum_file(s.shard_path(0))
     assert torch.equal(torch.cat(list(s.blocks(10, renormalise=False))), t["logprobs"].float())
+    # reuse: views of one buffer, each block right until the next is read
+    assert torch.equal(torch.cat([b.clone() for b in s.blocks(10, renormalise=False, reuse=True)]), t["logprobs"].float())
 
 
 def test_rows_must_come_in_order_and_complete(tmp_path):
