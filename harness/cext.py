@@ -21,7 +21,8 @@ from functools import cache
 
 from harness import paths
 
-# float32 exp for d <= 0, shared by the kernels (prepended to their sources): exp_s scalar, exp16 AVX-512.
+# float32 exp for d <= 0, shared by the kernels (prepended to their sources): exp_s scalar, exp16 AVX-512,
+# exp16z AVX-512 without subnormal results (for sums).
 EXP_F32 = r"""#include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -65,6 +66,21 @@ static inline __m512 exp16(__m512 d) {
     p = _mm512_loadu_ps(pp);
   }
   return p;
+}
+// exp(t), t <= 88, for sums: exp16's polynomial, but lanes below -87 give 0, not a subnormal (their share of a sum
+// is < 1e-37 of its largest term), so there is no scalar fallback.
+static inline __m512 exp16z(__m512 t) {
+  const __mmask16 ok = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), t);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(ok, p, n);
 }
 #endif
 """

@@ -91,8 +91,9 @@ def compiled_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> Sparse
 
 
 # --- fused CPU kernel: C++ source, built once per machine into $HARNESS_HOME/ext ----------------------
-CPP = cext.EXP_F32 + r"""// One row at a time: pass 1 max (+ NaN flag, + running top-k, + where the finite entries are while they are few),
-// pass 2 sum of exp, pass 3 write kept entries; on a warped row (<= FCAP finite) passes 2 and 3 visit only those.
+CPP = cext.EXP_F32 + r"""// One row at a time: pass 1 by blocks: max (+ NaN flag, + running top-k, + where the finite entries are while they
+// are few) and the running sum of exp; pass 2 writes the kept entries; on a warped row (<= FCAP finite) the sum and
+// pass 2 visit only those.
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -146,53 +147,74 @@ extern "C" int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t 
     const void* row = bf ? (const void*)((const uint16_t*)x + r * ld) : (const void*)((const float*)x + r * ld);
     float m = -INFINITY, thr = -INFINITY; int nan = 0, tc = 0; int64_t i = 0;
 #ifdef __AVX512F__
-    __m512 vm = _mm512_set1_ps(-INFINITY); __mmask16 un = 0;
+    // By blocks of BS (in L1 after the first look): max, NaN, the finite entries' places while they are few, the
+    // running top k; and once the row has more than FCAP finite entries, the running Σ exp(x − max) over the block,
+    // rescaled when the max rises (the blocks before that point are summed once, on the spot, from cache). So the row
+    // is read from memory once, prefetched 1024 entries ahead, and the exps overlap the reads.
+    enum { BS = 1024 };
     int64_t nf = 0;  // finite entries listed in fi[] so far; -1 once there are more than FCAP
+    int64_t summed = 0;  // a dense row: Σ covers [0, summed)
+    double s = 0.0;
+    __mmask16 un = 0;
     const __m512i iota16 = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15);
-    for (; i < V; i += 16) {
-      __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
-      __m512 v = load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY));
-      vm = _mm512_max_ps(vm, v); un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      if (nf >= 0) {  // warped rows: remember where the few finite entries are, so passes 2 and 3 visit only them
-        __mmask16 fin = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
-        if (fin) {
-          int cnt = __builtin_popcount(fin);
-          if (nf + cnt > FCAP) nf = -1;
-          else { _mm512_mask_compressstoreu_epi32(fi + nf, fin, _mm512_add_epi32(iota16, _mm512_set1_epi32((int)i))); nf += cnt; }
+    const int es = bf ? 2 : 4;
+    for (int64_t b0 = 0; b0 < V; b0 += BS) {
+      const int64_t b1 = b0 + BS < V ? b0 + BS : V;
+      __m512 vm = _mm512_set1_ps(-INFINITY);
+      for (i = b0; i < b1; i += 16) {
+        _mm_prefetch((const char*)row + (i + 1024) * es, _MM_HINT_T0);
+        __mmask16 msk = b1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - i)) - 1);
+        __m512 v = load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY));
+        vm = _mm512_max_ps(vm, v); un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        if (nf >= 0) {  // warped rows: remember where the few finite entries are, so the rest visits only them
+          __mmask16 fin = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+          if (fin) {
+            int cnt = __builtin_popcount(fin);
+            if (nf + cnt > FCAP) nf = -1;
+            else { _mm512_mask_compressstoreu_epi32(fi + nf, fin, _mm512_add_epi32(iota16, _mm512_set1_epi32((int)i))); nf += cnt; }
+          }
+        }
+        if (mode) {
+          __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
+          while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, i + l);
+                       if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(i + l)); }
         }
       }
-      if (mode) {
-        __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
-        while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, i + l);
-                     if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(i + l)); }
+      const float bm = _mm512_reduce_max_ps(vm);
+      if (bm > m) {
+        if (summed > 0 && m > -INFINITY && bm < INFINITY) s *= exp((double)m - (double)bm);
+        m = bm;
+      }
+      if (nf < 0 && !un && m < INFINITY) {  // a dense row (so m is finite): Σ exp(x − m) over [summed, b1), from L1/L2
+        const __m512 vmax = _mm512_set1_ps(m);
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+        for (i = summed; i + 32 <= b1; i += 32) {
+          s0 = _mm512_add_ps(s0, exp16z(_mm512_sub_ps(load16(row, bf, i, 0xFFFF, vmax), vmax)));
+          s1 = _mm512_add_ps(s1, exp16z(_mm512_sub_ps(load16(row, bf, i + 16, 0xFFFF, vmax), vmax)));
+        }
+        for (; i < b1; i += 16) {
+          __mmask16 msk = b1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - i)) - 1);
+          s0 = _mm512_add_ps(s0, exp16z(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)));
+        }
+        s += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        summed = b1;
       }
     }
-    m = _mm512_reduce_max_ps(vm); nan = un != 0;
+    nan = un != 0;
 #else
+    double s = 0.0;
     for (; i < V; ++i) { float e = load1(row, bf, i); nan |= e != e; m = e > m ? e : m;
       if (mode && e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)i); }
 #endif
     if (nan || m == -INFINITY || m == INFINITY) { *why = nan ? 1 : (m == INFINITY ? 3 : 2); return r; }
-    float s = 0.f;
 #ifdef __AVX512F__
     const bool listed = nf >= 0;  // at most FCAP finite entries (a warped row): sum and write from the list
-    __m512 vs0 = _mm512_setzero_ps(), vs1 = _mm512_setzero_ps(), vmax = _mm512_set1_ps(m);
+    const __m512 vmax = _mm512_set1_ps(m);
     if (listed) for (int64_t j = 0; j < nf; ++j) s += exp_s(load1(row, bf, fi[j]) - m);
-    else {
-      for (i = 0; i + 32 <= V; i += 32) {
-        vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, 0xFFFF, vmax), vmax)));
-        vs1 = _mm512_add_ps(vs1, exp16(_mm512_sub_ps(load16(row, bf, i + 16, 0xFFFF, vmax), vmax)));
-      }
-      for (; i < V; i += 16) {
-        __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
-        vs0 = _mm512_add_ps(vs0, exp16(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)));
-      }
-      s = _mm512_reduce_add_ps(_mm512_add_ps(vs0, vs1));
-    }
 #else
     for (i = 0; i < V; ++i) s += exp_s(load1(row, bf, i) - m);
 #endif
-    const float inv = 1.f / s;
+    const float inv = (float)(1.0 / s);
     float* vf = (float*)vals + r * cap; uint16_t* vb = (uint16_t*)vals + r * cap; int32_t* ix = idx + r * cap;
     int64_t c = 0;
     if (mode) {
