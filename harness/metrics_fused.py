@@ -5,7 +5,7 @@
 Same inputs, keys, dtypes and semantics as `metrics.position_metrics` ([B, V] ref and cand log-probs,
 maybe unnormalised, -inf allowed; [B] targets): KL(ref ‖ cand) etc. in nats, as if renormalised in
 float64. The kernel (C++ embedded below, built on first use with g++ into $HARNESS_HOME/ext, called
-through ctypes on torch.get_num_threads() threads) computes every metric of a row pair, the
+through ctypes, rows split over torch.get_num_threads() OpenMP threads) computes every metric of a row pair, the
 scalar ones (Δp, NLL, margin, top-k overlaps) included, and takes one of two paths:
 
 - float32 fast path, for finite rows whose normalisers differ by |c| ≤ 0.01 (stored log-prob rows
@@ -540,8 +540,8 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
   return true;
 }
 
-extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
-                        const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top) {
+static void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
+                    const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top) {
   // per thread: row_f64's exps of a row pair and block table, then the fast path's block sums, p buffer and group flags
   static thread_local char* buf = nullptr; static thread_local int64_t cap = 0;
   const int64_t Vr = (V + G - 1) / G * G, nb = (V + BS - 1) / BS, n64 = (2 * Vr + 4 * nb + 7 * nb + 7) / 8 * 8;
@@ -566,7 +566,7 @@ extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, in
   }
 }
 #else
-extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
+static void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
                         const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top) {
   float tvx[256], tvy[256];
   for (int64_t r = 0; r < n; ++r) {
@@ -597,6 +597,17 @@ extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, in
   }
 }
 #endif
+
+// Rows [0, n) over an OpenMP team of nt threads, each taking a contiguous part.
+extern "C" void pm_team(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
+                        const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top, int nt) {
+  #pragma omp parallel num_threads(nt)
+  {
+    int64_t a, b;
+    team_part(n, &a, &b);
+    pm_rows(X + a * ldx, Y + a * ldy, b - a, V, ldx, ldy, K, T + a, ks, nks, mode, out + a * (NFIX + nks), top + a * 2 * K);
+  }
+}
 """
 
 
@@ -604,8 +615,8 @@ extern "C" void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, in
 def _lib() -> ctypes.CDLL:
     lib = cext.build("metrics_fused", CPP)
     i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.pm_rows.restype = None
-    lib.pm_rows.argtypes = [vp, vp, i64, i64, i64, i64, ctypes.c_int, vp, vp, ctypes.c_int, ctypes.c_int, vp, vp]
+    lib.pm_team.restype = None
+    lib.pm_team.argtypes = [vp, vp, i64, i64, i64, i64, ctypes.c_int, vp, vp, ctypes.c_int, ctypes.c_int, vp, vp, ctypes.c_int]
     return lib
 
 
@@ -637,12 +648,8 @@ def fused_position_metrics(
     out = torch.empty(B, width, dtype=torch.float64)
     top = torch.empty(B, 2, K, dtype=torch.int32)
 
-    def rows(a: int, b: int) -> None:
-        lib.pm_rows(x.data_ptr() + a * x.stride(0) * 4, y.data_ptr() + a * y.stride(0) * 4, b - a, V, x.stride(0),
-                    y.stride(0), K, t.data_ptr() + a * 8, kk.data_ptr(), len(ks), int(float64_only),
-                    out.data_ptr() + a * width * 8, top.data_ptr() + a * 8 * K)  # fmt: skip
-
-    cext.split_rows(rows, B, torch.get_num_threads())
+    lib.pm_team(x.data_ptr(), y.data_ptr(), B, V, x.stride(0), y.stride(0), K, t.data_ptr(), kk.data_ptr(), len(ks),
+                int(float64_only), out.data_ptr(), top.data_ptr(), max(1, min(torch.get_num_threads(), B)))  # fmt: skip
     cols = out.T.contiguous()
     if cols[5].isnan().any():  # the kernel could not allocate its per-thread buffer
         raise MemoryError("the fused metrics kernel could not allocate its ~4 MB per-thread buffer")

@@ -64,8 +64,8 @@ extern "C" int rs_vector(void) {
 #endif
 }
 
-extern "C" void rs_rows(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t nv, void* out, int kind, int64_t ldo,
-                        float* lse, float* pad) {
+static void rs_rows(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t nv, void* out, int kind, int64_t ldo,
+                    float* lse, float* pad) {
   for (int64_t r = 0; r < n; ++r) {
     const float* x = X + r * ld;
     float mc, mp;
@@ -103,6 +103,18 @@ extern "C" void rs_rows(const float* X, int64_t n, int64_t Vp, int64_t ld, int64
 #endif
   }
 }
+
+// Rows [0, n) over an OpenMP team of nt threads, each taking a contiguous part.
+extern "C" void rs_team(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t nv, void* out, int kind, int64_t ldo,
+                        float* lse, float* pad, int nt) {
+  const int64_t es = kind == 0 ? 4 : 2;
+  #pragma omp parallel num_threads(nt)
+  {
+    int64_t a, b;
+    team_part(n, &a, &b);
+    rs_rows(X + a * ld, b - a, Vp, ld, nv, (char*)out + a * ldo * es, kind, ldo, lse + a, pad + a);
+  }
+}
 """
 
 
@@ -111,8 +123,8 @@ def _lib() -> ctypes.CDLL:
     lib = cext.build("row_stats", CPP)
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.rs_vector.restype = ctypes.c_int
-    lib.rs_rows.restype = None
-    lib.rs_rows.argtypes = [vp, i64, i64, i64, i64, vp, ctypes.c_int, i64, vp, vp]
+    lib.rs_team.restype = None
+    lib.rs_team.argtypes = [vp, i64, i64, i64, i64, vp, ctypes.c_int, i64, vp, vp, ctypes.c_int]
     return lib
 
 
@@ -148,16 +160,9 @@ def row_stats(raw: torch.Tensor, n_vocab: int, out: torch.Tensor | None = None) 
         out.copy_(logprobs)
         return out, pad_mass, lse
     lse, pad = torch.empty(rows), torch.empty(rows)
-    lib, threads = _lib(), max(1, min(torch.get_num_threads(), rows))
-    step = -(-rows // threads)
-
-    def part(a: int) -> None:
-        b = min(rows, a + step)
-        lib.rs_rows(raw[a].data_ptr(), b - a, width, raw.stride(0), n_vocab, out[a].data_ptr(), kind, out.stride(0),
-                    lse[a:].data_ptr(), pad[a:].data_ptr())  # fmt: skip
-
     if rows:
-        list(cext.pool(threads).map(part, range(0, rows, step)))
+        _lib().rs_team(raw.data_ptr(), rows, width, raw.stride(0), n_vocab, out.data_ptr(), kind, out.stride(0),
+                       lse.data_ptr(), pad.data_ptr(), max(1, min(torch.get_num_threads(), rows)))  # fmt: skip
     return out, pad, lse
 
 

@@ -136,8 +136,8 @@ static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v
 // Rows [0, n) of x (row stride `ld` elements). mode 0: keep p > 0 (cap >= V), mode 1: top k with p > 0 (cap >= k).
 // Row r's kept entries go to vals/idx + r*cap, ascending index (mode 0) or descending p (mode 1); counts[r] = kept.
 // Returns -1, or the first bad row with *why = 1 (NaN), 2 (all -inf), 3 (+inf).
-extern "C" int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k,
-                           void* vals, int32_t* idx, int64_t cap, int64_t* counts, int* why) {
+static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k,
+                       void* vals, int32_t* idx, int64_t cap, int64_t* counts, int* why) {
   float tv[256]; int32_t ti[256];
 #ifdef __AVX512F__
   enum { FCAP = 4096 };
@@ -259,6 +259,24 @@ extern "C" int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t 
   return -1;
 }
 
+// Rows [0, n) over an OpenMP team of nt threads (contiguous parts): -1, or the first bad row with *why set.
+extern "C" int64_t sf_team(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k,
+                           void* vals, int32_t* idx, int64_t cap, int64_t* counts, int* why, int nt) {
+  const int64_t es = bf ? 2 : 4;
+  int64_t first = -1;
+  #pragma omp parallel num_threads(nt)
+  {
+    int64_t a, b;
+    team_part(n, &a, &b);
+    int w = 0;
+    const int64_t bad = sf_rows((const char*)x + a * ld * es, bf, b - a, V, ld, mode, k, (char*)vals + a * cap * es,
+                                idx + a * cap, cap, counts + a, &w);
+    #pragma omp critical
+    if (bad >= 0 && (first < 0 || a + bad < first)) { first = a + bad; *why = w; }
+  }
+  return first;
+}
+
 // Packs row r's counts[r] entries from slot r*cap to offsets[r] (offsets[r] <= r*cap, so moving rows in order is safe).
 extern "C" void sf_pack(void* vals, int esize, int32_t* idx, int64_t n, int64_t cap, const int64_t* offsets, const int64_t* counts) {
   for (int64_t r = 0; r < n; ++r) {
@@ -274,8 +292,8 @@ extern "C" void sf_pack(void* vals, int esize, int32_t* idx, int64_t n, int64_t 
 def _lib() -> ctypes.CDLL:
     lib = cext.build("softmax_filter", CPP)
     i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.sf_rows.restype = i64
-    lib.sf_rows.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp]
+    lib.sf_team.restype = i64
+    lib.sf_team.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp, ctypes.c_int]
     lib.sf_pack.restype = None
     lib.sf_pack.argtypes = [vp, ctypes.c_int, vp, i64, i64, vp, vp]
     return lib
@@ -313,23 +331,16 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
     (B, V), mode = x.shape, int(filter == "top-k")
     cap = k if mode else V
     vals, idx = ws.get("values", B * cap, x.dtype), ws.get("indices", B * cap, torch.int32)
-    counts, why = ws.get("counts", B, torch.int64), (ctypes.c_int * B)()
-    es, bf = x.element_size(), int(x.dtype == torch.bfloat16)
-
-    def rows(a: int, b: int) -> tuple[int, int]:  # (first bad row or -1, why); the kernel writes why[a]
-        bad = lib.sf_rows(x.data_ptr() + a * x.stride(0) * es, bf, b - a, V, x.stride(0), mode, k,
-                          vals.data_ptr() + a * cap * es, idx.data_ptr() + a * cap * 4, cap,
-                          counts.data_ptr() + a * 8, ctypes.addressof(why) + a * 4)
-        return (-1, 0) if bad < 0 else (a + bad, why[a])
-
-    bad = [b for b in cext.split_rows(rows, B, torch.get_num_threads()) if b[0] >= 0]
-    if bad:
-        row, code = min(bad)
-        raise ValueError(f"logits row {row} {WHY[code]}: it has no softmax distribution")
+    counts, why = ws.get("counts", B, torch.int64), ctypes.c_int(0)
+    threads = max(1, min(torch.get_num_threads(), B))
+    bad = lib.sf_team(x.data_ptr(), int(x.dtype == torch.bfloat16), B, V, x.stride(0), mode, k, vals.data_ptr(),
+                      idx.data_ptr(), cap, counts.data_ptr(), ctypes.byref(why), threads)  # fmt: skip
+    if bad >= 0:
+        raise ValueError(f"logits row {bad} {WHY[why.value]}: it has no softmax distribution")
     out = _csr(counts, idx, vals)
     nnz = int(out.offsets[-1])
     if nnz != B * cap:  # rows kept fewer than cap entries: pack them to the front, in row order
-        lib.sf_pack(vals.data_ptr(), es, idx.data_ptr(), B, cap, out.offsets.data_ptr(), counts.data_ptr())
+        lib.sf_pack(vals.data_ptr(), x.element_size(), idx.data_ptr(), B, cap, out.offsets.data_ptr(), counts.data_ptr())
     return SparseRows(out.offsets, idx[:nnz], vals[:nnz])
 
 
