@@ -54,34 +54,8 @@ static inline float exp_s(float d) {
   return ldexpf(p, (int)n);
 }
 #ifdef __AVX512F__
-// exp(d) for d <= 0. Lanes below -87 (where the result is subnormal or 0) are zeroed, and the rare ones
-// in (-104, -87] redone in scalar code: a subnormal vector result costs a microcode assist per
-// instruction, which on -inf-heavy (warped) rows made this pass 10x slower.
-static inline __m512 exp16(__m512 d) {
-  const __m512 d0 = d;
-  __mmask16 low = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
-  if (low == 0xFFFF && !_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_GE_OQ)) return _mm512_setzero_ps();  // -inf runs
-  d = _mm512_max_ps(d, _mm512_set1_ps(-87.f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), d);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
-  p = _mm512_maskz_scalef_ps((__mmask16)~low, p, n);
-  __mmask16 band = low & _mm512_cmp_ps_mask(d0, _mm512_set1_ps(-104.f), _CMP_GE_OQ);
-  if (band) {
-    float dd[16], pp[16];
-    _mm512_storeu_ps(dd, d0); _mm512_storeu_ps(pp, p);
-    for (int l = 0; l < 16; ++l) if (band >> l & 1) pp[l] = exp_s(dd[l]);
-    p = _mm512_loadu_ps(pp);
-  }
-  return p;
-}
-// exp(t), t <= 88, for sums: exp16's polynomial, but lanes below -87 give 0, not a subnormal (their share of a sum
-// is < 1e-37 of its largest term), so there is no scalar fallback.
+// exp(t), t <= 88, for sums: the Cephes polynomial in 16 lanes; lanes below -87 (and NaN lanes) give 0, not a
+// subnormal (their share of a sum is < 1e-37 of its largest term), so there is no scalar fallback.
 static inline __m512 exp16z(__m512 t) {
   const __mmask16 ok = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
   t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
@@ -94,6 +68,22 @@ static inline __m512 exp16z(__m512 t) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
   p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
   return _mm512_maskz_scalef_ps(ok, p, n);
+}
+// exp(d) for d <= 0, subnormal results included: exp16z, with the rare lanes in [-104, -87) redone in scalar code
+// (a subnormal vector result costs a microcode assist per instruction, which on -inf-heavy (warped) rows made this
+// pass 10x slower); runs below -104 (-inf) give 0 at once.
+static inline __m512 exp16(__m512 d) {
+  const __mmask16 low = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+  const __mmask16 band = low & _mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_GE_OQ);
+  if (low == 0xFFFF && !band) return _mm512_setzero_ps();
+  __m512 p = exp16z(d);
+  if (band) {
+    float dd[16], pp[16];
+    _mm512_storeu_ps(dd, d); _mm512_storeu_ps(pp, p);
+    for (int l = 0; l < 16; ++l) if (band >> l & 1) pp[l] = exp_s(dd[l]);
+    p = _mm512_loadu_ps(pp);
+  }
+  return p;
 }
 #endif
 """

@@ -151,6 +151,23 @@ static inline __m512d log1m8(__m512d z) {
   __m512d l = _mm512_sub_pd(f, _mm512_fnmadd_pd(s, _mm512_add_pd(hfsq, R), hfsq));
   return _mm512_fmadd_pd(e, _mm512_set1_pd(LN2_HI), l);
 }
+// ψ(d) = u·d + ln(1 − u²), u = (p − q)/(p + q) = tanh(d/2), in the lanes of `live` (JS = ¼ Σ (p + q)·ψ): a series in
+// u² where every live u² <= 0.01; 2 ln 2 where a side is 0 (-inf or underflowed: u² = 1) and outside `live`.
+static inline __m512d psi8(__m512d pm, __m512d pp, __m512d d, __mmask8 live) {
+  const __m512d one = _mm512_set1_pd(1.0), ln4 = _mm512_set1_pd(2 * LN2_HI);
+  const __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
+  const __mmask8 ok = live & _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);
+  if (!ok) return ln4;
+  if (_mm512_mask_cmp_pd_mask(ok, z, _mm512_set1_pd(0.01), _CMP_LE_OQ) == ok) {
+    __m512d t = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 66), z, _mm512_set1_pd(1.0 / 45));
+    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 28));
+    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 15));
+    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 6));
+    t = _mm512_fmadd_pd(t, z, one);
+    return _mm512_mask_mov_pd(ln4, ok, _mm512_mul_pd(t, z));
+  }
+  return _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
+}
 static inline __m512d load8(const float* x, int64_t i, int64_t V) {  // 8 floats as doubles, -inf past the end
   __mmask8 m = V - i >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (V - i)) - 1);
   return _mm512_cvtps_pd(_mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, x + i));
@@ -216,7 +233,7 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
   __m512d akl = _mm512_setzero_pd(), aklr = akl, ahp = akl, ahq = akl, atv = akl, ajs = akl;
   const __m512d vmx = _mm512_set1_pd(mx), vmy = _mm512_set1_pd(my), vlp = _mm512_set1_pd(lsp), vlq = _mm512_set1_pd(lsq);
   const __m512d vc = _mm512_set1_pd(c), ln4 = _mm512_set1_pd(2 * LN2_HI), ninf = _mm512_set1_pd(-INFINITY);
-  const __m512d vyt = _mm512_set1_pd((double)y[tx[0]] - my), one = _mm512_set1_pd(1.0), lim = _mm512_set1_pd(0.01);
+  const __m512d vyt = _mm512_set1_pd((double)y[tx[0]] - my), one = _mm512_set1_pd(1.0);
   if (finite) {  // no -inf in either row (so p, q > 0): Σ p(dx − dy) − c and Σ p dx − ln Σ, no masks
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
@@ -270,18 +287,7 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
         ahq = _mm512_mask3_fmadd_pd(q, lq, ahq, fy);
         __m512d pm = _mm512_sub_pd(p, q), pp = _mm512_add_pd(p, q);
         atv = _mm512_add_pd(atv, _mm512_abs_pd(pm));
-        __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
-        __mmask8 ok = both & _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);
-        __m512d psi = ln4;  // ψ(±1) = 2 ln 2: one side is 0 (-inf, or underflowed)
-        if (ok && _mm512_mask_cmp_pd_mask(ok, z, lim, _CMP_LE_OQ) == ok) {
-          __m512d t = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 66), z, _mm512_set1_pd(1.0 / 45));
-          t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 28));
-          t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 15));
-          t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 6));
-          t = _mm512_fmadd_pd(t, z, one);
-          psi = _mm512_mask_mov_pd(ln4, ok, _mm512_mul_pd(t, z));
-        } else if (ok) psi = _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
-        ajs = _mm512_fmadd_pd(pp, psi, ajs);
+        ajs = _mm512_fmadd_pd(pp, psi8(pm, pp, d, both), ajs);
         __mmask8 ox = fx & ~fy, oy = fy & ~fx;  // one side -inf: that KL is +inf where the other p > 0 in float64
         if ((ox && !infp) || (oy && !infq)) {
           double a[8], bb[8]; _mm512_storeu_pd(a, lp); _mm512_storeu_pd(bb, lq);
@@ -332,7 +338,6 @@ __attribute__((noinline)) static void ee_exact(const float* x, const float* y, f
 // ψ = u·d + ln(1 − u²) with u = (p − q)/(p + q) (series in u² where u² <= 0.01).
 static inline void gen8(const float* x, const float* y, int64_t n, const Row& R, Acc& A) {
   const __mmask8 m = n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
-  const __m512d one = _mm512_set1_pd(1.0), ln4 = _mm512_set1_pd(2 * LN2_HI);
   const __m512d xd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x)), yd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, y));
   const __m512d lp = _mm512_sub_pd(xd, R.Lx), lq = _mm512_sub_pd(yd, R.Ly);
   const __m512d p = _mm512_maskz_mov_pd(m, exp8(lp)), q = _mm512_maskz_mov_pd(m, exp8(lq));
@@ -343,18 +348,7 @@ static inline void gen8(const float* x, const float* y, int64_t n, const Row& R,
   A.hp = _mm512_fmadd_pd(p, lp, A.hp);
   A.hq = _mm512_fmadd_pd(q, lq, A.hq);
   A.tv = _mm512_add_pd(A.tv, _mm512_abs_pd(pm));
-  const __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
-  const __mmask8 ok = m & _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);  // not ok: p or q underflowed (ψ = 2 ln 2), or past n
-  __m512d psi = ln4;
-  if (ok && _mm512_mask_cmp_pd_mask(ok, z, _mm512_set1_pd(0.01), _CMP_LE_OQ) == ok) {
-    __m512d t = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 66), z, _mm512_set1_pd(1.0 / 45));
-    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 28));
-    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 15));
-    t = _mm512_fmadd_pd(t, z, _mm512_set1_pd(1.0 / 6));
-    t = _mm512_fmadd_pd(t, z, one);
-    psi = _mm512_mask_mov_pd(ln4, ok, _mm512_mul_pd(t, z));
-  } else if (ok) psi = _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
-  A.js = _mm512_fmadd_pd(pp, psi, A.js);  // lanes past n: p + q = 0
+  A.js = _mm512_fmadd_pd(pp, psi8(pm, pp, d, m), A.js);  // lanes past n: p + q = 0
 }
 
 __attribute__((noinline)) static void gen16(const float* x, const float* y, int64_t n, const Row& R, Acc& A) {
