@@ -22,8 +22,8 @@ import subprocess
 
 from harness import paths
 
-# The kernels' shared prelude (prepended to their sources): team_part (a thread's rows of an OpenMP team), and
-# float32 exp for d <= 0: exp_s scalar, exp16 AVX-512, exp16z AVX-512 without subnormal results (for sums).
+# The kernels' shared prelude (prepended to their sources): team_part (a thread's rows of an OpenMP team), topk_push (a
+# running top k), and float32 exp for d <= 0: exp_s scalar, exp16 AVX-512, exp16z AVX-512 without subnormal results (sums).
 EXP_F32 = r"""#include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -41,6 +41,15 @@ static inline void team_part(int64_t n, int64_t* a, int64_t* b) {
   const int64_t t = 0, nt = 1;
 #endif
   *a = n * t / nt; *b = n * (t + 1) / nt;
+}
+// Inserts (v, i) into the k largest seen so far (tv/ti, *cnt held, sorted descending; among equal values the
+// earlier insert first); returns the new threshold: -inf until k are held, then the k-th value. Callers insert
+// only values above the threshold.
+static inline float topk_push(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
+  int j = *cnt < k ? (*cnt)++ : k - 1;
+  while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
+  tv[j] = v; ti[j] = i;
+  return *cnt < k ? -INFINITY : tv[k - 1];
 }
 // exp(d) for d <= 0: Cephes expf polynomial; d is clamped at -150 so -inf gives exactly 0.
 static inline float exp_s(float d) {

@@ -31,7 +31,7 @@ from harness.config import ModelSpec
 from harness.prompts import Segment, TokenizedPrompts
 from harness.row_stats import row_stats
 from harness.store import Store, plan_shards, store_key
-from harness.warpers import Warpers, warp_stats
+from harness.warpers import Warpers, candidates, warp_stats
 
 EXTRACT_VERSION = 3  # bump when what is stored changes meaning
 CHUNK_ROWS = 32  # rows post-processed at a time: 32 x 151936 float32 = 19 MB per temporary
@@ -231,14 +231,15 @@ def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, wa
         r_end = min(r + CHUNK_ROWS, len(seg.ids) - 1)
         raw = own[r:r_end].float().cpu()  # [C, V_padded]
         rows = slice(row + r - seg.first, row + r_end - seg.first)
-        _, pad_mass, lse = row_stats(raw, n_vocab, out=buf["logprobs"][rows])  # log-probs straight into the shard
+        n_top = candidates(warpers, ids, r, r_end - r, raw.shape[1])  # the warper figures need the raw top n
+        _, pad_mass, lse, top = row_stats(raw, n_vocab, out=buf["logprobs"][rows], top=n_top)  # log-probs into the shard
         if not torch.isfinite(lse).all():
             bad = int((~torch.isfinite(lse)).nonzero()[0, 0]) + seg.offset + r
             raise ExtractError(
                 f"model {spec.name!r} produced NaN or infinite logits on prompt {name!r} at token {bad}; "
                 f"in {spec.dtype} its activations may overflow: try float32 (finished shards are kept)"
             )
-        finite, kept = warp_stats(raw, ids, r, lse, warpers)
+        finite, kept = warp_stats(raw, ids, r, lse, warpers, top)
         buf["target"][rows] = ids[r + 1 : r_end + 1]
         buf["position"][rows] = torch.arange(r + 1, r_end + 1) + seg.offset
         buf["prompt"][rows] = seg.prompt
@@ -314,12 +315,16 @@ def extract(
             raise failed(shard, exc) from exc
         written += 1
 
+    # Two log-prob buffers, taken in turn: one fills while the shard before is on its way to disk from the other.
+    # Reused rather than allocated per shard: fresh pages would page-fault on first write, doubling the cost of
+    # writing the rows into them.
+    shard_rows = [sum(segments[i].rows for i in range(*plan[shard])) for shard in todo]
+    ring = [torch.empty(max(shard_rows), n_vocab, dtype=TORCH_DTYPES[store_dtype]) for _ in range(min(2, len(todo)))]
     try:
-        for shard in todo:
+        for turn, (shard, n_rows) in enumerate(zip(todo, shard_rows, strict=True)):
             lo, hi = plan[shard]
-            n_rows = sum(segments[i].rows for i in range(lo, hi))
             buf = {  # filled batch by batch; with the shard before still being written, two shards in memory at most
-                "logprobs": torch.empty(n_rows, n_vocab, dtype=TORCH_DTYPES[store_dtype]),
+                "logprobs": ring[turn % 2][:n_rows],
                 "target": torch.empty(n_rows, dtype=torch.long),
                 "prompt": torch.empty(n_rows, dtype=torch.long),
                 "position": torch.empty(n_rows, dtype=torch.long),

@@ -4,9 +4,10 @@ row's log normaliser.
 
     python -m harness.row_stats      # largest difference from the torch reference, and the speed of both
 
-`row_stats(raw, n_vocab, out)` takes [R, V_padded] float32 logits. The C++ kernel (built on first
+`row_stats(raw, n_vocab, out, top)` takes [R, V_padded] float32 logits. The C++ kernel (built on first
 use, see harness.cext) reads each row three times while it sits in cache: the maxima of the real
-and the padding columns, Σ exp(x − max) of each (float32 lanes, summed across blocks in float64),
+and the padding columns (and the row's `top` largest logits, which the warper figures start from, so
+no separate torch.topk pass), Σ exp(x − max) of each (float32 lanes, summed across blocks in float64),
 then x − logsumexp(real columns) converted to float32, float16 or bfloat16 (round to nearest even,
 as torch converts). Rows are split over torch.get_num_threads() threads. Where the kernel cannot
 build (no g++), or has no vector path for a 16-bit output, the torch reference does the same work.
@@ -23,21 +24,58 @@ import torch
 from harness import cext
 
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_TOP = 256  # the largest top k the kernel keeps (its TOP_CAP)
 
-CPP = cext.EXP_F32 + r"""// Rows [0, n) of x (stride ld), Vp wide; columns < nv are real tokens, the rest padding. out (stride ldo)
+CPP = cext.EXP_F32 + r"""#include <algorithm>
+// Rows [0, n) of x (stride ld), Vp wide; columns < nv are real tokens, the rest padding. out (stride ldo)
 // gets x - logsumexp(real columns) as kind 0 float32, 1 float16, 2 bfloat16 (16-bit kinds: AVX-512 build only);
 // lse[r] = logsumexp of the whole row, pad[r] = its probability mass on the padding columns.
 enum { BS = 1024 };
-static inline double log_sum_exp(const float* x, int64_t a, int64_t b, float* mx) {
+// A row's top k (k = 0: none), by value, the lowest column first among equal values: entries above the threshold
+// thr are appended to a buffer (compress-stored, 16 lanes at a time); when it is nearly full, nth_element keeps its
+// k best and thr becomes the k-th value, so after the first few thousand entries hardly any lane passes.
+enum { TOP_CAP = 4 * 256 + 64 };  // buffer entries for the largest k (row_stats.MAX_TOP)
+struct Top { int k, n, cap; float thr; float bv[TOP_CAP + 16]; int32_t bi[TOP_CAP + 16]; };
+struct TopEntry { float v; int32_t i; };
+static inline bool top_before(const TopEntry& a, const TopEntry& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+static void top_prune(Top& T, bool final_sort) {
+  static thread_local TopEntry e[TOP_CAP + 16];
+  for (int j = 0; j < T.n; ++j) e[j] = {T.bv[j], T.bi[j]};
+  const int keep = T.n < T.k ? T.n : T.k;
+  if (T.n > keep) std::nth_element(e, e + keep - 1, e + T.n, top_before);
+  if (final_sort) std::sort(e, e + keep, top_before);
+  float lowest = INFINITY;
+  for (int j = 0; j < keep; ++j) { T.bv[j] = e[j].v; T.bi[j] = e[j].i; lowest = e[j].v < lowest ? e[j].v : lowest; }
+  T.n = keep;
+  if (keep == T.k) T.thr = lowest;
+}
+static inline void top_scan(const float* x, int64_t a, int64_t b, Top& T) {  // scalar: a row's tail, or no AVX-512
+  for (int64_t i = a; i < b; ++i)
+    if (x[i] > T.thr) { T.bv[T.n] = x[i]; T.bi[T.n++] = (int32_t)i; if (T.n == T.cap) top_prune(T, false); }
+}
+// ln Σ exp(x[a:b]) (NaN if a NaN is there), its maximum into *mx, and (T.k > 0) columns [a, b) into the running top k.
+static inline double log_sum_exp(const float* x, int64_t a, int64_t b, float* mx, Top& T) {
   float m = -INFINITY; int64_t i = a; int nan = 0;
 #ifdef __AVX512F__
   __m512 vm = _mm512_set1_ps(-INFINITY); __mmask16 un = 0;
   for (; i + 16 <= b; i += 16) {
     __m512 v = _mm512_loadu_ps(x + i);
     vm = _mm512_max_ps(vm, v); un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // max_ps drops NaN: flag it
+    if (T.k) {  // lanes above the threshold (rare once the buffer was first pruned) go into the buffer
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(T.thr), _CMP_GT_OQ);
+      if (gt) {
+        // compressed in a register, then all 16 lanes stored (the buffer has 16 spare): a compress straight to memory
+        // is microcoded on some CPUs (AMD Zen 4), ~10x slower
+        _mm512_storeu_ps(T.bv + T.n, _mm512_maskz_compress_ps(gt, v));
+        _mm512_storeu_si512(T.bi + T.n, _mm512_maskz_compress_epi32(gt, _mm512_add_epi32(_mm512_set1_epi32((int)i), _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15))));
+        T.n += __builtin_popcount(gt);
+        if (T.n > T.cap - 16) top_prune(T, false);
+      }
+    }
   }
   m = _mm512_reduce_max_ps(vm); nan = un != 0;
 #endif
+  if (T.k) top_scan(x, i, b, T);
   for (; i < b; ++i) { m = x[i] > m ? x[i] : m; nan |= x[i] != x[i]; }
   *mx = m;
   if (nan) return NAN;
@@ -48,7 +86,7 @@ static inline double log_sum_exp(const float* x, int64_t a, int64_t b, float* mx
   while (i + 16 <= b) {  // float32 lanes over a block, then float64 across blocks
     __m512 acc = _mm512_setzero_ps();
     const int64_t end = i + BS < b ? i + BS : b;
-    for (; i + 16 <= end; i += 16) acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmax)));
+    for (; i + 16 <= end; i += 16) acc = _mm512_add_ps(acc, exp16z(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmax)));
     s += _mm512_reduce_add_ps(acc);
   }
 #endif
@@ -65,11 +103,19 @@ extern "C" int rs_vector(void) {
 }
 
 static void rs_rows(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t nv, void* out, int kind, int64_t ldo,
-                    float* lse, float* pad) {
+                    float* lse, float* pad, int k, float* topv, int32_t* topi) {
   for (int64_t r = 0; r < n; ++r) {
     const float* x = X + r * ld;
     float mc, mp;
-    const double lc = log_sum_exp(x, 0, nv, &mc), lp = log_sum_exp(x, nv, Vp, &mp);
+    static thread_local Top T;
+    T.k = k; T.n = 0; T.thr = -INFINITY; T.cap = 4 * k + 64;  // small prunes often: each nth_element stays in L1
+    const double lc = log_sum_exp(x, 0, nv, &mc, T), lp = log_sum_exp(x, nv, Vp, &mp, T);
+    if (k) {
+      top_prune(T, true);
+      for (int j = 0; j < k; ++j) {  // fewer than k above -inf: -1 columns, see row_stats()
+        topv[r * k + j] = j < T.n ? T.bv[j] : -INFINITY; topi[r * k + j] = j < T.n ? T.bi[j] : -1;
+      }
+    }
     const double hi = lc > lp ? lc : lp, full = lp == -INFINITY ? lc : hi + log1p(exp((lc > lp ? lp : lc) - hi));
     lse[r] = (float)full;
     pad[r] = lp == -INFINITY ? 0.f : (float)exp(lp - full);
@@ -106,13 +152,13 @@ static void rs_rows(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t n
 
 // Rows [0, n) over an OpenMP team of nt threads, each taking a contiguous part.
 extern "C" void rs_team(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t nv, void* out, int kind, int64_t ldo,
-                        float* lse, float* pad, int nt) {
+                        float* lse, float* pad, int k, float* topv, int32_t* topi, int nt) {
   const int64_t es = kind == 0 ? 4 : 2;
   #pragma omp parallel num_threads(nt)
   {
     int64_t a, b;
     team_part(n, &a, &b);
-    rs_rows(X + a * ld, b - a, Vp, ld, nv, (char*)out + a * ldo * es, kind, ldo, lse + a, pad + a);
+    rs_rows(X + a * ld, b - a, Vp, ld, nv, (char*)out + a * ldo * es, kind, ldo, lse + a, pad + a, k, topv + a * k, topi + a * k);
   }
 }
 """
@@ -124,7 +170,7 @@ def _lib() -> ctypes.CDLL:
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.rs_vector.restype = ctypes.c_int
     lib.rs_team.restype = None
-    lib.rs_team.argtypes = [vp, i64, i64, i64, i64, vp, ctypes.c_int, i64, vp, vp, ctypes.c_int]
+    lib.rs_team.argtypes = [vp, i64, i64, i64, i64, vp, ctypes.c_int, i64, vp, vp, ctypes.c_int, vp, vp, ctypes.c_int]
     return lib
 
 
@@ -143,13 +189,19 @@ def reference(raw: torch.Tensor, n_vocab: int) -> tuple[torch.Tensor, torch.Tens
     return raw[:, :n_vocab] - lse_cut[:, None], pad_mass, lse_full
 
 
-def row_stats(raw: torch.Tensor, n_vocab: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_stats(
+    raw: torch.Tensor, n_vocab: int, out: torch.Tensor | None = None, top: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """[R, V_padded] float32 raw logits -> (log-probs [R, n_vocab] written into `out` (its dtype; a new
-    float32 tensor if None), [R] float32 pad mass, [R] float32 logsumexp of the full row)."""
+    float32 tensor if None), [R] float32 pad mass, [R] float32 logsumexp of the full row, and with `top` > 0
+    the row's `top` largest raw logits over the full width: ([R, top] float32 descending, [R, top] int64
+    columns), else None). The kernel keeps the running top (up to MAX_TOP) in the same read as the maximum;
+    among equal values it keeps the lowest columns, where torch.topk's choice is unspecified."""
     rows, width = raw.shape
     out = torch.empty(rows, n_vocab) if out is None else out
     if out.shape != (rows, n_vocab) or out.stride(1) != 1:
         raise ValueError(f"out must be a row-contiguous [{rows}, {n_vocab}] tensor, not {tuple(out.shape)}")
+    top = min(top, width)
     kind = KINDS.get(out.dtype)
     use_kernel = (
         available() is None and raw.dtype == torch.float32 and raw.device.type == "cpu" and raw.stride(1) == 1
@@ -158,12 +210,23 @@ def row_stats(raw: torch.Tensor, n_vocab: int, out: torch.Tensor | None = None) 
     if not use_kernel:
         logprobs, pad_mass, lse = reference(raw.float(), n_vocab)
         out.copy_(logprobs)
-        return out, pad_mass, lse
+        return out, pad_mass, lse, raw.float().topk(top, dim=-1) if top else None
+    k = top if top <= MAX_TOP else 0
     lse, pad = torch.empty(rows), torch.empty(rows)
+    top_v, top_i = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int32)
     if rows:
         _lib().rs_team(raw.data_ptr(), rows, width, raw.stride(0), n_vocab, out.data_ptr(), kind, out.stride(0),
-                       lse.data_ptr(), pad.data_ptr(), max(1, min(torch.get_num_threads(), rows)))  # fmt: skip
-    return out, pad, lse
+                       lse.data_ptr(), pad.data_ptr(), k, top_v.data_ptr(), top_i.data_ptr(),
+                       max(1, min(torch.get_num_threads(), rows)))  # fmt: skip
+    if not top:
+        return out, pad, lse, None
+    if k == 0:  # past MAX_TOP
+        return out, pad, lse, raw.topk(top, dim=-1)
+    top_i = top_i.long()
+    short = (top_i[:, -1] < 0).nonzero().squeeze(1)  # rows with fewer than `top` entries above -inf: torch lists -inf ones
+    if short.numel():
+        top_v[short], top_i[short] = raw[short].topk(top, dim=-1)
+    return out, pad, lse, (top_v, top_i)
 
 
 if __name__ == "__main__":
@@ -174,7 +237,7 @@ if __name__ == "__main__":
     print(f"kernel: {available() or 'available'}")
     want, want_pad, want_lse = reference(raw, 151646)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        got, pad, lse = row_stats(raw, 151646, torch.empty(32, 151646, dtype=dtype))
+        got, pad, lse, _ = row_stats(raw, 151646, torch.empty(32, 151646, dtype=dtype))
         err = (got.float() - want.to(dtype).float()).abs().max().item()
         print(f"{str(dtype):>15}: max |Δ log-prob| {err:.2g}, |Δ lse| {(lse - want_lse).abs().max():.2g}, |Δ pad| {(pad - want_pad).abs().max():.2g}")
     for name, fn in (("torch", lambda: reference(raw, 151646)), ("fused", lambda: row_stats(raw, 151646, torch.empty(32, 151646, dtype=torch.float16)))):

@@ -125,14 +125,6 @@ static inline void keep1(float p, int32_t i, int bf, float* vf, uint16_t* vb, in
   else if (p > 0.f) { vf[*c] = p; ix[(*c)++] = i; }
 }
 
-// Keeps the k largest (value, index) seen so far, sorted descending; returns the new threshold.
-static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
-  int j = *cnt < k ? (*cnt)++ : k - 1;
-  while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
-  tv[j] = v; ti[j] = i;
-  return *cnt < k ? -INFINITY : tv[k - 1];
-}
-
 // Rows [0, n) of x (row stride `ld` elements). mode 0: keep p > 0 (cap >= V), mode 1: top k with p > 0 (cap >= k).
 // Row r's kept entries go to vals/idx + r*cap, ascending index (mode 0) or descending p (mode 1); counts[r] = kept.
 // Returns -1, or the first bad row with *why = 1 (NaN), 2 (all -inf), 3 (+inf).
@@ -171,13 +163,16 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
           if (fin) {
             int cnt = __builtin_popcount(fin);
             if (nf + cnt > FCAP) nf = -1;
-            else { _mm512_mask_compressstoreu_epi32(fi + nf, fin, _mm512_add_epi32(iota16, _mm512_set1_epi32((int)i))); nf += cnt; }
+            else {  // compressed in a register, then stored whole (fi has 16 spare): a compress to memory is microcoded on Zen 4
+              _mm512_storeu_si512(fi + nf, _mm512_maskz_compress_epi32(fin, _mm512_add_epi32(iota16, _mm512_set1_epi32((int)i))));
+              nf += cnt;
+            }
           }
         }
         if (mode) {
           __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
           while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, i + l);
-                       if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(i + l)); }
+                       if (e > thr) thr = topk_push(tv, ti, &tc, k, e, (int32_t)(i + l)); }
         }
       }
       const float bm = _mm512_reduce_max_ps(vm);
@@ -204,7 +199,7 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
 #else
     double s = 0.0;
     for (; i < V; ++i) { float e = load1(row, bf, i); nan |= e != e; m = e > m ? e : m;
-      if (mode && e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)i); }
+      if (mode && e > thr) thr = topk_push(tv, ti, &tc, k, e, (int32_t)i); }
 #endif
     if (nan || m == -INFINITY || m == INFINITY) { *why = nan ? 1 : (m == INFINITY ? 3 : 2); return r; }
 #ifdef __AVX512F__

@@ -44,12 +44,22 @@ class Warpers:
         return self.do_sample and (self.top_k > 0 or self.top_p < 1.0)
 
 
+def candidates(warpers: Warpers, ids: torch.Tensor, first_row: int, rows: int, width: int) -> int:
+    """How many of a raw row's largest logits hold every entry the warpers can leave finite, for rows
+    [first_row, first_row + rows) of sequence `ids`; 0 where that can be any entry (the whole row is needed).
+    A penalty >= 1 only lowers seen tokens, so the top-k after it lies within the raw top (k + seen)."""
+    if not (warpers.filters and warpers.top_k > 0 and warpers.repetition_penalty >= 1.0):
+        return 0
+    return min(width, warpers.top_k + int(ids[: first_row + rows].unique().numel()))
+
+
 def warp_stats(
     raw: torch.Tensor,  # [R, V] float32 raw logits of consecutive rows of one sequence (full padded width)
     ids: torch.Tensor,  # [L] int64, the sequence; row j of `raw` predicts ids[first_row + j + 1]
     first_row: int,
     lse: torch.Tensor,  # [R] float32 logsumexp of each raw row (full width)
     warpers: Warpers,
+    top: tuple[torch.Tensor, torch.Tensor] | None = None,  # raw.topk(candidates(...)) where already at hand
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([R] int32 entries left finite, [R] float32 raw probability mass of those entries)."""
     rows, width = raw.shape
@@ -57,10 +67,11 @@ def warp_stats(
         return torch.full((rows,), width, dtype=torch.int32), torch.ones(rows)
     row_pos = torch.arange(first_row, first_row + rows)
     prefix = ids[: first_row + rows]
-    # A penalty >= 1 only lowers seen tokens, so the top-k after it lies within the raw top (k + seen).
-    if warpers.top_k > 0 and warpers.repetition_penalty >= 1.0:
-        n = min(width, warpers.top_k + int(prefix.unique().numel()))
-        cand_val, cand_idx = raw.topk(n, dim=-1)  # [R, n]
+    n = candidates(warpers, ids, first_row, rows, width)
+    if n:
+        cand_val, cand_idx = top if top is not None else raw.topk(n, dim=-1)  # [R, n]
+        if cand_val.shape != (rows, n):
+            raise ValueError(f"top holds {tuple(cand_val.shape)} logits, not the [{rows}, {n}] the warpers need")
     else:
         cand_val, cand_idx = raw, torch.arange(width).expand(rows, width)
     scores = cand_val.clone()

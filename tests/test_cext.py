@@ -28,7 +28,8 @@ for flt in ("p>0", "top-k"):
 raw = bench.realistic_logits(5, 151936, seed=3)
 want, want_pad, want_lse = row_stats.reference(raw.double(), 151646)
 for dtype in (torch.float32, torch.float16):  # float16: the torch fallback of a scalar build
-    got, pad, lse = row_stats.row_stats(raw, 151646, torch.empty(5, 151646, dtype=dtype))
+    got, pad, lse, (top_v, top_i) = row_stats.row_stats(raw, 151646, torch.empty(5, 151646, dtype=dtype), top=50)
+    assert torch.equal(top_v, raw.topk(50, dim=-1).values) and torch.equal(raw.gather(1, top_i), top_v)
     half = dtype == torch.float16  # one float16 step of rounding either way: 2^-10 relative
     torch.testing.assert_close(got.double(), want, rtol=2.0**-10 if half else 2.0**-22, atol=4e-6)
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=0)

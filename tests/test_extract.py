@@ -11,7 +11,7 @@ import torch
 
 from harness import extract, prompts, store, zoo
 from harness.config import ModelSpec
-from harness.warpers import Warpers, warp_stats
+from harness.warpers import Warpers, candidates, warp_stats
 
 pytestmark = pytest.mark.slow
 SMALL = Path(__file__).parent / "data" / "prompts-small.jsonl"
@@ -50,7 +50,7 @@ def test_padding_columns_are_cut_and_their_mass_kept(micro_zoo, tokens):
         model = extract.load_model(_loaded(name))
         raw = extract.forward_logits(model, [tokens.ids[0]], "cpu")[0]
         assert raw.shape[-1] == width
-        logp, pad, lse = extract.row_stats(raw, tokens.n_vocab)
+        logp, pad, lse, _ = extract.row_stats(raw, tokens.n_vocab)
         full = torch.softmax(raw.double(), -1)
         assert logp.shape[-1] == 151646
         torch.testing.assert_close(pad.double(), full[:, 151646:].sum(-1), rtol=1e-4, atol=1e-12)
@@ -102,11 +102,14 @@ def test_warp_stats_match_transformers(micro_zoo, tokens, warpers):
     ids = torch.tensor(tokens.ids[1])
     raw = extract.forward_logits(model, [tokens.ids[1]], "cpu")[0][:-1]
     first = 5
-    _, _, lse = extract.row_stats(raw[first:], tokens.n_vocab)
-    finite, mass = warp_stats(raw[first:], ids, first, lse, warpers)
-    want_finite, want_mass = _transformers_warp(raw[first:], ids, first, warpers)
-    assert finite.tolist() == want_finite.tolist()
-    torch.testing.assert_close(mass.double(), want_mass, rtol=1e-5, atol=1e-7)
+    rows = raw[first:]
+    n = candidates(warpers, ids, first, len(rows), rows.shape[1])
+    _, _, lse, top = extract.row_stats(rows, tokens.n_vocab, top=n)  # the kernel's top n, as extraction uses it
+    want_finite, want_mass = _transformers_warp(rows, ids, first, warpers)
+    for given in (top, None):  # and warp_stats' own torch.topk
+        finite, mass = warp_stats(rows, ids, first, lse, warpers, given)
+        assert finite.tolist() == want_finite.tolist()
+        torch.testing.assert_close(mass.double(), want_mass, rtol=1e-5, atol=1e-7)
     assert (finite < 151936).all()
 
 

@@ -22,7 +22,7 @@ def _rows(n: int, width: int, seed: int = 0) -> torch.Tensor:
 def test_matches_float64(dtype, width, n_vocab):
     raw = _rows(7, width)
     out = torch.empty(7, n_vocab, dtype=dtype)
-    got, pad, lse = row_stats.row_stats(raw, n_vocab, out)
+    got, pad, lse, _ = row_stats.row_stats(raw, n_vocab, out)
     assert got.data_ptr() == out.data_ptr()  # written in place, in the store's dtype
     x = raw.double()
     want_lse = torch.logsumexp(x, -1)
@@ -40,17 +40,40 @@ def test_matches_float64(dtype, width, n_vocab):
 
 def test_threads_split_rows_the_same_way(monkeypatch):
     raw = _rows(9, 5000, seed=1)
-    one_thread = row_stats.row_stats(raw, 4990)
+    one_thread = row_stats.row_stats(raw, 4990, top=40)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    for a, b in zip(one_thread, row_stats.row_stats(raw, 4990), strict=True):
+    four = row_stats.row_stats(raw, 4990, top=40)
+    for a, b in zip([*one_thread[:3], *one_thread[3]], [*four[:3], *four[3]], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("top", [1, 20, 147, row_stats.MAX_TOP, row_stats.MAX_TOP + 1])
+@pytest.mark.parametrize("width, n_vocab", [(151936, 151646), (1000, 997), (37, 20)])
+def test_top_is_torch_topk_of_the_full_row(top, width, n_vocab):
+    raw = _rows(5, width, seed=2)
+    raw[1, ::3] = raw[1, 0]  # a third of the row tied: the kernel keeps the lowest columns of a tie
+    raw[2, n_vocab:] += 40.0  # the padding columns count too
+    raw[3, 7:] = float("-inf")  # fewer finite entries than asked for: torch's -inf entries come back as well
+    k = min(top, width)
+    _, _, _, (values, columns) = row_stats.row_stats(raw, n_vocab, top=top)
+    want_values, want_columns = raw.topk(k, dim=-1)
+    assert values.shape == columns.shape == (5, k) and columns.dtype == torch.int64
+    assert torch.equal(values, want_values)  # the same values, in descending order
+    assert torch.equal(raw.gather(1, columns), values)  # each column holds its value
+    for r in range(5):
+        assert len(set(columns[r].tolist())) == k  # no column twice
+        untied = values[r] > values[r, -1]  # every column above the k-th value is torch's too
+        assert set(columns[r][untied].tolist()) == set(want_columns[r][untied].tolist())
+    if top <= row_stats.MAX_TOP and k < width:
+        tied = (values[1] == raw[1, 0]).nonzero().squeeze(1)
+        assert columns[1, tied].tolist() == list(range(0, 3 * len(tied), 3))  # lowest columns first
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_gives_a_non_finite_logsumexp(bad):
     raw = _rows(3, 2000)
     raw[1, 1234] = bad
-    _, _, lse = row_stats.row_stats(raw, 1990, torch.empty(3, 1990, dtype=torch.float16))
+    _, _, lse, _ = row_stats.row_stats(raw, 1990, torch.empty(3, 1990, dtype=torch.float16))
     assert torch.isfinite(lse[[0, 2]]).all() and not torch.isfinite(lse[1])
 
 
