@@ -7,9 +7,10 @@ Inputs are Qwen1.5-wide rows (V = 151936) of realistic logits: a heavy-tailed bo
 logits (entropy of a few nats), and the same rows after a Qwen1.5-Chat generation config's warpers
 (transformers' TopKLogitsWarper(20) then TopPLogitsWarper(0.8): all but a handful -inf). Each
 implementation of harness.softmax_filter is timed per (batch, dtype, inputs, filter): CUDA events after
-warm-up on CUDA, time.perf_counter on CPU; medians over --repeats, with min and max. Successive calls
-take successive batches of the max(--batches)-row input set, so a small batch is read from memory as
-the ceiling's buffer is, not from the cache its previous call left (16 rows are 10 MB). The ceiling is
+warm-up on CUDA, time.perf_counter on CPU; medians over at least --repeats calls and 0.3 s, with the
+interquartile range, min and max. Successive calls take successive batches of the max(--batches)-row
+input set, so a small batch is read from memory as the ceiling's buffer is, not from the cache its
+previous call left (16 rows are 10 MB). The ceiling is
 measured in the same run: read GB/s of a torch.sum over a buffer much larger than the last-level cache,
 and copy GB/s (bytes of the source copied per second), each the best of at least 10 repeats (medians kept
 beside them): fractions of it are conservative. The web snippet is slow (~60 rows/s), so it is
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from harness import softmax_filter as sf
@@ -64,12 +66,13 @@ def entropy_nats(x: torch.Tensor) -> float:
     return float(-(lp.exp() * lp.nan_to_num(neginf=0.0)).sum(-1).mean())
 
 
-def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds per call of fn(), `repeats` times after `warmup` calls."""
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> list[float]:
+    """Seconds per call of fn(), `repeats` times after `warmup` calls, and more (up to 2000) until the calls
+    add up to `min_seconds`: a median of five sub-millisecond calls moves with every hiccup of a shared machine."""
     for _ in range(warmup):
         fn()
     out = []
-    for _ in range(repeats):
+    while len(out) < repeats or (sum(out) < min_seconds and len(out) < 2000):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -119,7 +122,7 @@ def peak_bytes(impl: str, batch: int, width: int, itemsize: int, filter: str) ->
 
 
 def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, impls=None, width=VOCAB,
-        snippet_max_batch=16, ceiling_gib=2.0, max_gb=8.0, device=None, log=print) -> dict:
+        snippet_max_batch=16, ceiling_gib=2.0, max_gb=8.0, device=None, min_seconds=0.3, log=print) -> dict:
     """Times every implementation and returns the record: device, ceilings, settings, notes and `results`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
@@ -159,7 +162,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                     else:
                         fn = lambda f=filter, g=sf.IMPLS[impl]: g(next(batches_all), f, TOP_K)  # noqa: E731
                     try:
-                        secs = timed(fn, device, repeats, warmup=1 if impl != "compiled" else 2)
+                        secs = timed(fn, device, repeats, warmup=1 if impl != "compiled" else 2, min_seconds=min_seconds)
                     except Exception as e:  # noqa: BLE001 -- e.g. torch.compile failing on this machine
                         notes[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                         break
@@ -173,7 +176,8 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                         "impl": impl, "batch": batch, "dtype": dtype_name, "inputs": kind, "filter": filter,
                         "rows_per_s": rps, "tokens_per_s": rps, "gbps": gbps, "fraction_of_ceiling": gbps / read_gbps,
                         "speedup_vs_snippet": rps / ref if ref else None,
-                        "median_s": med, "min_s": min(secs), "max_s": max(secs), "repeats": repeats,
+                        "median_s": med, "min_s": min(secs), "max_s": max(secs), "repeats": len(secs),
+                        "iqr_s": float(np.subtract(*np.percentile(secs, [75, 25]))),
                     })
                     log(row_text(results[-1]))
     return {
@@ -199,7 +203,7 @@ HEADER = f"{'impl':>10} {'dtype':>8} {'inputs':>6} {'filter':>6} {'batch':>5} {'
 
 
 def row_text(r: dict) -> str:
-    spread = (r["max_s"] - r["min_s"]) / r["median_s"]
+    spread = r.get("iqr_s", r["max_s"] - r["min_s"]) / r["median_s"]  # records before iqr_s: the full range
     up = f"{r['speedup_vs_snippet']:.0f}" if r["speedup_vs_snippet"] else "-"
     return (f"{r['impl']:>10} {r['dtype']:>8} {r['inputs']:>6} {r['filter']:>6} {r['batch']:>5} {r['rows_per_s']:>10.0f}"
             f" {r['gbps']:>6.2f} {r['fraction_of_ceiling']:>5.0%} {up:>9} {spread:>7.0%}")
@@ -208,7 +212,7 @@ def row_text(r: dict) -> str:
 def table(record: dict) -> str:
     lines = [f"{record['device']} ({record['device_name']}), {record['threads']} threads; ceiling: read "
              f"{record['read_ceiling_gbps']:.1f} GB/s, copy {record['copy_ceiling_gbps']:.1f} GB/s "
-             f"(GB/s = logits bytes read; ceil = fraction of read; spread = (max - min) / median)", HEADER]
+             f"(GB/s = logits bytes read; ceil = fraction of read; spread = interquartile range / median)", HEADER]
     lines += [row_text(r) for r in record["results"]]
     lines += [f"note {k}: {v}" for k, v in record["notes"].items()]
     return "\n".join(lines)
