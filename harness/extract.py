@@ -30,7 +30,7 @@ from harness import paths, zoo
 from harness.config import ModelSpec
 from harness.prompts import Segment, TokenizedPrompts
 from harness.row_stats import row_stats
-from harness.store import Store, plan_shards, store_key
+from harness.store import Store, aligned_empty, plan_shards, store_key
 from harness.warpers import Warpers, candidates, warp_stats
 
 EXTRACT_VERSION = 3  # bump when what is stored changes meaning
@@ -317,9 +317,9 @@ def extract(
 
     # Two log-prob buffers, taken in turn: one fills while the shard before is on its way to disk from the other.
     # Reused rather than allocated per shard: fresh pages would page-fault on first write, doubling the cost of
-    # writing the rows into them.
+    # writing the rows into them. 4 KB-aligned, so the shard writer can hand them to the disk with O_DIRECT.
     shard_rows = [sum(segments[i].rows for i in range(*plan[shard])) for shard in todo]
-    ring = [torch.empty(max(shard_rows), n_vocab, dtype=TORCH_DTYPES[store_dtype]) for _ in range(min(2, len(todo)))]
+    ring = [aligned_empty(max(shard_rows), n_vocab, TORCH_DTYPES[store_dtype]) for _ in range(min(2, len(todo)))]
     try:
         for turn, (shard, n_rows) in enumerate(zip(todo, shard_rows, strict=True)):
             lo, hi = plan[shard]

@@ -42,6 +42,31 @@ def test_written_in_pieces_reads_back_exactly(tmp_path, dtype):
     assert torch.equal(torch.cat([b.clone() for b in s.blocks(10, renormalise=False, reuse=True)]), t["logprobs"].float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_aligned_rows_go_to_disk_with_o_direct_and_read_back_exactly(tmp_path, dtype, monkeypatch):
+    s = store.Store(tmp_path / "s")
+    t = _tensors(300, dtype)  # 1001 columns: rows end mid-block, so blocks straddle batches
+    rows = store.aligned_empty(300, 1001, dtype)
+    rows.copy_(t["logprobs"])
+    assert rows.data_ptr() % store.ALIGN == 0
+    writer = s.shard_writer(0, {k: (v.dtype, tuple(v.shape)) for k, v in t.items()}, {})
+    if writer.direct is None:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    calls, pwrite = [], store.os.pwrite
+    monkeypatch.setattr(store.os, "pwrite", lambda fd, data, offset: calls.append((fd, len(data), offset)) or pwrite(fd, data, offset))
+    direct = writer.direct
+    for start, stop in ((0, 1), (1, 3), (3, 100), (100, 101), (101, 300)):
+        writer.write_rows(start, rows[start:stop])
+    writer.close({k: v for k, v in t.items() if k != "logprobs"}, wait=False).result()
+    through_direct = [(n, off) for fd, n, off in calls if fd == direct]
+    assert sum(n for n, _ in through_direct) >= rows.numel() * rows.element_size() - store.ALIGN  # all but the last block
+    assert all(n % store.ALIGN == 0 and off % store.ALIGN == 0 for n, off in through_direct)
+    assert s.is_complete(0)
+    with safe_open(s.shard_path(0), "pt") as f:
+        for name, want in t.items():
+            assert torch.equal(f.get_tensor(name), want), name
+
+
 def test_rows_must_come_in_order_and_complete(tmp_path):
     s = store.Store(tmp_path / "s")
     t = _tensors(8, torch.float16)
