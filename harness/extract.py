@@ -128,6 +128,23 @@ def load_model(loaded: Loaded):
     return model.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+
+
+def tokenizer_key(loaded: Loaded) -> str:
+    """What decides the tokenizer a model loads: the bytes of its tokenizer files (a local folder), or the hub id
+    and revision. Variants that share one (float32/float16/bfloat16 of one folder, quantized copies) load it once."""
+    folder = Path(loaded.path)
+    if not folder.is_dir():
+        return f"hub:{loaded.path}@{loaded.spec.revision or 'main'}:{loaded.spec.trust_remote_code}"
+    digest = hashlib.sha256(str(loaded.spec.trust_remote_code).encode())
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
 def load_tokenizer(loaded: Loaded):
     from transformers import AutoTokenizer
 

@@ -33,6 +33,7 @@ def plan(cfg: Config, log=print) -> Plan:
         log(f"warning: {warning}")
     ref = extract.locate(cfg.reference, cfg.zoo_profile)
     ref_tok = extract.load_tokenizer(ref)
+    tokenizers = {extract.tokenizer_key(ref): ref_tok}  # a 151k-token tokenizer takes ~1 s to load: once per distinct one
     context = extract.context_length(ref)
     generate = cfg.mode == "generate"
     if generate:
@@ -50,7 +51,10 @@ def plan(cfg: Config, log=print) -> Plan:
     loaded = {cfg.reference.name: ref}
     for spec in cfg.variants:
         loaded[spec.name] = extract.locate(spec, cfg.zoo_profile)
-        prompts.check_same_ids(tokens, extract.load_tokenizer(loaded[spec.name]), spec.name, generation_prompt=generate)
+        key = extract.tokenizer_key(loaded[spec.name])
+        if key not in tokenizers:
+            tokenizers[key] = extract.load_tokenizer(loaded[spec.name])
+        prompts.check_same_ids(tokens, tokenizers[key], spec.name, generation_prompt=generate)
     if generate:
         continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log)
         segments = prompts.generate_segments(tokens, continuations)

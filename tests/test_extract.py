@@ -208,6 +208,22 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch):
         extract.context_length(loaded)
 
 
+def test_tokenizer_key_is_the_tokenizer_files_bytes(tmp_path):
+    def folder(name: str, vocab: str) -> extract.Loaded:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "tokenizer.json").write_text(vocab)
+        (tmp_path / name / "model.safetensors").write_text(name)  # weights differ: no matter
+        return extract.locate(ModelSpec(name=name, source=str(tmp_path / name)), "micro")
+
+    a, b, c = folder("a", '{"v": 1}'), folder("b", '{"v": 1}'), folder("c", '{"v": 2}')
+    assert extract.tokenizer_key(a) == extract.tokenizer_key(b) != extract.tokenizer_key(c)
+    (tmp_path / "b" / "chat_template.jinja").write_text("{{ messages }}")  # a template of its own: another tokenizer
+    assert extract.tokenizer_key(a) != extract.tokenizer_key(b)
+    hub = extract.locate(ModelSpec(name="h", source="Qwen/Qwen1.5-0.5B-Chat", revision="r1"), "micro")
+    assert extract.tokenizer_key(hub) != extract.tokenizer_key(extract.locate(ModelSpec(name="h", source="Qwen/Qwen1.5-0.5B-Chat"), "micro"))
+
+
 def test_interrupt_keeps_the_shard_being_written(micro_zoo, tokens, segments, tmp_store, monkeypatch):
     """Rows go to disk while the next batch runs; Ctrl-C keeps finished shards and no partial file."""
     monkeypatch.setattr(store, "SHARD_POSITIONS", 64)
