@@ -22,8 +22,8 @@ import subprocess
 
 from harness import paths
 
-# The kernels' shared prelude (prepended to their sources): team_part (a thread's rows of an OpenMP team), topk_push (a
-# running top k), and float32 exp for d <= 0: exp_s scalar, exp16 AVX-512, exp16z AVX-512 without subnormal results (sums).
+# The kernels' shared prelude (prepended to their sources): team_part (a thread's rows of an OpenMP team), and
+# float32 exp for d <= 0: exp_s scalar, exp16 AVX-512, exp16z AVX-512 without subnormal results (for sums).
 EXP_F32 = r"""#include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -42,15 +42,6 @@ static inline void team_part(int64_t n, int64_t* a, int64_t* b) {
 #endif
   *a = n * t / nt; *b = n * (t + 1) / nt;
 }
-// Inserts (v, i) into the k largest seen so far (tv/ti, *cnt held, sorted descending; among equal values the
-// earlier insert first); returns the new threshold: -inf until k are held, then the k-th value. Callers insert
-// only values above the threshold.
-static inline float topk_push(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
-  int j = *cnt < k ? (*cnt)++ : k - 1;
-  while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
-  tv[j] = v; ti[j] = i;
-  return *cnt < k ? -INFINITY : tv[k - 1];
-}
 // exp(d) for d <= 0: Cephes expf polynomial; d is clamped at -150 so -inf gives exactly 0.
 static inline float exp_s(float d) {
   d = d < -150.f ? -150.f : d;
@@ -63,8 +54,8 @@ static inline float exp_s(float d) {
   return ldexpf(p, (int)n);
 }
 #ifdef __AVX512F__
-// exp(t), t <= 88, for sums: the Cephes polynomial in 16 lanes; lanes below -87 (and NaN lanes) give 0, not a
-// subnormal (their share of a sum is < 1e-37 of its largest term), so there is no scalar fallback.
+// exp(t), t <= 88, in 16 lanes (Cephes' range reduction, the polynomial below); lanes below -87 (and NaN lanes) give 0,
+// not a subnormal (their share of a sum is < 1e-37 of its largest term), so there is no scalar fallback.
 static inline __m512 exp16z(__m512 t) {
   const __mmask16 ok = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
   t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));

@@ -125,6 +125,16 @@ static inline void keep1(float p, int32_t i, int bf, float* vf, uint16_t* vb, in
   else if (p > 0.f) { vf[*c] = p; ix[(*c)++] = i; }
 }
 
+// Inserts (v, i) into the k largest seen so far (tv/ti, *cnt held, sorted descending; among equal values the
+// earlier insert first); returns the new threshold: -inf until k are held, then the k-th value. Callers insert
+// only values above the threshold.
+static inline float topk_push(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
+  int j = *cnt < k ? (*cnt)++ : k - 1;
+  while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
+  tv[j] = v; ti[j] = i;
+  return *cnt < k ? -INFINITY : tv[k - 1];
+}
+
 // Rows [0, n) of x (row stride `ld` elements). mode 0: keep p > 0 (cap >= V), mode 1: top k with p > 0 (cap >= k).
 // Row r's kept entries go to vals/idx + r*cap, ascending index (mode 0) or descending p (mode 1); counts[r] = kept.
 // Returns -1, or the first bad row with *why = 1 (NaN), 2 (all -inf), 3 (+inf).
