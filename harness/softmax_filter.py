@@ -125,10 +125,8 @@ static inline void keep1(float p, int32_t i, int bf, float* vf, uint16_t* vb, in
   else if (p > 0.f) { vf[*c] = p; ix[(*c)++] = i; }
 }
 
-// Inserts (v, i) into the k largest seen so far (tv/ti, *cnt held, sorted descending; among equal values the
-// earlier insert first); returns the new threshold: -inf until k are held, then the k-th value. Callers insert
-// only values above the threshold.
-static inline float topk_push(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
+// Keeps the k largest (value, index) seen so far, sorted descending; returns the new threshold.
+static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
   int j = *cnt < k ? (*cnt)++ : k - 1;
   while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
   tv[j] = v; ti[j] = i;
@@ -182,7 +180,7 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
         if (mode) {
           __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
           while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, i + l);
-                       if (e > thr) thr = topk_push(tv, ti, &tc, k, e, (int32_t)(i + l)); }
+                       if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(i + l)); }
         }
       }
       const float bm = _mm512_reduce_max_ps(vm);
@@ -209,7 +207,7 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
 #else
     double s = 0.0;
     for (; i < V; ++i) { float e = load1(row, bf, i); nan |= e != e; m = e > m ? e : m;
-      if (mode && e > thr) thr = topk_push(tv, ti, &tc, k, e, (int32_t)i); }
+      if (mode && e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)i); }
 #endif
     if (nan || m == -INFINITY || m == INFINITY) { *why = nan ? 1 : (m == INFINITY ? 3 : 2); return r; }
 #ifdef __AVX512F__
