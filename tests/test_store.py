@@ -3,6 +3,7 @@ checksummed, and never left half-written under the shard's name."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -62,6 +63,32 @@ def test_aligned_rows_go_to_disk_with_o_direct_and_read_back_exactly(tmp_path, d
     assert sum(n for n, _ in through_direct) >= rows.numel() * rows.element_size() - store.ALIGN  # all but the last block
     assert all(n % store.ALIGN == 0 and off % store.ALIGN == 0 for n, off in through_direct)
     assert s.is_complete(0)
+    with safe_open(s.shard_path(0), "pt") as f:
+        for name, want in t.items():
+            assert torch.equal(f.get_tensor(name), want), name
+
+
+def test_a_file_system_that_refuses_o_direct_writes_gets_the_page_cache(tmp_path, monkeypatch):
+    s = store.Store(tmp_path / "s")
+    t = _tensors(300, torch.float16)
+    rows = store.aligned_empty(300, 1001, torch.float16)
+    rows.copy_(t["logprobs"])
+    writer = s.shard_writer(0, {k: (v.dtype, tuple(v.shape)) for k, v in t.items()}, {})
+    if writer.direct is None:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT at open already")
+    direct, pwrite, refused = writer.direct, store.os.pwrite, []
+
+    def refuse(fd, data, offset):
+        if fd == direct:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(store.os, "pwrite", refuse)
+    for start, stop in ((0, 100), (100, 300)):
+        writer.write_rows(start, rows[start:stop])
+    writer.close({k: v for k, v in t.items() if k != "logprobs"})
+    assert len(refused) == 1 and s.is_complete(0)  # refused once, then the page cache for the rest
     with safe_open(s.shard_path(0), "pt") as f:
         for name, want in t.items():
             assert torch.equal(f.get_tensor(name), want), name
