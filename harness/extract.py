@@ -128,20 +128,23 @@ def load_model(loaded: Loaded):
     return model.eval()
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+# Files that cannot change a tokenizer: weights and model metadata. Every other file of a folder counts, so a
+# tokenizer format not foreseen here (tokenizer.model, *.tiktoken, ...) still keeps two folders apart.
+NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".md", ".csv",
+                 "config.json", "generation_config.json", "quantize_config.json", ".index.json", zoo.MANIFEST)  # fmt: skip
 
 
 def tokenizer_key(loaded: Loaded) -> str:
-    """What decides the tokenizer a model loads: the bytes of its tokenizer files (a local folder), or the hub id
-    and revision. Variants that share one (float32/float16/bfloat16 of one folder, quantized copies) load it once."""
+    """What decides the tokenizer a model loads: the bytes of its folder's files but weights and model metadata,
+    or the hub id and revision. Variants that share one (float32/float16/bfloat16 of one folder, quantized
+    copies of it) load it once; a folder with anything different loads its own."""
     folder = Path(loaded.path)
     if not folder.is_dir():
         return f"hub:{loaded.path}@{loaded.spec.revision or 'main'}:{loaded.spec.trust_remote_code}"
     digest = hashlib.sha256(str(loaded.spec.trust_remote_code).encode())
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not (path.name.endswith(NOT_TOKENIZER) and path.name != "tokenizer_config.json"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

@@ -220,6 +220,11 @@ def test_tokenizer_key_is_the_tokenizer_files_bytes(tmp_path):
     assert extract.tokenizer_key(a) == extract.tokenizer_key(b) != extract.tokenizer_key(c)
     (tmp_path / "b" / "chat_template.jinja").write_text("{{ messages }}")  # a template of its own: another tokenizer
     assert extract.tokenizer_key(a) != extract.tokenizer_key(b)
+    (tmp_path / "c" / "tokenizer.json").write_text('{"v": 1}')
+    (tmp_path / "c" / "qwen.tiktoken").write_text("a 0")  # a tokenizer file of a format not named anywhere
+    assert extract.tokenizer_key(a) != extract.tokenizer_key(c)
+    (tmp_path / "a" / "config.json").write_text('{"quantization_config": {}}')  # model metadata: no matter
+    assert extract.tokenizer_key(a) == extract.tokenizer_key(folder("d", '{"v": 1}'))
     hub = extract.locate(ModelSpec(name="h", source="Qwen/Qwen1.5-0.5B-Chat", revision="r1"), "micro")
     assert extract.tokenizer_key(hub) != extract.tokenizer_key(extract.locate(ModelSpec(name="h", source="Qwen/Qwen1.5-0.5B-Chat"), "micro"))
 
