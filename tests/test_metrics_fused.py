@@ -158,3 +158,66 @@ def test_rank_when_the_reference_top_is_far_down_the_candidate():
     cand = torch.log_softmax(1e-3 * torch.randn(6, 20000, generator=gen), -1)
     got, want = _check(ref, cand, torch.arange(6))
     assert int(want["ref_top_rank"].min()) > 10
+
+
+def _exact(ref, cand, target):
+    """The metrics that stress a kernel's normalisers, in float64 from exactly rounded ln Z (math.fsum) and forms
+    without cancellation (d = ln p − ln q): KL = Σ p·(expm1(−d) + d), KL_rev = Σ q·(expm1(d) − d),
+    TV = ½ Σ p·|expm1(−d)|, JS = ¼ Σ (p + q)·(d·tanh(d/2) − 2·log1p(2 sinh²(d/4))), Δp = p·expm1(−d) at the target,
+    NLLs, entropies. metrics.position_metrics (torch's float64 log_softmax, plain Σ p·d) is ~1e-14 off in ln Z and
+    loses ~1e-13 in KL: at KL ~ 1e-10 or Δp ~ 1e-8 that is over 1e-6 relative."""
+
+    def normalised(rows):
+        x = rows.double()
+        m = x.max(-1, keepdim=True).values
+        lse = torch.tensor([math.log(math.fsum(row)) for row in (x - m).exp().numpy()], dtype=torch.float64)
+        return x - m - lse[:, None]
+
+    lp, lq = normalised(ref), normalised(cand)
+    d, p, q = lp - lq, lp.exp(), lq.exp()
+    psi = d * torch.tanh(d / 2) - 2 * torch.log1p(2 * torch.sinh(d / 4) ** 2)
+    t = target[:, None]
+    return {"kl": (p * (torch.expm1(-d) + d)).sum(-1), "kl_rev": (q * (torch.expm1(d) - d)).sum(-1),
+            "tv": 0.5 * (p * torch.expm1(-d).abs()).sum(-1), "js": 0.25 * ((p + q) * psi).sum(-1),
+            "delta_p": (p.gather(-1, t) * torch.expm1(-d.gather(-1, t)))[:, 0],
+            "nll_ref": -lp.gather(-1, t)[:, 0], "nll_cand": -lq.gather(-1, t)[:, 0],
+            "entropy_ref": -(p * lp).sum(-1), "entropy_cand": -(q * lq).sum(-1)}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["tail-heavy", "confident"])
+def test_float32_partial_sums(kind):
+    """Rows that stress the fast path's sums. tail-heavy: every term but one sits just below e^-8 of the maximum (the
+    line under which terms go into float32 partial sums), carrying ~97% of Z. confident: the top token holds all but
+    ~1e-5 of the mass, so its NLL (~1e-5) and the entropy (~3e-4) show any error in Z's tail, and KL is ~1e-10.
+    Everything within 1e-6 relative of _exact, no absolute slack."""
+    gen = torch.Generator().manual_seed(12)
+    if kind == "tail-heavy":
+        logits = -8.2 + 0.1 * torch.rand(4, WIDE, generator=gen)
+    else:
+        logits = -25.0 + 2.0 * torch.randn(4, WIDE, generator=gen)
+    logits[:, 1000] = 0.0
+    ref = torch.log_softmax(logits, -1)
+    cand = torch.log_softmax(logits + 2e-3 * torch.randn(4, WIDE, generator=gen), -1)
+    target = torch.tensor([1000, 1000, 5, WIDE - 1])
+    got, want = _check(ref, cand, target)
+    if kind == "confident":
+        assert float(want["nll_ref"][0]) < 1e-4 and float(want["kl"].max()) < 1e-9
+    for key, w in _exact(ref, cand, target).items():
+        torch.testing.assert_close(got[key], w, rtol=1e-6, atol=0.0, msg=lambda m: f"{key}: {m}")
+
+
+def test_entropy_of_values_on_a_coarser_grid_than_the_maximum():
+    """Every term of x − m rounding alike once biased ln Z by up to half an ulp of x: here the tail's values (x ~ −21,
+    float32 steps of 1.9e-6) sit on a coarser grid than the row's maximum (~−1e-4), so the top token's NLL (~1e-4,
+    the tail's share) and the entropies were off by up to 8e-7 relative, differently in each row. With the maximum
+    rounded up to an integer, x − m is exact: within 1e-7 of _exact (the rest within 1e-6)."""
+    gen = torch.Generator().manual_seed(13)
+    logits = -22.0 + torch.rand(8, WIDE, generator=gen) + 0.13 * torch.arange(8)[:, None]
+    logits[:, 77] = 0.0
+    ref = torch.log_softmax(logits, -1)
+    cand = torch.log_softmax(logits + 1e-3 * torch.randn(8, WIDE, generator=gen), -1)
+    target = torch.full((8,), 77)
+    got, _ = _check(ref, cand, target)
+    for key, w in _exact(ref, cand, target).items():
+        tight = key.startswith(("nll", "entropy"))
+        torch.testing.assert_close(got[key], w, rtol=1e-7 if tight else 1e-6, atol=0.0, msg=lambda m: f"{key}: {m}")
