@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness import aggregate, metrics, metrics_fused
+from harness import aggregate, metrics, metrics_fused, row_stats
 from harness.store import Store
 
 # rows per block: 16 x 151646 float64 = 19 MB per temporary of the torch path, under glibc's 32 MB mmap
@@ -56,7 +56,9 @@ def pair_metrics(ref: Store, cand: Store, target: torch.Tensor, ks, smoothing_ep
     fn, rows = position_metrics_fn()
     parts: dict[str, list] = {}
     start = 0
-    ref_blocks, cand_blocks = (s.blocks(rows, renormalise=False, reuse=True) for s in (ref, cand))
+    # the fused kernel reads the stored dtype straight from the memory map; the torch path wants float32
+    fused = fn is metrics_fused.fused_position_metrics
+    ref_blocks, cand_blocks = (s.blocks(rows, renormalise=False, reuse=not fused, native=fused) for s in (ref, cand))
     for a, b in zip(ref_blocks, cand_blocks, strict=True):
         block = fn(a, b, target[start : start + len(a)], ks)
         start += len(a)
@@ -102,12 +104,21 @@ def matrix(stores: dict[str, Store], known: list[PairResult]) -> list[dict]:
 
 
 def top_tokens(store: Store, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Each position's k most likely tokens: [P, k] int32 ids and [P, k] float32 probabilities."""
+    """Each position's k most likely tokens: [P, k] int32 ids and [P, k] float32 probabilities, renormalised over the
+    stored row (stored rows sum to 1 only to their dtype's rounding). From the fused row kernel where it builds
+    (row_stats: the row's top k and logsumexp in one read; among equal log-probs the lowest id first; its float32
+    logsumexp puts the probabilities within ~1e-6 relative), else torch.topk and a float64 logsumexp."""
     ids, probs = [], []
-    for block in store.blocks(BLOCK):
-        values, index = torch.topk(block, k, dim=-1)
+    fused, scratch = row_stats.available() is None, None
+    for block in store.blocks(FUSED_BLOCK, renormalise=False, reuse=True):
+        if fused:  # its log-prob output goes to a scratch buffer
+            scratch = torch.empty(block.shape) if scratch is None else scratch
+            _, _, lse, (values, index) = row_stats.row_stats(block, block.shape[1], scratch[: len(block)], top=k)
+        else:
+            lse = torch.logsumexp(block.double(), dim=-1)
+            values, index = torch.topk(block, k, dim=-1)
         ids.append(index.to(torch.int32))
-        probs.append(values.exp())
+        probs.append((values.double() - lse.double()[:, None]).exp().float())
     return torch.cat(ids).numpy(), torch.cat(probs).numpy()
 
 

@@ -5,8 +5,9 @@
 Times (a) the pure-Python dict approach users copy (softmax rows to `{token: p}` dicts, KL and top-1
 from the dicts) on a few rows, (b) `metrics.position_metrics` (every per-position metric at once, in
 float64 torch ops) and (c) the fused C++ kernel of `metrics_fused`, over blocks of the rows `harness
-compare` uses for each (`compare.BLOCK`, `compare.FUSED_BLOCK`). GB/s counts the two float32 rows read per
-position; the ceiling is a large torch.sum measured in the same run (the best of 10 repeats, see
+compare` uses for each (`compare.BLOCK`, `compare.FUSED_BLOCK`); (d) the same kernel on the rows as a
+float16 store holds them (what `harness compare` hands it, memory-mapped). GB/s counts the two rows read per
+position (float32; float16 for (d)); the ceiling is a large torch.sum measured in the same run (the best of 10 repeats, see
 bench.ceilings). Prints a table, then one JSON line.
 """
 
@@ -70,16 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     if metrics_fused.available() is None:
         metrics_fused.fused_position_metrics(ref[:2], cand[:2], target[:2])  # builds the kernel once
         results["fused"] = _rate(blocks(metrics_fused.fused_position_metrics, compare.FUSED_BLOCK), args.rows, args.repeats)
-    bytes_per_row = 2 * WIDTH * 4
+        ref, cand = ref.half(), cand.half()  # as `harness compare` reads a float16 store: the rows as stored
+        results["fused (float16 rows)"] = _rate(blocks(metrics_fused.fused_position_metrics, compare.FUSED_BLOCK), args.rows, args.repeats)
+    row_bytes = {"fused (float16 rows)": 2 * WIDTH * 2}
     print(f"read ceiling {read_gbps:.1f} GB/s, threads {torch.get_num_threads()}")
-    print(f"{'impl':<18} {'positions/s':>12} {'GB/s':>7} {'of ceiling':>10} {'x dict':>8}")
+    print(f"{'impl':<22} {'positions/s':>12} {'GB/s':>7} {'of ceiling':>10} {'x dict':>8}")
     rows = []
     for impl, rate in results.items():
-        gbps = rate * bytes_per_row / 1e9
+        gbps = rate * row_bytes.get(impl, 2 * WIDTH * 4) / 1e9
         row = {"impl": impl, "positions_per_s": rate, "gbps": gbps, "fraction_of_ceiling": gbps / read_gbps,
                "speedup_vs_dict": rate / results["dict"]}  # fmt: skip
         rows.append(row)
-        print(f"{impl:<18} {rate:>12.1f} {gbps:>7.2f} {row['fraction_of_ceiling']:>10.1%} {row['speedup_vs_dict']:>8.1f}")
+        print(f"{impl:<22} {rate:>12.1f} {gbps:>7.2f} {row['fraction_of_ceiling']:>10.1%} {row['speedup_vs_dict']:>8.1f}")
     print(json.dumps({"read_ceiling_gbps": read_gbps, "threads": torch.get_num_threads(), "results": rows}))
     return 0
 

@@ -41,6 +41,7 @@ import torch
 from harness import cext
 
 MAX_K = 256
+NATIVE = {torch.float16: 1, torch.bfloat16: 2}  # 16-bit dtypes the kernel reads itself (pm_team's kind)
 FIXED = ("kl", "kl_rev", "js", "tv", "top1_agree", "ref_top_rank", "delta_p", "delta_p_top", "nll_ref", "nll_cand",
          "entropy_ref", "entropy_cand", "p_top_ref", "margin_ref")  # fmt: skip
 
@@ -671,12 +672,31 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
   return true;
 }
 
-static void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
+// A float16 (kind 1) or bfloat16 (kind 2) row of V as float32 into dst (64-byte aligned): exact, -inf and NaN kept.
+static void to_f32(const uint16_t* src, int kind, int64_t V, float* dst) {
+  int64_t i = 0;
+  for (; i <= V; i += 16) {
+    __m256i h;
+    if (i + 16 <= V) {
+      h = _mm256_loadu_si256((const __m256i*)(src + i));
+    } else {
+      alignas(32) uint16_t t[16] = {0};
+      memcpy(t, src + i, (V - i) * 2);
+      h = _mm256_load_si256((const __m256i*)t);
+    }
+    _mm512_store_ps(dst + i, kind == 1 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    if (i + 16 > V) break;
+  }
+}
+
+static void pm_rows(const void* X, const void* Y, int kind, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
                     const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top) {
-  // per thread: row_f64's exps of a row pair and block table, then the fast path's block sums, p buffer and group flags
+  // per thread: row_f64's exps of a row pair and block table, then the fast path's block sums, p buffer and group
+  // flags, and for 16-bit rows the pair as float32
   static thread_local char* buf = nullptr; static thread_local int64_t cap = 0;
   const int64_t Vr = (V + G - 1) / G * G, nb = (V + BS - 1) / BS, n64 = (2 * Vr + 4 * nb + 7 * nb + 7) / 8 * 8;
-  const int64_t need = n64 * 8 + 2 * Vr * 4 + (nb + 15) / 16 * 64 + Vr / G + 64;  // doubles, pb and db, M, gen
+  const int64_t base = n64 * 8 + 2 * Vr * 4 + (nb + 15) / 16 * 64 + Vr / G + 64;  // doubles, pb and db, M, gen
+  const int64_t conv_at = (base + 63) / 64 * 64, need = conv_at + (kind ? 2 * (Vr + G) * 4 : 0);  // then the rows
   if (cap < need) {
     free(buf); cap = 0;
     buf = (char*)aligned_alloc(64, (need + 63) / 64 * 64);
@@ -688,8 +708,16 @@ static void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_
   s.S = b64 + 2 * Vr + 4 * nb; s.Sf = s.S + nb; s.E = s.Sf + nb; s.Q = s.E + nb;
   s.A1 = s.Q + nb; s.A2 = s.A1 + nb; s.F = s.A2 + nb;
   s.pb = (float*)(b64 + n64); s.db = s.pb + Vr; s.M = s.db + Vr; s.gen = (uint8_t*)(s.M + (nb + 15) / 16 * 16);
+  float* xb = (float*)(buf + conv_at);
+  float* yb = xb + Vr + G;
   for (int64_t r = 0; r < n; ++r) {
-    const float* x = X + r * ldx; const float* y = Y + r * ldy;
+    const float* x; const float* y;
+    if (kind) {
+      to_f32((const uint16_t*)X + r * ldx, kind, V, xb); to_f32((const uint16_t*)Y + r * ldy, kind, V, yb);
+      x = xb; y = yb;
+    } else {
+      x = (const float*)X + r * ldx; y = (const float*)Y + r * ldy;
+    }
     int32_t* tx = top + r * 2 * K; int32_t* ty = tx + K;
     Raw R;
     if (mode == 1 || !row_f32(x, y, V, K, tx, ty, s, R)) row_f64(x, y, V, K, tx, ty, b64, R);
@@ -697,11 +725,11 @@ static void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_
   }
 }
 #else
-static void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
-                        const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top) {
-  float tvx[256], tvy[256];
+static void pm_rows(const void* X, const void* Y, int kind, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
+                    const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top) {
+  float tvx[256], tvy[256];  // (kind is 0 here: pm_native() says so, and the wrapper passes float32)
   for (int64_t r = 0; r < n; ++r) {
-    const float* x = X + r * ldx; const float* y = Y + r * ldy;
+    const float* x = (const float*)X + r * ldx; const float* y = (const float*)Y + r * ldy;
     int32_t* tx = top + r * 2 * K; int32_t* ty = tx + K;
     int cx = 0, cy = 0; int64_t i = 0;
     for (; i < V; ++i) { topk_insert(tvx, tx, &cx, K, x[i], (int32_t)i); topk_insert(tvy, ty, &cy, K, y[i], (int32_t)i); }
@@ -729,14 +757,26 @@ static void pm_rows(const float* X, const float* Y, int64_t n, int64_t V, int64_
 }
 #endif
 
-// Rows [0, n) over an OpenMP team of nt threads, each taking a contiguous part.
-extern "C" void pm_team(const float* X, const float* Y, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
+// Whether pm_team takes float16 and bfloat16 rows itself (kind 1, 2), converting each row pair as it comes.
+extern "C" int pm_native() {
+#ifdef __AVX512F__
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Rows [0, n) over an OpenMP team of nt threads, each taking a contiguous part. X, Y: float32 rows (kind 0), or
+// float16 / bfloat16 (kind 1 / 2, where pm_native()); ldx, ldy in elements.
+extern "C" void pm_team(const void* X, const void* Y, int kind, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
                         const int64_t* T, const int32_t* ks, int nks, int mode, double* out, int32_t* top, int nt) {
+  const int64_t es = kind ? 2 : 4;
   #pragma omp parallel num_threads(nt)
   {
     int64_t a, b;
     team_part(n, &a, &b);
-    pm_rows(X + a * ldx, Y + a * ldy, b - a, V, ldx, ldy, K, T + a, ks, nks, mode, out + a * (NFIX + nks), top + a * 2 * K);
+    pm_rows((const char*)X + a * ldx * es, (const char*)Y + a * ldy * es, kind, b - a, V, ldx, ldy, K, T + a, ks, nks,
+            mode, out + a * (NFIX + nks), top + a * 2 * K);
   }
 }
 """
@@ -747,7 +787,9 @@ def _lib() -> ctypes.CDLL:
     lib = cext.build("metrics_fused", CPP)
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.pm_team.restype = None
-    lib.pm_team.argtypes = [vp, vp, i64, i64, i64, i64, ctypes.c_int, vp, vp, ctypes.c_int, ctypes.c_int, vp, vp, ctypes.c_int]
+    lib.pm_team.argtypes = [vp, vp, ctypes.c_int, i64, i64, i64, i64, ctypes.c_int, vp, vp, ctypes.c_int, ctypes.c_int, vp, vp,
+                            ctypes.c_int]  # fmt: skip
+    lib.pm_native.restype = ctypes.c_int
     return lib
 
 
@@ -761,25 +803,28 @@ def fused_position_metrics(
 ) -> dict[str, torch.Tensor]:
     """`metrics.position_metrics` from the fused kernel: [B, V] ref and cand log-probs (any float dtype,
     maybe unnormalised; read as float32), [B] next tokens -> the same dict of [B] float64 / int64 / bool
-    tensors (KL(ref ‖ cand), kl_rev, js in nats; see metrics.position_metrics for every key).
-    `float64_only` skips the float32 fast path (for tests and the benchmark)."""
+    tensors (KL(ref ‖ cand), kl_rev, js in nats; see metrics.position_metrics for every key). float16 and
+    bfloat16 pairs of one dtype (a store's rows, memory-mapped) go in as they are: the kernel converts each row
+    pair as it takes it, with no [B, V] float32 copy. `float64_only` skips the float32 fast path (for tests and
+    the benchmark)."""
     if ref.dim() != 2 or ref.shape != cand.shape or ref.device.type != "cpu" or cand.device.type != "cpu":
         raise ValueError(f"fused_position_metrics takes two [B, V] CPU tensors, not {tuple(ref.shape)} and {tuple(cand.shape)}")
     (B, V), K = ref.shape, max(2, *ks)
     if K > min(MAX_K, V) or min(ks) < 1:
         raise ValueError(f"top-k sizes must be in [1, {min(MAX_K, V)}], not {tuple(ks)}")
-    x, y = (t.float() if t.dtype != torch.float32 else t for t in (ref, cand))
+    lib = _lib()
+    kind = NATIVE.get(ref.dtype, 0) if ref.dtype == cand.dtype and lib.pm_native() else 0
+    x, y = (t.float() if not kind and t.dtype != torch.float32 else t for t in (ref, cand))
     x, y = (t if t.stride(1) == 1 else t.contiguous() for t in (x, y))
     t = target.to(torch.int64).contiguous()
     if t.shape != (B,) or (B and not (0 <= int(t.min()) and int(t.max()) < V)):
         raise ValueError(f"targets must be [{B}] token ids in [0, {V}), not shape {tuple(t.shape)}")
-    lib = _lib()
     kk = torch.tensor(ks, dtype=torch.int32)
     width = len(FIXED) + len(ks)
     out = torch.empty(B, width, dtype=torch.float64)
     top = torch.empty(B, 2, K, dtype=torch.int32)
 
-    lib.pm_team(x.data_ptr(), y.data_ptr(), B, V, x.stride(0), y.stride(0), K, t.data_ptr(), kk.data_ptr(), len(ks),
+    lib.pm_team(x.data_ptr(), y.data_ptr(), kind, B, V, x.stride(0), y.stride(0), K, t.data_ptr(), kk.data_ptr(), len(ks),
                 int(float64_only), out.data_ptr(), top.data_ptr(), max(1, min(torch.get_num_threads(), B)))  # fmt: skip
     cols = out.T.contiguous()
     if cols[5].isnan().any():  # the kernel could not allocate its per-thread buffer

@@ -28,6 +28,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import struct
 import sys
@@ -141,14 +142,22 @@ class Store:
                 parts.append(f.get_tensor(name))
         return torch.cat(parts)
 
-    def blocks(self, rows: int, *, renormalise: bool = True, reuse: bool = False):
+    def blocks(self, rows: int, *, renormalise: bool = True, reuse: bool = False, native: bool = False):
         """Yields [<=rows, V] float32 log-prob blocks in position order (memory-mapped reads).
 
         Stored rows are rounded to the store dtype, so they sum to 1 only approximately; they are
         renormalised here unless the caller does it itself (metrics.normalize does, in float64).
         `reuse` (without renormalise) yields views of one buffer, overwritten by the next block: no
         fresh allocation per block (over glibc's 32 MB mmap threshold, each would page-fault anew).
+        `native` yields the stored rows as they are (their dtype, not renormalised): views of a memory
+        map of each shard (mapped_logprobs), no copy at all.
         """
+        if native:
+            for path in self.shards():
+                rows_of = mapped_logprobs(path)
+                for start in range(0, len(rows_of), rows):
+                    yield rows_of[start : start + rows]
+            return
         buf = None
         for path in self.shards():
             with safe_open(path, "pt") as f:
@@ -168,6 +177,22 @@ class Store:
 
 
 _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32"}
+
+
+def mapped_logprobs(path: Path) -> torch.Tensor:
+    """A shard's `logprobs` [P, V] in the stored dtype, as a view of a private memory map of the file: no copy; a
+    write through it stays in this process (copy-on-write), the file never changes; the map lives as long as the
+    tensor or any view of it."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(size))["logprobs"]
+        dtype = {name: dt for dt, name in _ST_DTYPES.items()}[info["dtype"]]
+        (start, end), shape = info["data_offsets"], info["shape"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    mapped.madvise(mmap.MADV_SEQUENTIAL)
+    return torch.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + size + start).view(shape)
 
 
 class ShardWriter:

@@ -54,3 +54,26 @@ def test_misaligned_stores_are_refused(tmp_path):
     b = _store(tmp_path / "b", logp, torch.tensor([1, 2, 3, 5]), torch.zeros(4, dtype=torch.long))
     with pytest.raises(compare.CompareError, match="same token positions"):
         compare.compare("a", a, "b", b)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_top_tokens(tmp_path, monkeypatch, fused):
+    """Each position's top 5 ids and renormalised probabilities, over several blocks, with ties in the float16 store
+    (the lowest id first): equal to a float64 sort of the stored rows, probabilities within 1e-6 relative."""
+    if not fused:
+        monkeypatch.setattr(compare.row_stats, "available", lambda: "off for this test")
+    elif compare.row_stats.available() is not None:
+        pytest.skip(f"row_stats kernel: {compare.row_stats.available()}")
+    gen = torch.Generator().manual_seed(3)
+    n, v = compare.FUSED_BLOCK + 9, 4000
+    logits = torch.randn(n, v, generator=gen) * 4
+    logits[:, 100:104] = logits.max(-1, keepdim=True).values + 1.0  # a four-way tie at the top
+    logp = torch.log_softmax(logits, -1)
+    store = _store(tmp_path / "s", logp, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    ids, probs = compare.top_tokens(store, k=5)
+    stored = torch.log_softmax(logp.half().double(), -1)
+    values, order = torch.sort(stored, dim=-1, descending=True, stable=True)
+    if fused:  # torch.topk (the fallback) picks inside a tie group as it likes
+        np.testing.assert_array_equal(ids, order[:, :5].numpy())
+        assert (ids[:, :4] == np.arange(100, 104)).all()
+    np.testing.assert_allclose(probs, values[:, :5].exp().numpy(), rtol=1e-6)

@@ -221,3 +221,18 @@ def test_entropy_of_values_on_a_coarser_grid_than_the_maximum():
     for key, w in _exact(ref, cand, target).items():
         tight = key.startswith(("nll", "entropy"))
         torch.testing.assert_close(got[key], w, rtol=1e-7 if tight else 1e-6, atol=0.0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_rows_as_stored(dtype):
+    """float16 / bfloat16 pairs (a store's rows, memory-mapped) go into the kernel as they are: the same numbers, bit
+    for bit, as their float32 conversions, over a width that is not a multiple of 16 and a non-contiguous block."""
+    ref, cand = _rows("quantised", 9, 5003, seed=14)
+    a, b = ref.to(dtype), cand.to(dtype)
+    target = torch.randint(0, 5003, (9,), generator=torch.Generator().manual_seed(15))
+    got = metrics_fused.fused_position_metrics(a, b, target)
+    want = metrics_fused.fused_position_metrics(a.float(), b.float(), target)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    wide = torch.cat([a, b], 1)  # rows with a stride of 2 x 5003
+    strided = metrics_fused.fused_position_metrics(wide[:, :5003], wide[:, 5003:], target)
+    assert all(torch.equal(strided[k], want[k]) for k in want)

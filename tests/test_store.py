@@ -41,6 +41,12 @@ def test_written_in_pieces_reads_back_exactly(tmp_path, dtype):
     assert torch.equal(torch.cat(list(s.blocks(10, renormalise=False))), t["logprobs"].float())
     # reuse: views of one buffer, each block right until the next is read
     assert torch.equal(torch.cat([b.clone() for b in s.blocks(10, renormalise=False, reuse=True)]), t["logprobs"].float())
+    # native: the stored dtype, views of a private map; a write through one leaves the file as it was
+    native = list(s.blocks(10, native=True))
+    assert [len(b) for b in native] == [10, 10, 10, 7] and all(b.dtype == dtype for b in native)
+    assert torch.equal(torch.cat(native), t["logprobs"])
+    native[0][0, 0] = 123.0
+    assert torch.equal(torch.cat(list(s.blocks(10, native=True))), t["logprobs"]) and s.is_complete(0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
