@@ -6,9 +6,9 @@ Times (a) the pure-Python dict approach users copy (softmax rows to `{token: p}`
 from the dicts) on a few rows, (b) `metrics.position_metrics` (every per-position metric at once, in
 float64 torch ops) and (c) the fused C++ kernel of `metrics_fused`, over blocks of the rows `harness
 compare` uses for each (`compare.BLOCK`, `compare.FUSED_BLOCK`); (d) the same kernel on the rows as a
-float16 store holds them (what `harness compare` hands it, memory-mapped). GB/s counts the two rows read per
-position (float32; float16 for (d)); the ceiling is a large torch.sum measured in the same run (the best of 10 repeats, see
-bench.ceilings). Prints a table, then one JSON line.
+float16 store holds them (what `harness compare` hands it, memory-mapped). GB/s counts the two rows read
+per position (float32; float16 for (d)); the ceiling is a large torch.sum measured in the same run (the
+best of 10 repeats, see bench.ceilings). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
