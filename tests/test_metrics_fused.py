@@ -236,3 +236,42 @@ def test_16_bit_rows_as_stored(dtype):
     wide = torch.cat([a, b], 1)  # rows with a stride of 2 x 5003
     strided = metrics_fused.fused_position_metrics(wide[:, :5003], wide[:, 5003:], target)
     assert all(torch.equal(strided[k], want[k]) for k in want)
+
+
+def _family(kind, n, v, gen):
+    """[n, v] logits of one adversarial shape for the kernel's paths and sums."""
+    if kind == "lm":  # a body and a few hot tokens
+        x = torch.randn(n, v, generator=gen) * 2.5
+        hot = torch.randint(0, v, (n, 5), generator=gen)
+        return x.scatter_(1, hot, x.gather(1, hot) + 12)
+    x = -20 + torch.randn(n, v, generator=gen)
+    if kind == "confident-first":
+        x[:, 0] = 0.0
+    elif kind == "confident-last":  # the top token in the last, partial group
+        x[:, -1] = 0.0
+    elif kind == "two-peaks":
+        x[:, 3], x[:, v // 2] = 0.0, -0.5
+    elif kind == "steps":  # integer logits: ties everywhere, identical entries after float16 rounding
+        x = torch.randint(-30, 0, (n, v), generator=gen).float()
+    elif kind == "rising":  # the running maximum keeps rising, block after block
+        x = torch.linspace(-40, 0, v).repeat(n, 1) + 0.1 * torch.randn(n, v, generator=gen)
+    return x
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("drift", [1e-4, 0.05])
+@pytest.mark.parametrize("kind", ["lm", "confident-first", "confident-last", "two-peaks", "steps", "rising"])
+def test_row_families_against_exact(kind, drift, stored):
+    """Row shapes that stress the fast path (running maximum, ties, the row's last partial group, peaks in other
+    blocks), at widths of 40 and 5003, against _exact: within 1e-6 relative, or 1e-14 absolute where a value is
+    itself near float64's resolution for sums of terms ~1 (a KL of 1e-17, a Δp of 1e-21)."""
+    gen = torch.Generator().manual_seed(16)
+    for v in (40, 5003):
+        x = _family(kind, 16, v, gen)
+        ref = torch.log_softmax(x, -1).to(stored)
+        cand = torch.log_softmax(x + drift * torch.randn(16, v, generator=gen), -1).to(stored)
+        target = torch.randint(0, v, (16,), generator=gen)
+        target[0] = int(ref[0].float().argmax())
+        got, _ = _check(ref, cand, target, atol=1e-14)
+        for key, w in _exact(ref.float(), cand.float(), target).items():
+            torch.testing.assert_close(got[key], w, rtol=1e-6, atol=1e-14, msg=lambda m: f"{key}, width {v}: {m}")
