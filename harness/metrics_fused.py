@@ -425,6 +425,45 @@ __attribute__((noinline)) static void big_lanes(const float* x, const float* y, 
   }
 }
 
+// Pass 1's sums from p1_one (the groups the paired fast path hands over), kept apart from the fast path's so that
+// those stay in registers: Σ e, Σ ee in float64; the entropy sums' float32 and float64 (big_lanes) parts; Σ e and E of
+// float64 groups (zg, eg, as gen_p1 and ee_exact give them); Σ ee of groups whose E went to float64 (for Q).
+struct Slow { __m512d z, e, zg, eg, q2; __m512 a1, a2; double ad[2]; };
+
+// One group (n <= 16 lanes at j, after its top-K part) in pass 1: the float32 path where every |d0| <= 0.2 (E's terms
+// over 2^-23 of the row's largest in float64), else the float64 one (gen_p1); false where a lane is not finite.
+__attribute__((noinline)) static bool p1_one(const float* x, const float* y, int64_t j, int64_t n, float m, const Fast& s,
+                                              Slow& S) {
+  const __mmask16 mk = n >= G ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+  const __m512 vx = _mm512_maskz_loadu_ps(mk, x + j), vy = _mm512_maskz_loadu_ps(mk, y + j), vm = _mm512_set1_ps(m);
+  const __m512 d0 = _mm512_sub_ps(vx, vy), w = _mm512_mul_ps(d0, d0);
+  if (n == G && _mm512_cmp_ps_mask(w, _mm512_set1_ps(0.04f), _CMP_LE_OQ) == 0xFFFF) {  // NaN, ±inf: not <=
+    const __m512 t = _mm512_sub_ps(vx, vm);
+    __m512 e, ee;
+    p1_lanes(t, d0, w, e, ee);
+    _mm512_store_ps(s.pb + j, e);
+    _mm512_store_ps(s.db + j, d0);
+    S.z = _mm512_add_pd(S.z, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1))));
+    const __m512 eq = _mm512_add_ps(e, ee);  // e^(y − m)
+    const __mmask16 bu = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-8.f), _CMP_GT_OQ);
+    if (bu) big_lanes(x + j, y + j, m, bu, e, ee, S.ad);
+    S.a1 = _mm512_mask3_fmadd_ps(e, t, S.a1, (__mmask16)~bu);
+    S.a2 = _mm512_mask3_fmadd_ps(eq, _mm512_sub_ps(vy, vm), S.a2, (__mmask16)~bu);
+    const __m512d eed = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(ee)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee, 1)));
+    if (_mm512_cmp_ps_mask(_mm512_abs_ps(ee), _mm512_set1_ps(1.0f / 8388608), _CMP_LE_OQ) == 0xFFFF) {
+      S.e = _mm512_add_pd(S.e, eed);
+      s.gen[j / G] = 0;
+    } else {  // a term of E over 2^-23 of the row's largest: float32's 1e-7 would show in c, so float64
+      ee_exact(x + j, y + j, m, S.eg);
+      S.q2 = _mm512_add_pd(S.q2, eed);
+      s.gen[j / G] = 2;
+    }
+    return true;
+  }
+  s.gen[j / G] = 1;
+  return gen_p1(x + j, y + j, n, m, S.zg, S.eg);
+}
+
 static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* tx, int32_t* ty, const Fast& s, Raw& R) {
   float tvx[256], tvy[256];
   int cx = 0, cy = 0;
@@ -449,48 +488,16 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
     if (b > 0) m = ceilf(tvx[0]);
     const __m512 vm = _mm512_set1_ps(m);
-    __m512d z0 = _mm512_setzero_pd(), z1 = z0, zg = z0, e0 = z0, e1 = z0, eg = z0;
+    __m512d z0 = _mm512_setzero_pd(), z1 = z0, e0 = z0, e1 = z0, zb = z0;
     __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1;
-    __m512d zb = z0, q2 = z0;
-    double ad[2] = {0, 0};  // the entropy sums' float64 part (big_lanes)
-    int nf = 0;
+    Slow S;
+    S.z = S.e = S.zg = S.eg = S.q2 = z0; S.a1 = S.a2 = a1; S.ad[0] = S.ad[1] = 0;
     auto flush = [&]() {  // the float32 partial sums of e and ee into float64
       z0 = _mm512_add_pd(z0, _mm512_cvtps_pd(_mm512_castps512_ps256(zf)));
       z1 = _mm512_add_pd(z1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(zf, 1)));
       e0 = _mm512_add_pd(e0, _mm512_cvtps_pd(_mm512_castps512_ps256(ef)));
       e1 = _mm512_add_pd(e1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(ef, 1)));
       zf = ef = _mm512_setzero_ps();
-      nf = 0;
-    };
-    // one group (n <= 16 lanes at j) after its top-K part: the float32 path where every |d0| <= 0.2, else float64
-    auto one = [&](int64_t j, int64_t n, __m512 vx, __m512 vy) -> bool {
-      const __m512 d0 = _mm512_sub_ps(vx, vy), w = _mm512_mul_ps(d0, d0);
-      if (__builtin_expect(n == G && _mm512_cmp_ps_mask(w, lim, _CMP_LE_OQ) == 0xFFFF, 1)) {  // NaN, ±inf: not <=
-        const __m512 t = _mm512_sub_ps(vx, vm);
-        __m512 e, ee;
-        p1_lanes(t, d0, w, e, ee);
-        _mm512_store_ps(s.pb + j, e);
-        _mm512_store_ps(s.db + j, d0);
-        z0 = _mm512_add_pd(z0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-        z1 = _mm512_add_pd(z1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
-        const __m512 eq = _mm512_add_ps(e, ee);  // e^(y − m)
-        const __mmask16 bu = _mm512_cmp_ps_mask(t, big, _CMP_GT_OQ);
-        if (bu) big_lanes(x + j, y + j, m, bu, e, ee, ad);
-        a1 = _mm512_mask3_fmadd_ps(e, t, a1, (__mmask16)~bu);
-        a2 = _mm512_mask3_fmadd_ps(eq, _mm512_sub_ps(vy, vm), a2, (__mmask16)~bu);
-        if (__builtin_expect(_mm512_cmp_ps_mask(_mm512_abs_ps(ee), tau, _CMP_LE_OQ) == 0xFFFF, 1)) {
-          e0 = _mm512_add_pd(e0, _mm512_cvtps_pd(_mm512_castps512_ps256(ee)));
-          e1 = _mm512_add_pd(e1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee, 1)));
-          s.gen[j / G] = 0;
-        } else {  // a term of E over 2^-23 of the row's largest: float32's 1e-7 would show in c, so float64
-          ee_exact(x + j, y + j, m, eg);
-          q2 = _mm512_add_pd(q2, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(ee)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee, 1))));
-          s.gen[j / G] = 2;
-        }
-        return true;
-      }
-      s.gen[j / G] = 1;
-      return gen_p1(x + j, y + j, n, m, zg, eg);
     };
     // Two groups at a time where they fit, their float32 work interleaved (two independent exp-then-series chains side
     // by side; a few percent faster than one group at a time here).
@@ -535,7 +542,7 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
             const __mmask16 bu = _mm512_cmp_ps_mask(t[u], big, _CMP_GT_OQ);
             zb = _mm512_add_pd(zb, _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_mov_ps(bu, e[u]))));
             zb = _mm512_add_pd(zb, _mm512_cvtps_pd(_mm512_extractf32x8_ps(_mm512_maskz_mov_ps(bu, e[u]), 1)));
-            if (bu) big_lanes(x + i + u * G, y + i + u * G, m, bu, e[u], ee[u], ad);
+            if (bu) big_lanes(x + i + u * G, y + i + u * G, m, bu, e[u], ee[u], S.ad);
             es[u] = _mm512_maskz_mov_ps((__mmask16)~bu, e[u]);
             eqs[u] = _mm512_maskz_mov_ps((__mmask16)~bu, eq[u]);
           }
@@ -549,19 +556,20 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
         zf = _mm512_add_ps(zf, _mm512_add_ps(es[0], es[1]));
         ef = _mm512_add_ps(ef, _mm512_add_ps(ee[0], ee[1]));  // Σ ee likewise
         memset(s.gen + i / G, 0, 2);
-        if (++nf == 2) flush();
       } else {
-        if (!one(i, n < G ? n : G, vx[0], vy[0])) return false;
-        if (n > G && !one(i + G, n - G, vx[1], vy[1])) return false;
+        if (!p1_one(x, y, i, n < G ? n : G, m, s, S)) return false;
+        if (n > G && !p1_one(x, y, i + G, n - G, m, s, S)) return false;
       }
+      if ((i - i0) & (2 * G)) flush();  // every other pair: partial sums of 4 groups at most
       i += n;
     }
     flush();
-    s.Sf[b] = hsum(_mm512_add_pd(_mm512_add_pd(z0, z1), zb));
-    s.S[b] = s.Sf[b] + hsum(zg);
-    s.E[b] = hsum(_mm512_add_pd(_mm512_add_pd(e0, e1), eg));
-    s.Q[b] = s.Sf[b] + hsum(_mm512_add_pd(_mm512_add_pd(e0, e1), q2));  // Σ e^(y−m) = Σ e + Σ ee
-    s.A1[b] = hsum(fold16(a1)) + ad[0]; s.A2[b] = hsum(fold16(a2)) + ad[1];
+    const __m512d e32 = _mm512_add_pd(_mm512_add_pd(e0, e1), S.e);  // Σ ee of the groups whose E stayed float32
+    s.Sf[b] = hsum(_mm512_add_pd(_mm512_add_pd(z0, z1), _mm512_add_pd(zb, S.z)));
+    s.S[b] = s.Sf[b] + hsum(S.zg);
+    s.E[b] = hsum(_mm512_add_pd(e32, S.eg));
+    s.Q[b] = s.Sf[b] + hsum(_mm512_add_pd(e32, S.q2));  // Σ e^(y−m) = Σ e + Σ ee
+    s.A1[b] = hsum(fold16(_mm512_add_ps(a1, S.a1))) + S.ad[0]; s.A2[b] = hsum(fold16(_mm512_add_ps(a2, S.a2))) + S.ad[1];
     s.M[b] = m;
   }
   // Z = Σ_b e^(m_b − max) S_b (Kahan), and the same for E; then the top 16 entries' float32 terms (the largest, whose
@@ -735,23 +743,32 @@ static void pm_rows(const void* X, const void* Y, int kind, int64_t n, int64_t V
     for (; i < V; ++i) { topk_insert(tvx, tx, &cx, K, x[i], (int32_t)i); topk_insert(tvy, ty, &cy, K, y[i], (int32_t)i); }
     const double mx = tvx[0], my = tvy[0];
     const float ytop = y[tx[0]];
-    double sp = 0, sq = 0; int64_t cnt = 0;
-    for (i = 0; i < V; ++i) { sp += exp((double)x[i] - mx); sq += exp((double)y[i] - my); cnt += y[i] > ytop; }
+    double sp = 0, sq = 0, cp = 0, cq = 0; int64_t cnt = 0;  // normalisers Kahan-compensated: ln Z to ~1e-16
+    for (i = 0; i < V; ++i) {
+      double a = exp((double)x[i] - mx) - cp, t = sp + a; cp = (t - sp) - a; sp = t;
+      a = exp((double)y[i] - my) - cq; t = sq + a; cq = (t - sq) - a; sq = t;
+      cnt += y[i] > ytop;
+    }
     const double lsp = log(sp), lsq = log(sq), c = lsp - lsq;
-    double kl = 0, klr = 0, hp = 0, hq = 0, tv = 0, js = 0; int infp = 0, infq = 0;
+    // where both sides are finite, every sum in a form whose terms are >= 0 (no cancellation at tiny drift):
+    // p·g(d) and q·g(−d) with g(d) = d + expm1(−d), p·|expm1(−d)|; the mass only one side has (po, qo) closes KL's sums
+    double kl = 0, klr = 0, hp = 0, hq = 0, tv = 0, js = 0, po = 0, qo = 0; int infp = 0, infq = 0;
     for (i = 0; i < V; ++i) {
       double dx = (double)x[i] - mx, dy = (double)y[i] - my, lp = dx - lsp, lq = dy - lsq, p = exp(lp), q = exp(lq);
       int fx = dx != -INFINITY, fy = dy != -INFINITY;
-      tv += fabs(p - q);
       if (fx && fy) {
-        double d = (dx - dy) - c, u = (p - q) / (p + q);
-        kl += p * d; klr -= q * d;
+        const double d = (dx - dy) - c, em = expm1(-d), u = (p - q) / (p + q);
+        kl += p * (d + em); klr += q * (expm1(d) - d); tv += p * fabs(em);
         js += (p + q) * (u * u < 1 ? u * d + log1p(-u * u) : 2 * M_LN2);
-      } else { js += (p + q) * 2 * M_LN2; infp |= fx && p > 0; infq |= fy && q > 0; }
+      } else {
+        js += (p + q) * 2 * M_LN2; tv += p + q; po += fx ? p : 0.0; qo += fy ? q : 0.0;
+        infp |= fx && p > 0; infq |= fy && q > 0;
+      }
       if (fx) hp += p * lp;
       if (fy) hq += q * lq;
     }
-    Raw R = {mx + lsp, my + lsq, kl, klr, hp, hq, tv, js, infp, infq, cnt};
+    // Σ p·g(d) = Σ p·d − Σ (p − q) over the entries both have: KL = Σ p·g(d) + (qo − po), KL_rev likewise
+    Raw R = {mx + lsp, my + lsq, kl + (qo - po), klr + (po - qo), hp, hq, tv, js, infp, infq, cnt};
     finish(x, y, T[r], R, tx, ty, ks, nks, out + r * (NFIX + nks));
   }
 }

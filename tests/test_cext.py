@@ -44,3 +44,13 @@ def test_portable_builds_match_the_references(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "portable ok" in run.stdout
     assert len(list((tmp_path / "ext").glob("*.so"))) == 3  # built here, portable only
+
+
+def test_portable_fused_metrics_pass_the_full_suite(tmp_path):
+    """The scalar build of the fused metrics kernel (machines without AVX-512) held to every test of the vector one."""
+    env = {**os.environ, "HARNESS_CEXT_PORTABLE": "1", "HARNESS_HOME": str(tmp_path)}
+    here = os.path.dirname(__file__)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_metrics_fused.py")],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

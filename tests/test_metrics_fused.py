@@ -136,6 +136,9 @@ def test_fast_path_and_float64_kernel_agree():
     reference within 1e-6 relative, and differ from each other (so the fast path did run)."""
     from harness import bench
 
+    if not metrics_fused._lib().pm_native():
+        pytest.skip("a portable build: one scalar path for every row")
+
     ref = torch.log_softmax(bench.realistic_logits(8, WIDE, seed=1), -1)
     cand = torch.log_softmax(ref + 0.05 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)), -1)
     target = torch.randint(0, WIDE, (8,), generator=torch.Generator().manual_seed(3))
