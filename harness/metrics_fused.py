@@ -12,7 +12,7 @@ scalar ones (Δp, NLL, margin, top-k overlaps) included, and takes one of two pa
   always do). Pass 1, the one read of the rows (prefetched 4 KB ahead, two groups of 16 at a time):
   the top-k lists (stable: among ties the lowest id ranks first, as argmax does); e = exp(x − running
   max) in float32 and d0 = x − y, both kept in per-thread buffers (1.2 MB); Σe (terms over e^-8 of
-  the running max straight into float64, the rest by float32 partial sums of 4 a lane; the top 16
+  the running max straight into float64, the rest by Kahan-compensated float32 sums; the top 16
   terms redone in float64, so a peaked row's ln Z is exact to ~1e-15); the entropy sums; and
   Σ e·(e^(−d0) − 1) (likewise; terms above 2^-23 of the row's largest computed in float64), which
   gives c = ln Z_x − ln Z_y = −ln(1 + Σ p·(e^(−d0) − 1)) with no cancellation: c comes out as exact
@@ -471,10 +471,11 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
   // Pass 1, the one read of the rows: top-K of x and y; e = exp(x − m) in float32 (m: x's running maximum before the
   // block, the first block's own for block 0), kept in pb with d0 = x − y in db; Σ e, and Σ ee with ee = e·(e^(−d0) − 1),
   // which gives c = ln Z_x − ln Z_y = −ln(1 + Σ p·(e^(−d0) − 1)) with no cancellation: c is as exact as the drift it
-  // measures; and the entropy sums Σ e·(x − m), Σ e^(y−m)·(y − m) in float32 per block. Σ e and Σ ee go into float64
-  // every 4 groups: terms of e over e^-8 (the row's few largest, whose float32 rounding would show in ln Z and in
-  // a confident token's NLL) at once, and groups with a term of ee over 2^-23 in float64 throughout; the rest are
-  // float32 partial sums of 4 terms a lane (at most 3 roundings, each relative to terms that small).
+  // measures; and the entropy sums Σ e·(x − m), Σ e^(y−m)·(y − m) in float32 per block. Of Σ e and Σ ee, terms of e
+  // over e^-8 (the row's few largest, whose float32 rounding would show in ln Z and in a confident token's NLL) go
+  // into float64 at once, and groups with a term of ee over 2^-23 into float64 throughout; the rest are
+  // Kahan-compensated float32 sums over the block (error ~2^-24 of the sum, whatever the count), into float64 at
+  // its end. (Compensated float32 in the add pipes, which have room here, is cheaper than converting to float64.)
   float m = -INFINITY;
   for (int64_t i = 0; i < (V < BS ? V : BS); ++i) m = x[i] > m ? x[i] : m;
   if (!(m > -INFINITY && m < INFINITY)) return false;
@@ -489,10 +490,10 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     if (b > 0) m = ceilf(tvx[0]);
     const __m512 vm = _mm512_set1_ps(m);
     __m512d z0 = _mm512_setzero_pd(), z1 = z0, e0 = z0, e1 = z0, zb = z0;
-    __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1;
+    __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1, zc = a1, ec = a1;
     Slow S;
     S.z = S.e = S.zg = S.eg = S.q2 = z0; S.a1 = S.a2 = a1; S.ad[0] = S.ad[1] = 0;
-    auto flush = [&]() {  // the float32 partial sums of e and ee into float64
+    auto flush = [&]() {  // the block's float32 sums of e and ee into float64
       z0 = _mm512_add_pd(z0, _mm512_cvtps_pd(_mm512_castps512_ps256(zf)));
       z1 = _mm512_add_pd(z1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(zf, 1)));
       e0 = _mm512_add_pd(e0, _mm512_cvtps_pd(_mm512_castps512_ps256(ef)));
@@ -533,7 +534,7 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
       if (__builtin_expect(n == 2 * G && (_mm512_cmp_ps_mask(umax(w[0], w[1]), lim, _CMP_LE_OQ) &
                                           _mm512_cmp_ps_mask(umax(_mm512_abs_ps(ee[0]), _mm512_abs_ps(ee[1])), tau, _CMP_LE_OQ)) == 0xFFFF, 1)) {
         // lanes within 8 of the running maximum (a row's few largest terms): Σ e straight into float64 and their
-        // entropy terms in float64 (big_lanes); the rest into the float32 partial sums (flushed every 4 groups)
+        // entropy terms in float64 (big_lanes); the rest into the block's compensated float32 sums
         __m512 es[2] = {e[0], e[1]}, eq[2];
         for (int u = 0; u < 2; ++u) eq[u] = _mm512_add_ps(e[u], ee[u]);  // e^(y − m)
         __m512 eqs[2] = {eq[0], eq[1]};
@@ -553,16 +554,20 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
           a1 = _mm512_fmadd_ps(es[u], t[u], a1);
           a2 = _mm512_fmadd_ps(eqs[u], _mm512_sub_ps(vy[u], vm), a2);
         }
-        zf = _mm512_add_ps(zf, _mm512_add_ps(es[0], es[1]));
-        ef = _mm512_add_ps(ef, _mm512_add_ps(ee[0], ee[1]));  // Σ ee likewise
+        {  // Kahan-compensated float32 sums over the block
+          const __m512 yz = _mm512_sub_ps(_mm512_add_ps(es[0], es[1]), zc), tz = _mm512_add_ps(zf, yz);
+          zc = _mm512_sub_ps(_mm512_sub_ps(tz, zf), yz); zf = tz;
+          const __m512 ye = _mm512_sub_ps(_mm512_add_ps(ee[0], ee[1]), ec), te = _mm512_add_ps(ef, ye);
+          ec = _mm512_sub_ps(_mm512_sub_ps(te, ef), ye); ef = te;
+        }
         memset(s.gen + i / G, 0, 2);
       } else {
         if (!p1_one(x, y, i, n < G ? n : G, m, s, S)) return false;
         if (n > G && !p1_one(x, y, i + G, n - G, m, s, S)) return false;
       }
-      if ((i - i0) & (2 * G)) flush();  // every other pair: partial sums of 4 groups at most
       i += n;
     }
+    zf = _mm512_sub_ps(zf, zc); ef = _mm512_sub_ps(ef, ec);
     flush();
     const __m512d e32 = _mm512_add_pd(_mm512_add_pd(e0, e1), S.e);  // Σ ee of the groups whose E stayed float32
     s.Sf[b] = hsum(_mm512_add_pd(_mm512_add_pd(z0, z1), _mm512_add_pd(zb, S.z)));
