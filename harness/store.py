@@ -191,7 +191,8 @@ def mapped_logprobs(path: Path) -> torch.Tensor:
         if end == start:
             return torch.empty(shape, dtype=dtype)
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    mapped.madvise(mmap.MADV_SEQUENTIAL)
+    if hasattr(mmap, "MADV_SEQUENTIAL"):  # read ahead: the rows are read in order, once
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
     return torch.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + size + start).view(shape)
 
 
