@@ -529,10 +529,8 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
       __m512 t[2], e[2], ee[2];
       for (int u = 0; u < 2; ++u) t[u] = _mm512_sub_ps(vx[u], vm);
       p1_lanes2(t, d0, w, e, ee);  // harmless garbage where the checks below fail
-      // the fast case in one branch: every |d0| <= 0.2 (NaN, ±inf: not <=) and every |ee| <= 2^-23 of the row's
-      // largest term (else float32's 1e-7 would show in c: `one` takes such a group's E in float64)
-      if (__builtin_expect(n == 2 * G && (_mm512_cmp_ps_mask(umax(w[0], w[1]), lim, _CMP_LE_OQ) &
-                                          _mm512_cmp_ps_mask(umax(_mm512_abs_ps(ee[0]), _mm512_abs_ps(ee[1])), tau, _CMP_LE_OQ)) == 0xFFFF, 1)) {
+      // the fast case: every |d0| <= 0.2 (NaN, ±inf: not <=), else p1_one takes each group
+      if (__builtin_expect(n == 2 * G && _mm512_cmp_ps_mask(umax(w[0], w[1]), lim, _CMP_LE_OQ) == 0xFFFF, 1)) {
         // lanes within 8 of the running maximum (a row's few largest terms): Σ e straight into float64 and their
         // entropy terms in float64 (big_lanes); the rest into the block's compensated float32 sums
         __m512 es[2] = {e[0], e[1]}, eq[2];
@@ -557,10 +555,24 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
         {  // Kahan-compensated float32 sums over the block
           const __m512 yz = _mm512_sub_ps(_mm512_add_ps(es[0], es[1]), zc), tz = _mm512_add_ps(zf, yz);
           zc = _mm512_sub_ps(_mm512_sub_ps(tz, zf), yz); zf = tz;
+        }
+        if (__builtin_expect(_mm512_cmp_ps_mask(umax(_mm512_abs_ps(ee[0]), _mm512_abs_ps(ee[1])), tau, _CMP_LE_OQ) == 0xFFFF, 1)) {
           const __m512 ye = _mm512_sub_ps(_mm512_add_ps(ee[0], ee[1]), ec), te = _mm512_add_ps(ef, ye);
           ec = _mm512_sub_ps(_mm512_sub_ps(te, ef), ye); ef = te;
+          memset(s.gen + i / G, 0, 2);
+        } else {  // a term of E over 2^-23 of the row's largest (float32's 1e-7 would show in c): that group's E in float64
+          for (int u = 0; u < 2; ++u) {
+            const __m512d eed = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(ee[u])), _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee[u], 1)));
+            if (_mm512_cmp_ps_mask(_mm512_abs_ps(ee[u]), tau, _CMP_LE_OQ) == 0xFFFF) {
+              S.e = _mm512_add_pd(S.e, eed);
+              s.gen[i / G + u] = 0;
+            } else {
+              ee_exact(x + i + u * G, y + i + u * G, m, S.eg);
+              S.q2 = _mm512_add_pd(S.q2, eed);
+              s.gen[i / G + u] = 2;
+            }
+          }
         }
-        memset(s.gen + i / G, 0, 2);
       } else {
         if (!p1_one(x, y, i, n < G ? n : G, m, s, S)) return false;
         if (n > G && !p1_one(x, y, i + G, n - G, m, s, S)) return false;
