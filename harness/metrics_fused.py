@@ -489,17 +489,10 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
     if (b > 0) m = ceilf(tvx[0]);
     const __m512 vm = _mm512_set1_ps(m);
-    __m512d z0 = _mm512_setzero_pd(), z1 = z0, e0 = z0, e1 = z0, zb = z0;
-    __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1, zc = a1, ec = a1;
+    __m512d zb = _mm512_setzero_pd();
+    __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1, zc = a1, ec = a1;  // zc, ec: Kahan compensations
     Slow S;
-    S.z = S.e = S.zg = S.eg = S.q2 = z0; S.a1 = S.a2 = a1; S.ad[0] = S.ad[1] = 0;
-    auto flush = [&]() {  // the block's float32 sums of e and ee into float64
-      z0 = _mm512_add_pd(z0, _mm512_cvtps_pd(_mm512_castps512_ps256(zf)));
-      z1 = _mm512_add_pd(z1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(zf, 1)));
-      e0 = _mm512_add_pd(e0, _mm512_cvtps_pd(_mm512_castps512_ps256(ef)));
-      e1 = _mm512_add_pd(e1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(ef, 1)));
-      zf = ef = _mm512_setzero_ps();
-    };
+    S.z = S.e = S.zg = S.eg = S.q2 = zb; S.a1 = S.a2 = a1; S.ad[0] = S.ad[1] = 0;
     // Two groups at a time where they fit, their float32 work interleaved (two independent exp-then-series chains side
     // by side; a few percent faster than one group at a time here).
     for (int64_t i = i0; i < i1;) {
@@ -579,10 +572,11 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
       }
       i += n;
     }
-    zf = _mm512_sub_ps(zf, zc); ef = _mm512_sub_ps(ef, ec);
-    flush();
-    const __m512d e32 = _mm512_add_pd(_mm512_add_pd(e0, e1), S.e);  // Σ ee of the groups whose E stayed float32
-    s.Sf[b] = hsum(_mm512_add_pd(_mm512_add_pd(z0, z1), _mm512_add_pd(zb, S.z)));
+    const __m512 zs = _mm512_sub_ps(zf, zc), es = _mm512_sub_ps(ef, ec);  // the compensated block sums, into float64
+    const __m512d z = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(zs)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(zs, 1)));
+    const __m512d e32 = _mm512_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(es)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(es, 1))),
+                                      S.e);  // Σ ee of the groups whose E stayed float32
+    s.Sf[b] = hsum(_mm512_add_pd(z, _mm512_add_pd(zb, S.z)));
     s.S[b] = s.Sf[b] + hsum(S.zg);
     s.E[b] = hsum(_mm512_add_pd(e32, S.eg));
     s.Q[b] = s.Sf[b] + hsum(_mm512_add_pd(e32, S.q2));  // Σ e^(y−m) = Σ e + Σ ee
