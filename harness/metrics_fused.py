@@ -880,6 +880,10 @@ if __name__ == "__main__":
     want = metrics.position_metrics(ref[:16], cand[:16], target[:16])
     got = fused_position_metrics(ref[:16], cand[:16], target[:16])
     for key, w in want.items():
+        if key.endswith("_overlap"):  # where a tie straddles the k-th place, torch.topk's pick is unspecified
+            print(f"{key:>14}: rows that differ {int((got[key] != w).sum())} of {len(w)} (torch.topk's pick among ties "
+                  "is unspecified; tests/test_metrics_fused.py checks the lowest-id-first definition)")
+            continue
         diff = ((got[key].double() - w.double()).abs() / w.double().abs().clamp_min(1e-12)).max()
         print(f"{key:>14}: max relative difference {float(diff):.2e}")
     for f64 in (False, True):
