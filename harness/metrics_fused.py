@@ -16,12 +16,14 @@ scalar ones (Δp, NLL, margin, top-k overlaps) included, and takes one of two pa
   terms redone in float64, so a peaked row's ln Z is exact to ~1e-15); the entropy sums; and
   Σ e·(e^(−d0) − 1) (likewise; terms above 2^-23 of the row's largest computed in float64), which
   gives c = ln Z_x − ln Z_y = −ln(1 + Σ p·(e^(−d0) − 1)) with no cancellation: c comes out as exact
-  as the drift it measures (~1e-13 absolute), which Δp and TV need. Pass 2 reads only the buffers:
+  as the drift it measures (~1e-13 absolute at a quantised model's drift), which Δp and TV need. Pass 2 reads only the buffers:
   p = e / Z, d = d0 − c = ln p − ln q, q = p·e^(−d), and each sum in a form whose float32 rounding
   stays relative: KL = Σ p·g(d), KL_rev = Σ q·g(−d) with g(d) = d − 1 + e^(−d) ≥ 0, TV = Σ p·|e^(−d)
   − 1|, JS = ¼ Σ (p+q)·ψ(d) with ψ = d·tanh(d/2) − 2 ln cosh(d/2) ≥ 0, all as series in d² while
   |d0| ≤ 0.2 in a group of 16 (the drift of a quantised model); float32 partial sums go into float64
-  once per 512 entries. Groups with a larger |d0| go in float64 (exp8 and a log1p kernel).
+  once per 512 entries. Groups with a larger |d0| (up to 30) stay in float32 with exps on those lanes
+  (a drift like base vs chat's; see med16 for the forms that keep them exact); groups beyond, or with
+  -inf, go in float64 (exp8 and a log1p kernel).
   The rank of the reference's top token is read off the candidate's top-k list where it is in it.
 - float64 kernel, for every other row (-inf entries, unnormalised rows, NaN): exps to ~1 ulp in
   float64, Kahan-compensated normalisers, the same non-cancelling JS.
@@ -175,6 +177,9 @@ static inline __m512d load8(const float* x, int64_t i, int64_t V) {  // 8 floats
   return _mm512_cvtps_pd(_mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, x + i));
 }
 static inline double hsum(__m512d v) { return _mm512_reduce_add_pd(v); }
+static inline __m512d cvt_half(__m512 v, int h) {  // lanes 8h .. 8h + 7 as doubles
+  return _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(v, 1) : _mm512_castps512_ps256(v));
+}
 static inline __m512d fold16(__m512 v) {  // the 16 float32 lanes, pairwise added, as 8 doubles
   return _mm512_cvtps_pd(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
@@ -425,42 +430,119 @@ __attribute__((noinline)) static void big_lanes(const float* x, const float* y, 
   }
 }
 
+// Pass 2 of a medium group (GEN_MED: finite, some |d| over 0.2, none over ~30), 16 lanes of e and d0, into the block's
+// float32 sums (acc: KL, KL_rev, TV, JS). Lanes with |d| <= 0.5: g(d), g(−d) and e^(−d) − 1 by series to d^10
+// (truncation < 1e-10 relative); beyond: from float32 exps, d + (e^(−d) − 1) and −d + (e^d − 1) (their float32 errors
+// stay under 5e-7 of g from |d| = 0.5 on), and q's share as e·e^(−d) (e + e·em would cancel where q << p).
+// ψ = d·tanh(d/2) − 2 ln cosh(d/2): its series to d^26 for |d| <= 1.5 (< 1e-8 relative), beyond
+// 2 ln 2 − 2|d|·a/(1 + a) − 2 ln(1 + a), a = e^(−|d|) (cancelling by at most 5x there).
+__attribute__((noinline)) static void med16(const float* pb, const float* db, __m512 vc, __m512 vcl, __m512* acc) {
+  const __m512 e = _mm512_load_ps(pb), d = _mm512_sub_ps(_mm512_sub_ps(_mm512_load_ps(db), vc), vcl), w = _mm512_mul_ps(d, d);
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 ev = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 3628800), w, _mm512_set1_ps(1.0f / 40320));
+  ev = _mm512_fmadd_ps(ev, w, _mm512_set1_ps(1.0f / 720));
+  ev = _mm512_fmadd_ps(ev, w, _mm512_set1_ps(1.0f / 24));
+  ev = _mm512_mul_ps(_mm512_fmadd_ps(ev, w, _mm512_set1_ps(0.5f)), w);
+  __m512 od = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 362880), w, _mm512_set1_ps(1.0f / 5040));
+  od = _mm512_fmadd_ps(od, w, _mm512_set1_ps(1.0f / 120));
+  od = _mm512_mul_ps(_mm512_fmadd_ps(od, w, _mm512_set1_ps(1.0f / 6)), _mm512_mul_ps(w, d));
+  __m512 g = _mm512_sub_ps(ev, od), gr = _mm512_add_ps(ev, od), em = _mm512_sub_ps(g, d);
+  static const float PSI[13] = {2.5000000000e-01f, -3.1250000000e-02f, 3.4722222222e-03f, -3.6892361111e-04f,
+                                3.8442460317e-05f, -3.9671057466e-06f, 4.0717132111e-07f, -4.1651755916e-08f,
+                                4.2514659017e-09f, -4.3329745966e-10f, 4.4112269899e-11f, -4.4872435397e-12f,
+                                4.5617340475e-13f};  // ψ's series in w = d²
+  __m512 ps = _mm512_set1_ps(PSI[12]);
+  for (int k = 11; k >= 0; --k) ps = _mm512_fmadd_ps(ps, w, _mm512_set1_ps(PSI[k]));
+  ps = _mm512_mul_ps(ps, w);
+  const __mmask16 far = _mm512_cmp_ps_mask(w, _mm512_set1_ps(0.25f), _CMP_GT_OQ);
+  __m512 eq = _mm512_setzero_ps(), ee;
+  if (far) {
+    const __m512 xm = exp16c(_mm512_sub_ps(_mm512_setzero_ps(), d)), xp = exp16c(d);  // e^(−d), e^d
+    const __m512 emb = _mm512_sub_ps(xm, one);
+    g = _mm512_mask_mov_ps(g, far, _mm512_add_ps(d, emb));
+    gr = _mm512_mask_mov_ps(gr, far, _mm512_sub_ps(_mm512_sub_ps(xp, one), d));
+    em = _mm512_mask_mov_ps(em, far, emb);
+    eq = _mm512_mul_ps(e, xm);
+    const __mmask16 vfar = _mm512_cmp_ps_mask(w, _mm512_set1_ps(2.25f), _CMP_GT_OQ);
+    if (vfar) {
+      const __m512 a = _mm512_min_ps(xm, xp), ad = _mm512_abs_ps(d);  // e^(−|d|) <= e^-1.5
+      const __m512 sa = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(2.f), a)), s2 = _mm512_mul_ps(sa, sa);
+      __m512 l = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 11), s2, _mm512_set1_ps(1.0f / 9));  // ln(1 + a) = 2 atanh(sa)
+      l = _mm512_fmadd_ps(l, s2, _mm512_set1_ps(1.0f / 7));
+      l = _mm512_fmadd_ps(l, s2, _mm512_set1_ps(1.0f / 5));
+      l = _mm512_fmadd_ps(l, s2, _mm512_set1_ps(1.0f / 3));
+      l = _mm512_mul_ps(_mm512_fmadd_ps(l, s2, one), _mm512_add_ps(sa, sa));
+      const __m512 t2 = _mm512_div_ps(_mm512_mul_ps(_mm512_add_ps(ad, ad), a), _mm512_add_ps(one, a));
+      const __m512 pf = _mm512_sub_ps(_mm512_sub_ps(_mm512_set1_ps(1.3862943611f), t2), _mm512_add_ps(l, l));
+      ps = _mm512_mask_mov_ps(ps, vfar, pf);
+    }
+  }
+  ee = _mm512_mul_ps(e, em);
+  eq = _mm512_mask_mov_ps(_mm512_add_ps(e, ee), far, eq);
+  acc[0] = _mm512_fmadd_ps(e, g, acc[0]);
+  acc[1] = _mm512_fmadd_ps(eq, gr, acc[1]);
+  acc[2] = _mm512_add_ps(acc[2], _mm512_abs_ps(ee));
+  acc[3] = _mm512_fmadd_ps(_mm512_add_ps(e, eq), ps, acc[3]);
+}
+
 // Pass 1's sums from p1_one (the groups the paired fast path hands over), kept apart from the fast path's so that
 // those stay in registers: Σ e, Σ ee in float64; the entropy sums' float32 and float64 (big_lanes) parts; Σ e and E of
 // float64 groups (zg, eg, as gen_p1 and ee_exact give them); Σ ee of groups whose E went to float64 (for Q).
 struct Slow { __m512d z, e, zg, eg, q2; __m512 a1, a2; double ad[2]; };
 
-// One group (n <= 16 lanes at j, after its top-K part) in pass 1: the float32 path where every |d0| <= 0.2 (E's terms
-// over 2^-23 of the row's largest in float64), else the float64 one (gen_p1); false where a lane is not finite.
+// A group's path (Fast::gen): bit 0 float64 throughout, bit 1 its E in float64 (ee_exact), bit 2 float32 with
+// exps where |d0| > 0.2 ("medium"): 0 and 2 the fast path, 4 and 6 medium, 1 float64.
+enum { GEN_F64 = 1, GEN_E64 = 2, GEN_MED = 4 };
+
+// One group (n <= 16 lanes at j, after its top-K part) in pass 1: the float32 path where every |d0| <= 0.2; where
+// some |d0| is larger but every one is <= 30 (all finite), the same with ee = e^(y−m) − e from a second float32 exp
+// on those lanes (no cancellation there: |ee| >= 0.18 e); else the float64 one (gen_p1). In both float32 cases E's
+// terms over 2^-23 of the row's largest go in float64. False where a lane is not finite.
 __attribute__((noinline)) static bool p1_one(const float* x, const float* y, int64_t j, int64_t n, float m, const Fast& s,
                                               Slow& S) {
   const __mmask16 mk = n >= G ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
   const __m512 vx = _mm512_maskz_loadu_ps(mk, x + j), vy = _mm512_maskz_loadu_ps(mk, y + j), vm = _mm512_set1_ps(m);
   const __m512 d0 = _mm512_sub_ps(vx, vy), w = _mm512_mul_ps(d0, d0);
-  if (n == G && _mm512_cmp_ps_mask(w, _mm512_set1_ps(0.04f), _CMP_LE_OQ) == 0xFFFF) {  // NaN, ±inf: not <=
-    const __m512 t = _mm512_sub_ps(vx, vm);
+  const __mmask16 near = _mm512_cmp_ps_mask(w, _mm512_set1_ps(0.04f), _CMP_LE_OQ);  // NaN, ±inf: not <=
+  int med = 0;
+  if (n == G && (near == 0xFFFF || (med = _mm512_cmp_ps_mask(w, _mm512_set1_ps(900.f), _CMP_LE_OQ) == 0xFFFF))) {
+    const __m512 t = _mm512_sub_ps(vx, vm), ty = _mm512_sub_ps(vy, vm);
     __m512 e, ee;
     p1_lanes(t, d0, w, e, ee);
+    __m512 eq = _mm512_add_ps(e, ee);  // e^(y − m)
+    __mmask16 bu = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-8.f), _CMP_GT_OQ);
+    if (med) {  // the lanes past 0.2: e^(y − m) from its own exp; "big" (entropy terms in float64) where either side is
+      const __m512 ey = exp16c(ty);
+      ee = _mm512_mask_blend_ps(near, _mm512_sub_ps(ey, e), ee);
+      eq = _mm512_mask_blend_ps(near, ey, eq);
+      bu |= _mm512_cmp_ps_mask(ty, _mm512_set1_ps(-8.f), _CMP_GT_OQ);
+    }
     _mm512_store_ps(s.pb + j, e);
     _mm512_store_ps(s.db + j, d0);
     S.z = _mm512_add_pd(S.z, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1))));
-    const __m512 eq = _mm512_add_ps(e, ee);  // e^(y − m)
-    const __mmask16 bu = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-8.f), _CMP_GT_OQ);
     if (bu) big_lanes(x + j, y + j, m, bu, e, ee, S.ad);
+    if (med) {  // Q and the big lanes' terms take e^(y−m) itself, not e + (e^(y−m) − e) (which cancels where q << p):
+      for (int h = 0; h < 2; ++h) {  // the difference, in float64
+        const __m512d corr = _mm512_sub_pd(_mm512_sub_pd(cvt_half(eq, h), cvt_half(e, h)), cvt_half(ee, h));
+        S.q2 = _mm512_add_pd(S.q2, corr);
+        const __mmask8 bh = (__mmask8)(bu >> (8 * h));
+        if (bh) S.ad[1] += hsum(_mm512_maskz_mul_pd(bh, corr, cvt_half(ty, h)));
+      }
+    }
     S.a1 = _mm512_mask3_fmadd_ps(e, t, S.a1, (__mmask16)~bu);
-    S.a2 = _mm512_mask3_fmadd_ps(eq, _mm512_sub_ps(vy, vm), S.a2, (__mmask16)~bu);
+    S.a2 = _mm512_mask3_fmadd_ps(eq, ty, S.a2, (__mmask16)~bu);
     const __m512d eed = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(ee)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee, 1)));
     if (_mm512_cmp_ps_mask(_mm512_abs_ps(ee), _mm512_set1_ps(1.0f / 8388608), _CMP_LE_OQ) == 0xFFFF) {
       S.e = _mm512_add_pd(S.e, eed);
-      s.gen[j / G] = 0;
+      s.gen[j / G] = med ? GEN_MED : 0;
     } else {  // a term of E over 2^-23 of the row's largest: float32's 1e-7 would show in c, so float64
       ee_exact(x + j, y + j, m, S.eg);
       S.q2 = _mm512_add_pd(S.q2, eed);
-      s.gen[j / G] = 2;
+      s.gen[j / G] = med ? GEN_MED | GEN_E64 : GEN_E64;
     }
     return true;
   }
-  s.gen[j / G] = 1;
+  s.gen[j / G] = GEN_F64;
   return gen_p1(x + j, y + j, n, m, S.zg, S.eg);
 }
 
@@ -562,7 +644,7 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
             } else {
               ee_exact(x + i + u * G, y + i + u * G, m, S.eg);
               S.q2 = _mm512_add_pd(S.q2, eed);
-              s.gen[i / G + u] = 2;
+              s.gen[i / G + u] = GEN_E64;
             }
           }
         }
@@ -599,7 +681,7 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     alignas(64) float xv[16] = {0}, yv[16] = {0}, mv[16] = {0}, ev[16], eev[16];
     int64_t at[16]; int nt = 0;
     for (int j = 0; j < (cx < 16 ? cx : 16); ++j)
-      if (s.gen[tx[j] / G] != 1) { at[nt] = tx[j]; xv[nt] = x[tx[j]]; yv[nt] = y[tx[j]]; mv[nt] = s.M[tx[j] / BS]; ++nt; }
+      if (!(s.gen[tx[j] / G] & GEN_F64)) { at[nt] = tx[j]; xv[nt] = x[tx[j]]; yv[nt] = y[tx[j]]; mv[nt] = s.M[tx[j] / BS]; ++nt; }
     {
       const __m512 vx = _mm512_load_ps(xv), d0 = _mm512_sub_ps(vx, _mm512_load_ps(yv));
       __m512 e, ee;
@@ -642,7 +724,8 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
     __m512 akl = _mm512_setzero_ps(), aklr = akl, atv = akl, ajs = akl;
     for (int64_t i = i0; i < i1; i += G) {
-      if (__builtin_expect(s.gen[i / G] != 1, 1)) {
+      const uint8_t gg = s.gen[i / G];
+      if (__builtin_expect(gg == 0 || gg == GEN_E64, 1)) {
         const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_load_ps(s.db + i), vc), vcl), w = _mm512_mul_ps(d, d);
         const __m512 e = _mm512_load_ps(s.pb + i);
         // e^(−d) − 1 = −d + ev − od: ev = w/2 + w²/24 + w³/720, od = d·w·(1/6 + w/120)
@@ -658,6 +741,10 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
         __m512 ps = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 288), w, _mm512_set1_ps(-1.0f / 32));
         ps = _mm512_mul_ps(_mm512_fmadd_ps(ps, w, _mm512_set1_ps(0.25f)), w);
         ajs = _mm512_fmadd_ps(_mm512_add_ps(e, eq), ps, ajs);
+      } else if (gg & GEN_MED) {
+        __m512 acc[4] = {akl, aklr, atv, ajs};
+        med16(s.pb + i, s.db + i, vc, vcl, acc);
+        akl = acc[0]; aklr = acc[1]; atv = acc[2]; ajs = acc[3];
       } else {
         gen16(x + i, y + i, i1 - i < G ? i1 - i : G, Rg, A);
       }
