@@ -532,7 +532,11 @@ __attribute__((noinline)) static bool p1_one(const float* x, const float* y, int
     S.a1 = _mm512_mask3_fmadd_ps(e, t, S.a1, (__mmask16)~bu);
     S.a2 = _mm512_mask3_fmadd_ps(eq, ty, S.a2, (__mmask16)~bu);
     const __m512d eed = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(ee)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee, 1)));
-    if (_mm512_cmp_ps_mask(_mm512_abs_ps(ee), _mm512_set1_ps(1.0f / 8388608), _CMP_LE_OQ) == 0xFFFF) {
+    // E's terms in float32 where every one is small: |ee| <= 2^-23 of the row's largest from the series; from the
+    // exps (error ~6e-8 of e + e^(y−m), not of ee) only where both are <= 2^-30, so that c stays as exact as in float64
+    __mmask16 small = _mm512_cmp_ps_mask(_mm512_abs_ps(ee), _mm512_set1_ps(1.0f / 8388608), _CMP_LE_OQ);
+    if (med) small = (small & near) | (_mm512_cmp_ps_mask(umax(e, eq), _mm512_set1_ps(1.0f / 1073741824), _CMP_LE_OQ) & ~near);
+    if (small == 0xFFFF) {
       S.e = _mm512_add_pd(S.e, eed);
       s.gen[j / G] = med ? GEN_MED : 0;
     } else {  // a term of E over 2^-23 of the row's largest: float32's 1e-7 would show in c, so float64
