@@ -487,7 +487,8 @@ __attribute__((noinline)) static void med16(const float* pb, const float* db, __
 
 // Pass 1's sums from p1_one (the groups the paired fast path hands over), kept apart from the fast path's so that
 // those stay in registers: Σ e, Σ ee in float64; the entropy sums' float32 and float64 (big_lanes) parts; Σ e and E of
-// float64 groups (zg, eg, as gen_p1 and ee_exact give them); Σ ee of groups whose E went to float64 (for Q).
+// float64 groups (zg, eg, as gen_p1 and ee_exact give them); for Q, Σ ee of groups whose E went to float64 and the
+// medium groups' e^(y−m) − (e + ee) (q2).
 struct Slow { __m512d z, e, zg, eg, q2; __m512 a1, a2; double ad[2]; };
 
 // A group's path (Fast::gen): bit 0 float64 throughout, bit 1 its E in float64 (ee_exact), bit 2 float32 with
