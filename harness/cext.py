@@ -23,7 +23,7 @@ import subprocess
 from harness import paths
 
 # The kernels' shared prelude (prepended to their sources): team_part (a thread's rows of an OpenMP team), and
-# float32 exp for d <= 0: exp_s scalar, exp16 AVX-512, exp16z AVX-512 without subnormal results (for sums).
+# float32 exp: exp_s scalar (d <= 0), exp16c AVX-512 (clamped at e^-87), exp16z (0 below e^-87), exp16 (subnormals too).
 EXP_F32 = r"""#include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -54,10 +54,9 @@ static inline float exp_s(float d) {
   return ldexpf(p, (int)n);
 }
 #ifdef __AVX512F__
-// exp(t), t <= 88, in 16 lanes (Cephes' range reduction, the polynomial below); lanes below -87 (and NaN lanes) give 0,
-// not a subnormal (their share of a sum is < 1e-37 of its largest term), so there is no scalar fallback.
-static inline __m512 exp16z(__m512 t) {
-  const __mmask16 ok = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+// exp(t), t <= 88, in 16 lanes (Cephes' range reduction, the polynomial below); lanes below -87 give e^-87 (1.6e-38),
+// a difference under 1e-37 of any sum it enters (and no subnormal result).
+static inline __m512 exp16c(__m512 t) {
   t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), t);
@@ -68,7 +67,12 @@ static inline __m512 exp16z(__m512 t) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3687100559e-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668388992e-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666521132e-1f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999994040e-1f));
   p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
-  return _mm512_maskz_scalef_ps(ok, p, n);
+  return _mm512_scalef_ps(p, n);
+}
+// exp16c with lanes below -87 (and NaN lanes) giving 0 (their share of a sum is < 1e-37 of its largest term), so
+// there is no scalar fallback.
+static inline __m512 exp16z(__m512 t) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.f), _CMP_GE_OQ), exp16c(t));
 }
 // exp(d) for d <= 0, subnormal results included: exp16z, with the rare lanes in [-104, -87) redone in scalar code
 // (a subnormal vector result costs a microcode assist per instruction, which on -inf-heavy (warped) rows made this

@@ -363,20 +363,6 @@ __attribute__((noinline)) static void gen16(const float* x, const float* y, int6
   if (n > 8) gen8(x + 8, y + 8, n - 8, R, A);
 }
 
-// exp16z's arithmetic without its zero mask: lanes below -87 give e^-87 (1.6e-38) instead of 0, a difference under
-// 1e-37 of any sum it enters; where a row's values are finite (the fast path's rows) that saves a compare a vector.
-static inline __m512 exp16c(__m512 t) {
-  t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), t);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.3814610429e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3687100559e-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668388992e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666521132e-1f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999994040e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Pass 1's float32 work on 16 lanes with |d0| <= 0.21, d0 = x − y, w = d0², t = x − m: e = exp(t), and
 // ee = e·(e^(−d0) − 1) rounded once (rounding e^(−d0) − 1 on its own would err alike wherever d0 repeats, as it does in float16 stores, and
 // those errors would add up; these stay random). e^(−d0) − 1 = −d0 + Σ_n≥2 (−d0)^n/n! in powers of w: even
@@ -390,25 +376,9 @@ static inline void p1_lanes(__m512 t, __m512 d0, __m512 w, __m512& e, __m512& ee
   ee = _mm512_fmsub_ps(e, _mm512_sub_ps(ev, od), _mm512_mul_ps(e, d0));
 }
 
-// p1_lanes on two groups, bit for bit, statement by statement side by side: two independent chains in the
-// out-of-order window at once.
+// p1_lanes on two groups.
 static inline void p1_lanes2(const __m512* t, const __m512* d0, const __m512* w, __m512* e, __m512* ee) {
-  __m512 n[2], r[2], p[2], tt[2], ev[2], od[2];
-  for (int u = 0; u < 2; ++u) tt[u] = _mm512_max_ps(t[u], _mm512_set1_ps(-87.f));
-  for (int u = 0; u < 2; ++u) n[u] = _mm512_roundscale_ps(_mm512_mul_ps(tt[u], _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  for (int u = 0; u < 2; ++u) r[u] = _mm512_fmadd_ps(n[u], _mm512_set1_ps(-0.693359375f), tt[u]);
-  for (int u = 0; u < 2; ++u) r[u] = _mm512_fmadd_ps(n[u], _mm512_set1_ps(2.12194440e-4f), r[u]);
-  for (int u = 0; u < 2; ++u) p[u] = _mm512_fmadd_ps(_mm512_set1_ps(1.3814610429e-3f), r[u], _mm512_set1_ps(8.3687100559e-3f));
-  for (int u = 0; u < 2; ++u) ev[u] = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 720), w[u], _mm512_set1_ps(1.0f / 24));
-  for (int u = 0; u < 2; ++u) p[u] = _mm512_fmadd_ps(p[u], r[u], _mm512_set1_ps(4.1668388992e-2f));
-  for (int u = 0; u < 2; ++u) od[u] = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040), w[u], _mm512_set1_ps(1.0f / 120));
-  for (int u = 0; u < 2; ++u) p[u] = _mm512_fmadd_ps(p[u], r[u], _mm512_set1_ps(1.6666521132e-1f));
-  for (int u = 0; u < 2; ++u) ev[u] = _mm512_mul_ps(_mm512_fmadd_ps(ev[u], w[u], _mm512_set1_ps(0.5f)), w[u]);
-  for (int u = 0; u < 2; ++u) p[u] = _mm512_fmadd_ps(p[u], r[u], _mm512_set1_ps(4.9999994040e-1f));
-  for (int u = 0; u < 2; ++u) od[u] = _mm512_mul_ps(_mm512_fmadd_ps(od[u], w[u], _mm512_set1_ps(1.0f / 6)), _mm512_mul_ps(w[u], d0[u]));
-  for (int u = 0; u < 2; ++u) p[u] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p[u], r[u]), r[u], r[u]), _mm512_set1_ps(1.f));
-  for (int u = 0; u < 2; ++u) e[u] = _mm512_scalef_ps(p[u], n[u]);
-  for (int u = 0; u < 2; ++u) ee[u] = _mm512_fmsub_ps(e[u], _mm512_sub_ps(ev[u], od[u]), _mm512_mul_ps(e[u], d0[u]));
+  for (int u = 0; u < 2; ++u) p1_lanes(t[u], d0[u], w[u], e[u], ee[u]);
 }
 
 // The largest of two vectors of non-negative floats, or a NaN where a lane of either is NaN (as unsigned integers,
@@ -580,8 +550,7 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1, zc = a1, ec = a1;  // zc, ec: Kahan compensations
     Slow S;
     S.z = S.e = S.zg = S.eg = S.q2 = zb; S.a1 = S.a2 = a1; S.ad[0] = S.ad[1] = 0;
-    // Two groups at a time where they fit, their float32 work interleaved (two independent exp-then-series chains side
-    // by side; a few percent faster than one group at a time here).
+    // Two groups at a time where they fit: one compare each for the top-k gate, the checks and the big lanes.
     for (int64_t i = i0; i < i1;) {
       const int64_t n = i1 - i < 2 * G ? i1 - i : 2 * G;
       const __mmask32 mk = n == 2 * G ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << n) - 1);
