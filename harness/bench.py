@@ -11,10 +11,14 @@ warm-up on CUDA, time.perf_counter on CPU; medians over at least --repeats calls
 interquartile range, min and max. Successive calls take successive batches of the max(--batches)-row
 input set, so a small batch is read from memory as the ceiling's buffer is, not from the cache its
 previous call left (16 rows are 10 MB). The ceiling is measured in the same run: read GB/s of a
-torch.sum over a buffer much larger than the last-level cache, and copy GB/s (bytes of the source
-copied per second), each the best of at least 10 repeats at the start and 10 at the end of the run
-(the medians of both kept beside them), so fractions of it are conservative; the table's fractions
-are taken against it once the run is over. The web snippet is slow (~60 rows/s), so it is timed only
+torch.sum over a buffer much larger than the last-level cache, copy GB/s (bytes of the source
+copied per second) and write GB/s (a fill), each the best of at least 10 repeats at the start and 10
+at the end of the run (the medians of both kept beside them), so fractions of it are conservative;
+the table's fractions are taken against it once the run is over. "ceil" is the fraction of the read
+ceiling (logits bytes read per second); "bound" is the fraction of the rows/s that memory allows the
+case as a whole (memory_bound: its reads, and its writes of the sparse form, which for p > 0 on raw
+rows are 2-3x the bytes read, so that no implementation can reach a high fraction of the read
+ceiling there). The web snippet is slow (~60 rows/s), so it is timed only
 at batches <= --snippet-max-batch and its rows/s is the reference for every speed-up.
 Prints a table, then one JSON line (`run()` returns the same dict, for a run record).
 """
@@ -92,12 +96,14 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 1, min_seconds: 
 class Ceilings:
     read_gbps: float  # torch.sum over the buffer: the best of the repeats (what the memory can do)
     copy_gbps: float  # Tensor.copy_, bytes of the source per second: the best of the repeats
+    write_gbps: float  # Tensor.fill_, bytes written per second: the best of the repeats
     read_median_gbps: float
     copy_median_gbps: float
+    write_median_gbps: float
 
 
 def ceilings(device: torch.device, gib: float, repeats: int) -> Ceilings:
-    """Read and copy bandwidth over a `gib` GiB float32 buffer, at least 10 times each.
+    """Read, copy and write bandwidth over a `gib` GiB float32 buffer, at least 10 times each.
 
     The best of the repeats is the ceiling: on a shared virtual machine other tenants' traffic moves a
     single measurement by up to 2x (seen here: reads at 31 or at 52 GB/s, minutes apart), and a fraction
@@ -108,7 +114,22 @@ def ceilings(device: torch.device, gib: float, repeats: int) -> Ceilings:
     read = [nbytes / t / 1e9 for t in timed(lambda: buf.sum(), device, repeats)]
     dst = torch.empty_like(buf)
     copy = [nbytes / t / 1e9 for t in timed(lambda: dst.copy_(buf), device, repeats)]
-    return Ceilings(max(read), max(copy), statistics.median(read), statistics.median(copy))
+    write = [nbytes / t / 1e9 for t in timed(lambda: dst.fill_(0.5), device, repeats)]
+    return Ceilings(max(read), max(copy), max(write), *(statistics.median(v) for v in (read, copy, write)))
+
+
+def memory_bound(read_bytes: float, write_bytes: float, read_gbps: float, write_gbps: float, copy_gbps: float) -> float:
+    """Calls/s that memory allows a call reading `read_bytes` and writing `write_bytes`. A byte read costs 1/read
+    ceiling; a byte written costs what a copy's byte costs beyond its read (1/copy - 1/read), and writes alone run no
+    faster than the write ceiling. So reads alone are bound at the read ceiling and a copy at the copy ceiling."""
+    extra = 1 / copy_gbps - 1 / read_gbps
+    per_write = extra if extra > 0 else 1 / write_gbps
+    return 1e9 / max(read_bytes / read_gbps + write_bytes * per_write, write_bytes / write_gbps)
+
+
+def written_per_row(x: torch.Tensor, filter: str) -> float:
+    """Bytes of the sparse form per row of `x` (column indices int32 and probabilities in x's dtype, + its offset)."""
+    return sf.torch_filter(x, filter, TOP_K).indices.numel() / len(x) * (4 + x.element_size()) + 8
 
 
 def peak_bytes(impl: str, batch: int, width: int, itemsize: int, filter: str) -> int:
@@ -133,7 +154,8 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks at nonzero/.item() are expected
     ceil = ceilings(device, ceiling_gib, repeats)
     read_gbps = ceil.read_gbps
-    log(f"{device.type} ({name}), {torch.get_num_threads()} threads: read {read_gbps:.1f} GB/s, copy {ceil.copy_gbps:.1f} GB/s")
+    log(f"{device.type} ({name}), {torch.get_num_threads()} threads: read {read_gbps:.1f} GB/s, copy {ceil.copy_gbps:.1f} GB/s, "
+        f"write {ceil.write_gbps:.1f} GB/s")
     base = realistic_logits(max(batches), width)
     inputs = {"raw": base, "warped": warp(base[: min(len(base), 64)]).repeat(len(base) // min(len(base), 64) + 1, 1)[: len(base)]}
     log(f"raw rows: entropy {entropy_nats(base[:64]):.2f} nats; warped rows keep {(inputs['warped'][:64] > float('-inf')).sum(1).float().mean():.1f} tokens")
@@ -142,6 +164,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
         dtype = DTYPES[dtype_name]
         for kind, filter in CASES:
             rows_all = inputs[kind].to(device, dtype)
+            written = written_per_row(rows_all[:64], filter)  # the first 64 rows are all the distinct ones
             for impl in impls:
                 if impl in notes or (impl == "snippet" and filter != "p>0"):
                     continue
@@ -177,6 +200,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                         "impl": impl, "batch": batch, "dtype": dtype_name, "inputs": kind, "filter": filter,
                         "rows_per_s": rps, "tokens_per_s": rps, "gbps": gbps,
                         "fraction_of_ceiling": gbps / read_gbps,  # of the start's ceiling, for the log; redone below
+                        "read_bytes_per_row": width * x.element_size(), "written_bytes_per_row": written,
                         "speedup_vs_snippet": rps / ref if ref else None,
                         "median_s": med, "min_s": min(secs), "max_s": max(secs), "repeats": len(secs),
                         "iqr_s": float(np.subtract(*np.percentile(secs, [75, 25]))),
@@ -185,14 +209,19 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     # measured again at the end and the better kept: a run of minutes on a shared machine can start in a slow phase
     end = ceilings(device, ceiling_gib, repeats)
     read_gbps, copy_gbps = max(ceil.read_gbps, end.read_gbps), max(ceil.copy_gbps, end.copy_gbps)
+    write_gbps = max(ceil.write_gbps, end.write_gbps)
     for r in results:
         r["fraction_of_ceiling"] = r["gbps"] / read_gbps
+        r["bound_rows_per_s"] = memory_bound(r["read_bytes_per_row"], r["written_bytes_per_row"], read_gbps, write_gbps, copy_gbps)
+        r["fraction_of_bound"] = r["rows_per_s"] / r["bound_rows_per_s"]
     return {
         "version": 1, "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "width": width, "top_k": TOP_K, "top_p": TOP_P,
-        "read_ceiling_gbps": read_gbps, "copy_ceiling_gbps": copy_gbps, "ceiling_gib": ceiling_gib,
+        "read_ceiling_gbps": read_gbps, "copy_ceiling_gbps": copy_gbps, "write_ceiling_gbps": write_gbps,
+        "ceiling_gib": ceiling_gib,
         "read_median_gbps": [ceil.read_median_gbps, end.read_median_gbps],  # at the start and at the end
         "copy_median_gbps": [ceil.copy_median_gbps, end.copy_median_gbps],
+        "write_median_gbps": [ceil.write_median_gbps, end.write_median_gbps],
         "notes": notes, "results": results,
     }
 
@@ -207,20 +236,25 @@ def _cpu_name() -> str:
         return platform.processor() or "cpu"
 
 
-HEADER = f"{'impl':>10} {'dtype':>8} {'inputs':>6} {'filter':>6} {'batch':>5} {'rows/s':>10} {'GB/s':>6} {'ceil':>5} {'x snippet':>9} {'spread':>7}"
+HEADER = (f"{'impl':>10} {'dtype':>8} {'inputs':>6} {'filter':>6} {'batch':>5} {'rows/s':>10} {'GB/s':>6} {'ceil':>5}"
+          f" {'bound':>5} {'x snippet':>9} {'spread':>7}")
 
 
 def row_text(r: dict) -> str:
     spread = r.get("iqr_s", r["max_s"] - r["min_s"]) / r["median_s"]  # records before iqr_s: the full range
     up = f"{r['speedup_vs_snippet']:.0f}" if r["speedup_vs_snippet"] else "-"
+    bound = f"{r['fraction_of_bound']:.0%}" if "fraction_of_bound" in r else "-"  # "-": the log's line, or an older record
     return (f"{r['impl']:>10} {r['dtype']:>8} {r['inputs']:>6} {r['filter']:>6} {r['batch']:>5} {r['rows_per_s']:>10.0f}"
-            f" {r['gbps']:>6.2f} {r['fraction_of_ceiling']:>5.0%} {up:>9} {spread:>7.0%}")
+            f" {r['gbps']:>6.2f} {r['fraction_of_ceiling']:>5.0%} {bound:>5} {up:>9} {spread:>7.0%}")
 
 
 def table(record: dict) -> str:
+    write = f", write {record['write_ceiling_gbps']:.1f} GB/s" if "write_ceiling_gbps" in record else ""
     lines = [f"{record['device']} ({record['device_name']}), {record['threads']} threads; ceiling: read "
-             f"{record['read_ceiling_gbps']:.1f} GB/s, copy {record['copy_ceiling_gbps']:.1f} GB/s "
-             f"(GB/s = logits bytes read; ceil = fraction of read; spread = interquartile range / median)", HEADER]
+             f"{record['read_ceiling_gbps']:.1f} GB/s, copy {record['copy_ceiling_gbps']:.1f} GB/s{write} "
+             "(GB/s = logits bytes read; ceil = fraction of the read ceiling; bound = fraction of the rows/s that memory "
+             "allows the case's reads and writes of its sparse form, see memory_bound; spread = interquartile range / median)",
+             HEADER]
     lines += [row_text(r) for r in record["results"]]
     lines += [f"note {k}: {v}" for k, v in record["notes"].items()]
     return "\n".join(lines)

@@ -242,18 +242,25 @@ def throughput_section(record: records.RunRecord) -> str:
     t = record.throughput
     if not t:
         return ""
+    write = f", write ceiling {_num(t.get('write_ceiling_gbps'), '.1f')} GB/s" if "write_ceiling_gbps" in t else ""
     rows = [
         f"<h2 id=throughput>Softmax/filter throughput</h2><p>{_e(t.get('device'))} ({_e(t.get('device_name'))}): read ceiling "
-        f"{_num(t.get('read_ceiling_gbps'), '.1f')} GB/s, copy ceiling {_num(t.get('copy_ceiling_gbps'), '.1f')} GB/s.</p>",
+        f"{_num(t.get('read_ceiling_gbps'), '.1f')} GB/s, copy ceiling {_num(t.get('copy_ceiling_gbps'), '.1f')} GB/s{write}. "
+        "<i>of ceiling</i>: logits bytes read per second over the read ceiling; <i>of bound</i>: rows/s over what memory "
+        "allows the case's reads and writes of its sparse form.</p>",
         "<table class=sortable id=bench><thead><tr><th data-type=text>impl</th><th>batch</th><th data-type=text>dtype</th>"
-        "<th data-type=text>filter</th><th>rows/s</th><th>GB/s</th><th>of ceiling</th><th>× snippet</th></tr></thead><tbody>",
+        "<th data-type=text>inputs</th><th data-type=text>filter</th><th>rows/s</th><th>GB/s</th><th>of ceiling</th>"
+        "<th>of bound</th><th>× snippet</th></tr></thead><tbody>",
     ]
     for r in t.get("results", []):
         rows.append(
             f"<tr><td>{_e(r.get('impl'))}</td><td data-v=\"{r.get('batch')}\">{_e(r.get('batch'))}</td><td>{_e(r.get('dtype'))}</td>"
-            f"<td>{_e(r.get('filter'))}</td><td data-v=\"{r.get('rows_per_s')}\">{_num(r.get('rows_per_s'), ',.0f')}</td>"
+            f"<td>{_e(r.get('inputs'))}</td><td>{_e(r.get('filter'))}</td>"
+            f"<td data-v=\"{r.get('rows_per_s')}\">{_num(r.get('rows_per_s'), ',.0f')}</td>"
             f"<td data-v=\"{r.get('gbps')}\">{_num(r.get('gbps'), '.2f')}</td><td data-v=\"{r.get('fraction_of_ceiling')}\">"
-            f"{_num(r.get('fraction_of_ceiling'), '.1%')}</td><td data-v=\"{r.get('speedup_vs_snippet')}\">{_num(r.get('speedup_vs_snippet'), '.0f')}</td></tr>"
+            f"{_num(r.get('fraction_of_ceiling'), '.1%')}</td><td data-v=\"{r.get('fraction_of_bound')}\">"
+            f"{_num(r.get('fraction_of_bound'), '.1%')}</td>"
+            f"<td data-v=\"{r.get('speedup_vs_snippet')}\">{_num(r.get('speedup_vs_snippet'), '.0f')}</td></tr>"
         )
     return "".join(rows) + "</tbody></table>"
 

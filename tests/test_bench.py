@@ -65,6 +65,33 @@ def test_fused_cpu_full_width_batch(dtype):
         assert sf.same(ref, sf.fused_cpu_filter(x, filter, 20, ws), filter, 20, atol=1e-6) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_cpu_packs_rows_that_drop_entries(dtype, threads):
+    """Rows whose smallest probabilities round to 0 keep fewer than V entries, so the kernel packs the rows after them
+    in place: by thread parts when fewer than V entries were dropped in all, in one pass when more (warped rows).
+    Short rows sit first, last and at every thread boundary; the result must be the snippet's, in row order."""
+    usable("fused-cpu")
+    x = bench.realistic_logits(7, WIDTH, seed=2)
+    short = torch.linspace(-120, 30, WIDTH)  # the bottom ~15 nats of it underflow to 0
+    warped = bench.warp(x[:1])[0]
+    cases = [[0], [6], [2, 3], [1, 4, 5], list(range(7))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for places in cases + [[0, 3]]:  # the last: a warped row too, so more than V entries are dropped
+            y = x.clone()
+            y[places] = short
+            if places == [0, 3]:
+                y[3] = warped
+            y = y.to(dtype)
+            got = sf.fused_cpu_filter(y, "p>0")
+            assert got.offsets.tolist()[0] == 0 and int(got.offsets[-1]) == got.values.numel() == got.indices.numel()
+            assert sf.same(sf.snippet(list(y.split(1))), got, "p>0", atol=1e-6) is None, places
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fused_cpu_non_contiguous_rows():
     usable("fused-cpu")
     x = rows().t().contiguous().t()  # column-major: copied to row-major first
@@ -93,9 +120,30 @@ def test_quick_run_json_line(capsys):
         assert key in record
     assert record["read_ceiling_gbps"] > 0 and record["copy_ceiling_gbps"] > 0
     assert {r["impl"] for r in record["results"]} >= {"snippet", "torch"}
+    assert record["write_ceiling_gbps"] > 0
     for r in record["results"]:
         assert {"impl", "batch", "dtype", "filter", "rows_per_s", "gbps", "fraction_of_ceiling", "speedup_vs_snippet"} <= r.keys()
         assert r["rows_per_s"] > 0 and r["speedup_vs_snippet"] > 0
+        assert r["fraction_of_bound"] == pytest.approx(r["rows_per_s"] / r["bound_rows_per_s"])
+        kept = {("raw", "p>0"): 20000, ("warped", "p>0"): None, ("raw", "top-k"): bench.TOP_K}[(r["inputs"], r["filter"])]
+        if kept:  # float32 realistic rows keep every token (none 103 nats under the max); warped rows keep a few
+            assert r["written_bytes_per_row"] == kept * 8 + 8
+        else:
+            assert 8 + 8 <= r["written_bytes_per_row"] <= bench.TOP_K * 8 + 8
+
+
+def test_memory_bound_of_a_call():
+    """Calls/s memory allows: reads alone at the read ceiling, a copy (each byte read and written once) at exactly the
+    copy ceiling, writes at what a copy's byte costs beyond its read, and never faster than the write ceiling."""
+    R, W, C = 40.0, 30.0, 17.0
+    w = 1 / (1 / C - 1 / R)  # 29.6 GB/s: a written byte's cost in a copy
+    assert bench.memory_bound(1e9, 0, R, W, C) == pytest.approx(R)
+    assert bench.memory_bound(1e9, 1e9, R, W, C) == pytest.approx(C)
+    assert bench.memory_bound(0, 1e9, R, W, C) == pytest.approx(min(W, w))
+    assert bench.memory_bound(0, 1e9, R, 20.0, C) == pytest.approx(20.0)
+    # p > 0 on a raw float32 row of V tokens: V*4 bytes read, V*(4 + 4) + 8 written (probabilities, int32 columns)
+    V = 151936
+    assert bench.memory_bound(V * 4, V * 8 + 8, R, W, C) == pytest.approx(1e9 / (V * 4 / R + (V * 8 + 8) / w))
 
 
 @pytest.mark.gpu
@@ -128,4 +176,4 @@ def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
     stored = records.read(tmp_path).throughput
     assert stored == last and {r["impl"] for r in stored["results"]} == {"snippet", "torch"}
     page = (tmp_path / "index.html").read_text()
-    assert 'id=bench' in page and "Softmax/filter throughput" in page
+    assert 'id=bench' in page and "Softmax/filter throughput" in page and "of bound" in page and "write ceiling" in page

@@ -54,3 +54,14 @@ def test_portable_fused_metrics_pass_the_full_suite(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_portable_softmax_filter_passes_its_tests(tmp_path):
+    """The scalar build of the fused softmax/filter kernel held to test_bench's fused-cpu tests (the row split and
+    the in-place packing are shared by both builds)."""
+    env = {**os.environ, "HARNESS_CEXT_PORTABLE": "1", "HARNESS_HOME": str(tmp_path)}
+    here = os.path.dirname(__file__)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "fused", os.path.join(here, "test_bench.py")],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
