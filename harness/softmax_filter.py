@@ -215,8 +215,9 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
       __m512 vm = _mm512_set1_ps(-INFINITY);
       for (i = b0; i < b1; i += 16) {
         _mm_prefetch((const char*)row + (i + 1024) * es, _MM_HINT_T0);
-        __mmask16 msk = b1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - i)) - 1);
-        __m512 v = load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY));
+        // (a constant mask for whole vectors: the masked bfloat16 load then needs no blend)
+        __m512 v = b1 - i >= 16 ? load16(row, bf, i, 0xFFFF, _mm512_set1_ps(-INFINITY))
+                                : load16(row, bf, i, (__mmask16)((1u << (b1 - i)) - 1), _mm512_set1_ps(-INFINITY));
         vm = _mm512_max_ps(vm, v); un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         if (nf >= 0) {  // warped rows: remember where the few finite entries are, so the rest visits only them
           __mmask16 fin = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
