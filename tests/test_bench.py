@@ -92,6 +92,27 @@ def test_fused_cpu_packs_rows_that_drop_entries(dtype, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_cpu_late_events_in_a_dense_row(dtype):
+    """Past its first few thousand finite entries a dense row takes the one-look loop, where a new maximum, a new
+    top-k member, NaN and +inf are rare events: each placed late in a Qwen-wide row, in both filters."""
+    usable("fused-cpu")
+    x = bench.realistic_logits(3, bench.VOCAB, seed=3)
+    x[0, 140_001] = x[0].max() + 3  # the maximum rises late: the partial sums are rescaled
+    x[1, 90_000:90_040] = x[1].max() + torch.linspace(0.5, 4, 40)  # 40 late entries above all: a new top 20
+    x[2, 5_000::7_919] = x[2].max() + torch.arange(1, len(range(5_000, bench.VOCAB, 7_919)) + 1.0)  # rising maxima
+    x = x.to(dtype)
+    ref = sf.snippet(list(x.split(1)))
+    for filter in ("p>0", "top-k"):
+        assert sf.same(ref, sf.fused_cpu_filter(x, filter, 20), filter, 20, atol=1e-6) is None
+    for value, why in ((float("nan"), "row 1 holds NaN"), (float("inf"), "row 1 holds \\+inf")):
+        bad = x.clone()
+        bad[1, 150_000] = value
+        for filter in ("p>0", "top-k"):
+            with pytest.raises(ValueError, match=why):
+                sf.fused_cpu_filter(bad, filter, 20)
+
+
 def test_fused_cpu_non_contiguous_rows():
     usable("fused-cpu")
     x = rows().t().contiguous().t()  # column-major: copied to row-major first
