@@ -61,12 +61,13 @@ static inline __m512 exp16c(__m512 t) {
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), t);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  // e^r = 1 + r + r²·P(r) on |r| <= ln2/2, P of degree 4 fitted for least maximum relative error: 6.7e-8 in float32
-  // evaluation (Cephes' degree-5 P, as in exp_s, is no more exact in float32 and costs one more FMA a vector)
+  // e^r = 1 + r·(1 + r·P(r)) on |r| <= ln2/2, P of degree 4 fitted for least maximum relative error, all in Horner
+  // FMAs: 7.4e-8 relative at most in float32 over every 38th float of [-87, 0] (1 + r + r²·P, one op more, 8.4e-8;
+  // Cephes' degree-5 P, as in exp_s, is no more exact in float32 and costs one more FMA a vector)
   __m512 p = _mm512_set1_ps(1.3814610429e-3f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3687100559e-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668388992e-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666521132e-1f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999994040e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f)), r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
 // exp16c with lanes below -87 (and NaN lanes) giving 0 (their share of a sum is < 1e-37 of its largest term), so

@@ -218,7 +218,7 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
         // above the gate (top-k: the k-th largest so far, which is <= m; else m) or NaN takes the rare path, where the
         // top k is updated and a rise of the max folds the partial sums into s and rescales it.
         __m512 vmax = _mm512_set1_ps(m), s0 = _mm512_setzero_ps(), s1 = s0;
-        auto rare = [&](__m512 v, int64_t at) {
+        auto rare = [&](__m512 v, int64_t at, int step) {  // lane l holds entry at + step·l
           const __mmask16 bad = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
           un |= bad;
           const float vmx = _mm512_mask_reduce_max_ps((__mmask16)~bad, v);
@@ -229,17 +229,28 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
           }
           if (mode) {
             __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
-            while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, at + l);
-                         if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(at + l)); }
+            while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, at + step * l);
+                         if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(at + step * l)); }
           }
         };
         for (i = b0; i + 32 <= b1; i += 32) {
           _mm_prefetch((const char*)row + (i + 1024) * es, _MM_HINT_T0);
           _mm_prefetch((const char*)row + (i + 1040) * es, _MM_HINT_T0);
-          const __m512 v0 = load16(row, bf, i, 0xFFFF, vmax), v1 = load16(row, bf, i + 16, 0xFFFF, vmax);
+          // bfloat16: one load of 32, widened in place as even entries (shifted up) and odd ones (masked), 2 ops
+          // where 16 at a time take 4; a lane's entry is then at + 2·lane
+          __m512 v0, v1;
+          if (bf) {
+            const __m512i u = _mm512_loadu_si512((const uint16_t*)row + i);
+            v0 = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+            v1 = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+          } else {
+            v0 = _mm512_loadu_ps((const float*)row + i); v1 = _mm512_loadu_ps((const float*)row + i + 16);
+          }
           const __m512 g = _mm512_set1_ps(mode ? thr : m);
           const __mmask16 h0 = _mm512_cmp_ps_mask(v0, g, _CMP_NLE_UQ), h1 = _mm512_cmp_ps_mask(v1, g, _CMP_NLE_UQ);
-          if (h0 | h1) { rare(v0, i); rare(v1, i + 16); }
+          if (h0 | h1) {
+            if (bf) { rare(v0, i, 2); rare(v1, i + 1, 2); } else { rare(v0, i, 1); rare(v1, i + 16, 1); }
+          }
           s0 = _mm512_add_ps(s0, exp16c(_mm512_sub_ps(v0, vmax)));
           s1 = _mm512_add_ps(s1, exp16c(_mm512_sub_ps(v1, vmax)));
           if (pend.r >= 0) dense_out(pend, bf, V, i + 32);
@@ -247,7 +258,7 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
         for (; i < b1; i += 16) {
           const __m512 v = load16(row, bf, i, b1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - i)) - 1),
                                   _mm512_set1_ps(-INFINITY));
-          if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(mode ? thr : m), _CMP_NLE_UQ)) rare(v, i);
+          if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(mode ? thr : m), _CMP_NLE_UQ)) rare(v, i, 1);
           s0 = _mm512_add_ps(s0, exp16c(_mm512_sub_ps(v, vmax)));
         }
         s += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
