@@ -77,8 +77,10 @@ static inline __m512 exp16z(__m512 t) {
 }
 // exp(d) for d <= 0, subnormal results included: exp16z, with the rare lanes in [-104, -87) redone in scalar code
 // (a subnormal vector result costs a microcode assist per instruction, which on -inf-heavy (warped) rows made this
-// pass 10x slower); runs below -104 (-inf) give 0 at once.
+// pass 10x slower); runs below -104 (-inf) give 0 at once. A vector with every lane at or above -87 (the common
+// case) costs one compare over exp16c.
 static inline __m512 exp16(__m512 d) {
+  if (_mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.f), _CMP_GE_OQ) == 0xFFFF) return exp16c(d);
   const __mmask16 low = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
   const __mmask16 band = low & _mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_GE_OQ);
   if (low == 0xFFFF && !band) return _mm512_setzero_ps();

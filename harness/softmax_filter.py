@@ -143,8 +143,9 @@ static inline __attribute__((always_inline)) void dense_out(Dense& d, int bf, in
   const __m512 vmax = _mm512_set1_ps(d.m), vinv = _mm512_set1_ps(d.inv);
   const __m512i iota = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15);
   for (int64_t i = d.done; i < to; i += 16) {
-    __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
-    __m512 p = _mm512_mul_ps(exp16(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)), vinv);
+    const __mmask16 msk = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+    const __m512 v = V - i >= 16 ? load16(row, bf, i, 0xFFFF, vmax) : load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY));
+    __m512 p = _mm512_mul_ps(exp16(_mm512_sub_ps(v, vmax)), vinv);
     __m512i ii = _mm512_add_epi32(iota, _mm512_set1_epi32((int)i));
 #ifdef __AVX512BF16__
     // bfloat16, every lane a normal float (so kept, as no normal float rounds to 0): one rounding instruction
