@@ -120,6 +120,23 @@ static inline __m512 load16(const void* x, int bf, int64_t i, __mmask16 m, __m51
 }
 #endif
 
+#ifdef __AVX512F__
+// e^t for the row sums Σ exp(x − max): exp16c's shape with a one-FMA range reduction and a degree-5 polynomial
+// (minimax for relative error), 25% fewer cycles. Its error is 1.6e-7 relative plus n·1.9e-9 from ln 2's float32
+// rounding (n = round(t/ln 2)), so at most 4e-7 at t = −87; in a sum the terms weigh in by their size, which keeps
+// the sum's relative error under 1.6e-7 + 2.7e-9·E_p[−t] (E_p[−t] <= ln V = 12 here): 2e-7 at most.
+static inline __m512 exp16s(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), t);
+  __m512 p = _mm512_set1_ps(0.008312525227665901f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041890114545822144f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16667114198207855f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499992311000824f));
+  p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f)), r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 // Appends (p, i) to a row's output if p survives as a nonzero value of the output dtype.
 static inline void keep1(float p, int32_t i, int bf, float* vf, uint16_t* vb, int32_t* ix, int64_t* c) {
   if (bf) { uint16_t b = f_to_bf16(p); if (b) { vb[*c] = b; ix[(*c)++] = i; } }
@@ -252,15 +269,15 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
           if (h0 | h1) {
             if (bf) { rare(v0, i, 2); rare(v1, i + 1, 2); } else { rare(v0, i, 1); rare(v1, i + 16, 1); }
           }
-          s0 = _mm512_add_ps(s0, exp16c(_mm512_sub_ps(v0, vmax)));
-          s1 = _mm512_add_ps(s1, exp16c(_mm512_sub_ps(v1, vmax)));
+          s0 = _mm512_add_ps(s0, exp16s(_mm512_sub_ps(v0, vmax)));
+          s1 = _mm512_add_ps(s1, exp16s(_mm512_sub_ps(v1, vmax)));
           if (pend.r >= 0) dense_out(pend, bf, V, i + 32);
         }
         for (; i < b1; i += 16) {
           const __m512 v = load16(row, bf, i, b1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - i)) - 1),
                                   _mm512_set1_ps(-INFINITY));
           if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(mode ? thr : m), _CMP_NLE_UQ)) rare(v, i, 1);
-          s0 = _mm512_add_ps(s0, exp16c(_mm512_sub_ps(v, vmax)));
+          s0 = _mm512_add_ps(s0, exp16s(_mm512_sub_ps(v, vmax)));
         }
         s += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
         summed = b1;
@@ -300,13 +317,13 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
         const __m512 vmax = _mm512_set1_ps(m);
         __m512 s0 = _mm512_setzero_ps(), s1 = s0;
         for (i = summed; i + 32 <= b1; i += 32) {
-          s0 = _mm512_add_ps(s0, exp16c(_mm512_sub_ps(load16(row, bf, i, 0xFFFF, vmax), vmax)));
-          s1 = _mm512_add_ps(s1, exp16c(_mm512_sub_ps(load16(row, bf, i + 16, 0xFFFF, vmax), vmax)));
+          s0 = _mm512_add_ps(s0, exp16s(_mm512_sub_ps(load16(row, bf, i, 0xFFFF, vmax), vmax)));
+          s1 = _mm512_add_ps(s1, exp16s(_mm512_sub_ps(load16(row, bf, i + 16, 0xFFFF, vmax), vmax)));
           if (pend.r >= 0 && pend.done < i + 32) dense_out(pend, bf, V, i + 32);
         }
         for (; i < b1; i += 16) {
           __mmask16 msk = b1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - i)) - 1);
-          s0 = _mm512_add_ps(s0, exp16c(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)));
+          s0 = _mm512_add_ps(s0, exp16s(_mm512_sub_ps(load16(row, bf, i, msk, _mm512_set1_ps(-INFINITY)), vmax)));
         }
         s += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
         summed = b1;
