@@ -113,6 +113,22 @@ def test_fused_cpu_late_events_in_a_dense_row(dtype):
                 sf.fused_cpu_filter(bad, filter, 20)
 
 
+def test_fused_cpu_float32_against_float64():
+    """Full-width float32 rows, LM-shaped and flat (std 4: the highest entropy, where the row sum's error shows most),
+    against a float64 softmax: |Δp| <= 1e-6, and where p > 1e-30 a relative error under 1e-5 (float32's x − max
+    alone rounds t = x − max by up to 4e-6 at |t| ~ 60, as torch.softmax's float32 does)."""
+    usable("fused-cpu")
+    x = torch.cat([bench.realistic_logits(4, bench.VOCAB, seed=11), torch.randn(4, bench.VOCAB, generator=torch.Generator().manual_seed(5)) * 4])
+    want = torch.softmax(x.double(), -1)
+    for filter in ("p>0", "top-k"):
+        got = sf.fused_cpu_filter(x, filter, 20)
+        rows = torch.repeat_interleave(torch.arange(len(x)), got.offsets.diff())
+        w = want[rows, got.indices.long()]
+        assert float((got.values.double() - w).abs().max()) <= 1e-6
+        assert float(((got.values.double() - w).abs() / w)[w > 1e-30].max()) <= 1e-5
+    assert int(got.offsets[-1]) == 20 * len(x)
+
+
 def test_fused_cpu_non_contiguous_rows():
     usable("fused-cpu")
     x = rows().t().contiguous().t()  # column-major: copied to row-major first
