@@ -201,8 +201,11 @@ static inline __attribute__((always_inline)) void dense_out(Dense& d, int bf, in
 // Rows [0, n) of x (row stride `ld` elements). mode 0: keep p > 0 (cap >= V), mode 1: top k with p > 0 (cap >= k).
 // Row r's kept entries go to vals/idx + r*cap, ascending index (mode 0) or descending p (mode 1); counts[r] = kept.
 // Returns -1, or the first bad row with *why = 1 (NaN), 2 (all -inf), 3 (+inf).
-static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k,
-                       void* vals, int32_t* idx, int64_t cap, int64_t* counts, int* why) {
+// (BF, MODE: bf and mode as constants, so the compiler drops their tests from the loops; sf_rows picks the copy)
+template <int BF, int MODE>
+static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k, void* vals, int32_t* idx, int64_t cap,
+                         int64_t* counts, int* why) {
+  const int bf = BF, mode = MODE;
   float tv[256]; int32_t ti[256];
 #ifdef __AVX512F__
   enum { FCAP = 4096 };
@@ -253,7 +256,7 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
         };
         for (i = b0; i + 32 <= b1; i += 32) {
           _mm_prefetch((const char*)row + (i + 1024) * es, _MM_HINT_T0);
-          _mm_prefetch((const char*)row + (i + 1040) * es, _MM_HINT_T0);
+          if (!bf) _mm_prefetch((const char*)row + (i + 1040) * es, _MM_HINT_T0);  // (32 bfloat16 are one line)
           // bfloat16: one load of 32, widened in place as even entries (shifted up) and odd ones (masked), 2 ops
           // where 16 at a time take 4; a lane's entry is then at + 2·lane
           __m512 v0, v1;
@@ -367,6 +370,14 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
   _mm_sfence();
 #endif
   return -1;
+}
+
+static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k,
+                       void* vals, int32_t* idx, int64_t cap, int64_t* counts, int* why) {
+  if (bf) return mode ? sf_rows_t<1, 1>(x, n, V, ld, k, vals, idx, cap, counts, why)
+                      : sf_rows_t<1, 0>(x, n, V, ld, k, vals, idx, cap, counts, why);
+  return mode ? sf_rows_t<0, 1>(x, n, V, ld, k, vals, idx, cap, counts, why)
+              : sf_rows_t<0, 0>(x, n, V, ld, k, vals, idx, cap, counts, why);
 }
 
 // Moves rows [r0, r1) from slot r*cap to offsets[r], in order (safe where offsets[r] <= r*cap for every row).
