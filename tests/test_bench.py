@@ -129,6 +129,24 @@ def test_fused_cpu_float32_against_float64():
     assert int(got.offsets[-1]) == 20 * len(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_cpu_random_shapes(dtype):
+    """Seeded random widths (odd ones included), k, and -inf densities, so that the switch from listing finite
+    entries to the one-look loop falls at every kind of place, and the tails of blocks and rows vary."""
+    usable("fused-cpu")
+    gen = torch.Generator().manual_seed(4)
+    for case in range(12):
+        width = int(torch.randint(4_100, 12_000, (1,), generator=gen))
+        k = int(torch.randint(1, 257, (1,), generator=gen))
+        x = bench.realistic_logits(5, width, seed=case)
+        dense = torch.rand(5, width, generator=gen) < torch.tensor([0.02, 0.3, 0.45, 0.9, 1.0])[:, None]
+        x = x.masked_fill(~dense, float("-inf")).to(dtype)  # 0.02 * width < 4096 finite: a listed row
+        x[:, int(torch.randint(width, (1,), generator=gen))] = 25.0  # one sure finite entry per row
+        ref = sf.snippet(list(x.split(1)))
+        for filter in ("p>0", "top-k"):
+            assert sf.same(ref, sf.fused_cpu_filter(x, filter, k), filter, k, atol=1e-6) is None, (case, width, k, filter)
+
+
 def test_fused_cpu_non_contiguous_rows():
     usable("fused-cpu")
     x = rows().t().contiguous().t()  # column-major: copied to row-major first
