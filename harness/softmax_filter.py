@@ -152,6 +152,18 @@ static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v
 }
 
 #ifdef __AVX512F__
+// The lanes of v above thr into the running top k (lane l holds entry at + step·l, read again as stored); returns the
+// new threshold.
+static inline float topk_lanes(__m512 v, float thr, const void* row, int bf, int64_t at, int step, float* tv, int32_t* ti,
+                               int* tc, int k) {
+  for (__mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ); gt; gt &= gt - 1) {
+    const int64_t j = at + step * __builtin_ctz(gt);
+    const float e = load1(row, bf, j);
+    if (e > thr) thr = topk_insert(tv, ti, tc, k, e, (int32_t)j);
+  }
+  return thr;
+}
+
 // A dense row's pass 3 (p > 0) over entries [d.done, to) (d.done a multiple of 16): the kept p = exp(x − m) · inv
 // and their columns appended at d.c.
 struct Dense { const void* row; float m, inv; float* vf; uint16_t* vb; int32_t* ix; int64_t c, done, r; };
@@ -248,11 +260,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
             if (vmx < INFINITY) s *= exp((double)m - (double)vmx);
             m = vmx; vmax = _mm512_set1_ps(m);
           }
-          if (mode) {
-            __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
-            while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, at + step * l);
-                         if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(at + step * l)); }
-          }
+          if (mode) thr = topk_lanes(v, thr, row, bf, at, step, tv, ti, &tc, k);
         };
         for (i = b0; i + 32 <= b1; i += 32) {
           _mm_prefetch((const char*)row + (i + 1024) * es, _MM_HINT_T0);
@@ -305,11 +313,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
             }
           }
         }
-        if (mode) {
-          __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
-          while (gt) { int l = __builtin_ctz(gt); gt &= gt - 1; float e = load1(row, bf, i + l);
-                       if (e > thr) thr = topk_insert(tv, ti, &tc, k, e, (int32_t)(i + l)); }
-        }
+        if (mode) thr = topk_lanes(v, thr, row, bf, i, 1, tv, ti, &tc, k);
       }
       const float bm = _mm512_reduce_max_ps(vm);
       if (bm > m) {
