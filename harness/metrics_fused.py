@@ -365,15 +365,16 @@ __attribute__((noinline)) static void gen16(const float* x, const float* y, int6
 
 // Pass 1's float32 work on 16 lanes with |d0| <= 0.21, d0 = x − y, w = d0², t = x − m: e = exp(t), and
 // ee = e·(e^(−d0) − 1) rounded once (rounding e^(−d0) − 1 on its own would err alike wherever d0 repeats, as it does in float16 stores, and
-// those errors would add up; these stay random). e^(−d0) − 1 = −d0 + Σ_n≥2 (−d0)^n/n! in powers of w: even
-// w/2 + w²/24 + w³/720, odd d0·w·(1/6 + w/120 + w²/5040) (truncation < 2e-9 relative).
+// those errors would add up; these stay random). e^(−d0) − 1 = −d0 + w·Q(d0), Q = Σ_n≥2 (−d0)^(n−2)/n! to d0⁵ in Horner
+// form (truncation < 2e-9 relative): Q's rounding, alike wherever d0 repeats, is scaled by w·Q/d0 <= 0.11.
 static inline void p1_lanes(__m512 t, __m512 d0, __m512 w, __m512& e, __m512& ee) {
   e = exp16c(t);
-  __m512 ev = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 720), w, _mm512_set1_ps(1.0f / 24));
-  ev = _mm512_mul_ps(_mm512_fmadd_ps(ev, w, _mm512_set1_ps(0.5f)), w);
-  __m512 od = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040), w, _mm512_set1_ps(1.0f / 120));
-  od = _mm512_mul_ps(_mm512_fmadd_ps(od, w, _mm512_set1_ps(1.0f / 6)), _mm512_mul_ps(w, d0));
-  ee = _mm512_fmsub_ps(e, _mm512_sub_ps(ev, od), _mm512_mul_ps(e, d0));
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(-1.0f / 5040), d0, _mm512_set1_ps(1.0f / 720));
+  q = _mm512_fmadd_ps(q, d0, _mm512_set1_ps(-1.0f / 120));
+  q = _mm512_fmadd_ps(q, d0, _mm512_set1_ps(1.0f / 24));
+  q = _mm512_fmadd_ps(q, d0, _mm512_set1_ps(-1.0f / 6));
+  q = _mm512_fmadd_ps(q, d0, _mm512_set1_ps(0.5f));
+  ee = _mm512_fmsub_ps(e, _mm512_mul_ps(w, q), _mm512_mul_ps(e, d0));
 }
 
 // p1_lanes on two groups.
@@ -541,7 +542,9 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
   // half an ulp of x, 5e-7 at x ~ −12) would bias ln Z, the NLLs and the entropies; the top-16 fix below only
   // reaches the largest terms.
   m = ceilf(m);
-  const __m512 lim = _mm512_set1_ps(0.04f), tau = _mm512_set1_ps(1.0f / 8388608), big = _mm512_set1_ps(-8.f);
+  const __m512 lim = _mm512_set1_ps(0.04f), tau = _mm512_set1_ps(1.0f / 8388608), big = _mm512_set1_ps(-8.f),
+               near = _mm512_set1_ps(-14.5f);
+  float* const pb = s.pb; float* const db = s.db; uint8_t* const gen = s.gen;  // locals: no reloads after each store
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
     if (b > 0) m = ceilf(tvx[0]);
@@ -550,9 +553,9 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1, zc = a1, ec = a1;  // zc, ec: Kahan compensations
     Slow S;
     S.z = S.e = S.zg = S.eg = S.q2 = zb; S.a1 = S.a2 = a1; S.ad[0] = S.ad[1] = 0;
-    // Two groups at a time where they fit: one compare each for the top-k gate, the checks and the big lanes.
-    for (int64_t i = i0; i < i1;) {
-      const int64_t n = i1 - i < 2 * G ? i1 - i : 2 * G;
+    // Two groups at a time (n <= 2G entries at i): one compare each for the top-k gate, the checks and the big lanes.
+    // Inlined twice: for whole pairs (n = 2G, constant masks) and for a block's last n < 2G.
+    auto step = [&](const int64_t i, const int64_t n) __attribute__((always_inline)) -> bool {
       const __mmask32 mk = n == 2 * G ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << n) - 1);
       _mm_prefetch((const char*)(x + i + 1024), _MM_HINT_T0); _mm_prefetch((const char*)(y + i + 1024), _MM_HINT_T0);
       _mm_prefetch((const char*)(x + i + 1040), _MM_HINT_T0); _mm_prefetch((const char*)(y + i + 1040), _MM_HINT_T0);
@@ -581,12 +584,16 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
       // the fast case: every |d0| <= 0.2 (NaN, ±inf: not <=), else p1_one takes each group
       if (__builtin_expect(n == 2 * G && _mm512_cmp_ps_mask(umax(w[0], w[1]), lim, _CMP_LE_OQ) == 0xFFFF, 1)) {
         // lanes within 8 of the running maximum (a row's few largest terms): Σ e straight into float64 and their
-        // entropy terms in float64 (big_lanes); the rest into the block's compensated float32 sums
+        // entropy terms in float64 (big_lanes); the rest into the block's compensated float32 sums. Lanes with
+        // t <= −14.5 have |ee| <= e^-14.5·(e^0.2 − 1) < 2^-23: one compare over both groups skips both checks.
         __m512 es[2] = {e[0], e[1]}, eq[2];
         for (int u = 0; u < 2; ++u) eq[u] = _mm512_add_ps(e[u], ee[u]);  // e^(y − m)
         __m512 eqs[2] = {eq[0], eq[1]};
-        if (__builtin_expect(_mm512_cmp_ps_mask(_mm512_max_ps(t[0], t[1]), big, _CMP_GT_OQ) != 0, 0)) {
-          for (int u = 0; u < 2; ++u) {
+        bool tiny = true;  // every |ee| <= 2^-23
+        const __m512 tmax = _mm512_max_ps(t[0], t[1]);
+        if (__builtin_expect(_mm512_cmp_ps_mask(tmax, near, _CMP_GT_OQ) != 0, 0)) {
+          tiny = _mm512_cmp_ps_mask(umax(_mm512_abs_ps(ee[0]), _mm512_abs_ps(ee[1])), tau, _CMP_LE_OQ) == 0xFFFF;
+          if (_mm512_cmp_ps_mask(tmax, big, _CMP_GT_OQ)) for (int u = 0; u < 2; ++u) {
             const __mmask16 bu = _mm512_cmp_ps_mask(t[u], big, _CMP_GT_OQ);
             zb = _mm512_add_pd(zb, _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_mov_ps(bu, e[u]))));
             zb = _mm512_add_pd(zb, _mm512_cvtps_pd(_mm512_extractf32x8_ps(_mm512_maskz_mov_ps(bu, e[u]), 1)));
@@ -596,8 +603,8 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
           }
         }
         for (int u = 0; u < 2; ++u) {
-          _mm512_store_ps(s.pb + i + u * G, e[u]);
-          _mm512_store_ps(s.db + i + u * G, d0[u]);
+          _mm512_store_ps(pb + i + u * G, e[u]);
+          _mm512_store_ps(db + i + u * G, d0[u]);
           a1 = _mm512_fmadd_ps(es[u], t[u], a1);
           a2 = _mm512_fmadd_ps(eqs[u], _mm512_sub_ps(vy[u], vm), a2);
         }
@@ -605,20 +612,20 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
           const __m512 yz = _mm512_sub_ps(_mm512_add_ps(es[0], es[1]), zc), tz = _mm512_add_ps(zf, yz);
           zc = _mm512_sub_ps(_mm512_sub_ps(tz, zf), yz); zf = tz;
         }
-        if (__builtin_expect(_mm512_cmp_ps_mask(umax(_mm512_abs_ps(ee[0]), _mm512_abs_ps(ee[1])), tau, _CMP_LE_OQ) == 0xFFFF, 1)) {
+        if (__builtin_expect(tiny, 1)) {
           const __m512 ye = _mm512_sub_ps(_mm512_add_ps(ee[0], ee[1]), ec), te = _mm512_add_ps(ef, ye);
           ec = _mm512_sub_ps(_mm512_sub_ps(te, ef), ye); ef = te;
-          memset(s.gen + i / G, 0, 2);
+          gen[i / G] = gen[i / G + 1] = 0;
         } else {  // a term of E over 2^-23 of the row's largest (float32's 1e-7 would show in c): that group's E in float64
           for (int u = 0; u < 2; ++u) {
             const __m512d eed = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(ee[u])), _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee[u], 1)));
             if (_mm512_cmp_ps_mask(_mm512_abs_ps(ee[u]), tau, _CMP_LE_OQ) == 0xFFFF) {
               S.e = _mm512_add_pd(S.e, eed);
-              s.gen[i / G + u] = 0;
+              gen[i / G + u] = 0;
             } else {
               ee_exact(x + i + u * G, y + i + u * G, m, S.eg);
               S.q2 = _mm512_add_pd(S.q2, eed);
-              s.gen[i / G + u] = GEN_E64;
+              gen[i / G + u] = GEN_E64;
             }
           }
         }
@@ -626,8 +633,12 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
         if (!p1_one(x, y, i, n < G ? n : G, m, s, S)) return false;
         if (n > G && !p1_one(x, y, i + G, n - G, m, s, S)) return false;
       }
-      i += n;
-    }
+      return true;
+    };
+    int64_t i = i0;
+    for (; i + 2 * G <= i1; i += 2 * G)
+      if (!step(i, 2 * G)) return false;
+    if (i < i1 && !step(i, i1 - i)) return false;
     const __m512 zs = _mm512_sub_ps(zf, zc), es = _mm512_sub_ps(ef, ec);  // the compensated block sums, into float64
     const __m512d z = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(zs)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(zs, 1)));
     const __m512d e32 = _mm512_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(es)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(es, 1))),
@@ -698,10 +709,10 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
     __m512 akl = _mm512_setzero_ps(), aklr = akl, atv = akl, ajs = akl;
     for (int64_t i = i0; i < i1; i += G) {
-      const uint8_t gg = s.gen[i / G];
+      const uint8_t gg = gen[i / G];
       if (__builtin_expect(gg == 0 || gg == GEN_E64, 1)) {
-        const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_load_ps(s.db + i), vc), vcl), w = _mm512_mul_ps(d, d);
-        const __m512 e = _mm512_load_ps(s.pb + i);
+        const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_load_ps(db + i), vc), vcl), w = _mm512_mul_ps(d, d);
+        const __m512 e = _mm512_load_ps(pb + i);
         // e^(−d) − 1 = −d + ev − od: ev = w/2 + w²/24 + w³/720, od = d·w·(1/6 + w/120)
         __m512 ev = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 720), w, _mm512_set1_ps(1.0f / 24));
         ev = _mm512_mul_ps(_mm512_fmadd_ps(ev, w, _mm512_set1_ps(0.5f)), w);
@@ -717,7 +728,7 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
         ajs = _mm512_fmadd_ps(_mm512_add_ps(e, eq), ps, ajs);
       } else if (gg & GEN_MED) {
         __m512 acc[4] = {akl, aklr, atv, ajs};
-        med16(s.pb + i, s.db + i, vc, vcl, acc);
+        med16(pb + i, db + i, vc, vcl, acc);
         akl = acc[0]; aklr = acc[1]; atv = acc[2]; ajs = acc[3];
       } else {
         gen16(x + i, y + i, i1 - i < G ? i1 - i : G, Rg, A);
