@@ -12,12 +12,14 @@ returns an empty dict for it).
 Implementations (IMPLS): "snippet" (the web snippet, list of [1, V] scores -> list of dicts),
 "torch" (vectorized), "compiled" (torch.compile of "torch"), "fused-cpu" (a C++ kernel built on first
 use with g++ and called through ctypes, rows split over torch.get_num_threads() threads), and
-"triton" (a fused kernel for CUDA; needs triton, imported lazily).
+"triton" (a fused kernel for CUDA; needs triton, imported lazily; on CPU tensors too under Triton's interpreter,
+TRITON_INTERPRET=1, which is how the tests run it without a GPU).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -501,8 +503,11 @@ def _triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(x_ptr, ld, V, cap, val_ptr, idx_ptr, cnt_ptr, stat_ptr, BLOCK: tl.constexpr, WRITE: tl.constexpr):
+    def kernel(x_ptr, ld, V, cap, val_ptr, idx_ptr, cnt_ptr, stat_ptr, BLOCK: tl.constexpr, WRITE: tl.constexpr,
+               BF16: tl.constexpr):
         # One program per row. Pass 1: online max and Σ exp (+ NaN flag); pass 2: kept p, compacted in order.
+        # bfloat16 p is rounded to nearest even on its float32 bits (val_ptr is then int16): exact for subnormal
+        # p too, which a float conversion may flush (and Triton's interpreter converts wrongly).
         row = tl.program_id(0).to(tl.int64)
         base, offs = x_ptr + row * ld, tl.arange(0, BLOCK)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -525,8 +530,15 @@ def _triton_kernel():
             c = tl.full([], 0, tl.int32)
             for start in range(0, V, BLOCK):
                 x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
-                p = (tl.exp(x - mx) * inv).to(val_ptr.dtype.element_ty)
-                keep = (p > 0) & (start + offs < V)
+                p = tl.exp(x - mx) * inv
+                if BF16:
+                    b = p.to(tl.uint32, bitcast=True)
+                    b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+                    keep = (b != 0) & (start + offs < V)
+                    p = b.to(tl.int16)
+                else:
+                    p = p.to(val_ptr.dtype.element_ty)
+                    keep = (p > 0) & (start + offs < V)
                 pos = row * cap + c + tl.cumsum(keep.to(tl.int32), 0) - 1
                 tl.store(val_ptr + pos, p, mask=keep)
                 tl.store(idx_ptr + pos, (start + offs).to(tl.int32), mask=keep)
@@ -538,8 +550,9 @@ def _triton_kernel():
 
 def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
     """[B, V] CUDA logits -> SparseRows with one fused Triton kernel (top-k: the kernel's max and Σ,
-    then torch.topk on the logits, which orders the same as the probabilities)."""
-    if x.device.type != "cuda":
+    then torch.topk on the logits, which orders the same as the probabilities). Under Triton's interpreter
+    (TRITON_INTERPRET=1 before triton is imported) it also takes CPU tensors: how the tests run it without a GPU."""
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("triton takes a CUDA tensor")
     x = x if x.stride(1) == 1 else x.contiguous()
     (B, V), write = x.shape, filter == "p>0"
@@ -548,7 +561,9 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRo
     idx = torch.empty(B * cap, dtype=torch.int32, device=x.device)
     counts = torch.empty(B, dtype=torch.int64, device=x.device)
     stat = torch.empty(B, 3, dtype=torch.float32, device=x.device)  # max, Σ exp(x - max), NaN flag
-    _triton_kernel()[(B,)](x, x.stride(0), V, cap, vals, idx, counts, stat, BLOCK=4096, WRITE=write)
+    bf16 = x.dtype == torch.bfloat16
+    _triton_kernel()[(B,)](x, x.stride(0), V, cap, vals.view(torch.int16) if bf16 else vals, idx, counts, stat, BLOCK=4096,
+                           WRITE=write, BF16=bf16)  # fmt: skip
     mx = stat[:, 0]
     if bool(((stat[:, 2] > 0) | mx.isinf()).any()):
         raise bad_row_error(x)

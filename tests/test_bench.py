@@ -8,7 +8,11 @@ same float32 value to bfloat16 as torch.softmax does, up to ~1e-7 differences be
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -217,6 +221,40 @@ def test_cuda_matches_snippet(impl):
         xn[2, 3] = float("nan")
         with pytest.raises(ValueError, match="row 2 holds NaN"):
             sf.IMPLS[impl](xn, "p>0", 20)
+
+
+INTERPRETED = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])  # this folder
+from harness import bench, softmax_filter as sf
+from test_bench import rows
+for dtype in (torch.float32, torch.bfloat16):
+    x = rows(bench.VOCAB).to(dtype)
+    ref = sf.snippet(list(x.split(1)))
+    for filter in ("p>0", "top-k"):
+        got = sf.triton_filter(x, filter, 20)
+        assert got.values.dtype == dtype and got.indices.dtype == torch.int32, (got.values.dtype, got.indices.dtype)
+        diff = sf.same(ref, got, filter, 20, atol=1e-6)
+        assert diff is None, (dtype, filter, diff)
+    x[2, 3] = float("nan")
+    try:
+        sf.triton_filter(x, "p>0", 20)
+    except ValueError as e:
+        assert "row 2 holds NaN" in str(e), e
+    else:
+        raise AssertionError("NaN passed")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_kernel_under_the_interpreter():
+    """The CUDA kernel, run by Triton's interpreter on the CPU: same kept tokens and probabilities as the snippet on
+    the test rows at Qwen1.5's width (subnormal bfloat16 probabilities included), NaN a clear error. A subprocess:
+    TRITON_INTERPRET must be set before triton is imported. Speed is for `harness bench` on a GPU."""
+    run = subprocess.run([sys.executable, "-c", INTERPRETED, os.path.dirname(__file__)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
