@@ -503,9 +503,12 @@ def _triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(x_ptr, ld, V, cap, val_ptr, idx_ptr, cnt_ptr, stat_ptr, BLOCK: tl.constexpr, WRITE: tl.constexpr,
-               BF16: tl.constexpr):
-        # One program per row. Pass 1: online max and Σ exp (+ NaN flag); pass 2: kept p, compacted in order.
+    def kernel(x_ptr, ld, V, cap, val_ptr, idx_ptr, cnt_ptr, stat_ptr, top_ptr, BLOCK: tl.constexpr, WRITE: tl.constexpr,
+               BF16: tl.constexpr, KP: tl.constexpr):
+        # One program per row. Pass 1: online max and Σ exp (+ NaN flag), and where KP > 0 (top-k) the KP largest
+        # entries as int64 keys: the float's bits made to order as signed integers, then 2^32 − 1 − column (so
+        # that among ties the lowest column ranks first). A block goes through tl.topk only where one of its keys
+        # beats the KP-th kept so far. Pass 2 (WRITE, p > 0): kept p, compacted in order.
         # bfloat16 p is rounded to nearest even on its float32 bits (val_ptr is then int16): exact for subnormal
         # p too, which a float conversion may flush (and Triton's interpreter converts wrongly).
         row = tl.program_id(0).to(tl.int64)
@@ -513,9 +516,17 @@ def _triton_kernel():
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
         nan = tl.zeros([BLOCK], tl.int32)
+        if KP > 0:  # the smallest int64, written so: Triton types a literal 2^63 as uint64
+            best = tl.full([KP], -9223372036854775807 - 1, tl.int64)
         for start in range(0, V, BLOCK):
             x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
             nan = tl.maximum(nan, (x != x).to(tl.int32))
+            if KP > 0:
+                b = x.to(tl.int32, bitcast=True)
+                key = ((b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (4294967295 - (start + offs).to(tl.int64))
+                key = tl.where(start + offs < V, key, -9223372036854775807 - 1)
+                if tl.max(key, 0) > tl.min(best, 0):
+                    best = tl.topk(tl.cat(best, tl.topk(key, KP), can_reorder=True), KP)
             m_new = tl.maximum(m, x)
             s = s * tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
             s += tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
@@ -525,6 +536,8 @@ def _triton_kernel():
         tl.store(stat_ptr + row * 3, mx)
         tl.store(stat_ptr + row * 3 + 1, total)
         tl.store(stat_ptr + row * 3 + 2, tl.max(nan, 0).to(tl.float32))
+        if KP > 0:
+            tl.store(top_ptr + row * KP + tl.arange(0, KP), best)
         if WRITE:
             inv = 1.0 / total
             c = tl.full([], 0, tl.int32)
@@ -549,8 +562,9 @@ def _triton_kernel():
 
 
 def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
-    """[B, V] CUDA logits -> SparseRows with one fused Triton kernel (top-k: the kernel's max and Σ,
-    then torch.topk on the logits, which orders the same as the probabilities). Under Triton's interpreter
+    """[B, V] CUDA logits -> SparseRows with one fused Triton kernel: p > 0 in two passes over the row (max and Σ,
+    then the kept p); top-k in one (max, Σ and the top k of the logits, which order as the probabilities do; among
+    ties the lowest column first). Under Triton's interpreter
     (TRITON_INTERPRET=1 before triton is imported) it also takes CPU tensors: how the tests run it without a GPU."""
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("triton takes a CUDA tensor")
@@ -561,9 +575,10 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRo
     idx = torch.empty(B * cap, dtype=torch.int32, device=x.device)
     counts = torch.empty(B, dtype=torch.int64, device=x.device)
     stat = torch.empty(B, 3, dtype=torch.float32, device=x.device)  # max, Σ exp(x - max), NaN flag
-    bf16 = x.dtype == torch.bfloat16
-    _triton_kernel()[(B,)](x, x.stride(0), V, cap, vals.view(torch.int16) if bf16 else vals, idx, counts, stat, BLOCK=4096,
-                           WRITE=write, BF16=bf16)  # fmt: skip
+    bf16, kp = x.dtype == torch.bfloat16, 0 if write else 1 << max(1, (k - 1).bit_length())  # a power of 2 >= k, >= 2
+    keys = torch.empty(B, max(kp, 1), dtype=torch.int64, device=x.device)
+    _triton_kernel()[(B,)](x, x.stride(0), V, cap, vals.view(torch.int16) if bf16 else vals, idx, counts, stat, keys,
+                           BLOCK=4096 if write else 1024, WRITE=write, BF16=bf16, KP=kp)  # fmt: skip
     mx = stat[:, 0]
     if bool(((stat[:, 2] > 0) | mx.isinf()).any()):
         raise bad_row_error(x)
@@ -573,10 +588,12 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRo
             keep = torch.arange(cap, device=x.device) < counts[:, None]
             vals, idx = vals.view(B, cap)[keep], idx.view(B, cap)[keep]
         return _csr(counts, idx, vals)
-    top, ti = x.topk(k, dim=-1)
-    p = ((top.float() - mx[:, None]).exp() / stat[:, 1:2]).to(x.dtype)
-    keep = p > 0
-    return _csr(keep.sum(1), ti[keep].int(), p[keep])
+    keys = keys[:, :k]  # sorted, largest first
+    found = keys != -(2**63)  # fewer than k entries in the row
+    col = torch.where(found, 4294967295 - (keys & 4294967295), 0)
+    p = ((x.gather(1, col).float() - mx[:, None]).exp() / stat[:, 1:2]).to(x.dtype)
+    keep = found & (p > 0)
+    return _csr(keep.sum(1), col[keep].int(), p[keep])
 
 
 IMPLS = {"torch": torch_filter, "compiled": compiled_filter, "fused-cpu": fused_cpu_filter, "triton": triton_filter}

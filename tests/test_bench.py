@@ -229,17 +229,19 @@ import torch
 sys.path.insert(0, sys.argv[1])  # this folder
 from harness import bench, softmax_filter as sf
 from test_bench import rows
-for dtype in (torch.float32, torch.bfloat16):
-    x = rows(bench.VOCAB).to(dtype)
+# top-k at a smaller width (3 blocks of 1024): the interpreter runs tl.topk's network op by op (~0.5 s a block)
+for dtype, filter, width, ks in ((torch.float32, "p>0", bench.VOCAB, [20]), (torch.bfloat16, "p>0", bench.VOCAB, [20]),
+                                 (torch.float32, "top-k", 2500, [1, 20]), (torch.bfloat16, "top-k", 2500, [20])):
+    x = rows(width).to(dtype)
     ref = sf.snippet(list(x.split(1)))
-    for filter in ("p>0", "top-k"):
-        got = sf.triton_filter(x, filter, 20)
+    for k in ks:
+        got = sf.triton_filter(x, filter, k)
         assert got.values.dtype == dtype and got.indices.dtype == torch.int32, (got.values.dtype, got.indices.dtype)
-        diff = sf.same(ref, got, filter, 20, atol=1e-6)
-        assert diff is None, (dtype, filter, diff)
+        diff = sf.same(ref, got, filter, k, atol=1e-6)
+        assert diff is None, (dtype, filter, k, diff)
     x[2, 3] = float("nan")
     try:
-        sf.triton_filter(x, "p>0", 20)
+        sf.triton_filter(x, filter, 20)
     except ValueError as e:
         assert "row 2 holds NaN" in str(e), e
     else:
@@ -250,7 +252,8 @@ for dtype in (torch.float32, torch.bfloat16):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_triton_kernel_under_the_interpreter():
     """The CUDA kernel, run by Triton's interpreter on the CPU: same kept tokens and probabilities as the snippet on
-    the test rows at Qwen1.5's width (subnormal bfloat16 probabilities included), NaN a clear error. A subprocess:
+    the test rows (p > 0 at Qwen1.5's width, subnormal bfloat16 probabilities included; top-k with k = 1 and 20,
+    ties, a row with a single finite entry), NaN a clear error. A subprocess:
     TRITON_INTERPRET must be set before triton is imported. Speed is for `harness bench` on a GPU."""
     run = subprocess.run([sys.executable, "-c", INTERPRETED, os.path.dirname(__file__)], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600)  # fmt: skip
