@@ -1,6 +1,6 @@
 """Speed of the per-position drift metrics on [N, 151646] float32 pairs, beside the read ceiling.
 
-    python -m harness.metrics_bench [--rows 512] [--repeats 3]
+    python -m harness.metrics_bench [--rows 512] [--repeats 3] [--ceiling-gib 1]
 
 Times (a) the pure-Python dict approach users copy (softmax rows to `{token: p}` dicts, KL and top-1
 from the dicts) on a few rows, (b) `metrics.position_metrics` (every per-position metric at once, in
@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ceiling-gib", type=float, default=1.0, help="size of the buffer the read ceiling sums")
     args = parser.parse_args(argv)
     ref = torch.log_softmax(bench.realistic_logits(args.rows, WIDTH, seed=1), -1)
     cand = torch.log_softmax(ref + 0.05 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)), -1)
     target = torch.randint(0, WIDTH, (args.rows,), generator=torch.Generator().manual_seed(3))
-    read_gbps = [bench.ceilings(torch.device("cpu"), 1.0, 10).read_gbps]
+    read_gbps = [bench.ceilings(torch.device("cpu"), args.ceiling_gib, 10).read_gbps]
 
     def blocks(fn, n=compare.BLOCK):
         def run():
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         results["fused"] = _rates(blocks(metrics_fused.fused_position_metrics, compare.FUSED_BLOCK), args.rows, fast)
         ref, cand = ref.half(), cand.half()  # as `harness compare` reads a float16 store: the rows as stored
         results["fused (float16 rows)"] = _rates(blocks(metrics_fused.fused_position_metrics, compare.FUSED_BLOCK), args.rows, fast)
-    read_gbps.append(bench.ceilings(torch.device("cpu"), 1.0, 10).read_gbps)
+    read_gbps.append(bench.ceilings(torch.device("cpu"), args.ceiling_gib, 10).read_gbps)
     ceiling = max(read_gbps)
     row_bytes = {"fused (float16 rows)": 2 * WIDTH * 2}
     print(f"read ceiling {ceiling:.1f} GB/s (before {read_gbps[0]:.1f}, after {read_gbps[1]:.1f}), threads {torch.get_num_threads()}")

@@ -284,3 +284,23 @@ def test_row_families_against_exact(kind, drift, stored):
         got, _ = _check(ref, cand, target, atol=1e-14)
         for key, w in _exact(ref.float(), cand.float(), target).items():
             torch.testing.assert_close(got[key], w, rtol=1e-6, atol=1e-14, msg=lambda m: f"{key}, width {v}: {m}")
+
+
+def test_metrics_bench_prints_its_table_and_json_line(capsys):
+    """The benchmark's run, small: every implementation timed, fractions against the higher of two ceilings."""
+    import json
+
+    from harness import metrics_bench
+
+    assert metrics_bench.main(["--rows", "2", "--repeats", "1", "--ceiling-gib", "0.05"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(out[-1])
+    assert out[0].startswith("read ceiling") and len(last["read_ceilings_gbps"]) == 2
+    assert last["read_ceiling_gbps"] == max(last["read_ceilings_gbps"])
+    got = {r["impl"]: r for r in last["results"]}
+    assert set(got) == {"dict", "position_metrics", "fused", "fused (float16 rows)"}
+    for r in got.values():
+        assert r["best_positions_per_s"] >= r["positions_per_s"] > 0
+        assert r["fraction_of_ceiling"] == pytest.approx(r["gbps"] / last["read_ceiling_gbps"])
+        assert r["best_fraction_of_ceiling"] >= r["fraction_of_ceiling"]
+    assert got["fused"]["gbps"] == pytest.approx(got["fused"]["positions_per_s"] * 2 * 151646 * 4 / 1e9)
