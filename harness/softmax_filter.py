@@ -564,8 +564,8 @@ def _triton_kernel():
 def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
     """[B, V] CUDA logits -> SparseRows with one fused Triton kernel: p > 0 in two passes over the row (max and Σ,
     then the kept p); top-k in one (max, Σ and the top k of the logits, which order as the probabilities do; among
-    ties the lowest column first). Under Triton's interpreter
-    (TRITON_INTERPRET=1 before triton is imported) it also takes CPU tensors: how the tests run it without a GPU."""
+    ties the lowest column first). Under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported) it
+    also takes CPU tensors: how the tests run it without a GPU."""
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("triton takes a CUDA tensor")
     x = x if x.stride(1) == 1 else x.contiguous()
