@@ -516,7 +516,7 @@ def _triton_kernel():
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
         nan = tl.zeros([BLOCK], tl.int32)
-        if KP > 0:  # the smallest int64, written so: Triton types a literal 2^63 as uint64
+        if KP > 0:  # the smallest int64, as an expression of int64 literals (2^63 itself is out of int64 range)
             best = tl.full([KP], -9223372036854775807 - 1, tl.int64)
         for start in range(0, V, BLOCK):
             x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)

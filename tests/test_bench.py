@@ -260,6 +260,31 @@ def test_triton_kernel_under_the_interpreter():
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("filter", ["p>0", "top-k"])
+def test_triton_kernel_compiles_for_hopper(dtype, filter, tmp_path, monkeypatch):
+    """Without a GPU: the CUDA kernel compiles to a cubin for sm_90 (H100, H200) in each variant triton_filter
+    launches, and ptxas (from the triton wheel) spills nothing to local memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    write = filter == "p>0"
+    signature = {"x_ptr": f"*{dtype}", "ld": "i64", "V": "i32", "cap": "i32", "val_ptr": "*i16" if dtype == "bf16" else "*fp32",
+                 "idx_ptr": "*i32", "cnt_ptr": "*i64", "stat_ptr": "*fp32", "top_ptr": "*i64", "BLOCK": "constexpr",
+                 "WRITE": "constexpr", "BF16": "constexpr", "KP": "constexpr"}  # fmt: skip
+    constexprs = {"BLOCK": 4096 if write else 1024, "WRITE": write, "BF16": dtype == "bf16", "KP": 0 if write else 32}
+    out = triton.compile(ASTSource(fn=sf._triton_kernel(), signature=signature, constexprs=constexprs),
+                         target=GPUTarget("cuda", 90, 32))  # fmt: skip
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(out.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    assert "REG:" in usage and "LOCAL:0 " in usage, usage
+
+
 def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
     from harness import records
     from harness.cli import main
