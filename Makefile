@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 PIP := $(PY) -m pip --disable-pip-version-check
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install chromium compare check-quant check-quant-damaged extract bench zoo zoo-micro test test-fast clean-reports
+.PHONY: install chromium compare check-quant check-quant-damaged extract bench gpu-check zoo zoo-micro test test-fast clean-reports
 
 install: $(STAMP)
 
@@ -49,6 +49,12 @@ bench: $(STAMP)
 	$(VENV)/bin/harness bench $(if $(wildcard reports/latest/run.json),--into reports/latest)
 	mkdir -p reports
 	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json -q
+
+# On a CUDA machine whose own python3 holds torch and triton (no .venv, nothing installed): the CUDA tests and the
+# Triton kernel's sm_90 compile, then the bench on the GPU (torch, torch.compile, triton). A few minutes.
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k "cuda or hopper"
+	PYTHONPATH=$(CURDIR) python3 -m harness.bench --device cuda --impls torch,compiled,triton --batches 1,16,256,4096
 
 zoo: $(STAMP)
 	$(VENV)/bin/harness zoo build

@@ -284,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in impls or []:
         if name != "snippet" and name not in sf.IMPLS:
             p.error(f"unknown implementation {name!r}; choose from snippet, {', '.join(sf.IMPLS)}")
+    if a.device not in (None, "cpu", "cuda"):
+        p.error(f"unknown device {a.device!r}; choose cpu or cuda")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device")
     if a.quick:
         ints, dtypes, a.repeats, a.ceiling_gib = [1, 16], ["float32"], 3, 1.0
     record = run(ints, dtypes, a.repeats, impls, a.width, a.snippet_max_batch, a.ceiling_gib, a.max_gb, a.device,

@@ -191,6 +191,22 @@ def test_quick_run_json_line(capsys):
             assert 8 + 8 <= r["written_bytes_per_row"] <= bench.TOP_K * 8 + 8
 
 
+@pytest.mark.parametrize("args, message", [(["--device", "tpu"], "unknown device 'tpu'"),
+                                           (["--dtypes", "float64"], "unknown dtype 'float64'"),
+                                           (["--impls", "numba"], "unknown implementation 'numba'")])
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA")
+def test_cuda_asked_for_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda"])
+    assert "sees no CUDA device" in capsys.readouterr().err
+
+
 def test_memory_bound_of_a_call():
     """Calls/s memory allows: reads alone at the read ceiling, a copy (each byte read and written once) at exactly the
     copy ceiling, writes at what a copy's byte costs beyond its read, and never faster than the write ceiling."""
