@@ -12,8 +12,8 @@ returns an empty dict for it).
 Implementations (IMPLS): "snippet" (the web snippet, list of [1, V] scores -> list of dicts),
 "torch" (vectorized), "compiled" (torch.compile of "torch"), "fused-cpu" (a C++ kernel built on first
 use with g++ and called through ctypes, rows split over torch.get_num_threads() threads), and
-"triton" (a fused kernel for CUDA; needs triton, imported lazily; on CPU tensors too under Triton's interpreter,
-TRITON_INTERPRET=1, which is how the tests run it without a GPU).
+"triton" (fused Triton kernels for CUDA; need triton, imported lazily; on CPU tensors too under Triton's interpreter,
+TRITON_INTERPRET=1, which is how the tests run them without a GPU).
 """
 
 from __future__ import annotations
@@ -496,35 +496,36 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
     return SparseRows(offsets, idx[:nnz], vals[:nnz])
 
 
-# --- fused CUDA kernel (Triton, imported on first use) -------------------------------------------------
+# --- fused CUDA kernels (Triton, imported on first use) ------------------------------------------------
 @cache
-def _triton_kernel():
+def _triton_kernels():
+    """(stats, write): each program takes one part of one row, W columns (the last part what is left)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kernel(x_ptr, ld, V, cap, val_ptr, idx_ptr, cnt_ptr, stat_ptr, top_ptr, BLOCK: tl.constexpr, WRITE: tl.constexpr,
-               BF16: tl.constexpr, KP: tl.constexpr):
-        # One program per row. Pass 1: online max and Σ exp (+ NaN flag), and where KP > 0 (top-k) the KP largest
-        # entries as int64 keys: the float's bits made to order as signed integers, then 2^32 − 1 − column (so
-        # that among ties the lowest column ranks first). A block goes through tl.topk only where one of its keys
-        # beats the KP-th kept so far. Pass 2 (WRITE, p > 0): kept p, compacted in order.
-        # bfloat16 p is rounded to nearest even on its float32 bits (val_ptr is then int16): exact for subnormal
-        # p too, which a float conversion may flush (and Triton's interpreter converts wrongly).
-        row = tl.program_id(0).to(tl.int64)
+    def stats(x_ptr, ld, V, W, stat_ptr, top_ptr, BLOCK: tl.constexpr, KP: tl.constexpr):
+        # The part's max, Σ exp(x − max) (online) and NaN flag into stat[row, part]; where KP > 0 (top-k) also its KP
+        # largest entries as int64 keys into top[row, part]: the float's bits made to order as signed integers, then
+        # 2^32 − 1 − column (so that among ties the lowest column ranks first). A block goes through tl.topk only
+        # where one of its keys beats the KP-th kept so far.
+        row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        lo = part * W
+        hi = tl.minimum(lo + W, V)
         base, offs = x_ptr + row * ld, tl.arange(0, BLOCK)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
         nan = tl.zeros([BLOCK], tl.int32)
         if KP > 0:  # the smallest int64, as an expression of int64 literals (2^63 itself is out of int64 range)
             best = tl.full([KP], -9223372036854775807 - 1, tl.int64)
-        for start in range(0, V, BLOCK):
-            x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
+        for start in range(lo, hi, BLOCK):
+            col = start + offs
+            x = tl.load(base + col, mask=col < hi, other=float("-inf")).to(tl.float32)
             nan = tl.maximum(nan, (x != x).to(tl.int32))
             if KP > 0:
                 b = x.to(tl.int32, bitcast=True)
-                key = ((b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (4294967295 - (start + offs).to(tl.int64))
-                key = tl.where(start + offs < V, key, -9223372036854775807 - 1)
+                key = ((b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (4294967295 - col.to(tl.int64))
+                key = tl.where(col < hi, key, -9223372036854775807 - 1)
                 if tl.max(key, 0) > tl.min(best, 0):
                     best = tl.topk(tl.cat(best, tl.topk(key, KP), can_reorder=True), KP)
             m_new = tl.maximum(m, x)
@@ -533,65 +534,94 @@ def _triton_kernel():
             m = m_new
         mx = tl.max(m, 0)
         total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0)
-        tl.store(stat_ptr + row * 3, mx)
-        tl.store(stat_ptr + row * 3 + 1, total)
-        tl.store(stat_ptr + row * 3 + 2, tl.max(nan, 0).to(tl.float32))
+        at = (row * tl.num_programs(1) + part) * 3
+        tl.store(stat_ptr + at, mx)
+        tl.store(stat_ptr + at + 1, total)
+        tl.store(stat_ptr + at + 2, tl.max(nan, 0).to(tl.float32))
         if KP > 0:
-            tl.store(top_ptr + row * KP + tl.arange(0, KP), best)
-        if WRITE:
-            inv = 1.0 / total
-            c = tl.full([], 0, tl.int32)
-            for start in range(0, V, BLOCK):
-                x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
-                p = tl.exp(x - mx) * inv
-                if BF16:
-                    b = p.to(tl.uint32, bitcast=True)
-                    b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-                    keep = (b != 0) & (start + offs < V)
-                    p = b.to(tl.int16)
-                else:
-                    p = p.to(val_ptr.dtype.element_ty)
-                    keep = (p > 0) & (start + offs < V)
-                pos = row * cap + c + tl.cumsum(keep.to(tl.int32), 0) - 1
-                tl.store(val_ptr + pos, p, mask=keep)
-                tl.store(idx_ptr + pos, (start + offs).to(tl.int32), mask=keep)
-                c += tl.sum(keep.to(tl.int32), 0)
-            tl.store(cnt_ptr + row, c.to(tl.int64))
+            tl.store(top_ptr + (row * tl.num_programs(1) + part) * KP + tl.arange(0, KP), best)
 
-    return kernel
+    @triton.jit
+    def write(x_ptr, ld, V, W, cap, mx_ptr, inv_ptr, val_ptr, idx_ptr, cnt_ptr, BLOCK: tl.constexpr, BF16: tl.constexpr):
+        # The part's kept p (p > 0 in the output dtype), compacted in order from row·cap + lo; their count into
+        # cnt[row, part]. bfloat16 p is rounded to nearest even on its float32 bits (val_ptr is then int16): exact for
+        # subnormal p too, which a float conversion may flush (and Triton's interpreter converts wrongly).
+        row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        lo = part * W
+        hi = tl.minimum(lo + W, V)
+        base, offs = x_ptr + row * ld, tl.arange(0, BLOCK)
+        mx, inv = tl.load(mx_ptr + row), tl.load(inv_ptr + row)
+        c = tl.full([], 0, tl.int32)
+        for start in range(lo, hi, BLOCK):
+            col = start + offs
+            x = tl.load(base + col, mask=col < hi, other=float("-inf")).to(tl.float32)
+            p = tl.exp(x - mx) * inv
+            if BF16:
+                b = p.to(tl.uint32, bitcast=True)
+                b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+                keep = (b != 0) & (col < hi)
+                p = b.to(tl.int16)
+            else:
+                p = p.to(val_ptr.dtype.element_ty)
+                keep = (p > 0) & (col < hi)
+            pos = row * cap + lo + c + tl.cumsum(keep.to(tl.int32), 0) - 1
+            tl.store(val_ptr + pos, p, mask=keep)
+            tl.store(idx_ptr + pos, col.to(tl.int32), mask=keep)
+            c += tl.sum(keep.to(tl.int32), 0)
+        tl.store(cnt_ptr + row * tl.num_programs(1) + part, c.to(tl.int64))
+
+    return stats, write
 
 
-def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
-    """[B, V] CUDA logits -> SparseRows with one fused Triton kernel: p > 0 in two passes over the row (max and Σ,
-    then the kept p); top-k in one (max, Σ and the top k of the logits, which order as the probabilities do; among
-    ties the lowest column first). Under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported) it
-    also takes CPU tensors: how the tests run it without a GPU."""
+def triton_parts(B: int, V: int, block: int, device: torch.device) -> int:
+    """Programs per row: enough for ~4 per multiprocessor over the batch (a batch of 16 rows alone would keep 16 of
+    an H200's 132 busy), at most one per block of the row. 1 off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-V // block), -(-4 * sms // max(B, 1))))
+
+
+def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int | None = None) -> SparseRows:
+    """[B, V] CUDA logits -> SparseRows with fused Triton kernels, each row split over `parts` programs
+    (default triton_parts): `stats` gives each part's max, Σ and top k (top-k: the logits' top k, which order as
+    the probabilities do; among ties the lowest column first), combined here over the parts; for p > 0, `write`
+    then writes each part's kept p. So top-k reads each row once, p > 0 twice. Under Triton's interpreter
+    (TRITON_INTERPRET=1 before triton is imported) it also takes CPU tensors: how the tests run it without a GPU."""
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("triton takes a CUDA tensor")
     x = x if x.stride(1) == 1 else x.contiguous()
     (B, V), write = x.shape, filter == "p>0"
-    cap = V if write else 1
-    vals = torch.empty(B * cap, dtype=x.dtype, device=x.device)
-    idx = torch.empty(B * cap, dtype=torch.int32, device=x.device)
-    counts = torch.empty(B, dtype=torch.int64, device=x.device)
-    stat = torch.empty(B, 3, dtype=torch.float32, device=x.device)  # max, Σ exp(x - max), NaN flag
+    block = 4096 if write else 1024
+    n = parts or triton_parts(B, V, block, x.device)
+    W = -(-(-(-V // n)) // block) * block  # each part a whole number of blocks
+    n = -(-V // W)
     bf16, kp = x.dtype == torch.bfloat16, 0 if write else 1 << max(1, (k - 1).bit_length())  # a power of 2 >= k, >= 2
-    keys = torch.empty(B, max(kp, 1), dtype=torch.int64, device=x.device)
-    _triton_kernel()[(B,)](x, x.stride(0), V, cap, vals.view(torch.int16) if bf16 else vals, idx, counts, stat, keys,
-                           BLOCK=4096 if write else 1024, WRITE=write, BF16=bf16, KP=kp)  # fmt: skip
-    mx = stat[:, 0]
-    if bool(((stat[:, 2] > 0) | mx.isinf()).any()):
+    stat = torch.empty(B, n, 3, dtype=torch.float32, device=x.device)  # max, Σ exp(x - max), NaN flag, per part
+    keys = torch.empty(B, n, max(kp, 1), dtype=torch.int64, device=x.device)
+    stats, write_kernel = _triton_kernels()
+    stats[(B, n)](x, x.stride(0), V, W, stat, keys, BLOCK=block, KP=kp)
+    m = stat[..., 0]
+    mx = m.max(1).values
+    total = (stat[..., 1] * torch.where(m == float("-inf"), 0.0, (m - mx[:, None]).exp())).sum(1)
+    if bool(((stat[..., 2] > 0).any(1) | mx.isinf()).any()):
         raise bad_row_error(x)
     if write:
-        nnz = int(counts.sum())
-        if nnz != B * cap:
-            keep = torch.arange(cap, device=x.device) < counts[:, None]
+        cap = V
+        vals = torch.empty(B * cap, dtype=x.dtype, device=x.device)
+        idx = torch.empty(B * cap, dtype=torch.int32, device=x.device)
+        counts = torch.empty(B, n, dtype=torch.int64, device=x.device)
+        write_kernel[(B, n)](x, x.stride(0), V, W, cap, mx, 1.0 / total, vals.view(torch.int16) if bf16 else vals, idx,
+                             counts, BLOCK=block, BF16=bf16)  # fmt: skip
+        if int(counts.sum()) != B * cap:  # each part's entries start at its first column: close the gaps
+            at = torch.arange(cap, device=x.device)
+            keep = at % W < counts[:, at // W]
             vals, idx = vals.view(B, cap)[keep], idx.view(B, cap)[keep]
-        return _csr(counts, idx, vals)
-    keys = keys[:, :k]  # sorted, largest first
-    found = keys != -(2**63)  # fewer than k entries in the row
-    col = torch.where(found, 4294967295 - (keys & 4294967295), 0)
-    p = ((x.gather(1, col).float() - mx[:, None]).exp() / stat[:, 1:2]).to(x.dtype)
+        return _csr(counts.sum(1), idx, vals)
+    top = keys.view(B, n * kp).topk(min(k, n * kp), dim=1).values  # sorted, largest first
+    found = top != -(2**63)  # fewer than k entries in the row
+    col = torch.where(found, 4294967295 - (top & 4294967295), 0)
+    p = ((x.gather(1, col).float() - mx[:, None]).exp() / total[:, None]).to(x.dtype)
     keep = found & (p > 0)
     return _csr(keep.sum(1), col[keep].int(), p[keep])
 

@@ -245,19 +245,23 @@ import torch
 sys.path.insert(0, sys.argv[1])  # this folder
 from harness import bench, softmax_filter as sf
 from test_bench import rows
-# top-k at a smaller width (3 blocks of 1024): the interpreter runs tl.topk's network op by op (~0.5 s a block)
-for dtype, filter, width, ks in ((torch.float32, "p>0", bench.VOCAB, [20]), (torch.bfloat16, "p>0", bench.VOCAB, [20]),
-                                 (torch.float32, "top-k", 2500, [1, 20]), (torch.bfloat16, "top-k", 2500, [20])):
+# top-k at a smaller width (3 blocks of 1024): the interpreter runs tl.topk's network op by op (~0.5 s a block).
+# Rows in 1 part and in several (p > 0: 3 parts of 13 blocks of 4096; top-k: 2 parts, 2048 and 452 columns).
+for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20], [1, 3]),
+                                        (torch.bfloat16, "p>0", bench.VOCAB, [20], [1, 3]),
+                                        (torch.float32, "top-k", 2500, [1, 20], [1, 2]),
+                                        (torch.bfloat16, "top-k", 2500, [20], [2])):
     x = rows(width).to(dtype)
     ref = sf.snippet(list(x.split(1)))
     for k in ks:
-        got = sf.triton_filter(x, filter, k)
-        assert got.values.dtype == dtype and got.indices.dtype == torch.int32, (got.values.dtype, got.indices.dtype)
-        diff = sf.same(ref, got, filter, k, atol=1e-6)
-        assert diff is None, (dtype, filter, k, diff)
-    x[2, 3] = float("nan")
+        for n in parts:
+            got = sf.triton_filter(x, filter, k, parts=n)
+            assert got.values.dtype == dtype and got.indices.dtype == torch.int32, (got.values.dtype, got.indices.dtype)
+            diff = sf.same(ref, got, filter, k, atol=1e-6)
+            assert diff is None, (dtype, filter, k, n, diff)
+    x[2, -3] = float("nan")  # in the last part
     try:
-        sf.triton_filter(x, filter, 20)
+        sf.triton_filter(x, filter, 20, parts=parts[-1])
     except ValueError as e:
         assert "row 2 holds NaN" in str(e), e
     else:
@@ -278,22 +282,27 @@ def test_triton_kernel_under_the_interpreter():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("filter", ["p>0", "top-k"])
-def test_triton_kernel_compiles_for_hopper(dtype, filter, tmp_path, monkeypatch):
-    """Without a GPU: the CUDA kernel compiles to a cubin for sm_90 (H100, H200) in each variant triton_filter
+@pytest.mark.parametrize("variant", ["stats p>0", "stats top-k", "write"])
+def test_triton_kernels_compile_for_hopper(dtype, variant, tmp_path, monkeypatch):
+    """Without a GPU: each Triton kernel compiles to a cubin for sm_90 (H100, H200) in each variant triton_filter
     launches, and ptxas (from the triton wheel) spills nothing to local memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    write = filter == "p>0"
-    signature = {"x_ptr": f"*{dtype}", "ld": "i64", "V": "i32", "cap": "i32", "val_ptr": "*i16" if dtype == "bf16" else "*fp32",
-                 "idx_ptr": "*i32", "cnt_ptr": "*i64", "stat_ptr": "*fp32", "top_ptr": "*i64", "BLOCK": "constexpr",
-                 "WRITE": "constexpr", "BF16": "constexpr", "KP": "constexpr"}  # fmt: skip
-    constexprs = {"BLOCK": 4096 if write else 1024, "WRITE": write, "BF16": dtype == "bf16", "KP": 0 if write else 32}
-    out = triton.compile(ASTSource(fn=sf._triton_kernel(), signature=signature, constexprs=constexprs),
-                         target=GPUTarget("cuda", 90, 32))  # fmt: skip
+    stats, write = sf._triton_kernels()
+    if variant == "write":
+        fn, constexprs = write, {"BLOCK": 4096, "BF16": dtype == "bf16"}
+        signature = {"x_ptr": f"*{dtype}", "ld": "i64", "V": "i32", "W": "i32", "cap": "i32", "mx_ptr": "*fp32",
+                     "inv_ptr": "*fp32", "val_ptr": "*i16" if dtype == "bf16" else "*fp32", "idx_ptr": "*i32",
+                     "cnt_ptr": "*i64", "BLOCK": "constexpr", "BF16": "constexpr"}  # fmt: skip
+    else:
+        top = variant == "stats top-k"
+        fn, constexprs = stats, {"BLOCK": 1024 if top else 4096, "KP": 32 if top else 0}
+        signature = {"x_ptr": f"*{dtype}", "ld": "i64", "V": "i32", "W": "i32", "stat_ptr": "*fp32", "top_ptr": "*i64",
+                     "BLOCK": "constexpr", "KP": "constexpr"}  # fmt: skip
+    out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(out.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
