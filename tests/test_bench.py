@@ -271,9 +271,9 @@ for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20]
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_triton_kernel_under_the_interpreter():
-    """The CUDA kernel, run by Triton's interpreter on the CPU: same kept tokens and probabilities as the snippet on
-    the test rows (p > 0 at Qwen1.5's width, subnormal bfloat16 probabilities included; top-k with k = 1 and 20,
-    ties, a row with a single finite entry), NaN a clear error. A subprocess:
+    """The CUDA kernels, run by Triton's interpreter on the CPU, rows in one part and in several: same kept tokens
+    and probabilities as the snippet on the test rows (p > 0 at Qwen1.5's width, subnormal bfloat16 probabilities
+    included; top-k with k = 1 and 20, ties, a row with a single finite entry), NaN a clear error. A subprocess:
     TRITON_INTERPRET must be set before triton is imported. Speed is for `harness bench` on a GPU."""
     run = subprocess.run([sys.executable, "-c", INTERPRETED, os.path.dirname(__file__)], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600)  # fmt: skip
