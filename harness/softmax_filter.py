@@ -534,12 +534,12 @@ def _triton_kernels():
             m = m_new
         mx = tl.max(m, 0)
         total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0)
-        at = (row * tl.num_programs(1) + part) * 3
-        tl.store(stat_ptr + at, mx)
-        tl.store(stat_ptr + at + 1, total)
-        tl.store(stat_ptr + at + 2, tl.max(nan, 0).to(tl.float32))
+        slot = row * tl.num_programs(1) + part
+        tl.store(stat_ptr + slot * 3, mx)
+        tl.store(stat_ptr + slot * 3 + 1, total)
+        tl.store(stat_ptr + slot * 3 + 2, tl.max(nan, 0).to(tl.float32))
         if KP > 0:
-            tl.store(top_ptr + (row * tl.num_programs(1) + part) * KP + tl.arange(0, KP), best)
+            tl.store(top_ptr + slot * KP + tl.arange(0, KP), best)
 
     @triton.jit
     def write(x_ptr, ld, V, W, cap, mx_ptr, inv_ptr, val_ptr, idx_ptr, cnt_ptr, BLOCK: tl.constexpr, BF16: tl.constexpr):
@@ -573,13 +573,17 @@ def _triton_kernels():
     return stats, write
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def triton_parts(B: int, V: int, block: int, device: torch.device) -> int:
     """Programs per row: enough for ~4 per multiprocessor over the batch (a batch of 16 rows alone would keep 16 of
     an H200's 132 busy), at most one per block of the row. 1 off CUDA (the interpreter)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(-(-V // block), -(-4 * sms // max(B, 1))))
+    return max(1, min(_cdiv(V, block), _cdiv(4 * sms, max(B, 1))))
 
 
 def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int | None = None) -> SparseRows:
@@ -594,8 +598,8 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
     (B, V), write = x.shape, filter == "p>0"
     block = 4096 if write else 1024
     n = parts or triton_parts(B, V, block, x.device)
-    W = -(-(-(-V // n)) // block) * block  # each part a whole number of blocks
-    n = -(-V // W)
+    W = _cdiv(_cdiv(V, n), block) * block  # each part a whole number of blocks
+    n = _cdiv(V, W)
     bf16, kp = x.dtype == torch.bfloat16, 0 if write else 1 << max(1, (k - 1).bit_length())  # a power of 2 >= k, >= 2
     stat = torch.empty(B, n, 3, dtype=torch.float32, device=x.device)  # max, Σ exp(x - max), NaN flag, per part
     keys = torch.empty(B, n, max(kp, 1), dtype=torch.int64, device=x.device)
@@ -618,7 +622,7 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
             keep = at % W < counts[:, at // W]
             vals, idx = vals.view(B, cap)[keep], idx.view(B, cap)[keep]
         return _csr(counts.sum(1), idx, vals)
-    top = keys.view(B, n * kp).topk(min(k, n * kp), dim=1).values  # sorted, largest first
+    top = keys.view(B, n * kp).topk(k, dim=1).values  # sorted, largest first (kp >= k)
     found = top != -(2**63)  # fewer than k entries in the row
     col = torch.where(found, 4294967295 - (top & 4294967295), 0)
     p = ((x.gather(1, col).float() - mx[:, None]).exp() / total[:, None]).to(x.dtype)
