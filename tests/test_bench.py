@@ -70,11 +70,13 @@ def test_fused_cpu_full_width_batch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_fused_cpu_packs_rows_that_drop_entries(dtype, threads):
-    """Rows whose smallest probabilities round to 0 keep fewer than V entries, so the kernel packs the rows after them
-    in place: by thread parts when fewer than V entries were dropped in all, in one pass when more (warped rows).
-    Short rows sit first, last and at every thread boundary; the result must be the snippet's, in row order."""
+    """Rows whose smallest probabilities round to 0 keep fewer than V entries, so every row after them starts lower.
+    Each thread writes its part packed; bfloat16 pairs threads, the even one writing its part backwards to end where
+    the odd one starts; the blocks after the first (float32: each thread's, bfloat16: each pair's and an unpaired
+    last thread's) move down. Short rows sit first, last and at every thread boundary, and a warped row drops more
+    than V; the result must be the snippet's, in row order."""
     usable("fused-cpu")
     x = bench.realistic_logits(7, WIDTH, seed=2)
     short = torch.linspace(-120, 30, WIDTH)  # the bottom ~15 nats of it underflow to 0
@@ -149,6 +151,24 @@ def test_fused_cpu_random_shapes(dtype):
         ref = sf.snippet(list(x.split(1)))
         for filter in ("p>0", "top-k"):
             assert sf.same(ref, sf.fused_cpu_filter(x, filter, k), filter, k, atol=1e-6) is None, (case, width, k, filter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_cpu_reports_the_first_bad_row(dtype):
+    """The first bad row is named whichever thread finds it, also where a thread does its rows last to first."""
+    usable("fused-cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for bad in ([1, 2], [2, 6], [5, 7], [0, 3, 4]):
+            x = bench.realistic_logits(8, WIDTH, seed=6)
+            x[bad[0], 11] = float("nan")
+            x[bad[1:]] = float("-inf")
+            for filter in ("p>0", "top-k"):
+                with pytest.raises(ValueError, match=f"row {bad[0]} holds NaN"):
+                    sf.fused_cpu_filter(x.to(dtype), filter, 20)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_fused_cpu_non_contiguous_rows():
