@@ -28,6 +28,7 @@ import torch
 from harness import cext
 
 WHY = {1: "holds NaN", 2: "is all -inf", 3: "holds +inf"}
+MOVE_WAVE = 1 << 20  # entries per wave of fused-cpu's parallel move of later thread blocks (a buffer of 6-8 MB)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ CPP = cext.EXP_F32 + r"""// One row at a time: pass 1 by blocks: max (+ NaN flag
 #include <string.h>
 #include <math.h>
 #include <float.h>
+#include <stdlib.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -414,19 +416,46 @@ static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, 
 #undef SF_ROWS
 }
 
+// Moves the concatenation of the nb ranges [lo[j], lo[j] + len[j]) of vals/idx (`total` entries) down to start at dst,
+// with nt threads: in waves of `wave` entries in order, each read into a buffer by all threads, then written. Every
+// entry moves down, so a wave's writes land below every later wave's reads.
+static void move_down(char* vals, int32_t* idx, int es, const int64_t* lo, const int64_t* len, int nb, int64_t dst,
+                      int64_t total, int64_t wave, int nt) {
+  wave = wave < total ? wave : total;
+  char* const bv = (char*)malloc(wave * (es + 4)); char* const bi = bv + wave * es;
+  #pragma omp parallel num_threads(nt)
+  for (int64_t k0 = 0; k0 < total; k0 += wave) {  // (every thread runs every wave, so the barriers match)
+    const int64_t k1 = k0 + wave < total ? k0 + wave : total;
+    int64_t a, b;
+    team_part(k1 - k0, &a, &b);
+    a += k0; b += k0;  // this thread's share of the wave
+    int64_t base = 0;  // where range j starts in the concatenation
+    for (int j = 0; j < nb; base += len[j], ++j) {
+      const int64_t s = a > base ? a : base, e = b < base + len[j] ? b : base + len[j];
+      if (s >= e) continue;
+      memcpy(bv + (s - k0) * es, vals + (lo[j] + s - base) * es, (e - s) * es);
+      memcpy(bi + (s - k0) * 4, idx + lo[j] + s - base, (e - s) * 4);
+    }
+    #pragma omp barrier
+    memcpy(vals + (dst + a) * es, bv + (a - k0) * es, (b - a) * es);
+    memcpy(idx + dst + a, bi + (a - k0) * 4, (b - a) * 4);
+    #pragma omp barrier
+  }
+  free(bv);
+}
+
 // Rows [0, n) over an OpenMP team (contiguous parts, nt threads asked for): -1, or the first bad row with *why set.
 // Then (no bad row) offsets[0..n] = the CSR offsets of counts, and the entries lie packed in row order from
 // vals/idx[*start]. Each thread writes its part packed from the part's first slot (a*cap), and the blocks after the
 // first move down to follow it. bfloat16 p > 0 pairs the threads instead: the even thread of each pair (t, t + 1)
 // ends its entries at the boundary between their parts, where the odd thread starts its own, so a pair's entries are
-// contiguous (all of them with 2 threads), and only the blocks of later pairs move (one thread moves them, after
-// the team).
+// contiguous (all of them with 2 threads), and only the blocks of later pairs move (move_down, after the team).
 // (A third of the realistic bfloat16 rows lose a few probabilities that round to 0, so the blocks after them would
 // move: writing rows at r*cap and packing them afterwards ran at 0.65x the rows/s of the pairs. float32 rows rarely
 // lose any, and there the paired thread's stores, at falling addresses, run at 0.75x.)
 extern "C" int64_t sf_team(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k,
                            void* vals, int32_t* idx, int64_t cap, int64_t* counts, int64_t* offsets, int* why, int nt,
-                           int64_t* start) {
+                           int64_t* start, int64_t wave) {
   const int es = bf ? 2 : 4;
   const int pairs = bf && mode == 0;  // see above
   int64_t first = -1;
@@ -452,18 +481,20 @@ extern "C" int64_t sf_team(const void* x, int bf, int64_t n, int64_t V, int64_t 
   for (int64_t r = 0; r < n; ++r) offsets[r + 1] = offsets[r] + counts[r];
   *start = 0;
   if (first >= 0) return first;
-  int64_t dst = -1;
-  for (int u = 0; u < T; ) {  // block by block: a pair's parts, or an unpaired last part
+  int64_t* const lo = (int64_t*)malloc(2 * T * sizeof(int64_t)); int64_t* const len = lo + T;
+  int nb = 0;
+  for (int u = 0; u < T; ++nb) {  // the blocks (a pair's parts, or an unpaired last part): where each starts now
     const int w = pairs && u + 1 < T ? 2 : 1;
-    const int64_t a0 = n * u / T, mid = n * (u + 1) / T, end = n * (u + w) / T, len = offsets[end] - offsets[a0];
-    const int64_t lo = w == 2 ? mid * cap - (offsets[mid] - offsets[a0]) : a0 * cap;  // where it starts now
-    if (dst < 0) *start = dst = lo;
-    else if (lo != dst) {
-      memmove((char*)vals + dst * es, (char*)vals + lo * es, len * es);
-      memmove(idx + dst, idx + lo, len * 4);
-    }
-    dst += len; u += w;
+    const int64_t a0 = n * u / T, mid = n * (u + 1) / T, end = n * (u + w) / T;
+    len[nb] = offsets[end] - offsets[a0];
+    lo[nb] = w == 2 ? mid * cap - (offsets[mid] - offsets[a0]) : a0 * cap;
+    u += w;
   }
+  *start = lo[0];
+  int64_t total = 0; bool moves = false;  // blocks 1.. follow block 0
+  for (int j = 1; j < nb; ++j) { moves |= lo[j] != lo[0] + len[0] + total; total += len[j]; }
+  if (moves) move_down((char*)vals, idx, es, lo + 1, len + 1, nb - 1, lo[0] + len[0], total, wave, nt);
+  free(lo);
   return -1;
 }
 """
@@ -474,7 +505,7 @@ def _lib() -> ctypes.CDLL:
     lib = cext.build("softmax_filter", CPP)
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.sf_team.restype = i64
-    lib.sf_team.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp, vp, ctypes.c_int, vp]
+    lib.sf_team.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp, vp, ctypes.c_int, vp, i64]
     return lib
 
 
@@ -516,7 +547,7 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
     start = ctypes.c_int64(0)
     threads = max(1, min(torch.get_num_threads(), B))
     bad = lib.sf_team(x.data_ptr(), int(x.dtype == torch.bfloat16), B, V, x.stride(0), mode, k, vals.data_ptr(),
-                      idx.data_ptr(), cap, counts.data_ptr(), offsets.data_ptr(), ctypes.byref(why), threads, ctypes.byref(start))  # fmt: skip
+                      idx.data_ptr(), cap, counts.data_ptr(), offsets.data_ptr(), ctypes.byref(why), threads, ctypes.byref(start), MOVE_WAVE)  # fmt: skip
     if bad >= 0:
         raise ValueError(f"logits row {bad} {WHY[why.value]}: it has no softmax distribution")
     a, nnz = start.value, int(offsets[-1])  # the entries lie packed in row order from [a]

@@ -71,18 +71,18 @@ def test_fused_cpu_full_width_batch(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
-def test_fused_cpu_packs_rows_that_drop_entries(dtype, threads):
+def test_fused_cpu_packs_rows_that_drop_entries(dtype, threads, monkeypatch):
     """Rows whose smallest probabilities round to 0 keep fewer than V entries, so every row after them starts lower.
     Each thread writes its part packed; bfloat16 pairs threads, the even one writing its part backwards to end where
     the odd one starts; the blocks after the first (float32: each thread's, bfloat16: each pair's and an unpaired
-    last thread's) move down. Short rows sit first, last and at every thread boundary, and a warped row drops more
-    than V; the result must be the snippet's, in row order."""
+    last thread's) move down, in one wave or (MOVE_WAVE 777) in many. Short rows sit first, last and at every thread
+    boundary, and a warped row drops more than V; the result must be the snippet's, in row order."""
     usable("fused-cpu")
     x = bench.realistic_logits(7, WIDTH, seed=2)
     short = torch.linspace(-120, 30, WIDTH)  # the bottom ~15 nats of it underflow to 0
     warped = bench.warp(x[:1])[0]
     cases = [[0], [6], [2, 3], [1, 4, 5], list(range(7))]
-    before = torch.get_num_threads()
+    before, one_wave = torch.get_num_threads(), sf.MOVE_WAVE
     torch.set_num_threads(threads)
     try:
         for places in cases + [[0, 3]]:  # the last: a warped row too, so more than V entries are dropped
@@ -91,9 +91,11 @@ def test_fused_cpu_packs_rows_that_drop_entries(dtype, threads):
             if places == [0, 3]:
                 y[3] = warped
             y = y.to(dtype)
-            got = sf.fused_cpu_filter(y, "p>0")
-            assert got.offsets.tolist()[0] == 0 and int(got.offsets[-1]) == got.values.numel() == got.indices.numel()
-            assert sf.same(sf.snippet(list(y.split(1))), got, "p>0", atol=1e-6) is None, places
+            for wave in (one_wave, 777):
+                monkeypatch.setattr(sf, "MOVE_WAVE", wave)
+                got = sf.fused_cpu_filter(y, "p>0")
+                assert got.offsets.tolist()[0] == 0 and int(got.offsets[-1]) == got.values.numel() == got.indices.numel()
+                assert sf.same(sf.snippet(list(y.split(1))), got, "p>0", atol=1e-6) is None, (places, wave)
     finally:
         torch.set_num_threads(before)
 
