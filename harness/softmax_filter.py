@@ -408,10 +408,11 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
   return bad;
 }
 
+// (rev: only bfloat16 p > 0 pairs its threads, see sf_team, so only that copy runs backwards)
 static int64_t sf_rows(const void* x, int bf, int64_t n, int64_t V, int64_t ld, int mode, int k, int rev,
                        void* vals, int32_t* idx, int64_t cap, int64_t* counts, int* why) {
 #define SF_ROWS(B, M, R) sf_rows_t<B, M, R>(x, n, V, ld, k, vals, idx, cap, counts, why)
-  if (rev) return bf ? (mode ? SF_ROWS(1, 1, 1) : SF_ROWS(1, 0, 1)) : (mode ? SF_ROWS(0, 1, 1) : SF_ROWS(0, 0, 1));
+  if (rev) return SF_ROWS(1, 0, 1);
   return bf ? (mode ? SF_ROWS(1, 1, 0) : SF_ROWS(1, 0, 0)) : (mode ? SF_ROWS(0, 1, 0) : SF_ROWS(0, 0, 0));
 #undef SF_ROWS
 }
