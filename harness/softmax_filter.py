@@ -102,6 +102,7 @@ CPP = cext.EXP_F32 + r"""// One row at a time: pass 1 by blocks: max (+ NaN flag
 #include <math.h>
 #include <float.h>
 #include <stdlib.h>
+#include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -121,6 +122,15 @@ static inline __m512 load16(const void* x, int bf, int64_t i, __mmask16 m, __m51
     return _mm512_mask_blend_ps(m, fill, v);
   }
   return _mm512_mask_loadu_ps(fill, m, (const float*)x + i);
+}
+// 32 entries from i, as two vectors: bfloat16 as its even entries (shifted up) and odd ones (masked), 2 ops where 16
+// at a time take 4, so lane l holds entry i + 2l in *v0 and i + 2l + 1 in *v1; float32 as they come
+static inline void load32(const void* x, int bf, int64_t i, __m512* v0, __m512* v1) {
+  if (bf) {
+    const __m512i u = _mm512_loadu_si512((const uint16_t*)x + i);
+    *v0 = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    *v1 = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+  } else { *v0 = _mm512_loadu_ps((const float*)x + i); *v1 = _mm512_loadu_ps((const float*)x + i + 16); }
 }
 #endif
 
@@ -246,6 +256,13 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
 #ifdef __AVX512F__
   enum { FCAP = 4096 };
   static thread_local int32_t fi[FCAP + 16];
+  // a dense row's listed groups (one per 32 entries at most, so V / 16 + 2 with the last ones 16 wide), and top-k's
+  // candidates among them
+  static thread_local std::vector<int32_t> hits;
+  if (hits.size() < (size_t)(V / 16 + 2)) hits.resize((size_t)(V / 16 + 2));
+  int32_t* hit = hits.data();
+  enum { CCAP = 1024 };
+  static thread_local float cv[CCAP + 16]; static thread_local int32_t ci[CCAP + 16];
   // A dense p > 0 row's writes (bound by the memory's write rate) go out one row late, 32 entries at a time inside the
   // next row's Σ exp loop (bound by arithmetic), so that the two overlap: +10% over writing each row at once; writing
   // a block of 1024 between blocks gained nothing.
@@ -257,67 +274,111 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
     const void* row = bf ? (const void*)((const uint16_t*)x + r * ld) : (const void*)((const float*)x + r * ld);
     float m = -INFINITY, thr = -INFINITY; int nan = 0, tc = 0; int64_t i = 0;
 #ifdef __AVX512F__
-    // By blocks of BS: while the row has at most FCAP finite entries, max, NaN, the finite entries' places and the
-    // running top k. Once it has more, Σ exp(x − max) for the blocks so far (once, from cache), and from then on one
-    // look per entry: the exp sum against the running max, with the max, NaN and top-k checks folded into one compare
-    // (a block's max first, then its sum from L1, ran at 0.7x these rows/s on cached rows). So the row is read from
-    // memory once, prefetched 1024 entries ahead, and the exps overlap the reads.
+    // By blocks of BS: while the row has at most FCAP finite entries (and over 1/4 of those so far are -inf), max,
+    // NaN, the finite entries' places and the running top k. Once it has more, Σ exp(x − max) for the blocks so far
+    // (once, from cache), and from then on one look per entry: the exp sum against the max so far, with the max, NaN
+    // and top-k checks folded into one compare whose hits are only listed (a block's max first, then its sum from L1,
+    // ran at 0.7x these rows/s on cached rows). So the row is read from memory once, prefetched 1024 entries ahead,
+    // and the exps overlap the reads.
     enum { BS = 1024 };
     int64_t nf = 0;  // finite entries listed in fi[] so far; -1 once there are more than FCAP
     int64_t summed = 0;  // a dense row: Σ covers [0, summed)
     double s = 0.0;
     __mmask16 un = 0;
+    bool dense = false; float gate = 0.f; int64_t nh = 0, next = 0;  // the dense part's gate, listed groups (hit[]),
+                                                                      // next settle()
     const __m512i iota16 = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15);
     const int es = bf ? 2 : 4;
+    // A dense row's listed groups hit[0, nh), in entry order, from L2: NaN, the max (above the sums' max m, it scales
+    // them, or they are done again where they overflowed), and top-k's candidates, the lanes above the gate or the
+    // k-th largest so far, whichever is higher. The candidates go to the top k in chunks, in entry order as if every
+    // entry had been looked at in turn (bfloat16: a group's even entries, then its odd ones), so that only a candidate
+    // that enters it branches. Done where the row read so far has doubled (7 times in a 151936 row), and at its end:
+    // the gate then rises with the top k (or the max), and ~130 groups are listed in an LM-shaped row, against ~550
+    // with the first gate kept.
+    auto settle = [&]() {
+      __m512 vm = _mm512_set1_ps(-INFINITY);
+      int nc = 0;
+      auto take = [&](__m512 v, int64_t at, int step) {  // lane l holds entry at + step·l
+        const __mmask16 c = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr > gate ? thr : gate), _CMP_GT_OQ);
+        const __m512i ix = _mm512_add_epi32(_mm512_set1_epi32((int)at), step == 2 ? _mm512_add_epi32(iota16, iota16) : iota16);
+        _mm512_storeu_ps(cv + nc, _mm512_maskz_compress_ps(c, v));
+        _mm512_storeu_si512(ci + nc, _mm512_maskz_compress_epi32(c, ix));
+        nc += __builtin_popcount(c);
+      };
+      auto insert = [&]() {
+        for (int j = 0; j < nc; ++j) if (cv[j] > thr) thr = topk_insert(tv, ti, &tc, k, cv[j], ci[j]);
+        nc = 0;
+      };
+      for (int64_t j = 0; j < nh; ++j) {
+        const int64_t a = hit[j];
+        __m512 v0, v1;
+        if (V - a < 32) {  // 16 wide
+          v0 = load16(row, bf, a, V - a >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - a)) - 1), _mm512_set1_ps(-INFINITY));
+          v1 = _mm512_set1_ps(-INFINITY);
+          if (mode) take(v0, a, 1);
+        } else {
+          load32(row, bf, a, &v0, &v1);
+          if (mode) { take(v0, a, bf ? 2 : 1); take(v1, bf ? a + 1 : a + 16, bf ? 2 : 1); }
+        }
+        un |= _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+        vm = _mm512_max_ps(vm, _mm512_max_ps(v0, v1));
+        if (nc > CCAP - 32) insert();
+      }
+      if (mode) insert();
+      nh = 0;
+      const float bm = _mm512_reduce_max_ps(vm);
+      if (!un && bm > m) {
+        if (bm < INFINITY) {
+          s *= exp((double)m - (double)bm);
+          if (!(s < INFINITY)) {  // a lane ~88 above m overflowed its block's sum: [0, summed) again, from bm
+            const __m512 nmax = _mm512_set1_ps(bm);
+            __m512 s0 = _mm512_setzero_ps();
+            s = 0.0;
+            for (int64_t j = 0; j < summed; j += 16) {
+              const __mmask16 msk = summed - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (summed - j)) - 1);
+              s0 = _mm512_add_ps(s0, exp16s(_mm512_sub_ps(load16(row, bf, j, msk, _mm512_set1_ps(-INFINITY)), nmax)));
+              if ((j & (BS - 1)) == BS - 16) { s += (double)_mm512_reduce_add_ps(s0); s0 = _mm512_setzero_ps(); }
+            }
+            s += (double)_mm512_reduce_add_ps(s0);
+          }
+        }
+        m = bm;
+      }
+      gate = mode ? (thr > gate ? thr : gate) : m;
+    };
     for (int64_t b0 = 0; b0 < V; b0 += BS) {
       const int64_t b1 = b0 + BS < V ? b0 + BS : V;
       if (nf < 0 && !un && m > -INFINITY && m < INFINITY) {
-        // A dense row past its first blocks: one look per entry. Σ exp(x − m) runs against the running max m; a lane
-        // above the gate (top-k: the k-th largest so far, which is <= m; else m) or NaN takes the rare path, where the
-        // top k is updated and a rise of the max folds the partial sums into s and rescales it.
-        __m512 vmax = _mm512_set1_ps(m), s0 = _mm512_setzero_ps(), s1 = s0;
-        auto rare = [&](__m512 v, int64_t at, int step) {  // lane l holds entry at + step·l
-          const __mmask16 bad = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-          un |= bad;
-          const float vmx = _mm512_mask_reduce_max_ps((__mmask16)~bad, v);
-          if (vmx > m) {
-            s += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)); s0 = s1 = _mm512_setzero_ps();
-            if (vmx < INFINITY) s *= exp((double)m - (double)vmx);
-            m = vmx; vmax = _mm512_set1_ps(m);
-          }
-          if (mode) thr = topk_lanes(v, thr, row, bf, at, step, tv, ti, &tc, k);
-        };
+        // A dense row past its first blocks: one look per entry, Σ exp(x − m) against m, the max as of the last
+        // settle(). A group of 32 entries with a lane above the gate (top-k: the k-th largest then, which is <= m;
+        // else m) or NaN is only listed, without a branch, for settle() to go through. A branch here, taken ~70
+        // times a row, cost over 100 cycles a hit (a mispredict drains this loop's long chains of exps), against
+        // ~17 cycles a group of 32.
+        if (!dense) { dense = true; gate = mode ? thr : m; next = 2 * b0; }
+        const __m512 vmax = _mm512_set1_ps(m), g = _mm512_set1_ps(gate);
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0;
         for (i = b0; i + 32 <= b1; i += 32) {
           _mm_prefetch((const char*)row + (i + 1024) * es, _MM_HINT_T0);
           if (!bf) _mm_prefetch((const char*)row + (i + 1040) * es, _MM_HINT_T0);  // (32 bfloat16 are one line)
-          // bfloat16: one load of 32, widened in place as even entries (shifted up) and odd ones (masked), 2 ops
-          // where 16 at a time take 4; a lane's entry is then at + 2·lane
           __m512 v0, v1;
-          if (bf) {
-            const __m512i u = _mm512_loadu_si512((const uint16_t*)row + i);
-            v0 = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-            v1 = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
-          } else {
-            v0 = _mm512_loadu_ps((const float*)row + i); v1 = _mm512_loadu_ps((const float*)row + i + 16);
-          }
-          const __m512 g = _mm512_set1_ps(mode ? thr : m);
+          load32(row, bf, i, &v0, &v1);
           const __mmask16 h0 = _mm512_cmp_ps_mask(v0, g, _CMP_NLE_UQ), h1 = _mm512_cmp_ps_mask(v1, g, _CMP_NLE_UQ);
-          if (h0 | h1) {
-            if (bf) { rare(v0, i, 2); rare(v1, i + 1, 2); } else { rare(v0, i, 1); rare(v1, i + 16, 1); }
-          }
+          hit[nh] = (int32_t)i; nh += (h0 | h1) != 0;
           s0 = _mm512_add_ps(s0, exp16s(_mm512_sub_ps(v0, vmax)));
           s1 = _mm512_add_ps(s1, exp16s(_mm512_sub_ps(v1, vmax)));
           if (pend.r >= 0) dense_out<REV>(pend, bf, V, i + 32);
         }
-        for (; i < b1; i += 16) {
+        for (; i < b1; i += 16) {  // the row's last entries, 16 at a time (so a listed group at V − 31 or above is 16 wide)
           const __m512 v = load16(row, bf, i, b1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - i)) - 1),
                                   _mm512_set1_ps(-INFINITY));
-          if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(mode ? thr : m), _CMP_NLE_UQ)) rare(v, i, 1);
+          hit[nh] = (int32_t)i; nh += _mm512_cmp_ps_mask(v, g, _CMP_NLE_UQ) != 0;
           s0 = _mm512_add_ps(s0, exp16s(_mm512_sub_ps(v, vmax)));
         }
         s += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
         summed = b1;
         if (pend.r >= 0) dense_out<REV>(pend, bf, V, b1);
+        if (b1 >= next && b1 < V) { settle(); next = 2 * b1; }
         continue;
       }
       __m512 vm = _mm512_set1_ps(-INFINITY);
@@ -342,6 +403,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
         }
         if (mode) thr = topk_lanes(v, thr, row, bf, i, 1, tv, ti, &tc, k);
       }
+      if (nf > b1 - b1 / 4) nf = -1;  // over 3/4 finite so far: a dense row
       const float bm = _mm512_reduce_max_ps(vm);
       if (bm > m) {
         if (summed > 0 && m > -INFINITY && bm < INFINITY) s *= exp((double)m - (double)bm);
@@ -364,6 +426,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
       }
       if (pend.r >= 0) dense_out<REV>(pend, bf, V, b1);
     }
+    if (dense) settle();
     if (pend.r >= 0) finish(pend);  // the blocks above wrote all of it: this sets its count
     nan = un != 0;
 #else

@@ -102,13 +102,22 @@ def test_fused_cpu_packs_rows_that_drop_entries(dtype, threads, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_fused_cpu_late_events_in_a_dense_row(dtype):
-    """Past its first few thousand finite entries a dense row takes the one-look loop, where a new maximum, a new
-    top-k member, NaN and +inf are rare events: each placed late in a Qwen-wide row, in both filters."""
+    """Past its first block a dense row takes the one-look loop, which only lists the groups of 32 entries with a
+    new maximum, a new top-k member, NaN or +inf, and goes through them where the row read so far has doubled and at
+    its end: each placed late in a Qwen-wide row, in both filters. A maximum 100 nats above the sums' overflows them
+    (they are done again); a rising row lists every group; a row falling from its second block on lists 1024 top-k
+    candidates by the first settle, more than a chunk holds; a row finite only in its first block is dense there
+    (so its -inf entries go through the one-look loop)."""
     usable("fused-cpu")
-    x = bench.realistic_logits(3, bench.VOCAB, seed=3)
+    x = bench.realistic_logits(7, bench.VOCAB, seed=3)
     x[0, 140_001] = x[0].max() + 3  # the maximum rises late: the partial sums are rescaled
     x[1, 90_000:90_040] = x[1].max() + torch.linspace(0.5, 4, 40)  # 40 late entries above all: a new top 20
     x[2, 5_000::7_919] = x[2].max() + torch.arange(1, len(range(5_000, bench.VOCAB, 7_919)) + 1.0)  # rising maxima
+    x[3, 70_000] = x[3].max() + 100  # e^100 overflows float32: the sums so far are done again from the new max
+    x[4] = torch.linspace(-20, 20, bench.VOCAB)  # every entry a new maximum
+    x[5] = torch.linspace(20, -20, bench.VOCAB)
+    x[5, :1024] = -30.0
+    x[6, 1024:] = float("-inf")
     x = x.to(dtype)
     ref = sf.snippet(list(x.split(1)))
     for filter in ("p>0", "top-k"):
