@@ -168,11 +168,53 @@ static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v
 }
 
 #ifdef __AVX512F__
+// A top k of k <= 32 in registers: values a|b sorted descending (among equal values, the first added first), their
+// indices ia|ib; places past those filled are -inf. topk_add puts v where it belongs and shifts the rest one place
+// down, without a branch; a v that is not above the k-th only changes places k and after, so a batch of candidates
+// goes in unchecked. (topk_insert's shifts and mispredicts cost ~100 cycles an insertion, ~200 times in a row at
+// k = 20.)
+struct TopK { __m512 a, b; __m512i ia, ib; };
+static inline TopK topk_load(const float* tv, const int32_t* ti) {
+  return TopK{_mm512_loadu_ps(tv), _mm512_loadu_ps(tv + 16), _mm512_loadu_si512(ti), _mm512_loadu_si512(ti + 16)};
+}
+static inline void topk_store(const TopK& t, float* tv, int32_t* ti) {
+  _mm512_storeu_ps(tv, t.a); _mm512_storeu_ps(tv + 16, t.b); _mm512_storeu_si512(ti, t.ia); _mm512_storeu_si512(ti + 16, t.ib);
+}
+static inline void topk_add(TopK& t, float v, int32_t i) {
+  const __m512 vv = _mm512_set1_ps(v);
+  const __m512i lo = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15), hi = _mm512_add_epi32(lo, _mm512_set1_epi32(16));
+  // v's place: after every entry >= v; place j then takes old j (j < at), v (j == at) or old j − 1 (j > at)
+  const __m512i at = _mm512_set1_epi32(__builtin_popcount(_mm512_cmp_ps_mask(t.a, vv, _CMP_GE_OQ)) +
+                                       __builtin_popcount(_mm512_cmp_ps_mask(t.b, vv, _CMP_GE_OQ)));
+  const __m512i pa = _mm512_mask_sub_epi32(lo, _mm512_cmpgt_epi32_mask(lo, at), lo, _mm512_set1_epi32(1));
+  const __m512i pb = _mm512_mask_sub_epi32(hi, _mm512_cmpgt_epi32_mask(hi, at), hi, _mm512_set1_epi32(1));
+  const __mmask16 ea = _mm512_cmpeq_epi32_mask(lo, at), eb = _mm512_cmpeq_epi32_mask(hi, at);
+  const __m512 a = t.a, b = t.b; const __m512i ia = t.ia, ib = t.ib, vi = _mm512_set1_epi32(i);
+  t.a = _mm512_mask_mov_ps(_mm512_permutex2var_ps(a, pa, b), ea, vv);
+  t.b = _mm512_mask_mov_ps(_mm512_permutex2var_ps(a, pb, b), eb, vv);
+  t.ia = _mm512_mask_mov_epi32(_mm512_permutex2var_epi32(ia, pa, ib), ea, vi);
+  t.ib = _mm512_mask_mov_epi32(_mm512_permutex2var_epi32(ia, pb, ib), eb, vi);
+}
+// After n candidates went into tv/ti (each above the threshold they were taken with): the count and the threshold.
+static inline float topk_after(const float* tv, int* tc, int k, int n) {
+  *tc = *tc + n < k ? *tc + n : k;
+  return *tc < k ? -INFINITY : tv[k - 1];
+}
+
 // The lanes of v above thr into the running top k (lane l holds entry at + step·l, read again as stored); returns the
 // new threshold.
 static inline float topk_lanes(__m512 v, float thr, const void* row, int bf, int64_t at, int step, float* tv, int32_t* ti,
                                int* tc, int k) {
-  for (__mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ); gt; gt &= gt - 1) {
+  __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
+  if (!gt) return thr;
+  if (k <= 32) {
+    TopK t = topk_load(tv, ti);
+    const int n = __builtin_popcount(gt);
+    for (; gt; gt &= gt - 1) { const int64_t j = at + step * __builtin_ctz(gt); topk_add(t, load1(row, bf, j), (int32_t)j); }
+    topk_store(t, tv, ti);
+    return topk_after(tv, tc, k, n);
+  }
+  for (; gt; gt &= gt - 1) {
     const int64_t j = at + step * __builtin_ctz(gt);
     const float e = load1(row, bf, j);
     if (e > thr) thr = topk_insert(tv, ti, tc, k, e, (int32_t)j);
@@ -274,6 +316,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
     const void* row = bf ? (const void*)((const uint16_t*)x + r * ld) : (const void*)((const float*)x + r * ld);
     float m = -INFINITY, thr = -INFINITY; int nan = 0, tc = 0; int64_t i = 0;
 #ifdef __AVX512F__
+    for (int j = 0; j < 32; ++j) tv[j] = -INFINITY;  // (an empty TopK)
     // By blocks of BS: while the row has at most FCAP finite entries (and over 1/4 of those so far are -inf), max,
     // NaN, the finite entries' places and the running top k. Once it has more, Σ exp(x − max) for the blocks so far
     // (once, from cache), and from then on one look per entry: the exp sum against the max so far, with the max, NaN
@@ -307,7 +350,12 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
         nc += __builtin_popcount(c);
       };
       auto insert = [&]() {
-        for (int j = 0; j < nc; ++j) if (cv[j] > thr) thr = topk_insert(tv, ti, &tc, k, cv[j], ci[j]);
+        if (k <= 32) {
+          TopK t = topk_load(tv, ti);
+          for (int j = 0; j < nc; ++j) topk_add(t, cv[j], ci[j]);
+          topk_store(t, tv, ti);
+          thr = topk_after(tv, &tc, k, nc);
+        } else for (int j = 0; j < nc; ++j) if (cv[j] > thr) thr = topk_insert(tv, ti, &tc, k, cv[j], ci[j]);
         nc = 0;
       };
       for (int64_t j = 0; j < nh; ++j) {

@@ -165,6 +165,22 @@ def test_fused_cpu_random_shapes(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_cpu_top_k_sizes(dtype):
+    """k <= 32 keeps the top k in registers and takes a batch of candidates at a time (k > 32: one by one): k at
+    and around both sides of 32, on dense rows, on ties, and on rows with fewer finite entries than k, side by side
+    in one vector (a batch of 12 where k = 20)."""
+    usable("fused-cpu")
+    x = rows()
+    few = torch.full((2, WIDTH), float("-inf"))
+    few[0, 100:112] = torch.linspace(1, 3, 12)  # 12 finite entries, one vector's worth
+    few[1, 4000:4040:2] = 2.0  # 20 tied entries
+    x = torch.cat([x, few]).to(dtype)
+    ref = sf.snippet(list(x.split(1)))
+    for k in (1, 5, 12, 20, 31, 32, 33, 64):
+        assert sf.same(ref, sf.fused_cpu_filter(x, "top-k", k), "top-k", k, atol=1e-6) is None, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_fused_cpu_reports_the_first_bad_row(dtype):
     """The first bad row is named whichever thread finds it, also where a thread does its rows last to first."""
     usable("fused-cpu")
