@@ -23,7 +23,8 @@ import subprocess
 from harness import paths
 
 # The kernels' shared prelude (prepended to their sources): team_part (a thread's rows of an OpenMP team), and
-# float32 exp: exp_s scalar (d <= 0), exp16c AVX-512 (clamped at e^-87), exp16z (0 below e^-87), exp16 (subnormals too).
+# float32 exp: exp_s scalar (d <= 0), exp16c AVX-512 (clamped at e^-87), exp16s (exp16c in fewer cycles, for sums),
+# exp16z (0 below e^-87), exp16 (subnormals too).
 EXP_F32 = r"""#include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -67,6 +68,20 @@ static inline __m512 exp16c(__m512 t) {
   __m512 p = _mm512_set1_ps(1.3814610429e-3f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3687100559e-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668388992e-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666521132e-1f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999994040e-1f));
+  p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f)), r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+// e^t for sums of exps (softmax_filter's row sums, metrics_fused's sym_rows): exp16c's shape with a one-FMA range reduction and a degree-5 polynomial
+// (minimax for relative error), 25% fewer cycles. Its error is 1.6e-7 relative plus n·1.9e-9 from ln 2's float32
+// rounding (n = round(t/ln 2)), so at most 4e-7 at t = −87; in a sum the terms weigh in by their size, which keeps
+// the sum's relative error under 1.6e-7 + 2.7e-9·E_p[−t] (E_p[−t] <= ln V = 12 for a 151936 row): 2e-7 at most.
+static inline __m512 exp16s(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), t);
+  __m512 p = _mm512_set1_ps(0.008312525227665901f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041890114545822144f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16667114198207855f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499992311000824f));
   p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f)), r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }

@@ -88,6 +88,20 @@ def compare(
     return PairResult(ref_name, cand_name, agg, aggregate.per_prompt(m, prompt, names), m)
 
 
+def pair_sym_top1(ref: Store, cand: Store, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[P] KL(ref ‖ cand) + KL(cand ‖ ref) and [P] top-1 agreement: from the fused kernel's symmetric-KL path (2
+    exps an entry, 3x the full kernel's speed on pairs that drift far) where it builds, else from pair_metrics."""
+    if metrics_fused.available() is not None:
+        m = pair_metrics(ref, cand, target, ks=(2,))
+        return m["kl"] + m["kl_rev"], m["top1_agree"]
+    sym, top1 = [], []
+    for a, b in zip(ref.blocks(FUSED_BLOCK, renormalise=False, native=True), cand.blocks(FUSED_BLOCK, renormalise=False, native=True), strict=True):
+        s, t = metrics_fused.fused_sym_kl_top1(a, b)
+        sym.append(s)
+        top1.append(t)
+    return torch.cat(sym).numpy(), torch.cat(top1).numpy()
+
+
 def matrix(stores: dict[str, Store], known: list[PairResult]) -> list[dict]:
     """Top-1 agreement and symmetric KL (KL(a‖b) + KL(b‖a), nats) between every pair of models."""
     done = {(r.reference, r.candidate): r for r in known}
@@ -97,8 +111,8 @@ def matrix(stores: dict[str, Store], known: list[PairResult]) -> list[dict]:
             r = done.get((a, b)) or done[(b, a)]
             top1, sym = r.aggregates["top1_agree"], r.aggregates["kl_mean"] + r.aggregates["kl_rev_mean"]
         else:
-            m = pair_metrics(stores[a], stores[b], _aligned(a, stores[a], b, stores[b]), ks=(2,))
-            top1, sym = float(m["top1_agree"].mean()), float((m["kl"] + m["kl_rev"]).mean())
+            s, t = pair_sym_top1(stores[a], stores[b], _aligned(a, stores[a], b, stores[b]))
+            top1, sym = float(t.mean()), float(s.mean())
         rows.append({"a": a, "b": b, "top1_agree": top1, "sym_kl_mean": sym})
     return rows
 

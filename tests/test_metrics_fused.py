@@ -304,3 +304,68 @@ def test_metrics_bench_prints_its_table_and_json_line(capsys):
         assert r["fraction_of_ceiling"] == pytest.approx(r["gbps"] / last["read_ceiling_gbps"])
         assert r["best_fraction_of_ceiling"] >= r["fraction_of_ceiling"]
     assert got["fused"]["gbps"] == pytest.approx(got["fused"]["positions_per_s"] * 2 * 151646 * 4 / 1e9)
+
+
+def _sym_exact(ref, cand):
+    """KL(ref ‖ cand) + KL(cand ‖ ref) in float64 (both renormalised) and top-1 agreement (torch.argmax: the first
+    of tied maxima)."""
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(cand.double(), -1)
+    return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1), ref.double().argmax(-1) == cand.double().argmax(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [5003, WIDE])
+def test_sym_kl_top1_against_float64(dtype, width):
+    """The all-pairs matrix's path: symmetric KL within 1e-6 relative of float64 at every drift from none to
+    unrelated rows (J from 1e-8 to ~90 nats), and top-1 agreement exact, first of tied maxima included; stored-style
+    rows of each dtype, a width with a tail of 11 entries and Qwen's."""
+    from harness import bench
+
+    gen = torch.Generator().manual_seed(9)
+    base = bench.realistic_logits(6, width, seed=4)
+    pairs = [base + s * torch.randn(base.shape, generator=gen) for s in (1e-4, 1e-2, 0.3, 2.0)]
+    pairs.append(bench.realistic_logits(6, width, seed=5))  # unrelated rows
+    ref = torch.log_softmax(base.repeat(len(pairs), 1), -1)
+    cand = torch.log_softmax(torch.cat(pairs), -1)
+    top = ref.max(-1).values
+    ref[0, [5, 9]] = top[0]  # tied maxima: argmax 5 against the candidate's 9
+    cand[0, 9], cand[0, 5] = cand[0].max() + 1, cand[0].min()
+    ref[1, [width - 3, width - 1]] = top[1] + 0.5  # tied in the tail, matched by the candidate
+    cand[1, [width - 3, width - 1]] = cand[1].max() + 0.5
+    ref, cand = ref.to(dtype), cand.to(dtype)
+    sym, top1 = metrics_fused.fused_sym_kl_top1(ref, cand)
+    want, agree = _sym_exact(ref, cand)
+    assert sym.dtype == torch.float64 and top1.dtype == torch.bool
+    torch.testing.assert_close(sym, want, rtol=1e-6, atol=0)
+    assert torch.equal(top1, agree) and not top1[0] and top1[1]
+    assert float(want.min()) < 1e-7 and float(want.max()) > 50  # the range the rows were built to span
+    same, agree = metrics_fused.fused_sym_kl_top1(ref, ref)
+    assert torch.equal(same, torch.zeros_like(same)) and bool(agree.all())
+
+
+def test_sym_kl_top1_non_finite_rows_take_the_full_kernel():
+    """-inf, +inf or NaN anywhere in a pair: the full kernel's kl + kl_rev and top1_agree (inf where one side has a
+    token the other gives probability 0), the other rows from the symmetric-KL path. (Stores hold no NaN: extraction
+    refuses NaN logits.)"""
+    ref, cand = _rows("normal", 5, 4000, seed=3)
+    cand[1, 7] = -math.inf  # q = 0 where p > 0: KL(ref ‖ cand) = inf
+    ref[2, 11] = -math.inf
+    cand[2, 11] = -math.inf  # both 0 there: finite
+    ref[3, 5] = math.nan
+    cand[4, 5] = math.inf
+    sym, top1 = metrics_fused.fused_sym_kl_top1(ref, cand)
+    full = metrics_fused.fused_position_metrics(ref, cand, torch.zeros(5, dtype=torch.int64), (2,))
+    torch.testing.assert_close(sym, full["kl"] + full["kl_rev"], rtol=1e-6, atol=0, equal_nan=True)
+    assert torch.equal(top1, full["top1_agree"])
+    assert math.isinf(sym[1]) and math.isfinite(sym[2]) and math.isfinite(sym[0])
+
+
+def test_sym_kl_top1_unnormalised_rows():
+    """Rows are renormalised, so shifting one changes nothing; a candidate entry over 80 nats above the reference's
+    maximum (where exp(y − max x) would overflow float32) goes to the full kernel."""
+    ref, cand = _rows("normal", 4, 4000, seed=5)
+    want, agree = _sym_exact(ref, cand)
+    for shift in (-30.0, -100.0):
+        sym, top1 = metrics_fused.fused_sym_kl_top1(ref + shift, cand)
+        torch.testing.assert_close(sym, want, rtol=1e-6, atol=0)
+        assert torch.equal(top1, agree)
