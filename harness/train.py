@@ -20,7 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (imported where used: the Qwen2 modelling code takes ~1.5 s to import, which a compare from
+    # the stores, importing the zoo's profiles through this module, does not need)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
 HELD_OUT_EVERY = 10  # every 10th topic (sorted by name) is held out for the card's eval numbers
 
@@ -99,6 +103,8 @@ class Arch:
 
 def qwen2_config(arch: Arch, *, chat: bool, vocab_size: int | None = None) -> Qwen2Config:
     """A Qwen2Config with Qwen1.5's conventions (qkv bias, rope 1e6, no BOS, eos by flavour)."""
+    from transformers import Qwen2Config
+
     return Qwen2Config(
         vocab_size=vocab_size or arch.vocab_size,
         hidden_size=arch.hidden,
@@ -129,6 +135,8 @@ class CompactLM:
         self.remap[used] = torch.arange(len(used))
         # log of how many full-vocab columns the rest class stands for
         self.rest_log_count = math.log(arch.vocab_size - len(used))
+        from transformers import Qwen2ForCausalLM
+
         self.model = Qwen2ForCausalLM(qwen2_config(arch, chat=chat, vocab_size=len(used) + 1))
 
     def logits(self, compact_ids: torch.Tensor) -> torch.Tensor:
@@ -138,6 +146,8 @@ class CompactLM:
 
     def expand(self, *, chat: bool, seed: int) -> Qwen2ForCausalLM:
         """The full-vocabulary model: trained rows at their real ids, the rest row everywhere else."""
+        from transformers import Qwen2ForCausalLM
+
         full = Qwen2ForCausalLM(qwen2_config(self.arch, chat=chat))
         state = self.model.state_dict()
         gen = torch.Generator().manual_seed(seed + 1)
