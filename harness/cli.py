@@ -82,7 +82,7 @@ def run_compare(cfg) -> Path:
 def _compare(cfg) -> Path:
     from tqdm.auto import tqdm
 
-    from harness import compare, extract, paths, prompts, records, report
+    from harness import compare, paths, prompts, records, report
 
     the_plan, stores, facts = _extract(cfg)
     ref, options = cfg.reference.name, cfg.metrics
@@ -98,7 +98,7 @@ def _compare(cfg) -> Path:
     top = {name: compare.top_tokens(store) for name, store in tqdm(stores.items(), desc="top tokens", leave=False)}
     for name, store in stores.items():
         facts[name] |= {"warp": compare.warp_summary(store), "n_vocab": the_plan.tokens.n_vocab}
-    tokenizer = extract.load_tokenizer(the_plan.loaded[ref])
+    tokenizer = the_plan.tokenizer
     sequences = prompts.sequences(the_plan.segments)
     shown = {int(i) for ids, _ in top.values() for i in ids.reshape(-1)} | {int(i) for i in stores[ref].read("target")}
     tokens = {

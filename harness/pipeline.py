@@ -21,6 +21,7 @@ class Plan:
     tokens: TokenizedPrompts  # the reference tokenizer's ids of every prompt
     segments: list[Segment]  # what every model is run on, in order
     loaded: dict[str, extract.Loaded]  # model name -> where its weights are
+    tokenizer: object  # the reference's tokenizer (loading a 151k-token one again takes ~1 s)
 
     @property
     def positions(self) -> int:
@@ -67,7 +68,7 @@ def plan(cfg: Config, log=print) -> Plan:
                 f"variant {spec.name!r} has a context of {limit} positions, but the run feeds it {longest} tokens "
                 f"at once; lower 'text.context' (or shorten the prompts) in {cfg.source_file}"
             )
-    return Plan(tokens=tokens, segments=segments, loaded=loaded)
+    return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok)
 
 
 def extract_all(cfg: Config, the_plan: Plan, log=print) -> tuple[dict[str, Store], dict[str, dict]]:
