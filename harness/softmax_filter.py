@@ -300,8 +300,8 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
     float m = -INFINITY, thr = -INFINITY; int nan = 0, tc = 0; int64_t i = 0;
 #ifdef __AVX512F__
     for (int j = 0; j < 32; ++j) tv[j] = -INFINITY;  // (an empty TopK)
-    // By blocks of BS: while the row has at most FCAP finite entries (and over 1/4 of those so far are -inf), max,
-    // NaN, the finite entries' places and the running top k. Once it has more, Σ exp(x − max) for the blocks so far
+    // By blocks of BS: while the row has at most FCAP finite entries (and at least 1/4 of those read so far are
+    // -inf), max, NaN, the finite entries' places and the running top k. Once it has more, Σ exp(x − max) for the blocks so far
     // (once, from cache), and from then on one look per entry: the exp sum against the max so far, with the max, NaN
     // and top-k checks folded into one compare whose hits are only listed (a block's max first, then its sum from L1,
     // ran at 0.7x these rows/s on cached rows). So the row is read from memory once, prefetched 1024 entries ahead,

@@ -16,14 +16,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # (imported where used: the Qwen2 modelling code takes ~1.5 s to import, which a compare from
-    # the stores, importing the zoo's profiles through this module, does not need)
+# The Qwen2 classes are imported where a model is built: their modelling code takes ~1.5 s to import, and every
+# compare imports this module (for the zoo's profiles) without building anything.
+if TYPE_CHECKING:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
 HELD_OUT_EVERY = 10  # every 10th topic (sorted by name) is held out for the card's eval numbers
