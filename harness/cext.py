@@ -71,8 +71,8 @@ static inline __m512 exp16c(__m512 t) {
   p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f)), r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
-// e^t for sums of exps (softmax_filter's row sums, metrics_fused's sym_rows): exp16c's shape with a one-FMA range reduction and a degree-5 polynomial
-// (minimax for relative error), 25% fewer cycles. Its error is 1.6e-7 relative plus n·1.9e-9 from ln 2's float32
+// e^t for sums of exps (softmax_filter's row sums, metrics_fused's sym_rows): exp16c's shape with a one-FMA range
+// reduction and a degree-5 polynomial (minimax for relative error), 25% fewer cycles. Its error is 1.6e-7 relative plus n·1.9e-9 from ln 2's float32
 // rounding (n = round(t/ln 2)), so at most 4e-7 at t = −87; in a sum the terms weigh in by their size, which keeps
 // the sum's relative error under 1.6e-7 + 2.7e-9·E_p[−t] (E_p[−t] <= ln V = 12 for a 151936 row): 2e-7 at most.
 static inline __m512 exp16s(__m512 t) {
