@@ -51,10 +51,13 @@ bench: $(STAMP)
 	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json -q
 
 # On a CUDA machine whose own python3 holds torch and triton (no .venv, nothing installed): the CUDA tests and the
-# Triton kernel's sm_90 compile, then the bench on the GPU (torch, torch.compile, triton). A few minutes.
+# Triton kernels' sm_90 compile, the launch-settings sweep (~10 min), then the bench on the GPU at the sweep's best.
 gpu-check:
 	PYTHONPATH=$(CURDIR) python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k "cuda or hopper"
-	PYTHONPATH=$(CURDIR) python3 -m harness.bench --device cuda --impls torch,compiled,triton --batches 1,16,256,4096
+	mkdir -p reports
+	PYTHONPATH=$(CURDIR) python3 -m harness.triton_sweep --json reports/triton-sweep.json
+	PYTHONPATH=$(CURDIR) python3 -m harness.bench --device cuda --impls snippet,torch,compiled,triton --batches 1,16,256,4096 \
+		--snippet-max-batch 1 --max-gb 100 --triton-settings reports/triton-sweep.json
 
 zoo: $(STAMP)
 	$(VENV)/bin/harness zoo build

@@ -144,8 +144,10 @@ def peak_bytes(impl: str, batch: int, width: int, itemsize: int, filter: str) ->
 
 
 def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, impls=None, width=VOCAB,
-        snippet_max_batch=16, ceiling_gib=2.0, max_gb=8.0, device=None, min_seconds=0.3, log=print) -> dict:
-    """Times every implementation and returns the record: device, ceilings, settings, notes and `results`."""
+        snippet_max_batch=16, ceiling_gib=2.0, max_gb=8.0, device=None, min_seconds=0.3, log=print,
+        triton_settings: dict | None = None) -> dict:
+    """Times every implementation and returns the record: device, ceilings, settings, notes and `results`.
+    `triton_settings`: harness.triton_sweep's "best" (case -> launch settings), else triton_filter's defaults."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     impls = list(impls or ["snippet", *sf.IMPLS])
@@ -183,6 +185,9 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                         fn = lambda s=scores: sf.snippet(s)  # noqa: E731
                     elif impl == "fused-cpu":
                         fn = lambda f=filter, ws=sf.Workspace(): sf.fused_cpu_filter(next(batches_all), f, TOP_K, ws)  # noqa: E731
+                    elif impl == "triton" and triton_settings:
+                        cfg = swept(triton_settings, kind, dtype_name, filter, batch)
+                        fn = lambda f=filter, c=cfg: sf.triton_filter(next(batches_all), f, TOP_K, **c)  # noqa: E731
                     else:
                         fn = lambda f=filter, g=sf.IMPLS[impl]: g(next(batches_all), f, TOP_K)  # noqa: E731
                     try:
@@ -204,6 +209,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                         "speedup_vs_snippet": rps / ref if ref else None,
                         "median_s": med, "min_s": min(secs), "max_s": max(secs), "repeats": len(secs),
                         "iqr_s": float(np.subtract(*np.percentile(secs, [75, 25]))),
+                        **({"settings": cfg} if impl == "triton" and triton_settings else {}),
                     })
                     log(row_text(results[-1]))
     # measured again at the end and the better kept: a run of minutes on a shared machine can start in a slow phase
@@ -224,6 +230,12 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
         "write_median_gbps": [ceil.write_median_gbps, end.write_median_gbps],
         "notes": notes, "results": results,
     }
+
+
+def swept(best: dict, kind: str, dtype: str, filter: str, batch: int) -> dict:
+    """The sweep's settings for a case: those it found at batch 4096 for batches >= 4096, else at 256 (or 4096)."""
+    at = best.get(f"{kind} {dtype} {filter} {4096 if batch >= 4096 else 256}") or best.get(f"{kind} {dtype} {filter} 4096", {})
+    return {k: v for k, v in at.items() if k != "ms"}
 
 
 def _cpu_name() -> str:
@@ -272,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-gb", type=float, default=8.0, help="skip cases whose working memory would exceed this")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--quick", action="store_true", help="batches 1,16, float32, 3 repeats, 1 GiB ceiling buffer")
+    p.add_argument("--triton-settings", default=None, metavar="SWEEP_JSON",
+                   help="time triton at the best settings of a `python3 -m harness.triton_sweep --json` file")
     p.add_argument("--into", default=None, metavar="RUN_DIR",
                    help="also store the result in that run's record (its HTML report gains a throughput section)")
     a = p.parse_args(argv)
@@ -290,8 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device")
     if a.quick:
         ints, dtypes, a.repeats, a.ceiling_gib = [1, 16], ["float32"], 3, 1.0
+    settings = None
+    if a.triton_settings:
+        with open(a.triton_settings) as f:
+            settings = json.load(f)["best"]
     record = run(ints, dtypes, a.repeats, impls, a.width, a.snippet_max_batch, a.ceiling_gib, a.max_gb, a.device,
-                 log=lambda msg: None)
+                 log=lambda msg: None, triton_settings=settings)
     print(table(record))
     if a.into:
         from harness import records, report

@@ -69,28 +69,40 @@ def _csr(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> S
 
 def torch_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
     """[B, V] logits -> SparseRows, with whole-batch torch ops (a [B, V] softmax and mask in memory)."""
+    out = _torch_ops(x, filter, k)
+    if out is None:
+        raise bad_row_error(x)
+    return out
+
+
+def _torch_ops(x: torch.Tensor, filter: str, k: int) -> SparseRows | None:
+    """torch_filter's ops; None where a row has no distribution. The callers raise: under torch.compile a raise here
+    fails in torch 2.11's dynamo on CUDA (an AssertionError in the frame resumed after the graph break)."""
     p = torch.softmax(x, dim=-1)
     if filter == "p>0":
         keep = p > 0
         counts = keep.sum(1)
         if bool((counts == 0).any()):  # NaN, +inf or all -inf makes the whole softmax row NaN
-            raise bad_row_error(x)
+            return None
         return _csr(counts, keep.view(-1).nonzero().squeeze(1).remainder_(x.shape[1]).int(), p[keep])
     top, idx = p.topk(k, dim=-1)
     if bool(top[:, 0].isnan().any()):
-        raise bad_row_error(x)
+        return None
     keep = top > 0
     return _csr(keep.sum(1), idx[keep].int(), top[keep])
 
 
 @cache
 def _compiled():
-    return torch.compile(torch_filter, dynamic=True)
+    return torch.compile(_torch_ops, dynamic=True)
 
 
 def compiled_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> SparseRows:
     """torch.compile of torch_filter (the first call per shape family compiles, seconds to a minute)."""
-    return _compiled()(x, filter, k)
+    out = _compiled()(x, filter, k)
+    if out is None:
+        raise bad_row_error(x)
+    return out
 
 
 # --- fused CPU kernel: C++ source, built once per machine into $HARNESS_HOME/ext ----------------------
@@ -650,137 +662,100 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
 
 
 # --- fused CUDA kernels (Triton, imported on first use) ------------------------------------------------
+# Launch settings of triton_filter, tuned on an H200 (README, "Softmax/filter throughput"): columns per tile of the
+# `stats` and `write` loops, warps per program, programs per multiprocessor over the batch, G, the columns per
+# step of a segment in `stats` (for top-k also the group whose max it keeps; "row" for p > 0), and CAP: a part
+# whose segments hold at most CAP / segments finite logits each (a warped row's) keeps them in `stats`, so that
+# `write` need not read the part again. TUNED: per (filter, dtype), over TRITON.
+TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512}
+TUNED: dict[tuple[str, torch.dtype], dict] = {("top-k", torch.float32): {"block": 2048}, ("top-k", torch.bfloat16): {"block": 2048}}
+
+
 @cache
 def _triton_kernels():
-    """(stats, write): each program takes one part of one row, W columns (the last part what is left)."""
-    import triton
-    import triton.language as tl
+    """(stats, top, write, compact) from harness.softmax_triton, which imports triton."""
+    from harness import softmax_triton as kt
 
-    @triton.jit
-    def stats(x_ptr, ld, V, W, stat_ptr, top_ptr, BLOCK: tl.constexpr, KP: tl.constexpr):
-        # The part's max, Σ exp(x − max) (online) and NaN flag into stat[row, part]; where KP > 0 (top-k) also its KP
-        # largest entries as int64 keys into top[row, part]: the float's bits made to order as signed integers, then
-        # 2^32 − 1 − column (so that among ties the lowest column ranks first). A block goes through tl.topk only
-        # where one of its keys beats the KP-th kept so far.
-        row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        lo = part * W
-        hi = tl.minimum(lo + W, V)
-        base, offs = x_ptr + row * ld, tl.arange(0, BLOCK)
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
-        nan = tl.zeros([BLOCK], tl.int32)
-        if KP > 0:  # the smallest int64, as an expression of int64 literals (2^63 itself is out of int64 range)
-            best = tl.full([KP], -9223372036854775807 - 1, tl.int64)
-        for start in range(lo, hi, BLOCK):
-            col = start + offs
-            x = tl.load(base + col, mask=col < hi, other=float("-inf")).to(tl.float32)
-            nan = tl.maximum(nan, (x != x).to(tl.int32))
-            if KP > 0:
-                b = x.to(tl.int32, bitcast=True)
-                key = ((b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (4294967295 - col.to(tl.int64))
-                key = tl.where(col < hi, key, -9223372036854775807 - 1)
-                if tl.max(key, 0) > tl.min(best, 0):
-                    best = tl.topk(tl.cat(best, tl.topk(key, KP), can_reorder=True), KP)
-            m_new = tl.maximum(m, x)
-            s = s * tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
-            s += tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
-            m = m_new
-        mx = tl.max(m, 0)
-        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0)
-        slot = row * tl.num_programs(1) + part
-        tl.store(stat_ptr + slot * 3, mx)
-        tl.store(stat_ptr + slot * 3 + 1, total)
-        tl.store(stat_ptr + slot * 3 + 2, tl.max(nan, 0).to(tl.float32))
-        if KP > 0:
-            tl.store(top_ptr + slot * KP + tl.arange(0, KP), best)
-
-    @triton.jit
-    def write(x_ptr, ld, V, W, cap, mx_ptr, inv_ptr, val_ptr, idx_ptr, cnt_ptr, BLOCK: tl.constexpr, BF16: tl.constexpr):
-        # The part's kept p (p > 0 in the output dtype), compacted in order from row·cap + lo; their count into
-        # cnt[row, part]. bfloat16 p is rounded to nearest even on its float32 bits (val_ptr is then int16): exact for
-        # subnormal p too, which a float conversion may flush (and Triton's interpreter converts wrongly).
-        row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        lo = part * W
-        hi = tl.minimum(lo + W, V)
-        base, offs = x_ptr + row * ld, tl.arange(0, BLOCK)
-        mx, inv = tl.load(mx_ptr + row), tl.load(inv_ptr + row)
-        c = tl.full([], 0, tl.int32)
-        for start in range(lo, hi, BLOCK):
-            col = start + offs
-            x = tl.load(base + col, mask=col < hi, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x - mx) * inv
-            if BF16:
-                b = p.to(tl.uint32, bitcast=True)
-                b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-                keep = (b != 0) & (col < hi)
-                p = b.to(tl.int16)
-            else:
-                p = p.to(val_ptr.dtype.element_ty)
-                keep = (p > 0) & (col < hi)
-            pos = row * cap + lo + c + tl.cumsum(keep.to(tl.int32), 0) - 1
-            tl.store(val_ptr + pos, p, mask=keep)
-            tl.store(idx_ptr + pos, col.to(tl.int32), mask=keep)
-            c += tl.sum(keep.to(tl.int32), 0)
-        tl.store(cnt_ptr + row * tl.num_programs(1) + part, c.to(tl.int64))
-
-    return stats, write
+    return kt.stats, kt.top, kt.write, kt.compact
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def triton_parts(B: int, V: int, block: int, device: torch.device) -> int:
-    """Programs per row: enough for ~4 per multiprocessor over the batch (a batch of 16 rows alone would keep 16 of
-    an H200's 132 busy), at most one per block of the row. 1 off CUDA (the interpreter)."""
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def triton_parts(B: int, V: int, block: int, device: torch.device, waves: int | None = None) -> int:
+    """Programs per row: enough for `waves` (TRITON["waves"]) per multiprocessor over the batch (a batch of 16 rows
+    alone would keep 16 of an H200's 132 busy), at most one per block of the row. 1 off CUDA (the interpreter)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(_cdiv(V, block), _cdiv(4 * sms, max(B, 1))))
+    return max(1, min(_cdiv(V, block), _cdiv((waves or TRITON["waves"]) * sms, max(B, 1))))
 
 
-def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int | None = None) -> SparseRows:
-    """[B, V] CUDA logits -> SparseRows with fused Triton kernels, each row split over `parts` programs
-    (default triton_parts): `stats` gives each part's max, Σ and top k (top-k: the logits' top k, which order as
-    the probabilities do; among ties the lowest column first), combined here over the parts; for p > 0, `write`
-    then writes each part's kept p. So top-k reads each row once, p > 0 twice. Under Triton's interpreter
+def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int | None = None, **settings) -> SparseRows:
+    """[B, V] CUDA logits -> SparseRows with fused Triton kernels, each row split over `parts` programs (default
+    triton_parts; `settings` override TRITON's). `stats` reads each part once: max, Σ exp and, for top-k, each
+    group's max; top-k then reads only the k groups with the largest maxima again (`top`, fused into `stats` where a
+    row is one part), so about 1.03 reads a row; p > 0's `write` reads a part again only where it holds more than
+    CAP finite logits (a raw row's, not a warped one's). One sync a call (the bad-row flag and the kept count); gaps
+    (rows that keep fewer than k, or parts that drop entries) are closed by `compact`. Under Triton's interpreter
     (TRITON_INTERPRET=1 before triton is imported) it also takes CPU tensors: how the tests run it without a GPU."""
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("triton takes a CUDA tensor")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 2:
+        raise ValueError(f"triton takes a [B, V] float tensor, not {x.dtype} {tuple(x.shape)}")
+    if filter not in ("p>0", "top-k") or not 0 < k <= 256:
+        raise ValueError(f"filter must be 'p>0' or 'top-k' with 0 < k <= 256, not {filter!r}, k={k}")
+    cfg = {**TRITON, **TUNED.get((filter, x.dtype), {}), **settings}
     x = x if x.stride(1) == 1 else x.contiguous()
-    (B, V), write = x.shape, filter == "p>0"
-    block = 4096 if write else 1024
-    n = parts or triton_parts(B, V, block, x.device)
-    W = _cdiv(_cdiv(V, n), block) * block  # each part a whole number of blocks
-    n = _cdiv(V, W)
-    bf16, kp = x.dtype == torch.bfloat16, 0 if write else 1 << max(1, (k - 1).bit_length())  # a power of 2 >= k, >= 2
-    stat = torch.empty(B, n, 3, dtype=torch.float32, device=x.device)  # max, Σ exp(x - max), NaN flag, per part
-    keys = torch.empty(B, n, max(kp, 1), dtype=torch.int64, device=x.device)
-    stats, write_kernel = _triton_kernels()
-    stats[(B, n)](x, x.stride(0), V, W, stat, keys, BLOCK=block, KP=kp)
-    m = stat[..., 0]
-    mx = m.max(1).values
-    total = (stat[..., 1] * torch.where(m == float("-inf"), 0.0, (m - mx[:, None]).exp())).sum(1)
-    if bool(((stat[..., 2] > 0).any(1) | mx.isinf()).any()):
+    (B, V), topk, dev = x.shape, filter == "top-k", x.device
+    kp = _pow2(max(k, 2))  # tl.topk takes a power of 2
+    G = max(16, min(cfg["group"], 4096 // kp)) if topk else cfg["row"]  # top_of_row's tile, [kp, G], stays <= 4096
+    block = max(cfg["block"], G)
+    R = block // G  # segments a part
+    CR = max(1, cfg["cap"] // R)  # finite logits kept a segment
+    n = parts or triton_parts(B, V, block, dev, cfg["waves"])
+    W = _cdiv(_cdiv(V, n), block) * block  # each part a whole number of tiles, so each segment of groups
+    n, NG = _cdiv(V, W), _cdiv(V, G)
+    NGP = max(_pow2(NG), kp)
+    bf16 = x.dtype == torch.bfloat16
+    stats, top, write, compact = _triton_kernels()
+    stat = torch.empty(B, n, 4, dtype=torch.float32, device=dev)  # max, Σ exp(x - max), NaN flag, finite a segment
+    flag = torch.zeros(2, dtype=torch.int64, device=dev)  # any bad row; entries kept
+    cap = k if topk else V
+    vals = torch.empty(B * cap, dtype=x.dtype, device=dev)
+    idx = torch.empty(B * cap, dtype=torch.int32, device=dev)
+    counts = torch.empty(B, 1 if topk else n, dtype=torch.int64, device=dev)
+    out_vals = vals.view(torch.int16) if bf16 else vals  # bfloat16 p are written as their bits
+    gmax = torch.empty(B * NG if topk else 1, dtype=torch.float32, device=dev)
+    cval = torch.empty(1 if topk else B * n * R * CR, dtype=torch.float32, device=dev)
+    cidx = torch.empty(cval.numel(), dtype=torch.int32, device=dev)
+    ccnt = torch.empty(1 if topk else B * n * R, dtype=torch.int32, device=dev)
+    warps = {"num_warps": cfg["warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})} if dev.type == "cuda" else {}
+    stats[(B, n)](x, x.stride(0), V, W, k, stat, gmax, NG, cval, cidx, ccnt, out_vals, idx, counts, flag, R=R, G=G, CR=CR,
+                  TOPK=topk, FUSED=topk and n == 1, KP=kp, NGP=NGP, BF16=bf16, **warps)  # fmt: skip
+    if topk and n > 1:
+        top[(B,)](x, x.stride(0), V, k, n, stat, gmax, NG, out_vals, idx, counts, flag, NP=_pow2(n), G=G, KP=kp,
+                  NGP=NGP, BF16=bf16, **warps)  # fmt: skip
+    elif not topk:
+        write[(B, n)](x, x.stride(0), V, W, cap, stat, cval, cidx, ccnt, out_vals, idx, counts, flag, BLOCK=block, R=R,
+                      CR=CR, NP=_pow2(n), BF16=bf16, **warps)  # fmt: skip
+    offsets = torch.arange(0, (B + 1) * cap, cap, dtype=torch.int64, device=dev)  # where no row has gaps
+    bad, kept = flag.tolist()  # the call's one sync
+    if bad:
         raise bad_row_error(x)
-    if write:
-        cap = V
-        vals = torch.empty(B * cap, dtype=x.dtype, device=x.device)
-        idx = torch.empty(B * cap, dtype=torch.int32, device=x.device)
-        counts = torch.empty(B, n, dtype=torch.int64, device=x.device)
-        write_kernel[(B, n)](x, x.stride(0), V, W, cap, mx, 1.0 / total, vals.view(torch.int16) if bf16 else vals, idx,
-                             counts, BLOCK=block, BF16=bf16)  # fmt: skip
-        if int(counts.sum()) != B * cap:  # each part's entries start at its first column: close the gaps
-            at = torch.arange(cap, device=x.device)
-            keep = at % W < counts[:, at // W]
-            vals, idx = vals.view(B, cap)[keep], idx.view(B, cap)[keep]
-        return _csr(counts.sum(1), idx, vals)
-    top = keys.view(B, n * kp).topk(k, dim=1).values  # sorted, largest first (kp >= k)
-    found = top != -(2**63)  # fewer than k entries in the row
-    col = torch.where(found, 4294967295 - (top & 4294967295), 0)
-    p = ((x.gather(1, col).float() - mx[:, None]).exp() / total[:, None]).to(x.dtype)
-    keep = found & (p > 0)
-    return _csr(keep.sum(1), col[keep].int(), p[keep])
+    if kept == B * cap:
+        return SparseRows(offsets, idx, vals)
+    flat = counts.view(-1)
+    dst = torch.cumsum(flat, 0) - flat
+    packed_vals, packed_idx = torch.empty(kept, dtype=x.dtype, device=dev), torch.empty(kept, dtype=torch.int32, device=dev)
+    compact[counts.shape](out_vals, idx, flat, dst, W if not topk else k, cap,
+                          packed_vals.view(torch.int16) if bf16 else packed_vals, packed_idx, BLOCK=1024)  # fmt: skip
+    return _csr(counts.sum(1), packed_idx, packed_vals)
 
 
 IMPLS = {"torch": torch_filter, "compiled": compiled_filter, "fused-cpu": fused_cpu_filter, "triton": triton_filter}

@@ -9,6 +9,7 @@ same float32 value to bfloat16 as torch.softmax does, up to ~1e-7 differences be
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -286,33 +287,76 @@ def test_cuda_matches_snippet(impl):
             sf.IMPLS[impl](xn, "p>0", 20)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_triton_paths():
+    """Each of triton_filter's paths on the GPU against the snippet: rows in one part (top-k fused into `stats`) and in
+    several, k from 20 to 256 (narrower groups), sparse parts at and past CAP finite logits, other launch settings;
+    bad rows in either filter and path a clear error naming the row."""
+    if sf.available("triton", "cuda"):
+        pytest.skip(sf.available("triton", "cuda"))
+    x = sparse_rows(rows(bench.VOCAB)).to("cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        ref = sf.snippet(list(xd.split(1)))
+        # each setting compiles its kernels anew (~5-10 s each on the H200's host): few of them
+        for parts, k, cfg in ((1, 20, {}), (None, 20, {}), (3, 64, {}), (1, 256, {"block": 4096, "warps": 4})):
+            for filter in ("p>0", "top-k"):
+                got = sf.triton_filter(xd, filter, k, parts=parts, **cfg)
+                assert got.values.dtype == dtype and got.indices.dtype == torch.int32
+                assert sf.same(ref, got, filter, k, atol=1e-6) is None, (dtype, parts, k, cfg, filter)
+        for row, (col, value, why) in enumerate([(7, float("nan"), "holds NaN"), (-1, float("inf"), "holds \\+inf")]):
+            bad = xd.clone()
+            bad[row + 1, col] = value
+            for filter, parts in itertools.product(("p>0", "top-k"), (1, None)):
+                with pytest.raises(ValueError, match=f"row {row + 1} {why}"):
+                    sf.triton_filter(bad, filter, 20, parts=parts)
+        bad = xd.clone()
+        bad[4] = float("-inf")
+        with pytest.raises(ValueError, match="row 4 is all -inf"):
+            sf.triton_filter(bad, "top-k", 20, parts=1)
+
+
+def sparse_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` [6, V] and two rows more: sparse parts at and just past CAP finite logits (a part of `stats` keeps up to CAP
+    of them for `write`), spread over several tiles."""
+    cap, V = sf.TRITON["cap"], x.shape[1]
+    extra = torch.full((2, V), float("-inf"))
+    gen = torch.Generator().manual_seed(3)
+    for r, n in enumerate((cap, cap + 1)):
+        extra[r, torch.randperm(min(V, 3 * 4096), generator=gen)[:n]] = torch.randn(n, generator=gen) * 4
+    return torch.cat([x, extra])
+
+
 INTERPRETED = """
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])  # this folder
 from harness import bench, softmax_filter as sf
-from test_bench import rows
-# top-k at a smaller width (3 blocks of 1024): the interpreter runs tl.topk's network op by op (~0.5 s a block).
-# Rows in 1 part and in several (p > 0: 3 parts of 13 blocks of 4096; top-k: 2 parts, 2048 and 452 columns).
-for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20], [1, 3]),
-                                        (torch.bfloat16, "p>0", bench.VOCAB, [20], [1, 3]),
-                                        (torch.float32, "top-k", 2500, [1, 20], [1, 2]),
-                                        (torch.bfloat16, "top-k", 2500, [20], [2])):
-    x = rows(width).to(dtype)
+from test_bench import rows, sparse_rows
+# top-k at a smaller width: the interpreter runs tl.topk's network op by op. Rows in 1 part and in several (p > 0:
+# 3 parts of 13 tiles of 4096, then 8 parts of 1024; top-k: 2 parts of 2048 and 452 columns, then 3 of 1024).
+for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20], [(1, {}), (3, {})]),
+                                        (torch.bfloat16, "p>0", bench.VOCAB, [20], [(1, {}), (8, {"block": 1024})]),
+                                        (torch.float32, "top-k", 2500, [1, 20, 64], [(1, {}), (2, {})]),
+                                        (torch.bfloat16, "top-k", 2500, [20], [(2, {}), (3, {"block": 1024, "group": 64})])):
+    x = sparse_rows(rows(width)).to(dtype)
     ref = sf.snippet(list(x.split(1)))
     for k in ks:
-        for n in parts:
-            got = sf.triton_filter(x, filter, k, parts=n)
+        for n, cfg in parts:
+            got = sf.triton_filter(x, filter, k, parts=n, **cfg)
             assert got.values.dtype == dtype and got.indices.dtype == torch.int32, (got.values.dtype, got.indices.dtype)
             diff = sf.same(ref, got, filter, k, atol=1e-6)
-            assert diff is None, (dtype, filter, k, n, diff)
-    x[2, -3] = float("nan")  # in the last part
-    try:
-        sf.triton_filter(x, filter, 20, parts=parts[-1])
-    except ValueError as e:
-        assert "row 2 holds NaN" in str(e), e
-    else:
-        raise AssertionError("NaN passed")
+            assert diff is None, (dtype, filter, k, n, cfg, diff)
+    for col, value, why in ((-3, float("nan"), "holds NaN"), (5, float("inf"), "holds +inf")):  # in the last part, the first
+        bad = x.clone()
+        bad[2, col] = value
+        try:
+            sf.triton_filter(bad, filter, 20, parts=parts[-1][0])
+        except ValueError as e:
+            assert f"row 2 {why}" in str(e), e
+        else:
+            raise AssertionError(why + " passed")
 """
 
 
@@ -320,16 +364,27 @@ for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20]
 def test_triton_kernel_under_the_interpreter():
     """The CUDA kernels, run by Triton's interpreter on the CPU, rows in one part and in several: same kept tokens
     and probabilities as the snippet on the test rows (p > 0 at Qwen1.5's width, subnormal bfloat16 probabilities
-    included; top-k with k = 1 and 20, ties, a row with a single finite entry), NaN a clear error. A subprocess:
-    TRITON_INTERPRET must be set before triton is imported. Speed is for `harness bench` on a GPU."""
+    included, parts at and past CAP finite logits; top-k with k = 1, 20 and 64, ties, a row with a single finite
+    entry), NaN and +inf a clear error. A subprocess: TRITON_INTERPRET must be set before triton is imported. Speed
+    is for `harness bench` and `harness.triton_sweep` on a GPU."""
     run = subprocess.run([sys.executable, "-c", INTERPRETED, os.path.dirname(__file__)], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+TRITON_VARIANTS = {  # the kernels triton_filter launches, with their constexprs at the default settings and V = 151936
+    "stats p>0": ("stats", {"R": 16, "G": 256, "CR": 32, "TOPK": False, "FUSED": False, "KP": 32, "NGP": 4096}),
+    "stats top-k, fused": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": True, "KP": 32, "NGP": 4096}),
+    "stats top-k": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": False, "KP": 32, "NGP": 4096}),
+    "top": ("top", {"NP": 64, "G": 64, "KP": 32, "NGP": 4096}),
+    "write": ("write", {"BLOCK": 4096, "R": 16, "CR": 32, "NP": 64}),
+    "compact": ("compact", {"BLOCK": 1024}),
+}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("variant", ["stats p>0", "stats top-k", "write"])
+@pytest.mark.parametrize("variant", list(TRITON_VARIANTS))
 def test_triton_kernels_compile_for_hopper(dtype, variant, tmp_path, monkeypatch):
     """Without a GPU: each Triton kernel compiles to a cubin for sm_90 (H100, H200) in each variant triton_filter
     launches, and ptxas (from the triton wheel) spills nothing to local memory."""
@@ -338,20 +393,18 @@ def test_triton_kernels_compile_for_hopper(dtype, variant, tmp_path, monkeypatch
     from triton.compiler import ASTSource
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    stats, write = sf._triton_kernels()
-    if variant == "write":
-        fn, constexprs = write, {"BLOCK": 4096, "BF16": dtype == "bf16"}
-        signature = {"x_ptr": f"*{dtype}", "ld": "i64", "V": "i32", "W": "i32", "cap": "i32", "mx_ptr": "*fp32",
-                     "inv_ptr": "*fp32", "val_ptr": "*i16" if dtype == "bf16" else "*fp32", "idx_ptr": "*i32",
-                     "cnt_ptr": "*i64", "BLOCK": "constexpr", "BF16": "constexpr"}  # fmt: skip
-    else:
-        top = variant == "stats top-k"
-        fn, constexprs = stats, {"BLOCK": 1024 if top else 4096, "KP": 32 if top else 0}
-        signature = {"x_ptr": f"*{dtype}", "ld": "i64", "V": "i32", "W": "i32", "stat_ptr": "*fp32", "top_ptr": "*i64",
-                     "BLOCK": "constexpr", "KP": "constexpr"}  # fmt: skip
-    out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    name, constexprs = TRITON_VARIANTS[variant]
+    fn = dict(zip(("stats", "top", "write", "compact"), sf._triton_kernels()))[name]
+    constexprs = {**constexprs, **({"BF16": dtype == "bf16"} if name != "compact" else {})}
+    out = "*i16" if dtype == "bf16" else "*fp32"
+    types = {"x_ptr": f"*{dtype}", "val_ptr": out, "src_val": out, "idx_ptr": "*i32", "cidx_ptr": "*i32", "src_idx": "*i32",
+             "cnt_ptr": "*i64", "flag_ptr": "*i64", "dst_ptr": "*i64", "stat_ptr": "*fp32", "gmax_ptr": "*fp32", "cval_ptr": "*fp32",
+             "ccnt_ptr": "*i32"}  # fmt: skip
+    signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": sf.TRITON["warps"]})  # fmt: skip
     cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(out.asm["cubin"])
+    cubin.write_bytes(compiled.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     usage = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     assert "REG:" in usage and "LOCAL:0 " in usage, usage

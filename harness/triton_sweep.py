@@ -1,0 +1,102 @@
+"""Times triton_filter's launch settings on a CUDA device, against the read ceiling measured in the same run.
+
+    python3 -m harness.triton_sweep --json sweep.json
+    python3 -m harness.bench --device cuda --triton-settings sweep.json
+
+For each case (raw/warped rows, float32/bfloat16, p > 0 / top-20) at batches 4096 and 256 of Qwen1.5-wide
+rows (harness.bench's inputs): columns per tile ("block") x warps per program at batch 4096, then, at the
+best pair, the group (top-k) or row width (p > 0) and maxnreg=128, and at batch 256 the programs per
+multiprocessor ("waves"). Each time is triton.testing.do_bench's median (CUDA events, the L2 cleared
+before each call); calls of batch 256 take successive slices of the 4096 rows, so they are read from
+memory. Each new setting compiles its kernels (5-10 s on an H200's host): all six cases take about
+10 minutes, and the sweep starts no timing after --seconds. Prints each timing and the best settings per
+case; --json writes them all, in the form `harness bench --triton-settings` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+
+from harness import bench
+from harness import softmax_filter as sf
+
+CASES = [("raw", "float32", "top-k"), ("raw", "bfloat16", "top-k"), ("raw", "float32", "p>0"),
+         ("raw", "bfloat16", "p>0"), ("warped", "float32", "p>0"), ("warped", "bfloat16", "p>0")]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    import triton
+    from triton.testing import do_bench
+
+    p = argparse.ArgumentParser(prog="python3 -m harness.triton_sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=540.0, help="start no timing after this many seconds")
+    p.add_argument("--json", default=None, help="write every timing here")
+    a = p.parse_args(argv)
+    dev, t0 = torch.device("cuda"), time.monotonic()
+    ceil = bench.ceilings(dev, 2.0, 10)
+    print(f"{torch.cuda.get_device_name(dev)}: read {ceil.read_gbps:.0f} GB/s (median {ceil.read_median_gbps:.0f}), "
+          f"copy {ceil.copy_gbps:.0f}, write {ceil.write_gbps:.0f}; torch {torch.__version__}, triton {triton.__version__}", flush=True)  # fmt: skip
+    raw = bench.realistic_logits(4096)
+    rows = {"raw": raw, "warped": bench.warp(raw[:64]).repeat(64, 1)}
+    out: list[dict] = []
+
+    def time_it(kind: str, dtype: str, filter: str, batch: int, **cfg) -> float | None:
+        if time.monotonic() - t0 > a.seconds:
+            return None
+        x = rows[kind].to(dev, bench.DTYPES[dtype])
+        slices = itertools.cycle(x[s : s + batch] for s in range(0, len(x), batch))
+        try:
+            ms = do_bench(lambda: sf.triton_filter(next(slices), filter, bench.TOP_K, **cfg), warmup=5, rep=40,
+                                         return_mode="median")  # fmt: skip
+        except Exception as e:  # noqa: BLE001 -- a setting that does not compile or run is reported, not fatal
+            print(f"  {kind} {dtype} {filter} {batch} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+            return None
+        gbps = batch * x.shape[1] * x.element_size() / ms / 1e6
+        out.append({"inputs": kind, "dtype": dtype, "filter": filter, "batch": batch, **cfg, "ms": ms, "gbps": gbps,
+                    "fraction_of_ceiling": gbps / ceil.read_gbps})  # fmt: skip
+        print(f"  {kind:>6} {dtype:>8} {filter:>5} {batch:>5} {json.dumps(cfg):<70} {ms:8.3f} ms {gbps:7.0f} GB/s "
+              f"{gbps / ceil.read_gbps:5.0%}", flush=True)  # fmt: skip
+        return ms
+
+    best = {}
+    for kind, dtype, filter in CASES:
+        timed = {}  # batch 4096: every (block, warps); batch 256: the best of those, over waves (programs per SM)
+        for block, warps in itertools.product((2048, 4096, 8192), (4, 8, 16)):
+            ms = time_it(kind, dtype, filter, 4096, block=block, warps=warps)
+            if ms is not None:
+                timed[(block, warps)] = ms
+        if not timed:
+            continue
+        block, warps = min(timed, key=timed.get)
+        cfg, ms = {"block": block, "warps": warps}, timed[(block, warps)]
+        for extra in [{"group": 32}, {"group": 128}] if filter == "top-k" else [{"row": 128}, {"row": 512}]:
+            t = time_it(kind, dtype, filter, 4096, **cfg, **extra)
+            if t is not None and t < ms:
+                ms = t
+                cfg = {**{k: v for k, v in cfg.items() if k not in extra}, **extra}
+        t = time_it(kind, dtype, filter, 4096, **cfg, maxnreg=128)  # two programs a multiprocessor at 8 warps
+        if t is not None and t < ms:
+            ms, cfg = t, {**cfg, "maxnreg": 128}
+        best[f"{kind} {dtype} {filter} 4096"] = {**cfg, "ms": ms}
+        small = {w: time_it(kind, dtype, filter, 256, **cfg, waves=w) for w in (2, 4, 8)}
+        small = {w: t for w, t in small.items() if t is not None}
+        if small:
+            w = min(small, key=small.get)
+            best[f"{kind} {dtype} {filter} 256"] = {**cfg, "waves": w, "ms": small[w]}
+    print("best per case (ms is the median of do_bench):")
+    for case, cfg in best.items():
+        print(f"  {case:<32} {json.dumps(cfg)}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "read_ceiling_gbps": ceil.read_gbps,
+                       "copy_ceiling_gbps": ceil.copy_gbps, "results": out, "best": best}, f)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
