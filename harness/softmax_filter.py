@@ -662,11 +662,11 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
 
 
 # --- fused CUDA kernels (Triton, imported on first use) ------------------------------------------------
-# Launch settings of triton_filter, tuned on an H200 (README, "Softmax/filter throughput"): columns per tile of the
-# `stats` and `write` loops, warps per program, programs per multiprocessor over the batch, G, the columns per
-# step of a segment in `stats` (for top-k also the group whose max it keeps; "row" for p > 0), and CAP: a part
-# whose segments hold at most CAP / segments finite logits each (a warped row's) keeps them in `stats`, so that
-# `write` need not read the part again. TUNED: per (filter, dtype), over TRITON.
+# Launch settings of triton_filter (top-k's swept on an H200, p > 0's not yet: README, "On the GPU"): columns per
+# tile of the `stats` and `write` loops, warps per program, programs per multiprocessor over the batch, G, the
+# columns per step of a segment in `stats` (for top-k also the group whose max it keeps; "row" for p > 0), and
+# CAP: a part whose segments hold at most CAP / segments finite logits each (a warped row's) keeps them in
+# `stats`, so that `write` need not read the part again. TUNED: per (filter, dtype), over TRITON.
 TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512}
 TUNED: dict[tuple[str, torch.dtype], dict] = {("top-k", torch.float32): {"block": 2048}, ("top-k", torch.bfloat16): {"block": 2048}}
 
@@ -700,9 +700,10 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
     """[B, V] CUDA logits -> SparseRows with fused Triton kernels, each row split over `parts` programs (default
     triton_parts; `settings` override TRITON's). `stats` reads each part once: max, Σ exp and, for top-k, each
     group's max; top-k then reads only the k groups with the largest maxima again (`top`, fused into `stats` where a
-    row is one part), so about 1.03 reads a row; p > 0's `write` reads a part again only where it holds more than
-    CAP finite logits (a raw row's, not a warped one's). One sync a call (the bad-row flag and the kept count); gaps
-    (rows that keep fewer than k, or parts that drop entries) are closed by `compact`. Under Triton's interpreter
+    row is one part), so about 1.01 reads a row at k = 20; p > 0's `write` reads a part again only where a segment
+    of it holds more than CAP / segments finite logits (a raw row's, not a warped one's). One sync a call (the
+    bad-row flag and the kept count); gaps (rows that keep fewer than k, or parts that drop entries) are closed by
+    `compact`. Under Triton's interpreter
     (TRITON_INTERPRET=1 before triton is imported) it also takes CPU tensors: how the tests run it without a GPU."""
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("triton takes a CUDA tensor")
