@@ -103,7 +103,7 @@ def stats(x_ptr, ld, V, W, k, stat_ptr, gmax_ptr, NG, cval_ptr, cidx_ptr, ccnt_p
         if TOPK:
             tl.store(gmax_ptr + row.to(tl.int64) * NG + (first + t) // G, gm, mask=first + t < hi)
         else:
-            if tl.min(nfin, 0) < CR:  # until every segment has more than CR finite logits (a raw row's first steps)
+            if tl.min(nfin, 0) < CR:  # until every segment has CR or more finite logits (a raw row's first steps)
                 fin = (xf > float("-inf")).to(tl.int32)
                 pos = nfin[:, None] + tl.cumsum(fin, 1) - 1
                 keep = (fin != 0) & (pos < CR)
@@ -112,7 +112,7 @@ def stats(x_ptr, ld, V, W, k, stat_ptr, gmax_ptr, NG, cval_ptr, cidx_ptr, ccnt_p
                 tl.store(cidx_ptr + at, col.to(tl.int32), mask=keep)
                 nfin += tl.sum(fin, 1)
             else:
-                nfin += CR  # past CR: the count no longer matters
+                nfin += CR  # every segment at CR or more: the part is read again in `write`, the count no longer matters
         # exp(x − max) is 0 for x = −inf whatever the max, so a segment with no finite logit yet takes 0 for its max
         m_new = tl.maximum(m, gm)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -156,7 +156,6 @@ def write(x_ptr, ld, V, W, cap, stat_ptr, cval_ptr, cidx_ptr, ccnt_ptr, val_ptr,
     mx, total, bad = combine(stat_ptr, row, npart, NP)
     inv = 1.0 / total
     val_ptr, idx_ptr = val_ptr + row.to(tl.int64) * cap + lo, idx_ptr + row.to(tl.int64) * cap + lo  # int32 offsets from here
-    out = 0
     c = tl.full([], 0, tl.int32)
     if tl.load(stat_ptr + slot * 4 + 3) <= CR:
         j = tl.arange(0, CR)[None, :]
@@ -166,7 +165,7 @@ def write(x_ptr, ld, V, W, cap, stat_ptr, cval_ptr, cidx_ptr, ccnt_ptr, val_ptr,
         col = tl.load(cidx_ptr + at, mask=j < n, other=0)
         p, keep = prob(x, mx, inv, val_ptr, BF16)
         keep = tl.reshape(keep & (j < n), [R * CR])  # row-major: segment by segment, so in column order
-        pos = out + tl.cumsum(keep.to(tl.int32), 0) - 1
+        pos = tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(val_ptr + pos, tl.reshape(p, [R * CR]), mask=keep)
         tl.store(idx_ptr + pos, tl.reshape(col, [R * CR]), mask=keep)
         c = tl.sum(keep.to(tl.int32), 0)
@@ -181,9 +180,9 @@ def write(x_ptr, ld, V, W, cap, stat_ptr, cval_ptr, cidx_ptr, ccnt_ptr, val_ptr,
             keep = keep & (col < hi)
             nk = tl.sum(keep.to(tl.int32), 0)
             if nk == BLOCK:  # all kept (a raw row's tiles): no scan
-                pos = out + c + offs
+                pos = c + offs
             else:
-                pos = out + c + tl.cumsum(keep.to(tl.int32), 0) - 1
+                pos = c + tl.cumsum(keep.to(tl.int32), 0) - 1
             tl.store(val_ptr + pos, p, mask=keep)
             tl.store(idx_ptr + pos, col.to(tl.int32), mask=keep)
             c += nk

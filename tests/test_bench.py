@@ -318,13 +318,14 @@ def test_cuda_triton_paths():
 
 
 def sparse_rows(x: torch.Tensor) -> torch.Tensor:
-    """`x` [6, V] and two rows more: sparse parts at and just past CAP finite logits (a part of `stats` keeps up to CAP
-    of them for `write`), spread over several tiles."""
-    cap, V = sf.TRITON["cap"], x.shape[1]
-    extra = torch.full((2, V), float("-inf"))
+    """`x` [6, V] and two rows more, with exactly CR and CR + 1 finite logits (CR: the most a segment of `stats` keeps
+    for `write`, at the default settings), all in the first 2048 columns: so in the first segment of a part in one
+    part or three (segments of 9728 and 3328 columns at Qwen1.5's width), spread over its steps of G columns."""
+    CR = sf.TRITON["cap"] // (sf.TRITON["block"] // sf.TRITON["row"])
+    extra = torch.full((2, x.shape[1]), float("-inf"))
     gen = torch.Generator().manual_seed(3)
-    for r, n in enumerate((cap, cap + 1)):
-        extra[r, torch.randperm(min(V, 3 * 4096), generator=gen)[:n]] = torch.randn(n, generator=gen) * 4
+    for r, n in enumerate((CR, CR + 1)):
+        extra[r, torch.randperm(min(x.shape[1], 2048), generator=gen)[:n]] = torch.randn(n, generator=gen) * 4
     return torch.cat([x, extra])
 
 
