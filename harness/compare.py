@@ -45,6 +45,22 @@ def _aligned(ref_name: str, ref: Store, cand_name: str, cand: Store) -> torch.Te
     return target
 
 
+def _bad_rows(exc: metrics.BadRowsError, start: int, sides: tuple[tuple[str, Store], tuple[str, Store]]) -> CompareError:
+    """The store and positions behind a block's NaN or +inf rows (block rows from `start`), as one paragraph."""
+    parts = []
+    for (name, store), rows in zip(sides, (exc.ref_rows, exc.cand_rows), strict=True):
+        if rows:
+            at = [start + r for r in rows]
+            prompt, position = store.read("prompt"), store.read("position")
+            where = ", ".join(f"row {i} (prompt {int(prompt[i])}, token {int(position[i])})" for i in at[:5])
+            more = f" and {len(at) - 5} more" if len(at) > 5 else ""
+            parts.append(f"the store of {name!r} ({store.root}) holds NaN or +inf log-probs at {where}{more}")
+    return CompareError(
+        "; ".join(parts) + ". Extraction refuses such logits and checksums every shard, so the store was written by "
+        "something else or changed since: delete that folder and run `harness extract` again (the other stores stay)."
+    )
+
+
 def position_metrics_fn():
     """(function, rows per block): the fused C++ kernel where it builds (g++ present), else the torch reference."""
     if metrics_fused.available() is None:
@@ -52,7 +68,9 @@ def position_metrics_fn():
     return metrics.position_metrics, BLOCK
 
 
-def pair_metrics(ref: Store, cand: Store, target: torch.Tensor, ks, smoothing_eps: float | None = None) -> dict[str, np.ndarray]:
+def pair_metrics(
+    ref: Store, cand: Store, target: torch.Tensor, ks, smoothing_eps: float | None = None, names=("reference", "candidate")
+) -> dict[str, np.ndarray]:
     fn, rows = position_metrics_fn()
     parts: dict[str, list] = {}
     start = 0
@@ -60,7 +78,10 @@ def pair_metrics(ref: Store, cand: Store, target: torch.Tensor, ks, smoothing_ep
     fused = fn is metrics_fused.fused_position_metrics
     ref_blocks, cand_blocks = (s.blocks(rows, renormalise=False, reuse=not fused, native=fused) for s in (ref, cand))
     for a, b in zip(ref_blocks, cand_blocks, strict=True):
-        block = fn(a, b, target[start : start + len(a)], ks)
+        try:
+            block = fn(a, b, target[start : start + len(a)], ks)
+        except metrics.BadRowsError as exc:
+            raise _bad_rows(exc, start, ((names[0], ref), (names[1], cand))) from None
         start += len(a)
         if smoothing_eps is not None:  # a finite stand-in beside every +inf KL (rare: only zeros in q)
             smoothed = block["kl"].clone()
@@ -78,7 +99,7 @@ def compare(
     prompt_names: list[str] | None = None, smoothing_eps: float | None = None,
 ) -> PairResult:  # fmt: skip
     target = _aligned(ref_name, ref, cand_name, cand)
-    m = pair_metrics(ref, cand, target, ks, smoothing_eps)
+    m = pair_metrics(ref, cand, target, ks, smoothing_eps, (ref_name, cand_name))
     prompt = ref.read("prompt").numpy()
     names = prompt_names or [str(i) for i in range(int(prompt.max()) + 1)]
     m |= {"prompt": prompt, "position": ref.read("position").numpy(), "target": target.numpy()}
@@ -88,16 +109,21 @@ def compare(
     return PairResult(ref_name, cand_name, agg, aggregate.per_prompt(m, prompt, names), m)
 
 
-def pair_sym_top1(ref: Store, cand: Store, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def pair_sym_top1(ref: Store, cand: Store, target: torch.Tensor, names=("a", "b")) -> tuple[np.ndarray, np.ndarray]:
     """[P] KL(ref ‖ cand) + KL(cand ‖ ref) and [P] top-1 agreement: from the fused kernel's symmetric-KL path (2
     to 4 exps an entry, ~3x the full kernel's speed on pairs that drift far) where it builds, else pair_metrics."""
     if metrics_fused.available() is not None:
-        m = pair_metrics(ref, cand, target, ks=(2,))
+        m = pair_metrics(ref, cand, target, ks=(2,), names=names)
         return m["kl"] + m["kl_rev"], m["top1_agree"]
     sym, top1 = [], []
     ref_blocks, cand_blocks = (s.blocks(FUSED_BLOCK, renormalise=False, native=True) for s in (ref, cand))
+    start = 0
     for a, b in zip(ref_blocks, cand_blocks, strict=True):
-        s, t = metrics_fused.fused_sym_kl_top1(a, b)
+        try:
+            s, t = metrics_fused.fused_sym_kl_top1(a, b)
+        except metrics.BadRowsError as exc:
+            raise _bad_rows(exc, start, ((names[0], ref), (names[1], cand))) from None
+        start += len(a)
         sym.append(s)
         top1.append(t)
     return torch.cat(sym).numpy(), torch.cat(top1).numpy()
@@ -112,7 +138,7 @@ def matrix(stores: dict[str, Store], known: list[PairResult]) -> list[dict]:
             r = done.get((a, b)) or done[(b, a)]
             top1, sym = r.aggregates["top1_agree"], r.aggregates["kl_mean"] + r.aggregates["kl_rev_mean"]
         else:
-            s, t = pair_sym_top1(stores[a], stores[b], _aligned(a, stores[a], b, stores[b]))
+            s, t = pair_sym_top1(stores[a], stores[b], _aligned(a, stores[a], b, stores[b]), (a, b))
             top1, sym = float(t.mean()), float(s.mean())
         rows.append({"a": a, "b": b, "top1_agree": top1, "sym_kl_mean": sym})
     return rows

@@ -22,6 +22,29 @@ def normalize(logp: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logp.double(), dim=-1)
 
 
+class BadRowsError(ValueError):
+    """Rows of a block that hold NaN or +inf: no distribution, so no metric. `ref_rows` and `cand_rows` are the row
+    indices (within the block) on each side."""
+
+    def __init__(self, ref_rows: list[int], cand_rows: list[int]):
+        self.ref_rows, self.cand_rows = ref_rows, cand_rows
+        sides = [f"{name} rows {rows}" for name, rows in (("reference", ref_rows), ("candidate", cand_rows)) if rows]
+        super().__init__(f"NaN or +inf log-probs in {' and '.join(sides)} of the block: such a row is no distribution")
+
+
+def bad_rows(lp: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the rows of [B, V] log-probs that hold NaN or +inf."""
+    return (~(lp < math.inf)).any(-1)
+
+
+def check_rows(ref: torch.Tensor, cand: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Raises BadRowsError naming the rows of ref and cand (among `rows`, all by default) that hold NaN or +inf."""
+    index = torch.arange(len(ref)) if rows is None else rows
+    r, c = (index[bad_rows(t[index])].tolist() for t in (ref, cand))
+    if r or c:
+        raise BadRowsError(r, c)
+
+
 def _xlogy_diff(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ p (a − b) over the last dim, with 0 where p = 0 (so 0 · (−inf − x) is 0, not NaN)."""
     return (p * torch.where(p > 0, a - b, torch.zeros_like(a))).sum(-1)
@@ -74,8 +97,10 @@ def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor
     the actual next token), delta_p_top (of the reference's top token), nll_ref, nll_cand (of the
     actual next token), entropy_ref, entropy_cand, p_top_ref and margin_ref (the reference's top-1
     probability and its lead over its second token). Same formulas as the functions above, sharing
-    p, q and log p − log q between them (each [B, V] float64 temporary is made once).
+    p, q and log p − log q between them (each [B, V] float64 temporary is made once). A row with NaN or +inf
+    raises BadRowsError.
     """
+    check_rows(ref, cand)
     lp, lq = normalize(ref), normalize(cand)
     p, q = lp.exp(), lq.exp()
     inf = math.inf

@@ -40,7 +40,7 @@ from functools import cache
 
 import torch
 
-from harness import cext
+from harness import cext, metrics
 
 MAX_K = 256
 NATIVE = {torch.float16: 1, torch.bfloat16: 2}  # 16-bit dtypes the kernel reads itself (pm_team's kind)
@@ -60,8 +60,8 @@ static inline void topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v,
 }
 
 // A row pair's sums: ln of the normalisers (lx, ly), KL, KL_rev, Σ p·ln p, Σ q·ln q, Σ|p − q|, Σ (p + q)·ψ,
-// +inf flags, and #{y > y[ref top]}.
-struct Raw { double lx, ly, kl, klr, hp, hq, l1, js4; int infp, infq; int64_t rank; };
+// +inf flags, #{y > y[ref top]}, and whether either row holds NaN or +inf (bad: its outputs are NaN).
+struct Raw { double lx, ly, kl, klr, hp, hq, l1, js4; int infp, infq; int64_t rank; int bad = 0; };
 
 // q_i − p_i, and p_i into *p: as p·expm1(−d) where ln p − ln q = d is small (no cancellation), else directly.
 static inline double dprob(float xi, float yi, const Raw& R, double* p) {
@@ -76,6 +76,7 @@ enum { NFIX = 14 };
 static void finish(const float* x, const float* y, int64_t t, const Raw& R, const int32_t* tx, const int32_t* ty,
                    const int32_t* ks, int nks, double* o) {
   double pt, ptop;
+  if (R.bad) { for (int j = 0; j < NFIX + nks; ++j) o[j] = NAN; o[5] = -1; return; }  // the wrapper raises
   o[0] = R.infp ? INFINITY : (R.kl > 0 ? R.kl : 0.0);
   o[1] = R.infq ? INFINITY : (R.klr > 0 ? R.klr : 0.0);
   o[2] = fmin(fmax(0.25 * R.js4, 0.0), M_LN2);
@@ -195,12 +196,14 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
   double *bx = buf, *by = bx + Vr, *rx = by + Vr, *ry = rx + nb, *sx = ry + nb, *sy = sx + nb;
   const double NINF = -INFINITY;
   int cx = 0, cy = 0;
+  __mmask16 bad = 0;
   __m256 vmin = _mm256_set1_ps(INFINITY);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
     for (int64_t i = i0; i < i1; i += 16) {  // lanes above the K-th value so far (all lanes until K are held) go to the lists
       __mmask16 m = i1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (i1 - i)) - 1);
       __m512 vx = _mm512_maskz_loadu_ps(m, x + i), vy = _mm512_maskz_loadu_ps(m, y + i);
+      bad |= _mm512_cmp_ps_mask(vx, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ) | _mm512_cmp_ps_mask(vy, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);
       __mmask16 gx = cx < K ? m : m & _mm512_cmp_ps_mask(vx, _mm512_set1_ps(tvx[K - 1]), _CMP_GT_OQ);
       __mmask16 gy = cy < K ? m : m & _mm512_cmp_ps_mask(vy, _mm512_set1_ps(tvy[K - 1]), _CMP_GT_OQ);
       while (gx) { int l = __builtin_ctz(gx); gx &= gx - 1; topk_insert(tvx, tx, &cx, K, x[i + l], (int32_t)(i + l)); }
@@ -305,7 +308,7 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
     kl = hsum(akl); klr = hsum(aklr); hp = hsum(ahp); hq = hsum(ahq); tv = hsum(atv); js = hsum(ajs);
   }
   R.lx = mx + lsp; R.ly = my + lsq; R.kl = kl; R.klr = klr; R.hp = hp; R.hq = hq; R.l1 = tv; R.js4 = js;
-  R.infp = infp; R.infq = infq; R.rank = cnt;
+  R.infp = infp; R.infq = infq; R.rank = cnt; R.bad = bad != 0;
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -827,7 +830,9 @@ static void pm_rows(const void* X, const void* Y, int kind, int64_t n, int64_t V
     const double mx = tvx[0], my = tvy[0];
     const float ytop = y[tx[0]];
     double sp = 0, sq = 0, cp = 0, cq = 0; int64_t cnt = 0;  // normalisers Kahan-compensated: ln Z to ~1e-16
+    int bad = 0;
     for (i = 0; i < V; ++i) {
+      bad |= !(x[i] < INFINITY) || !(y[i] < INFINITY);
       double a = exp((double)x[i] - mx) - cp, t = sp + a; cp = (t - sp) - a; sp = t;
       a = exp((double)y[i] - my) - cq; t = sq + a; cq = (t - sq) - a; sq = t;
       cnt += y[i] > ytop;
@@ -851,7 +856,7 @@ static void pm_rows(const void* X, const void* Y, int kind, int64_t n, int64_t V
       if (fy) hq += q * lq;
     }
     // Σ p·g(d) = Σ p·d − Σ (p − q) over the entries both have: KL = Σ p·g(d) + (qo − po), KL_rev likewise
-    Raw R = {mx + lsp, my + lsq, kl + (qo - po), klr + (po - qo), hp, hq, tv, js, infp, infq, cnt};
+    Raw R = {mx + lsp, my + lsq, kl + (qo - po), klr + (po - qo), hp, hq, tv, js, infp, infq, cnt, bad};
     finish(x, y, T[r], R, tx, ty, ks, nks, out + r * (NFIX + nks));
   }
 }
@@ -1063,6 +1068,10 @@ def fused_position_metrics(
     cols = out.T.contiguous()
     if cols[5].isnan().any():  # the kernel could not allocate its per-thread buffer
         raise MemoryError("the fused metrics kernel could not allocate its ~4 MB per-thread buffer")
+    if cols[0].isnan().any():  # rows with NaN or +inf (rank -1, the rest NaN)
+        flagged = cols[0].isnan().nonzero().flatten()
+        metrics.check_rows(ref, cand, flagged)
+        raise RuntimeError(f"the fused metrics kernel flagged rows {flagged.tolist()}, which hold no NaN or +inf")
     res = dict(zip(FIXED, cols[: len(FIXED)], strict=True))
     res["top1_agree"] = res["top1_agree"] > 0
     res["ref_top_rank"] = res["ref_top_rank"].long()
@@ -1092,7 +1101,10 @@ def fused_sym_kl_top1(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tens
     sym, top1 = out[:, 0].clone(), out[:, 1] > 0
     rest = (~torch.isfinite(sym)).nonzero().flatten()
     if len(rest):  # -inf, +inf or NaN in a row, or a sum out of float32's range: the full kernel, which handles them
-        m = fused_position_metrics(ref[rest], cand[rest], torch.zeros(len(rest), dtype=torch.int64), (2,))
+        try:  # (and raises BadRowsError for NaN or +inf, with rows of ref[rest]: named here as rows of ref)
+            m = fused_position_metrics(ref[rest], cand[rest], torch.zeros(len(rest), dtype=torch.int64), (2,))
+        except metrics.BadRowsError as exc:
+            raise metrics.BadRowsError(rest[exc.ref_rows].tolist(), rest[exc.cand_rows].tolist()) from None
         sym[rest], top1[rest] = m["kl"] + m["kl_rev"], m["top1_agree"]
     return sym, top1
 
@@ -1100,7 +1112,7 @@ def fused_sym_kl_top1(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tens
 if __name__ == "__main__":
     import time
 
-    from harness import bench, metrics
+    from harness import bench
 
     why = available()
     if why:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -56,14 +57,40 @@ def test_misaligned_stores_are_refused(tmp_path):
         compare.compare("a", a, "b", b)
 
 
+def _kernel_on_or_off(monkeypatch, module, on: bool) -> None:
+    """Turns a compiled kernel's module off (compare then takes the torch path), or skips where it does not build."""
+    if not on:
+        monkeypatch.setattr(module, "available", lambda: "off for this test")
+    elif module.available() is not None:
+        pytest.skip(f"{module.__name__} kernel: {module.available()}")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nan_in_a_store_is_a_clear_error(tmp_path, monkeypatch, fused):
+    """A store with NaN log-probs (extraction never writes one) stops compare and the all-pairs matrix with an error
+    naming the store's folder and the positions, on the fused and the torch path."""
+    _kernel_on_or_off(monkeypatch, compare.metrics_fused, fused)
+    gen = torch.Generator().manual_seed(4)
+    n, v = compare.FUSED_BLOCK + 6, 3000
+    ref = torch.log_softmax(torch.randn(n, v, generator=gen) * 3, -1)
+    cand = ref.clone()
+    cand[compare.FUSED_BLOCK + 2, 17] = math.nan  # in the second block of either path
+    target, prompt = torch.zeros(n, dtype=torch.long), torch.arange(n) // 10
+    a = _store(tmp_path / "a", ref, target, prompt)
+    b = _store(tmp_path / "b", cand, target, prompt)
+    row = compare.FUSED_BLOCK + 2
+    want = rf"store of 'cand' \({re.escape(str(tmp_path / 'b'))}\) holds NaN or \+inf log-probs at row {row} \(prompt {row // 10}, token {row}\)"
+    with pytest.raises(compare.CompareError, match=want):
+        compare.compare("ref", a, "cand", b, resamples=0)
+    with pytest.raises(compare.CompareError, match=want.replace("cand", "b")):
+        compare.matrix({"a": a, "b": b}, [])
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_top_tokens(tmp_path, monkeypatch, fused):
     """Each position's top 5 ids and renormalised probabilities, over several blocks, with ties in the float16 store
     (the lowest id first): equal to a float64 sort of the stored rows, probabilities within 1e-6 relative."""
-    if not fused:
-        monkeypatch.setattr(compare.row_stats, "available", lambda: "off for this test")
-    elif compare.row_stats.available() is not None:
-        pytest.skip(f"row_stats kernel: {compare.row_stats.available()}")
+    _kernel_on_or_off(monkeypatch, compare.row_stats, fused)
     gen = torch.Generator().manual_seed(3)
     n, v = compare.FUSED_BLOCK + 9, 4000
     logits = torch.randn(n, v, generator=gen) * 4

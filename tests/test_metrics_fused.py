@@ -351,13 +351,39 @@ def test_sym_kl_top1_non_finite_rows_take_the_full_kernel():
     cand[1, 7] = -math.inf  # q = 0 where p > 0: KL(ref ‖ cand) = inf
     ref[2, 11] = -math.inf
     cand[2, 11] = -math.inf  # both 0 there: finite
-    ref[3, 5] = math.nan
-    cand[4, 5] = math.inf
     sym, top1 = metrics_fused.fused_sym_kl_top1(ref, cand)
     full = metrics_fused.fused_position_metrics(ref, cand, torch.zeros(5, dtype=torch.int64), (2,))
-    torch.testing.assert_close(sym, full["kl"] + full["kl_rev"], rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(sym, full["kl"] + full["kl_rev"], rtol=1e-6, atol=0)
     assert torch.equal(top1, full["top1_agree"])
     assert math.isinf(sym[1]) and math.isfinite(sym[2]) and math.isfinite(sym[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn", ["fused", "sym", "torch"])
+def test_nan_and_plus_inf_rows_raise_naming_them(fn, dtype):
+    """NaN or +inf anywhere in a row (first entry, the middle, the last of a ragged width; in rows the fast path would
+    take and in one with -inf entries) raises BadRowsError naming each side's rows, from every path and dtype; -inf
+    alone does not."""
+    ref, cand = _rows("quantised", 9, WIDE, seed=11)
+    ref[1, 0] = math.nan
+    cand[2, WIDE - 1] = math.nan
+    cand[4, 70001] = math.inf
+    ref[6, 3] = -math.inf
+    ref[7, 9] = math.nan
+    ref[7, 10] = -math.inf
+    cand[7, 12] = math.inf
+    run = {
+        "fused": lambda a, b: metrics_fused.fused_position_metrics(a, b, torch.arange(len(a))),
+        "sym": metrics_fused.fused_sym_kl_top1,
+        "torch": lambda a, b: metrics.position_metrics(a, b, torch.arange(len(a))),
+    }[fn]
+    with pytest.raises(metrics.BadRowsError, match=r"reference rows \[1, 7\] and candidate rows \[2, 4, 7\]") as info:
+        run(ref.to(dtype), cand.to(dtype))
+    assert (info.value.ref_rows, info.value.cand_rows) == ([1, 7], [2, 4, 7])
+    keep = torch.tensor([0, 3, 5, 6, 8])  # the same rows without those: finite results
+    out = run(ref[keep].to(dtype), cand[keep].to(dtype))
+    kl = out["kl"] if isinstance(out, dict) else out[0]
+    assert not kl.isnan().any()
 
 
 def test_sym_kl_top1_unnormalised_rows():
