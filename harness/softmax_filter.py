@@ -666,8 +666,10 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
 # tile of the `stats` and `write` loops, warps per program, programs per multiprocessor over the batch, G, the
 # columns per step of a segment in `stats` (for top-k also the group whose max it keeps; "row" for p > 0), and
 # CAP: a part whose segments hold at most CAP / segments finite logits each (a warped row's) keeps them in
-# `stats`, so that `write` need not read the part again. TUNED: per (filter, dtype), over TRITON.
-TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512}
+# `stats`, so that `write` need not read the part again; how top-k picks its groups and then its k logits ("topk":
+# tl.topk's bitonic network over the keys, as measured; "bisect": a bisection on the values, not yet timed on a
+# GPU). TUNED: per (filter, dtype), over TRITON.
+TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512, "select": "topk"}
 TUNED: dict[tuple[str, torch.dtype], dict] = {("top-k", torch.float32): {"block": 2048}, ("top-k", torch.bfloat16): {"block": 2048}}
 
 
@@ -733,15 +735,19 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
     counts = torch.empty(B, 1 if topk else n, dtype=torch.int64, device=dev)
     out_vals = vals.view(torch.int16) if bf16 else vals  # bfloat16 p are written as their bits
     gmax = torch.empty(B * NG if topk else 1, dtype=torch.float32, device=dev)
+    if cfg["select"] not in ("topk", "bisect"):
+        raise ValueError(f"select must be 'topk' or 'bisect', not {cfg['select']!r}")
+    select = topk and cfg["select"] == "bisect"
+    sel = torch.empty(B * kp if select else 1, dtype=torch.int64, device=dev)  # top_of_row's choices (bisect)
     cval = torch.empty(1 if topk else B * n * R * CR, dtype=torch.float32, device=dev)
     cidx = torch.empty(cval.numel(), dtype=torch.int32, device=dev)
     ccnt = torch.empty(1 if topk else B * n * R, dtype=torch.int32, device=dev)
     warps = {"num_warps": cfg["warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})} if dev.type == "cuda" else {}
-    stats[(B, n)](x, x.stride(0), V, W, k, stat, gmax, NG, cval, cidx, ccnt, out_vals, idx, counts, flag, R=R, G=G, CR=CR,
-                  TOPK=topk, FUSED=topk and n == 1, KP=kp, NGP=NGP, BF16=bf16, **warps)  # fmt: skip
+    stats[(B, n)](x, x.stride(0), V, W, k, stat, gmax, NG, cval, cidx, ccnt, out_vals, idx, counts, flag, sel, R=R, G=G,
+                  CR=CR, TOPK=topk, FUSED=topk and n == 1, KP=kp, NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip
     if topk and n > 1:
-        top[(B,)](x, x.stride(0), V, k, n, stat, gmax, NG, out_vals, idx, counts, flag, NP=_pow2(n), G=G, KP=kp,
-                  NGP=NGP, BF16=bf16, **warps)  # fmt: skip
+        top[(B,)](x, x.stride(0), V, k, n, stat, gmax, NG, out_vals, idx, counts, flag, sel, NP=_pow2(n), G=G, KP=kp,
+                  NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip
     elif not topk:
         write[(B, n)](x, x.stride(0), V, W, cap, stat, cval, cidx, ccnt, out_vals, idx, counts, flag, BLOCK=block, R=R,
                       CR=CR, NP=_pow2(n), BF16=bf16, **warps)  # fmt: skip

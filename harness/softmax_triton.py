@@ -46,22 +46,70 @@ def combine(stat_ptr, row, NPART, NP: tl.constexpr):
 
 
 @triton.jit
-def top_of_row(x_ptr, row, ld, V, k, mx, total, bad, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr,
-               G: tl.constexpr, KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr):
+def okey(v):
+    # float32 bits as int32 that order as the floats do (NaN beyond ±inf); never INT32_MIN, which marks no entry
+    b = v.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def kth(keys, k):
+    # The k-th largest of int32 `keys` (1-D, at least k of them): the t with count(keys >= t) >= k > count(keys > t),
+    # by bisection, 32 block-wide counts and no sort
+    lo = tl.min(keys, 0).to(tl.int64)  # count(keys >= lo) >= k > count(keys >= hi) throughout
+    hi = tl.max(keys, 0).to(tl.int64) + 1
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        enough = tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), 0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def first_k(keys, k):
+    # The k largest of `keys` (1-D, in the order that breaks ties: earlier first) as a mask, fewer where fewer than
+    # k are not INT32_MIN
+    t = kth(keys, k)
+    above, tie = keys > t, keys == t
+    room = k - tl.sum(above.to(tl.int32), 0)
+    return (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))) & (keys != -2147483648)
+
+
+@triton.jit
+def top_of_row(x_ptr, row, ld, V, k, mx, total, bad, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr, sel_ptr,
+               G: tl.constexpr, KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr, SELECT: tl.constexpr):
     # The row's top k from its groups' maxima: the k-th largest logit lies in one of the k groups whose (max,
     # −group) rank highest (each group ranking above a logit's own group holds a logit ranking above it), so only
-    # those KP >= k groups are read again, [KP, G] logits, and go through tl.topk. Row r's entries go to
+    # those KP >= k groups are read again, [KP, G] logits. SELECT 0: both choices by tl.topk (a bitonic network
+    # over NGP, then KP·G int64 keys). SELECT 1: by bisection on the values (first_k), each choice compacted in
+    # column order through sel[row] (KP int64), then tl.topk sorts the k chosen. Row r's entries go to
     # [r·k, r·k + count): the kept p are a prefix, as p falls with the rank.
     g = tl.arange(0, NGP)
     gm = tl.load(gmax_ptr + row * NG + g, mask=g < NG, other=float("-inf"))
-    best = tl.topk(tl.where(g < NG, key_of(gm, g), MIN64), KP)
-    col = (4294967295 - (best & 4294967295))[:, None] * G + tl.arange(0, G)[None, :]
-    ok = (best != MIN64)[:, None] & (col < V)
-    x = tl.load(x_ptr + row * ld + col, mask=ok, other=float("-inf")).to(tl.float32)
-    top = tl.topk(tl.reshape(tl.where(ok, key_of(x, col), MIN64), [KP * G], can_reorder=True), KP)
+    j = tl.arange(0, KP)
+    if SELECT:
+        pick = first_k(tl.where(g < NG, okey(gm), -2147483648), k)  # in group order, so the tile is in column order
+        tl.store(sel_ptr + row * KP + tl.cumsum(pick.to(tl.int32), 0) - 1, g.to(tl.int64), mask=pick)
+        tl.debug_barrier()
+        grp = tl.load(sel_ptr + row * KP + j, mask=j < tl.sum(pick.to(tl.int32), 0), other=-1)
+        col = grp[:, None] * G + tl.arange(0, G)[None, :]
+        ok = (grp >= 0)[:, None] & (col < V)
+        x = tl.load(x_ptr + row * ld + col, mask=ok, other=float("-inf")).to(tl.float32)
+        xs, cs = tl.reshape(x, [KP * G]), tl.reshape(col, [KP * G])
+        pick = first_k(tl.reshape(tl.where(ok, okey(x), -2147483648), [KP * G]), k)
+        tl.debug_barrier()  # every program thread has read the group numbers before they are overwritten
+        tl.store(sel_ptr + row * KP + tl.cumsum(pick.to(tl.int32), 0) - 1, key_of(xs, cs), mask=pick)
+        tl.debug_barrier()
+        top = tl.topk(tl.load(sel_ptr + row * KP + j, mask=j < tl.sum(pick.to(tl.int32), 0), other=MIN64), KP)
+    else:
+        best = tl.topk(tl.where(g < NG, key_of(gm, g), MIN64), KP)
+        col = (4294967295 - (best & 4294967295))[:, None] * G + tl.arange(0, G)[None, :]
+        ok = (best != MIN64)[:, None] & (col < V)
+        x = tl.load(x_ptr + row * ld + col, mask=ok, other=float("-inf")).to(tl.float32)
+        top = tl.topk(tl.reshape(tl.where(ok, key_of(x, col), MIN64), [KP * G], can_reorder=True), KP)
     hi = (top >> 32).to(tl.int32)
     v = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    j = tl.arange(0, KP)
     p, keep = prob(v, mx, 1.0 / total, val_ptr, BF16)
     keep = keep & (j < k) & (top != MIN64)
     tl.store(val_ptr + row * k + j, p, mask=keep)
@@ -74,8 +122,8 @@ def top_of_row(x_ptr, row, ld, V, k, mx, total, bad, gmax_ptr, NG, val_ptr, idx_
 
 @triton.jit
 def stats(x_ptr, ld, V, W, k, stat_ptr, gmax_ptr, NG, cval_ptr, cidx_ptr, ccnt_ptr, val_ptr, idx_ptr, cnt_ptr, flag_ptr,
-          R: tl.constexpr, G: tl.constexpr, CR: tl.constexpr, TOPK: tl.constexpr, FUSED: tl.constexpr,
-          KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr):
+          sel_ptr, R: tl.constexpr, G: tl.constexpr, CR: tl.constexpr, TOPK: tl.constexpr, FUSED: tl.constexpr,
+          KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr, SELECT: tl.constexpr):
     # One read of the part: its max, Σ exp(x − max), NaN flag and the most finite logits in a segment into
     # stat[row, part]. The part is R contiguous segments of W/R columns, each read G columns a step by its own
     # threads (a warp or less), so the running max is one per segment and needs no exchange between warps: one
@@ -132,16 +180,17 @@ def stats(x_ptr, ld, V, W, k, stat_ptr, gmax_ptr, NG, cval_ptr, cidx_ptr, ccnt_p
     if FUSED:  # the row is this one part: its group maxima, written above by other threads, are read back
         tl.debug_barrier()
         bad = (total != total) | (mx == float("inf")) | (mx == float("-inf"))
-        top_of_row(x_ptr, row.to(tl.int64), ld, V, k, mx, total, bad, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr, G, KP,
-                   NGP, BF16)
+        top_of_row(x_ptr, row.to(tl.int64), ld, V, k, mx, total, bad, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr, sel_ptr,
+                   G, KP, NGP, BF16, SELECT)
 
 
 @triton.jit
-def top(x_ptr, ld, V, k, NPART, stat_ptr, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr,
-        NP: tl.constexpr, G: tl.constexpr, KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr):
+def top(x_ptr, ld, V, k, NPART, stat_ptr, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr, sel_ptr,
+        NP: tl.constexpr, G: tl.constexpr, KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr, SELECT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     mx, total, bad = combine(stat_ptr, row, NPART, NP)
-    top_of_row(x_ptr, row, ld, V, k, mx, total, bad, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr, G, KP, NGP, BF16)
+    top_of_row(x_ptr, row, ld, V, k, mx, total, bad, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr, sel_ptr, G, KP, NGP,
+               BF16, SELECT)
 
 
 @triton.jit

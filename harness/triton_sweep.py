@@ -3,9 +3,9 @@
     python3 -m harness.triton_sweep --json sweep.json
     python3 -m harness.bench --device cuda --triton-settings sweep.json
 
-For each case (raw/warped rows, float32/bfloat16, p > 0 / top-20) at batches 4096 and 256 of Qwen1.5-wide
+For each case (raw/warped rows, float32/bfloat16, p > 0 / top-20; --only picks some) at batches 4096 and 256 of Qwen1.5-wide
 rows (harness.bench's inputs): columns per tile ("block") x warps per program at batch 4096, then, at the
-best pair, the group (top-k) or row width (p > 0) and maxnreg=128, and at batch 256 the programs per
+best pair, top-k's bisection (select) and group or p > 0's row width, and maxnreg=128, and at batch 256 the programs per
 multiprocessor ("waves"). Each time is triton.testing.do_bench's median (CUDA events, the L2 cleared
 before each call); calls of batch 256 take successive slices of the 4096 rows, so they are read from
 memory. Each new setting compiles its kernels (5-10 s on an H200's host): all six cases take about
@@ -25,8 +25,10 @@ import torch
 from harness import bench
 from harness import softmax_filter as sf
 
-CASES = [("raw", "float32", "top-k"), ("raw", "bfloat16", "top-k"), ("raw", "float32", "p>0"),
-         ("raw", "bfloat16", "p>0"), ("warped", "float32", "p>0"), ("warped", "bfloat16", "p>0")]  # fmt: skip
+DEVICE, ROWS = "cuda", 4096  # (tests run the sweep's logic on the CPU with fakes of the timer and the kernels)
+# p > 0 first: no sweep has reached it yet (the first one ran out of time after top-k)
+CASES = [("warped", "float32", "p>0"), ("raw", "float32", "top-k"), ("warped", "bfloat16", "p>0"), ("raw", "bfloat16", "top-k"),
+         ("raw", "float32", "p>0"), ("raw", "bfloat16", "p>0")]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,17 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m harness.triton_sweep", description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=540.0, help="start no timing after this many seconds")
     p.add_argument("--json", default=None, help="write every timing here")
+    p.add_argument("--only", default="", help="only the cases whose 'inputs dtype filter' contains this, e.g. 'top-k'")
     a = p.parse_args(argv)
-    dev, t0 = torch.device("cuda"), time.monotonic()
+    dev, t0 = torch.device(DEVICE), time.monotonic()
     ceil = bench.ceilings(dev, 2.0, 10)
     print(f"{torch.cuda.get_device_name(dev)}: read {ceil.read_gbps:.0f} GB/s (median {ceil.read_median_gbps:.0f}), "
           f"copy {ceil.copy_gbps:.0f}, write {ceil.write_gbps:.0f}; torch {torch.__version__}, triton {triton.__version__}", flush=True)  # fmt: skip
-    raw = bench.realistic_logits(4096)
-    rows = {"raw": raw, "warped": bench.warp(raw[:64]).repeat(64, 1)}
+    raw = bench.realistic_logits(ROWS)
+    rows = {"raw": raw, "warped": bench.warp(raw[:64]).repeat(ROWS // 64, 1)}
     out: list[dict] = []
     on_device: dict[tuple[str, str], torch.Tensor] = {}  # each input set copied to the GPU once
 
     def time_it(kind: str, dtype: str, filter: str, batch: int, **cfg) -> float | None:
+        nonlocal on_device
         if time.monotonic() - t0 > a.seconds:
             return None
         if (kind, dtype) not in on_device:
@@ -67,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return ms
 
     best = {}
-    for kind, dtype, filter in CASES:
+    for kind, dtype, filter in (c for c in CASES if a.only in " ".join(c)):
         timed = {}  # batch 4096: every (block, warps); batch 256: the best of those, over waves (programs per SM)
-        for block, warps in itertools.product((2048, 4096, 8192), (4, 8, 16)):
+        for block, warps in itertools.product((1024, 2048, 4096), (4, 8)):  # the first sweep: 8192 and 16 warps far slower
             ms = time_it(kind, dtype, filter, 4096, block=block, warps=warps)
             if ms is not None:
                 timed[(block, warps)] = ms
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         block, warps = min(timed, key=timed.get)
         cfg, ms = {"block": block, "warps": warps}, timed[(block, warps)]
-        for extra in [{"group": 32}, {"group": 128}] if filter == "top-k" else [{"row": 128}, {"row": 512}]:
+        for extra in [{"select": "bisect"}, {"group": 32}, {"group": 128}] if filter == "top-k" else [{"row": 128}, {"row": 512}]:
             t = time_it(kind, dtype, filter, 4096, **cfg, **extra)
             if t is not None and t < ms:
                 ms = t

@@ -291,8 +291,8 @@ def test_cuda_matches_snippet(impl):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_triton_paths():
     """Each of triton_filter's paths on the GPU against the snippet: rows in one part (top-k fused into `stats`) and in
-    several, k from 20 to 256 (narrower groups), sparse parts at and past CAP finite logits, other launch settings;
-    bad rows in either filter and path a clear error naming the row."""
+    several, k from 20 to 256 (narrower groups), sparse parts at and past CAP finite logits, other launch settings,
+    both ways of choosing the top k; bad rows in either filter and path a clear error naming the row."""
     if sf.available("triton", "cuda"):
         pytest.skip(sf.available("triton", "cuda"))
     x = sparse_rows(rows(bench.VOCAB)).to("cuda")
@@ -300,8 +300,10 @@ def test_cuda_triton_paths():
         xd = x.to(dtype)
         ref = sf.snippet(list(xd.split(1)))
         # each setting compiles its kernels anew (~5-10 s each on the H200's host): few of them
-        for parts, k, cfg in ((1, 20, {}), (None, 20, {}), (3, 64, {}), (1, 256, {"block": 4096, "warps": 4})):
-            for filter in ("p>0", "top-k"):
+        for parts, k, cfg, filters in ((1, 20, {}, ("p>0", "top-k")), (None, 20, {}, ("p>0", "top-k")), (3, 64, {}, ("p>0", "top-k")),
+                                       (1, 256, {"block": 4096, "warps": 4}, ("p>0", "top-k")),
+                                       (1, 20, {"select": "bisect"}, ("top-k",)), (3, 64, {"select": "bisect"}, ("top-k",))):  # fmt: skip
+            for filter in filters:
                 got = sf.triton_filter(xd, filter, k, parts=parts, **cfg)
                 assert got.values.dtype == dtype and got.indices.dtype == torch.int32
                 assert sf.same(ref, got, filter, k, atol=1e-6) is None, (dtype, parts, k, cfg, filter)
@@ -330,6 +332,7 @@ def sparse_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 INTERPRETED = """
+import itertools
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])  # this folder
@@ -339,8 +342,9 @@ from test_bench import rows, sparse_rows
 # 3 parts of 13 tiles of 4096, then 8 parts of 1024; top-k: 2 parts of 2048 and 452 columns, then 3 of 1024).
 for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20], [(1, {}), (3, {})]),
                                         (torch.bfloat16, "p>0", bench.VOCAB, [20], [(1, {}), (8, {"block": 1024})]),
-                                        (torch.float32, "top-k", 2500, [1, 20, 64], [(1, {}), (2, {})]),
-                                        (torch.bfloat16, "top-k", 2500, [20], [(2, {}), (3, {"block": 1024, "group": 64})])):
+                                        (torch.float32, "top-k", 2500, [1, 20, 64], [(1, {}), (2, {}), (2, {"select": "bisect"})]),
+                                        (torch.bfloat16, "top-k", 2500, [20], [(2, {}), (3, {"block": 1024, "group": 64}),
+                                                                                (1, {"select": "bisect"})])):
     x = sparse_rows(rows(width)).to(dtype)
     ref = sf.snippet(list(x.split(1)))
     for k in ks:
@@ -358,6 +362,25 @@ for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20]
             assert f"row 2 {why}" in str(e), e
         else:
             raise AssertionError(why + " passed")
+# Either way of choosing keeps exactly the first k of a stable descending sort (ties: lowest column first), on rows of
+# small integers (ties everywhere), few finite entries, maxima tied across groups, two finite entries, and the top
+# k each alone in its group (in shuffled order: each of the k groups must be read)
+gen = torch.Generator().manual_seed(5)
+ties = torch.randint(-3, 3, (5, 2500), generator=gen).float()
+ties[1, 100:] = float("-inf")
+ties[2, 7::50] = 9.0
+ties[3, 1:2499] = float("-inf")
+ties[4] = -5.0
+ties[4, ::64] = 10.0 + torch.randperm(40, generator=gen).float()
+for dtype, k, n, select in itertools.product((torch.float32, torch.bfloat16), (1, 7, 64, 128), (1, 3), ("bisect", "topk")):
+    if select == "topk" and k != 7:  # its network runs slowly here; the rows above cover it
+        continue
+    cfg = {"select": select, **({"block": 1024, "group": 16} if n == 3 else {})}
+    got = sf.triton_filter(ties.to(dtype), "top-k", k, parts=n, **cfg)
+    order = torch.sort(ties, dim=1, descending=True, stable=True).indices[:, :k]
+    for r in range(len(ties)):
+        have = got.indices[got.offsets[r] : got.offsets[r + 1]]
+        assert torch.equal(have, order[r, : len(have)].int()) and len(have) == min(k, int(ties[r].isfinite().sum())), (dtype, k, n, cfg, r)
 """
 
 
@@ -366,7 +389,7 @@ def test_triton_kernel_under_the_interpreter():
     """The CUDA kernels, run by Triton's interpreter on the CPU, rows in one part and in several: same kept tokens
     and probabilities as the snippet on the test rows (p > 0 at Qwen1.5's width, subnormal bfloat16 probabilities
     included, parts at and past CAP finite logits; top-k with k = 1, 20 and 64, ties, a row with a single finite
-    entry), NaN and +inf a clear error. A subprocess: TRITON_INTERPRET must be set before triton is imported. Speed
+    entry; both ways of choosing the top k, each exactly a stable sort's first k on rows full of ties), NaN and +inf a clear error. A subprocess: TRITON_INTERPRET must be set before triton is imported. Speed
     is for `harness bench` and `harness.triton_sweep` on a GPU."""
     run = subprocess.run([sys.executable, "-c", INTERPRETED, os.path.dirname(__file__)], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -374,10 +397,13 @@ def test_triton_kernel_under_the_interpreter():
 
 
 TRITON_VARIANTS = {  # the kernels triton_filter launches, with their constexprs at the default settings and V = 151936
-    "stats p>0": ("stats", {"R": 16, "G": 256, "CR": 32, "TOPK": False, "FUSED": False, "KP": 32, "NGP": 4096}),
-    "stats top-k, fused": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": True, "KP": 32, "NGP": 4096}),
-    "stats top-k": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": False, "KP": 32, "NGP": 4096}),
-    "top": ("top", {"NP": 64, "G": 64, "KP": 32, "NGP": 4096}),
+    "stats p>0": ("stats", {"R": 16, "G": 256, "CR": 32, "TOPK": False, "FUSED": False, "KP": 32, "NGP": 4096, "SELECT": False}),
+    "stats top-k, fused": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": True, "KP": 32, "NGP": 4096, "SELECT": False}),
+    "stats top-k, fused, bisect": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": True, "KP": 32, "NGP": 4096,
+                                             "SELECT": True}),
+    "stats top-k": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": False, "KP": 32, "NGP": 4096, "SELECT": False}),
+    "top": ("top", {"NP": 64, "G": 64, "KP": 32, "NGP": 4096, "SELECT": False}),
+    "top, bisect": ("top", {"NP": 64, "G": 64, "KP": 32, "NGP": 4096, "SELECT": True}),
     "write": ("write", {"BLOCK": 4096, "R": 16, "CR": 32, "NP": 64}),
     "compact": ("compact", {"BLOCK": 1024}),
 }
@@ -400,7 +426,7 @@ def test_triton_kernels_compile_for_hopper(dtype, variant, tmp_path, monkeypatch
     out = "*i16" if dtype == "bf16" else "*fp32"
     types = {"x_ptr": f"*{dtype}", "val_ptr": out, "src_val": out, "idx_ptr": "*i32", "cidx_ptr": "*i32", "src_idx": "*i32",
              "cnt_ptr": "*i64", "flag_ptr": "*i64", "dst_ptr": "*i64", "stat_ptr": "*fp32", "gmax_ptr": "*fp32", "cval_ptr": "*fp32",
-             "ccnt_ptr": "*i32"}  # fmt: skip
+             "ccnt_ptr": "*i32", "sel_ptr": "*i64"}  # fmt: skip
     signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": sf.TRITON["warps"]})  # fmt: skip
@@ -409,6 +435,50 @@ def test_triton_kernels_compile_for_hopper(dtype, variant, tmp_path, monkeypatch
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     usage = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     assert "REG:" in usage and "LOCAL:0 " in usage, usage
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
+    """The sweep's logic on the CPU, with fakes of do_bench (a time per setting: fastest at block 2048, 8 warps,
+    bisect for top-k, waves 8), of the kernels and of the ceilings: the best per case is the fastest setting, a
+    setting that fails is reported and skipped, --only picks cases, and `harness bench` reads the JSON back."""
+    import triton.testing
+
+    from harness import triton_sweep
+
+    calls = []
+
+    def fake_filter(x, filter, k, **cfg):
+        if cfg.get("group") == 128:
+            raise RuntimeError("out of resources: shared memory")
+        calls.append((filter, cfg))
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        fn()
+        filter, cfg = calls[-1]
+        return (1.0 + abs(cfg["block"] - 2048) / 1024 + abs(cfg["warps"] - 8) / 8 - 0.25 * (cfg.get("select") == "bisect")
+                - 0.1 * (cfg.get("waves") == 8) + 0.05 * ("maxnreg" in cfg))  # fmt: skip
+
+    monkeypatch.setattr(triton_sweep, "DEVICE", "cpu")
+    monkeypatch.setattr(triton_sweep, "ROWS", 128)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(triton_sweep.sf, "triton_filter", fake_filter)
+    monkeypatch.setattr(triton_sweep.bench, "ceilings", lambda *a: bench.Ceilings(100.0, 50.0, 100.0, 90.0, 45.0, 90.0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "fake GPU")
+    realistic = bench.realistic_logits
+    monkeypatch.setattr(triton_sweep.bench, "realistic_logits", lambda n: realistic(n, 1024))
+    out = tmp_path / "sweep.json"
+    assert triton_sweep.main(["--json", str(out), "--only", "float32"]) == 0
+    text = capsys.readouterr().out
+    assert "RuntimeError: out of resources" in text and "bfloat16" not in text.split("best per case")[1]
+    got = json.loads(out.read_text())
+    assert set(got["best"]) == {f"{kind} float32 {f} {b}" for kind, f in (("raw", "top-k"), ("warped", "p>0"), ("raw", "p>0"))
+                                for b in (4096, 256)}  # fmt: skip
+    assert got["best"]["raw float32 top-k 4096"] == {"block": 2048, "warps": 8, "select": "bisect", "ms": 0.75}
+    assert got["best"]["raw float32 top-k 256"] == {"block": 2048, "warps": 8, "select": "bisect", "waves": 8, "ms": 0.65}
+    assert got["best"]["warped float32 p>0 4096"] == {"block": 2048, "warps": 8, "ms": 1.0}
+    assert bench.swept(got["best"], "raw", "float32", "top-k", 16) == {"block": 2048, "warps": 8, "select": "bisect", "waves": 8}
+    assert all(r["fraction_of_ceiling"] == r["gbps"] / 100.0 for r in got["results"])
 
 
 def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
