@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 PIP := $(PY) -m pip --disable-pip-version-check
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install chromium compare check-quant check-quant-damaged extract bench gpu-check zoo zoo-micro test test-fast clean-reports
+.PHONY: install chromium compare check-quant check-quant-damaged extract bench gpu-test gpu-bench gpu-check zoo zoo-micro test test-fast clean-reports
 
 install: $(STAMP)
 
@@ -50,14 +50,21 @@ bench: $(STAMP)
 	mkdir -p reports
 	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json -q
 
-# On a CUDA machine whose own python3 holds torch and triton (no .venv, nothing installed): the CUDA tests and the
-# Triton kernels' sm_90 compile, the launch-settings sweep (~10 min), then the bench on the GPU at the sweep's best.
-gpu-check:
+# On a CUDA machine whose own python3 holds torch and triton (no .venv, nothing installed). Each part fits one
+# device call of at most 10 minutes: gpu-test, the CUDA tests and the Triton kernels' sm_90 compile (each setting
+# compiles its kernels, 5-10 s on an H200's host); gpu-bench, the launch-settings sweep (SWEEP_SECONDS, in phases:
+# the first A/B of every case comes first), then the bench on the GPU at the sweep's best. gpu-check: both.
+SWEEP_SECONDS ?= 240
+gpu-test:
 	PYTHONPATH=$(CURDIR) python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k "cuda or hopper"
+
+gpu-bench:
 	mkdir -p reports
-	PYTHONPATH=$(CURDIR) python3 -m harness.triton_sweep --json reports/triton-sweep.json
+	PYTHONPATH=$(CURDIR) python3 -m harness.triton_sweep --seconds $(SWEEP_SECONDS) --json reports/triton-sweep.json
 	PYTHONPATH=$(CURDIR) python3 -m harness.bench --device cuda --impls snippet,torch,compiled,triton --batches 1,16,256,4096 \
 		--snippet-max-batch 1 --max-gb 100 --triton-settings reports/triton-sweep.json
+
+gpu-check: gpu-test gpu-bench
 
 zoo: $(STAMP)
 	$(VENV)/bin/harness zoo build

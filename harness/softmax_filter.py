@@ -669,16 +669,16 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
 # `stats`, so that `write` need not read the part again; how top-k picks its groups and then its k logits ("topk":
 # tl.topk's bitonic network over the keys, as measured; "bisect": a bisection on the values, not yet timed on a
 # GPU). TUNED: per (filter, dtype), over TRITON.
-TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512, "select": "topk"}
+TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512, "select": "topk", "capture": "segment"}
 TUNED: dict[tuple[str, torch.dtype], dict] = {("top-k", torch.float32): {"block": 2048}, ("top-k", torch.bfloat16): {"block": 2048}}
 
 
 @cache
 def _triton_kernels():
-    """(stats, top, write, compact) from harness.softmax_triton, which imports triton."""
+    """(stats, top, write, compact, stats_part) from harness.softmax_triton, which imports triton."""
     from harness import softmax_triton as kt
 
-    return kt.stats, kt.top, kt.write, kt.compact
+    return kt.stats, kt.top, kt.write, kt.compact, kt.stats_part
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -719,14 +719,17 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
     kp = _pow2(max(k, 2))  # tl.topk takes a power of 2
     G = max(16, min(cfg["group"], 4096 // kp)) if topk else cfg["row"]  # top_of_row's tile, [kp, G], stays <= 4096
     block = max(cfg["block"], G)
-    R = block // G  # segments a part
-    CR = max(1, cfg["cap"] // R)  # finite logits kept a segment
+    if cfg["capture"] not in ("segment", "part") or cfg["select"] not in ("topk", "bisect") or cfg["cap"] != _pow2(cfg["cap"]):
+        raise ValueError(f"capture must be 'segment' or 'part', select 'topk' or 'bisect', cap a power of 2: not {cfg}")
+    part_mode = not topk and cfg["capture"] == "part"
+    R = 1 if part_mode else block // G  # segments a part
+    CR = cfg["cap"] if part_mode else max(1, cfg["cap"] // R)  # finite logits kept a segment
     n = parts or triton_parts(B, V, block, dev, cfg["waves"])
     W = _cdiv(_cdiv(V, n), block) * block  # each part a whole number of tiles, so each segment of groups
     n, NG = _cdiv(V, W), _cdiv(V, G)
     NGP = max(_pow2(NG), kp)
     bf16 = x.dtype == torch.bfloat16
-    stats, top, write, compact = _triton_kernels()
+    stats, top, write, compact, stats_part = _triton_kernels()
     stat = torch.empty(B, n, 4, dtype=torch.float32, device=dev)  # max, Σ exp(x - max), NaN flag, finite a segment
     flag = torch.zeros(2, dtype=torch.int64, device=dev)  # any bad row; entries kept
     cap = k if topk else V
@@ -735,16 +738,17 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
     counts = torch.empty(B, 1 if topk else n, dtype=torch.int64, device=dev)
     out_vals = vals.view(torch.int16) if bf16 else vals  # bfloat16 p are written as their bits
     gmax = torch.empty(B * NG if topk else 1, dtype=torch.float32, device=dev)
-    if cfg["select"] not in ("topk", "bisect"):
-        raise ValueError(f"select must be 'topk' or 'bisect', not {cfg['select']!r}")
     select = topk and cfg["select"] == "bisect"
     sel = torch.empty(B * kp if select else 1, dtype=torch.int64, device=dev)  # top_of_row's choices (bisect)
     cval = torch.empty(1 if topk else B * n * R * CR, dtype=torch.float32, device=dev)
     cidx = torch.empty(cval.numel(), dtype=torch.int32, device=dev)
     ccnt = torch.empty(1 if topk else B * n * R, dtype=torch.int32, device=dev)
     warps = {"num_warps": cfg["warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})} if dev.type == "cuda" else {}
-    stats[(B, n)](x, x.stride(0), V, W, k, stat, gmax, NG, cval, cidx, ccnt, out_vals, idx, counts, flag, sel, R=R, G=G,
-                  CR=CR, TOPK=topk, FUSED=topk and n == 1, KP=kp, NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip
+    if part_mode:
+        stats_part[(B, n)](x, x.stride(0), V, W, stat, cval, cidx, ccnt, BLOCK=block, CAP=CR, **warps)
+    else:
+        stats[(B, n)](x, x.stride(0), V, W, k, stat, gmax, NG, cval, cidx, ccnt, out_vals, idx, counts, flag, sel, R=R, G=G,
+                      CR=CR, TOPK=topk, FUSED=topk and n == 1, KP=kp, NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip
     if topk and n > 1:
         top[(B,)](x, x.stride(0), V, k, n, stat, gmax, NG, out_vals, idx, counts, flag, sel, NP=_pow2(n), G=G, KP=kp,
                   NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip

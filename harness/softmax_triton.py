@@ -185,6 +185,50 @@ def stats(x_ptr, ld, V, W, k, stat_ptr, gmax_ptr, NG, cval_ptr, cidx_ptr, ccnt_p
 
 
 @triton.jit
+def stats_part(x_ptr, ld, V, W, stat_ptr, cval_ptr, cidx_ptr, ccnt_ptr, BLOCK: tl.constexpr, CAP: tl.constexpr):
+    # p > 0's `stats` with capture "part": the part read BLOCK columns a step by all its threads (the next step's
+    # tile loaded first), one max a step by a block-wide reduction. A step whose logits are all −inf (most of a
+    # warped row's) does nothing more: no exp. Else Σ exp(x − max) with the running max, and until the part holds
+    # CAP finite logits, those logits and their columns in column order into cval/cidx[row, part] (a scan over the
+    # step). Same stat[row, part] as `stats` ([3]: the finite count, CAP + 1 once past CAP), and the part's count
+    # into ccnt as one segment of CAP: `write` runs with R = 1, CR = CAP.
+    row, part = tl.program_id(0), tl.program_id(1)
+    lo = part * W
+    hi = tl.minimum(lo + W, V)
+    base, slot = x_ptr + row.to(tl.int64) * ld, row * tl.num_programs(1) + part
+    offs = tl.arange(0, BLOCK)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    nfin = tl.full([], 0, tl.int32)
+    x_next = tl.load(base + lo + offs, mask=lo + offs < hi, other=float("-inf"))
+    for start in range(lo, hi, BLOCK):
+        col = start + offs
+        x = x_next.to(tl.float32)
+        x_next = tl.load(base + col + BLOCK, mask=col + BLOCK < hi, other=float("-inf"))
+        # the step's max with NaN as +inf, so that a step holding NaN among −inf is not skipped; NaN or +inf then
+        # make Σ NaN (exp(NaN), exp(inf − inf)): the bad-row flag
+        gm = tl.max(tl.where(x == x, x, float("inf")), 0)
+        if gm != float("-inf"):
+            if nfin <= CAP:
+                live = x != float("-inf")  # finite, +inf or NaN
+                pos = nfin + tl.cumsum(live.to(tl.int32), 0) - 1
+                keep = live & (pos < CAP)
+                tl.store(cval_ptr + slot * CAP + pos, x, mask=keep)
+                tl.store(cidx_ptr + slot * CAP + pos, col.to(tl.int32), mask=keep)
+                nfin = tl.minimum(nfin + tl.sum(live.to(tl.int32), 0), CAP + 1)
+            m_new = tl.maximum(m, gm)
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+    total = tl.sum(s, 0)
+    at = stat_ptr + slot * 4
+    tl.store(at, m)
+    tl.store(at + 1, total)
+    tl.store(at + 2, (total != total).to(tl.float32))
+    tl.store(at + 3, nfin.to(tl.float32))
+    tl.store(ccnt_ptr + slot, nfin)
+
+
+@triton.jit
 def top(x_ptr, ld, V, k, NPART, stat_ptr, gmax_ptr, NG, val_ptr, idx_ptr, cnt_ptr, flag_ptr, sel_ptr,
         NP: tl.constexpr, G: tl.constexpr, KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr, SELECT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

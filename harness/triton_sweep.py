@@ -3,14 +3,14 @@
     python3 -m harness.triton_sweep --json sweep.json
     python3 -m harness.bench --device cuda --triton-settings sweep.json
 
-For each case (raw/warped rows, float32/bfloat16, p > 0 / top-20; --only picks some) at batches 4096 and 256 of Qwen1.5-wide
-rows (harness.bench's inputs): columns per tile ("block") x warps per program at batch 4096, then, at the
-best pair, top-k's bisection (select) and group or p > 0's row width, and maxnreg=128, and at batch 256 the programs per
-multiprocessor ("waves"). Each time is triton.testing.do_bench's median (CUDA events, the L2 cleared
-before each call); calls of batch 256 take successive slices of the 4096 rows, so they are read from
-memory. Each new setting compiles its kernels (5-10 s on an H200's host): all six cases take about
-10 minutes, and the sweep starts no timing after --seconds. Prints each timing and the best settings per
-case; --json writes them all, in the form `harness bench --triton-settings` reads.
+For each case (raw/warped rows, float32/bfloat16, p > 0 / top-20; --only picks some), on Qwen1.5-wide rows
+(harness.bench's inputs), in phases over all cases (see main): the defaults against each filter's other way,
+then columns per tile ("block") x warps, then widths and maxnreg, all at batch 4096, then programs per
+multiprocessor ("waves") at batch 256. Each time is triton.testing.do_bench's median (CUDA events, the L2
+cleared before each call); calls of batch 256 take successive slices of the 4096 rows, so they are read from
+memory. Each new setting compiles its kernels (5-10 s on an H200's host), so all of it takes over 10
+minutes; the sweep starts no timing after --seconds (300). Prints each timing and the best settings per case;
+--json writes them all, in the form `harness bench --triton-settings` reads.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton.testing import do_bench
 
     p = argparse.ArgumentParser(prog="python3 -m harness.triton_sweep", description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=540.0, help="start no timing after this many seconds")
+    p.add_argument("--seconds", type=float, default=300.0, help="start no timing after this many seconds")
     p.add_argument("--json", default=None, help="write every timing here")
     p.add_argument("--only", default="", help="only the cases whose 'inputs dtype filter' contains this, e.g. 'top-k'")
     a = p.parse_args(argv)
@@ -70,31 +70,37 @@ def main(argv: list[str] | None = None) -> int:
               f"{gbps / ceil.read_gbps:5.0%}", flush=True)  # fmt: skip
         return ms
 
-    best = {}
-    for kind, dtype, filter in (c for c in CASES if a.only in " ".join(c)):
-        timed = {}  # batch 4096: every (block, warps); batch 256: the best of those, over waves (programs per SM)
-        for block, warps in itertools.product((1024, 2048, 4096), (4, 8)):  # the first sweep: 8192 and 16 warps far slower
-            ms = time_it(kind, dtype, filter, 4096, block=block, warps=warps)
-            if ms is not None:
-                timed[(block, warps)] = ms
-        if not timed:
-            continue
-        block, warps = min(timed, key=timed.get)
-        cfg, ms = {"block": block, "warps": warps}, timed[(block, warps)]
-        for extra in [{"select": "bisect"}, {"group": 32}, {"group": 128}] if filter == "top-k" else [{"row": 128}, {"row": 512}]:
-            t = time_it(kind, dtype, filter, 4096, **cfg, **extra)
-            if t is not None and t < ms:
-                ms = t
-                cfg = {**{k: v for k, v in cfg.items() if k not in extra}, **extra}
-        t = time_it(kind, dtype, filter, 4096, **cfg, maxnreg=128)  # two programs a multiprocessor at 8 warps
-        if t is not None and t < ms:
-            ms, cfg = t, {**cfg, "maxnreg": 128}
-        best[f"{kind} {dtype} {filter} 4096"] = {**cfg, "ms": ms}
-        small = {w: time_it(kind, dtype, filter, 256, **cfg, waves=w) for w in (2, 4, 8)}
-        small = {w: t for w, t in small.items() if t is not None}
-        if small:
-            w = min(small, key=small.get)
-            best[f"{kind} {dtype} {filter} 256"] = {**cfg, "waves": w, "ms": small[w]}
+    cases = [c for c in CASES if a.only in " ".join(c)]
+    best: dict[str, dict] = {}  # "inputs dtype filter batch" -> the fastest settings so far and their ms
+
+    def better(case: tuple[str, str, str], batch: int, cfg: dict) -> None:  # times cfg; kept where it beats the best
+        key = f"{' '.join(case)} {batch}"
+        ms = time_it(*case, batch, **cfg)
+        if ms is not None and (key not in best or ms < best[key]["ms"]):
+            best[key] = {**cfg, "ms": ms}
+
+    def at(case: tuple[str, str, str]) -> dict:  # the best settings at batch 4096 so far
+        return {k: v for k, v in best.get(f"{' '.join(case)} 4096", {}).items() if k != "ms"}
+
+    # In phases over all cases, so that a short run still gets the comparison that matters most: 1. the defaults
+    # against each filter's other way (top-k's bisection, p > 0's capture a part); 2. in the faster way, columns per
+    # tile x warps (the first sweep found 8192 columns and 16 warps far slower); 3. the group (top-k) or row width
+    # (p > 0), and maxnreg=128 (two programs a multiprocessor at 8 warps); 4. at batch 256, programs per
+    # multiprocessor.
+    for case in cases:
+        better(case, 4096, {})
+        better(case, 4096, {"select": "bisect"} if case[2] == "top-k" else {"capture": "part"})
+    for case in cases:
+        mode = at(case)
+        for block, warps in itertools.product((1024, 2048, 4096), (4, 8)):
+            better(case, 4096, {**mode, "block": block, "warps": warps})
+    for case in cases:
+        widths = [{"group": 32}, {"group": 128}] if case[2] == "top-k" else [{"row": 128}, {"row": 512}]
+        for extra in [*widths, {"maxnreg": 128}]:
+            better(case, 4096, {**at(case), **extra})
+    for case in cases:
+        for waves in (2, 4, 8):
+            better(case, 256, {**at(case), "waves": waves})
     print("best per case (ms is the median of do_bench):")
     for case, cfg in best.items():
         print(f"  {case:<32} {json.dumps(cfg)}")

@@ -292,7 +292,7 @@ def test_cuda_matches_snippet(impl):
 def test_cuda_triton_paths():
     """Each of triton_filter's paths on the GPU against the snippet: rows in one part (top-k fused into `stats`) and in
     several, k from 20 to 256 (narrower groups), sparse parts at and past CAP finite logits, other launch settings,
-    both ways of choosing the top k; bad rows in either filter and path a clear error naming the row."""
+    both ways of choosing the top k and of keeping p > 0's finite logits; bad rows in either filter and path a clear error naming the row."""
     if sf.available("triton", "cuda"):
         pytest.skip(sf.available("triton", "cuda"))
     x = sparse_rows(rows(bench.VOCAB)).to("cuda")
@@ -302,7 +302,8 @@ def test_cuda_triton_paths():
         # each setting compiles its kernels anew (~5-10 s each on the H200's host): few of them
         for parts, k, cfg, filters in ((1, 20, {}, ("p>0", "top-k")), (None, 20, {}, ("p>0", "top-k")), (3, 64, {}, ("p>0", "top-k")),
                                        (1, 256, {"block": 4096, "warps": 4}, ("p>0", "top-k")),
-                                       (1, 20, {"select": "bisect"}, ("top-k",)), (3, 64, {"select": "bisect"}, ("top-k",))):  # fmt: skip
+                                       (1, 20, {"select": "bisect"}, ("top-k",)), (3, 64, {"select": "bisect"}, ("top-k",)),
+                                       (None, 20, {"capture": "part"}, ("p>0",)), (3, 20, {"capture": "part", "cap": 32}, ("p>0",))):  # fmt: skip
             for filter in filters:
                 got = sf.triton_filter(xd, filter, k, parts=parts, **cfg)
                 assert got.values.dtype == dtype and got.indices.dtype == torch.int32
@@ -340,8 +341,10 @@ from harness import bench, softmax_filter as sf
 from test_bench import rows, sparse_rows
 # top-k at a smaller width: the interpreter runs tl.topk's network op by op. Rows in 1 part and in several (p > 0:
 # 3 parts of 13 tiles of 4096, then 8 parts of 1024; top-k: 2 parts of 2048 and 452 columns, then 3 of 1024).
-for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20], [(1, {}), (3, {})]),
-                                        (torch.bfloat16, "p>0", bench.VOCAB, [20], [(1, {}), (8, {"block": 1024})]),
+for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20], [(1, {}), (3, {}), (3, {"capture": "part"}),
+                                                                                   (2, {"capture": "part", "cap": 32})]),
+                                        (torch.bfloat16, "p>0", bench.VOCAB, [20], [(1, {}), (8, {"block": 1024}),
+                                                                                    (1, {"capture": "part", "cap": 32})]),
                                         (torch.float32, "top-k", 2500, [1, 20, 64], [(1, {}), (2, {}), (2, {"select": "bisect"})]),
                                         (torch.bfloat16, "top-k", 2500, [20], [(2, {}), (3, {"block": 1024, "group": 64}),
                                                                                 (1, {"select": "bisect"})])):
@@ -353,13 +356,17 @@ for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20]
             assert got.values.dtype == dtype and got.indices.dtype == torch.int32, (got.values.dtype, got.indices.dtype)
             diff = sf.same(ref, got, filter, k, atol=1e-6)
             assert diff is None, (dtype, filter, k, n, cfg, diff)
-    for col, value, why in ((-3, float("nan"), "holds NaN"), (5, float("inf"), "holds +inf")):  # in the last part, the first
+    # in the last part, the first; and NaN amid a warped row's −inf
+    amid = int((x[4] == float("-inf")).nonzero()[-1])  # row 4 is warped: its last −inf column, in a step of no others
+    assert x[4, amid - 1024 :].isinf().all()
+    bad_entries = ((2, -3, float("nan"), "holds NaN"), (2, 5, float("inf"), "holds +inf"), (4, amid, float("nan"), "holds NaN"))
+    for (row, col, value, why), (n, cfg) in itertools.product(bad_entries, (parts[0], parts[-1])):
         bad = x.clone()
-        bad[2, col] = value
+        bad[row, col] = value
         try:
-            sf.triton_filter(bad, filter, 20, parts=parts[-1][0])
+            sf.triton_filter(bad, filter, 20, parts=n, **cfg)
         except ValueError as e:
-            assert f"row 2 {why}" in str(e), e
+            assert f"row {row} {why}" in str(e), e
         else:
             raise AssertionError(why + " passed")
 # Either way of choosing keeps exactly the first k of a stable descending sort (ties: lowest column first), on rows of
@@ -405,6 +412,8 @@ TRITON_VARIANTS = {  # the kernels triton_filter launches, with their constexprs
     "top": ("top", {"NP": 64, "G": 64, "KP": 32, "NGP": 4096, "SELECT": False}),
     "top, bisect": ("top", {"NP": 64, "G": 64, "KP": 32, "NGP": 4096, "SELECT": True}),
     "write": ("write", {"BLOCK": 4096, "R": 16, "CR": 32, "NP": 64}),
+    "stats_part": ("stats_part", {"BLOCK": 4096, "CAP": 512}),
+    "write, part": ("write", {"BLOCK": 4096, "R": 1, "CR": 512, "NP": 64}),
     "compact": ("compact", {"BLOCK": 1024}),
 }
 
@@ -421,8 +430,8 @@ def test_triton_kernels_compile_for_hopper(dtype, variant, tmp_path, monkeypatch
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     name, constexprs = TRITON_VARIANTS[variant]
-    fn = dict(zip(("stats", "top", "write", "compact"), sf._triton_kernels()))[name]
-    constexprs = {**constexprs, **({"BF16": dtype == "bf16"} if name != "compact" else {})}
+    fn = dict(zip(("stats", "top", "write", "compact", "stats_part"), sf._triton_kernels()))[name]
+    constexprs = {**constexprs, **({"BF16": dtype == "bf16"} if name not in ("compact", "stats_part") else {})}
     out = "*i16" if dtype == "bf16" else "*fp32"
     types = {"x_ptr": f"*{dtype}", "val_ptr": out, "src_val": out, "idx_ptr": "*i32", "cidx_ptr": "*i32", "src_idx": "*i32",
              "cnt_ptr": "*i64", "flag_ptr": "*i64", "dst_ptr": "*i64", "stat_ptr": "*fp32", "gmax_ptr": "*fp32", "cval_ptr": "*fp32",
@@ -456,7 +465,7 @@ def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
     def fake_do_bench(fn, warmup, rep, return_mode):
         fn()
         filter, cfg = calls[-1]
-        return (1.0 + abs(cfg["block"] - 2048) / 1024 + abs(cfg["warps"] - 8) / 8 - 0.25 * (cfg.get("select") == "bisect")
+        return (1.0 + abs(cfg.get("block", 4096) - 2048) / 1024 + abs(cfg.get("warps", 8) - 8) / 8 - 0.25 * (cfg.get("select") == "bisect")
                 - 0.1 * (cfg.get("waves") == 8) + 0.05 * ("maxnreg" in cfg))  # fmt: skip
 
     monkeypatch.setattr(triton_sweep, "DEVICE", "cpu")
