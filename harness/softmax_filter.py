@@ -667,8 +667,9 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
 # columns per step of a segment in `stats` (for top-k also the group whose max it keeps; "row" for p > 0), and
 # CAP: a part whose segments hold at most CAP / segments finite logits each (a warped row's) keeps them in
 # `stats`, so that `write` need not read the part again; how top-k picks its groups and then its k logits ("topk":
-# tl.topk's bitonic network over the keys, as measured; "bisect": a bisection on the values, not yet timed on a
-# GPU). TUNED: per (filter, dtype), over TRITON.
+# tl.topk's bitonic network over the keys, as measured; "bisect": a bisection on the values); how p > 0 keeps
+# finite logits ("segment": `stats`, as measured; "part": `stats_part`, block-wide steps that skip all −inf ones).
+# "bisect" and "part" have not yet run on a GPU. TUNED: per (filter, dtype), over TRITON.
 TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512, "select": "topk", "capture": "segment"}
 TUNED: dict[tuple[str, torch.dtype], dict] = {("top-k", torch.float32): {"block": 2048}, ("top-k", torch.bfloat16): {"block": 2048}}
 

@@ -47,7 +47,8 @@ def combine(stat_ptr, row, NPART, NP: tl.constexpr):
 
 @triton.jit
 def okey(v):
-    # float32 bits as int32 that order as the floats do (NaN beyond ±inf); never INT32_MIN, which marks no entry
+    # float32 bits as int32 that order as the floats do (NaN beyond ±inf); INT32_MIN, which marks no entry, only for
+    # the NaN whose bits are all ones (its row is bad anyway: the call raises)
     b = v.to(tl.int32, bitcast=True)
     return b ^ ((b >> 31) & 0x7FFFFFFF)
 
