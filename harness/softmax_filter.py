@@ -669,8 +669,11 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
 # `stats`, so that `write` need not read the part again; how top-k picks its groups and then its k logits ("topk":
 # tl.topk's bitonic network over the keys, as measured; "bisect": a bisection on the values); how p > 0 keeps
 # finite logits ("segment": `stats`, as measured; "part": `stats_part`, block-wide steps that skip all −inf ones).
-# "bisect" and "part" have not yet run on a GPU. TUNED: per (filter, dtype), over TRITON.
-TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512, "select": "topk", "capture": "segment"}
+# "bisect" and "part" have not yet run on a GPU; "fuse": False runs a one-part row's top k in the `top` kernel
+# rather than at the end of `stats` (whose registers and tail then hold the program). TUNED: per (filter, dtype),
+# over TRITON.
+TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512, "select": "topk", "capture": "segment",
+          "fuse": True}
 TUNED: dict[tuple[str, torch.dtype], dict] = {("top-k", torch.float32): {"block": 2048}, ("top-k", torch.bfloat16): {"block": 2048}}
 
 
@@ -745,12 +748,13 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
     cidx = torch.empty(cval.numel(), dtype=torch.int32, device=dev)
     ccnt = torch.empty(1 if topk else B * n * R, dtype=torch.int32, device=dev)
     warps = {"num_warps": cfg["warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})} if dev.type == "cuda" else {}
+    fused = topk and n == 1 and cfg["fuse"]  # the row's top k at the end of `stats`
     if part_mode:
         stats_part[(B, n)](x, x.stride(0), V, W, stat, cval, cidx, ccnt, BLOCK=block, CAP=CR, **warps)
     else:
         stats[(B, n)](x, x.stride(0), V, W, k, stat, gmax, NG, cval, cidx, ccnt, out_vals, idx, counts, flag, sel, R=R, G=G,
-                      CR=CR, TOPK=topk, FUSED=topk and n == 1, KP=kp, NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip
-    if topk and n > 1:
+                      CR=CR, TOPK=topk, FUSED=fused, KP=kp, NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip
+    if topk and not fused:
         top[(B,)](x, x.stride(0), V, k, n, stat, gmax, NG, out_vals, idx, counts, flag, sel, NP=_pow2(n), G=G, KP=kp,
                   NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip
     elif not topk:

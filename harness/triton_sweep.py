@@ -82,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     def at(case: tuple[str, str, str]) -> dict:  # the best settings at batch 4096 so far
         return {k: v for k, v in best.get(f"{' '.join(case)} 4096", {}).items() if k != "ms"}
 
-    # In phases over all cases, so that a short run still gets the comparison that matters most: 1. the defaults
-    # against each filter's other way (top-k's bisection, p > 0's capture a part); 2. in the faster way, columns per
-    # tile x warps (the first sweep found 8192 columns and 16 warps far slower); 3. the group (top-k) or row width
-    # (p > 0), and maxnreg=128 (two programs a multiprocessor at 8 warps); 4. at batch 256, programs per
-    # multiprocessor.
+    # In phases over all cases, so that a short run still gets the comparison that matters most:
+    # 1. the defaults against each filter's other way (top-k's bisection, p > 0's capture a part);
+    # 2. in the faster way, columns per tile x warps (the first sweep found 8192 columns and 16 warps far slower);
+    # 3. top-k's separate `top` kernel (fuse False) and group, or p > 0's row width; maxnreg=128 (two programs a
+    #    multiprocessor at 8 warps);
+    # 4. at batch 256, programs per multiprocessor.
     for case in cases:
         better(case, 4096, {})
         better(case, 4096, {"select": "bisect"} if case[2] == "top-k" else {"capture": "part"})
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         for block, warps in itertools.product((1024, 2048, 4096), (4, 8)):
             better(case, 4096, {**mode, "block": block, "warps": warps})
     for case in cases:
-        widths = [{"group": 32}, {"group": 128}] if case[2] == "top-k" else [{"row": 128}, {"row": 512}]
+        widths = [{"fuse": False}, {"group": 32}, {"group": 128}] if case[2] == "top-k" else [{"row": 128}, {"row": 512}]
         for extra in [*widths, {"maxnreg": 128}]:
             better(case, 4096, {**at(case), **extra})
     for case in cases:

@@ -303,6 +303,7 @@ def test_cuda_triton_paths():
         for parts, k, cfg, filters in ((1, 20, {}, ("p>0", "top-k")), (None, 20, {}, ("p>0", "top-k")), (3, 64, {}, ("p>0", "top-k")),
                                        (1, 256, {"block": 4096, "warps": 4}, ("p>0", "top-k")),
                                        (1, 20, {"select": "bisect"}, ("top-k",)), (3, 64, {"select": "bisect"}, ("top-k",)),
+                                       (1, 20, {"fuse": False}, ("top-k",)),
                                        (None, 20, {"capture": "part"}, ("p>0",)), (3, 20, {"capture": "part", "cap": 32}, ("p>0",))):  # fmt: skip
             for filter in filters:
                 got = sf.triton_filter(xd, filter, k, parts=parts, **cfg)
@@ -345,7 +346,8 @@ for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20]
                                                                                    (2, {"capture": "part", "cap": 32})]),
                                         (torch.bfloat16, "p>0", bench.VOCAB, [20], [(1, {}), (8, {"block": 1024}),
                                                                                     (1, {"capture": "part", "cap": 32})]),
-                                        (torch.float32, "top-k", 2500, [1, 20, 64], [(1, {}), (2, {}), (2, {"select": "bisect"})]),
+                                        (torch.float32, "top-k", 2500, [1, 20, 64], [(1, {}), (2, {}), (2, {"select": "bisect"}),
+                                                                                     (1, {"select": "bisect", "fuse": False})]),
                                         (torch.bfloat16, "top-k", 2500, [20], [(2, {}), (3, {"block": 1024, "group": 64}),
                                                                                 (1, {"select": "bisect"})])):
     x = sparse_rows(rows(width)).to(dtype)

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json
 
-Rows are Qwen1.5-wide (151936) realistic float32 logits, 16 per call (the snippet: 1 per call). With the
+Rows are Qwen1.5-wide (151936) realistic float32 logits, 16 per call (the snippet: 1 per call; on CUDA, 256). With the
 project's default --benchmark-disable each function runs once, as a smoke test. Full sweeps, the
 memory ceiling and the fraction of it: `python -m harness.bench`.
 """
@@ -47,3 +47,31 @@ def test_impl(benchmark, logits, impl, inputs, filter, dtype):
     benchmark.extra_info.update(rows=BATCH, width=bench.VOCAB, bytes_read=x.numel() * x.element_size())
     out = benchmark(fn, x, filter, bench.TOP_K, **kwargs)
     assert out.offsets.numel() == BATCH + 1
+
+
+CUDA_BATCH = 256  # 16 rows are 2 µs of reading on an H200: launches and the sync would be all that is timed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("inputs, filter", [("raw", "p>0"), ("warped", "p>0"), ("raw", "top-k")])
+@pytest.mark.parametrize("impl", ["torch", "compiled", "triton"])
+def test_impl_cuda(benchmark, impl, inputs, filter, dtype):
+    """The same on the GPU, CUDA_BATCH rows a call; each call ends with a synchronize, so the timing holds the work."""
+    why = sf.available(impl, "cuda")
+    if why:
+        pytest.skip(why)
+    raw = bench.realistic_logits(CUDA_BATCH, bench.VOCAB)
+    x = (raw if inputs == "raw" else bench.warp(raw)).to("cuda", dtype)
+    fn = sf.IMPLS[impl]
+
+    def call():
+        out = fn(x, filter, bench.TOP_K)
+        torch.cuda.synchronize()
+        return out
+
+    call()  # compile (torch.compile, Triton) outside the timed rounds
+    benchmark.extra_info.update(rows=CUDA_BATCH, width=bench.VOCAB, bytes_read=x.numel() * x.element_size())
+    out = benchmark(call)
+    assert out.offsets.numel() == CUDA_BATCH + 1
