@@ -165,32 +165,44 @@ static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v
 }
 
 #ifdef __AVX512F__
-// A top k of k <= 32 in registers: values a|b sorted descending (among equal values, the first added first), their
-// indices ia|ib; places past those filled are -inf. topk_add puts v where it belongs and shifts the rest one place
-// down, without a branch; a v that is not above the k-th only changes places k and after, so a batch of candidates
-// goes in unchecked. (topk_insert's shifts and mispredicts cost ~100 cycles an insertion, ~200 times in a row at
-// k = 20.)
-struct TopK { __m512 a, b; __m512i ia, ib; };
-static inline TopK topk_load(const float* tv, const int32_t* ti) {
-  return TopK{_mm512_loadu_ps(tv), _mm512_loadu_ps(tv + 16), _mm512_loadu_si512(ti), _mm512_loadu_si512(ti + 16)};
+// A top k of k <= 16·N in registers (N = 2, 4, 8: k <= 32, 64, 128): values v[0..N) sorted descending (among equal
+// values, the first added first), their indices ix[0..N); places past those filled are -inf. topk_add puts v where
+// it belongs and shifts the rest one place down, without a branch; a v that is not above the k-th only changes places
+// k and after, so a batch of candidates goes in unchecked. (topk_insert's shifts and mispredicts cost ~100 cycles an
+// insertion, ~200 times in a row at k = 20.)
+template <int N> struct TopK { __m512 v[N]; __m512i ix[N]; };
+template <int N> static inline TopK<N> topk_load(const float* tv, const int32_t* ti) {
+  TopK<N> t;
+  for (int r = 0; r < N; ++r) { t.v[r] = _mm512_loadu_ps(tv + 16 * r); t.ix[r] = _mm512_loadu_si512(ti + 16 * r); }
+  return t;
 }
-static inline void topk_store(const TopK& t, float* tv, int32_t* ti) {
-  _mm512_storeu_ps(tv, t.a); _mm512_storeu_ps(tv + 16, t.b); _mm512_storeu_si512(ti, t.ia); _mm512_storeu_si512(ti + 16, t.ib);
+template <int N> static inline void topk_store(const TopK<N>& t, float* tv, int32_t* ti) {
+  for (int r = 0; r < N; ++r) { _mm512_storeu_ps(tv + 16 * r, t.v[r]); _mm512_storeu_si512(ti + 16 * r, t.ix[r]); }
 }
-static inline void topk_add(TopK& t, float v, int32_t i) {
+template <int N> static inline void topk_add(TopK<N>& t, float v, int32_t i) {
   const __m512 vv = _mm512_set1_ps(v);
-  const __m512i lo = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15), hi = _mm512_add_epi32(lo, _mm512_set1_epi32(16));
-  // v's place: after every entry >= v; place j then takes old j (j < at), v (j == at) or old j − 1 (j > at)
-  const __m512i at = _mm512_set1_epi32(__builtin_popcount(_mm512_cmp_ps_mask(t.a, vv, _CMP_GE_OQ)) +
-                                       __builtin_popcount(_mm512_cmp_ps_mask(t.b, vv, _CMP_GE_OQ)));
-  const __m512i pa = _mm512_mask_sub_epi32(lo, _mm512_cmpgt_epi32_mask(lo, at), lo, _mm512_set1_epi32(1));
-  const __m512i pb = _mm512_mask_sub_epi32(hi, _mm512_cmpgt_epi32_mask(hi, at), hi, _mm512_set1_epi32(1));
-  const __mmask16 ea = _mm512_cmpeq_epi32_mask(lo, at), eb = _mm512_cmpeq_epi32_mask(hi, at);
-  const __m512 a = t.a, b = t.b; const __m512i ia = t.ia, ib = t.ib, vi = _mm512_set1_epi32(i);
-  t.a = _mm512_mask_mov_ps(_mm512_permutex2var_ps(a, pa, b), ea, vv);
-  t.b = _mm512_mask_mov_ps(_mm512_permutex2var_ps(a, pb, b), eb, vv);
-  t.ia = _mm512_mask_mov_epi32(_mm512_permutex2var_epi32(ia, pa, ib), ea, vi);
-  t.ib = _mm512_mask_mov_epi32(_mm512_permutex2var_epi32(ia, pb, ib), eb, vi);
+  const __m512i lo = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15), vi = _mm512_set1_epi32(i);
+  // v's place: after every entry >= v; place j then takes old j (j < at), v (j == at) or old j − 1 (j > at): in
+  // register r, lane l reads lane 16 + l or 16 + l − 1 of (register r − 1, register r), lane 15 being r − 1's last
+  int place = 0;
+  for (int r = 0; r < N; ++r) place += __builtin_popcount(_mm512_cmp_ps_mask(t.v[r], vv, _CMP_GE_OQ));
+  const __m512i at = _mm512_set1_epi32(place), sixteen = _mm512_set1_epi32(16);
+  const TopK<N> old = t;
+  for (int r = 0; r < N; ++r) {
+    const __m512i j = _mm512_add_epi32(lo, _mm512_set1_epi32(16 * r));
+    const __m512i from = _mm512_mask_sub_epi32(_mm512_add_epi32(lo, sixteen), _mm512_cmpgt_epi32_mask(j, at),
+                                               _mm512_add_epi32(lo, sixteen), _mm512_set1_epi32(1));
+    const __mmask16 here = _mm512_cmpeq_epi32_mask(j, at);
+    const int p = r > 0 ? r - 1 : 0;  // (register 0 never reads lane 15: j > at >= 0 there means l >= 1)
+    t.v[r] = _mm512_mask_mov_ps(_mm512_permutex2var_ps(old.v[p], from, old.v[r]), here, vv);
+    t.ix[r] = _mm512_mask_mov_epi32(_mm512_permutex2var_epi32(old.ix[p], from, old.ix[r]), here, vi);
+  }
+}
+// The candidates at cv/ci[0, n) into the top k in registers (k <= 16·N), then back to tv/ti.
+template <int N> static inline void topk_batch(float* tv, int32_t* ti, const float* cv, const int32_t* ci, int n) {
+  TopK<N> t = topk_load<N>(tv, ti);
+  for (int j = 0; j < n; ++j) topk_add<N>(t, cv[j], ci[j]);
+  topk_store<N>(t, tv, ti);
 }
 // After n candidates went into tv/ti (each above the threshold they were taken with): the count and the threshold.
 static inline float topk_after(const float* tv, int* tc, int k, int n) {
@@ -198,13 +210,13 @@ static inline float topk_after(const float* tv, int* tc, int k, int n) {
   return *tc < k ? -INFINITY : tv[k - 1];
 }
 
-// A top k of 64 < k <= 256 (BIG_K): each candidate (above the threshold when taken) appended as a key that orders
+// A top k of 128 < k <= 256 (BIG_K): each candidate (above the threshold when taken) appended as a key that orders
 // as (value, −index), and the keys cut back to the k largest by nth_element (which raises the threshold) once k are
 // in and whenever 2k are; sorted at the row's end. topk_insert's insertion into the sorted k costs O(k) a candidate:
-// at k = 256 the row took 5x as long as at k = 20, and this takes 1.9x less time (k = 128: 1.2x); at k = 33 to 64,
-// where the threshold lagging between cuts lists more candidates, it was up to 8% slower, so there topk_insert stays.
-// Outputs are the same.
-enum { BIG_K = 64 };
+// at k = 256 the row took 5x as long as at k = 20, and this takes 1.9x less time. At k = 33 to 64, where the
+// threshold lagging between cuts lists more candidates, it was up to 8% slower than topk_insert; TopK<4> and <8>
+// beat both up to k = 128. Outputs are the same.
+enum { BIG_K = 128 };
 enum { BCAP = 512 };
 struct Big { uint64_t key[BCAP]; int n; };
 static inline uint64_t big_key(float v, int32_t i) {
@@ -240,17 +252,17 @@ static inline float topk_lanes(__m512 v, float thr, const void* row, int bf, int
                                int* tc, int k, Big& big) {
   __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
   if (!gt) return thr;
-  if (k <= 32) {
-    TopK t = topk_load(tv, ti);
+  if (k <= 128) {
+    alignas(64) float cv[16]; alignas(64) int32_t ci[16];
     const int n = __builtin_popcount(gt);
-    for (; gt; gt &= gt - 1) { const int64_t j = at + step * __builtin_ctz(gt); topk_add(t, load1(row, bf, j), (int32_t)j); }
-    topk_store(t, tv, ti);
+    for (int c = 0; gt; gt &= gt - 1, ++c) { const int64_t j = at + step * __builtin_ctz(gt); cv[c] = load1(row, bf, j); ci[c] = (int32_t)j; }
+    if (k <= 32) topk_batch<2>(tv, ti, cv, ci, n); else if (k <= 64) topk_batch<4>(tv, ti, cv, ci, n); else topk_batch<8>(tv, ti, cv, ci, n);
     return topk_after(tv, tc, k, n);
   }
   for (; gt; gt &= gt - 1) {
     const int64_t j = at + step * __builtin_ctz(gt);
     const float e = load1(row, bf, j);
-    if (e > thr) thr = k > BIG_K ? big_add(big, k, thr, e, (int32_t)j) : topk_insert(tv, ti, tc, k, e, (int32_t)j);
+    if (e > thr) thr = big_add(big, k, thr, e, (int32_t)j);
   }
   return thr;
 }
@@ -350,7 +362,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
     const void* row = bf ? (const void*)((const uint16_t*)x + r * ld) : (const void*)((const float*)x + r * ld);
     float m = -INFINITY, thr = -INFINITY; int nan = 0, tc = 0; int64_t i = 0;
 #ifdef __AVX512F__
-    for (int j = 0; j < 32; ++j) tv[j] = -INFINITY;  // (an empty TopK)
+    for (int j = 0; j < 128; ++j) tv[j] = -INFINITY;  // (an empty TopK)
     big.n = 0;
     // By blocks of BS: while the row has at most FCAP finite entries (and at least 1/4 of those read so far are
     // -inf), max, NaN, the finite entries' places and the running top k. Once it has more, Σ exp(x − max) for the blocks so far
@@ -385,13 +397,10 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
         nc += __builtin_popcount(c);
       };
       auto insert = [&]() {
-        if (k <= 32) {
-          TopK t = topk_load(tv, ti);
-          for (int j = 0; j < nc; ++j) topk_add(t, cv[j], ci[j]);
-          topk_store(t, tv, ti);
+        if (k <= 128) {
+          if (k <= 32) topk_batch<2>(tv, ti, cv, ci, nc); else if (k <= 64) topk_batch<4>(tv, ti, cv, ci, nc); else topk_batch<8>(tv, ti, cv, ci, nc);
           thr = topk_after(tv, &tc, k, nc);
-        } else for (int j = 0; j < nc; ++j)
-          if (cv[j] > thr) thr = k > BIG_K ? big_add(big, k, thr, cv[j], ci[j]) : topk_insert(tv, ti, &tc, k, cv[j], ci[j]);
+        } else for (int j = 0; j < nc; ++j) if (cv[j] > thr) thr = big_add(big, k, thr, cv[j], ci[j]);
         nc = 0;
       };
       for (int64_t j = 0; j < nh; ++j) {

@@ -167,8 +167,8 @@ def test_fused_cpu_random_shapes(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_fused_cpu_top_k_sizes(dtype):
-    """k <= 32 keeps the top k in registers and takes a batch of candidates at a time, 32 < k <= 64 one by one into
-    a sorted list, k > 64 into a buffer cut back by nth_element: k at and around each side of 32 and 64 up to 256,
+    """k <= 128 keeps the top k in registers (2, 4 or 8 pairs) and takes a batch of candidates at a time, k > 128
+    appends them to a buffer cut back by nth_element: k at and around each side of 32, 64 and 128 up to 256,
     on dense rows, on ties, and on rows with fewer finite entries than k, side by side in one vector (a batch of 12
     where k = 20). float32 rows of small integers (ties everywhere, many at the k-th place): exactly a stable sort's
     first k, the lowest column first among ties."""
@@ -182,7 +182,7 @@ def test_fused_cpu_top_k_sizes(dtype):
     ties = torch.randint(-40, 8, (3, WIDTH), generator=torch.Generator().manual_seed(9)).float()
     ties[2, 300:] = float("-inf")  # fewer finite entries than the largest k
     order = torch.sort(ties, dim=1, descending=True, stable=True).indices
-    for k in (1, 5, 12, 20, 31, 32, 33, 64, 65, 100, 128, 256):
+    for k in (1, 5, 12, 20, 31, 32, 33, 64, 65, 100, 128, 129, 256):
         assert sf.same(ref, sf.fused_cpu_filter(x, "top-k", k), "top-k", k, atol=1e-6) is None, k
         if dtype == torch.float32:
             got = sf.fused_cpu_filter(ties, "top-k", k)
