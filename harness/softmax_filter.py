@@ -762,6 +762,9 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
     bad-row flag and the kept count); gaps (rows that keep fewer than k, or parts that drop entries) are closed by
     `compact`. Under Triton's interpreter
     (TRITON_INTERPRET=1 before triton is imported) it also takes CPU tensors: how the tests run it without a GPU."""
+    unknown = sorted(set(settings) - set(TRITON) - {"maxnreg"})
+    if unknown:
+        raise ValueError(f"unknown triton_filter settings {unknown}: the settings are {sorted([*TRITON, 'maxnreg'])}")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("triton takes a CUDA tensor")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 2:

@@ -458,6 +458,12 @@ def test_triton_kernels_compile_for_hopper(dtype, variant, tmp_path, monkeypatch
     assert "REG:" in usage and "LOCAL:0 " in usage, usage
 
 
+def test_triton_filter_refuses_unknown_settings():
+    """A misspelt launch setting (from a sweep file or a caller) is an error naming it, not silently ignored."""
+    with pytest.raises(ValueError, match=r"unknown triton_filter settings \['selec'\]"):
+        sf.triton_filter(torch.zeros(2, 8), "top-k", 2, selec="bisect")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
     """The sweep's logic on the CPU, with fakes of do_bench (a time per setting: fastest at block 2048, 8 warps,
