@@ -302,7 +302,8 @@ def test_cuda_matches_snippet(impl):
 def test_cuda_triton_paths():
     """Each of triton_filter's paths on the GPU against the snippet: rows in one part (top-k fused into `stats`) and in
     several, k from 20 to 256 (narrower groups), sparse parts at and past CAP finite logits, other launch settings,
-    both ways of choosing the top k and of keeping p > 0's finite logits; bad rows in either filter and path a clear error naming the row."""
+    both ways of choosing the top k and of keeping p > 0's finite logits; bad rows in either filter and path a
+    clear error naming the row."""
     if sf.available("triton", "cuda"):
         pytest.skip(sf.available("triton", "cuda"))
     x = sparse_rows(rows(bench.VOCAB)).to("cuda")
@@ -408,8 +409,9 @@ def test_triton_kernel_under_the_interpreter():
     """The CUDA kernels, run by Triton's interpreter on the CPU, rows in one part and in several: same kept tokens
     and probabilities as the snippet on the test rows (p > 0 at Qwen1.5's width, subnormal bfloat16 probabilities
     included, parts at and past CAP finite logits; top-k with k = 1, 20 and 64, ties, a row with a single finite
-    entry; both ways of choosing the top k, each exactly a stable sort's first k on rows full of ties), NaN and +inf a clear error. A subprocess: TRITON_INTERPRET must be set before triton is imported. Speed
-    is for `harness bench` and `harness.triton_sweep` on a GPU."""
+    entry; both ways of choosing the top k, each exactly a stable sort's first k on rows full of ties; both ways of
+    keeping p > 0's finite logits), NaN and +inf a clear error. A subprocess: TRITON_INTERPRET must be set before
+    triton is imported. Speed is for `harness bench` and `harness.triton_sweep` on a GPU."""
     run = subprocess.run([sys.executable, "-c", INTERPRETED, os.path.dirname(__file__)], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
