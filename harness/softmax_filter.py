@@ -721,10 +721,11 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
 # tl.topk's bitonic network over the keys, as measured; "bisect": a bisection on the values); how p > 0 keeps
 # finite logits ("segment": `stats`, as measured; "part": `stats_part`, block-wide steps that skip all −inf ones).
 # "bisect" and "part" have not yet run on a GPU; "fuse": False runs a one-part row's top k in the `top` kernel
-# rather than at the end of `stats` (whose registers and tail then hold the program). TUNED: per (filter, dtype),
-# over TRITON.
+# rather than at the end of `stats` (whose registers and tail then hold the program); top-k's "tile" ("segments": a
+# step reads G columns of each of R segments; "contiguous": R·G adjacent columns, not yet run on a GPU). TUNED: per
+# (filter, dtype), over TRITON.
 TRITON = {"block": 4096, "warps": 8, "waves": 4, "group": 64, "row": 256, "cap": 512, "select": "topk", "capture": "segment",
-          "fuse": True}
+          "fuse": True, "tile": "segments"}
 TUNED: dict[tuple[str, torch.dtype], dict] = {("top-k", torch.float32): {"block": 2048}, ("top-k", torch.bfloat16): {"block": 2048}}
 
 
@@ -777,8 +778,10 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
     kp = _pow2(max(k, 2))  # tl.topk takes a power of 2
     G = max(16, min(cfg["group"], 4096 // kp)) if topk else cfg["row"]  # top_of_row's tile, [kp, G], stays <= 4096
     block = max(cfg["block"], G)
-    if cfg["capture"] not in ("segment", "part") or cfg["select"] not in ("topk", "bisect") or cfg["cap"] != _pow2(cfg["cap"]):
-        raise ValueError(f"capture must be 'segment' or 'part', select 'topk' or 'bisect', cap a power of 2: not {cfg}")
+    if (cfg["capture"] not in ("segment", "part") or cfg["select"] not in ("topk", "bisect") or cfg["cap"] != _pow2(cfg["cap"])
+            or cfg["tile"] not in ("segments", "contiguous")):  # fmt: skip
+        raise ValueError(f"capture must be 'segment' or 'part', select 'topk' or 'bisect', tile 'segments' or 'contiguous', "
+                         f"cap a power of 2: not {cfg}")  # fmt: skip
     part_mode = not topk and cfg["capture"] == "part"
     R = 1 if part_mode else block // G  # segments a part
     CR = cfg["cap"] if part_mode else max(1, cfg["cap"] // R)  # finite logits kept a segment
@@ -807,7 +810,8 @@ def triton_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, parts: int 
         stats_part[(B, n)](x, x.stride(0), V, W, stat, cval, cidx, ccnt, BLOCK=block, CAP=CR, **warps)
     else:
         stats[(B, n)](x, x.stride(0), V, W, k, stat, gmax, NG, cval, cidx, ccnt, out_vals, idx, counts, flag, sel, R=R, G=G,
-                      CR=CR, TOPK=topk, FUSED=fused, KP=kp, NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip
+                      CR=CR, TOPK=topk, FUSED=fused, KP=kp, NGP=NGP, BF16=bf16, SELECT=select,
+                      CONTIG=topk and cfg["tile"] == "contiguous", **warps)  # fmt: skip
     if topk and not fused:
         top[(B,)](x, x.stride(0), V, k, n, stat, gmax, NG, out_vals, idx, counts, flag, sel, NP=_pow2(n), G=G, KP=kp,
                   NGP=NGP, BF16=bf16, SELECT=select, **warps)  # fmt: skip

@@ -124,7 +124,7 @@ def top_of_row(x_ptr, row, ld, V, k, mx, total, bad, gmax_ptr, NG, val_ptr, idx_
 @triton.jit
 def stats(x_ptr, ld, V, W, k, stat_ptr, gmax_ptr, NG, cval_ptr, cidx_ptr, ccnt_ptr, val_ptr, idx_ptr, cnt_ptr, flag_ptr,
           sel_ptr, R: tl.constexpr, G: tl.constexpr, CR: tl.constexpr, TOPK: tl.constexpr, FUSED: tl.constexpr,
-          KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr, SELECT: tl.constexpr):
+          KP: tl.constexpr, NGP: tl.constexpr, BF16: tl.constexpr, SELECT: tl.constexpr, CONTIG: tl.constexpr):
     # One read of the part: its max, Σ exp(x − max), NaN flag and the most finite logits in a segment into
     # stat[row, part]. The part is R contiguous segments of W/R columns, each read G columns a step by its own
     # threads (a warp or less), so the running max is one per segment and needs no exchange between warps: one
@@ -132,21 +132,26 @@ def stats(x_ptr, ld, V, W, k, stat_ptr, gmax_ptr, NG, cval_ptr, cidx_ptr, ccnt_p
     # into gmax[row, group], and where the row is one part (FUSED) the row's top k at once (top_of_row). p > 0:
     # each segment's first CR finite logits, in column order, and their columns into cval/cidx[row, part, segment]
     # (all of a warped row's), their count into ccnt (a segment's whole count: over CR, `write` reads the part).
+    # CONTIG (top-k only: the groups' order does not matter there): the tile's R rows are adjacent groups, so a
+    # step reads R·G contiguous columns, one stream a program rather than R; row r keeps the running max of groups
+    # r, r + R, r + 2R, ...
     row, part = tl.program_id(0), tl.program_id(1)  # int32 offsets within a row and the buffers: fewer registers
     lo = part * W
     hi = tl.minimum(lo + W, V)
     seg = W // R
-    first = lo + tl.arange(0, R) * seg
+    span = W if CONTIG else seg  # the columns a tile row covers, `step` at a time
+    step = R * G if CONTIG else G
+    first = lo + tl.arange(0, R) * (G if CONTIG else seg)
     cols = first[:, None] + tl.arange(0, G)[None, :]
     base, slot = x_ptr + row.to(tl.int64) * ld, row * tl.num_programs(1) + part
     m = tl.full([R], float("-inf"), tl.float32)
     s = tl.zeros([R, G], tl.float32)
     nfin = tl.zeros([R], tl.int32)
     x = tl.load(base + cols, mask=cols < hi, other=float("-inf"))
-    for t in range(0, seg, G):
+    for t in range(0, span, step):
         col = cols + t
-        nxt = col + G
-        x_next = tl.load(base + nxt, mask=(nxt < hi) & (t + G < seg), other=float("-inf"))
+        nxt = col + step
+        x_next = tl.load(base + nxt, mask=(nxt < hi) & (t + step < span), other=float("-inf"))
         xf = x.to(tl.float32)
         gm = tl.max(xf, 1)
         if TOPK:

@@ -4,7 +4,7 @@
     python3 -m harness.bench --device cuda --triton-settings sweep.json
 
 For each case (raw/warped rows, float32/bfloat16, p > 0 / top-20; --only picks some), on Qwen1.5-wide rows
-(harness.bench's inputs), in phases over all cases (see main): the defaults against each filter's other way,
+(harness.bench's inputs), in phases over all cases (see main): the defaults against each filter's other ways,
 then columns per tile ("block") x warps, then widths and maxnreg, all at batch 4096, then programs per
 multiprocessor ("waves") at batch 256. Each time is triton.testing.do_bench's median (CUDA events, the L2
 cleared before each call); calls of batch 256 take successive slices of the 4096 rows, so they are read from
@@ -83,14 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         return {k: v for k, v in best.get(f"{' '.join(case)} 4096", {}).items() if k != "ms"}
 
     # In phases over all cases, so that a short run still gets the comparison that matters most:
-    # 1. the defaults against each filter's other way (top-k's bisection, p > 0's capture a part);
+    # 1. the defaults against each filter's other ways (top-k's bisection and contiguous tiles, p > 0's capture a
+    #    part);
     # 2. in the faster way, columns per tile x warps (the first sweep found 8192 columns and 16 warps far slower);
     # 3. top-k's separate `top` kernel (fuse False) and group, or p > 0's row width; maxnreg=128 (two programs a
     #    multiprocessor at 8 warps);
     # 4. at batch 256, programs per multiprocessor.
     for case in cases:
         better(case, 4096, {})
-        better(case, 4096, {"select": "bisect"} if case[2] == "top-k" else {"capture": "part"})
+        ways = ([{"select": "bisect"}, {"tile": "contiguous"}, {"select": "bisect", "tile": "contiguous"}] if case[2] == "top-k"
+                else [{"capture": "part"}])  # fmt: skip
+        for way in ways:
+            better(case, 4096, way)
     for case in cases:
         mode = at(case)
         for block, warps in itertools.product((1024, 2048, 4096), (4, 8)):

@@ -314,7 +314,7 @@ def test_cuda_triton_paths():
         for parts, k, cfg, filters in ((1, 20, {}, ("p>0", "top-k")), (None, 20, {}, ("p>0", "top-k")), (3, 64, {}, ("p>0", "top-k")),
                                        (1, 256, {"block": 4096, "warps": 4}, ("p>0", "top-k")),
                                        (1, 20, {"select": "bisect"}, ("top-k",)), (3, 64, {"select": "bisect"}, ("top-k",)),
-                                       (1, 20, {"fuse": False}, ("top-k",)),
+                                       (1, 20, {"fuse": False}, ("top-k",)), (1, 20, {"tile": "contiguous"}, ("top-k",)),
                                        (None, 20, {"capture": "part"}, ("p>0",)), (3, 20, {"capture": "part", "cap": 32}, ("p>0",))):  # fmt: skip
             for filter in filters:
                 got = sf.triton_filter(xd, filter, k, parts=parts, **cfg)
@@ -358,9 +358,11 @@ for dtype, filter, width, ks, parts in ((torch.float32, "p>0", bench.VOCAB, [20]
                                         (torch.bfloat16, "p>0", bench.VOCAB, [20], [(1, {}), (8, {"block": 1024}),
                                                                                     (1, {"capture": "part", "cap": 32})]),
                                         (torch.float32, "top-k", 2500, [1, 20, 64], [(1, {}), (2, {}), (2, {"select": "bisect"}),
-                                                                                     (1, {"select": "bisect", "fuse": False})]),
+                                                                                     (1, {"select": "bisect", "fuse": False}),
+                                                                                     (3, {"tile": "contiguous", "select": "bisect"})]),
                                         (torch.bfloat16, "top-k", 2500, [20], [(2, {}), (3, {"block": 1024, "group": 64}),
-                                                                                (1, {"select": "bisect"})])):
+                                                                                (1, {"select": "bisect"}),
+                                                                                (1, {"select": "bisect", "tile": "contiguous"})])):
     x = sparse_rows(rows(width)).to(dtype)
     ref = sf.snippet(list(x.split(1)))
     for k in ks:
@@ -395,7 +397,7 @@ ties[4, ::64] = 10.0 + torch.randperm(40, generator=gen).float()
 for dtype, k, n, select in itertools.product((torch.float32, torch.bfloat16), (1, 7, 64, 128), (1, 3), ("bisect", "topk")):
     if select == "topk" and k != 7:  # its network runs slowly here; the rows above cover it
         continue
-    cfg = {"select": select, **({"block": 1024, "group": 16} if n == 3 else {})}
+    cfg = {"select": select, **({"block": 1024, "group": 16, "tile": "contiguous"} if n == 3 else {})}
     got = sf.triton_filter(ties.to(dtype), "top-k", k, parts=n, **cfg)
     order = torch.sort(ties, dim=1, descending=True, stable=True).indices[:, :k]
     for r in range(len(ties)):
@@ -418,11 +420,14 @@ def test_triton_kernel_under_the_interpreter():
 
 
 TRITON_VARIANTS = {  # the kernels triton_filter launches, with their constexprs at the default settings and V = 151936
-    "stats p>0": ("stats", {"R": 16, "G": 256, "CR": 32, "TOPK": False, "FUSED": False, "KP": 32, "NGP": 4096, "SELECT": False}),
-    "stats top-k, fused": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": True, "KP": 32, "NGP": 4096, "SELECT": False}),
-    "stats top-k, fused, bisect": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": True, "KP": 32, "NGP": 4096,
-                                             "SELECT": True}),
-    "stats top-k": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": False, "KP": 32, "NGP": 4096, "SELECT": False}),
+    "stats p>0": ("stats", {"R": 16, "G": 256, "CR": 32, "TOPK": False, "FUSED": False, "KP": 32, "NGP": 4096, "SELECT": False,
+                            "CONTIG": False}),
+    "stats top-k, fused": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": True, "KP": 32, "NGP": 4096, "SELECT": False,
+                                     "CONTIG": False}),
+    "stats top-k, fused, bisect, contiguous": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": True, "KP": 32,
+                                                         "NGP": 4096, "SELECT": True, "CONTIG": True}),
+    "stats top-k": ("stats", {"R": 32, "G": 64, "CR": 16, "TOPK": True, "FUSED": False, "KP": 32, "NGP": 4096, "SELECT": False,
+                              "CONTIG": False}),
     "top": ("top", {"NP": 64, "G": 64, "KP": 32, "NGP": 4096, "SELECT": False}),
     "top, bisect": ("top", {"NP": 64, "G": 64, "KP": 32, "NGP": 4096, "SELECT": True}),
     "write": ("write", {"BLOCK": 4096, "R": 16, "CR": 32, "NP": 64}),
