@@ -346,7 +346,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
   // a dense row's listed groups (one per 32 entries at most, so V / 16 + 2 with the last ones 16 wide), and top-k's
   // candidates among them
   static thread_local std::vector<int32_t> hits;
-  static thread_local Big big;  // top-k's candidates where k > 32
+  static thread_local Big big;  // top-k's candidates where k > BIG_K
   if (hits.size() < (size_t)(V / 16 + 2)) hits.resize((size_t)(V / 16 + 2));
   int32_t* hit = hits.data();
   enum { CCAP = 1024 };
