@@ -8,7 +8,9 @@ Override values are parsed as YAML (`variants.0.dtype=bfloat16`, `seed=3`), neve
 
 from __future__ import annotations
 
+import difflib
 import sys
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -144,18 +146,46 @@ def apply_override(data: dict, assignment: str, origin: str) -> None:
             node = node[part]
 
 
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model whose keys are valid at `loc` (a key's path, its last part left out): Config's fields, a list's
+    items and a mapping's values followed down; None where the path leaves the models."""
+    node = Config
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            node = field.annotation
+        elif typing.get_origin(node) in (list, dict):
+            node = typing.get_args(node)[-1]  # an item of the list, or a value of the mapping
+        else:
+            return None
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unknown(loc: tuple) -> str:
+    """An unknown key's message: the keys valid in its place, and the closest of them."""
+    key = ".".join(str(p) for p in loc)
+    model = _model_at(loc[:-1])
+    if model is None:
+        return f"unknown key '{key}'"
+    known = [k for k in model.model_fields if k != "source_file"]  # (set by `load`, not by the file)
+    near = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    where = f"keys of '{'.'.join(str(p) for p in loc[:-1])}'" if len(loc) > 1 else "top-level keys"
+    return f"unknown key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "") + f"; the {where} are: {', '.join(known)}"
+
+
 def _describe(error: ValidationError, origin: str) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
+            lines.append(_unknown(tuple(item["loc"])))
         elif item["type"] == "missing":
             lines.append(f"missing key '{key}'")
         else:
             lines.append(f"key '{key}': {item['msg']} (got {item.get('input')!r})")
-    known = ", ".join(Config.model_fields)
-    return f"{origin}: " + "; ".join(lines) + f". Top-level keys are: {known}."
+    return f"{origin}: " + "; ".join(lines) + "."
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:

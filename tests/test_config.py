@@ -47,6 +47,27 @@ def test_unknown_nested_key(tmp_path):
         config.load(path)
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("batch_sise: 4", r"unknown key 'batch_sise' \(did you mean 'batch_size'\?\); the top-level keys are: name, zoo_profile, "),
+        ("metrics: {topk: [5]}", r"unknown key 'metrics\.topk' \(did you mean 'top_k'\?\); the keys of 'metrics' are: top_k, "
+                                 r"bootstrap_resamples, matrix, smoothing_eps\.$"),
+        ("text: {windows: 3}", r"unknown key 'text\.windows'; the keys of 'text' are: context, score\.$"),
+        ("gate: {v: {kl_mean: {maxx: 0.01}}}", r"'gate\.v\.kl_mean\.maxx' \(did you mean 'max'\?\); the keys of "
+                                               r"'gate\.v\.kl_mean' are: min, max, max_x_floor\.$"),
+    ],
+)  # fmt: skip
+def test_unknown_key_lists_the_keys_of_its_place(tmp_path, extra, message):
+    """A typo's message names the keys valid where it stands (the nested model's, not the top level's) and the
+    closest of them; `source_file`, set by load, is not offered."""
+    with pytest.raises(config.ConfigError, match=message) as err:
+        config.load(_write(tmp_path, BASE + extra + "\n"))
+    assert "source_file" not in str(err.value)
+    with pytest.raises(config.ConfigError, match=r"'variants\.0\.dtyp' \(did you mean 'dtype'\?\); the keys of 'variants\.0' are"):
+        config.load(_write(tmp_path, BASE), ["variants.0.dtyp=float16"])
+
+
 def test_wrong_value_names_key(tmp_path):
     path = _write(tmp_path, BASE + "batch_size: many\n")
     with pytest.raises(config.ConfigError, match=r"key 'batch_size'.*'many'"):
