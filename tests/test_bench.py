@@ -241,6 +241,9 @@ def test_quick_run_json_line(capsys):
     for r in record["results"]:
         assert {"impl", "batch", "dtype", "filter", "rows_per_s", "gbps", "fraction_of_ceiling", "speedup_vs_snippet"} <= r.keys()
         assert r["rows_per_s"] > 0 and r["speedup_vs_snippet"] > 0
+        assert 0 < r["near_read_gbps"] <= record["read_ceiling_gbps"]
+        assert r["fraction_of_ceiling"] == pytest.approx(r["gbps"] / r["near_read_gbps"])
+        assert r["fraction_of_run_ceiling"] == pytest.approx(r["gbps"] / record["read_ceiling_gbps"])
         assert r["fraction_of_bound"] == pytest.approx(r["rows_per_s"] / r["bound_rows_per_s"])
         kept = {("raw", "p>0"): 20000, ("warped", "p>0"): None, ("raw", "top-k"): bench.TOP_K}[(r["inputs"], r["filter"])]
         if kept:  # float32 realistic rows keep every token (none 103 nats under the max); warped rows keep a few
@@ -513,6 +516,34 @@ def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
     assert got["best"]["warped float32 p>0 4096"] == {"block": 2048, "warps": 8, "ms": 1.0}
     assert bench.swept(got["best"], "raw", "float32", "top-k", 16) == {"block": 2048, "warps": 8, "select": "bisect", "waves": 8}
     assert all(r["fraction_of_ceiling"] == r["gbps"] / 100.0 for r in got["results"])
+
+
+def test_each_case_is_held_against_the_ceilings_measured_around_it(monkeypatch):
+    """A case's near ceilings are the better of the probes just before and just after it; the run's are the best of
+    every measurement; fractions and the memory bound follow from them."""
+    reads = [50.0, 80.0, 40.0, 60.0, 45.0, 47.0, 30.0, 55.0, 52.0, 58.0]  # before case 1, after each of the 9
+    it = iter(reads)
+
+    class FakeProbe:
+        def __init__(self, device, gib):
+            assert gib == bench.NEAR_GIB
+
+        def measure(self, repeats):
+            assert repeats == bench.NEAR_REPEATS
+            r = next(it)
+            return bench.Ceilings(r, r / 2, r / 4, r, r / 2, r / 4)
+
+    monkeypatch.setattr(bench, "Probe", FakeProbe)
+    monkeypatch.setattr(bench, "ceilings", lambda *a: bench.Ceilings(70.0, 30.0, 10.0, 65.0, 28.0, 9.0))
+    record = bench.run([1, 2, 4], ["float32"], 1, ["torch"], 1024, ceiling_gib=1.0, min_seconds=0, log=lambda m: None)
+    got = record["results"]
+    assert len(got) == 9 and [r["near_read_gbps"] for r in got] == [max(a, b) for a, b in zip(reads, reads[1:])]
+    assert record["read_ceiling_gbps"] == 80.0 and record["copy_ceiling_gbps"] == 40.0 and record["write_ceiling_gbps"] == 20.0
+    for r in got:
+        near = r["near_read_gbps"]
+        assert r["near_copy_gbps"] == near / 2 and r["near_write_gbps"] == near / 4
+        assert r["fraction_of_ceiling"] == r["gbps"] / near and r["fraction_of_run_ceiling"] == r["gbps"] / 80.0
+        assert r["bound_rows_per_s"] == bench.memory_bound(r["read_bytes_per_row"], r["written_bytes_per_row"], near, near / 4, near / 2)
 
 
 def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
