@@ -47,17 +47,9 @@ NATIVE = {torch.float16: 1, torch.bfloat16: 2}  # 16-bit dtypes the kernel reads
 FIXED = ("kl", "kl_rev", "js", "tv", "top1_agree", "ref_top_rank", "delta_p", "delta_p_top", "nll_ref", "nll_cand",
          "entropy_ref", "entropy_cand", "p_top_ref", "margin_ref")  # fmt: skip
 
-CPP = cext.EXP_F32 + r"""// Per row pair: a float32 fast path (row_f32), else the float64 kernel (row_f64); then finish()
+CPP = cext.EXP_F32 + cext.TOPK + r"""// Per row pair: a float32 fast path (row_f32), else the float64 kernel (row_f64); then finish()
 // (see the module docstring).
 #include <stdlib.h>
-
-// Keeps the k largest (value, index) seen so far, sorted descending, earlier index first among ties.
-static inline void topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
-  if (*cnt == k && !(v > tv[k - 1])) return;
-  int j = *cnt < k ? (*cnt)++ : k - 1;
-  while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
-  tv[j] = v; ti[j] = i;
-}
 
 // A row pair's sums: ln of the normalisers (lx, ly), KL, KL_rev, Σ p·ln p, Σ q·ln q, Σ|p − q|, Σ (p + q)·ψ,
 // +inf flags, #{y > y[ref top]}, and whether either row holds NaN or +inf (bad: its outputs are NaN).
@@ -318,6 +310,47 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
 // Per thread: per block b, S (Σ e), Sf (its float32 groups' part), E, Q (Σ e^(y−m) of float32 groups), A1, A2 (entropy
 // sums), F (e^(m_b − max)), M (m_b); per entry e (pb) and d0 (db) of float32 groups; per group its path (gen).
 struct Fast { double *S, *Sf, *E, *Q, *A1, *A2, *F; float *M, *pb, *db; uint8_t* gen; };
+
+// The fast path's running top K of a row (K <= 256): values tv sorted descending with their ids ti (among equal values
+// the lowest id first), the count c, thr (the K-th value once K are in, else -inf: only a value above it can enter)
+// and max (the largest so far). K <= 16: topk_insert a candidate at a time; K <= 128: a group's candidates into TopK
+// registers at once (no branch, no shifts in memory); beyond, Big's keys, sorted into tv/ti by top_finish. One
+// insertion at a time costs O(K) moves and a mispredict: at K = 256 a row pair took 3.4x as long as at K = 10.
+// (Finite candidates only: TopK's empty places are -inf, which a -inf candidate would land behind. row_f64, whose
+// rows may have fewer than K finite entries, lists -inf ones too, with topk_insert.)
+struct Top { float tv[256]; int32_t ti[256]; int c; float thr, max; Big big; };
+static inline void top_init(Top& T, int K) {
+  for (int j = 0; j < (K + 15) / 16 * 16; ++j) { T.tv[j] = -INFINITY; T.ti[j] = 0; }
+  T.c = 0; T.thr = T.max = -INFINITY; T.big.n = 0;
+}
+// The lanes g of the G entries at x + at (each above T.thr, finite) into T.
+static inline void top_lanes(Top& T, int K, const float* x, int64_t at, __mmask16 g) {
+  if (K <= 16) {
+    for (; g; g &= g - 1) { const int l = __builtin_ctz(g); T.thr = topk_insert(T.tv, T.ti, &T.c, K, x[at + l], (int32_t)(at + l)); }
+  } else if (K <= BIG_K) {
+    alignas(64) float cv[16]; alignas(64) int32_t ci[16];
+    const __m512i ix = _mm512_add_epi32(_mm512_set1_epi32((int32_t)at), _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15));
+    _mm512_store_ps(cv, _mm512_maskz_compress_ps(g, _mm512_maskz_loadu_ps(g, x + at)));
+    _mm512_store_si512(ci, _mm512_maskz_compress_epi32(g, ix));
+    const int n = __builtin_popcount(g);
+    if (K <= 32) topk_batch<2>(T.tv, T.ti, cv, ci, n); else if (K <= 64) topk_batch<4>(T.tv, T.ti, cv, ci, n);
+    else topk_batch<8>(T.tv, T.ti, cv, ci, n);
+    T.thr = topk_after(T.tv, &T.c, K, n);
+  } else {
+    for (; g; g &= g - 1) {
+      const int l = __builtin_ctz(g);
+      const float v = x[at + l];
+      if (v > T.thr) { T.thr = big_add(T.big, K, T.thr, v, (int32_t)(at + l)); T.max = v > T.max ? v : T.max; }
+    }
+    return;
+  }
+  T.max = T.tv[0];
+}
+// After the row: the top K sorted in tv/ti (and c set), the ids also into out[0, c).
+static inline void top_finish(Top& T, int K, int32_t* out) {
+  if (K > BIG_K) big_finish(T.big, K, T.tv, T.ti, &T.c);
+  memcpy(out, T.ti, sizeof(int32_t) * T.c);
+}
 struct Row { __m512d Lx, Ly, c; };
 struct Acc { __m512d kl, klr, hp, hq, tv, js; int infp, infq; };
 
@@ -526,8 +559,8 @@ __attribute__((noinline)) static bool p1_one(const float* x, const float* y, int
 }
 
 static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* tx, int32_t* ty, const Fast& s, Raw& R) {
-  float tvx[256], tvy[256];
-  int cx = 0, cy = 0;
+  Top Tx, Ty;
+  top_init(Tx, K); top_init(Ty, K);
   const int64_t nb = (V + BS - 1) / BS;
   // Pass 1, the one read of the rows: top-K of x and y; e = exp(x − m) in float32 (m: x's running maximum before the
   // block, the first block's own for block 0), kept in pb with d0 = x − y in db; Σ e, and Σ ee with ee = e·(e^(−d0) − 1),
@@ -550,7 +583,7 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
   float* const pb = s.pb; float* const db = s.db; uint8_t* const gen = s.gen;  // locals: no reloads after each store
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
-    if (b > 0) m = ceilf(tvx[0]);
+    if (b > 0) m = ceilf(Tx.max);
     const __m512 vm = _mm512_set1_ps(m);
     __m512d zb = _mm512_setzero_pd();
     __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1, zc = a1, ec = a1;  // zc, ec: Kahan compensations
@@ -566,17 +599,19 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
       __m512 vx[2] = {_mm512_maskz_loadu_ps(m0, x + i), _mm512_maskz_loadu_ps(m1, x + i + G)};
       __m512 vy[2] = {_mm512_maskz_loadu_ps(m0, y + i), _mm512_maskz_loadu_ps(m1, y + i + G)};
       {
-        const __m512 kx = _mm512_set1_ps(tvx[K - 1]), ky = _mm512_set1_ps(tvy[K - 1]);
-        // one compare a row over both groups (exact where the row is finite, which is the only case whose lists
-        // this path keeps: a NaN or inf anywhere sends the row to row_f64), per lane only where it may pass
-        if (__builtin_expect(cx < K || cy < K || (_mm512_cmp_ps_mask(_mm512_max_ps(vx[0], vx[1]), kx, _CMP_GT_OQ) |
-                                                  _mm512_cmp_ps_mask(_mm512_max_ps(vy[0], vy[1]), ky, _CMP_GT_OQ)) != 0, 0)) {
-          __mmask32 gx = cx < K ? mk : (__mmask32)_mm512_mask_cmp_ps_mask(m0, vx[0], kx, _CMP_GT_OQ) |
-                                       (__mmask32)_mm512_mask_cmp_ps_mask(m1, vx[1], kx, _CMP_GT_OQ) << 16;
-          __mmask32 gy = cy < K ? mk : (__mmask32)_mm512_mask_cmp_ps_mask(m0, vy[0], ky, _CMP_GT_OQ) |
-                                       (__mmask32)_mm512_mask_cmp_ps_mask(m1, vy[1], ky, _CMP_GT_OQ) << 16;
-          while (gx) { int l = __builtin_ctz(gx); gx &= gx - 1; topk_insert(tvx, tx, &cx, K, x[i + l], (int32_t)(i + l)); }
-          while (gy) { int l = __builtin_ctz(gy); gy &= gy - 1; topk_insert(tvy, ty, &cy, K, y[i + l], (int32_t)(i + l)); }
+        const __m512 kx = _mm512_set1_ps(Tx.thr), ky = _mm512_set1_ps(Ty.thr);
+        // one compare a row over both groups (a masked-off lane, 0, may pass it: the second compare is masked; exact
+        // where the row is finite, which is the only case whose lists this path keeps: a NaN or inf anywhere sends the
+        // row to row_f64), per lane only where it may pass; a group's lanes go in together, so the threshold of its
+        // second group's compare may lag (a candidate not above the K-th changes nothing)
+        if (__builtin_expect((_mm512_cmp_ps_mask(_mm512_max_ps(vx[0], vx[1]), kx, _CMP_GT_OQ) |
+                              _mm512_cmp_ps_mask(_mm512_max_ps(vy[0], vy[1]), ky, _CMP_GT_OQ)) != 0, 0)) {
+          const __mmask16 gx0 = _mm512_mask_cmp_ps_mask(m0, vx[0], kx, _CMP_GT_OQ), gx1 = _mm512_mask_cmp_ps_mask(m1, vx[1], kx, _CMP_GT_OQ);
+          const __mmask16 gy0 = _mm512_mask_cmp_ps_mask(m0, vy[0], ky, _CMP_GT_OQ), gy1 = _mm512_mask_cmp_ps_mask(m1, vy[1], ky, _CMP_GT_OQ);
+          if (gx0) top_lanes(Tx, K, x, i, gx0);
+          if (gx1) top_lanes(Tx, K, x, i + G, gx1);
+          if (gy0) top_lanes(Ty, K, y, i, gy0);
+          if (gy1) top_lanes(Ty, K, y, i + G, gy1);
         }
       }
       __m512 d0[2], w[2];
@@ -656,7 +691,8 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
   // Z = Σ_b e^(m_b − max) S_b (Kahan), and the same for E; then the top 16 entries' float32 terms (the largest, whose
   // rounding would otherwise show in ln Z and c for peaked rows; each went into float64 as it was) are replaced by
   // float64 ones.
-  const double Mx = tvx[0];
+  top_finish(Tx, K, tx); top_finish(Ty, K, ty);
+  const double Mx = Tx.max;
   double Z = 0, cz = 0, E = 0;
   {
     float last = NAN; double f = 0;
@@ -668,7 +704,7 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     }
     alignas(64) float xv[16] = {0}, yv[16] = {0}, mv[16] = {0}, ev[16], eev[16];
     int64_t at[16]; int nt = 0;
-    for (int j = 0; j < (cx < 16 ? cx : 16); ++j)
+    for (int j = 0; j < (Tx.c < 16 ? Tx.c : 16); ++j)
       if (!(s.gen[tx[j] / G] & GEN_F64)) { at[nt] = tx[j]; xv[nt] = x[tx[j]]; yv[nt] = y[tx[j]]; mv[nt] = s.M[tx[j] / BS]; ++nt; }
     {
       const __m512 vx = _mm512_load_ps(xv), d0 = _mm512_sub_ps(vx, _mm512_load_ps(yv));
@@ -745,8 +781,8 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
   // its last value (everything above y_top is then in the list), else counted over the row
   const float yt = y[tx[0]];
   int64_t rank = 0;
-  if (cy < K || yt >= tvy[K - 1]) {
-    for (int j = 0; j < cy; ++j) rank += tvy[j] > yt;
+  if (Ty.c < K || yt >= Ty.tv[K - 1]) {
+    for (int j = 0; j < Ty.c; ++j) rank += Ty.tv[j] > yt;
   } else {
     const __m512 vyt = _mm512_set1_ps(yt);
     __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;

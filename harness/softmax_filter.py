@@ -106,7 +106,7 @@ def compiled_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20) -> Sparse
 
 
 # --- fused CPU kernel: C++ source, built once per machine into $HARNESS_HOME/ext ----------------------
-CPP = cext.EXP_F32 + r"""// One row at a time: pass 1 by blocks: max (+ NaN flag, + running top-k, + where the finite entries are while they
+CPP = cext.EXP_F32 + cext.TOPK + r"""// One row at a time: pass 1 by blocks: max (+ NaN flag, + running top-k, + where the finite entries are while they
 // are few) and the running sum of exp; pass 2 writes the kept entries; on a warped row (<= FCAP finite) the sum and
 // pass 2 visit only those.
 #include <stdint.h>
@@ -156,96 +156,7 @@ static inline void keep1(float p, int32_t i, int bf, float* vf, uint16_t* vb, in
   else if (p > 0.f) { const int64_t at = REV ? --*c : (*c)++; vf[at] = p; ix[at] = i; }
 }
 
-// Keeps the k largest (value, index) seen so far, sorted descending; returns the new threshold.
-static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
-  int j = *cnt < k ? (*cnt)++ : k - 1;
-  while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
-  tv[j] = v; ti[j] = i;
-  return *cnt < k ? -INFINITY : tv[k - 1];
-}
-
 #ifdef __AVX512F__
-// A top k of k <= 16·N in registers (N = 2, 4, 8: k <= 32, 64, 128): values v[0..N) sorted descending (among equal
-// values, the first added first), their indices ix[0..N); places past those filled are -inf. topk_add puts v where
-// it belongs and shifts the rest one place down, without a branch; a v that is not above the k-th only changes places
-// k and after, so a batch of candidates goes in unchecked. (topk_insert's shifts and mispredicts cost ~100 cycles an
-// insertion, ~200 times in a row at k = 20.)
-template <int N> struct TopK { __m512 v[N]; __m512i ix[N]; };
-template <int N> static inline TopK<N> topk_load(const float* tv, const int32_t* ti) {
-  TopK<N> t;
-  for (int r = 0; r < N; ++r) { t.v[r] = _mm512_loadu_ps(tv + 16 * r); t.ix[r] = _mm512_loadu_si512(ti + 16 * r); }
-  return t;
-}
-template <int N> static inline void topk_store(const TopK<N>& t, float* tv, int32_t* ti) {
-  for (int r = 0; r < N; ++r) { _mm512_storeu_ps(tv + 16 * r, t.v[r]); _mm512_storeu_si512(ti + 16 * r, t.ix[r]); }
-}
-template <int N> static inline void topk_add(TopK<N>& t, float v, int32_t i) {
-  const __m512 vv = _mm512_set1_ps(v);
-  const __m512i lo = _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15), vi = _mm512_set1_epi32(i);
-  // v's place: after every entry >= v; place j then takes old j (j < at), v (j == at) or old j − 1 (j > at): in
-  // register r, lane l reads lane 16 + l or 16 + l − 1 of (register r − 1, register r), lane 15 being r − 1's last
-  int place = 0;
-  for (int r = 0; r < N; ++r) place += __builtin_popcount(_mm512_cmp_ps_mask(t.v[r], vv, _CMP_GE_OQ));
-  const __m512i at = _mm512_set1_epi32(place), sixteen = _mm512_set1_epi32(16);
-  const TopK<N> old = t;
-  for (int r = 0; r < N; ++r) {
-    const __m512i j = _mm512_add_epi32(lo, _mm512_set1_epi32(16 * r));
-    const __m512i from = _mm512_mask_sub_epi32(_mm512_add_epi32(lo, sixteen), _mm512_cmpgt_epi32_mask(j, at),
-                                               _mm512_add_epi32(lo, sixteen), _mm512_set1_epi32(1));
-    const __mmask16 here = _mm512_cmpeq_epi32_mask(j, at);
-    const int p = r > 0 ? r - 1 : 0;  // (register 0 never reads lane 15: j > at >= 0 there means l >= 1)
-    t.v[r] = _mm512_mask_mov_ps(_mm512_permutex2var_ps(old.v[p], from, old.v[r]), here, vv);
-    t.ix[r] = _mm512_mask_mov_epi32(_mm512_permutex2var_epi32(old.ix[p], from, old.ix[r]), here, vi);
-  }
-}
-// The candidates at cv/ci[0, n) into the top k in registers (k <= 16·N), then back to tv/ti.
-template <int N> static inline void topk_batch(float* tv, int32_t* ti, const float* cv, const int32_t* ci, int n) {
-  TopK<N> t = topk_load<N>(tv, ti);
-  for (int j = 0; j < n; ++j) topk_add<N>(t, cv[j], ci[j]);
-  topk_store<N>(t, tv, ti);
-}
-// After n candidates went into tv/ti (each above the threshold they were taken with): the count and the threshold.
-static inline float topk_after(const float* tv, int* tc, int k, int n) {
-  *tc = *tc + n < k ? *tc + n : k;
-  return *tc < k ? -INFINITY : tv[k - 1];
-}
-
-// A top k of 128 < k <= 256 (BIG_K): each candidate (above the threshold when taken) appended as a key that orders
-// as (value, −index), and the keys cut back to the k largest by nth_element (which raises the threshold) once k are
-// in and whenever 2k are; sorted at the row's end. topk_insert's insertion into the sorted k costs O(k) a candidate:
-// at k = 256 the row took 5x as long as at k = 20, and this takes 1.9x less time. At k = 33 to 64, where the
-// threshold lagging between cuts lists more candidates, it was up to 8% slower than topk_insert; TopK<4> and <8>
-// beat both up to k = 128. Outputs are the same.
-enum { BIG_K = 128 };
-enum { BCAP = 512 };
-struct Big { uint64_t key[BCAP]; int n; };
-static inline uint64_t big_key(float v, int32_t i) {
-  uint32_t b; memcpy(&b, &v, 4);
-  b ^= (b >> 31) ? 0xFFFFFFFFu : 0x80000000u;
-  return (uint64_t)b << 32 | (uint32_t)(0xFFFFFFFFu - (uint32_t)i);
-}
-static inline float big_value(uint64_t key) {
-  uint32_t b = (uint32_t)(key >> 32);
-  b ^= (b >> 31) ? 0x80000000u : 0xFFFFFFFFu;
-  float v; memcpy(&v, &b, 4); return v;
-}
-static inline float big_cut(Big& B, int k) {  // keeps the k largest keys; returns the k-th value (the threshold)
-  if (B.n > k) { std::nth_element(B.key, B.key + k - 1, B.key + B.n, std::greater<uint64_t>()); B.n = k; }
-  uint64_t kth = B.key[0];
-  for (int j = 1; j < B.n; ++j) kth = B.key[j] < kth ? B.key[j] : kth;
-  return big_value(kth);
-}
-static inline float big_add(Big& B, int k, float thr, float v, int32_t i) {
-  B.key[B.n++] = big_key(v, i);
-  return B.n == 2 * k || (thr == -INFINITY && B.n == k) ? big_cut(B, k) : thr;
-}
-static inline void big_finish(Big& B, int k, float* tv, int32_t* ti, int* tc) {  // the top k, sorted, into tv/ti
-  if (B.n > k) big_cut(B, k);
-  std::sort(B.key, B.key + B.n, std::greater<uint64_t>());
-  for (int j = 0; j < B.n; ++j) { tv[j] = big_value(B.key[j]); ti[j] = (int32_t)(0xFFFFFFFFu - (uint32_t)B.key[j]); }
-  *tc = B.n; B.n = 0;
-}
-
 // The lanes of v above thr into the running top k (lane l holds entry at + step·l, read again as stored); returns the
 // new threshold.
 static inline float topk_lanes(__m512 v, float thr, const void* row, int bf, int64_t at, int step, float* tv, int32_t* ti,

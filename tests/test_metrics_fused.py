@@ -81,6 +81,20 @@ def test_ties_lowest_id_wins():
     _check(ref, cand, target, ks=(5, 10, 16))
 
 
+@pytest.mark.parametrize("ks", [(17,), (5, 33, 64), (65, 128), (10, 129, 256)])
+@pytest.mark.parametrize("kind", ["tied", "normal", "quantised"])
+def test_large_top_k(kind, ks):
+    """Lists past 16 (the fast path keeps K = max(ks) in TopK registers up to 128, in Big's key buffer beyond): the
+    overlaps equal the stable definition (lowest id first among ties) at every k, top-1 and the rank exactly, on
+    rows full of ties and on the fast path's drifts; the float64 kernel's lists agree."""
+    ref, cand = _rows(kind, 6, 5000, seed=5)
+    target = torch.randint(0, 5000, (6,), generator=torch.Generator().manual_seed(6))
+    got, _ = _check(ref, cand, target, ks=ks)
+    slow = metrics_fused.fused_position_metrics(ref, cand, target, ks, float64_only=True)
+    for key in ("top1_agree", "ref_top_rank", *(f"top{k}_overlap" for k in ks)):
+        assert torch.equal(got[key], slow[key]), key
+
+
 def test_tiny_drift_kl_relative():
     """KL ~ 1e-7 nats: every divergence within 1e-6 relative, no absolute slack."""
     gen = torch.Generator().manual_seed(5)
