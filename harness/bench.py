@@ -8,9 +8,9 @@ logits (entropy of a few nats), and the same rows after a Qwen1.5-Chat generatio
 (transformers' TopKLogitsWarper(20) then TopPLogitsWarper(0.8): all but a handful -inf). Each
 implementation of harness.softmax_filter is timed per (batch, dtype, inputs, filter): CUDA events after
 warm-up on CUDA, time.perf_counter on CPU; medians over at least --repeats calls and 0.3 s, with the
-interquartile range, min and max. Successive calls take successive batches of the max(--batches)-row
-input set, so a small batch is read from memory as the ceiling's buffer is, not from the cache its
-previous call left (16 rows are 10 MB). The ceilings are measured in the same run: read GB/s of a
+interquartile range, min and max. Successive calls take successive batches of an input set of
+max(--batches) rows and at least INPUT_MIB of float32 rows, so a small batch is read from memory as the
+ceiling's buffer is, not from the cache its previous call left (16 rows are 10 MB). The ceilings are measured in the same run: read GB/s of a
 torch.sum over a buffer much larger than the last-level cache, copy GB/s (bytes of the source
 copied per second) and write GB/s (a fill). A shared machine's memory runs in phases (here 43-45 GB/s
 for minutes, then 75-80), so each case is held against its own ceilings ("near"): the better of two
@@ -141,6 +141,16 @@ def ceilings(device: torch.device, gib: float, repeats: int) -> Ceilings:
 # process, on the same buffer): a run's one ceiling, from a slow phase, gave a kernel timed in a fast one 129%.
 NEAR_GIB, NEAR_REPEATS = 0.25, 3
 
+# The input set's float32 size at least: successive calls take successive batches of it, so that each reads rows the
+# cache does not hold. With only max(batches) rows (16 in --quick: 10 MB, inside a 32 MB L3), a batch of 16 was read
+# from the cache and showed 132-231% of the read ceiling.
+INPUT_MIB = 512
+
+
+def input_rows(batches, width: int) -> int:
+    """Rows in the input set: max(batches), and at least INPUT_MIB of float32 rows."""
+    return max(max(batches), -(-INPUT_MIB * 2**20 // (width * 4)))
+
 
 def memory_bound(read_bytes: float, write_bytes: float, read_gbps: float, write_gbps: float, copy_gbps: float) -> float:
     """Calls/s that memory allows a call reading `read_bytes` and writing `write_bytes`. A byte read costs 1/read
@@ -184,7 +194,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     near = Probe(device, min(ceiling_gib, NEAR_GIB))
     last = near.measure(NEAR_REPEATS)
     seen = [ceil, last]  # every measurement, for the run's ceiling
-    base = realistic_logits(max(batches), width)
+    base = realistic_logits(input_rows(batches, width), width)
     inputs = {"raw": base, "warped": warp(base[: min(len(base), 64)]).repeat(len(base) // min(len(base), 64) + 1, 1)[: len(base)]}
     log(f"raw rows: entropy {entropy_nats(base[:64]):.2f} nats; warped rows keep {(inputs['warped'][:64] > float('-inf')).sum(1).float().mean():.1f} tokens")
     results, snippet_rps = [], {}

@@ -518,6 +518,12 @@ def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
     assert all(r["fraction_of_ceiling"] == r["gbps"] / 100.0 for r in got["results"])
 
 
+def test_input_set_outgrows_the_cache():
+    """Small batches cycle through at least INPUT_MIB of rows (so each call reads what the cache does not hold)."""
+    assert bench.input_rows([1, 16], bench.VOCAB) * bench.VOCAB * 4 >= 512 * 2**20 > 64 * 2**20
+    assert bench.input_rows([1, 16], bench.VOCAB) == 884 and bench.input_rows([16, 4096], bench.VOCAB) == 4096
+
+
 def test_each_case_is_held_against_the_ceilings_measured_around_it(monkeypatch):
     """A case's near ceilings are the better of the probes just before and just after it; the run's are the best of
     every measurement; fractions and the memory bound follow from them."""
