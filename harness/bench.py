@@ -10,18 +10,19 @@ implementation of harness.softmax_filter is timed per (batch, dtype, inputs, fil
 warm-up on CUDA, time.perf_counter on CPU; medians over at least --repeats calls and 0.3 s, with the
 interquartile range, min and max. Successive calls take successive batches of an input set of
 max(--batches) rows and at least INPUT_MIB of float32 rows, so a small batch is read from memory as the
-ceiling's buffer is, not from the cache its previous call left (16 rows are 10 MB). The ceilings are measured in the same run: read GB/s of a
-torch.sum over a buffer much larger than the last-level cache, copy GB/s (bytes of the source
-copied per second) and write GB/s (a fill). A shared machine's memory runs in phases (here 43-45 GB/s
-for minutes, then 75-80), so each case is held against its own ceilings ("near"): the better of two
-short measurements (NEAR_GIB, NEAR_REPEATS), just before and just after it. The run's ceilings, in the
-header and the JSON, are the best of everything measured: at least 10 repeats over a --ceiling-gib
-buffer at the start and at the end (their medians kept beside them), and every case's. "ceil" is
-logits bytes read per second over the near read ceiling; "run" the same over the run's; "bound" is the
-fraction of the rows/s that memory allows the case as a whole at its near ceilings (memory_bound: its
-reads, and its writes of the sparse form, which for p > 0 on raw rows are 2-3x the bytes read, so
-that no implementation can reach a high fraction of the read ceiling there). The web snippet is slow (~60 rows/s), so it is timed only
-at batches <= --snippet-max-batch and its rows/s is the reference for every speed-up.
+ceiling's buffer is, not from the cache its previous call left (16 rows are 10 MB). The ceilings are
+measured in the same run: read GB/s of a torch.sum over a buffer much larger than the last-level cache,
+copy GB/s (bytes of the source copied per second) and write GB/s (a fill). A shared machine's memory
+runs in phases (here 43-45 GB/s for minutes, then 75-80), so each case is held against its own ceilings
+("near"): the better of two short measurements (NEAR_GIB, NEAR_REPEATS), just before and just after it.
+The run's ceilings, in the header and the JSON, are the best of everything measured: at least 10 repeats
+over a --ceiling-gib buffer at the start and at the end (their medians kept beside them), and every
+case's. "ceil" is logits bytes read per second over the near read ceiling; "run" the same over the
+run's; "bound" is the fraction of the rows/s that memory allows the case as a whole at its near ceilings
+(memory_bound: its reads, and its writes of the sparse form, which for p > 0 on raw rows are 2-3x the
+bytes read, so that no implementation can reach a high fraction of the read ceiling there). The web
+snippet is slow (~60 rows/s), so it is timed only at batches <= --snippet-max-batch and its rows/s is
+the reference for every speed-up.
 Prints a table, then one JSON line (`run()` returns the same dict, for a run record).
 """
 

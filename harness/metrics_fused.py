@@ -8,23 +8,23 @@ float64. The kernel (C++ embedded below, built on first use with g++ into $HARNE
 through ctypes, rows split over torch.get_num_threads() OpenMP threads) computes every metric of a row pair, the
 scalar ones (Δp, NLL, margin, top-k overlaps) included, and takes one of two paths:
 
-- float32 fast path, for finite rows whose normalisers differ by |c| ≤ 0.01 (stored log-prob rows
-  always do). Pass 1, the one read of the rows (prefetched 4 KB ahead, two groups of 16 at a time):
-  the top-k lists (stable: among ties the lowest id ranks first, as argmax does); e = exp(x − running
-  max) in float32 and d0 = x − y, both kept in per-thread buffers (1.2 MB); Σe (terms over e^-8 of
-  the running max straight into float64, the rest by Kahan-compensated float32 sums; the top 16
-  terms redone in float64, so a peaked row's ln Z is exact to ~1e-15); the entropy sums; and
-  Σ e·(e^(−d0) − 1) (likewise; terms above 2^-23 of the row's largest computed in float64), which
-  gives c = ln Z_x − ln Z_y = −ln(1 + Σ p·(e^(−d0) − 1)) with no cancellation: c comes out as exact
-  as the drift it measures (~1e-13 absolute at a quantised model's drift), which Δp and TV need. Pass 2 reads only the buffers:
-  p = e / Z, d = d0 − c = ln p − ln q, q = p·e^(−d), and each sum in a form whose float32 rounding
-  stays relative: KL = Σ p·g(d), KL_rev = Σ q·g(−d) with g(d) = d − 1 + e^(−d) ≥ 0, TV = Σ p·|e^(−d)
-  − 1|, JS = ¼ Σ (p+q)·ψ(d) with ψ = d·tanh(d/2) − 2 ln cosh(d/2) ≥ 0, all as series in d² while
-  |d0| ≤ 0.2 in a group of 16 (the drift of a quantised model); float32 partial sums go into float64
-  once per 512 entries. Groups with a larger |d0| (up to 30) stay in float32 with exps on those lanes
-  (a drift like base vs chat's; see med16 for the forms that keep them exact); groups beyond, or with
-  -inf, go in float64 (exp8 and a log1p kernel).
-  The rank of the reference's top token is read off the candidate's top-k list where it is in it.
+- float32 fast path, for finite rows whose normalisers differ by |c| ≤ 0.01 (stored log-prob rows always
+  do). Pass 1, the one read of the rows (prefetched 4 KB ahead, two groups of 16 at a time): the top-k
+  lists (stable: among ties the lowest id ranks first, as argmax does; cext.TOPK's registers for K <= 128,
+  its key buffer beyond); e = exp(x − running max) in float32 and d0 = x − y, both kept in per-thread
+  buffers (1.2 MB); Σe (terms over e^-8 of the running max straight into float64, the rest by
+  Kahan-compensated float32 sums; the top 16 terms redone in float64, so a peaked row's ln Z is exact to
+  ~1e-15); the entropy sums; and Σ e·(e^(−d0) − 1) (likewise; terms above 2^-23 of the row's largest
+  computed in float64), which gives c = ln Z_x − ln Z_y = −ln(1 + Σ p·(e^(−d0) − 1)) with no cancellation:
+  c comes out as exact as the drift it measures (~1e-13 absolute at a quantised model's drift), which Δp
+  and TV need. Pass 2 reads only the buffers: p = e / Z, d = d0 − c = ln p − ln q, q = p·e^(−d), and each
+  sum in a form whose float32 rounding stays relative: KL = Σ p·g(d), KL_rev = Σ q·g(−d) with g(d) = d − 1
+  + e^(−d) ≥ 0, TV = Σ p·|e^(−d) − 1|, JS = ¼ Σ (p+q)·ψ(d) with ψ = d·tanh(d/2) − 2 ln cosh(d/2) ≥ 0, all
+  as series in d² while |d0| ≤ 0.2 in a group of 16 (the drift of a quantised model); float32 partial sums
+  go into float64 once per 512 entries. Groups with a larger |d0| (up to 30) stay in float32 with exps on
+  those lanes (a drift like base vs chat's; see med16 for the forms that keep them exact); groups beyond,
+  or with -inf, go in float64 (exp8 and a log1p kernel). The rank of the reference's top token is read off
+  the candidate's top-k list where it is in it.
 - float64 kernel, for every other row (-inf entries, unnormalised rows, NaN): exps to ~1 ulp in
   float64, Kahan-compensated normalisers, the same non-cancelling JS.
 

@@ -578,7 +578,6 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-
 class Workspace:
     """Output buffers kept between calls, so a stream of batches pays no allocation or page faults.
     A result built in a workspace is a view of it: the next call with the same workspace overwrites it."""
