@@ -91,16 +91,33 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
         out[f"top{k}_overlap"] = float(np.mean(m[f"top{k}_overlap"]))
     out["ref_top_rank_mean"] = float(np.mean(m["ref_top_rank"]))
     for name in ("delta_p", "delta_p_top"):
-        rms = np.abs(m[name])
-        out[f"{name}_rms"] = float(np.sqrt(np.mean(m[name] ** 2)))
-        out |= {f"{name}_abs_{_pkey(q)}": float(np.percentile(rms, q)) for q in (99, 95, 90)}
-    nll_r, nll_c = m["nll_ref"], m["nll_cand"]
+        x = np.asarray(m[name], dtype=np.float64)
+        sq = x**2
+        out[f"{name}_rms"] = float(np.sqrt(sq.mean()))
+        # delta method: se(√mean(x²)) = se(mean(x²)) / (2·rms)
+        out[f"{name}_rms_se"] = float(sq.std(ddof=1) / math.sqrt(n) / (2 * out[f"{name}_rms"])) if n > 1 and sq.any() else float("nan")
+        out |= {f"{name}_abs_{_pkey(q)}": float(np.percentile(np.abs(x), q)) for q in (99, 95, 90)}
+    # the signed Δp of the actual next token, as llama.cpp's --kl-divergence gives it (its quartiles too): where the
+    # candidate loses probability on the text, the mean and the low percentiles go negative
+    out |= {k: v for k, v in distribution(m["delta_p"], "delta_p").items() if k != "delta_p_inf"}
+    out |= {f"delta_p_{_pkey(q)}": float(np.percentile(m["delta_p"], q)) for q in (75, 25)}
+    nll_r, nll_c = np.asarray(m["nll_ref"], dtype=np.float64), np.asarray(m["nll_cand"], dtype=np.float64)
     out["ppl_ref"] = float(np.exp(nll_r.mean()))
     out["ppl_cand"] = float(np.exp(nll_c.mean()))
     out["ppl_ratio"] = out["ppl_cand"] / out["ppl_ref"]
+    out["ppl_diff"] = out["ppl_cand"] - out["ppl_ref"]
     d = nll_c - nll_r
     out["ln_ppl_ratio"] = float(d.mean())
-    out["ln_ppl_ratio_se"] = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    if n > 1:  # standard errors by the delta method, from the per-position NLLs (and their covariance, for the diff)
+        cov = np.cov(nll_r, nll_c) / n  # of the two mean NLLs
+        out["ln_ppl_ratio_se"] = float(d.std(ddof=1) / math.sqrt(n))
+        out["ppl_ref_se"] = out["ppl_ref"] * math.sqrt(cov[0, 0])
+        out["ppl_cand_se"] = out["ppl_cand"] * math.sqrt(cov[1, 1])
+        out["ppl_ratio_se"] = out["ppl_ratio"] * out["ln_ppl_ratio_se"]
+        pr, pc = out["ppl_ref"], out["ppl_cand"]
+        out["ppl_diff_se"] = math.sqrt(max(pc * pc * cov[1, 1] + pr * pr * cov[0, 0] - 2 * pr * pc * cov[0, 1], 0.0))
+    else:
+        out |= dict.fromkeys(("ln_ppl_ratio_se", "ppl_ref_se", "ppl_cand_se", "ppl_ratio_se", "ppl_diff_se"), float("nan"))
     out["nll_correlation"] = float(np.corrcoef(nll_r, nll_c)[0, 1]) if n > 1 else float("nan")
     out["entropy_ref_mean"] = float(m["entropy_ref"].mean())
     out["entropy_cand_mean"] = float(m["entropy_cand"].mean())

@@ -180,6 +180,49 @@ def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -
     return "".join(out) + "</div>"
 
 
+def _pm(a: dict, key: str, spec: str, scale: float = 1.0) -> str:
+    """a[key] (± a[key_se] where there is one), times `scale`."""
+    v, se = a.get(key), a.get(f"{key}_se")
+    text = _num(None if v is None else v * scale, spec)
+    return text if se is None else f"{text} ± {_num(se * scale, spec)}"
+
+
+# The rows of llama.cpp's `perplexity --kl-divergence` report: (label, aggregate key, format, scale)
+LLAMA_ROWS = [
+    ("Perplexity", None, None, 1), ("Mean PPL(Q)", "ppl_cand", ".6g", 1), ("Mean PPL(base)", "ppl_ref", ".6g", 1),
+    ("Cor(NLL(Q), NLL(base)), per position", "nll_correlation", ".2%", 1),
+    ("Mean ln(PPL(Q)/PPL(base))", "ln_ppl_ratio", ".5f", 1), ("Mean PPL(Q)/PPL(base)", "ppl_ratio", ".5f", 1),
+    ("Mean PPL(Q)−PPL(base)", "ppl_diff", ".4g", 1),
+    ("KL divergence (nats)", None, None, 1), ("Mean KLD", "kl_mean", ".4g", 1), ("Maximum KLD", "kl_max", ".4g", 1),
+    *((f"{q}% KLD", f"kl_p{q.replace('.', '_')}", ".4g", 1) for q in ("99.9", "99", "95", "90")),
+    ("Median KLD", "kl_median", ".4g", 1), *((f"{q}% KLD", f"kl_p{q.replace('.', '_')}", ".4g", 1) for q in ("10", "5", "1", "0.1")),
+    ("Minimum KLD", "kl_min", ".4g", 1),
+    ("Token probability (Δp = p(Q) − p(base) of the next token)", None, None, 1), ("Mean Δp", "delta_p_mean", ".3g", 100),
+    ("Maximum Δp", "delta_p_max", ".3g", 100),
+    *((f"{q}% Δp", f"delta_p_p{q.replace('.', '_')}", ".3g", 100) for q in ("99.9", "99", "95", "90", "75")),
+    ("Median Δp", "delta_p_median", ".3g", 100),
+    *((f"{q}% Δp", f"delta_p_p{q.replace('.', '_')}", ".3g", 100) for q in ("25", "10", "5", "1", "0.1")),
+    ("Minimum Δp", "delta_p_min", ".3g", 100), ("RMS Δp", "delta_p_rms", ".3g", 100), ("Same top p", "top1_agree", ".3f", 100),
+]  # fmt: skip
+
+
+def llama_section(record: records.RunRecord) -> str:
+    """Each pair's numbers in the rows and units of llama.cpp's KL report (Δp and same top p in %), to read beside one."""
+    out = [
+        "<h2 id=llama>In llama.cpp's terms</h2><p>The statistics of <code>llama-perplexity --kl-divergence</code>, in its "
+        "rows and units (Δp and same top p in %, ± a standard error), over the scored positions of this run. Q: the "
+        "candidate; base: the reference.</p><div class=wide><table id=llama><tr><th>statistic</th>",
+        *(f"<th>{_e(p.candidate)}</th>" for p in record.pairs),
+        "</tr>",
+    ]
+    for label, key, spec, scale in LLAMA_ROWS:
+        if key is None:
+            out.append(f'<tr><th colspan="{1 + len(record.pairs)}" class=group>{_e(label)}</th></tr>')
+            continue
+        out.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td>{_pm(p.aggregates, key, spec, scale)}</td>" for p in record.pairs) + "</tr>")
+    return "".join(out) + "</table></div>"
+
+
 def matrix_section(record: records.RunRecord) -> str:
     if not record.matrix:
         return "<h2 id=matrix>All pairs</h2><p>Not computed (metrics.matrix: false).</p>"
@@ -364,9 +407,9 @@ def render(run_dir: Path, record: records.RunRecord) -> str:
             "Click a column to sort.</p>"
         )
         body += [
-            '<nav><a href="#summary">summary</a> <a href="#dist">KL distribution</a> <a href="#matrix">all pairs</a> '
+            '<nav><a href="#summary">summary</a> <a href="#dist">KL distribution</a> <a href="#llama">llama.cpp terms</a> <a href="#matrix">all pairs</a> '
             '<a href="#tokens">per prompt</a> <a href="#inf">−inf scores</a> <a href="#meta">run</a></nav>',
-            "<h2>Summary</h2>", summary_table(record), gate_section(run_dir), distribution_section(record, kl), matrix_section(record),
+            "<h2>Summary</h2>", summary_table(record), gate_section(run_dir), distribution_section(record, kl), llama_section(record), matrix_section(record),
             "<h2 id=tokens>Per prompt</h2><div id=view><p>Needs the script to run.</p></div>",
             warp_section(record, n_vocab), throughput_section(record),
         ]  # fmt: skip

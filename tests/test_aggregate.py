@@ -58,6 +58,45 @@ def test_pair_aggregates_perplexity_and_bins():
     assert a["kl_mean_ci95"][0] < a["kl_mean"] < a["kl_mean_ci95"][1]
 
 
+def test_llama_cpp_statistics():
+    """What llama.cpp's --kl-divergence prints beside KL: the signed Δp of the next token (mean ± se, quartiles and
+    the tails), RMS Δp ± se, PPL(Q) − PPL(base) ± se and PPL(Q)/PPL(base) ± se. Percentiles against numpy; the
+    delta-method standard errors against scipy's bootstrap over positions (iid here), within 10%."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    nll_r = rng.exponential(2, n)
+    nll_c = nll_r + rng.normal(0.02, 0.1, n)
+    dp = rng.normal(-0.002, 0.02, n) + (rng.random(n) < 0.01) * rng.normal(0, 0.3, n)
+    m = {
+        "kl": rng.lognormal(-7, 1, n), "kl_rev": rng.lognormal(-7, 1, n), "js": rng.lognormal(-8, 1, n),
+        "tv": rng.random(n) * 0.1, "top1_agree": rng.random(n) < 0.97, "top5_overlap": rng.random(n),
+        "ref_top_rank": rng.integers(0, 3, n), "delta_p": dp, "delta_p_top": rng.normal(0, 0.01, n),
+        "nll_ref": nll_r, "nll_cand": nll_c, "entropy_ref": rng.random(n), "entropy_cand": rng.random(n),
+        "p_top_ref": rng.random(n),
+    }  # fmt: skip
+    a = aggregate.pair_aggregates(m, np.arange(n) // 40, ks=(5,), resamples=0, seed=0)
+    assert a["delta_p_mean"] == pytest.approx(dp.mean()) and a["delta_p_mean_se"] == pytest.approx(stats.sem(dp))
+    assert a["delta_p_min"] == dp.min() and a["delta_p_max"] == dp.max() and "delta_p_inf" not in a
+    for q in (99.9, 99, 95, 90, 75, 50, 25, 10, 5, 1, 0.1):
+        key = "delta_p_median" if q == 50 else "delta_p_p" + f"{q:g}".replace(".", "_")
+        assert a[key] == pytest.approx(np.percentile(dp, q)), key
+    assert a["ppl_diff"] == pytest.approx(np.exp(nll_c.mean()) - np.exp(nll_r.mean()))
+
+    def boot_se(fn, *data):
+        res = stats.bootstrap(data, fn, paired=True, vectorized=True, n_resamples=3000, method="percentile",
+                              rng=np.random.default_rng(9))  # fmt: skip
+        return res.standard_error
+
+    se = {
+        "ppl_diff_se": boot_se(lambda r, c, axis=-1: np.exp(c.mean(axis)) - np.exp(r.mean(axis)), nll_r, nll_c),
+        "ppl_ratio_se": boot_se(lambda r, c, axis=-1: np.exp(c.mean(axis) - r.mean(axis)), nll_r, nll_c),
+        "ppl_ref_se": boot_se(lambda r, axis=-1: np.exp(r.mean(axis)), nll_r),
+        "delta_p_rms_se": boot_se(lambda x, axis=-1: np.sqrt((x**2).mean(axis)), dp),
+    }
+    for key, want in se.items():
+        assert a[key] == pytest.approx(want, rel=0.1), key
+
+
 def test_bootstrap_can_be_turned_off():
     values, prompt = np.linspace(0, 1, 100), np.arange(100) // 10
     lo, hi = aggregate.bootstrap_mean(values, prompt, resamples=0, seed=0)

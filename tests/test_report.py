@@ -152,6 +152,16 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert page.locator("svg.chart").count() == 1 + len(CANDIDATES)  # the CDF, and a histogram per pair
     assert page.locator("#heat-top1 td").count() == 7 * 7
     assert page.locator("#warp tr").count() == 1 + 7
+    # llama.cpp's rows, a column per candidate, in its units: Δp and same top p in % (± a standard error)
+    assert page.locator("#llama tr").count() == 1 + len(html_report.LLAMA_ROWS)
+    heads = page.locator("#llama tr").first.locator("th").all_inner_texts()[1:]
+    pairs = {p.candidate: p.aggregates for p in records.read(run_dir).pairs}
+    assert heads == list(pairs)
+    for label, fmt in (("Mean Δp", lambda a: f"{100 * a['delta_p_mean']:.3g} ± {100 * a['delta_p_mean_se']:.3g}"),
+                       ("Same top p", lambda a: f"{100 * a['top1_agree']:.3f} ± {100 * a['top1_agree_se']:.3f}"),
+                       ("Mean PPL(Q)−PPL(base)", lambda a: f"{a['ppl_diff']:.4g} ± {a['ppl_diff_se']:.4g}")):  # fmt: skip
+        cells = page.locator("#llama tr", has=page.locator("td", has_text=label)).first.locator("td").all_inner_texts()
+        assert cells == [label] + [fmt(a) for a in pairs.values()], label
     # sorting by mean KL puts fp16 (~1e-6) first and a different model last
     page.locator("#summary th", has_text="KL mean").click()
     order = page.locator("#summary tbody tr td:first-child").all_inner_texts()
