@@ -180,7 +180,7 @@ def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -
     return "".join(out) + "</div>"
 
 
-def _pm(a: dict, key: str, spec: str, scale: float = 1.0) -> str:
+def plus_minus(a: dict, key: str, spec: str, scale: float = 1.0) -> str:
     """a[key] (± a[key_se] where there is one), times `scale`."""
     v, se = a.get(key), a.get(f"{key}_se")
     text = _num(None if v is None else v * scale, spec)
@@ -219,7 +219,7 @@ def llama_section(record: records.RunRecord) -> str:
         if key is None:
             out.append(f'<tr><th colspan="{1 + len(record.pairs)}" class=group>{_e(label)}</th></tr>')
             continue
-        out.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td>{_pm(p.aggregates, key, spec, scale)}</td>" for p in record.pairs) + "</tr>")
+        out.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td>{plus_minus(p.aggregates, key, spec, scale)}</td>" for p in record.pairs) + "</tr>")
     return "".join(out) + "</table></div>"
 
 

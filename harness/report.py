@@ -7,7 +7,8 @@ Beside `run.json` (harness.records): `positions-<candidate>.npz` (every per-posi
 pair), `tokens.json` (each prompt's token ids and texts, and the text of every id the report shows)
 and `top_tokens.npz` (each model's five most likely tokens per position). From those this writes
 `summary.csv` (a row per pair), `prompts.csv` (pair x prompt), `matrix.csv` (all pairs of models),
-`positions.csv.gz` (pair x position) and `index.html`.
+`positions.csv.gz` (pair x position), `kl_report.txt` (each pair in the rows and units of llama.cpp's
+`--kl-divergence` report, for a CI log or a diff against one) and `index.html`.
 """
 
 from __future__ import annotations
@@ -92,6 +93,22 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
     return path
 
 
+def kl_report_text(record: records.RunRecord) -> str:
+    """Each pair as llama.cpp's `llama-perplexity --kl-divergence` prints its statistics (its rows, its units: Δp
+    and same top p in %), ± a standard error where there is one."""
+    out = []
+    for p in record.pairs:
+        out.append(f"###### {p.candidate} (Q) against {p.reference} (base), {p.aggregates.get('positions')} positions")
+        for label, key, spec, scale in html_report.LLAMA_ROWS:
+            if key is None:
+                out.append(f"====== {label} ======")
+            else:
+                unit = " %" if scale == 100 else ""
+                out.append(f"{label:<38}: {html_report.plus_minus(p.aggregates, key, spec, scale)}{unit}")
+        out.append("")
+    return "\n".join(out)
+
+
 def render(run_dir: Path) -> Path:
     """Every report file of a run folder from its record; returns the path of index.html."""
     run_dir = Path(run_dir)
@@ -104,6 +121,7 @@ def render(run_dir: Path) -> Path:
         _csv(run_dir / "matrix.csv", record.matrix, MATRIX_COLUMNS)
         tokens = records.load_tokens(run_dir, record)
         write_positions_csv(run_dir, record, tokens)
+        (run_dir / "kl_report.txt").write_text(kl_report_text(record), encoding="utf-8")
     index = run_dir / "index.html"
     index.write_text(html_report.render(run_dir, record), encoding="utf-8")
     return index

@@ -67,6 +67,21 @@ def test_prompt_and_matrix_csv(micro_run):
     assert len(matrix) == 7 * 6 // 2 and all(0 <= float(m["top1_agree"]) <= 1 and float(m["sym_kl_mean"]) >= 0 for m in matrix)
 
 
+def test_kl_report_txt_in_llama_cpp_terms(micro_run):
+    """kl_report.txt: a block a pair, each of llama.cpp's rows once, the numbers as the record has them."""
+    run_dir, _ = micro_run
+    text = (run_dir / "kl_report.txt").read_text()
+    pairs = {p.candidate: p.aggregates for p in records.read(run_dir).pairs}
+    blocks = [b for b in text.split("###### ") if b]
+    assert [b.split()[0] for b in blocks] == list(pairs)
+    for block, a in zip(blocks, pairs.values(), strict=True):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        assert len(lines) == sum(key is not None for _, key, _, _ in html_report.LLAMA_ROWS)
+        assert lines["Same top p".ljust(38)] == f"{100 * a['top1_agree']:.3f} ± {100 * a['top1_agree_se']:.3f} %"
+        assert lines["Mean KLD".ljust(38)] == f"{a['kl_mean']:.4g} ± {a['kl_mean_se']:.4g}"
+        assert lines["Minimum Δp".ljust(38)] == f"{100 * a['delta_p_min']:.3g} %"
+
+
 def test_token_texts_join_to_the_decoded_prompt(micro_run, tokenizer):
     run_dir, _ = micro_run
     for p in json.loads((run_dir / "tokens.json").read_text())["prompts"]:
@@ -77,7 +92,7 @@ def test_report_re_renders_from_the_record_alone(micro_run, tmp_path, monkeypatc
     run_dir, _ = micro_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    for name in ("summary.csv", "prompts.csv", "matrix.csv", "positions.csv.gz", "index.html"):
+    for name in ("summary.csv", "prompts.csv", "matrix.csv", "positions.csv.gz", "kl_report.txt", "index.html"):
         (copy / name).unlink()
 
     def no_models(*args, **kwargs):
@@ -86,7 +101,7 @@ def test_report_re_renders_from_the_record_alone(micro_run, tmp_path, monkeypatc
     monkeypatch.setattr("harness.extract.load_model", no_models)
     monkeypatch.setattr("harness.extract.load_tokenizer", no_models)
     assert main(["report", str(copy)]) == 0
-    for name in ("summary.csv", "prompts.csv", "matrix.csv", "index.html"):
+    for name in ("summary.csv", "prompts.csv", "matrix.csv", "kl_report.txt", "index.html"):
         assert (copy / name).read_bytes() == (run_dir / name).read_bytes(), name
 
 
