@@ -9,6 +9,7 @@ Override values are parsed as YAML (`variants.0.dtype=bfloat16`, `seed=3`), neve
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import typing
 from pathlib import Path
@@ -29,12 +30,20 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=100)
     source: str = Field(min_length=1)  # "zoo:NAME", a local folder, or a hub id
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # "auto": CUDA when present, else CPU
     trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _file_safe(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+            raise ValueError("a model's name is part of report file names (positions-NAME.npz): letters, digits and "
+                             ". _ + - only, starting with a letter or digit")  # fmt: skip
+        return name
 
 
 class TextMode(_Strict):
@@ -98,14 +107,23 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _floor_is_a_variant(self) -> Config:
-        if self.noise_floor is not None and self.noise_floor not in {v.name for v in self.variants}:
-            raise ValueError(f"noise_floor {self.noise_floor!r} is not the name of a variant")
         names = {v.name for v in self.variants}
+        if self.reference.name in names:  # its store and its pair would be the variant's: a run of it against itself
+            raise ValueError(f"variant name {self.reference.name!r} is the reference's name; give the variant another")
+        if self.noise_floor is not None and self.noise_floor not in names:
+            raise ValueError(f"noise_floor {self.noise_floor!r} is not the name of a variant")
+        known = None
         for pair, limits in self.gate.items():
             if pair != "*" and pair not in names:
                 raise ValueError(f"gate key {pair!r} is not the name of a variant (nor '*', every variant)")
             if self.noise_floor is None and any(lim.max_x_floor is not None for lim in limits.values()):
                 raise ValueError(f"gate.{pair} uses max_x_floor, but no noise_floor is set")
+            known = known or gate_metrics(self.metrics.top_k, self.noise_floor is not None)
+            for metric in limits:
+                if metric not in known:
+                    near = difflib.get_close_matches(metric, known, n=3)
+                    hint = f"did you mean {', '.join(near)}?" if near else f"the metrics are: {', '.join(known)}"
+                    raise ValueError(f"gate.{pair}.{metric}: no pair aggregate is called {metric!r}; {hint}")
         return self
 
     @property
@@ -120,6 +138,24 @@ class Config(_Strict):
     @property
     def models(self) -> list[ModelSpec]:
         return [self.reference, *self.variants]
+
+
+def gate_metrics(top_k: list[int], floor: bool) -> list[str]:
+    """The names `gate` limits may take: every scalar of a pair's aggregates, as `aggregate.pair_aggregates` makes
+    them for these top-k sizes (from a few made-up positions, so that the list cannot drift from what a run has)."""
+    import numpy as np
+
+    from harness import aggregate
+
+    rng = np.random.default_rng(0)
+    n = 6
+    m = {k: rng.random(n) for k in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "delta_p", "delta_p_top", "nll_ref",
+                                    "nll_cand", "entropy_ref", "entropy_cand", "p_top_ref", "margin_ref")}  # fmt: skip
+    m |= {f"top{k}_overlap": rng.random(n) for k in top_k}
+    m |= {"top1_agree": rng.random(n) < 0.5, "ref_top_rank": rng.integers(0, 3, n)}
+    agg = aggregate.pair_aggregates(m, np.arange(n) % 3, ks=top_k, resamples=0, seed=0)
+    names = [k for k, v in agg.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sorted(names + (["kl_floor_multiple"] if floor else []))
 
 
 def apply_override(data: dict, assignment: str, origin: str) -> None:
@@ -139,7 +175,10 @@ def apply_override(data: dict, assignment: str, origin: str) -> None:
         elif not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {'.'.join(parts[:i])} is not a mapping in {origin}")
         if last:
-            node[part] = yaml.safe_load(raw)
+            try:
+                node[part] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {assignment!r}: its value is not valid YAML: {exc}") from None
         else:
             if isinstance(node, dict) and part not in node:
                 node[part] = {}
@@ -181,11 +220,14 @@ def _describe(error: ValidationError, origin: str) -> str:
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(_unknown(tuple(item["loc"])))
+        elif not item["loc"]:  # a check across keys: its message names them (the input is the whole file)
+            lines.append(item["msg"].removeprefix("Value error, "))
         elif item["type"] == "missing":
             lines.append(f"missing key '{key}'")
         else:
-            lines.append(f"key '{key}': {item['msg']} (got {item.get('input')!r})")
-    return f"{origin}: " + "; ".join(lines) + "."
+            lines.append(f"key '{key}': {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
+    text = f"{origin}: " + "; ".join(lines)
+    return text if text.endswith(("?", ".")) else text + "."
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:

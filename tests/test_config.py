@@ -112,6 +112,9 @@ def test_duplicate_variant_names(tmp_path):
         ("gate: {w: {kl_mean: {max: 0.01}}}", r"gate key 'w' is not the name of a variant"),
         ("gate: {v: {kl_mean: {max_x_floor: 20}}}", r"gate\.v uses max_x_floor, but no noise_floor is set"),
         ("gate: {v: {kl_mean: {max: lots}}}", r"key 'gate\.v\.kl_mean\.max'.*'lots'"),
+        ("gate: {v: {kl_meen: {max: 0.01}}}", r"c\.yaml: gate\.v\.kl_meen: no pair aggregate is called 'kl_meen'; did you mean kl_mean"),
+        ("gate: {v: {top20_overlap: {min: 0.9}}}", r"gate\.v\.top20_overlap: no pair aggregate.*did you mean top10_overlap"),
+        ("gate: {v: {kl_floor_multiple: {max: 9}}}", r"no pair aggregate is called 'kl_floor_multiple'"),  # no floor set
     ],
 )  # fmt: skip
 def test_gate_limits_are_validated(tmp_path, gate, message):
@@ -123,3 +126,45 @@ def test_gate_limits_are_validated(tmp_path, gate, message):
 def test_gate_limits_load(tmp_path):
     cfg = config.load(_write(tmp_path, BASE + "noise_floor: v\ngate: {'*': {kl_mean: {max: 0.01, max_x_floor: 20}}}\n"))
     assert cfg.gate["*"]["kl_mean"].max == 0.01 and cfg.gate["*"]["kl_mean"].max_x_floor == 20
+    cfg = config.load(_write(tmp_path, BASE + "noise_floor: v\nmetrics: {top_k: [20]}\n"
+                             "gate: {v: {top20_overlap: {min: 0.9}, kl_floor_multiple: {max: 9}, delta_p_p0_1: {min: -0.1}}}\n"))
+    assert set(cfg.gate["v"]) == {"top20_overlap", "kl_floor_multiple", "delta_p_p0_1"}
+
+
+def test_gate_metrics_are_what_a_pair_has():
+    """The names a gate may take are the scalar aggregates a real pair gets, for the config's top-k sizes."""
+    import numpy as np
+
+    from harness import aggregate
+
+    rng = np.random.default_rng(1)
+    n = 40
+    m = {k: rng.random(n) for k in ("kl", "kl_rev", "js", "tv", "delta_p", "delta_p_top", "nll_ref", "nll_cand",
+                                    "entropy_ref", "entropy_cand", "p_top_ref", "margin_ref", "top3_overlap")}  # fmt: skip
+    m |= {"top1_agree": rng.random(n) < 0.9, "ref_top_rank": rng.integers(0, 4, n)}
+    agg = aggregate.pair_aggregates(m, np.arange(n) % 5, ks=[3], resamples=20, seed=0)
+    scalars = {k for k, v in agg.items() if isinstance(v, float | int) and not isinstance(v, bool)}
+    known = set(config.gate_metrics([3], floor=False))
+    assert scalars <= known and "top3_overlap" in known and "top5_overlap" not in known
+    assert known - scalars == {k for k in known if k.startswith("kl_smoothed_")}  # only with metrics.smoothing_eps
+    assert "kl_floor_multiple" in config.gate_metrics([3], floor=True)
+
+
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        ("[{name: ref, source: zoo:tiny-qwen1.5-s}]", r"c\.yaml: variant name 'ref' is the reference's name"),
+        ("[{name: org/model, source: zoo:tiny-qwen1.5-s}]", r"key 'variants\.0\.name': .*report file names.*letters, digits and \. _ \+ - only.*'org/model'"),
+        ("[{name: ' v', source: zoo:tiny-qwen1.5-s}]", r"key 'variants\.0\.name'"),
+    ],
+)  # fmt: skip
+def test_variant_names_are_checked(tmp_path, variants, message):
+    path = _write(tmp_path, BASE.replace("[{name: v, source: zoo:tiny-qwen1.5-s}]", variants))
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(path)
+
+
+def test_an_override_that_is_not_yaml(tmp_path):
+    path = _write(tmp_path, BASE)
+    with pytest.raises(config.ConfigError, match=r"override 'name=\[': its value is not valid YAML"):
+        config.load(path, ["name=["])
