@@ -264,6 +264,11 @@ def table(verdict: dict) -> str:
 def load_baseline(path: Path) -> records.RunRecord:
     """A baseline must be a record of this very schema: older records lack what the gate compares."""
     version = records.schema_of(path)
+    if version is None:  # missing, unreadable, not JSON, or no version in it: read() says which
+        try:
+            records.read(path)
+        except records.RecordError as exc:
+            raise GateError(f"baseline: {exc}") from None
     if version != records.SCHEMA_VERSION:
         raise GateError(
             f"baseline {path} is a schema {version} run record; the gate compares only schema {records.SCHEMA_VERSION} "
@@ -273,6 +278,24 @@ def load_baseline(path: Path) -> records.RunRecord:
         return records.read(path)
     except records.RecordError as exc:
         raise GateError(str(exc)) from None
+
+
+def preflight(cfg, *, baseline: Path | None, fail: list[str]) -> None:
+    """`harness check --config`'s usage errors before the comparison runs (which may take hours), not after: --fail
+    without a baseline or malformed, a baseline that cannot be read or is of another schema, nothing to check, and
+    --fail metrics that no pair will have (the config's gate metrics are checked when it loads)."""
+    if fail and baseline is None:
+        raise GateError("--fail compares with a baseline: give --baseline reports/<run>/run.json")
+    regressions = [Regression.parse(f) for f in fail]
+    if baseline is not None:
+        load_baseline(Path(baseline))
+    if not cfg.gate and not regressions:
+        raise GateError(f"nothing to check: {cfg.source_file} has no 'gate' limits and no --fail was given")
+    from harness.config import gate_metrics
+
+    known = dict.fromkeys(gate_metrics(cfg.metrics.top_k, cfg.noise_floor is not None), 0.0)
+    for r in regressions:
+        _known_metric(r.metric, known, f"--fail {r.text}")
 
 
 def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool) -> int:

@@ -9,7 +9,7 @@
     harness zoo list [--profile full|micro]
 
 Errors in what the user gave (config, prompts, model folders) print one paragraph and exit 2;
-`check` exits 1 on a regression.
+`check` exits 1 on a regression; anything unforeseen prints its traceback and exits 3.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def cmd_check(args) -> int:
     if (args.config is None) == (args.run is None):
         raise check.GateError("give either --config (compare, then gate) or --run RUN_DIR (gate a finished run)")
     if args.run is None:
-        run_dir = run_compare(config.load(args.config, args.overrides))
+        cfg = config.load(args.config, args.overrides)
+        check.preflight(cfg, baseline=args.baseline, fail=args.fail)
+        run_dir = run_compare(cfg)
     elif args.overrides:
         raise check.GateError(f"overrides {args.overrides} apply to --config, not to --run")
     else:
@@ -217,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("harness: interrupted. Finished store shards are kept: the same command resumes from them.", file=sys.stderr)
         return 130
+    except Exception:  # a bug, or a failure no check foresaw: not exit 1, which `check` keeps for a regression
+        traceback.print_exc()
+        print(f"harness: internal error in '{argv[0] if argv else ''}' (traceback above), exit code 3", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -152,6 +152,41 @@ def test_exit_codes_table_and_json_verdict_line(tmp_path, capsys):
     assert main(["check", "--run", str(good), "--config", "configs/ci-gate.yaml"]) == 2
 
 
+def test_usage_errors_come_before_the_comparison(tmp_path, capsys, monkeypatch):
+    """`check --config` runs the comparison (minutes to hours) only once its own arguments are known to be good."""
+    from harness import cli
+
+    ran = []
+    monkeypatch.setattr(cli, "run_compare", lambda cfg: ran.append(cfg) or tmp_path)
+    gate = str(ROOT / "configs" / "ci-gate.yaml")
+    good = tmp_path / "good"
+    good.mkdir()
+    records.write(good, _run(GOOD, run_id="good"))
+    for args, message in (
+        (["--fail", "kl_mean:+10%"], "give --baseline"),
+        (["--baseline", str(good), "--fail", "kl_mean+10%"], "expected METRIC:"),
+        (["--baseline", str(good), "--fail", "kl_maen:+10%"], "unknown metric 'kl_maen'; did you mean kl_mean"),
+        (["--baseline", str(tmp_path / "nowhere" / "run.json"), "--fail", "kl_mean:+10%"], "nowhere/run.json: no run record there"),
+    ):
+        assert main(["check", "--config", gate, *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert main(["check", "--config", str(ROOT / "configs" / "default.yaml")]) == 2  # no gate limits, no --fail
+    assert "nothing to check: " in capsys.readouterr().err
+    assert ran == []
+
+
+def test_a_crash_is_exit_3_not_a_regression(tmp_path, capsys, monkeypatch):
+    from harness import cli
+
+    def boom(cfg):
+        raise RuntimeError("an unforeseen failure")
+
+    monkeypatch.setattr(cli, "run_compare", boom)
+    assert main(["check", "--config", str(ROOT / "configs" / "ci-gate.yaml")]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an unforeseen failure" in err and "exit code 3" in err
+
+
 # ---------------------------------------------------------------- the micro family, for real
 
 
