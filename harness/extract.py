@@ -74,6 +74,10 @@ def locate(spec: ModelSpec, zoo_profile: str) -> Loaded:
     """Where a model's weights are: a zoo build, a local folder, or a hub id."""
     device = resolve_device(spec.device)
     if spec.source.startswith("zoo:"):
+        known = (*zoo.MODELS, *zoo.DAMAGED)
+        if spec.source.removeprefix("zoo:") not in known:
+            raise ExtractError(f"model {spec.name!r}: source {spec.source!r} is not in the embedded zoo, which has "
+                               f"{', '.join('zoo:' + n for n in known)}")  # fmt: skip
         folder = zoo.resolve(spec.source, zoo_profile)
         return Loaded(spec, str(folder), _folder_fingerprint(folder), device)
     folder = Path(spec.source).expanduser()
@@ -84,7 +88,23 @@ def locate(spec: ModelSpec, zoo_profile: str) -> Loaded:
     looks_local = spec.source.startswith((".", "/", "~")) or spec.source.count("/") != 1
     if looks_local:
         raise ExtractError(f"model {spec.name!r}: model folder {spec.source} does not exist")
-    return Loaded(spec, spec.source, f"hub:{spec.source}@{spec.revision or 'main'}", device)
+    rev = spec.revision or "main"
+    return Loaded(spec, spec.source, f"hub:{spec.source}@{hub_commit(spec.source, rev) or rev}", device)
+
+
+def hub_commit(repo_id: str, revision: str) -> str | None:
+    """The commit a hub model's branch or tag stands for, so that a store made from one commit is not reused for
+    the next: asked of the hub, or (offline, or where it does not answer) read from the local cache's refs; None
+    where neither knows (the loader then says why it cannot load the model)."""
+    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    from huggingface_hub import HfApi, constants
+
+    if not (constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")):
+        with contextlib.suppress(Exception):  # no network, a gated or unknown repo: the cache, then the loader
+            return HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
 
 
 def _loading(loaded: Loaded, what: str, load):
@@ -288,10 +308,11 @@ def extract(
 ) -> tuple[Store, dict]:
     """Fills (or reuses, or resumes) the store of one model; returns it and timing facts."""
     spec = loaded.spec
+    # batch size and padding side too: a batch's shape moves the last bits of the logits, so each has its own store
     key = store_key(
         source=loaded.path, revision=spec.revision, fingerprint=loaded.fingerprint, dtype=spec.dtype,
         device=loaded.device.split(":")[0], segments=segments_fingerprint(segments), n_vocab=n_vocab,
-        store_dtype=store_dtype, version=EXTRACT_VERSION,
+        store_dtype=store_dtype, version=EXTRACT_VERSION, batch_size=batch_size, padding_side=padding_side,
     )  # fmt: skip
     store = Store(paths.store_dir() / key)
     plan = plan_shards([s.rows for s in segments])

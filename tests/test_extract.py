@@ -201,11 +201,34 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         extract.locate(spec, "micro")
 
 
+def test_unknown_zoo_name_is_a_clear_error():
+    spec = ModelSpec(name="tiny", source="zoo:tiny-qwen1.5-xl")
+    with pytest.raises(extract.ExtractError, match=r"'tiny': source 'zoo:tiny-qwen1.5-xl' is not in the embedded zoo, which has zoo:tiny-qwen1.5-s,"):
+        extract.locate(spec, "micro")
+
+
 def test_hub_id_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = extract.locate(ModelSpec(name="real", source="Qwen/Qwen1.5-0.5B-Chat"), "micro")
     with pytest.raises(extract.ExtractError, match=r"'real': cannot load the config of Qwen/Qwen1.5-0.5B-Chat.*local folder"):
         extract.context_length(loaded)
+
+
+def test_a_hub_model_is_keyed_by_its_commit(tmp_path, monkeypatch):
+    """Offline, a hub id's branch is read from the cache's refs: a new commit on main is another store."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    refs = tmp_path / "models--Qwen--Qwen1.5-0.5B-Chat" / "refs"
+    spec = ModelSpec(name="real", source="Qwen/Qwen1.5-0.5B-Chat")
+    assert extract.locate(spec, "micro").fingerprint == "hub:Qwen/Qwen1.5-0.5B-Chat@main"  # not cached: the branch
+    refs.mkdir(parents=True)
+    for commit in ("a" * 40, "b" * 40):
+        (refs / "main").write_text(commit + "\n")
+        assert extract.locate(spec, "micro").fingerprint == f"hub:Qwen/Qwen1.5-0.5B-Chat@{commit}"
+    pinned = spec.model_copy(update={"revision": "c" * 40})
+    assert extract.locate(pinned, "micro").fingerprint.endswith("@" + "c" * 40)
 
 
 def test_tokenizer_key_is_the_tokenizer_files_bytes(tmp_path):
@@ -261,3 +284,15 @@ def test_a_store_cut_differently_is_redone_not_misread(micro_zoo, tokens, segmen
     again, facts = extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, **run)
     assert facts["reused_shards"] < facts["shards"] and len(again.shards()) == facts["shards"]
     assert torch.equal(again.read("target"), want)  # no shard of the old cut is read
+
+
+def test_each_batch_setting_has_its_own_store(micro_zoo, tokens, segments, tmp_store):
+    """A batch's size and padding move the logits' last bits: a store made with others is not reused as this one's."""
+    loaded = _loaded(zoo.CHAT_S)
+    roots = {
+        extract.extract(loaded, segments, tokens.n_vocab, store_dtype="float16", **QUIET, **setting)[0].root
+        for setting in (dict(batch_size=3), dict(batch_size=2), dict(batch_size=3, padding_side="left"))
+    }
+    assert len(roots) == 3
+    again, facts = extract.extract(loaded, segments, tokens.n_vocab, batch_size=2, store_dtype="float16", **QUIET)
+    assert again.root in roots and facts["reused_shards"] == facts["shards"]
