@@ -96,8 +96,9 @@ def new_run_dir(reports_dir: Path, config_json: str) -> tuple[Path, datetime]:
 
 
 def git_state(where: Path | None = None) -> dict | None:
-    """The commit checked out where the harness runs, and whether the tree had changes; None outside git."""
-    cwd = where or Path.cwd()
+    """The commit of the harness's own checkout (not of the folder it is run from), and whether its tree had
+    changes; None where the harness is not in a git checkout (installed as a package)."""
+    cwd = where or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if commit.returncode:

@@ -17,6 +17,7 @@ import csv
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,16 @@ SUMMARY_COLUMNS = [
 PROMPT_COLUMNS = ["reference", "candidate", "prompt", "positions", "kl_mean", "kl_max", "js_mean", "top1_agree", "ppl_ratio"]
 MATRIX_COLUMNS = ["a", "b", "top1_agree", "sym_kl_mean"]
 POSITION_KEYS = ("prompt", "position", "target")  # in every positions-*.npz beside the metrics
+
+
+def summary_columns(record: records.RunRecord) -> list[str]:
+    """SUMMARY_COLUMNS with the run's own top-k overlaps (top5_overlap stands for them: metrics.top_k may not hold 5)
+    and without kl_floor_multiple where the run has no noise floor."""
+    first = record.pairs[0].aggregates if record.pairs else {}
+    overlaps = sorted((k for k in first if re.fullmatch(r"top\d+_overlap", k)), key=lambda k: int(k[3:-8]))
+    at = SUMMARY_COLUMNS.index("top5_overlap")
+    columns = SUMMARY_COLUMNS[:at] + overlaps + SUMMARY_COLUMNS[at + 1 :]
+    return columns if record.noise_floor else columns[:-1]
 
 
 def add_floor(pairs: list[PairResult], floor: str | None) -> None:
@@ -115,7 +126,7 @@ def render(run_dir: Path) -> Path:
     record = records.read(run_dir)
     if record.status == "ok":
         summary = [{"reference": p.reference, "candidate": p.candidate, **p.aggregates} for p in record.pairs]
-        _csv(run_dir / "summary.csv", summary, SUMMARY_COLUMNS if record.noise_floor else SUMMARY_COLUMNS[:-1])
+        _csv(run_dir / "summary.csv", summary, summary_columns(record))
         prompt_rows = [{"reference": p.reference, "candidate": p.candidate, **row} for p in record.pairs for row in p.prompts]
         _csv(run_dir / "prompts.csv", prompt_rows, PROMPT_COLUMNS)
         _csv(run_dir / "matrix.csv", record.matrix, MATRIX_COLUMNS)

@@ -40,6 +40,16 @@ def test_environment_names_the_machine_the_libraries_and_the_commit():
     assert re.fullmatch(r"[0-9a-f]{40}", env["git"]["commit"]) and isinstance(env["git"]["dirty"], bool)
 
 
+def test_the_commit_is_the_harness_checkouts_wherever_it_runs(tmp_path, monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    here = Path(records.__file__).parent
+    want = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.chdir(tmp_path)  # outside any git checkout, as a user's project folder may be
+    assert records.git_state()["commit"] == want
+
+
 def test_reads_a_schema_1_record_and_upgrades_it(tmp_path):
     old = {  # exactly the keys schema 1 wrote
         "schema_version": 1, "status": "ok", "created_at": "2026-11-20T10:00:00+00:00",

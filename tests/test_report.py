@@ -19,7 +19,7 @@ from harness.cli import main
 pytestmark = pytest.mark.slow
 REQUIRED_SUMMARY = (
     "reference,candidate,positions,kl_mean,kl_mean_se,kl_median,kl_p99,kl_max,kl_rev_mean,js_mean,tv_mean,"
-    "top1_agree,top1_agree_se,top5_overlap,delta_p_rms,ppl_ref,ppl_cand,ppl_ratio,kl_floor_multiple"
+    "top1_agree,top1_agree_se,top5_overlap,top10_overlap,delta_p_rms,ppl_ref,ppl_cand,ppl_ratio,kl_floor_multiple"
 ).split(",")
 CANDIDATES = {"s-chat-fp16", "s-chat-bf16", "s-chat-gptq-int8", "s-chat-gptq-int4", "s-base", "m-chat"}
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -218,3 +218,15 @@ def test_a_failed_run_renders_its_error(browser, micro_run, tmp_path):
     page, seen = _open(browser, report.render(failed))
     assert "This run failed. ExtractError: <b>NaN</b> logits" in page.locator(".error").inner_text()
     assert seen["errors"] == []
+
+
+def test_summary_columns_follow_the_runs_top_k():
+    """summary.csv has a topK_overlap column for each K the run measured (metrics.top_k need not hold 5)."""
+    from types import SimpleNamespace
+
+    pair = SimpleNamespace(aggregates={"kl_mean": 0.1, "top20_overlap": 0.9, "top3_overlap": 0.8})
+    cols = report.summary_columns(SimpleNamespace(pairs=[pair], noise_floor=None))
+    at = cols.index("top1_agree_se")
+    assert cols[at + 1 : at + 3] == ["top3_overlap", "top20_overlap"] and "top5_overlap" not in cols
+    assert "kl_floor_multiple" not in cols
+    assert report.summary_columns(SimpleNamespace(pairs=[pair], noise_floor="bf16"))[-1] == "kl_floor_multiple"
