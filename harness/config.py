@@ -34,8 +34,17 @@ class ModelSpec(_Strict):
     source: str = Field(min_length=1)  # "zoo:NAME", a local folder, or a hub id
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"  # "auto": CUDA when present, else CPU
+    device: str = "auto"  # "auto": CUDA when present, else CPU; "sharded": over every visible GPU (device_map="auto")
     trust_remote_code: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|sharded", device):
+            raise ValueError("a device is auto (CUDA when present, else the CPU), cpu, cuda, cuda:N (one GPU) or "
+                             "sharded (the model's layers spread over every visible GPU, by accelerate's "
+                             "device_map='auto')")  # fmt: skip
+        return device
 
     @field_validator("name")
     @classmethod

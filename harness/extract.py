@@ -51,11 +51,21 @@ class Loaded:
 
 
 def resolve_device(device: str) -> str:
+    """The config's device as loading takes it: auto becomes cuda or cpu; cuda:N must exist; sharded stays (its
+    layers go where accelerate's device_map="auto" puts them: over every visible GPU, else the CPU)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExtractError(f"device {device!r} was asked for, but this machine has no CUDA device")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ExtractError(f"device {device!r} was asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
     return device
+
+
+def input_device(model) -> torch.device:
+    """Where a loaded model takes its input ids: its embedding's device (the first GPU of a sharded model)."""
+    return model.get_input_embeddings().weight.device
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -139,7 +149,7 @@ def load_model(loaded: Loaded):
             loaded.path,
             revision=spec.revision,
             dtype=TORCH_DTYPES[spec.dtype],
-            device_map=loaded.device,
+            device_map="auto" if loaded.device == "sharded" else loaded.device,
             trust_remote_code=spec.trust_remote_code,
         ),
     )
@@ -201,7 +211,7 @@ def context_length(loaded: Loaded) -> int:
 
 
 @torch.no_grad()
-def forward_logits(model, batch: list[tuple[int, ...]], device: str, padding_side: str = "right") -> torch.Tensor:
+def forward_logits(model, batch: list[tuple[int, ...]], device: str | torch.device, padding_side: str = "right") -> torch.Tensor:
     """[B, T, V_padded] raw logits; row b's own tokens sit at [b, :len] (right) or [b, T-len:] (left)."""
     width = max(len(ids) for ids in batch)
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -247,7 +257,7 @@ def greedy_continuations(loaded: Loaded, tokens: TokenizedPrompts, max_new_token
     continuations = []
     try:
         for ids in tqdm(tokens.ids, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False):
-            x = torch.tensor([ids], device=loaded.device)
+            x = torch.tensor([ids], device=input_device(model))
             with torch.no_grad():
                 out = model.generate(x, attention_mask=torch.ones_like(x))
             continuations.append(out[0, len(ids) :].tolist())
@@ -382,7 +392,7 @@ def extract(
                 for b in range(lo, hi, batch_size):
                     batch = segments[b : min(hi, b + batch_size)]
                     t0 = time.perf_counter()
-                    logits = forward_logits(model, [s.ids for s in batch], loaded.device, padding_side)
+                    logits = forward_logits(model, [s.ids for s in batch], input_device(model), padding_side)
                     forward_s += time.perf_counter() - t0
                     first = row
                     for i, seg in enumerate(batch):

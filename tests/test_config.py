@@ -164,6 +164,15 @@ def test_variant_names_are_checked(tmp_path, variants, message):
         config.load(path)
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU", "mps"])
+def test_an_unknown_device_is_an_error(tmp_path, device):
+    path = _write(tmp_path, BASE.replace("source: zoo:tiny-qwen1.5-s}]", f"source: zoo:tiny-qwen1.5-s, device: '{device}'}}]"))
+    with pytest.raises(config.ConfigError, match=r"c\.yaml.*key 'variants\.0\.device': a device is auto .*cuda:N.*sharded"):
+        config.load(path)
+    for ok in ("auto", "cpu", "cuda", "cuda:1", "sharded"):
+        assert config.load(path, [f"variants.0.device={ok}"]).variants[0].device == ok
+
+
 def test_an_override_that_is_not_yaml(tmp_path):
     path = _write(tmp_path, BASE)
     with pytest.raises(config.ConfigError, match=r"override 'name=\[': its value is not valid YAML"):

@@ -296,3 +296,44 @@ def test_each_batch_setting_has_its_own_store(micro_zoo, tokens, segments, tmp_s
     assert len(roots) == 3
     again, facts = extract.extract(loaded, segments, tokens.n_vocab, batch_size=2, store_dtype="float16", **QUIET)
     assert again.root in roots and facts["reused_shards"] == facts["shards"]
+
+
+def _placed(name, device):
+    return extract.locate(ModelSpec(name=name, source=f"zoo:{name}", device=device), "micro")
+
+
+def test_a_sharded_model_takes_its_inputs_where_its_embedding_is(micro_zoo, tokens, monkeypatch):
+    """device: sharded loads through accelerate's device_map="auto" (every visible GPU, else the CPU), and the inputs
+    go to the embedding's device: same logits as the model on the device it lands on (bit for bit on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    real, maps = AutoModelForCausalLM.from_pretrained, []
+
+    def spy(*args, **kwargs):
+        maps.append(kwargs["device_map"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    loaded = _placed(zoo.CHAT_S, "sharded")
+    assert loaded.device == "sharded"
+    spread = extract.load_model(loaded)
+    first = extract.input_device(spread)
+    assert first == spread.model.embed_tokens.weight.device
+    if torch.cuda.is_available():
+        assert first.type == "cuda"
+    one = extract.load_model(_placed(zoo.CHAT_S, "cuda:0" if torch.cuda.is_available() else "cpu"))
+    batch = [tokens.ids[i] for i in range(3)]
+    got = extract.forward_logits(spread, batch, first)
+    want = extract.forward_logits(one, batch, extract.input_device(one))
+    assert maps[0] == "auto" and maps[1] == one.device.type + (":0" if one.device.type == "cuda" else "")
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0 if first.type == "cpu" else 1e-4)
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error():
+    if torch.cuda.is_available():
+        want = rf"device 'cuda:{torch.cuda.device_count()}' was asked for, but this machine has \d+ CUDA device"
+        with pytest.raises(extract.ExtractError, match=want):
+            _placed(zoo.CHAT_S, f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(extract.ExtractError, match="device 'cuda:1' was asked for, but this machine has no CUDA"):
+            _placed(zoo.CHAT_S, "cuda:1")
