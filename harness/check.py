@@ -31,7 +31,7 @@ from harness.config import Limit
 VERSION_KEYS = ("torch", "transformers", "gptqmodel", "optimum")
 MACHINE_KEYS = ("cpu", "gpu")
 CONFIG_KEYS = ("mode", "text", "generate", "store_dtype", "batch_size", "padding_side", "seed", "zoo_profile")
-VARIANT_KEYS = ("source", "dtype", "device")
+VARIANT_KEYS = ("source", "dtype", "device", "loader", "backend", "kernels")  # kernels: the quantized layers' classes
 
 
 class GateError(ValueError):
@@ -185,8 +185,8 @@ def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Pa
     for name, v in run.variants.items():
         if name not in base.variants:
             continue
-        for key in VARIANT_KEYS:
-            if v.get(key) != base.variants[name].get(key):
+        for key in VARIANT_KEYS:  # a key the baseline's record predates is not a difference
+            if key in base.variants[name] and v.get(key) != base.variants[name][key]:
                 warnings.append(f"{name}.{key} differs: baseline {base.variants[name].get(key)!r}, this run {v.get(key)!r}")
     return warnings
 

@@ -9,11 +9,17 @@ Qwen1.5) before the softmax; the probability the raw row put on the padding colu
 model's own generation_config warpers would leave of it, are stored beside it. Each batch's rows go
 to disk from a background thread (store.ShardWriter) while the next batch's forward pass runs, and
 a finished shard completes there while the next shard fills.
+
+Weights load through `LOADERS`, by the spec's `loader`: transformers' AutoModelForCausalLM (a GPTQ checkpoint
+through optimum + gptqmodel, with the kernel that path picks), or gptqmodel's GPTQModel.load, whose kernel
+`backend` may name, so that one checkpoint can be compared through two kernels. `device: sharded` spreads a
+model's layers over every visible GPU (device_map="auto"); its inputs go to its embedding's device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
 import hashlib
 import json
@@ -21,6 +27,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -63,6 +70,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_backend(spec: ModelSpec) -> None:
+    """A `backend` must be one of the installed gptqmodel's kernels: a typo is an error before any model loads."""
+    from harness.quant import quiet
+
+    with quiet():
+        from gptqmodel import BACKEND
+    names = [b.value for b in BACKEND]
+    if spec.backend not in names:
+        close = difflib.get_close_matches(spec.backend, names, n=1)
+        raise ExtractError(f"model {spec.name!r}: backend {spec.backend!r} is not a gptqmodel kernel"
+                           + (f" (did you mean {close[0]!r}?)" if close else "")
+                           + f"; gptqmodel {version('gptqmodel')} has {', '.join(names)}")  # fmt: skip
+
+
 def input_device(model) -> torch.device:
     """Where a loaded model takes its input ids: its embedding's device (the first GPU of a sharded model)."""
     return model.get_input_embeddings().weight.device
@@ -83,6 +104,8 @@ def _folder_fingerprint(folder: Path) -> str:
 def locate(spec: ModelSpec, zoo_profile: str) -> Loaded:
     """Where a model's weights are: a zoo build, a local folder, or a hub id."""
     device = resolve_device(spec.device)
+    if spec.backend is not None:
+        check_backend(spec)
     if spec.source.startswith("zoo:"):
         known = (*zoo.MODELS, *zoo.DAMAGED)
         if spec.source.removeprefix("zoo:") not in known:
@@ -132,17 +155,22 @@ def _loading(loaded: Loaded, what: str, load):
         raise ExtractError(f"model {loaded.spec.name!r}: cannot load the {what} of {loaded.path}: {first}.{hint}") from exc
 
 
-def load_model(loaded: Loaded):
+def _quantized(loaded: Loaded) -> bool | None:
+    """Whether a local folder's config.json holds a quantization_config (None for a hub id: not known before loading)."""
+    config = Path(loaded.path) / "config.json"
+    return "quantization_config" in json.loads(config.read_text()) if config.is_file() else None
+
+
+def _load_transformers(loaded: Loaded):
     from transformers import AutoModelForCausalLM
 
     spec = loaded.spec
-    config = Path(loaded.path) / "config.json"
-    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+    if _quantized(loaded):
         from harness.quant import quiet
 
         with quiet():  # gptqmodel prints a banner and its settings on import: not the harness's output
             import gptqmodel  # noqa: F401
-    model = _loading(
+    return _loading(
         loaded,
         "weights",
         lambda: AutoModelForCausalLM.from_pretrained(
@@ -153,9 +181,46 @@ def load_model(loaded: Loaded):
             trust_remote_code=spec.trust_remote_code,
         ),
     )
+
+
+def _load_gptqmodel(loaded: Loaded):
+    from harness.quant import quiet
+
+    spec = loaded.spec
+    if _quantized(loaded) is False:
+        raise ExtractError(f"model {spec.name!r}: loader 'gptqmodel' loads quantized checkpoints, and "
+                           f"{loaded.path}/config.json has no quantization_config; use loader: transformers")  # fmt: skip
+    with quiet():  # its banner, kernel choice and housekeeping go to stdout
+        from gptqmodel import GPTQModel
+
+        place = {"device_map": "auto"} if loaded.device == "sharded" else {"device": loaded.device}
+        extra = {"revision": spec.revision} if spec.revision else {}
+        qmodel = _loading(
+            loaded,
+            "weights",
+            lambda: GPTQModel.load(loaded.path, backend=spec.backend or "auto", dtype=TORCH_DTYPES[spec.dtype],
+                                   trust_remote_code=spec.trust_remote_code, **place, **extra),
+        )  # fmt: skip
+    if not qmodel.quantized:  # a hub id without a quantization config: gptqmodel would hand back the float model
+        raise ExtractError(f"model {spec.name!r}: loader 'gptqmodel' loads quantized checkpoints, and {loaded.path} "
+                           "is not one; use loader: transformers")  # fmt: skip
+    return qmodel.model  # the transformers model, its linear layers replaced by the backend's kernels
+
+
+# The loaders a ModelSpec's `loader` names: each returns a transformers causal LM (forward, generate, config).
+LOADERS = {"transformers": _load_transformers, "gptqmodel": _load_gptqmodel}
+
+
+def load_model(loaded: Loaded):
+    model = LOADERS[loaded.spec.loader](loaded)
     # Loading a GPTQ model imports gptqmodel, whose logger (logbar) then reports its own housekeeping.
     logging.getLogger("logbar").setLevel(logging.WARNING)
     return model.eval()
+
+
+def kernels(model) -> list[str]:
+    """The classes of a model's quantized linear layers (the kernel its loader chose), sorted; [] if it has none."""
+    return sorted({type(m).__name__ for m in model.modules() if any(c.__name__ == "BaseQuantLinear" for c in type(m).__mro__)})
 
 
 # Files that cannot change a tokenizer: weights and model metadata. Every other file of a folder counts, so a
@@ -241,7 +306,8 @@ def greedy_continuations(loaded: Loaded, tokens: TokenizedPrompts, max_new_token
     from transformers import GenerationConfig
 
     key = store_key(what="greedy", fingerprint=loaded.fingerprint, dtype=loaded.spec.dtype,
-                    device=loaded.device.split(":")[0], ids=tokens.fingerprint, n=max_new_tokens)  # fmt: skip
+                    device=loaded.device.split(":")[0], ids=tokens.fingerprint, n=max_new_tokens,
+                    loader=loaded.spec.loader, backend=loaded.spec.backend)  # fmt: skip
     path = paths.store_dir() / "generations" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())["continuations"]
@@ -323,6 +389,7 @@ def extract(
         source=loaded.path, revision=spec.revision, fingerprint=loaded.fingerprint, dtype=spec.dtype,
         device=loaded.device.split(":")[0], segments=segments_fingerprint(segments), n_vocab=n_vocab,
         store_dtype=store_dtype, version=EXTRACT_VERSION, batch_size=batch_size, padding_side=padding_side,
+        loader=spec.loader, backend=spec.backend,
     )  # fmt: skip
     store = Store(paths.store_dir() / key)
     plan = plan_shards([s.rows for s in segments])
@@ -339,7 +406,8 @@ def extract(
     start = time.perf_counter()
     model = load_model(loaded)
     warpers = Warpers.from_generation_config(load_generation_config(loaded))
-    facts |= {"load_s": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters())}
+    facts |= {"load_s": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters()),
+              "kernels": kernels(model)}  # fmt: skip
     facts |= {"warpers": warpers.__dict__, "logit_width": int(model.config.vocab_size)}
     start, forward_s = time.perf_counter(), 0.0
     bar = tqdm(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)

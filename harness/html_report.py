@@ -346,7 +346,8 @@ def metadata_section(record: records.RunRecord) -> str:
         f"<div class=card><h3>run</h3><table class=kv>{kv(run)}</table></div>",
         f"<div class=card><h3>machine</h3><table class=kv>{kv(record.machine)}</table></div>",
         f"<div class=card><h3>versions</h3><table class=kv>{kv(record.versions)}</table></div></div>",
-        "<h3>models</h3><table id=models><tr><th>model</th><th>source</th><th>dtype</th><th>device</th><th>parameters</th>"
+        "<h3>models</h3><table id=models><tr><th>model</th><th>source</th><th>dtype</th><th>device</th><th>loader (kernel)</th>"
+        "<th>parameters</th>"
         "<th>load s</th><th>extract s</th><th>forward s</th><th>store</th></tr>",
     ]
     for name, v in record.variants.items():
@@ -354,7 +355,7 @@ def metadata_section(record: records.RunRecord) -> str:
         took = f" (store reused; filling it took {_num(v.get('first_extract_s'), '.1f')})" if reused else ""
         out.append(
             f"<tr><td>{_e(name)}</td><td>{_e(v.get('source'))}{'@' + _e(v['revision']) if v.get('revision') else ''}</td>"
-            f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}</td>"
+            f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}</td><td>{_loader(v)}</td>"
             f"<td>{_num(v.get('parameters'), ',')}</td><td>{_num(v.get('load_s'), '.1f')}</td>"
             f"<td>{_num(v.get('extract_s'), '.1f')}{took}</td>"
             f"<td>{_num(v.get('forward_s'), '.1f')}</td>"
@@ -362,6 +363,13 @@ def metadata_section(record: records.RunRecord) -> str:
         )
     out.append(f"</table><h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>")
     return "".join(out)
+
+
+def _loader(v: dict) -> str:
+    """A model's loader, the backend it was asked for, and the quantized kernels it ran (records before they were kept:
+    transformers)."""
+    text = _e(v.get("loader", "transformers")) + (f" ({_e(v['backend'])})" if v.get("backend") else "")
+    return text + (f"<br><span class=small>{_e(', '.join(v['kernels']))}</span>" if v.get("kernels") else "")
 
 
 def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dict], tokens: dict | None) -> dict:

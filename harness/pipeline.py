@@ -81,5 +81,5 @@ def extract_all(cfg: Config, the_plan: Plan, log=print) -> tuple[dict[str, Store
             store_dtype=cfg.store_dtype, padding_side=cfg.padding_side, prompt_ids=ids, log=log,
         )  # fmt: skip
         facts[spec.name] |= {"source": spec.source, "revision": spec.revision, "path": loaded.path, "dtype": spec.dtype,
-                             "device": loaded.device}  # fmt: skip
+                             "device": loaded.device, "loader": spec.loader, "backend": spec.backend}  # fmt: skip
     return stores, facts

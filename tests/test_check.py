@@ -117,15 +117,20 @@ def test_other_settings_and_machines_are_compared_with_a_warning_per_difference(
     other = _run({"int4": GOOD["int4"], "bf16": GOOD["bf16"]}, run_id="base")
     other = other.model_copy(update={
         "versions": {"torch": "2.12.0"}, "machine": {"cpu": "y"}, "config": {**other.config, "store_dtype": "float32"},
-        "variants": {**other.variants, "int4": {**other.variants["int4"], "dtype": "bfloat16"}},
+        "variants": {**other.variants, "int4": {**other.variants["int4"], "dtype": "bfloat16", "kernels": ["TorchAtenLinear"]},
+                     "bf16": {**other.variants["bf16"], "loader": "transformers"}},
     })  # fmt: skip
     run = _run({**GOOD, "int8": _agg(1e-5, 1e-6, 0.999)})
+    run.variants["int4"] |= {"loader": "gptqmodel", "backend": "gptq_marlin", "kernels": ["MarlinLinear"]}
+    run.variants["bf16"] |= {"loader": "transformers"}
     v = check.gate(run, baseline=other, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert v["verdict"] == "pass"
     text = "\n".join(v["warnings"])
     for needle in ("versions.torch differs: baseline '2.12.0', this run '2.13.0'", "machine.cpu differs",
-                   "config.store_dtype differs", "int4.dtype differs", "pair 'int8' is not in the baseline"):  # fmt: skip
+                   "config.store_dtype differs", "int4.dtype differs", "pair 'int8' is not in the baseline",
+                   "int4.kernels differs: baseline ['TorchAtenLinear'], this run ['MarlinLinear']"):  # fmt: skip
         assert needle in text
+    assert "loader differs" not in text and "backend differs" not in text  # int4's baseline predates them; bf16's agrees
 
 
 def test_exit_codes_table_and_json_verdict_line(tmp_path, capsys):

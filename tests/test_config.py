@@ -173,6 +173,15 @@ def test_an_unknown_device_is_an_error(tmp_path, device):
         assert config.load(path, [f"variants.0.device={ok}"]).variants[0].device == ok
 
 
+def test_a_backend_needs_the_gptqmodel_loader(tmp_path):
+    path = _write(tmp_path, BASE.replace("source: zoo:tiny-qwen1.5-s}]", "source: zoo:tiny-qwen1.5-s, backend: gptq_torch}]"))
+    with pytest.raises(config.ConfigError, match=r"c\.yaml.*model 'v': backend 'gptq_torch' chooses a kernel of gptqmodel's loader; add loader: gptqmodel"):
+        config.load(path)
+    assert config.load(path, ["variants.0.loader=gptqmodel"]).variants[0].backend == "gptq_torch"
+    with pytest.raises(config.ConfigError, match=r"key 'variants\.0\.loader'"):
+        config.load(path, ["variants.0.loader=auto_gptq"])
+
+
 def test_an_override_that_is_not_yaml(tmp_path):
     path = _write(tmp_path, BASE)
     with pytest.raises(config.ConfigError, match=r"override 'name=\[': its value is not valid YAML"):

@@ -337,3 +337,39 @@ def test_a_device_this_machine_lacks_is_a_clear_error():
     else:
         with pytest.raises(extract.ExtractError, match="device 'cuda:1' was asked for, but this machine has no CUDA"):
             _placed(zoo.CHAT_S, "cuda:1")
+
+
+def test_one_checkpoint_through_two_kernels(micro_zoo, tokens, segments, tmp_store):
+    """loader: gptqmodel loads a GPTQ checkpoint with the kernel `backend` names: the same int4 weights give logits
+    close to transformers' path (its TorchAtenLinear) but not equal (another order of rounding), each kept in its
+    own store, with the kernel that ran in the facts."""
+    spec = dict(name="q", source=f"zoo:{zoo.GPTQ[4]}")
+    via_transformers = extract.locate(ModelSpec(**spec), "micro")
+    via_gptqmodel = extract.locate(ModelSpec(**spec, loader="gptqmodel", backend="gptq_torch_fused"), "micro")
+    a, b = extract.load_model(via_transformers), extract.load_model(via_gptqmodel)
+    assert extract.kernels(a) == ["TorchAtenLinear"] and extract.kernels(b) == ["TorchFusedLinear"]
+    batch = [tokens.ids[i] for i in range(4)]
+    la, lb = extract.forward_logits(a, batch, "cpu"), extract.forward_logits(b, batch, "cpu")
+    gap = (la - lb).abs().amax().item()
+    assert 0 < gap < 0.1, gap  # observed: 0.02 on logits of spread ~10
+    assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.95
+    assert extract.kernels(extract.load_model(_loaded(zoo.CHAT_S))) == []
+
+    run = dict(batch_size=4, store_dtype="float16", **QUIET)
+    (sa, fa), (sb, fb) = (extract.extract(x, segments, tokens.n_vocab, **run) for x in (via_transformers, via_gptqmodel))
+    assert sa.root != sb.root
+    assert fa["kernels"] == ["TorchAtenLinear"] and fb["kernels"] == ["TorchFusedLinear"]
+    _, again = extract.extract(via_gptqmodel, segments, tokens.n_vocab, **run)
+    assert again["reused_shards"] == again["shards"] and again["kernels"] == ["TorchFusedLinear"]  # kept in the store
+
+
+def test_gptqmodel_loader_errors_are_clear(micro_zoo):
+    with pytest.raises(extract.ExtractError, match=r"backend 'gptq_troch' is not a gptqmodel kernel \(did you mean 'gptq_torch'\?\)"):
+        extract.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_troch"), "micro")
+    floating = extract.locate(ModelSpec(name="f", source=f"zoo:{zoo.CHAT_S}", loader="gptqmodel"), "micro")
+    with pytest.raises(extract.ExtractError, match=r"model 'f': loader 'gptqmodel' loads quantized checkpoints, and .*"
+                                                   r"tiny-qwen1.5-s-chat/config.json has no quantization_config"):  # fmt: skip
+        extract.load_model(floating)
+    aten32 = extract.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_torch"), "micro")
+    with pytest.raises(extract.ExtractError, match=r"model 'q': cannot load the weights of .*only supports"):
+        extract.load_model(aten32)  # that kernel takes float16 or bfloat16 only: gptqmodel's own message

@@ -167,6 +167,9 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert page.locator("svg.chart").count() == 1 + len(CANDIDATES)  # the CDF, and a histogram per pair
     assert page.locator("#heat-top1 td").count() == 7 * 7
     assert page.locator("#warp tr").count() == 1 + 7
+    # the models table: each model's loader, and the kernel of a quantized one
+    loaders = {r.split("\t")[0]: r.split("\t")[4] for r in page.locator("#models tr").all_inner_texts()[1:]}
+    assert loaders["s-chat-gptq-int4"] == "transformers\nTorchAtenLinear" and loaders["s-chat-fp32"] == "transformers"
     # llama.cpp's rows, a column per candidate, in its units: Δp and same top p in % (± a standard error)
     assert page.locator("#llama tr").count() == 1 + len(html_report.LLAMA_ROWS)
     heads = page.locator("#llama tr").first.locator("th").all_inner_texts()[1:]
