@@ -407,7 +407,7 @@ def extract(
     model = load_model(loaded)
     warpers = Warpers.from_generation_config(load_generation_config(loaded))
     facts |= {"load_s": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters()),
-              "kernels": kernels(model)}  # fmt: skip
+              "kernels": kernels(model), "placed_on": sorted({str(p.device) for p in model.parameters()})}  # fmt: skip
     facts |= {"warpers": warpers.__dict__, "logit_width": int(model.config.vocab_size)}
     start, forward_s = time.perf_counter(), 0.0
     bar = tqdm(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)

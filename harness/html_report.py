@@ -355,7 +355,7 @@ def metadata_section(record: records.RunRecord) -> str:
         took = f" (store reused; filling it took {_num(v.get('first_extract_s'), '.1f')})" if reused else ""
         out.append(
             f"<tr><td>{_e(name)}</td><td>{_e(v.get('source'))}{'@' + _e(v['revision']) if v.get('revision') else ''}</td>"
-            f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}</td><td>{_loader(v)}</td>"
+            f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}{_placed(v)}</td><td>{_loader(v)}</td>"
             f"<td>{_num(v.get('parameters'), ',')}</td><td>{_num(v.get('load_s'), '.1f')}</td>"
             f"<td>{_num(v.get('extract_s'), '.1f')}{took}</td>"
             f"<td>{_num(v.get('forward_s'), '.1f')}</td>"
@@ -363,6 +363,12 @@ def metadata_section(record: records.RunRecord) -> str:
         )
     out.append(f"</table><h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>")
     return "".join(out)
+
+
+def _placed(v: dict) -> str:
+    """Where a model's weights were, where that is not what its device says (a sharded model's GPUs, or the CPU)."""
+    placed = v.get("placed_on")  # None in records from before it was kept
+    return "" if not placed or placed in ([v.get("device")], [f"{v.get('device')}:0"]) else f" ({_e(', '.join(placed))})"
 
 
 def _loader(v: dict) -> str:

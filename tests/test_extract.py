@@ -359,6 +359,7 @@ def test_one_checkpoint_through_two_kernels(micro_zoo, tokens, segments, tmp_sto
     (sa, fa), (sb, fb) = (extract.extract(x, segments, tokens.n_vocab, **run) for x in (via_transformers, via_gptqmodel))
     assert sa.root != sb.root
     assert fa["kernels"] == ["TorchAtenLinear"] and fb["kernels"] == ["TorchFusedLinear"]
+    assert fa["placed_on"] == fb["placed_on"] == ["cpu"]
     _, again = extract.extract(via_gptqmodel, segments, tokens.n_vocab, **run)
     assert again["reused_shards"] == again["shards"] and again["kernels"] == ["TorchFusedLinear"]  # kept in the store
 

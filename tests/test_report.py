@@ -168,8 +168,9 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert page.locator("#heat-top1 td").count() == 7 * 7
     assert page.locator("#warp tr").count() == 1 + 7
     # the models table: each model's loader, and the kernel of a quantized one
-    loaders = {r.split("\t")[0]: r.split("\t")[4] for r in page.locator("#models tr").all_inner_texts()[1:]}
-    assert loaders["s-chat-gptq-int4"] == "transformers\nTorchAtenLinear" and loaders["s-chat-fp32"] == "transformers"
+    rows = {r.split("\t")[0]: r.split("\t") for r in page.locator("#models tr").all_inner_texts()[1:]}
+    assert rows["s-chat-gptq-int4"][4] == "transformers\nTorchAtenLinear" and rows["s-chat-fp32"][4] == "transformers"
+    assert rows["s-chat-fp32"][3] == "cpu"  # where its weights were is what its device says: not repeated
     # llama.cpp's rows, a column per candidate, in its units: Δp and same top p in % (± a standard error)
     assert page.locator("#llama tr").count() == 1 + len(html_report.LLAMA_ROWS)
     heads = page.locator("#llama tr").first.locator("th").all_inner_texts()[1:]
@@ -233,3 +234,13 @@ def test_summary_columns_follow_the_runs_top_k():
     assert cols[at + 1 : at + 3] == ["top3_overlap", "top20_overlap"] and "top5_overlap" not in cols
     assert "kl_floor_multiple" not in cols
     assert report.summary_columns(SimpleNamespace(pairs=[pair], noise_floor="bf16"))[-1] == "kl_floor_multiple"
+
+
+def test_models_table_says_where_a_sharded_model_was_and_which_kernel_ran():
+    sharded = {"device": "sharded", "placed_on": ["cpu", "cuda:0", "cuda:1"], "loader": "gptqmodel",
+               "backend": "gptq_marlin", "kernels": ["MarlinLinear"]}  # fmt: skip
+    assert html_report._placed(sharded) == " (cpu, cuda:0, cuda:1)"  # spilled to the CPU: shown
+    assert html_report._placed({"device": "cuda", "placed_on": ["cuda:0"]}) == ""
+    assert html_report._placed({"device": "cpu"}) == ""  # a record from before placed_on
+    assert html_report._loader(sharded) == "gptqmodel (gptq_marlin)<br><span class=small>MarlinLinear</span>"
+    assert html_report._loader({"device": "cpu"}) == "transformers"
