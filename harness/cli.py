@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.check import GateError
     from harness.compare import CompareError
     from harness.config import ConfigError
-    from harness.extract import ExtractError
+    from harness.loaders import ExtractError
     from harness.prompts import PromptError
     from harness.records import RecordError
 

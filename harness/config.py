@@ -36,7 +36,7 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # "auto": CUDA when present, else CPU; "sharded": over every visible GPU (device_map="auto")
     trust_remote_code: bool = False
-    # what loads the weights (extract.LOADERS): transformers' AutoModelForCausalLM (a GPTQ checkpoint through optimum +
+    # what loads the weights (loaders.LOADERS): transformers' AutoModelForCausalLM (a GPTQ checkpoint through optimum +
     # gptqmodel, with the kernel it picks), or gptqmodel's own GPTQModel.load (quantized checkpoints only), whose
     # kernel `backend` may name (gptqmodel's BACKEND values: gptq_torch, gptq_torch_fused, gptq_marlin, ...)
     loader: Literal["transformers", "gptqmodel"] = "transformers"

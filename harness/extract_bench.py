@@ -72,15 +72,15 @@ def one(model_name: str, profile: str, positions: int, batch_size: int, context:
     """Runs in the subprocess: bare forward timing, then extraction; returns the figures."""
     import torch
 
-    from harness import extract
+    from harness import extract, loaders
     from harness.config import ModelSpec
 
     source = shaped_model(shape, profile) if shape else f"zoo:{model_name}"
-    loaded = extract.locate(ModelSpec(name=shape or model_name, source=source), profile)
-    segments, n_vocab = _segments(extract.load_tokenizer(loaded), positions, context)
+    loaded = loaders.locate(ModelSpec(name=shape or model_name, source=source), profile)
+    segments, n_vocab = _segments(loaders.load_tokenizer(loaded), positions, context)
     forward_s, extract_s, load_s, model_rss = [], [], [], 0.0
     for _ in range(repeats):  # alternated, and the fastest of each kept: robust to other load on the machine
-        model = extract.load_model(loaded)
+        model = loaders.load_model(loaded)
         model_rss = model_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, model loaded
         start = time.perf_counter()
         for b in range(0, len(segments), batch_size):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness import extract, prompts
+from harness import extract, loaders, prompts
 from harness.config import Config
 from harness.prompts import Segment, TokenizedPrompts
 from harness.store import Store
@@ -20,7 +20,7 @@ from harness.store import Store
 class Plan:
     tokens: TokenizedPrompts  # the reference tokenizer's ids of every prompt
     segments: list[Segment]  # what every model is run on, in order
-    loaded: dict[str, extract.Loaded]  # model name -> where its weights are
+    loaded: dict[str, loaders.Loaded]  # model name -> where its weights are
     tokenizer: object  # the reference's tokenizer (loading a 151k-token one again takes ~1 s)
 
     @property
@@ -32,10 +32,10 @@ def plan(cfg: Config, log=print) -> Plan:
     """Tokenizes once with the reference, checks every variant's tokenizer, and cuts the segments."""
     for warning in cfg.warnings:
         log(f"warning: {warning}")
-    ref = extract.locate(cfg.reference, cfg.zoo_profile)
-    ref_tok = extract.load_tokenizer(ref)
-    tokenizers = {extract.tokenizer_key(ref): ref_tok}  # a 151k-token tokenizer takes ~1 s to load: once per distinct one
-    context = extract.context_length(ref)
+    ref = loaders.locate(cfg.reference, cfg.zoo_profile)
+    ref_tok = loaders.load_tokenizer(ref)
+    tokenizers = {loaders.tokenizer_key(ref): ref_tok}  # a 151k-token tokenizer takes ~1 s to load: once per distinct one
+    context = loaders.context_length(ref)
     generate = cfg.mode == "generate"
     if generate:
         limit = context - cfg.generate.max_new_tokens  # prompt + continuation must fit the context
@@ -51,10 +51,10 @@ def plan(cfg: Config, log=print) -> Plan:
     )
     loaded = {cfg.reference.name: ref}
     for spec in cfg.variants:
-        loaded[spec.name] = extract.locate(spec, cfg.zoo_profile)
-        key = extract.tokenizer_key(loaded[spec.name])
+        loaded[spec.name] = loaders.locate(spec, cfg.zoo_profile)
+        key = loaders.tokenizer_key(loaded[spec.name])
         if key not in tokenizers:
-            tokenizers[key] = extract.load_tokenizer(loaded[spec.name])
+            tokenizers[key] = loaders.load_tokenizer(loaded[spec.name])
         prompts.check_same_ids(tokens, tokenizers[key], spec.name, generation_prompt=generate)
     if generate:
         continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log)
@@ -63,7 +63,7 @@ def plan(cfg: Config, log=print) -> Plan:
         segments = prompts.text_segments(tokens, context=cfg.text.context, score=cfg.text.score)
     longest = max(len(s.ids) for s in segments)
     for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments
-        if (limit := extract.context_length(loaded[spec.name])) < longest:
+        if (limit := loaders.context_length(loaded[spec.name])) < longest:
             raise prompts.PromptError(
                 f"variant {spec.name!r} has a context of {limit} positions, but the run feeds it {longest} tokens "
                 f"at once; lower 'text.context' (or shorten the prompts) in {cfg.source_file}"

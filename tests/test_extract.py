@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import extract, prompts, store, zoo
+from harness import extract, loaders, prompts, store, zoo
 from harness.config import ModelSpec
 from harness.warpers import Warpers, candidates, warp_stats
 
@@ -29,13 +29,13 @@ def segments(tokens):
 
 
 def _loaded(name, dtype="float32"):
-    return extract.locate(ModelSpec(name=name, source=f"zoo:{name}", dtype=dtype), "micro")
+    return loaders.locate(ModelSpec(name=name, source=f"zoo:{name}", dtype=dtype), "micro")
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("name", [zoo.CHAT_S, zoo.CHAT_M, zoo.GPTQ[4]])
 def test_batched_equals_one_at_a_time(micro_zoo, tokens, name, side):
-    model = extract.load_model(_loaded(name))
+    model = loaders.load_model(_loaded(name))
     batch = [tokens.ids[i] for i in range(4)]  # different lengths: the short ones are padded
     together = extract.forward_logits(model, batch, "cpu", side)
     for b, ids in enumerate(batch):
@@ -47,7 +47,7 @@ def test_batched_equals_one_at_a_time(micro_zoo, tokens, name, side):
 
 def test_padding_columns_are_cut_and_their_mass_kept(micro_zoo, tokens):
     for name, width in ((zoo.CHAT_S, 151936), (zoo.CHAT_M, 152064)):
-        model = extract.load_model(_loaded(name))
+        model = loaders.load_model(_loaded(name))
         raw = extract.forward_logits(model, [tokens.ids[0]], "cpu")[0]
         assert raw.shape[-1] == width
         logp, pad, lse, _ = extract.row_stats(raw, tokens.n_vocab)
@@ -98,7 +98,7 @@ def _transformers_warp(raw, ids, first, warpers):
     ],
 )
 def test_warp_stats_match_transformers(micro_zoo, tokens, warpers):
-    model = extract.load_model(_loaded(zoo.CHAT_S))
+    model = loaders.load_model(_loaded(zoo.CHAT_S))
     ids = torch.tensor(tokens.ids[1])
     raw = extract.forward_logits(model, [tokens.ids[1]], "cpu")[0][:-1]
     first = 5
@@ -154,7 +154,7 @@ def test_store_is_reused_and_resumed(micro_zoo, tokens, segments, tmp_store, mon
 
 def test_nan_logits_name_the_prompt_and_keep_finished_shards(micro_zoo, tokens, segments, tmp_store, monkeypatch):
     monkeypatch.setattr(store, "SHARD_POSITIONS", 64)
-    real_load = extract.load_model
+    real_load = loaders.load_model
 
     def poisoned(loaded):
         model = real_load(loaded)
@@ -171,9 +171,9 @@ def test_nan_logits_name_the_prompt_and_keep_finished_shards(micro_zoo, tokens, 
         model.forward = forward
         return model
 
-    monkeypatch.setattr(extract, "load_model", poisoned)
+    monkeypatch.setattr(loaders, "load_model", poisoned)
     ids = tuple(p.id for p in tokens.prompts)
-    with pytest.raises(extract.ExtractError, match=r"NaN or infinite logits on prompt '[\w-]+' at token \d+.*finished shards are kept"):
+    with pytest.raises(loaders.ExtractError, match=r"NaN or infinite logits on prompt '[\w-]+' at token \d+.*finished shards are kept"):
         extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=2, store_dtype="float16", prompt_ids=ids, **QUIET)
     done = store.Store(next(tmp_store.iterdir()))
     assert done.is_complete(0)
@@ -189,67 +189,10 @@ def test_full_disk_is_a_clear_error(micro_zoo, tokens, segments, tmp_store, monk
         return real_write(self, data, offset)
 
     monkeypatch.setattr(store.ShardWriter, "_write", write)
-    with pytest.raises(extract.ExtractError, match=r"cannot write shard 1 to .*No space left on device.*kept"):
+    with pytest.raises(loaders.ExtractError, match=r"cannot write shard 1 to .*No space left on device.*kept"):
         extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=4, store_dtype="float16", **QUIET)
     done = store.Store(next(tmp_store.iterdir()))
     assert done.is_complete(0) and not done.is_complete(1) and not list(done.root.glob(".*tmp*"))
-
-
-def test_missing_model_folder_is_a_clear_error(tmp_path):
-    spec = ModelSpec(name="gone", source=str(tmp_path / "no-such-model"))
-    with pytest.raises(extract.ExtractError, match=r"'gone'.*no-such-model does not exist"):
-        extract.locate(spec, "micro")
-
-
-def test_unknown_zoo_name_is_a_clear_error():
-    spec = ModelSpec(name="tiny", source="zoo:tiny-qwen1.5-xl")
-    with pytest.raises(extract.ExtractError, match=r"'tiny': source 'zoo:tiny-qwen1.5-xl' is not in the embedded zoo, which has zoo:tiny-qwen1.5-s,"):
-        extract.locate(spec, "micro")
-
-
-def test_hub_id_without_network_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    loaded = extract.locate(ModelSpec(name="real", source="Qwen/Qwen1.5-0.5B-Chat"), "micro")
-    with pytest.raises(extract.ExtractError, match=r"'real': cannot load the config of Qwen/Qwen1.5-0.5B-Chat.*local folder"):
-        extract.context_length(loaded)
-
-
-def test_a_hub_model_is_keyed_by_its_commit(tmp_path, monkeypatch):
-    """Offline, a hub id's branch is read from the cache's refs: a new commit on main is another store."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    refs = tmp_path / "models--Qwen--Qwen1.5-0.5B-Chat" / "refs"
-    spec = ModelSpec(name="real", source="Qwen/Qwen1.5-0.5B-Chat")
-    assert extract.locate(spec, "micro").fingerprint == "hub:Qwen/Qwen1.5-0.5B-Chat@main"  # not cached: the branch
-    refs.mkdir(parents=True)
-    for commit in ("a" * 40, "b" * 40):
-        (refs / "main").write_text(commit + "\n")
-        assert extract.locate(spec, "micro").fingerprint == f"hub:Qwen/Qwen1.5-0.5B-Chat@{commit}"
-    pinned = spec.model_copy(update={"revision": "c" * 40})
-    assert extract.locate(pinned, "micro").fingerprint.endswith("@" + "c" * 40)
-
-
-def test_tokenizer_key_is_the_tokenizer_files_bytes(tmp_path):
-    def folder(name: str, vocab: str) -> extract.Loaded:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
-        (tmp_path / name / "tokenizer.json").write_text(vocab)
-        (tmp_path / name / "model.safetensors").write_text(name)  # weights differ: no matter
-        return extract.locate(ModelSpec(name=name, source=str(tmp_path / name)), "micro")
-
-    a, b, c = folder("a", '{"v": 1}'), folder("b", '{"v": 1}'), folder("c", '{"v": 2}')
-    assert extract.tokenizer_key(a) == extract.tokenizer_key(b) != extract.tokenizer_key(c)
-    (tmp_path / "b" / "chat_template.jinja").write_text("{{ messages }}")  # a template of its own: another tokenizer
-    assert extract.tokenizer_key(a) != extract.tokenizer_key(b)
-    (tmp_path / "c" / "tokenizer.json").write_text('{"v": 1}')
-    (tmp_path / "c" / "qwen.tiktoken").write_text("a 0")  # a tokenizer file of a format not named anywhere
-    assert extract.tokenizer_key(a) != extract.tokenizer_key(c)
-    (tmp_path / "a" / "config.json").write_text('{"quantization_config": {}}')  # model metadata: no matter
-    assert extract.tokenizer_key(a) == extract.tokenizer_key(folder("d", '{"v": 1}'))
-    hub = extract.locate(ModelSpec(name="h", source="Qwen/Qwen1.5-0.5B-Chat", revision="r1"), "micro")
-    assert extract.tokenizer_key(hub) != extract.tokenizer_key(extract.locate(ModelSpec(name="h", source="Qwen/Qwen1.5-0.5B-Chat"), "micro"))
 
 
 def test_interrupt_keeps_the_shard_being_written(micro_zoo, tokens, segments, tmp_store, monkeypatch):
@@ -298,62 +241,21 @@ def test_each_batch_setting_has_its_own_store(micro_zoo, tokens, segments, tmp_s
     assert again.root in roots and facts["reused_shards"] == facts["shards"]
 
 
-def _placed(name, device):
-    return extract.locate(ModelSpec(name=name, source=f"zoo:{name}", device=device), "micro")
-
-
-def test_a_sharded_model_takes_its_inputs_where_its_embedding_is(micro_zoo, tokens, monkeypatch):
-    """device: sharded loads through accelerate's device_map="auto" (every visible GPU, else the CPU), and the inputs
-    go to the embedding's device: same logits as the model on the device it lands on (bit for bit on the CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    real, maps = AutoModelForCausalLM.from_pretrained, []
-
-    def spy(*args, **kwargs):
-        maps.append(kwargs["device_map"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
-    loaded = _placed(zoo.CHAT_S, "sharded")
-    assert loaded.device == "sharded"
-    spread = extract.load_model(loaded)
-    first = extract.input_device(spread)
-    assert first == spread.model.embed_tokens.weight.device
-    if torch.cuda.is_available():
-        assert first.type == "cuda"
-    one = extract.load_model(_placed(zoo.CHAT_S, "cuda:0" if torch.cuda.is_available() else "cpu"))
-    batch = [tokens.ids[i] for i in range(3)]
-    got = extract.forward_logits(spread, batch, first)
-    want = extract.forward_logits(one, batch, extract.input_device(one))
-    assert maps[0] == "auto" and maps[1] == one.device.type + (":0" if one.device.type == "cuda" else "")
-    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0 if first.type == "cpu" else 1e-4)
-
-
-def test_a_device_this_machine_lacks_is_a_clear_error():
-    if torch.cuda.is_available():
-        want = rf"device 'cuda:{torch.cuda.device_count()}' was asked for, but this machine has \d+ CUDA device"
-        with pytest.raises(extract.ExtractError, match=want):
-            _placed(zoo.CHAT_S, f"cuda:{torch.cuda.device_count()}")
-    else:
-        with pytest.raises(extract.ExtractError, match="device 'cuda:1' was asked for, but this machine has no CUDA"):
-            _placed(zoo.CHAT_S, "cuda:1")
-
-
 def test_one_checkpoint_through_two_kernels(micro_zoo, tokens, segments, tmp_store):
     """loader: gptqmodel loads a GPTQ checkpoint with the kernel `backend` names: the same int4 weights give logits
     close to transformers' path (its TorchAtenLinear) but not equal (another order of rounding), each kept in its
     own store, with the kernel that ran in the facts."""
     spec = dict(name="q", source=f"zoo:{zoo.GPTQ[4]}")
-    via_transformers = extract.locate(ModelSpec(**spec), "micro")
-    via_gptqmodel = extract.locate(ModelSpec(**spec, loader="gptqmodel", backend="gptq_torch_fused"), "micro")
-    a, b = extract.load_model(via_transformers), extract.load_model(via_gptqmodel)
-    assert extract.kernels(a) == ["TorchAtenLinear"] and extract.kernels(b) == ["TorchFusedLinear"]
+    via_transformers = loaders.locate(ModelSpec(**spec), "micro")
+    via_gptqmodel = loaders.locate(ModelSpec(**spec, loader="gptqmodel", backend="gptq_torch_fused"), "micro")
+    a, b = loaders.load_model(via_transformers), loaders.load_model(via_gptqmodel)
+    assert loaders.kernels(a) == ["TorchAtenLinear"] and loaders.kernels(b) == ["TorchFusedLinear"]
     batch = [tokens.ids[i] for i in range(4)]
     la, lb = extract.forward_logits(a, batch, "cpu"), extract.forward_logits(b, batch, "cpu")
     gap = (la - lb).abs().amax().item()
     assert 0 < gap < 0.1, gap  # observed: 0.02 on logits of spread ~10
     assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.95
-    assert extract.kernels(extract.load_model(_loaded(zoo.CHAT_S))) == []
+    assert loaders.kernels(loaders.load_model(_loaded(zoo.CHAT_S))) == []
 
     run = dict(batch_size=4, store_dtype="float16", **QUIET)
     (sa, fa), (sb, fb) = (extract.extract(x, segments, tokens.n_vocab, **run) for x in (via_transformers, via_gptqmodel))
@@ -362,15 +264,3 @@ def test_one_checkpoint_through_two_kernels(micro_zoo, tokens, segments, tmp_sto
     assert fa["placed_on"] == fb["placed_on"] == ["cpu"]
     _, again = extract.extract(via_gptqmodel, segments, tokens.n_vocab, **run)
     assert again["reused_shards"] == again["shards"] and again["kernels"] == ["TorchFusedLinear"]  # kept in the store
-
-
-def test_gptqmodel_loader_errors_are_clear(micro_zoo):
-    with pytest.raises(extract.ExtractError, match=r"backend 'gptq_troch' is not a gptqmodel kernel \(did you mean 'gptq_torch'\?\)"):
-        extract.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_troch"), "micro")
-    floating = extract.locate(ModelSpec(name="f", source=f"zoo:{zoo.CHAT_S}", loader="gptqmodel"), "micro")
-    with pytest.raises(extract.ExtractError, match=r"model 'f': loader 'gptqmodel' loads quantized checkpoints, and .*"
-                                                   r"tiny-qwen1.5-s-chat/config.json has no quantization_config"):  # fmt: skip
-        extract.load_model(floating)
-    aten32 = extract.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_torch"), "micro")
-    with pytest.raises(extract.ExtractError, match=r"model 'q': cannot load the weights of .*only supports"):
-        extract.load_model(aten32)  # that kernel takes float16 or bfloat16 only: gptqmodel's own message

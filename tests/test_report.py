@@ -98,8 +98,8 @@ def test_report_re_renders_from_the_record_alone(micro_run, tmp_path, monkeypatc
     def no_models(*args, **kwargs):
         raise AssertionError("harness report loaded a model")
 
-    monkeypatch.setattr("harness.extract.load_model", no_models)
-    monkeypatch.setattr("harness.extract.load_tokenizer", no_models)
+    monkeypatch.setattr("harness.loaders.load_model", no_models)
+    monkeypatch.setattr("harness.loaders.load_tokenizer", no_models)
     assert main(["report", str(copy)]) == 0
     for name in ("summary.csv", "prompts.csv", "matrix.csv", "kl_report.txt", "index.html"):
         assert (copy / name).read_bytes() == (run_dir / name).read_bytes(), name

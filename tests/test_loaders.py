@@ -1,0 +1,131 @@
+"""Loading: where a model's weights are (zoo, folder, hub commit), which tokenizer it loads, the devices it may
+take (sharded included), and gptqmodel's loader with its kernels; every failure a user can fix is a clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import extract, loaders, prompts, zoo
+from harness.config import ModelSpec
+
+SMALL = Path(__file__).parent / "data" / "prompts-small.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tokens(tokenizer):
+    return prompts.tokenize(tokenizer, prompts.load(SMALL), max_length=2048, source="ref")
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    spec = ModelSpec(name="gone", source=str(tmp_path / "no-such-model"))
+    with pytest.raises(loaders.ExtractError, match=r"'gone'.*no-such-model does not exist"):
+        loaders.locate(spec, "micro")
+
+
+def test_unknown_zoo_name_is_a_clear_error():
+    spec = ModelSpec(name="tiny", source="zoo:tiny-qwen1.5-xl")
+    with pytest.raises(loaders.ExtractError, match=r"'tiny': source 'zoo:tiny-qwen1.5-xl' is not in the embedded zoo, which has zoo:tiny-qwen1.5-s,"):
+        loaders.locate(spec, "micro")
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = loaders.locate(ModelSpec(name="real", source="Qwen/Qwen1.5-0.5B-Chat"), "micro")
+    with pytest.raises(loaders.ExtractError, match=r"'real': cannot load the config of Qwen/Qwen1.5-0.5B-Chat.*local folder"):
+        loaders.context_length(loaded)
+
+
+def test_a_hub_model_is_keyed_by_its_commit(tmp_path, monkeypatch):
+    """Offline, a hub id's branch is read from the cache's refs: a new commit on main is another store."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    refs = tmp_path / "models--Qwen--Qwen1.5-0.5B-Chat" / "refs"
+    spec = ModelSpec(name="real", source="Qwen/Qwen1.5-0.5B-Chat")
+    assert loaders.locate(spec, "micro").fingerprint == "hub:Qwen/Qwen1.5-0.5B-Chat@main"  # not cached: the branch
+    refs.mkdir(parents=True)
+    for commit in ("a" * 40, "b" * 40):
+        (refs / "main").write_text(commit + "\n")
+        assert loaders.locate(spec, "micro").fingerprint == f"hub:Qwen/Qwen1.5-0.5B-Chat@{commit}"
+    pinned = spec.model_copy(update={"revision": "c" * 40})
+    assert loaders.locate(pinned, "micro").fingerprint.endswith("@" + "c" * 40)
+
+
+def test_tokenizer_key_is_the_tokenizer_files_bytes(tmp_path):
+    def folder(name: str, vocab: str) -> loaders.Loaded:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "tokenizer.json").write_text(vocab)
+        (tmp_path / name / "model.safetensors").write_text(name)  # weights differ: no matter
+        return loaders.locate(ModelSpec(name=name, source=str(tmp_path / name)), "micro")
+
+    a, b, c = folder("a", '{"v": 1}'), folder("b", '{"v": 1}'), folder("c", '{"v": 2}')
+    assert loaders.tokenizer_key(a) == loaders.tokenizer_key(b) != loaders.tokenizer_key(c)
+    (tmp_path / "b" / "chat_template.jinja").write_text("{{ messages }}")  # a template of its own: another tokenizer
+    assert loaders.tokenizer_key(a) != loaders.tokenizer_key(b)
+    (tmp_path / "c" / "tokenizer.json").write_text('{"v": 1}')
+    (tmp_path / "c" / "qwen.tiktoken").write_text("a 0")  # a tokenizer file of a format not named anywhere
+    assert loaders.tokenizer_key(a) != loaders.tokenizer_key(c)
+    (tmp_path / "a" / "config.json").write_text('{"quantization_config": {}}')  # model metadata: no matter
+    assert loaders.tokenizer_key(a) == loaders.tokenizer_key(folder("d", '{"v": 1}'))
+    hub = loaders.locate(ModelSpec(name="h", source="Qwen/Qwen1.5-0.5B-Chat", revision="r1"), "micro")
+    assert loaders.tokenizer_key(hub) != loaders.tokenizer_key(loaders.locate(ModelSpec(name="h", source="Qwen/Qwen1.5-0.5B-Chat"), "micro"))
+
+
+def _placed(name, device):
+    return loaders.locate(ModelSpec(name=name, source=f"zoo:{name}", device=device), "micro")
+
+
+@pytest.mark.slow
+def test_a_sharded_model_takes_its_inputs_where_its_embedding_is(micro_zoo, tokens, monkeypatch):
+    """device: sharded loads through accelerate's device_map="auto" (every visible GPU, else the CPU), and the inputs
+    go to the embedding's device: same logits as the model on the device it lands on (bit for bit on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    real, maps = AutoModelForCausalLM.from_pretrained, []
+
+    def spy(*args, **kwargs):
+        maps.append(kwargs["device_map"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    loaded = _placed(zoo.CHAT_S, "sharded")
+    assert loaded.device == "sharded"
+    spread = loaders.load_model(loaded)
+    first = loaders.input_device(spread)
+    assert first == spread.model.embed_tokens.weight.device
+    if torch.cuda.is_available():
+        assert first.type == "cuda"
+    one = loaders.load_model(_placed(zoo.CHAT_S, "cuda:0" if torch.cuda.is_available() else "cpu"))
+    batch = [tokens.ids[i] for i in range(3)]
+    got = extract.forward_logits(spread, batch, first)
+    want = extract.forward_logits(one, batch, loaders.input_device(one))
+    assert maps[0] == "auto" and maps[1] == one.device.type + (":0" if one.device.type == "cuda" else "")
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0 if first.type == "cpu" else 1e-4)
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error():
+    if torch.cuda.is_available():
+        want = rf"device 'cuda:{torch.cuda.device_count()}' was asked for, but this machine has \d+ CUDA device"
+        with pytest.raises(loaders.ExtractError, match=want):
+            _placed(zoo.CHAT_S, f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(loaders.ExtractError, match="device 'cuda:1' was asked for, but this machine has no CUDA"):
+            _placed(zoo.CHAT_S, "cuda:1")
+
+
+@pytest.mark.slow
+def test_gptqmodel_loader_errors_are_clear(micro_zoo):
+    with pytest.raises(loaders.ExtractError, match=r"backend 'gptq_troch' is not a gptqmodel kernel \(did you mean 'gptq_torch'\?\)"):
+        loaders.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_troch"), "micro")
+    floating = loaders.locate(ModelSpec(name="f", source=f"zoo:{zoo.CHAT_S}", loader="gptqmodel"), "micro")
+    with pytest.raises(loaders.ExtractError, match=r"model 'f': loader 'gptqmodel' loads quantized checkpoints, and .*"
+                                                   r"tiny-qwen1.5-s-chat/config.json has no quantization_config"):  # fmt: skip
+        loaders.load_model(floating)
+    aten32 = loaders.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_torch"), "micro")
+    with pytest.raises(loaders.ExtractError, match=r"model 'q': cannot load the weights of .*only supports"):
+        loaders.load_model(aten32)  # that kernel takes float16 or bfloat16 only: gptqmodel's own message
