@@ -31,7 +31,7 @@ from harness.config import Limit
 VERSION_KEYS = ("torch", "transformers", "gptqmodel", "optimum")
 MACHINE_KEYS = ("cpu", "gpu")
 CONFIG_KEYS = ("mode", "text", "generate", "store_dtype", "batch_size", "padding_side", "seed", "zoo_profile")
-VARIANT_KEYS = ("source", "dtype", "device", "loader", "backend", "kernels")  # kernels: the quantized layers' classes
+VARIANT_KEYS = ("source", "dtype", "device", "loader", "backend", "kernels", "cross_vocab")  # kernels: the quantized layers' classes
 
 
 class GateError(ValueError):

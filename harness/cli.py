@@ -83,22 +83,28 @@ def run_compare(cfg) -> Path:
 def _compare(cfg) -> Path:
     from tqdm.auto import tqdm
 
-    from harness import compare, paths, prompts, records, report
+    from harness import compare, paths, pipeline, prompts, records, report
 
     the_plan, stores, facts = _extract(cfg)
     ref, options = cfg.reference.name, cfg.metrics
     names = [p.id for p in the_plan.tokens.prompts]
+
+    def alignment(a: str, b: str):
+        return pipeline.alignment(the_plan, a, b, stores, names)
+
     pairs = [
         compare.compare(ref, stores[ref], v.name, stores[v.name], ks=tuple(options.top_k),
                         resamples=options.bootstrap_resamples, seed=cfg.seed, prompt_names=names,
-                        smoothing_eps=options.smoothing_eps)
+                        smoothing_eps=options.smoothing_eps, alignment=alignment(ref, v.name))
         for v in tqdm(cfg.variants, desc="compare", unit="pair", leave=False)
     ]  # fmt: skip
     report.add_floor(pairs, cfg.noise_floor)
-    grid = compare.matrix(stores, pairs) if options.matrix else []
-    top = {name: compare.top_tokens(store) for name, store in tqdm(stores.items(), desc="top tokens", leave=False)}
+    grid = compare.matrix(stores, pairs, alignment) if options.matrix else []
+    # the token view shows top tokens in the reference's vocabulary: not those of a cross_vocab variant
+    top = {name: compare.top_tokens(store) for name, store in tqdm(stores.items(), desc="top tokens", leave=False)
+           if name not in the_plan.own}  # fmt: skip
     for name, store in stores.items():
-        facts[name] |= {"warp": compare.warp_summary(store), "n_vocab": the_plan.tokens.n_vocab}
+        facts[name] |= {"warp": compare.warp_summary(store), "n_vocab": the_plan.model_tokens(name)[0].n_vocab}
     tokenizer = the_plan.tokenizer
     sequences = prompts.sequences(the_plan.segments)
     shown = {int(i) for ids, _ in top.values() for i in ids.reshape(-1)} | {int(i) for i in stores[ref].read("target")}

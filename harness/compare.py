@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness import aggregate, metrics, metrics_fused, row_stats
-from harness.store import Store
+from harness import aggregate, align, metrics, metrics_fused, row_stats
+from harness.store import Store, mapped_logprobs
 
 # rows per block: 16 x 151646 float64 = 19 MB per temporary of the torch path, under glibc's 32 MB mmap
 # threshold, so temporaries reuse heap pages instead of page-faulting fresh ones on every operation. The
@@ -45,12 +45,13 @@ def _aligned(ref_name: str, ref: Store, cand_name: str, cand: Store) -> torch.Te
     return target
 
 
-def _bad_rows(exc: metrics.BadRowsError, start: int, sides: tuple[tuple[str, Store], tuple[str, Store]]) -> CompareError:
-    """The store and positions behind a block's NaN or +inf rows (block rows from `start`), as one paragraph."""
+def _bad_rows(exc: metrics.BadRowsError, start: int, sides: tuple[tuple[str, Store], tuple[str, Store]], rows_of=None) -> CompareError:
+    """The store and positions behind a block's NaN or +inf rows (block rows from `start`; `rows_of`: per side, the
+    store row of each compared row, where they are not the same), as one paragraph."""
     parts = []
-    for (name, store), rows in zip(sides, (exc.ref_rows, exc.cand_rows), strict=True):
+    for side, ((name, store), rows) in enumerate(zip(sides, (exc.ref_rows, exc.cand_rows), strict=True)):
         if rows:
-            at = [start + r for r in rows]
+            at = [start + r if rows_of is None else int(rows_of[side][start + r]) for r in rows]
             prompt, position = store.read("prompt"), store.read("position")
             where = ", ".join(f"row {i} (prompt {int(prompt[i])}, token {int(position[i])})" for i in at[:5])
             more = f" and {len(at) - 5} more" if len(at) > 5 else ""
@@ -69,20 +70,35 @@ def position_metrics_fn():
 
 
 def pair_metrics(
-    ref: Store, cand: Store, target: torch.Tensor, ks, smoothing_eps: float | None = None, names=("reference", "candidate")
-) -> dict[str, np.ndarray]:
+    ref: Store, cand: Store, target: torch.Tensor, ks, smoothing_eps: float | None = None, names=("reference", "candidate"),
+    alignment: align.PairAlignment | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every per-position metric of two stores, row by row; or, with an `alignment` (cross_vocab), of the aligned
+    rows projected onto the shared vocabulary (align.VocabMap), `target` then being the reference's at those rows."""
     fn, rows = position_metrics_fn()
     parts: dict[str, list] = {}
     start = 0
     # the fused kernel reads the stored dtype straight from the memory map; the torch path wants float32
     fused = fn is metrics_fused.fused_position_metrics
-    ref_blocks, cand_blocks = (s.blocks(rows, renormalise=False, reuse=not fused, native=fused) for s in (ref, cand))
+    if alignment is None:
+        ref_blocks, cand_blocks = (s.blocks(rows, renormalise=False, reuse=not fused, native=fused) for s in (ref, cand))
+        rows_of = None
+    else:
+        vocab, rows_of = alignment.vocab, (alignment.ref_rows, alignment.cand_rows)
+        ref_blocks = (vocab.project(block, "ref") for block in _gathered(ref, alignment.ref_rows, rows))
+        cand_blocks = (vocab.project(block, "cand") for block in _gathered(cand, alignment.cand_rows, rows))
+        target = vocab.ref_column[target]
     for a, b in zip(ref_blocks, cand_blocks, strict=True):
+        outside = None
+        if alignment is not None:  # the shared tokens' log-probs, and how much of each row lies outside them
+            (a, outside_ref), (b, outside_cand) = a, b
+            outside = {"outside_ref": outside_ref, "outside_cand": outside_cand}
         try:
             block = fn(a, b, target[start : start + len(a)], ks)
         except metrics.BadRowsError as exc:
-            raise _bad_rows(exc, start, ((names[0], ref), (names[1], cand))) from None
+            raise _bad_rows(exc, start, ((names[0], ref), (names[1], cand)), rows_of) from None
         start += len(a)
+        block |= outside or {}
         if smoothing_eps is not None:  # a finite stand-in beside every +inf KL (rare: only zeros in q)
             smoothed = block["kl"].clone()
             bad = torch.isinf(smoothed)
@@ -94,19 +110,50 @@ def pair_metrics(
     return {name: torch.cat(values).numpy() for name, values in parts.items()}
 
 
+def _gathered(store: Store, rows: torch.Tensor, block: int):
+    """[<=block, V] float32 log-prob blocks of the given store rows, in their order (memory-mapped reads)."""
+    maps = [mapped_logprobs(path) for path in store.shards()]
+    bounds = np.cumsum([0] + [len(m) for m in maps])
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block].numpy()
+        shard = np.searchsorted(bounds, part, side="right") - 1
+        out = torch.empty(len(part), maps[0].shape[1], dtype=torch.float32)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[torch.from_numpy(sel)] = maps[s][torch.from_numpy(part[sel] - bounds[s])].float()
+        yield out
+
+
 def compare(
     ref_name: str, ref: Store, cand_name: str, cand: Store, *, ks=(5, 10), resamples: int = 1000, seed: int = 0,
-    prompt_names: list[str] | None = None, smoothing_eps: float | None = None,
+    prompt_names: list[str] | None = None, smoothing_eps: float | None = None, alignment: align.PairAlignment | None = None,
 ) -> PairResult:  # fmt: skip
-    target = _aligned(ref_name, ref, cand_name, cand)
-    m = pair_metrics(ref, cand, target, ks, smoothing_eps, (ref_name, cand_name))
-    prompt = ref.read("prompt").numpy()
+    """One (reference, candidate) pair: per-position metrics, their aggregates and per-prompt ones. With an
+    `alignment` (cross_vocab), over the aligned positions only, in the shared vocabulary (align.py)."""
+    if alignment is None:
+        target = _aligned(ref_name, ref, cand_name, cand)
+        keep = slice(None)
+    else:
+        keep = alignment.ref_rows
+        target = ref.read("target")[keep]
+        if not len(keep):
+            raise CompareError(f"no position of {ref_name!r} aligns with one of {cand_name!r}: their tokenizers never "
+                               "start a token at the same byte past each prompt's first token before a token both "
+                               "vocabularies hold")  # fmt: skip
+    m = pair_metrics(ref, cand, target, ks, smoothing_eps, (ref_name, cand_name), alignment)
+    prompt = ref.read("prompt")[keep].numpy()
     names = prompt_names or [str(i) for i in range(int(prompt.max()) + 1)]
-    m |= {"prompt": prompt, "position": ref.read("position").numpy(), "target": target.numpy()}
+    m |= {"prompt": prompt, "position": ref.read("position")[keep].numpy(), "target": target.numpy()}
+    extra = {}
+    if alignment is not None:
+        outside_ref, outside_cand = m.pop("outside_ref"), m.pop("outside_cand")
+        m["ref_row"] = alignment.ref_rows.numpy()
+        extra = {"aligned_of": alignment.ref_positions, "aligned": alignment.aligned, "shared_tokens": alignment.vocab.shared,
+                 "outside_mass_ref": float(outside_ref.mean()), "outside_mass_cand": float(outside_cand.mean())}  # fmt: skip
     agg = aggregate.pair_aggregates(m, prompt, ks=ks, resamples=resamples, seed=seed)
-    agg["pad_mass_ref"] = float(ref.read("pad_mass").double().mean())
-    agg["pad_mass_cand"] = float(cand.read("pad_mass").double().mean())
-    return PairResult(ref_name, cand_name, agg, aggregate.per_prompt(m, prompt, names), m)
+    agg["pad_mass_ref"] = float(ref.read("pad_mass")[keep].double().mean())
+    agg["pad_mass_cand"] = float(cand.read("pad_mass")[slice(None) if alignment is None else alignment.cand_rows].double().mean())
+    return PairResult(ref_name, cand_name, agg | extra, aggregate.per_prompt(m, prompt, names), m)
 
 
 def pair_sym_top1(ref: Store, cand: Store, target: torch.Tensor, names=("a", "b")) -> tuple[np.ndarray, np.ndarray]:
@@ -129,14 +176,18 @@ def pair_sym_top1(ref: Store, cand: Store, target: torch.Tensor, names=("a", "b"
     return torch.cat(sym).numpy(), torch.cat(top1).numpy()
 
 
-def matrix(stores: dict[str, Store], known: list[PairResult]) -> list[dict]:
-    """Top-1 agreement and symmetric KL (KL(a‖b) + KL(b‖a), nats) between every pair of models."""
+def matrix(stores: dict[str, Store], known: list[PairResult], alignment=lambda a, b: None) -> list[dict]:
+    """Top-1 agreement and symmetric KL (KL(a‖b) + KL(b‖a), nats) between every pair of models; `alignment(a, b)`
+    gives how two models' rows line up where their tokenizers differ (cross_vocab), else None."""
     done = {(r.reference, r.candidate): r for r in known}
     rows = []
     for a, b in tqdm(list(itertools.combinations(stores, 2)), desc="all-pairs matrix", unit="pair", leave=False):
         if (a, b) in done or (b, a) in done:
             r = done.get((a, b)) or done[(b, a)]
             top1, sym = r.aggregates["top1_agree"], r.aggregates["kl_mean"] + r.aggregates["kl_rev_mean"]
+        elif (al := alignment(a, b)) is not None:
+            m = pair_metrics(stores[a], stores[b], stores[a].read("target")[al.ref_rows], (2,), names=(a, b), alignment=al)
+            top1, sym = float(m["top1_agree"].mean()), float((m["kl"] + m["kl_rev"]).mean())
         else:
             s, t = pair_sym_top1(stores[a], stores[b], _aligned(a, stores[a], b, stores[b]), (a, b))
             top1, sym = float(t.mean()), float(s.mean())

@@ -109,6 +109,9 @@ class Config(_Strict):
     batch_size: int = Field(default=8, ge=1)  # sequences per forward pass
     padding_side: Literal["right", "left"] = "right"
     store_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    # a variant whose tokenizer gives other ids: an error, or (true) scored on its own tokens of the same text, at the
+    # positions where both tokenizations start a token at the same byte, over the tokens both vocabularies share
+    cross_vocab: bool = False
     metrics: Metrics = Metrics()
     noise_floor: str | None = None  # a variant whose drift from the reference is the noise floor
     # `harness check`: candidate name (or "*", every pair) -> aggregate name (kl_mean, top1_agree, ...) -> limits
@@ -131,6 +134,9 @@ class Config(_Strict):
         names = {v.name for v in self.variants}
         if self.reference.name in names:  # its store and its pair would be the variant's: a run of it against itself
             raise ValueError(f"variant name {self.reference.name!r} is the reference's name; give the variant another")
+        if self.cross_vocab and self.mode != "text":
+            raise ValueError("cross_vocab: true needs mode: text (generate mode's continuation is in the reference's "
+                             "tokens; aligning it across vocabularies is not implemented)")  # fmt: skip
         if self.noise_floor is not None and self.noise_floor not in names:
             raise ValueError(f"noise_floor {self.noise_floor!r} is not the name of a variant")
         known = None

@@ -145,14 +145,33 @@ def summary_table(record: records.RunRecord) -> str:
     rows.append("</tr></thead><tbody>")
     for p in record.pairs:
         floor = p.candidate == record.noise_floor
-        cells = [f'<td data-v="{_e(p.candidate)}">{_e(p.candidate)}{" <span class=badge>noise floor</span>" if floor else ""}</td>']
+        badge = " <span class=badge>noise floor</span>" if floor else ""
+        badge += " <span class=badge>cross-vocabulary</span>" if "aligned_of" in p.aggregates else ""
+        cells = [f'<td data-v="{_e(p.candidate)}">{_e(p.candidate)}{badge}</td>']
         for key, _, spec in head:
             v = p.aggregates.get(key)
             raw = "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
             cells.append(f'<td data-v="{raw}">{_num(v, spec)}</td>')
         rows.append(f'<tr class="{"floor" if floor else ""}">{"".join(cells)}</tr>')
     rows.append("</tbody></table></div>")
-    return "".join(rows)
+    return "".join(rows) + cross_vocab_note(record)
+
+
+def cross_vocab_note(record: records.RunRecord) -> str:
+    """What a cross_vocab pair's numbers are over: the aligned positions and the shared tokens (align.py)."""
+    items = []
+    for p in record.pairs:
+        a = p.aggregates
+        if "aligned_of" in a:
+            items.append(
+                f"<li><b>{_e(p.candidate)}</b> has another tokenizer. Of the reference's {a['aligned_of']} positions, "
+                f"{a['aligned']} line up (both models start a token at the same byte, having read the same text), and "
+                f"{a['positions']} of those predict a token both vocabularies hold: its numbers are over those. Both "
+                f"distributions are taken over the {a['shared_tokens']} shared tokens, renormalised; on average these "
+                f"hold {1 - a['outside_mass_ref']:.2%} of the reference's probability and {1 - a['outside_mass_cand']:.2%} "
+                "of the candidate's. Its top tokens are not shown in the token view.</li>"
+            )
+    return f"<p>Cross-vocabulary pairs (<code>cross_vocab: true</code>):</p><ul>{''.join(items)}</ul>" if items else ""
 
 
 def _bins_table(bins: list[dict]) -> str:
@@ -382,12 +401,30 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
     """What the per-prompt token view needs: per-position KL and flips, both models' top-5, token texts."""
     if not record.pairs or tokens is None:
         return {}
-    first = positions[record.pairs[0].candidate]  # every pair has the same positions, in the same order
-    pos = {key: first[key].tolist() for key in ("prompt", "position", "target")}
+    # every pair over the reference's tokens has its positions, in its store's order; a cross_vocab pair has some of
+    # them (ref_row: which); where every pair is cross_vocab, rows none of them aligns stay out (prompt -1)
+    full = [m for m in positions.values() if "ref_row" not in m]
+    if full:
+        pos = {key: full[0][key].tolist() for key in ("prompt", "position", "target")}
+    else:
+        n = 1 + max(int(m["ref_row"].max()) for m in positions.values() if len(m["ref_row"]))
+        pos = {key: [-1] * n for key in ("prompt", "position", "target")}
+        for m in positions.values():
+            for key in pos:
+                for r, v in zip(m["ref_row"].tolist(), m[key].tolist()):
+                    pos[key][r] = v
+    kl = {}
+    for c, m in positions.items():
+        kl[c] = _round(m["kl"])
+        if "ref_row" in m:  # null where the pair has no aligned position
+            spread = [None] * len(pos["prompt"])
+            for r, v in zip(m["ref_row"].tolist(), kl[c]):
+                spread[r] = v
+            kl[c] = spread
     data = {
         "reference": record.reference,
         "pos": pos,
-        "kl": {c: _round(m["kl"]) for c, m in positions.items()},
+        "kl": kl,
         "prompts": [{"id": p["id"], "texts": p["texts"]} for p in tokens["prompts"]],
         "vocab": tokens["vocab"],
         "top": {},

@@ -8,9 +8,9 @@ Models load one at a time and are released before the next; only stores cross be
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from harness import extract, loaders, prompts
+from harness import align, extract, loaders, prompts
 from harness.config import Config
 from harness.prompts import Segment, TokenizedPrompts
 from harness.store import Store
@@ -22,10 +22,18 @@ class Plan:
     segments: list[Segment]  # what every model is run on, in order
     loaded: dict[str, loaders.Loaded]  # model name -> where its weights are
     tokenizer: object  # the reference's tokenizer (loading a 151k-token one again takes ~1 s)
+    # cross_vocab: model name -> its own reading of the prompts (ids, segments), for each variant whose tokenizer
+    # differs from the reference's; and the alignment view (ids, vocab keys) of those and of the reference
+    own: dict[str, tuple[TokenizedPrompts, list[Segment]]] = field(default_factory=dict)
+    sides: dict[str, align.Side] = field(default_factory=dict)
 
     @property
     def positions(self) -> int:
         return sum(s.rows for s in self.segments)
+
+    def model_tokens(self, name: str) -> tuple[TokenizedPrompts, list[Segment]]:
+        """What model `name` is run on: its own tokens under cross_vocab, else the reference's."""
+        return self.own.get(name, (self.tokens, self.segments))
 
 
 def plan(cfg: Config, log=print) -> Plan:
@@ -50,25 +58,61 @@ def plan(cfg: Config, log=print) -> Plan:
         ref_tok, prompts.load(cfg.prompts), max_length=limit, source=cfg.reference.name, generation_prompt=generate
     )
     loaded = {cfg.reference.name: ref}
+    own_tokens = {}  # cross_vocab: variant name -> its own reading of the prompts
     for spec in cfg.variants:
         loaded[spec.name] = loaders.locate(spec, cfg.zoo_profile)
         key = loaders.tokenizer_key(loaded[spec.name])
         if key not in tokenizers:
             tokenizers[key] = loaders.load_tokenizer(loaded[spec.name])
-        prompts.check_same_ids(tokens, tokenizers[key], spec.name, generation_prompt=generate)
+        try:
+            prompts.check_same_ids(tokens, tokenizers[key], spec.name, generation_prompt=generate)
+        except prompts.PromptError as exc:
+            if not cfg.cross_vocab:
+                raise prompts.PromptError(f"{exc}. To compare it over the tokens both vocabularies share, at the "
+                                          f"positions both tokenizations share, set cross_vocab: true in {cfg.source_file}") from None  # fmt: skip
+            own_tokens[spec.name] = (key, prompts.retokenize(tokens, ref_tok, tokenizers[key]))
     if generate:
         continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log)
         segments = prompts.generate_segments(tokens, continuations)
     else:
         segments = prompts.text_segments(tokens, context=cfg.text.context, score=cfg.text.score)
-    longest = max(len(s.ids) for s in segments)
+    own, sides = {}, {}
+    if own_tokens:  # text mode (config checks it): each prompt must be one window, the same text seen by every model
+        sides[cfg.reference.name] = align.Side(tokens.ids, align.vocab_keys(ref_tok))
+        keys = {}
+        for name, (key, theirs) in own_tokens.items():
+            for who, read in ((cfg.reference.name, tokens), (name, theirs)):
+                for prompt, ids in zip(read.prompts, read.ids, strict=True):
+                    if len(ids) > cfg.text.context:
+                        raise prompts.PromptError(
+                            f"prompt {prompt.id!r} is {len(ids)} tokens for {who!r}, more than text.context "
+                            f"({cfg.text.context}); with cross_vocab every prompt must fit one window, so that both "
+                            f"models read the same text before every aligned position: raise text.context in "
+                            f"{cfg.source_file} or split the prompt"
+                        )
+            keys[key] = keys.get(key) or align.vocab_keys(tokenizers[key])
+            own[name] = (theirs, prompts.text_segments(theirs, context=cfg.text.context, score=cfg.text.score))
+            sides[name] = align.Side(theirs.ids, keys[key])
     for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments
+        longest = max(len(s.ids) for s in own.get(spec.name, (None, segments))[1])
         if (limit := loaders.context_length(loaded[spec.name])) < longest:
             raise prompts.PromptError(
                 f"variant {spec.name!r} has a context of {limit} positions, but the run feeds it {longest} tokens "
                 f"at once; lower 'text.context' (or shorten the prompts) in {cfg.source_file}"
             )
-    return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok)
+    return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides)
+
+
+def alignment(the_plan: Plan, a: str, b: str, stores: dict[str, Store], names: list[str]) -> align.PairAlignment | None:
+    """How the stores of models a and b line up where their tokenizers differ (cross_vocab); None where they share
+    the reference's reading, row for row."""
+    if a not in the_plan.sides and b not in the_plan.sides:
+        return None
+    ref = next(iter(the_plan.sides.values()))  # the reference's: plan() puts it first
+    side_a, side_b = the_plan.sides.get(a, ref), the_plan.sides.get(b, ref)
+    if side_a.fingerprint == side_b.fingerprint:  # two variants with one tokenizer
+        return None
+    return align.align_stores(side_a, side_b, stores[a], stores[b], names, (a, b))
 
 
 def extract_all(cfg: Config, the_plan: Plan, log=print) -> tuple[dict[str, Store], dict[str, dict]]:
@@ -76,10 +120,13 @@ def extract_all(cfg: Config, the_plan: Plan, log=print) -> tuple[dict[str, Store
     ids = tuple(p.id for p in the_plan.tokens.prompts)
     for spec in cfg.models:
         loaded = the_plan.loaded[spec.name]
+        tokens, segments = the_plan.model_tokens(spec.name)
         stores[spec.name], facts[spec.name] = extract.extract(
-            loaded, the_plan.segments, the_plan.tokens.n_vocab, batch_size=cfg.batch_size,
+            loaded, segments, tokens.n_vocab, batch_size=cfg.batch_size,
             store_dtype=cfg.store_dtype, padding_side=cfg.padding_side, prompt_ids=ids, log=log,
         )  # fmt: skip
         facts[spec.name] |= {"source": spec.source, "revision": spec.revision, "path": loaded.path, "dtype": spec.dtype,
                              "device": loaded.device, "loader": spec.loader, "backend": spec.backend}  # fmt: skip
+        if spec.name in the_plan.own:
+            facts[spec.name]["cross_vocab"] = {"positions": sum(s.rows for s in segments), "token_ids_sha256": tokens.fingerprint}
     return stores, facts

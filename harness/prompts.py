@@ -84,16 +84,32 @@ def load(path: Path) -> tuple[Prompt, ...]:
     return tuple(prompts)
 
 
-def encode(tokenizer, prompt: Prompt, *, generation_prompt: bool = False) -> list[int]:
-    """Token ids of one prompt: raw text as is (Qwen has no BOS), chat through the chat template
-    (ending with the assistant's header when `generation_prompt`, for the generate mode)."""
+def render(tokenizer, prompt: Prompt, *, generation_prompt: bool = False) -> str:
+    """A prompt's text: raw text as is, a chat through the tokenizer's chat template (ending with the assistant's
+    header when `generation_prompt`, for the generate mode)."""
     if prompt.messages is None:
-        return tokenizer(prompt.text, add_special_tokens=False).input_ids
+        return prompt.text
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError(f"prompt {prompt.id!r} is a chat, but the reference tokenizer has no chat template")
     messages = [{"role": r, "content": c} for r, c in prompt.messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode(tokenizer, prompt: Prompt, *, generation_prompt: bool = False) -> list[int]:
+    """Token ids of one prompt, rendered by `render` (no BOS added: Qwen has none)."""
+    return tokenizer(render(tokenizer, prompt, generation_prompt=generation_prompt), add_special_tokens=False).input_ids
+
+
+def retokenize(reference: TokenizedPrompts, ref_tokenizer, tokenizer) -> TokenizedPrompts:
+    """The same prompts as another tokenizer reads them: each prompt's text as the reference renders it (a chat
+    through the reference's template, so both read the same text), tokenized by `tokenizer` (cross_vocab)."""
+    ids = []
+    for prompt in reference.prompts:
+        row = tokenizer(render(ref_tokenizer, prompt), add_special_tokens=False).input_ids
+        if len(row) < 2:
+            raise PromptError(f"prompt {prompt.id!r} is {len(row)} token long for another tokenizer: nothing to score")
+        ids.append(tuple(row))
+    return TokenizedPrompts(prompts=reference.prompts, ids=tuple(ids), n_vocab=len(tokenizer))
 
 
 def tokenize(

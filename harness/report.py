@@ -32,7 +32,7 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 PROMPT_COLUMNS = ["reference", "candidate", "prompt", "positions", "kl_mean", "kl_max", "js_mean", "top1_agree", "ppl_ratio"]
 MATRIX_COLUMNS = ["a", "b", "top1_agree", "sym_kl_mean"]
-POSITION_KEYS = ("prompt", "position", "target")  # in every positions-*.npz beside the metrics
+POSITION_KEYS = ("prompt", "position", "target", "ref_row")  # in positions-*.npz beside the metrics (ref_row: cross_vocab)
 
 
 def summary_columns(record: records.RunRecord) -> list[str]:
@@ -91,8 +91,8 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
         writer = None
         for pair in record.pairs:
             m = records.load_positions(run_dir, pair)
-            metrics = [k for k in m if k not in POSITION_KEYS]
-            if writer is None:
+            if writer is None:  # every pair has the same metrics (smoothing_eps and top_k are per run)
+                metrics = [k for k in m if k not in POSITION_KEYS]
                 writer = csv.writer(f)
                 writer.writerow(["reference", "candidate", "prompt", "position", "token", "token_text", *metrics])
             columns = [m[k].astype(np.int8) if m[k].dtype == bool else m[k] for k in metrics]
@@ -152,4 +152,11 @@ def table(record: records.RunRecord) -> str:
             f"{a['js_mean']:>9.2e} {a['top1_agree']:>10.4f} {a['ppl_ratio']:>9.4f}"
         )
         rows.append(row + (f" {a['kl_floor_multiple']:>9.3g}" if floor else ""))
-    return "\n".join([f"reference: {record.reference}", head, *rows])
+    notes = [
+        f"{p.candidate}: another tokenizer (cross_vocab): {p.aggregates['positions']} of {p.aggregates['aligned_of']} "
+        f"positions compared ({p.aggregates['aligned']} split alike, of which these predict a shared token), over "
+        f"{p.aggregates['shared_tokens']} shared tokens holding {1 - p.aggregates['outside_mass_ref']:.2%} of the "
+        f"reference's mass and {1 - p.aggregates['outside_mass_cand']:.2%} of its own"
+        for p in record.pairs if "aligned_of" in p.aggregates
+    ]  # fmt: skip
+    return "\n".join([f"reference: {record.reference}", head, *rows, *notes])

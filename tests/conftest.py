@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +30,38 @@ def tokenizer(micro_zoo):
 def tmp_store(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "store"))
     return tmp_path / "store"
+
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def browser():
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        message = "Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, path: Path):
+    """A page on `path` that records console messages, page errors and every request it makes."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    seen = {"console": [], "errors": [], "requests": []}
+    page.on("console", lambda m: seen["console"].append((m.type, m.text)))
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+    page.on("request", lambda r: seen["requests"].append(r.url))
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    return page, seen
 
 
 XSS_PROMPTS = [  # prompt text and ids that a careless report would execute

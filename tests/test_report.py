@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import open_page
 
 from harness import html_report, records, report
 from harness.cli import main
@@ -22,8 +21,6 @@ REQUIRED_SUMMARY = (
     "top1_agree,top1_agree_se,top5_overlap,top10_overlap,delta_p_rms,ppl_ref,ppl_cand,ppl_ratio,kl_floor_multiple"
 ).split(",")
 CANDIDATES = {"s-chat-fp16", "s-chat-bf16", "s-chat-gptq-int8", "s-chat-gptq-int4", "s-base", "m-chat"}
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
 def test_summary_csv_has_every_column_and_matches_the_record(micro_run):
@@ -128,38 +125,10 @@ def test_script_json_cannot_close_its_element():
 # ---------------------------------------------------------------- in a real browser
 
 
-@pytest.fixture(scope="module")
-def browser():
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        message = "Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        yield b
-        b.close()
-
-
-def _open(browser, path: Path):
-    """A page on `path` that records console messages, page errors and every request it makes."""
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    seen = {"console": [], "errors": [], "requests": []}
-    page.on("console", lambda m: seen["console"].append((m.type, m.text)))
-    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
-    page.on("request", lambda r: seen["requests"].append(r.url))
-    page.goto(path.as_uri())
-    page.wait_for_load_state("load")
-    return page, seen
-
-
 def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     run_dir, _ = micro_run
     index = run_dir / "index.html"
-    page, seen = _open(browser, index)
+    page, seen = open_page(browser, index)
     assert seen["errors"] == [] and [m for m in seen["console"] if m[0] in ("error", "warning")] == []
     assert seen["requests"] == [index.as_uri()]  # nothing but the file itself: no CDN, no font, no image
     assert page.locator("#summary tbody tr").count() == len(CANDIDATES)
@@ -198,7 +167,7 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
 
 def test_html_payloads_in_prompts_show_as_text_and_run_nothing(browser, micro_run):
     run_dir, _ = micro_run
-    page, seen = _open(browser, run_dir / "index.html")
+    page, seen = open_page(browser, run_dir / "index.html")
     select = page.locator("#prompt-select")
     for option in select.locator("option").all():
         if option.inner_text().startswith("xss-"):
@@ -219,7 +188,7 @@ def test_a_failed_run_renders_its_error(browser, micro_run, tmp_path):
     failed = tmp_path / "failed"
     failed.mkdir()
     records.write(failed, rec.model_copy(update={"status": "error", "error": "ExtractError: <b>NaN</b> logits", "pairs": []}))
-    page, seen = _open(browser, report.render(failed))
+    page, seen = open_page(browser, report.render(failed))
     assert "This run failed. ExtractError: <b>NaN</b> logits" in page.locator(".error").inner_text()
     assert seen["errors"] == []
 

@@ -66,6 +66,7 @@ function buildView() {
   const cands = Object.keys(D.kl);
   const rowsOf = new Map(); // prompt index -> Map(position -> row)
   D.pos.prompt.forEach((p, i) => {
+    if (p < 0) return; // a row no pair aligns (cross-vocabulary runs)
     if (!rowsOf.has(p)) rowsOf.set(p, new Map());
     rowsOf.get(p).set(D.pos.position[i], i);
   });
@@ -89,8 +90,8 @@ function buildView() {
     promptSel.textContent = "";
     const order = Array.from(rowsOf.keys()).map((p) => {
       let s = 0, n = 0;
-      rowsOf.get(p).forEach((i) => { s += num(kl[i]); n += 1; });
-      return [p, s / n];
+      rowsOf.get(p).forEach((i) => { if (kl[i] !== null) { s += num(kl[i]); n += 1; } });
+      return [p, n ? s / n : NaN];
     }).sort((a, b) => b[1] - a[1]);
     order.forEach(([p, m]) => promptSel.appendChild(el("option", `${D.prompts[p].id} (mean KL ${m.toExponential(2)})`, { value: p })));
     if (keep && rowsOf.has(Number(keep))) promptSel.value = keep;
@@ -117,8 +118,8 @@ function buildView() {
     const frag = document.createDocumentFragment();
     texts.forEach((text, t) => {
       const i = rows.get(t);
-      if (i === undefined) {
-        frag.appendChild(el("span", text, { class: "ctx" }));
+      if (i === undefined || D.kl[c][i] === null) { // context, or a position this pair does not align
+        frag.appendChild(el("span", text, i === undefined ? { class: "ctx" } : { class: "ctx", title: "not aligned: the candidate's tokenizer splits here differently, or lacks the next token" }));
         return;
       }
       const kl = num(D.kl[c][i]);

@@ -1,0 +1,231 @@
+"""Cross-vocabulary alignment: two tokenizers' readings of the same text, matched position by position and token by
+token, so that a model with another vocabulary can be compared with the reference (config `cross_vocab: true`).
+
+    python -m harness.align TOKENIZER_A TOKENIZER_B "some text"   # the aligned positions and the shared vocabulary
+
+Positions. Each tokenizer splits the same text (a raw prompt, or a chat as the reference's template renders it);
+its tokens' bytes concatenate to that text (a SentencePiece tokenizer's leading "▁" aside). A reference position and
+a candidate position are aligned where both predict a token that starts at the same byte: both models have read
+exactly the same bytes before it. Where the two split a word differently, the positions inside it have no partner
+and are left out; the report gives the fraction aligned.
+
+Vocabulary. A token of one vocabulary is the token of the other with the same bytes (special tokens: the same text,
+special in both). A row of log-probs is projected onto the shared tokens, in the reference's id order; a vocabulary
+that holds the same bytes under several ids (SentencePiece's "▁" and "<0x20>") has their mass summed into one entry.
+The metrics renormalise what they are given, so they compare the two distributions conditioned on the shared tokens:
+always finite, where one "everything else" entry would make KL infinite whenever one vocabulary holds the other (the
+smaller model puts nothing there). The mass each model puts outside the shared tokens is reported beside them, and a
+position whose next token (the reference's) is not shared is left out, like one whose split differs.
+This is an approximation that same-vocabulary runs do not need: where one model would emit a longer token than the
+other has, its mass sits on a token the other lacks (so outside) or on a shorter prefix token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from harness.prompts import PromptError
+
+
+class AlignError(PromptError):
+    """Two tokenizers that cannot be aligned, naming the models and the prompt."""
+
+
+def scheme(tokenizer) -> str:
+    """How a vocabulary's pieces spell bytes: "byte_level" (GPT-2's byte alphabet: Qwen, Llama 3, GPT-2) or
+    "metaspace" (SentencePiece: "▁" for a space, "<0xNN>" byte fallback: Llama 2, Mistral), from the tokenizer's
+    decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise AlignError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers) one; cross-vocabulary "
+                         "alignment reads its decoder to know how its tokens spell bytes")  # fmt: skip
+    decoder = json.dumps(json.loads(backend.to_str()).get("decoder"), ensure_ascii=False)
+    if '"ByteLevel"' in decoder:
+        return "byte_level"
+    if '"Metaspace"' in decoder or "\u2581" in decoder:
+        return "metaspace"
+    raise AlignError(f"tokenizer {type(tokenizer).__name__} has the decoder {decoder}; cross-vocabulary alignment "
+                     "knows byte-level BPE (GPT-2's byte alphabet) and SentencePiece-style (▁, <0xNN>) vocabularies")  # fmt: skip
+
+
+def vocab_keys(tokenizer) -> list[tuple[str, bytes]]:
+    """Per id of the tokenizer (len(tokenizer) of them): ("special", its text) for a special token, else ("bytes",
+    the bytes it stands for). Two vocabularies share a token where the keys are equal."""
+    from harness.qwen_tokenizer import byte_alphabet
+
+    kind = scheme(tokenizer)
+    decoder = {c: b for b, c in byte_alphabet().items()}
+    special = {i: str(t) for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", True)}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    keys = []
+    for i, piece in enumerate(pieces):
+        if i in special:
+            keys.append(("special", special[i].encode()))
+        elif piece is None:
+            keys.append(("none", str(i).encode()))  # an id without a piece: matches nothing
+        elif i in tokenizer.added_tokens_decoder:  # a non-special added token: its text as written
+            keys.append(("bytes", piece.encode()))
+        elif kind == "byte_level":
+            keys.append(("bytes", bytes(decoder[c] for c in piece) if all(c in decoder for c in piece) else piece.encode()))
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            keys.append(("bytes", bytes([int(piece[3:5], 16)])))
+        else:
+            keys.append(("bytes", piece.replace("\u2581", " ").encode()))
+    return keys
+
+
+def starts(keys: list[tuple[str, bytes]], ids: tuple[int, ...]) -> tuple[np.ndarray, bytes]:
+    """[len(ids)] int64 byte offset at which each token starts, and the bytes they spell together."""
+    parts = [keys[i][1] for i in ids]
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]), b"".join(parts)
+
+
+def aligned_positions(
+    ref_keys: list, ref_ids: tuple[int, ...], cand_keys: list, cand_ids: tuple[int, ...], *, prompt: str = "", names=("reference", "candidate")
+) -> tuple[np.ndarray, np.ndarray]:
+    """([N] token positions in the reference's ids, [N] in the candidate's) whose tokens start at the same byte, past
+    the first: position t of either is the row that predicts token t from the bytes before it. Raises AlignError
+    where the two tokenizations do not spell the same bytes (a SentencePiece tokenizer's added leading space aside)."""
+    a, text_a = starts(ref_keys, ref_ids)
+    b, text_b = starts(cand_keys, cand_ids)
+    if text_b != text_a:
+        if text_b == b" " + text_a:  # SentencePiece's dummy prefix: its first token carries a space the text lacks
+            b = b - 1
+        elif text_a == b" " + text_b:
+            a = a - 1
+        else:
+            at = next((i for i, (x, y) in enumerate(zip(text_a, text_b)) if x != y), min(len(text_a), len(text_b)))
+            raise AlignError(
+                f"prompt {prompt!r}: {names[0]!r} and {names[1]!r} tokenize it to different text from byte {at} on "
+                f"({text_a[max(0, at - 10) : at + 10]!r} against {text_b[max(0, at - 10) : at + 10]!r}): their "
+                "normalisers differ, so no position can be aligned"
+            )
+    # a start shared by both, past the first token of each (token 0 is never predicted)
+    common, ia, ib = np.intersect1d(a[1:], b[1:], assume_unique=False, return_indices=True)
+    keep = common > 0  # a token at byte 0 (after a dummy-prefix token) has read nothing of the text
+    return ia[keep] + 1, ib[keep] + 1
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Shared tokens of two vocabularies: column j of a projected row is shared token j, whose first id in each
+    vocabulary is ref[j], cand[j]."""
+
+    ref: torch.Tensor  # [S] int64 ids in the reference's vocabulary
+    cand: torch.Tensor  # [S] int64 ids in the candidate's
+    ref_extra: tuple[tuple[int, int], ...]  # (column, id): further reference ids with a shared token's bytes
+    cand_extra: tuple[tuple[int, int], ...]
+    ref_other: torch.Tensor  # [*] int64 reference ids in no shared column
+    cand_other: torch.Tensor
+    ref_column: torch.Tensor  # [V_ref] int64: the column of each reference id, S where it is not shared
+
+    @property
+    def shared(self) -> int:
+        return len(self.ref)
+
+    @staticmethod
+    def build(ref_keys: list, cand_keys: list) -> VocabMap:
+        def groups(keys):
+            out: dict = {}
+            for i, key in enumerate(keys):
+                if key[0] != "none":
+                    out.setdefault(key, []).append(i)
+            return out
+
+        ga, gb = groups(ref_keys), groups(cand_keys)
+        shared = sorted((ids, gb[key]) for key, ids in ga.items() if key in gb)  # reference id order
+        s = len(shared)
+        column = torch.full((len(ref_keys),), s, dtype=torch.long)
+        ref_extra, cand_extra = [], []
+        for j, (ia, ib) in enumerate(shared):
+            column[ia] = j
+            ref_extra += [(j, i) for i in ia[1:]]
+            cand_extra += [(j, i) for i in ib[1:]]
+        in_b = torch.zeros(len(cand_keys), dtype=torch.bool)
+        for _, ib in shared:
+            in_b[ib] = True
+        return VocabMap(
+            ref=torch.tensor([ia[0] for ia, _ in shared], dtype=torch.long),
+            cand=torch.tensor([ib[0] for _, ib in shared], dtype=torch.long),
+            ref_extra=tuple(ref_extra), cand_extra=tuple(cand_extra),
+            ref_other=(column == s).nonzero().flatten(), cand_other=(~in_b).nonzero().flatten(), ref_column=column,
+        )  # fmt: skip
+
+    def project(self, rows: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, V] log-probs in one side's vocabulary ("ref" or "cand") -> ([B, S] float32 log-probs of the shared
+        tokens, not renormalised; [B] float64 share of the row's mass outside them, by float64 logsumexps)."""
+        ids, extra, other = (self.ref, self.ref_extra, self.ref_other) if side == "ref" else (self.cand, self.cand_extra, self.cand_other)
+        out = rows[:, ids].float()
+        for j, i in extra:
+            out[:, j] = torch.logaddexp(out[:, j], rows[:, i].float())
+        inside = torch.logsumexp(out.double(), dim=-1)
+        outside = torch.logsumexp(rows[:, other].double(), dim=-1) if len(other) else torch.full_like(inside, -torch.inf)
+        return out, torch.sigmoid(outside - inside)  # outside / (outside + inside)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One model's reading of the prompts, as alignment needs it."""
+
+    ids: tuple[tuple[int, ...], ...]  # token ids per prompt
+    keys: list  # vocab_keys of its tokenizer
+
+    @cached_property
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps([self.ids, [k[1].hex() for k in self.keys]]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PairAlignment:
+    """Which stored rows of two models are compared, and how their vocabularies map."""
+
+    ref_rows: torch.Tensor  # [N] int64 row indices into the reference's store
+    cand_rows: torch.Tensor  # [N] int64 row indices into the candidate's store
+    vocab: VocabMap
+    ref_positions: int  # rows in the reference's store
+    aligned: int  # of them, those whose split lines up; the N compared are those whose next token is also shared
+
+
+def _row_index(prompt: np.ndarray, position: np.ndarray) -> dict[tuple[int, int], int]:
+    return {(int(p), int(t)): r for r, (p, t) in enumerate(zip(prompt, position, strict=True))}
+
+
+def align_stores(ref: Side, cand: Side, ref_store, cand_store, prompt_names: list[str], names=("reference", "candidate")) -> PairAlignment:
+    """The aligned rows of two stores (each holds `prompt` and `position` per row) and the vocabulary map."""
+    rows_a = _row_index(ref_store.read("prompt").numpy(), ref_store.read("position").numpy())
+    rows_b = _row_index(cand_store.read("prompt").numpy(), cand_store.read("position").numpy())
+    ra, rb = [], []
+    for p, (ids_a, ids_b) in enumerate(zip(ref.ids, cand.ids, strict=True)):
+        ta, tb = aligned_positions(ref.keys, ids_a, cand.keys, ids_b, prompt=prompt_names[p], names=names)
+        for t, u in zip(ta.tolist(), tb.tolist()):
+            if (p, t) in rows_a and (p, u) in rows_b:  # scored in both stores
+                ra.append(rows_a[(p, t)])
+                rb.append(rows_b[(p, u)])
+    vocab = VocabMap.build(ref.keys, cand.keys)
+    ra, rb = torch.tensor(ra, dtype=torch.long), torch.tensor(rb, dtype=torch.long)
+    shared = vocab.ref_column[ref_store.read("target")[ra]] < vocab.shared
+    return PairAlignment(ra[shared], rb[shared], vocab, len(rows_a), len(ra))
+
+
+if __name__ == "__main__":
+    from transformers import AutoTokenizer
+
+    tok_a, tok_b = (AutoTokenizer.from_pretrained(p) for p in sys.argv[1:3])
+    text = sys.argv[3]
+    ka, kb = vocab_keys(tok_a), vocab_keys(tok_b)
+    ida, idb = (tuple(t(text, add_special_tokens=False).input_ids) for t in (tok_a, tok_b))
+    ta, tb = aligned_positions(ka, ida, kb, idb)
+    vm = VocabMap.build(ka, kb)
+    print(f"{len(ida)} and {len(idb)} tokens; {len(ta)} positions aligned; {vm.shared} tokens shared "
+          f"({len(tok_a)} and {len(tok_b)} in the vocabularies)")  # fmt: skip
+    for t, u in zip(ta, tb):
+        print(f"  {t:>4} {u:>4}  next: {ka[ida[t]][1]!r} / {kb[idb[u]][1]!r}")

@@ -1,0 +1,345 @@
+"""Cross-vocabulary alignment (harness/align.py, `cross_vocab: true`): byte keys of both vocabulary schemes, aligned
+positions against a brute-force search, the shared-vocabulary projection against dicts in float64, and whole runs
+against models whose vocabulary is the reference's permuted (every number must be the reference's) or cut short."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import open_page
+from safetensors.torch import load_file, save_file
+from scipy.special import rel_entr
+
+from harness import align, config, metrics, prompts, records
+from harness.cli import main
+from harness.store import Store
+
+SMALL = Path(__file__).parent / "data" / "prompts-small.jsonl"
+TEXTS = [
+    "The assert statement is a convenient way to insert debugging assertions into a program.",
+    "Unicode: naïve café, 中文字符 and an emoji 🙂 split into bytes; tabs\tand\nnewlines.",
+    "<|im_start|>user\nwhat is a generator?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def permuted_model(src: Path, dst: Path, seed: int = 0) -> np.ndarray:
+    """`src` with its BPE ids shuffled: the tokenizer's vocabulary and the embedding rows (tied with the output
+    layer) permuted alike, so it computes exactly the reference's distributions under other ids. Returns old -> new."""
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    perm = np.random.default_rng(seed).permutation(len(vocab))
+    spec["model"]["vocab"] = {t: int(perm[i]) for t, i in vocab.items()}
+    (dst / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    weights = load_file(dst / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in weights:
+            rows = weights[key].clone()
+            rows[torch.from_numpy(perm)] = weights[key][: len(vocab)]
+            weights[key] = rows
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    (dst / "zoo.json").unlink(missing_ok=True)
+    return perm
+
+
+def truncated_model(src: Path, dst: Path, keep: int) -> None:
+    """`src` with only its first `keep` BPE tokens (the merges that make them) and the three special tokens, renumbered
+    after them; the embedding keeps those rows. Its splits are finer than the reference's."""
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < keep}
+    spec["model"]["vocab"] = vocab
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if "".join(m if isinstance(m, list) else m.split(" ", 1)) in vocab]
+    special = [t["id"] for t in spec["added_tokens"]]
+    for k, t in enumerate(spec["added_tokens"]):
+        t["id"] = keep + k
+    (dst / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    weights = load_file(dst / "model.safetensors")
+    rows = torch.tensor(list(range(keep)) + special)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in weights:
+            weights[key] = weights[key][rows].contiguous()
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(cfg | {"vocab_size": keep + len(special), "bos_token_id": keep, "eos_token_id": keep}))
+    gen = json.loads((dst / "generation_config.json").read_text())
+    (dst / "generation_config.json").write_text(json.dumps(gen | {"bos_token_id": keep, "eos_token_id": keep}))
+    (dst / "zoo.json").unlink(missing_ok=True)
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style (Llama 2) fast tokenizer: "▁" for spaces, a dummy prefix, byte fallback <0xNN>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁", "t", "h", "e", "a", "c", "s", "th", "the", "▁the", "at", "▁c", "▁cat", "▁s", "▁sat", "▁ "]
+    merges = [("t", "h"), ("th", "e"), ("▁", "the"), ("a", "t"), ("▁", "c"), ("▁c", "at"), ("▁", "s"), ("▁s", "at"), ("▁", "▁")]
+    merges = [m for m in merges if "".join(m) in pieces]
+    model = models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>", byte_fallback=True)
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def cut_tokenizer(micro_zoo, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("cut-tok") / "tok"
+    shutil.copytree(micro_zoo["qwen-tokenizer"], folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < 3000}
+    spec["model"] |= {"vocab": vocab, "merges": [m for m in spec["model"]["merges"] if "".join(m if isinstance(m, list) else m.split(" ", 1)) in vocab]}
+    for k, t in enumerate(spec["added_tokens"]):
+        t["id"] = 3000 + k
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_byte_level_keys(tokenizer):
+    keys = align.vocab_keys(tokenizer)
+    assert len(keys) == len(tokenizer) == 151646
+    assert keys[9707] == ("bytes", b"Hello") and keys[1879] == ("bytes", b" world")
+    assert keys[151644] == ("special", b"<|im_start|>")
+    # every ordinary token spells the bytes that decoding it alone gives, where those are whole characters
+    rng = np.random.default_rng(0)
+    for i in rng.integers(0, 151643, 500).tolist():
+        text = tokenizer.decode([i])
+        if "\ufffd" not in text:
+            assert keys[i] == ("bytes", text.encode()), i
+
+
+def test_metaspace_keys_and_its_dummy_prefix(tokenizer):
+    spm = metaspace_tokenizer()
+    assert align.scheme(spm) == "metaspace" and align.scheme(tokenizer) == "byte_level"
+    keys = align.vocab_keys(spm)
+    vocab = spm.get_vocab()
+    assert keys[vocab["▁the"]] == ("bytes", b" the") and keys[vocab["<0x0A>"]] == ("bytes", b"\n")
+    assert keys[vocab["</s>"]] == ("special", b"</s>")
+    text = "the cat sat\nthe hat"
+    ids_a = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+    ids_b = tuple(spm(text, add_special_tokens=False).input_ids)
+    assert align.starts(keys, ids_b)[1] == b" " + text.encode()  # the dummy prefix
+    ta, tb = align.aligned_positions(align.vocab_keys(tokenizer), ids_a, keys, ids_b)
+    # "the| cat| sat|\n|the| hat" in Qwen; "▁the|▁cat|▁sat|<0x0A>|the|▁|h|at" here: the first four splits line up
+    a_bytes = prompts.token_bytes(tokenizer, list(ids_a))
+    got = [(b"".join(a_bytes[:t]), spm.convert_ids_to_tokens(ids_b[u])) for t, u in zip(ta, tb)]
+    assert got[:4] == [(b"the", "▁cat"), (b"the cat", "▁sat"), (b"the cat sat", "<0x0A>"), (b"the cat sat\n", "the")]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_aligned_positions_are_exactly_the_equal_prefixes(tokenizer, cut_tokenizer, text):
+    """Brute force: (t, u) is aligned iff the bytes of the first t reference tokens equal those of the first u candidate
+    tokens (prompts.token_bytes, another implementation of the byte table), for t, u >= 1."""
+    ids_a = list(tokenizer(text, add_special_tokens=False).input_ids)
+    ids_b = list(cut_tokenizer(text, add_special_tokens=False).input_ids)
+    assert ids_a != ids_b
+    pa = np.cumsum([len(b) for b in prompts.token_bytes(tokenizer, ids_a)])
+    pb = np.cumsum([len(b) for b in prompts.token_bytes(cut_tokenizer, ids_b)])
+    sa, sb = b"".join(prompts.token_bytes(tokenizer, ids_a)), b"".join(prompts.token_bytes(cut_tokenizer, ids_b))
+    assert sa == sb
+    want = {(t, u) for t in range(1, len(ids_a)) for u in range(1, len(ids_b)) if pa[t - 1] == pb[u - 1]}
+    ka, kb = align.vocab_keys(tokenizer), align.vocab_keys(cut_tokenizer)
+    ta, tb = align.aligned_positions(ka, tuple(ids_a), kb, tuple(ids_b))
+    assert set(zip(ta.tolist(), tb.tolist())) == want
+    tb, ta = align.aligned_positions(kb, tuple(ids_b), ka, tuple(ids_a))  # the other way round: the same pairs
+    assert set(zip(ta.tolist(), tb.tolist())) == want
+    # the cut vocabulary splits finer: every reference split is one of its own, not the other way round
+    assert len(want) == len(ids_a) - 1 and len(want) < len(ids_b) - 1
+
+
+def test_different_text_is_a_clear_error(tokenizer):
+    keys = align.vocab_keys(tokenizer)
+    a = tuple(tokenizer("one two three", add_special_tokens=False).input_ids)
+    b = tuple(tokenizer("one too three", add_special_tokens=False).input_ids)
+    with pytest.raises(align.AlignError, match=r"prompt 'p7': 'ref' and 'x' tokenize it to different text from byte 5"):
+        align.aligned_positions(keys, a, keys, b, prompt="p7", names=("ref", "x"))
+
+
+def test_projection_against_dicts_in_float64():
+    """Random vocabularies over a small byte alphabet, with repeats (one token's bytes under two ids) and specials;
+    project() and the metrics on its rows against grouping by hand, renormalising over the shared tokens in float64."""
+    rng = np.random.default_rng(1)
+    words = [bytes([97 + i]) for i in range(12)] + [b"ab", b"cd", b"x y", b" "]
+
+    def vocab(n):
+        keys = [("bytes", words[i]) for i in rng.integers(0, len(words), n)]
+        return keys + [("special", b"<|end|>")]
+
+    ka, kb = vocab(30), vocab(25)
+    vm = align.VocabMap.build(ka, kb)
+    rows_a = torch.log_softmax(torch.randn(7, len(ka), dtype=torch.float64) * 3, -1)
+    rows_b = torch.log_softmax(torch.randn(7, len(kb), dtype=torch.float64) * 3, -1)
+    rows_a[0, 3] = -torch.inf  # a filtered entry
+    pa, out_a = vm.project(rows_a.float(), "ref")
+    pb, out_b = vm.project(rows_b.float(), "cand")
+    shared = sorted(set(ka) & set(kb), key=ka.index)
+    assert vm.shared == len(shared) and pa.shape == (7, len(shared))
+    for r in range(7):
+        da, db = {}, {}
+        for keys, row, d in ((ka, rows_a[r], da), (kb, rows_b[r], db)):
+            for key, lp in zip(keys, row.tolist()):
+                d[key] = d.get(key, 0.0) + np.exp(lp)
+        p = np.array([da[k] for k in shared])
+        q = np.array([db[k] for k in shared])
+        np.testing.assert_allclose(pa[r].double().exp().numpy(), p, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(pb[r].double().exp().numpy(), q, rtol=1e-6, atol=1e-12)
+        total_a, total_b = sum(da.values()), sum(db.values())  # row 0 lost its filtered entry's mass
+        assert out_a[r].item() == pytest.approx(1 - p.sum() / total_a, abs=1e-6)
+        assert out_b[r].item() == pytest.approx(1 - q.sum() / total_b, abs=1e-6)
+        target = torch.tensor([0])
+        m = metrics.position_metrics(pa[r : r + 1], pb[r : r + 1], target, ks=(2,))
+        pn, qn = p / p.sum(), q / q.sum()
+        assert m["kl"].item() == pytest.approx(rel_entr(pn, qn).sum(), rel=1e-5)
+        assert m["tv"].item() == pytest.approx(0.5 * np.abs(pn - qn).sum(), rel=1e-5)
+        assert bool(m["top1_agree"].item()) == (np.argmax(pn) == np.argmax(qn))
+    # a reference id whose bytes the candidate lacks has no column
+    missing = [i for i, k in enumerate(ka) if k not in set(kb)]
+    assert all(vm.ref_column[i] == vm.shared for i in missing)
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def cross_run(micro_zoo, tmp_path_factory):
+    """`harness compare` of the micro base model against itself with its vocabulary permuted and cut to 20000 BPE
+    tokens, cross_vocab on: (run folder, stdout, models folder)."""
+    tmp = tmp_path_factory.mktemp("cross-vocab")
+    permuted_model(micro_zoo["tiny-qwen1.5-s"], tmp / "perm")
+    truncated_model(micro_zoo["tiny-qwen1.5-s"], tmp / "cut", 20000)
+    cfg = tmp / "cross.yaml"
+    cfg.write_text(json.dumps({
+        "name": "cross", "zoo_profile": "micro", "reference": {"name": "s", "source": "zoo:tiny-qwen1.5-s"},
+        "variants": [{"name": "s-perm", "source": str(tmp / "perm")}, {"name": "s-cut", "source": str(tmp / "cut")},
+                     {"name": "s-chat", "source": "zoo:tiny-qwen1.5-s-chat"}],
+        "prompts": str(SMALL), "cross_vocab": True, "store_dtype": "float32", "reports_dir": str(tmp / "reports"),
+        "metrics": {"bootstrap_resamples": 50},
+    }))  # fmt: skip
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("HARNESS_STORE", str(tmp / "store"))
+        assert main(["compare", "--config", str(cfg)]) == 0
+    return (tmp / "reports" / "latest").resolve(), out.getvalue(), tmp
+
+
+@pytest.mark.slow
+def test_a_permuted_vocabulary_is_the_reference(cross_run):
+    run_dir, stdout, _ = cross_run
+    record = records.read(run_dir / "run.json")
+    pair = next(p for p in record.pairs if p.candidate == "s-perm")
+    a = pair.aggregates
+    assert a["aligned_of"] == a["aligned"] == a["positions"] == record.pairs[-1].aggregates["positions"]
+    assert a["shared_tokens"] == 151646 and a["outside_mass_ref"] == a["outside_mass_cand"] == 0
+    # the same numbers under other ids: the only drift is float32 summation order (logits equal bit for bit)
+    assert a["kl_max"] < 1e-8 and a["top1_agree"] == 1.0 and a["ppl_ratio"] == pytest.approx(1, abs=1e-6)
+    assert "s-perm: another tokenizer (cross_vocab)" in stdout
+    grid = {(r["a"], r["b"]): r for r in record.matrix}
+    chat_perm, chat_ref = grid[("s-perm", "s-chat")], next(p for p in record.pairs if p.candidate == "s-chat").aggregates
+    assert chat_perm["sym_kl_mean"] == pytest.approx(chat_ref["kl_mean"] + chat_ref["kl_rev_mean"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_cut_vocabulary_against_float64_by_hand(cross_run, micro_zoo):
+    """Every per-position KL of the cut model, from its store and the reference's: rows grouped by bytes with dicts,
+    conditioned on the shared tokens in float64, at the positions a brute-force prefix search aligns."""
+    from transformers import AutoTokenizer
+
+    run_dir, _, tmp = cross_run
+    record = records.read(run_dir / "run.json")
+    pair = next(p for p in record.pairs if p.candidate == "s-cut")
+    a = pair.aggregates
+    assert a["shared_tokens"] == 20003 and a["outside_mass_cand"] == 0 and 0.01 < a["outside_mass_ref"] < 0.5
+    assert a["aligned"] == a["aligned_of"]  # the cut vocabulary splits finer: every reference split is one of its own
+    assert 0.5 * a["aligned"] < a["positions"] < a["aligned"]  # some next tokens are not in the first 20000
+    m = records.load_positions(run_dir, pair)
+    ra, rc = Store(Path(record.variants["s"]["store"])), Store(Path(record.variants["s-cut"]["store"]))
+    assert len(ra.shards()) == len(rc.shards()) == 1
+    tok_a, tok_c = AutoTokenizer.from_pretrained(micro_zoo["tiny-qwen1.5-s"]), AutoTokenizer.from_pretrained(tmp / "cut")
+    bytes_a = prompts.token_bytes(tok_a, list(range(len(tok_a))))
+    bytes_c = prompts.token_bytes(tok_c, list(range(len(tok_c))))
+    shared = sorted(set(bytes_a) & set(bytes_c))
+    ia = torch.tensor([bytes_a.index(b) for b in shared])
+    ic = torch.tensor([bytes_c.index(b) for b in shared])
+    rows_a, rows_c = ra.read("prompt").numpy(), rc.read("prompt").numpy()
+    pos_a, pos_c = ra.read("position").numpy(), rc.read("position").numpy()
+    texts = [json.loads(line) for line in SMALL.read_text().splitlines() if line.strip()]
+    all_a, all_c = next(ra.blocks(10**6, renormalise=False)), next(rc.blocks(10**6, renormalise=False))  # one shard each
+    checked = 0
+    for i in np.random.default_rng(0).choice(len(m["kl"]), 40, replace=False):
+        p, t = int(m["prompt"][i]), int(m["position"][i])
+        ids_a = tok_a(texts[p]["text"], add_special_tokens=False).input_ids if "text" in texts[p] else None
+        if ids_a is None:
+            continue
+        ids_c = tok_c(texts[p]["text"], add_special_tokens=False).input_ids
+        prefix = len(b"".join(prompts.token_bytes(tok_a, ids_a[:t])))
+        lengths = np.cumsum([len(b) for b in prompts.token_bytes(tok_c, ids_c)])
+        u = int(np.searchsorted(lengths, prefix)) + 1  # the cut model's position that has read the same bytes
+        assert lengths[u - 1] == prefix
+        row_a = int(np.flatnonzero((rows_a == p) & (pos_a == t))[0])
+        row_c = int(np.flatnonzero((rows_c == p) & (pos_c == u))[0])
+        la, lc = all_a[row_a].double(), all_c[row_c].double()
+        pa, pc = la[ia].exp().numpy(), lc[ic].exp().numpy()
+        pa, pc = pa / pa.sum(), pc / pc.sum()
+        assert m["kl"][i] == pytest.approx(rel_entr(pa, pc).sum(), rel=1e-6, abs=1e-12)
+        assert m["top1_agree"][i] == (np.argmax(pa) == np.argmax(pc))
+        checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.slow
+def test_the_report_shows_cross_vocab_pairs(cross_run):
+    run_dir, _, _ = cross_run
+    html = (run_dir / "index.html").read_text()
+    assert "cross-vocabulary</span>" in html and "<b>s-cut</b> has another tokenizer" in html
+    data = json.loads(html.split('<script type="application/json" id="data">')[1].split("</script>")[0])
+    n = len(data["pos"]["prompt"])
+    assert all(len(v) == n for v in data["kl"].values())
+    assert data["kl"]["s-cut"].count(None) > 0 and data["kl"]["s-chat"].count(None) == 0
+    assert "s-cut" not in data["top"] and "s-perm" not in data["top"] and "s" in data["top"]
+
+
+@pytest.mark.slow
+def test_the_token_view_leaves_unaligned_positions_out(cross_run, browser):
+    run_dir, _, _ = cross_run
+    page, seen = open_page(browser, run_dir / "index.html")
+    page.select_option("#pair-select", "s-cut")
+    scored, unaligned = page.locator("#tokens-out span.tok"), page.locator('#tokens-out span.ctx[title^="not aligned"]')
+    assert scored.count() > 5 and unaligned.count() >= 1
+    scored.nth(2).click()  # the reference's top-5 and an empty table for the candidate (another vocabulary)
+    assert page.locator("#detail table").count() == 2 and page.locator("#detail table tr").count() == 6 + 1
+    page.select_option("#pair-select", "s-perm")
+    assert page.locator('#tokens-out span.ctx[title^="not aligned"]').count() == 0
+    assert seen["errors"] == [] and [m for m in seen["console"] if m[0] in ("error", "warning")] == []
+
+
+@pytest.mark.slow
+def test_without_cross_vocab_another_tokenizer_stops_the_run(cross_run):
+    _, _, tmp = cross_run
+    cfg = config.load(tmp / "cross.yaml", ["cross_vocab=false"])
+    from harness import pipeline
+
+    with pytest.raises(prompts.PromptError, match=r"variant 's-perm': its tokenizer differs .* set cross_vocab: true"):
+        pipeline.plan(cfg, log=lambda _: None)
+    cfg = config.load(tmp / "cross.yaml", ["text.context=16"])
+    with pytest.raises(prompts.PromptError, match=r"with cross_vocab every prompt must fit one window"):
+        pipeline.plan(cfg, log=lambda _: None)
+
+
+def test_cross_vocab_needs_text_mode(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "hello there"}\n')
+    (tmp_path / "c.yaml").write_text(
+        "name: x\nreference: {name: a, source: zoo:tiny-qwen1.5-s}\nvariants: [{name: b, source: zoo:tiny-qwen1.5-m}]\n"
+        "prompts: p.jsonl\ncross_vocab: true\nmode: generate\n"
+    )
+    with pytest.raises(config.ConfigError, match=r"cross_vocab: true needs mode: text"):
+        config.load(tmp_path / "c.yaml")
