@@ -7,7 +7,8 @@ Positions. Each tokenizer splits the same text (a raw prompt, or a chat as the r
 its tokens' bytes concatenate to that text (a SentencePiece tokenizer's leading "▁" aside). A reference position and
 a candidate position are aligned where both predict a token that starts at the same byte: both models have read
 exactly the same bytes before it. Where the two split a word differently, the positions inside it have no partner
-and are left out; the report gives the fraction aligned.
+and are left out; the report gives the fraction aligned. In generate mode the variant reads the reference's greedy
+continuation token by token (`continued`), keeping its splits, so that every position of it can align.
 
 Vocabulary. A token of one vocabulary is the token of the other with the same bytes (special tokens: the same text,
 special in both). A row of log-probs is projected onto the shared tokens, in the reference's id order; a vocabulary
@@ -111,6 +112,41 @@ def aligned_positions(
     common, ia, ib = np.intersect1d(a[1:], b[1:], assume_unique=False, return_indices=True)
     keep = common > 0  # a token at byte 0 (after a dummy-prefix token) has read nothing of the text
     return ia[keep] + 1, ib[keep] + 1
+
+
+def continued(prompt_text: str, continuation: list, tokenizer, keys: list, index: dict) -> tuple[tuple[int, ...], int]:
+    """Generate mode: another tokenizer's reading of a prompt and of the reference's continuation (its tokens' keys).
+    The prompt is read as the tokenizer splits its text; the continuation token by token, as the reference read it:
+    each as this vocabulary's token with the same bytes, or, where it has none, as the tokenizer splits that token's
+    text (where that spells exactly its bytes), else byte by byte (single-byte tokens), else the continuation stops
+    there. So a continuation that is not its own tokenizer's split of its text (a greedy model may emit "  " "  " for
+    one run of four spaces) is read with the reference's splits, and every split of it can align. Returns the ids and
+    the index of the first continuation token. `keys`: vocab_keys(tokenizer); `index`: first_ids(keys)."""
+    ids = list(tokenizer(prompt_text, add_special_tokens=False).input_ids)
+    first = len(ids)
+    for key in continuation:
+        if key in index:
+            ids.append(index[key])
+            continue
+        piece = key[1]
+        try:
+            split = tokenizer(piece.decode(), add_special_tokens=False).input_ids
+        except UnicodeDecodeError:  # part of a character
+            split = None
+        if split is None or b"".join(keys[i][1] for i in split) != piece:
+            split = [index.get(("bytes", bytes([b]))) for b in piece]
+            if None in split:
+                break
+        ids += split
+    return tuple(ids), first
+
+
+def first_ids(keys: list) -> dict:
+    """key -> the lowest id with that key, over a vocabulary's keys."""
+    index: dict = {}
+    for i, key in enumerate(keys):
+        index.setdefault(key, i)
+    return index
 
 
 @dataclass(frozen=True)

@@ -134,9 +134,6 @@ class Config(_Strict):
         names = {v.name for v in self.variants}
         if self.reference.name in names:  # its store and its pair would be the variant's: a run of it against itself
             raise ValueError(f"variant name {self.reference.name!r} is the reference's name; give the variant another")
-        if self.cross_vocab and self.mode != "text":
-            raise ValueError("cross_vocab: true needs mode: text (generate mode's continuation is in the reference's "
-                             "tokens; aligning it across vocabularies is not implemented)")  # fmt: skip
         if self.noise_floor is not None and self.noise_floor not in names:
             raise ValueError(f"noise_floor {self.noise_floor!r} is not the name of a variant")
         known = None

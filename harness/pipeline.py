@@ -58,7 +58,7 @@ def plan(cfg: Config, log=print) -> Plan:
         ref_tok, prompts.load(cfg.prompts), max_length=limit, source=cfg.reference.name, generation_prompt=generate
     )
     loaded = {cfg.reference.name: ref}
-    own_tokens = {}  # cross_vocab: variant name -> its own reading of the prompts
+    cross = {}  # cross_vocab: variant name -> tokenizer key, for each that reads the prompts its own way
     for spec in cfg.variants:
         loaded[spec.name] = loaders.locate(spec, cfg.zoo_profile)
         key = loaders.tokenizer_key(loaded[spec.name])
@@ -70,19 +70,40 @@ def plan(cfg: Config, log=print) -> Plan:
             if not cfg.cross_vocab:
                 raise prompts.PromptError(f"{exc}. To compare it over the tokens both vocabularies share, at the "
                                           f"positions both tokenizations share, set cross_vocab: true in {cfg.source_file}") from None  # fmt: skip
-            own_tokens[spec.name] = (key, prompts.retokenize(tokens, ref_tok, tokenizers[key]))
+            cross[spec.name] = key
+    continuations = None
     if generate:
         continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log)
         segments = prompts.generate_segments(tokens, continuations)
     else:
         segments = prompts.text_segments(tokens, context=cfg.text.context, score=cfg.text.score)
-    own, sides = {}, {}
-    if own_tokens:  # text mode (config checks it): each prompt must be one window, the same text seen by every model
-        sides[cfg.reference.name] = align.Side(tokens.ids, align.vocab_keys(ref_tok))
-        keys = {}
-        for name, (key, theirs) in own_tokens.items():
-            for who, read in ((cfg.reference.name, tokens), (name, theirs)):
-                for prompt, ids in zip(read.prompts, read.ids, strict=True):
+    own, sides = _cross_readings(cfg, tokens, continuations, {name: tokenizers[key] for name, key in cross.items()}, ref_tok)
+    for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments
+        longest = max((len(s.ids) for s in own.get(spec.name, (None, segments))[1]), default=0)
+        if (limit := loaders.context_length(loaded[spec.name])) < longest:
+            raise prompts.PromptError(
+                f"variant {spec.name!r} has a context of {limit} positions, but the run feeds it {longest} tokens "
+                f"at once; lower 'text.context' (or shorten the prompts) in {cfg.source_file}"
+            )
+    return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides)
+
+
+def _cross_readings(cfg: Config, tokens: TokenizedPrompts, continuations, theirs: dict, ref_tok) -> tuple[dict, dict]:
+    """cross_vocab: each variant in `theirs` (name -> tokenizer) reads the same text its own way: (Plan.own,
+    Plan.sides). Text mode: every prompt must fit one window for every model, so that both models have read the same
+    text before every aligned position. Generate mode: the prompt, then the reference's continuation token by token
+    (align.continued), the continuation scored."""
+    if not theirs:
+        return {}, {}
+    ref_keys = align.vocab_keys(ref_tok)
+    whole = tokens.ids if continuations is None else tuple(ids + tuple(c) for ids, c in zip(tokens.ids, continuations, strict=True))
+    own, sides, keys = {}, {cfg.reference.name: align.Side(whole, ref_keys)}, {}
+    for name, tok in theirs.items():
+        keys[id(tok)] = keys.get(id(tok)) or align.vocab_keys(tok)
+        if continuations is None:
+            read = prompts.retokenize(tokens, ref_tok, tok)
+            for who, each in ((cfg.reference.name, tokens), (name, read)):
+                for prompt, ids in zip(each.prompts, each.ids, strict=True):
                     if len(ids) > cfg.text.context:
                         raise prompts.PromptError(
                             f"prompt {prompt.id!r} is {len(ids)} tokens for {who!r}, more than text.context "
@@ -90,17 +111,18 @@ def plan(cfg: Config, log=print) -> Plan:
                             f"models read the same text before every aligned position: raise text.context in "
                             f"{cfg.source_file} or split the prompt"
                         )
-            keys[key] = keys.get(key) or align.vocab_keys(tokenizers[key])
-            own[name] = (theirs, prompts.text_segments(theirs, context=cfg.text.context, score=cfg.text.score))
-            sides[name] = align.Side(theirs.ids, keys[key])
-    for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments
-        longest = max(len(s.ids) for s in own.get(spec.name, (None, segments))[1])
-        if (limit := loaders.context_length(loaded[spec.name])) < longest:
-            raise prompts.PromptError(
-                f"variant {spec.name!r} has a context of {limit} positions, but the run feeds it {longest} tokens "
-                f"at once; lower 'text.context' (or shorten the prompts) in {cfg.source_file}"
-            )
-    return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides)
+            own[name] = (read, prompts.text_segments(read, context=cfg.text.context, score=cfg.text.score))
+        else:
+            index = align.first_ids(keys[id(tok)])
+            readings = [
+                align.continued(prompts.render(ref_tok, prompt, generation_prompt=True), [ref_keys[i] for i in c], tok, keys[id(tok)], index)
+                for prompt, c in zip(tokens.prompts, continuations, strict=True)
+            ]
+            read = prompts.TokenizedPrompts(prompts=tokens.prompts, ids=tuple(ids for ids, _ in readings), n_vocab=len(tok))
+            segments = [prompts.Segment(p, 0, ids, first - 1) for p, (ids, first) in enumerate(readings) if first < len(ids)]
+            own[name] = (read, segments)
+        sides[name] = align.Side(read.ids, keys[id(tok)])
+    return own, sides
 
 
 def alignment(the_plan: Plan, a: str, b: str, stores: dict[str, Store], names: list[str]) -> align.PairAlignment | None:

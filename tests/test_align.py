@@ -157,6 +157,27 @@ def test_aligned_positions_are_exactly_the_equal_prefixes(tokenizer, cut_tokeniz
     assert len(want) == len(ids_a) - 1 and len(want) < len(ids_b) - 1
 
 
+def test_a_continuation_is_read_token_by_token(tokenizer, cut_tokenizer):
+    """align.continued: shared tokens keep the reference's split (even one its tokenizer would not make), a token the
+    vocabulary lacks is split by its tokenizer, part of a character byte by byte."""
+    keys_a, keys_b = align.vocab_keys(tokenizer), align.vocab_keys(cut_tokenizer)
+    words = [" the", "  ", "  ", " generator", "\u4e2d"]
+    cont = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
+    assert [len(c) for c in cont] == [1, 1, 1, 1, 1] and tokenizer("    ", add_special_tokens=False).input_ids != cont[1] * 2
+    emoji = tokenizer("\U0001f642", add_special_tokens=False).input_ids[:1]  # the first bytes of a 4-byte character
+    flat = [i for c in cont for i in c] + emoji
+    ids, first = align.continued("Say:", [keys_a[i] for i in flat], cut_tokenizer, keys_b, align.first_ids(keys_b))
+    assert ids[:first] == tuple(cut_tokenizer("Say:", add_special_tokens=False).input_ids)
+    spelled = [keys_b[i][1] for i in ids[first:]]
+    assert b"".join(spelled) == b"".join(keys_a[i][1] for i in flat)
+    assert spelled[:3] == [b" the", b"  ", b"  "]  # the reference's split of the spaces, kept
+    assert len(keys_a[flat[3]][1]) > 1 and keys_a[flat[3]] not in set(keys_b)  # " generator": split by its tokenizer
+    assert all(len(b) == 1 for b in spelled[-len(keys_a[emoji[0]][1]) :])  # the partial character: byte by byte
+    # the reference's own vocabulary reads it back id for id
+    same, first = align.continued("Say:", [keys_a[i] for i in flat], tokenizer, keys_a, align.first_ids(keys_a))
+    assert same[first:] == tuple(flat)
+
+
 def test_different_text_is_a_clear_error(tokenizer):
     keys = align.vocab_keys(tokenizer)
     a = tuple(tokenizer("one two three", add_special_tokens=False).input_ids)
@@ -335,11 +356,48 @@ def test_without_cross_vocab_another_tokenizer_stops_the_run(cross_run):
         pipeline.plan(cfg, log=lambda _: None)
 
 
-def test_cross_vocab_needs_text_mode(tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "hello there"}\n')
-    (tmp_path / "c.yaml").write_text(
-        "name: x\nreference: {name: a, source: zoo:tiny-qwen1.5-s}\nvariants: [{name: b, source: zoo:tiny-qwen1.5-m}]\n"
-        "prompts: p.jsonl\ncross_vocab: true\nmode: generate\n"
-    )
-    with pytest.raises(config.ConfigError, match=r"cross_vocab: true needs mode: text"):
-        config.load(tmp_path / "c.yaml")
+@pytest.mark.slow
+def test_generate_mode_aligns_the_continuation(cross_run, tokenizer):
+    """The reference's greedy continuation, read token by token by the permuted and the cut tokenizer (a greedy
+    continuation need not be the tokenizer's own split of its text: the micro model repeats "  ", which the tokenizer
+    would read as one longer run of spaces). Every continuation position aligns, as a brute-force search of byte
+    prefixes also finds, and the permuted model is the reference at each."""
+    from harness import pipeline
+
+    _, _, tmp = cross_run
+    overrides = ["mode=generate", "generate.max_new_tokens=12"]
+    cfg = config.load(tmp / "cross.yaml", overrides)
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("HARNESS_STORE", str(tmp / "store"))
+        plan = pipeline.plan(cfg, log=lambda _: None)
+        assert main(["compare", "--config", str(tmp / "cross.yaml"), *overrides]) == 0
+    run_dir = (tmp / "reports" / "latest").resolve()
+    record = records.read(run_dir / "run.json")
+    assert record.config["mode"] == "generate"
+    pairs = {p.candidate: p for p in record.pairs}
+    n = pairs["s-chat"].aggregates["positions"]  # the same tokenizer: every continuation position
+    ref = plan.sides["s"]
+    for name in ("s-perm", "s-cut"):
+        side, a = plan.sides[name], pairs[name].aggregates
+        aligned, same_tokens = 0, set()
+        for p, seg in enumerate(plan.segments):
+            assert seg.prompt == p  # every micro prompt has a continuation
+            ids_a, ids_b = ref.ids[p], side.ids[p]
+            ends_a = np.cumsum([len(ref.keys[i][1]) for i in ids_a])
+            ends_b = np.cumsum([len(side.keys[i][1]) for i in ids_b])
+            scored_a = range(seg.first + 1, len(ids_a))  # positions (target indices) the reference scores
+            aligned += sum(1 for t in scored_a if ends_a[t - 1] in set(ends_b[:-1].tolist()))
+            common = next((k for k, (x, y) in enumerate(zip(ids_a, ids_b)) if ref.keys[x] != side.keys[y]), len(ids_a))
+            same_tokens |= {(p, t) for t in scored_a if t < common}  # both read the same tokens before t
+        assert a["aligned"] == aligned == n
+        m = records.load_positions(run_dir, pairs[name])
+        kl = {(int(p), int(t)): k for p, t, k in zip(m["prompt"], m["position"], m["kl"])}
+        if name == "s-perm":
+            assert len(same_tokens) == len(kl) == n and all(kl[pt] < 1e-8 for pt in same_tokens)
+            assert a["top1_agree"] == 1.0
+        # each variant scores only tokens that start inside the continuation: before its first scored token it has
+        # read the whole prompt
+        for seg in plan.own[name][1]:
+            prompt = b"".join(ref.keys[i][1] for i in plan.tokens.ids[seg.prompt])
+            assert b"".join(side.keys[i][1] for i in seg.ids[: seg.first + 1]).startswith(prompt)
