@@ -344,6 +344,43 @@ def test_the_token_view_leaves_unaligned_positions_out(cross_run, browser):
 
 
 @pytest.mark.slow
+def test_a_sentencepiece_model_against_the_reference(micro_zoo, tmp_path):
+    """A Llama model with a SentencePiece-style vocabulary (dummy prefix, "▁" and "<0x20>" both a space, byte
+    fallback) against the Qwen reference: the run completes, and what it compares follows from the two vocabularies."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spm = metaspace_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(spm), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                                         bos_token_id=1, eos_token_id=2))  # fmt: skip
+    model.save_pretrained(tmp_path / "llama")
+    spm.save_pretrained(tmp_path / "llama")
+    prompts_file = tmp_path / "p.jsonl"
+    texts = ["the cat sat\nthe hat", "that cat, the hat sat; the cat at the sea"]
+    prompts_file.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "name": "spm", "zoo_profile": "micro", "reference": {"name": "s", "source": "zoo:tiny-qwen1.5-s"},
+        "variants": [{"name": "llama", "source": str(tmp_path / "llama")}], "prompts": str(prompts_file),
+        "cross_vocab": True, "reports_dir": str(tmp_path / "reports"), "metrics": {"bootstrap_resamples": 0, "top_k": [2]},
+    }))  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setenv("HARNESS_STORE", str(tmp_path / "store"))
+        assert main(["compare", "--config", str(cfg)]) == 0
+    record = records.read(tmp_path / "reports" / "latest" / "run.json")
+    a = record.pairs[0].aggregates
+    qwen = AutoTokenizer.from_pretrained(micro_zoo["tiny-qwen1.5-s"])
+    keys_a, keys_b = align.vocab_keys(qwen), align.vocab_keys(spm)
+    assert a["shared_tokens"] == len(set(keys_a) & set(keys_b))  # the 256 single bytes among them, " " once
+    ids = [(tuple(qwen(t, add_special_tokens=False).input_ids), tuple(spm(t, add_special_tokens=False).input_ids)) for t in texts]
+    aligned = sum(len(align.aligned_positions(keys_a, x, keys_b, y)[0]) for x, y in ids)  # through the dummy prefix
+    assert a["aligned_of"] == sum(len(x) - 1 for x, _ in ids) and a["aligned"] == aligned > 3
+    # its <unk>, <s> and </s> are not Qwen's: some of the candidate's mass lies outside the shared tokens
+    assert 0 < a["positions"] <= aligned and np.isfinite(a["kl_mean"]) and 0 < a["outside_mass_cand"] < 1
+
+
+@pytest.mark.slow
 def test_without_cross_vocab_another_tokenizer_stops_the_run(cross_run):
     _, _, tmp = cross_run
     cfg = config.load(tmp / "cross.yaml", ["cross_vocab=false"])
