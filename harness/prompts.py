@@ -4,7 +4,9 @@
 
 A line is `{"id": ..., "text": ...}` (raw text) or `{"id": ..., "messages": [{"role", "content"}]}`
 (rendered with the reference tokenizer's chat template). The reference tokenizer produces the ids;
-each variant's tokenizer must produce exactly the same ids, or the run stops at the first difference.
+each variant's tokenizer must produce exactly the same ids, or the run stops at the first difference
+(unless `cross_vocab`: then the variant reads the same text its own way, `retokenize`, and align.py
+matches the two readings).
 """
 
 from __future__ import annotations

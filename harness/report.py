@@ -154,9 +154,9 @@ def table(record: records.RunRecord) -> str:
         rows.append(row + (f" {a['kl_floor_multiple']:>9.3g}" if floor else ""))
     notes = [
         f"{p.candidate}: another tokenizer (cross_vocab): {p.aggregates['positions']} of {p.aggregates['aligned_of']} "
-        f"positions compared ({p.aggregates['aligned']} split alike, of which these predict a shared token), over "
-        f"{p.aggregates['shared_tokens']} shared tokens holding {1 - p.aggregates['outside_mass_ref']:.2%} of the "
-        f"reference's mass and {1 - p.aggregates['outside_mass_cand']:.2%} of its own"
+        f"positions compared ({p.aggregates['aligned']} split alike, {p.aggregates['positions']} of them before a token "
+        f"both vocabularies hold), over {p.aggregates['shared_tokens']} shared tokens holding "
+        f"{1 - p.aggregates['outside_mass_ref']:.2%} of the reference's mass and {1 - p.aggregates['outside_mass_cand']:.2%} of its own"
         for p in record.pairs if "aligned_of" in p.aggregates
     ]  # fmt: skip
     return "\n".join([f"reference: {record.reference}", head, *rows, *notes])
