@@ -88,30 +88,52 @@ def starts(keys: list[tuple[str, bytes]], ids: tuple[int, ...]) -> tuple[np.ndar
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]), b"".join(parts)
 
 
+def _shared_starts(ref_keys: list, ref_ids, cand_keys: list, cand_ids, prompt: str, names) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each token's start byte in the text both spell ([len(ref_ids)], [len(cand_ids)] int64; a SentencePiece dummy
+    prefix's space at -1), and the text's length; AlignError where they spell different text."""
+    a, text_a = starts(ref_keys, ref_ids)
+    b, text_b = starts(cand_keys, cand_ids)
+    if text_b == text_a:
+        return a, b, len(text_a)
+    if text_b == b" " + text_a:  # SentencePiece's dummy prefix: its first token carries a space the text lacks
+        return a, b - 1, len(text_a)
+    if text_a == b" " + text_b:
+        return a - 1, b, len(text_b)
+    at = next((i for i, (x, y) in enumerate(zip(text_a, text_b)) if x != y), min(len(text_a), len(text_b)))
+    raise AlignError(
+        f"prompt {prompt!r}: {names[0]!r} and {names[1]!r} tokenize it to different text from byte {at} on "
+        f"({text_a[max(0, at - 10) : at + 10]!r} against {text_b[max(0, at - 10) : at + 10]!r}): their "
+        "normalisers differ, so no position can be aligned"
+    )
+
+
 def aligned_positions(
     ref_keys: list, ref_ids: tuple[int, ...], cand_keys: list, cand_ids: tuple[int, ...], *, prompt: str = "", names=("reference", "candidate")
 ) -> tuple[np.ndarray, np.ndarray]:
     """([N] token positions in the reference's ids, [N] in the candidate's) whose tokens start at the same byte, past
     the first: position t of either is the row that predicts token t from the bytes before it. Raises AlignError
     where the two tokenizations do not spell the same bytes (a SentencePiece tokenizer's added leading space aside)."""
-    a, text_a = starts(ref_keys, ref_ids)
-    b, text_b = starts(cand_keys, cand_ids)
-    if text_b != text_a:
-        if text_b == b" " + text_a:  # SentencePiece's dummy prefix: its first token carries a space the text lacks
-            b = b - 1
-        elif text_a == b" " + text_b:
-            a = a - 1
-        else:
-            at = next((i for i, (x, y) in enumerate(zip(text_a, text_b)) if x != y), min(len(text_a), len(text_b)))
-            raise AlignError(
-                f"prompt {prompt!r}: {names[0]!r} and {names[1]!r} tokenize it to different text from byte {at} on "
-                f"({text_a[max(0, at - 10) : at + 10]!r} against {text_b[max(0, at - 10) : at + 10]!r}): their "
-                "normalisers differ, so no position can be aligned"
-            )
+    a, b, _ = _shared_starts(ref_keys, ref_ids, cand_keys, cand_ids, prompt, names)
     # a start shared by both, past the first token of each (token 0 is never predicted)
     common, ia, ib = np.intersect1d(a[1:], b[1:], assume_unique=False, return_indices=True)
     keep = common > 0  # a token at byte 0 (after a dummy-prefix token) has read nothing of the text
     return ia[keep] + 1, ib[keep] + 1
+
+
+def spans(
+    ref_keys: list, ref_ids: tuple[int, ...], cand_keys: list, cand_ids: tuple[int, ...], *, prompt: str = "", names=("reference", "candidate")
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The text cut at every start both tokenizations share (past byte 0), the last piece running to the end: each
+    model predicts exactly the bytes of a span with the tokens that start in it, having read the same bytes before
+    it, so the two NLL sums over a span are the same event's (an exact cross-tokenizer likelihood). Returns each
+    reference token's span ([len(ref_ids)] int64, -1 before the first span), each candidate token's, and [S] int64
+    bytes per span."""
+    a, b, length = _shared_starts(ref_keys, ref_ids, cand_keys, cand_ids, prompt, names)
+    cuts = np.intersect1d(a[1:], b[1:])
+    cuts = cuts[cuts > 0]
+    edges = np.append(cuts, length)
+    return (np.searchsorted(cuts, a, side="right") - 1, np.searchsorted(cuts, b, side="right") - 1,
+            np.diff(edges).astype(np.int64))  # fmt: skip
 
 
 def continued(prompt_text: str, continuation: list, tokenizer, keys: list, index: dict) -> tuple[tuple[int, ...], int]:
@@ -229,6 +251,12 @@ class PairAlignment:
     vocab: VocabMap
     ref_positions: int  # rows in the reference's store
     aligned: int  # of them, those whose split lines up; the N compared are those whose next token is also shared
+    # whole spans (`spans`) whose every token both stores score: per side, the store rows inside them and their span
+    ref_span_rows: np.ndarray = None  # [*] int64
+    ref_span: np.ndarray = None  # [*] int64, in 0 .. S-1
+    cand_span_rows: np.ndarray = None
+    cand_span: np.ndarray = None
+    span_bytes: np.ndarray = None  # [S] int64
 
 
 def _row_index(prompt: np.ndarray, position: np.ndarray) -> dict[tuple[int, int], int]:
@@ -240,16 +268,36 @@ def align_stores(ref: Side, cand: Side, ref_store, cand_store, prompt_names: lis
     rows_a = _row_index(ref_store.read("prompt").numpy(), ref_store.read("position").numpy())
     rows_b = _row_index(cand_store.read("prompt").numpy(), cand_store.read("position").numpy())
     ra, rb = [], []
+    span_rows: tuple[list, list] = ([], [])
+    span_of: tuple[list, list] = ([], [])
+    span_bytes: list[int] = []
     for p, (ids_a, ids_b) in enumerate(zip(ref.ids, cand.ids, strict=True)):
         ta, tb = aligned_positions(ref.keys, ids_a, cand.keys, ids_b, prompt=prompt_names[p], names=names)
         for t, u in zip(ta.tolist(), tb.tolist()):
             if (p, t) in rows_a and (p, u) in rows_b:  # scored in both stores
                 ra.append(rows_a[(p, t)])
                 rb.append(rows_b[(p, u)])
+        # whole spans: kept where both stores score every token that starts in them
+        sa, sb, nbytes = spans(ref.keys, ids_a, cand.keys, ids_b, prompt=prompt_names[p], names=names)
+        whole = np.ones(len(nbytes), dtype=bool)
+        for span, rows in ((sa, rows_a), (sb, rows_b)):
+            for t, k in enumerate(span.tolist()):
+                if k >= 0 and (p, t) not in rows:
+                    whole[k] = False
+        renumber = np.cumsum(whole) - 1 + len(span_bytes)
+        span_bytes += nbytes[whole].tolist()
+        for side, (span, rows) in enumerate(((sa, rows_a), (sb, rows_b))):
+            for t, k in enumerate(span.tolist()):
+                if k >= 0 and whole[k]:
+                    span_rows[side].append(rows[(p, t)])
+                    span_of[side].append(int(renumber[k]))
     vocab = VocabMap.build(ref.keys, cand.keys)
     ra, rb = torch.tensor(ra, dtype=torch.long), torch.tensor(rb, dtype=torch.long)
     shared = vocab.ref_column[ref_store.read("target")[ra]] < vocab.shared
-    return PairAlignment(ra[shared], rb[shared], vocab, len(rows_a), len(ra))
+    return PairAlignment(
+        ra[shared], rb[shared], vocab, len(rows_a), len(ra),
+        *(np.array(x, dtype=np.int64) for x in (span_rows[0], span_of[0], span_rows[1], span_of[1], span_bytes)),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -124,6 +124,32 @@ def _gathered(store: Store, rows: torch.Tensor, block: int):
         yield out
 
 
+def own_nll(store: Store) -> np.ndarray:
+    """[P] float64 NLL (nats) of each stored row's own next token, rows renormalised in float64 (Store.blocks)."""
+    target, out, start = store.read("target"), [], 0
+    for block in store.blocks(FUSED_BLOCK):
+        out.append(-block.gather(1, target[start : start + len(block), None]).squeeze(1).double())
+        start += len(block)
+    return torch.cat(out).numpy()
+
+
+def bits_per_byte(ref: Store, cand: Store, alignment: align.PairAlignment) -> dict:
+    """Each model's NLL over the bytes of the whole spans (align.spans) in bits per byte, each on its own tokens: the
+    exact likelihood comparison across tokenizers. bpb_diff = cand − ref, its se that of a ratio estimator over spans."""
+    a, spans_bytes = alignment, alignment.span_bytes
+    n = len(spans_bytes)
+    if n == 0:
+        return {"bpb_spans": 0, "bpb_bytes": 0}
+    nll = [np.bincount(span, weights=own_nll(store)[rows], minlength=n) for store, rows, span in
+           ((ref, a.ref_span_rows, a.ref_span), (cand, a.cand_span_rows, a.cand_span))]  # fmt: skip
+    total = spans_bytes.sum()
+    diff = nll[1] - nll[0]  # [S] nats per span
+    d = diff.sum() / total
+    se = np.sqrt(n / max(n - 1, 1) * np.sum((diff - d * spans_bytes) ** 2)) / total
+    return {"bpb_ref": float(nll[0].sum() / total / np.log(2)), "bpb_cand": float(nll[1].sum() / total / np.log(2)),
+            "bpb_diff": float(d / np.log(2)), "bpb_diff_se": float(se / np.log(2)), "bpb_spans": int(n), "bpb_bytes": int(total)}  # fmt: skip
+
+
 def compare(
     ref_name: str, ref: Store, cand_name: str, cand: Store, *, ks=(5, 10), resamples: int = 1000, seed: int = 0,
     prompt_names: list[str] | None = None, smoothing_eps: float | None = None, alignment: align.PairAlignment | None = None,
@@ -149,7 +175,8 @@ def compare(
         outside_ref, outside_cand = m.pop("outside_ref"), m.pop("outside_cand")
         m["ref_row"] = alignment.ref_rows.numpy()
         extra = {"aligned_of": alignment.ref_positions, "aligned": alignment.aligned, "shared_tokens": alignment.vocab.shared,
-                 "outside_mass_ref": float(outside_ref.mean()), "outside_mass_cand": float(outside_cand.mean())}  # fmt: skip
+                 "outside_mass_ref": float(outside_ref.mean()), "outside_mass_cand": float(outside_cand.mean()),
+                 **bits_per_byte(ref, cand, alignment)}  # fmt: skip
     agg = aggregate.pair_aggregates(m, prompt, ks=ks, resamples=resamples, seed=seed)
     agg["pad_mass_ref"] = float(ref.read("pad_mass")[keep].double().mean())
     agg["pad_mass_cand"] = float(cand.read("pad_mass")[slice(None) if alignment is None else alignment.cand_rows].double().mean())

@@ -169,7 +169,12 @@ def cross_vocab_note(record: records.RunRecord) -> str:
                 f"{a['positions']} of those predict a token both vocabularies hold: its numbers are over those. Both "
                 f"distributions are taken over the {a['shared_tokens']} shared tokens, renormalised; on average these "
                 f"hold {1 - a['outside_mass_ref']:.2%} of the reference's probability and {1 - a['outside_mass_cand']:.2%} "
-                "of the candidate's. Its top tokens are not shown in the token view.</li>"
+                "of the candidate's. "
+                + (f"Each model's likelihood of the text on its own tokens, over the {a['bpb_bytes']} bytes of the "
+                   f"{a['bpb_spans']} spans between shared splits: <b>{a['bpb_cand']:.4f}</b> bits per byte against "
+                   f"the reference's {a['bpb_ref']:.4f} (difference {a['bpb_diff']:+.4f} ± {a['bpb_diff_se']:.4f}): the "
+                   "exact comparison across tokenizers, where PPL over tokens is not. " if a.get("bpb_bytes") else "")
+                + "Its top tokens are not shown in the token view.</li>"
             )
     return f"<p>Cross-vocabulary pairs (<code>cross_vocab: true</code>):</p><ul>{''.join(items)}</ul>" if items else ""
 

@@ -157,6 +157,9 @@ def table(record: records.RunRecord) -> str:
         f"positions compared ({p.aggregates['aligned']} split alike, {p.aggregates['positions']} of them before a token "
         f"both vocabularies hold), over {p.aggregates['shared_tokens']} shared tokens holding "
         f"{1 - p.aggregates['outside_mass_ref']:.2%} of the reference's mass and {1 - p.aggregates['outside_mass_cand']:.2%} of its own"
+        + (f"; bits per byte on its own tokens {p.aggregates['bpb_cand']:.4f} against {p.aggregates['bpb_ref']:.4f} "
+           f"(difference {p.aggregates['bpb_diff']:+.4f} ± {p.aggregates['bpb_diff_se']:.4f}, over {p.aggregates['bpb_bytes']} bytes)"
+           if p.aggregates.get("bpb_bytes") else "")
         for p in record.pairs if "aligned_of" in p.aggregates
     ]  # fmt: skip
     return "\n".join([f"reference: {record.reference}", head, *rows, *notes])

@@ -318,10 +318,58 @@ def test_a_cut_vocabulary_against_float64_by_hand(cross_run, micro_zoo):
 
 
 @pytest.mark.slow
+def test_bits_per_byte_by_hand(cross_run, micro_zoo):
+    """Each model's NLL over the text from the first byte where both have split, to the end, in bits per byte: from
+    both stores' rows in float64 (logsumexp − the row's own next token), at the byte offsets a brute-force prefix
+    search gives; and the difference's se against a bootstrap over spans."""
+    from scipy.stats import bootstrap
+    from transformers import AutoTokenizer
+
+    from harness import compare, pipeline
+
+    run_dir, _, tmp = cross_run
+    record = records.read(run_dir / "run.json")
+    pairs = {p.candidate: p.aggregates for p in record.pairs}
+    perm, cut = pairs["s-perm"], pairs["s-cut"]
+    assert perm["bpb_cand"] == pytest.approx(perm["bpb_ref"], rel=1e-8) and abs(perm["bpb_diff"]) < 1e-7
+    stores = {name: Store(Path(record.variants[name]["store"])) for name in ("s", "s-cut")}
+    toks = {"s": AutoTokenizer.from_pretrained(micro_zoo["tiny-qwen1.5-s"]), "s-cut": AutoTokenizer.from_pretrained(tmp / "cut")}
+    texts = [prompts.render(toks["s"], prompt) for prompt in prompts.load(SMALL)]  # chats through the template
+    nll, nbytes = {"s": 0.0, "s-cut": 0.0}, 0
+    for p, text in enumerate(texts):
+        ids = {name: tok(text, add_special_tokens=False).input_ids for name, tok in toks.items()}
+        ends = {name: np.cumsum([len(b) for b in prompts.token_bytes(toks[name], ids[name])]) for name in toks}
+        first = min(set(ends["s"][:-1].tolist()) & set(ends["s-cut"][:-1].tolist()))  # the first byte both split at
+        nbytes += int(ends["s"][-1]) - first
+        for name, store in stores.items():
+            rows = next(store.blocks(10**6, renormalise=False)).double()
+            prompt, position, target = (store.read(k).numpy() for k in ("prompt", "position", "target"))
+            starts = np.concatenate([[0], ends[name][:-1]])
+            for r in np.flatnonzero((prompt == p) & (starts[np.minimum(position, len(starts) - 1)] >= first)):
+                nll[name] += float(torch.logsumexp(rows[r], 0) - rows[r, target[r]])
+    assert cut["bpb_bytes"] == nbytes
+    assert cut["bpb_ref"] == pytest.approx(nll["s"] / nbytes / np.log(2), rel=1e-6)
+    assert cut["bpb_cand"] == pytest.approx(nll["s-cut"] / nbytes / np.log(2), rel=1e-6)
+    # the standard error of the difference: a ratio estimator over spans, against scipy's bootstrap of the same ratio
+    cfg = config.load(tmp / "cross.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HARNESS_STORE", str(tmp / "store"))
+        plan = pipeline.plan(cfg, log=lambda _: None)
+    al = pipeline.alignment(plan, "s", "s-cut", stores, [str(i) for i in range(len(texts))])
+    per_span = [np.bincount(span, weights=compare.own_nll(stores[name])[rows], minlength=len(al.span_bytes))
+                for name, rows, span in (("s", al.ref_span_rows, al.ref_span), ("s-cut", al.cand_span_rows, al.cand_span))]  # fmt: skip
+    diff = per_span[1] - per_span[0]
+    boot = bootstrap((diff, al.span_bytes.astype(float)), lambda d, b: d.sum() / b.sum() / np.log(2), paired=True,
+                     vectorized=False, n_resamples=2000, method="percentile", random_state=0)  # fmt: skip
+    assert cut["bpb_diff"] == pytest.approx(diff.sum() / al.span_bytes.sum() / np.log(2), rel=1e-9)
+    assert cut["bpb_diff_se"] == pytest.approx(boot.standard_error, rel=0.2)
+
+
+@pytest.mark.slow
 def test_the_report_shows_cross_vocab_pairs(cross_run):
     run_dir, _, _ = cross_run
     html = (run_dir / "index.html").read_text()
-    assert "cross-vocabulary</span>" in html and "<b>s-cut</b> has another tokenizer" in html
+    assert "cross-vocabulary</span>" in html and "<b>s-cut</b> has another tokenizer" in html and "bits per byte" in html
     data = json.loads(html.split('<script type="application/json" id="data">')[1].split("</script>")[0])
     n = len(data["pos"]["prompt"])
     assert all(len(v) == n for v in data["kl"].values())
@@ -432,7 +480,7 @@ def test_generate_mode_aligns_the_continuation(cross_run, tokenizer):
         kl = {(int(p), int(t)): k for p, t, k in zip(m["prompt"], m["position"], m["kl"])}
         if name == "s-perm":
             assert len(same_tokens) == len(kl) == n and all(kl[pt] < 1e-8 for pt in same_tokens)
-            assert a["top1_agree"] == 1.0
+            assert a["top1_agree"] == 1.0 and a["bpb_bytes"] > 0 and abs(a["bpb_diff"]) < 1e-7
         # each variant scores only tokens that start inside the continuation: before its first scored token it has
         # read the whole prompt
         for seg in plan.own[name][1]:
