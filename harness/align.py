@@ -19,6 +19,10 @@ smaller model puts nothing there). The mass each model puts outside the shared t
 position whose next token (the reference's) is not shared is left out, like one whose split differs.
 This is an approximation that same-vocabulary runs do not need: where one model would emit a longer token than the
 other has, its mass sits on a token the other lacks (so outside) or on a shorter prefix token.
+
+Likelihood. Cut at every byte where both tokenizations start a token (`spans`), the text falls into pieces that each
+model predicts with the tokens starting in them, having read the same bytes before: their NLL sums are the same
+event's, so bits per byte over those pieces (compare.bits_per_byte) compare the two models exactly.
 """
 
 from __future__ import annotations
