@@ -37,6 +37,10 @@ import torch
 
 from harness.prompts import PromptError
 
+# what a cross_vocab pair's aggregates hold beyond a same-vocabulary pair's (compare.compare): gateable too
+AGGREGATES = ("aligned_of", "aligned", "shared_tokens", "outside_mass_ref", "outside_mass_cand", "bpb_ref", "bpb_cand",
+              "bpb_diff", "bpb_diff_se", "bpb_spans", "bpb_bytes")  # fmt: skip
+
 
 class AlignError(PromptError):
     """Two tokenizers that cannot be aligned, naming the models and the prompt."""

@@ -93,7 +93,8 @@ class Threshold:
     def rule(self) -> str:
         return {"min": f">= {self.bound:g}", "max": f"<= {self.bound:g}", "max_x_floor": f"<= {self.bound:g} x floor"}[self.kind]
 
-    def breach(self, aggregates: dict, floor: dict | None, *, strict: bool = False) -> Breach | None:
+    def breach(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None) -> Breach | None:
+        """`pair`: the candidate these aggregates are of (a "*" limit applies to each pair; its breach names it)."""
         value = float(aggregates[self.metric])
         se = standard_error(aggregates, self.metric)
         if self.kind == "max_x_floor":
@@ -104,7 +105,7 @@ class Threshold:
         bad = value < limit if self.kind == "min" else value > limit
         if not bad and not math.isnan(value):
             return None
-        return _judge(self.pair, self.metric, value, limit, self.rule, se, strict=strict)
+        return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict)
 
 
 _FAIL = re.compile(r"^(?P<metric>[A-Za-z_][A-Za-z0-9_]*):(?P<sign>[+-]?)(?P<amount>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?P<pct>%?)$")
@@ -205,11 +206,14 @@ def gate(
     if not checks and not regressions:
         raise GateError(f"nothing to check: the config of run {run.run_id} has no 'gate' limits and no --fail was given")
     pairs = {p.candidate: p.aggregates for p in run.pairs}
-    sample = next(iter(pairs.values()), {})
+    sample = {k: v for agg in pairs.values() for k, v in agg.items()}  # some metrics only some pairs have (cross_vocab)
     for t in checks:
         _known_metric(t.metric, sample, f"gate.{t.pair}")
         if t.pair != "*" and t.pair not in pairs:
             raise GateError(f"gate.{t.pair}: run {run.run_id} has no pair with candidate {t.pair!r}")
+        if t.pair != "*" and t.metric not in pairs[t.pair]:
+            raise GateError(f"gate.{t.pair}.{t.metric}: pair {t.pair!r} has no {t.metric} in run {run.run_id} "
+                            "(only a pair of two vocabularies has it, with cross_vocab)")  # fmt: skip
         if t.kind == "max_x_floor" and run.noise_floor not in pairs:
             raise GateError(f"gate.{t.pair}.{t.metric}: max_x_floor needs a noise floor, and run {run.run_id} has none")
     for r in regressions:
@@ -219,9 +223,9 @@ def gate(
     found: list[Breach] = []
     n = 0
     for t in checks:
-        for name in pairs if t.pair == "*" else [t.pair]:
+        for name in [p for p in pairs if t.metric in pairs[p]] if t.pair == "*" else [t.pair]:  # "*": the pairs that have it
             n += 1
-            found += [b] if (b := t.breach(pairs[name], floor, strict=strict)) else []
+            found += [b] if (b := t.breach(pairs[name], floor, strict=strict, pair=name)) else []
     if baseline is not None:
         base_pairs = {p.candidate: p.aggregates for p in baseline.pairs}
         for name, agg in pairs.items():
@@ -229,6 +233,8 @@ def gate(
                 warnings.append(f"pair {name!r} is not in the baseline: not compared")
                 continue
             for r in regressions:
+                if r.metric not in agg:  # a metric of cross_vocab pairs only, and this pair is not one
+                    continue
                 _known_metric(r.metric, base_pairs[name], f"--fail {r.text} (baseline {baseline_path})")
                 n += 1
                 found += [b] if (b := r.breach(name, agg, base_pairs[name], strict=strict)) else []
@@ -293,7 +299,7 @@ def preflight(cfg, *, baseline: Path | None, fail: list[str]) -> None:
         raise GateError(f"nothing to check: {cfg.source_file} has no 'gate' limits and no --fail was given")
     from harness.config import gate_metrics
 
-    known = dict.fromkeys(gate_metrics(cfg.metrics.top_k, cfg.noise_floor is not None), 0.0)
+    known = dict.fromkeys(gate_metrics(cfg.metrics.top_k, cfg.noise_floor is not None, cfg.cross_vocab), 0.0)
     for r in regressions:
         _known_metric(r.metric, known, f"--fail {r.text}")
 

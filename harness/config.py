@@ -142,7 +142,7 @@ class Config(_Strict):
                 raise ValueError(f"gate key {pair!r} is not the name of a variant (nor '*', every variant)")
             if self.noise_floor is None and any(lim.max_x_floor is not None for lim in limits.values()):
                 raise ValueError(f"gate.{pair} uses max_x_floor, but no noise_floor is set")
-            known = known or gate_metrics(self.metrics.top_k, self.noise_floor is not None)
+            known = known or gate_metrics(self.metrics.top_k, self.noise_floor is not None, self.cross_vocab)
             for metric in limits:
                 if metric not in known:
                     near = difflib.get_close_matches(metric, known, n=3)
@@ -164,9 +164,10 @@ class Config(_Strict):
         return [self.reference, *self.variants]
 
 
-def gate_metrics(top_k: list[int], floor: bool) -> list[str]:
+def gate_metrics(top_k: list[int], floor: bool, cross_vocab: bool = False) -> list[str]:
     """The names `gate` limits may take: every scalar of a pair's aggregates, as `aggregate.pair_aggregates` makes
-    them for these top-k sizes (from a few made-up positions, so that the list cannot drift from what a run has)."""
+    them for these top-k sizes (from a few made-up positions, so that the list cannot drift from what a run has),
+    and with cross_vocab those that only a pair of two vocabularies has (align.AGGREGATES, bits per byte etc.)."""
     import numpy as np
 
     from harness import aggregate
@@ -179,6 +180,10 @@ def gate_metrics(top_k: list[int], floor: bool) -> list[str]:
     m |= {"top1_agree": rng.random(n) < 0.5, "ref_top_rank": rng.integers(0, 3, n)}
     agg = aggregate.pair_aggregates(m, np.arange(n) % 3, ks=top_k, resamples=0, seed=0)
     names = [k for k, v in agg.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if cross_vocab:
+        from harness import align
+
+        names += list(align.AGGREGATES)
     return sorted(names + (["kl_floor_multiple"] if floor else []))
 
 

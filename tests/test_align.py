@@ -366,6 +366,17 @@ def test_bits_per_byte_by_hand(cross_run, micro_zoo):
 
 
 @pytest.mark.slow
+def test_what_a_cross_pair_adds_is_gateable(cross_run):
+    run_dir, _, tmp = cross_run
+    pairs = {p.candidate: p.aggregates for p in records.read(run_dir / "run.json").pairs}
+    scalars = {name: {k for k, v in a.items() if isinstance(v, float | int) and not isinstance(v, bool)} for name, a in pairs.items()}
+    assert scalars["s-cut"] - scalars["s-chat"] == set(align.AGGREGATES)  # the list cannot drift from what a run has
+    assert config.load(tmp / "cross.yaml", ["gate={'*': {bpb_diff: {max: 0.5}}}"]).gate["*"]["bpb_diff"].max == 0.5
+    with pytest.raises(config.ConfigError, match=r"gate\.\*\.bpb_diff: no pair aggregate is called 'bpb_diff'"):
+        config.load(tmp / "cross.yaml", ["cross_vocab=false", "gate={'*': {bpb_diff: {max: 0.5}}}"])
+
+
+@pytest.mark.slow
 def test_the_report_shows_cross_vocab_pairs(cross_run):
     run_dir, _, _ = cross_run
     html = (run_dir / "index.html").read_text()

@@ -89,6 +89,21 @@ def test_baseline_regressions_use_the_combined_standard_error():
     assert all(b["baseline"] is not None and b["pair"] == "int4" for b in v["breaches"])
 
 
+def test_a_metric_only_cross_vocab_pairs_have():
+    """bpb_diff exists only for a pair of two vocabularies: "*" gates the pairs that have it, a named pair without it is
+    a usage error, and --fail compares it where the pair has it."""
+    pairs = GOOD | {"cut": _agg(0.3, 0.02, 0.85) | {"bpb_diff": 1.7, "bpb_diff_se": 0.1}}
+    v = check.gate(_run(pairs, {"*": {"bpb_diff": {"max": 1.0}}}))
+    assert v["checks"] == 1 and [(b["pair"], b["metric"]) for b in v["breaches"]] == [("cut", "bpb_diff")]
+    with pytest.raises(GateError, match=r"gate\.int4\.bpb_diff: pair 'int4' has no bpb_diff .*cross_vocab"):
+        check.gate(_run(pairs, {"int4": {"bpb_diff": {"max": 1.0}}}))
+    base = _run(GOOD | {"cut": pairs["cut"] | {"bpb_diff": 1.2}}, run_id="base")
+    v = check.gate(_run(pairs), baseline=base, baseline_path=Path("base"), fail=["bpb_diff:+0.1"])
+    assert v["checks"] == 1 and v["breaches"][0]["pair"] == "cut" and v["breaches"][0]["baseline"] == 1.2
+    with pytest.raises(GateError, match=r"unknown metric 'bpb_diff'"):
+        check.gate(_run(GOOD, {"*": {"bpb_diff": {"max": 1.0}}}))
+
+
 def test_usage_errors():
     run = _run(GOOD, {"int4": {"kl_mean": {"max": 0.01}}})
     with pytest.raises(GateError, match="give --baseline"):
