@@ -260,11 +260,11 @@ class PairAlignment:
     ref_positions: int  # rows in the reference's store
     aligned: int  # of them, those whose split lines up; the N compared are those whose next token is also shared
     # whole spans (`spans`) whose every token both stores score: per side, the store rows inside them and their span
-    ref_span_rows: np.ndarray = None  # [*] int64
-    ref_span: np.ndarray = None  # [*] int64, in 0 .. S-1
-    cand_span_rows: np.ndarray = None
-    cand_span: np.ndarray = None
-    span_bytes: np.ndarray = None  # [S] int64
+    ref_span_rows: np.ndarray  # [*] int64
+    ref_span: np.ndarray  # [*] int64, in 0 .. S-1
+    cand_span_rows: np.ndarray
+    cand_span: np.ndarray
+    span_bytes: np.ndarray  # [S] int64
 
 
 def _row_index(prompt: np.ndarray, position: np.ndarray) -> dict[tuple[int, int], int]:
@@ -272,7 +272,8 @@ def _row_index(prompt: np.ndarray, position: np.ndarray) -> dict[tuple[int, int]
 
 
 def align_stores(ref: Side, cand: Side, ref_store, cand_store, prompt_names: list[str], names=("reference", "candidate")) -> PairAlignment:
-    """The aligned rows of two stores (each holds `prompt` and `position` per row) and the vocabulary map."""
+    """The aligned rows of two stores (each holds `prompt` and `position` per row), the vocabulary map, and the whole
+    spans (`spans`) whose every token both stores score, for bits per byte."""
     rows_a = _row_index(ref_store.read("prompt").numpy(), ref_store.read("position").numpy())
     rows_b = _row_index(cand_store.read("prompt").numpy(), cand_store.read("position").numpy())
     ra, rb = [], []
