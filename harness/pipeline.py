@@ -77,7 +77,7 @@ def plan(cfg: Config, log=print) -> Plan:
         segments = prompts.generate_segments(tokens, continuations)
     else:
         segments = prompts.text_segments(tokens, context=cfg.text.context, score=cfg.text.score)
-    own, sides = _cross_readings(cfg, tokens, continuations, {name: tokenizers[key] for name, key in cross.items()}, ref_tok)
+    own, sides = _cross_readings(cfg, tokens, continuations, cross, tokenizers, ref_tok)
     for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments
         longest = max((len(s.ids) for s in own.get(spec.name, (None, segments))[1]), default=0)
         if (limit := loaders.context_length(loaded[spec.name])) < longest:
@@ -88,18 +88,19 @@ def plan(cfg: Config, log=print) -> Plan:
     return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides)
 
 
-def _cross_readings(cfg: Config, tokens: TokenizedPrompts, continuations, theirs: dict, ref_tok) -> tuple[dict, dict]:
-    """cross_vocab: each variant in `theirs` (name -> tokenizer) reads the same text its own way: (Plan.own,
+def _cross_readings(cfg: Config, tokens: TokenizedPrompts, continuations, cross: dict, tokenizers: dict, ref_tok) -> tuple[dict, dict]:
+    """cross_vocab: each variant in `cross` (name -> tokenizer key in `tokenizers`) reads the same text its own way: (Plan.own,
     Plan.sides). Text mode: every prompt must fit one window for every model, so that both models have read the same
     text before every aligned position. Generate mode: the prompt, then the reference's continuation token by token
     (align.continued), the continuation scored."""
-    if not theirs:
+    if not cross:
         return {}, {}
     ref_keys = align.vocab_keys(ref_tok)
     whole = tokens.ids if continuations is None else tuple(ids + tuple(c) for ids, c in zip(tokens.ids, continuations, strict=True))
-    own, sides, keys = {}, {cfg.reference.name: align.Side(whole, ref_keys)}, {}
-    for name, tok in theirs.items():
-        keys[id(tok)] = keys.get(id(tok)) or align.vocab_keys(tok)
+    own, sides = {}, {cfg.reference.name: align.Side(whole, ref_keys)}
+    keys = {key: align.vocab_keys(tokenizers[key]) for key in set(cross.values())}  # once per distinct tokenizer
+    for name, key in cross.items():
+        tok = tokenizers[key]
         if continuations is None:
             read = prompts.retokenize(tokens, ref_tok, tok)
             for who, each in ((cfg.reference.name, tokens), (name, read)):
@@ -113,15 +114,15 @@ def _cross_readings(cfg: Config, tokens: TokenizedPrompts, continuations, theirs
                         )
             own[name] = (read, prompts.text_segments(read, context=cfg.text.context, score=cfg.text.score))
         else:
-            index = align.first_ids(keys[id(tok)])
+            index = align.first_ids(keys[key])
             readings = [
-                align.continued(prompts.render(ref_tok, prompt, generation_prompt=True), [ref_keys[i] for i in c], tok, keys[id(tok)], index)
+                align.continued(prompts.render(ref_tok, prompt, generation_prompt=True), [ref_keys[i] for i in c], tok, keys[key], index)
                 for prompt, c in zip(tokens.prompts, continuations, strict=True)
             ]
             read = prompts.TokenizedPrompts(prompts=tokens.prompts, ids=tuple(ids for ids, _ in readings), n_vocab=len(tok))
             segments = [prompts.Segment(p, 0, ids, first - 1) for p, (ids, first) in enumerate(readings) if first < len(ids)]
             own[name] = (read, segments)
-        sides[name] = align.Side(read.ids, keys[id(tok)])
+        sides[name] = align.Side(read.ids, keys[key])
     return own, sides
 
 
