@@ -111,24 +111,28 @@ def pair_metrics(
 
 
 def _gathered(store: Store, rows: torch.Tensor, block: int):
-    """[<=block, V] float32 log-prob blocks of the given store rows, in their order (memory-mapped reads)."""
+    """[<=block, V] log-prob blocks of the given store rows, in their order, in the stored dtype (memory-mapped reads)."""
     maps = [mapped_logprobs(path) for path in store.shards()]
     bounds = np.cumsum([0] + [len(m) for m in maps])
     for start in range(0, len(rows), block):
         part = rows[start : start + block].numpy()
         shard = np.searchsorted(bounds, part, side="right") - 1
-        out = torch.empty(len(part), maps[0].shape[1], dtype=torch.float32)
+        out = torch.empty(len(part), maps[0].shape[1], dtype=maps[0].dtype)
         for s in np.unique(shard):
             sel = shard == s
-            out[torch.from_numpy(sel)] = maps[s][torch.from_numpy(part[sel] - bounds[s])].float()
+            out[torch.from_numpy(sel)] = maps[s][torch.from_numpy(part[sel] - bounds[s])]
         yield out
 
 
 def own_nll(store: Store) -> np.ndarray:
-    """[P] float64 NLL (nats) of each stored row's own next token, rows renormalised in float64 (Store.blocks)."""
+    """[P] float64 NLL (nats) of each stored row's own next token, against the row's logsumexp (stored rows sum to 1
+    only to their dtype's rounding): the fused row kernel's (row_stats: float32 lanes summed in float64, within
+    ~1e-7 nats), else torch's in float64."""
     target, out, start = store.read("target"), [], 0
-    for block in store.blocks(FUSED_BLOCK):
-        out.append(-block.gather(1, target[start : start + len(block), None]).squeeze(1).double())
+    fused = row_stats.available() is None
+    for block in store.blocks(FUSED_BLOCK, renormalise=False, reuse=True):
+        lse = row_stats.row_stats(block, block.shape[1], logprobs=False)[2].double() if fused else torch.logsumexp(block.double(), dim=-1)
+        out.append(lse - block.gather(1, target[start : start + len(block), None]).squeeze(1).double())
         start += len(block)
     return torch.cat(out).numpy()
 

@@ -28,7 +28,8 @@ MAX_TOP = 256  # the largest top k the kernel keeps (its TOP_CAP)
 
 CPP = cext.EXP_F32 + r"""#include <algorithm>
 // Rows [0, n) of x (stride ld), Vp wide; columns < nv are real tokens, the rest padding. out (stride ldo)
-// gets x - logsumexp(real columns) as kind 0 float32, 1 float16, 2 bfloat16 (16-bit kinds: AVX-512 build only);
+// gets x - logsumexp(real columns) as kind 0 float32, 1 float16, 2 bfloat16 (16-bit kinds: AVX-512 build only),
+// nothing for kind -1 (out unused);
 // lse[r] = logsumexp of the whole row, pad[r] = its probability mass on the padding columns.
 enum { BS = 1024 };
 // A row's top k (k = 0: none), by value, the lowest column first among equal values: entries above the threshold
@@ -119,6 +120,7 @@ static void rs_rows(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t n
     const double hi = lc > lp ? lc : lp, full = lp == -INFINITY ? lc : hi + log1p(exp((lc > lp ? lp : lc) - hi));
     lse[r] = (float)full;
     pad[r] = lp == -INFINITY ? 0.f : (float)exp(lp - full);
+    if (kind < 0) continue;  // the sums only
     const float c = (float)lc;
     int64_t i = 0;
     if (kind == 0) {
@@ -153,7 +155,7 @@ static void rs_rows(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t n
 // Rows [0, n) over an OpenMP team of nt threads, each taking a contiguous part.
 extern "C" void rs_team(const float* X, int64_t n, int64_t Vp, int64_t ld, int64_t nv, void* out, int kind, int64_t ldo,
                         float* lse, float* pad, int k, float* topv, int32_t* topi, int nt) {
-  const int64_t es = kind == 0 ? 4 : 2;
+  const int64_t es = kind == 0 ? 4 : kind > 0 ? 2 : 0;
   #pragma omp parallel num_threads(nt)
   {
     int64_t a, b;
@@ -190,32 +192,38 @@ def reference(raw: torch.Tensor, n_vocab: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def row_stats(
-    raw: torch.Tensor, n_vocab: int, out: torch.Tensor | None = None, top: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    raw: torch.Tensor, n_vocab: int, out: torch.Tensor | None = None, top: int = 0, logprobs: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """[R, V_padded] float32 raw logits -> (log-probs [R, n_vocab] written into `out` (its dtype; a new
-    float32 tensor if None), [R] float32 pad mass, [R] float32 logsumexp of the full row, and with `top` > 0
-    the row's `top` largest raw logits over the full width: ([R, top] float32 descending, [R, top] int64
-    columns), else None). The kernel keeps the running top (up to MAX_TOP) in the same read as the maximum;
-    among equal values it keeps the lowest columns, where torch.topk's choice is unspecified."""
+    float32 tensor if None; None without `logprobs`), [R] float32 pad mass, [R] float32 logsumexp of the full
+    row, and with `top` > 0 the row's `top` largest raw logits over the full width: ([R, top] float32
+    descending, [R, top] int64 columns), else None). The kernel keeps the running top (up to MAX_TOP) in the
+    same read as the maximum; among equal values it keeps the lowest columns, where torch.topk's choice is
+    unspecified."""
     rows, width = raw.shape
-    out = torch.empty(rows, n_vocab) if out is None else out
-    if out.shape != (rows, n_vocab) or out.stride(1) != 1:
+    if not logprobs:
+        out = None
+    elif out is None:
+        out = torch.empty(rows, n_vocab)
+    elif out.shape != (rows, n_vocab) or out.stride(1) != 1:
         raise ValueError(f"out must be a row-contiguous [{rows}, {n_vocab}] tensor, not {tuple(out.shape)}")
     top = min(top, width)
-    kind = KINDS.get(out.dtype)
+    kind = -1 if out is None else KINDS.get(out.dtype)
     use_kernel = (
         available() is None and raw.dtype == torch.float32 and raw.device.type == "cpu" and raw.stride(1) == 1
-        and kind is not None and (kind == 0 or _lib().rs_vector())
+        and kind is not None and (kind <= 0 or _lib().rs_vector())
     )  # fmt: skip
     if not use_kernel:
-        logprobs, pad_mass, lse = reference(raw.float(), n_vocab)
-        out.copy_(logprobs)
+        got, pad_mass, lse = reference(raw.float(), n_vocab)
+        if out is not None:
+            out.copy_(got)
         return out, pad_mass, lse, raw.float().topk(top, dim=-1) if top else None
     k = top if top <= MAX_TOP else 0
     lse, pad = torch.empty(rows), torch.empty(rows)
     top_v, top_i = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int32)
     if rows:
-        _lib().rs_team(raw.data_ptr(), rows, width, raw.stride(0), n_vocab, out.data_ptr(), kind, out.stride(0),
+        _lib().rs_team(raw.data_ptr(), rows, width, raw.stride(0), n_vocab, 0 if out is None else out.data_ptr(), kind,
+                       0 if out is None else out.stride(0),
                        lse.data_ptr(), pad.data_ptr(), k, top_v.data_ptr(), top_i.data_ptr(),
                        max(1, min(torch.get_num_threads(), rows)))  # fmt: skip
     if not top:

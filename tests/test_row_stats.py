@@ -38,6 +38,15 @@ def test_matches_float64(dtype, width, n_vocab):
     assert (err <= allowed).all(), float((err - allowed).max())
 
 
+@pytest.mark.parametrize("width, n_vocab", [(151936, 151646), (151646, 151646), (37, 20)])
+def test_the_sums_alone(width, n_vocab):
+    """logprobs=False: no output, the same pad mass and logsumexp bit for bit."""
+    raw = _rows(5, width, seed=3)
+    _, pad, lse, _ = row_stats.row_stats(raw, n_vocab)
+    none, pad_only, lse_only, _ = row_stats.row_stats(raw, n_vocab, logprobs=False)
+    assert none is None and torch.equal(pad_only, pad) and torch.equal(lse_only, lse)
+
+
 def test_threads_split_rows_the_same_way(monkeypatch):
     raw = _rows(9, 5000, seed=1)
     one_thread = row_stats.row_stats(raw, 4990, top=40)
