@@ -8,7 +8,10 @@ its tokens' bytes concatenate to that text (a SentencePiece tokenizer's leading 
 a candidate position are aligned where both predict a token that starts at the same byte: both models have read
 exactly the same bytes before it. Where the two split a word differently, the positions inside it have no partner
 and are left out; the report gives the fraction aligned. In generate mode the variant reads the reference's greedy
-continuation token by token (`continued`), keeping its splits, so that every position of it can align.
+continuation token by token (`continued`), keeping its splits, so that every position of it can align. A long text
+(text mode) is cut into windows that start only where every tokenization starts a token (`window_starts`), each
+variant's windows holding the same bytes as the reference's (`own_windows`), so in a window every model reads the
+same text.
 
 Vocabulary. A token of one vocabulary is the token of the other with the same bytes (special tokens: the same text,
 special in both). A row of log-probs is projected onto the shared tokens, in the reference's id order; a vocabulary
@@ -143,6 +146,48 @@ def spans(
     edges = np.append(cuts, length)
     return (np.searchsorted(cuts, a, side="right") - 1, np.searchsorted(cuts, b, side="right") - 1,
             np.diff(edges).astype(np.int64))  # fmt: skip
+
+
+def window_starts(ref: Side, others: list[Side], prompt_names: list[str], names: list[str]) -> list[np.ndarray]:
+    """Text mode: per prompt, the reference token indices at which every other reading also starts a token at the same
+    byte (0 always): where a window may start (prompts.text_segments' `starts`) so that, in a window, every model reads
+    the same bytes."""
+    out = []
+    for p, ids in enumerate(ref.ids):
+        keep = np.ones(len(ids), dtype=bool)
+        for other, name in zip(others, names[1:], strict=True):
+            a, b, _ = _shared_starts(ref.keys, ids, other.keys, other.ids[p], prompt_names[p], (names[0], name))
+            keep &= np.isin(a, b)
+        keep[0] = True
+        out.append(np.flatnonzero(keep))
+    return out
+
+
+def own_windows(segments: list, ref: Side, cand: Side, prompt_names: list[str], names=("reference", "candidate")) -> list:
+    """Text mode: the candidate's windows over its own reading, one for each of the reference's (`segments`, which start
+    where window_starts allows): the same first byte; every candidate token that starts before the byte where the
+    reference's next window starts scoring; scored from the first token that starts where the reference's window scores
+    from (a window that scores all: every token past its first, as the reference's). So each candidate token is scored
+    once, and where a position of each aligns, both models have read the same bytes."""
+    from harness.prompts import Segment
+
+    out, byte_starts = [], {}
+    for seg in segments:
+        p = seg.prompt
+        if p not in byte_starts:
+            byte_starts[p] = _shared_starts(ref.keys, ref.ids[p], cand.keys, cand.ids[p], prompt_names[p], names)[:2]
+        a, b = byte_starts[p]
+        ids, n = cand.ids[p], len(ref.ids[p])
+        s, e = seg.offset, seg.offset + len(seg.ids)
+        sv = 0 if s == 0 else int(np.searchsorted(b, a[s]))
+        if s and (sv == len(b) or b[sv] != a[s]):
+            raise AlignError(f"prompt {prompt_names[p]!r}: a window of {names[0]!r} starts at byte {a[s]}, where "
+                             f"{names[1]!r} starts no token (align.window_starts should have ruled that out)")  # fmt: skip
+        ev = len(ids) if e >= n else int(np.searchsorted(b, a[e]))
+        scored_from = sv + 1 if seg.first == 0 else int(np.searchsorted(b, a[s + seg.first + 1]))
+        if ev - scored_from >= 1:
+            out.append(Segment(p, sv, tuple(ids[sv:ev]), scored_from - sv - 1))
+    return out
 
 
 def continued(prompt_text: str, continuation: list, tokenizer, keys: list, index: dict) -> tuple[tuple[int, ...], int]:

@@ -71,13 +71,11 @@ def plan(cfg: Config, log=print) -> Plan:
                 raise prompts.PromptError(f"{exc}. To compare it over the tokens both vocabularies share, at the "
                                           f"positions both tokenizations share, set cross_vocab: true in {cfg.source_file}") from None  # fmt: skip
             cross[spec.name] = key
-    continuations = None
+    continuations, segments = None, None
     if generate:
         continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log)
         segments = prompts.generate_segments(tokens, continuations)
-    else:
-        segments = prompts.text_segments(tokens, context=cfg.text.context, score=cfg.text.score)
-    own, sides = _cross_readings(cfg, tokens, continuations, cross, tokenizers, ref_tok)
+    segments, own, sides = _cross_readings(cfg, tokens, segments, continuations, cross, tokenizers, ref_tok)
     for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments
         longest = max((len(s.ids) for s in own.get(spec.name, (None, segments))[1]), default=0)
         if (limit := loaders.context_length(loaded[spec.name])) < longest:
@@ -88,31 +86,27 @@ def plan(cfg: Config, log=print) -> Plan:
     return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides)
 
 
-def _cross_readings(cfg: Config, tokens: TokenizedPrompts, continuations, cross: dict, tokenizers: dict, ref_tok) -> tuple[dict, dict]:
-    """cross_vocab: each variant in `cross` (name -> tokenizer key in `tokenizers`) reads the same text its own way: (Plan.own,
-    Plan.sides). Text mode: every prompt must fit one window for every model, so that both models have read the same
-    text before every aligned position. Generate mode: the prompt, then the reference's continuation token by token
+def _cross_readings(
+    cfg: Config, tokens: TokenizedPrompts, segments: list[Segment] | None, continuations, cross: dict, tokenizers: dict, ref_tok
+) -> tuple[list[Segment], dict, dict]:  # fmt: skip
+    """cross_vocab: each variant in `cross` (name -> tokenizer key in `tokenizers`) reads the same text its own way.
+    Returns the reference's segments (generate mode: `segments`; text mode: cut here), Plan.own and Plan.sides.
+    Text mode: the reference's windows start only at bytes where every reading starts a token (align.window_starts),
+    and each variant's windows are the same bytes in its own tokens (align.own_windows), so at every aligned position
+    both models have read the same text. Generate mode: the prompt, then the reference's continuation token by token
     (align.continued), the continuation scored."""
+    text = continuations is None
     if not cross:
-        return {}, {}
+        return (prompts.text_segments(tokens, context=cfg.text.context, score=cfg.text.score) if text else segments), {}, {}
     ref_keys = align.vocab_keys(ref_tok)
-    whole = tokens.ids if continuations is None else tuple(ids + tuple(c) for ids, c in zip(tokens.ids, continuations, strict=True))
+    whole = tokens.ids if text else tuple(ids + tuple(c) for ids, c in zip(tokens.ids, continuations, strict=True))
     own, sides = {}, {cfg.reference.name: align.Side(whole, ref_keys)}
     keys = {key: align.vocab_keys(tokenizers[key]) for key in set(cross.values())}  # once per distinct tokenizer
     for name, key in cross.items():
         tok = tokenizers[key]
-        if continuations is None:
+        if text:
             read = prompts.retokenize(tokens, ref_tok, tok)
-            for who, each in ((cfg.reference.name, tokens), (name, read)):
-                for prompt, ids in zip(each.prompts, each.ids, strict=True):
-                    if len(ids) > cfg.text.context:
-                        raise prompts.PromptError(
-                            f"prompt {prompt.id!r} is {len(ids)} tokens for {who!r}, more than text.context "
-                            f"({cfg.text.context}); with cross_vocab every prompt must fit one window, so that both "
-                            f"models read the same text before every aligned position: raise text.context in "
-                            f"{cfg.source_file} or split the prompt"
-                        )
-            own[name] = (read, prompts.text_segments(read, context=cfg.text.context, score=cfg.text.score))
+            own[name] = (read, [])  # its windows follow the reference's, below
         else:
             index = align.first_ids(keys[key])
             readings = [
@@ -120,10 +114,16 @@ def _cross_readings(cfg: Config, tokens: TokenizedPrompts, continuations, cross:
                 for prompt, c in zip(tokens.prompts, continuations, strict=True)
             ]
             read = prompts.TokenizedPrompts(prompts=tokens.prompts, ids=tuple(ids for ids, _ in readings), n_vocab=len(tok))
-            segments = [prompts.Segment(p, 0, ids, first - 1) for p, (ids, first) in enumerate(readings) if first < len(ids)]
-            own[name] = (read, segments)
+            own[name] = (read, [prompts.Segment(p, 0, ids, first - 1) for p, (ids, first) in enumerate(readings) if first < len(ids)])
         sides[name] = align.Side(read.ids, keys[key])
-    return own, sides
+    if text:
+        ref_name, names = cfg.reference.name, [p.id for p in tokens.prompts]
+        distinct = list({sides[name].fingerprint: name for name in cross}.values())  # one variant per reading
+        starts = align.window_starts(sides[ref_name], [sides[name] for name in distinct], names, [ref_name, *distinct])
+        segments = prompts.text_segments(tokens, context=cfg.text.context, score=cfg.text.score, starts=starts)
+        for name in cross:
+            own[name] = (own[name][0], align.own_windows(segments, sides[ref_name], sides[name], names, (ref_name, name)))
+    return segments, own, sides
 
 
 def alignment(the_plan: Plan, a: str, b: str, stores: dict[str, Store], names: list[str]) -> align.PairAlignment | None:

@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 class PromptError(ValueError):
     """A prompt file or tokenizer problem, naming the file and the prompt."""
@@ -146,34 +148,58 @@ class Segment:
         return len(self.ids) - 1 - self.first
 
 
-def text_segments(tokens: TokenizedPrompts, *, context: int, score: str) -> list[Segment]:
+def text_segments(tokens: TokenizedPrompts, *, context: int, score: str, starts: list | None = None) -> list[Segment]:
     """Cuts each prompt into windows of at most `context` tokens.
 
     score="all": non-overlapping windows; every token but a window's first is scored.
     score="second_half" (llama.cpp's perplexity): windows of `context` at a stride of context/2; the
     first window scores all its rows and every later one only its second half, so each token is
     scored once, and with at least context/2 tokens before it once past the first window.
+
+    `starts` (cross_vocab): per prompt, the sorted token indices at which a window may start (where every
+    model's tokenization starts a token at the same byte, align.window_starts). A window then starts at the
+    last of them at or before where it would, else the first after it that leaves a scored row ("all": ends
+    there), and scores from the token after the previous window's last: each token is still scored once.
     """
     if score not in ("all", "second_half"):
         raise ValueError(f"text.score must be 'all' or 'second_half', not {score!r}")
     segments = []
     for p, ids in enumerate(tokens.ids):
+        allowed = None if starts is None else np.asarray(starts[p])
+
+        def next_start(start: int, want: int, end: int) -> int:
+            """`want` itself, or under `starts` the last allowed start in (start, want], else the first in (want, end)."""
+            if allowed is None or want >= len(ids):
+                return want
+            k = np.searchsorted(allowed, want, side="right") - 1
+            if allowed[k] > start:
+                return int(allowed[k])
+            if k + 1 < len(allowed) and allowed[k + 1] < end:
+                return int(allowed[k + 1])
+            raise PromptError(
+                f"prompt {tokens.prompts[p].id!r}: no byte in its tokens {start + 1} to {end - 1} at which every "
+                "model's tokenizer starts a token, so no window can start there with every model having read the "
+                "same text (cross_vocab); raise text.context"
+            )
+
         if score == "all":
-            for start in range(0, len(ids) - 1, context):
-                window = ids[start : start + context]
-                if len(window) >= 2:
-                    segments.append(Segment(p, start, window, 0))
+            start = 0
+            while start < len(ids) - 1:
+                end = next_start(start, start + context, start + context + 1)
+                if len(ids[start:end]) >= 2:
+                    segments.append(Segment(p, start, ids[start:end], 0))
+                start = end
             continue
         half = max(1, context // 2)
-        start = 0
+        start, scored_to = 0, 0  # scored_to: the end of the last window, whose tokens before it are scored
         while True:
             window = ids[start : start + context]
-            first = 0 if start == 0 else context - half - 1
+            first = 0 if start == 0 else scored_to - start - 1
             if len(window) - 1 > first:
                 segments.append(Segment(p, start, window, first))
             if start + context >= len(ids):
                 break
-            start += half
+            start, scored_to = next_start(start, start + half, start + context), start + context
     return segments
 
 

@@ -458,9 +458,90 @@ def test_without_cross_vocab_another_tokenizer_stops_the_run(cross_run):
 
     with pytest.raises(prompts.PromptError, match=r"variant 's-perm': its tokenizer differs .* set cross_vocab: true"):
         pipeline.plan(cfg, log=lambda _: None)
-    cfg = config.load(tmp / "cross.yaml", ["text.context=16"])
-    with pytest.raises(prompts.PromptError, match=r"with cross_vocab every prompt must fit one window"):
-        pipeline.plan(cfg, log=lambda _: None)
+
+
+@pytest.mark.parametrize("reference", ["s", "cut"])
+@pytest.mark.parametrize("score", ["all", "second_half"])
+def test_long_texts_are_cut_into_windows_that_start_at_the_same_byte(cross_run, score, reference):
+    """text.context far below the prompts' lengths (8 or 12 tokens: every prompt takes 2 to 11 windows). Against the
+    micro model, the permuted and the cut model; against the cut model (whose finer splits leave many of its starts
+    unshared, so windows move), the micro model and the permuted one. Each reference window starts at a byte where every
+    tokenization starts a token; each variant's window starts at that byte; every token is scored at most once (with
+    second_half, each past the first exactly once); and at every aligned position whose reference token is scored, the
+    variant scores its token too, in a window that starts at the same byte: both models have read the same bytes."""
+    from harness import pipeline
+
+    _, _, tmp = cross_run
+    context = 8 if reference == "s" else 12
+    cfg = config.load(tmp / "cross.yaml", [f"text.context={context}", f"text.score={score}"])
+    if reference == "cut":
+        cfg = cfg.model_copy(update={"reference": cfg.variants[1].model_copy(update={"name": "s-cut"}),
+                                     "variants": [cfg.variants[0], cfg.reference]})  # fmt: skip
+        if score == "second_half":  # one of the micro model's tokens is 7 of the cut model's: a 4-token stride fails
+            with pytest.raises(prompts.PromptError, match=r"prompt 'chat-09': no byte in its tokens 37 to 43 at which "
+                               r"every model's tokenizer starts a token.* raise text.context"):  # fmt: skip
+                pipeline.plan(cfg.model_copy(update={"text": cfg.text.model_copy(update={"context": 8})}), log=lambda _: None)
+    plan = pipeline.plan(cfg, log=lambda _: None)
+    ref = plan.sides[cfg.reference.name]
+    windows = {p: [] for p in range(len(ref.ids))}
+    for seg in plan.segments:
+        windows[seg.prompt].append(seg)
+    assert all(len(w) >= 2 for w in windows.values()) and max(len(w) for w in windows.values()) >= 8
+    moved = sum(s.offset % (context if score == "all" else context // 2) != 0 for s in plan.segments)
+    assert moved > 0 if reference == "cut" else moved == 0  # the micro model's every start is the cut model's too
+
+    def scored(segments, n):  # (prompt, target index) -> the offset of the window that scores it
+        out = {}
+        for seg in segments:
+            assert len(seg.ids) - 1 > seg.first >= 0
+            for t in range(seg.offset + seg.first + 1, seg.offset + len(seg.ids)):
+                assert (seg.prompt, t) not in out  # scored once
+                out[seg.prompt, t] = seg.offset
+        every = {(p, t) for p in range(len(n)) for t in range(1, n[p])}
+        if score == "second_half":
+            assert set(out) == every
+        else:  # every token but a window's first (a prompt's last token can be a window of its own, with no row)
+            assert set(out) <= every - {(s.prompt, s.offset) for s in segments}
+            missed = every - set(out) - {(s.prompt, s.offset) for s in segments}
+            # the cut model as reference: a variant's window can be left nothing to score (its tokens too)
+            assert reference == "cut" or all(t == n[p] - 1 for p, t in missed)
+        return out
+
+    ref_scored = scored(plan.segments, [len(ids) for ids in ref.ids])
+    assert all(len(s.ids) <= context for s in plan.segments)
+    assert len(plan.own) == 2  # the two cross-vocabulary variants
+    for name in plan.own:
+        side, segments = plan.sides[name], plan.own[name][1]
+        cand_scored = scored(segments, [len(ids) for ids in side.ids])
+        checked = 0
+        for p in windows:
+            a, _ = align.starts(ref.keys, ref.ids[p])
+            b, _ = align.starts(side.keys, side.ids[p])
+            # a window for each of the reference's that leaves it a token to score, starting at the same byte
+            own = [int(b[s.offset]) for s in segments if s.prompt == p]
+            assert len(set(own)) == len(own) and set(own) <= {int(a[s.offset]) for s in windows[p]}
+            for t, u in zip(*align.aligned_positions(ref.keys, ref.ids[p], side.keys, side.ids[p]), strict=True):
+                if (p, t) in ref_scored:
+                    assert a[ref_scored[p, t]] == b[cand_scored[p, u]]
+                    checked += 1
+        assert checked >= 100
+
+
+@pytest.mark.slow
+def test_a_windowed_run_of_the_permuted_model_is_exact(cross_run):
+    """The permuted model in windows of 16 tokens: it reads exactly the reference's tokens in each window, so every
+    compared position has KL ~ 0 and the same top token, and its bits per byte equal the reference's."""
+    _, _, tmp = cross_run
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setenv("HARNESS_STORE", str(tmp / "store"))
+        assert main(["compare", "--config", str(tmp / "cross.yaml"), "text.context=16", "text.score=second_half"]) == 0
+    run_dir = (tmp / "reports" / "latest").resolve()
+    pairs = {p.candidate: p for p in records.read(run_dir / "run.json").pairs}
+    a = pairs["s-perm"].aggregates
+    m = records.load_positions(run_dir, pairs["s-perm"])
+    assert a["positions"] == pairs["s-chat"].aggregates["positions"]  # every scored position compared
+    assert m["kl"].max() < 1e-8 and a["top1_agree"] == 1.0 and abs(a["bpb_diff"]) < 1e-7
+    assert pairs["s-cut"].aggregates["positions"] > 0.8 * a["positions"]
 
 
 @pytest.mark.slow
