@@ -194,10 +194,12 @@ def continued(prompt_text: str, continuation: list, tokenizer, keys: list, index
     """Generate mode: another tokenizer's reading of a prompt and of the reference's continuation (its tokens' keys).
     The prompt is read as the tokenizer splits its text; the continuation token by token, as the reference read it:
     each as this vocabulary's token with the same bytes, or, where it has none, as the tokenizer splits that token's
-    text (where that spells exactly its bytes), else byte by byte (single-byte tokens), else the continuation stops
-    there. So a continuation that is not its own tokenizer's split of its text (a greedy model may emit "  " "  " for
-    one run of four spaces) is read with the reference's splits, and every split of it can align. Returns the ids and
-    the index of the first continuation token. `keys`: vocab_keys(tokenizer); `index`: first_ids(keys)."""
+    text where that spells exactly its bytes (a byte-level BPE's split), else as the longest tokens that spell it from
+    its start on (a SentencePiece tokenizer puts its "▁" prefix before the text, so its split of a word piece never
+    spells it; down to single bytes for part of a character), else the continuation stops there. So a continuation
+    that is not its own tokenizer's split of its text (a greedy model may emit "  " "  " for one run of four spaces) is
+    read with the reference's splits, and every split of it can align. Returns the ids and the index of the first
+    continuation token. `keys`: vocab_keys(tokenizer); `index`: reading_index(tokenizer, keys)."""
     ids = list(tokenizer(prompt_text, add_special_tokens=False).input_ids)
     first = len(ids)
     for key in continuation:
@@ -210,18 +212,40 @@ def continued(prompt_text: str, continuation: list, tokenizer, keys: list, index
         except UnicodeDecodeError:  # part of a character
             split = None
         if split is None or b"".join(keys[i][1] for i in split) != piece:
-            split = [index.get(("bytes", bytes([b]))) for b in piece]
-            if None in split:
+            split = _longest_tokens(piece, index)
+            if split is None:
                 break
         ids += split
     return tuple(ids), first
 
 
-def first_ids(keys: list) -> dict:
-    """key -> the lowest id with that key, over a vocabulary's keys."""
+def _longest_tokens(piece: bytes, index: dict) -> list[int] | None:
+    """`piece` spelled by the longest token of `index` that starts it, then the rest alike; None where some byte has
+    no token."""
+    out, i = [], 0
+    while i < len(piece):
+        j = next((j for j in range(len(piece), i, -1) if ("bytes", piece[i:j]) in index), None)
+        if j is None:
+            return None
+        out.append(index["bytes", piece[i:j]])
+        i = j
+    return out
+
+
+def reading_index(tokenizer, keys: list) -> dict:
+    """key -> the id a model reads for those bytes: the lowest id with that key, but a SentencePiece byte-fallback
+    piece (<0xNN>) only where no other piece spells its byte (its tokenizer writes "a" as the piece "a", never as
+    <0x61>, which a model rarely sees)."""
+    fallback = set()
+    if scheme(tokenizer) == "metaspace":
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(keys))))
+        fallback = {i for i, t in enumerate(pieces) if t and len(t) == 6 and t.startswith("<0x") and t.endswith(">")}
     index: dict = {}
     for i, key in enumerate(keys):
-        index.setdefault(key, i)
+        if i not in fallback:
+            index.setdefault(key, i)
+    for i in sorted(fallback):
+        index.setdefault(keys[i], i)
     return index
 
 
@@ -244,7 +268,7 @@ class VocabMap:
 
     @staticmethod
     def build(ref_keys: list, cand_keys: list) -> VocabMap:
-        def first_ids(keys) -> tuple[dict, dict]:  # key -> its first id; key -> its later ids (few: SentencePiece's)
+        def firsts(keys) -> tuple[dict, dict]:  # key -> its first id; key -> its later ids (few: SentencePiece's)
             first = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))  # the last write is the first id
             later: dict = {}
             if len(first) < len(keys):
@@ -253,7 +277,7 @@ class VocabMap:
                         later.setdefault(key, []).append(i)
             return first, later
 
-        (fa, la), (fb, lb) = first_ids(ref_keys), first_ids(cand_keys)
+        (fa, la), (fb, lb) = firsts(ref_keys), firsts(cand_keys)
         common = sorted((fa[key], key) for key in fa.keys() & fb.keys() if key[0] != "none")  # reference id order
         s = len(common)
         first, extra, order, columns = [], [], [], []

@@ -108,7 +108,7 @@ def _cross_readings(
             read = prompts.retokenize(tokens, ref_tok, tok)
             own[name] = (read, [])  # its windows follow the reference's, below
         else:
-            index = align.first_ids(keys[key])
+            index = align.reading_index(tok, keys[key])
             readings = [
                 align.continued(prompts.render(ref_tok, prompt, generation_prompt=True), [ref_keys[i] for i in c], tok, keys[key], index)
                 for prompt, c in zip(tokens.prompts, continuations, strict=True)

@@ -159,23 +159,40 @@ def test_aligned_positions_are_exactly_the_equal_prefixes(tokenizer, cut_tokeniz
 
 def test_a_continuation_is_read_token_by_token(tokenizer, cut_tokenizer):
     """align.continued: shared tokens keep the reference's split (even one its tokenizer would not make), a token the
-    vocabulary lacks is split by its tokenizer, part of a character byte by byte."""
+    vocabulary lacks is split by its tokenizer, part of a character by the longest tokens that spell its bytes."""
     keys_a, keys_b = align.vocab_keys(tokenizer), align.vocab_keys(cut_tokenizer)
     words = [" the", "  ", "  ", " generator", "\u4e2d"]
     cont = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
     assert [len(c) for c in cont] == [1, 1, 1, 1, 1] and tokenizer("    ", add_special_tokens=False).input_ids != cont[1] * 2
-    emoji = tokenizer("\U0001f642", add_special_tokens=False).input_ids[:1]  # the first bytes of a 4-byte character
+    emoji = tokenizer("\U0001f99c", add_special_tokens=False).input_ids[:1]  # the first 3 bytes of a 4-byte character
     flat = [i for c in cont for i in c] + emoji
-    ids, first = align.continued("Say:", [keys_a[i] for i in flat], cut_tokenizer, keys_b, align.first_ids(keys_b))
+    ids, first = align.continued("Say:", [keys_a[i] for i in flat], cut_tokenizer, keys_b, align.reading_index(cut_tokenizer, keys_b))
     assert ids[:first] == tuple(cut_tokenizer("Say:", add_special_tokens=False).input_ids)
     spelled = [keys_b[i][1] for i in ids[first:]]
     assert b"".join(spelled) == b"".join(keys_a[i][1] for i in flat)
     assert spelled[:3] == [b" the", b"  ", b"  "]  # the reference's split of the spaces, kept
     assert len(keys_a[flat[3]][1]) > 1 and keys_a[flat[3]] not in set(keys_b)  # " generator": split by its tokenizer
-    assert all(len(b) == 1 for b in spelled[-len(keys_a[emoji[0]][1]) :])  # the partial character: byte by byte
+    partial = keys_a[emoji[0]][1]  # part of a character, not in the cut vocabulary: the longest tokens that spell it
+    longest = align._longest_tokens(partial, align.reading_index(cut_tokenizer, keys_b))
+    assert len(partial) == 3 and keys_a[emoji[0]] not in set(keys_b)
+    assert ids[-len(longest) :] == tuple(longest) and b"".join(spelled[-len(longest) :]) == partial
     # the reference's own vocabulary reads it back id for id
-    same, first = align.continued("Say:", [keys_a[i] for i in flat], tokenizer, keys_a, align.first_ids(keys_a))
+    same, first = align.continued("Say:", [keys_a[i] for i in flat], tokenizer, keys_a, align.reading_index(tokenizer, keys_a))
     assert same[first:] == tuple(flat)
+
+
+def test_a_sentencepiece_vocabulary_reads_a_continuation_with_its_own_pieces():
+    """A continuation read by a SentencePiece vocabulary: a token it holds as its piece, never as the byte-fallback
+    <0xNN> piece of the same byte ("a", not <0x61>); a token it lacks as the longest pieces that spell it (its
+    tokenizer's own split puts "▁" before the text, so it never spells a piece inside a word); a byte no piece
+    spells as <0xNN>."""
+    tok = metaspace_tokenizer()
+    keys = align.vocab_keys(tok)
+    cont = [("bytes", b" s"), ("bytes", b"at"), ("bytes", b"a"), ("bytes", b"cat"), ("bytes", b"thez"), ("bytes", "é".encode())]
+    ids, first = align.continued("the cat", cont, tok, keys, align.reading_index(tok, keys))
+    assert ids[:first] == tuple(tok("the cat", add_special_tokens=False).input_ids)
+    assert tok.convert_ids_to_tokens(list(ids[first:])) == ["▁s", "at", "a", "c", "at", "the", "<0x7A>", "<0xC3>", "<0xA9>"]
+    assert tok.convert_ids_to_tokens(tok("cat", add_special_tokens=False).input_ids) == ["▁cat"]
 
 
 def test_different_text_is_a_clear_error(tokenizer):
