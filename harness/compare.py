@@ -232,11 +232,10 @@ def top_tokens(store: Store, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     (row_stats: the row's top k and logsumexp in one read; among equal log-probs the lowest id first; its float32
     logsumexp puts the probabilities within ~1e-6 relative), else torch.topk and a float64 logsumexp."""
     ids, probs = [], []
-    fused, scratch = row_stats.available() is None, None
+    fused = row_stats.available() is None
     for block in store.blocks(FUSED_BLOCK, renormalise=False, reuse=True):
-        if fused:  # its log-prob output goes to a scratch buffer
-            scratch = torch.empty(block.shape) if scratch is None else scratch
-            _, _, lse, (values, index) = row_stats.row_stats(block, block.shape[1], scratch[: len(block)], top=k)
+        if fused:
+            _, _, lse, (values, index) = row_stats.row_stats(block, block.shape[1], top=k, logprobs=False)
         else:
             lse = torch.logsumexp(block.double(), dim=-1)
             values, index = torch.topk(block, k, dim=-1)

@@ -14,14 +14,17 @@ from harness import compare
 from harness.store import Store
 
 
-def _store(root, logp: torch.Tensor, target: torch.Tensor, prompt: torch.Tensor) -> Store:
+def _store(root, logp: torch.Tensor, target: torch.Tensor, prompt: torch.Tensor, cuts: tuple[int, ...] = ()) -> Store:
+    """A float16 store of these rows, one shard, or one between each two of `cuts` (row indices)."""
     store = Store(root)
     n = len(logp)
-    store.write_shard(0, {
-        "logprobs": logp.half(), "target": target, "prompt": prompt, "position": torch.arange(n),
-        "pad_mass": torch.zeros(n), "warp_finite": torch.full((n,), logp.shape[1], dtype=torch.int32),
-        "warp_mass": torch.ones(n),
-    }, {})  # fmt: skip
+    edges = [0, *cuts, n]
+    for shard, (a, b) in enumerate(zip(edges, edges[1:])):
+        store.write_shard(shard, {
+            "logprobs": logp[a:b].half(), "target": target[a:b], "prompt": prompt[a:b], "position": torch.arange(a, b),
+            "pad_mass": torch.zeros(b - a), "warp_finite": torch.full((b - a,), logp.shape[1], dtype=torch.int32),
+            "warp_mass": torch.ones(b - a),
+        }, {})  # fmt: skip
     return store
 
 
@@ -88,15 +91,17 @@ def test_nan_in_a_store_is_a_clear_error(tmp_path, monkeypatch, fused):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_top_tokens(tmp_path, monkeypatch, fused):
-    """Each position's top 5 ids and renormalised probabilities, over several blocks, with ties in the float16 store
-    (the lowest id first): equal to a float64 sort of the stored rows, probabilities within 1e-6 relative."""
+    """Each position's top 5 ids and renormalised probabilities, over several blocks (a short first shard, so that a
+    later block is longer than the first), with ties in the float16 store (the lowest id first): equal to a float64
+    sort of the stored rows, probabilities within 1e-6 relative."""
     _kernel_on_or_off(monkeypatch, compare.row_stats, fused)
     gen = torch.Generator().manual_seed(3)
     n, v = compare.FUSED_BLOCK + 9, 4000
     logits = torch.randn(n, v, generator=gen) * 4
     logits[:, 100:104] = logits.max(-1, keepdim=True).values + 1.0  # a four-way tie at the top
     logp = torch.log_softmax(logits, -1)
-    store = _store(tmp_path / "s", logp, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    store = _store(tmp_path / "s", logp, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), cuts=(7,))
+    assert [len(b) for b in store.blocks(compare.FUSED_BLOCK, renormalise=False)] == [7, compare.FUSED_BLOCK, 2]
     ids, probs = compare.top_tokens(store, k=5)
     stored = torch.log_softmax(logp.half().double(), -1)
     values, order = torch.sort(stored, dim=-1, descending=True, stable=True)
