@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -35,24 +36,33 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model
 
 
-def _extract(cfg):
+def _extract(cfg, part: tuple[int, int] | None = None):
     """Config -> plan -> every model's store (reused where it is complete): the first half of both commands."""
     from harness import pipeline
 
     the_plan = pipeline.plan(cfg)
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
-    stores, facts = pipeline.extract_all(cfg, the_plan)
+    stores, facts = pipeline.extract_all(cfg, the_plan, part=part)
     return the_plan, stores, facts
 
 
 def cmd_extract(args) -> int:
     from harness import config
 
-    _, _, facts = _extract(config.load(args.config, args.overrides))
+    _, _, facts = _extract(config.load(args.config, args.overrides), args.part)
     for name, f in facts.items():
         done = "reused" if f["reused_shards"] == f["shards"] else f"{f['extract_s']:.1f}s"
-        print(f"{name:<28} {done:>8}  {f['store']}")
+        left = f"  ({f['left_to_other_parts']} of {f['shards']} shards left to other parts)" if f.get("left_to_other_parts") else ""
+        print(f"{name:<28} {done:>8}  {f['store']}{left}")
     return 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    """--part K/N -> (K, N), 1 <= K <= N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 1 <= K <= N (e.g. 2/4: the second of four parts)")
+    return int(m[1]), int(m[2])
 
 
 def cmd_compare(args) -> int:
@@ -181,6 +191,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="a YAML comparison config, e.g. configs/default.yaml")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
         p.set_defaults(run_command=run)
+        if name == "extract":
+            p.add_argument("--part", type=_part, metavar="K/N",
+                           help="fill only part K of N of each store's shards: N workers (GPUs or machines sharing the "
+                                "store folder: $HARNESS_STORE, else $HARNESS_HOME/store) run one part each; `harness compare` then reuses "
+                                "them and fills whatever is still missing")  # fmt: skip
     p = sub.add_parser("check", help="the quantization regression gate: limits and/or a baseline, one verdict, exit 0/1/2")
     p.add_argument("--config", help="compare with this config, then gate the run with its 'gate' limits")
     p.add_argument("--run", help="gate a finished run folder (e.g. reports/latest) with its config's limits")

@@ -141,9 +141,11 @@ def extract(
     store_dtype: str,
     padding_side: str = "right",
     prompt_ids: tuple[str, ...] = (),
+    part: tuple[int, int] | None = None,
     log=print,
 ) -> tuple[Store, dict]:
-    """Fills (or reuses, or resumes) the store of one model; returns it and timing facts."""
+    """Fills (or reuses, or resumes) the store of one model; returns it and timing facts. `part` (k, n): only the
+    missing shards i with i % n == k - 1, so that n workers sharing the store folder fill it together."""
     spec = loaded.spec
     # batch size and padding side too: a batch's shape moves the last bits of the logits, so each has its own store
     key = store_key(
@@ -157,10 +159,14 @@ def extract(
     for stale in store.shards()[len(plan) :]:  # left by a store cut into more shards: not part of this plan
         stale.with_suffix(".json").unlink(missing_ok=True)
         stale.unlink()
-    todo = [i for i in range(len(plan)) if not store.is_complete(i, plan[i])]
-    facts = {"store": str(store.root), "shards": len(plan), "reused_shards": len(plan) - len(todo)}
+    missing = [i for i in range(len(plan)) if not store.is_complete(i, plan[i])]
+    todo = missing if part is None else [i for i in missing if i % part[1] == part[0] - 1]
+    facts = {"store": str(store.root), "shards": len(plan), "reused_shards": len(plan) - len(missing)}
+    if part is not None:
+        facts |= {"part": f"{part[0]}/{part[1]}", "left_to_other_parts": len(missing) - len(todo)}
     if not todo:
-        log(f"{spec.name}: reusing {store.root}")
+        log(f"{spec.name}: reusing {store.root}" if not missing else
+            f"{spec.name}: part {part[0]}/{part[1]} is done; {len(missing)} shards of other parts still missing in {store.root}")  # fmt: skip
         first = (store.index() or {}).get("facts", {})  # the run that filled the store, for its timings
         timings = {"first_load_s": first.get("load_s"), "first_extract_s": first.get("extract_s")}
         return store, {**first, **facts, **timings, "load_s": 0.0, "extract_s": 0.0}

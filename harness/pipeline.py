@@ -138,7 +138,8 @@ def alignment(the_plan: Plan, a: str, b: str, stores: dict[str, Store], names: l
     return align.align_stores(side_a, side_b, stores[a], stores[b], names, (a, b))
 
 
-def extract_all(cfg: Config, the_plan: Plan, log=print) -> tuple[dict[str, Store], dict[str, dict]]:
+def extract_all(cfg: Config, the_plan: Plan, log=print, part: tuple[int, int] | None = None) -> tuple[dict[str, Store], dict[str, dict]]:
+    """Every model's store, model by model; `part` (k, n): only that part of each store's missing shards."""
     stores, facts = {}, {}
     ids = tuple(p.id for p in the_plan.tokens.prompts)
     for spec in cfg.models:
@@ -146,7 +147,7 @@ def extract_all(cfg: Config, the_plan: Plan, log=print) -> tuple[dict[str, Store
         tokens, segments = the_plan.model_tokens(spec.name)
         stores[spec.name], facts[spec.name] = extract.extract(
             loaded, segments, tokens.n_vocab, batch_size=cfg.batch_size,
-            store_dtype=cfg.store_dtype, padding_side=cfg.padding_side, prompt_ids=ids, log=log,
+            store_dtype=cfg.store_dtype, padding_side=cfg.padding_side, prompt_ids=ids, part=part, log=log,
         )  # fmt: skip
         facts[spec.name] |= {"source": spec.source, "revision": spec.revision, "path": loaded.path, "dtype": spec.dtype,
                              "device": loaded.device, "loader": spec.loader, "backend": spec.backend}  # fmt: skip

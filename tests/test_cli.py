@@ -78,6 +78,47 @@ def test_extract_generate_mode_then_reuse(micro_zoo, tmp_path, tmp_store, capsys
     assert len(argmax) <= 8 * 6
 
 
+def test_extract_in_parts_fills_the_same_store(micro_zoo, tmp_path, tmp_store, monkeypatch, capsys):
+    """`harness extract --part K/N`: each part writes only its shards (i % N == K - 1) of every model's store; the parts
+    together give the store, shard for shard, byte for byte, that one run writes; compare then reuses all of it. A bad
+    K/N is a usage error."""
+    from harness import store
+
+    monkeypatch.setattr(store, "SHARD_POSITIONS", 64)  # several shards from a few prompts
+    config = str(ROOT / "configs" / "default.yaml")
+    overrides = ["zoo_profile=micro", f"prompts={SMALL}", "noise_floor=null", "text.context=16",
+                 "variants=[{name: base, source: 'zoo:tiny-qwen1.5-s'}]"]  # fmt: skip
+    assert main(["extract", "--config", config, "--part", "2/3", *overrides]) == 0
+    out = capsys.readouterr().out
+    roots = sorted(p for p in tmp_store.iterdir() if p.is_dir())
+    assert len(roots) == 2 and out.count("shards left to other parts") == 2
+    for root in roots:
+        present = sorted(int(p.stem.split("-")[1]) for p in root.glob("shard-*.safetensors"))
+        assert present and all(i % 3 == 1 for i in present)
+    assert main(["extract", "--config", config, "--part", "2/3", *overrides]) == 0  # its part is done: nothing to do
+    assert "part 2/3 is done" in capsys.readouterr().out
+    for k in (1, 3):
+        assert main(["extract", "--config", config, "--part", f"{k}/3", *overrides]) == 0
+    assert main(["compare", "--config", config, *overrides, f"reports_dir={tmp_path / 'reports'}"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2  # every shard was there
+
+    whole = tmp_path / "one-run"
+    monkeypatch.setenv("HARNESS_STORE", str(whole))
+    assert main(["extract", "--config", config, *overrides]) == 0
+    assert sorted(p.name for p in whole.iterdir()) == [p.name for p in roots]  # the same store keys
+    for root in roots:
+        shards = sorted(root.glob("shard-*"))
+        assert len(shards) >= 6  # 3 parts, 2 or more shards each (a .safetensors and its .json)
+        for path in shards:
+            assert path.read_bytes() == (whole / root.name / path.name).read_bytes(), path
+
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(SystemExit) as exc:
+            main(["extract", "--config", config, "--part", bad])
+        assert exc.value.code == 2
+    assert "is not K/N with 1 <= K <= N" in capsys.readouterr().err
+
+
 def test_variant_with_a_shorter_context_is_refused(micro_zoo, tmp_path, tmp_store, capsys):
     import shutil
 
