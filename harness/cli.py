@@ -36,11 +36,11 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model
 
 
-def _extract(cfg, part: tuple[int, int] | None = None):
+def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float = 3600.0):
     """Config -> plan -> every model's store (reused where it is complete): the first half of both commands."""
     from harness import pipeline
 
-    the_plan = pipeline.plan(cfg)
+    the_plan = pipeline.plan(cfg, part=part, wait_s=wait_s)
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
     stores, facts = pipeline.extract_all(cfg, the_plan, part=part)
     return the_plan, stores, facts
@@ -49,7 +49,7 @@ def _extract(cfg, part: tuple[int, int] | None = None):
 def cmd_extract(args) -> int:
     from harness import config
 
-    _, _, facts = _extract(config.load(args.config, args.overrides), args.part)
+    _, _, facts = _extract(config.load(args.config, args.overrides), args.part, args.wait)
     for name, f in facts.items():
         done = "reused" if f["reused_shards"] == f["shards"] else f"{f['extract_s']:.1f}s"
         left = f"  ({f['left_to_other_parts']} of {f['shards']} shards left to other parts)" if f.get("left_to_other_parts") else ""
@@ -196,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
                            help="fill only part K of N of each store's shards: N workers (GPUs or machines sharing the "
                                 "store folder: $HARNESS_STORE, else $HARNESS_HOME/store) run one part each; `harness compare` then reuses "
                                 "them and fills whatever is still missing")  # fmt: skip
+            p.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
+                           help="generate mode with --part: each part generates its share of the reference's greedy "
+                                "continuations, then waits this long for the other parts' (default 3600)")  # fmt: skip
     p = sub.add_parser("check", help="the quantization regression gate: limits and/or a baseline, one verdict, exit 0/1/2")
     p.add_argument("--config", help="compare with this config, then gate the run with its 'gate' limits")
     p.add_argument("--run", help="gate a finished run folder (e.g. reports/latest) with its config's limits")

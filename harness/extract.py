@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -59,19 +60,62 @@ def own_rows(logits: torch.Tensor, b: int, length: int, padding_side: str) -> to
     return logits[b, :length] if padding_side == "right" else logits[b, logits.shape[1] - length :]
 
 
-def greedy_continuations(loaded: Loaded, tokens: TokenizedPrompts, max_new_tokens: int, log=print) -> list[list[int]]:
+def greedy_continuations(
+    loaded: Loaded, tokens: TokenizedPrompts, max_new_tokens: int, log=print, part: tuple[int, int] | None = None,
+    wait_s: float = 3600.0,
+) -> list[list[int]]:  # fmt: skip
     """The reference's raw greedy continuation of every prompt (not its sampling generation_config).
 
-    Cached beside the stores: the continuation fixes the ids every variant is scored on.
+    Cached beside the stores: the continuation fixes the ids every variant is scored on. With `part` (k, n), this
+    worker generates only the prompts p with p % n == k - 1 (each prompt is generated on its own, so the split changes
+    nothing), caches them, and waits up to `wait_s` seconds for the other parts' before it merges them all.
     """
-    from transformers import GenerationConfig
-
     key = store_key(what="greedy", fingerprint=loaded.fingerprint, dtype=loaded.spec.dtype,
                     device=loaded.device.split(":")[0], ids=tokens.fingerprint, n=max_new_tokens,
                     loader=loaded.spec.loader, backend=loaded.spec.backend)  # fmt: skip
     path = paths.store_dir() / "generations" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())["continuations"]
+    if part is None:
+        continuations = _generate(loaded, tokens.ids, max_new_tokens)
+    else:
+        k, n = part
+        parts = [path.with_name(f"{key}.part-{i}-of-{n}.json") for i in range(1, n + 1)]
+        if not parts[k - 1].is_file():
+            mine = _generate(loaded, tokens.ids[k - 1 :: n], max_new_tokens)
+            _write_json(parts[k - 1], {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": mine})
+        deadline, told = time.monotonic() + wait_s, False
+        while missing := [i + 1 for i, f in enumerate(parts) if not f.is_file()]:
+            if time.monotonic() >= deadline:
+                raise ExtractError(
+                    f"part {k}/{n}: the greedy continuations of part(s) {missing} are not in {path.parent} after "
+                    f"{wait_s:.0f} s of waiting. Every part needs every prompt's continuation to cut its shards; this "
+                    "part's are kept there. Run the missing parts (or this one again once they are done)."
+                )
+            if not told:
+                log(f"part {k}/{n}: waiting up to {wait_s:.0f} s for the greedy continuations of part(s) {missing}")
+                told = True
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        continuations = [[] for _ in tokens.ids]
+        for i, f in enumerate(parts):
+            continuations[i::n] = json.loads(f.read_text())["continuations"]
+    _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
+    log(f"{loaded.spec.name}: {sum(map(len, continuations))} greedy tokens, cached in {path}")
+    return continuations
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written under a temporary name and renamed: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _generate(loaded: Loaded, prompts: tuple, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of these prompts' ids, one prompt at a time (so a prompt's does not depend on the others)."""
+    from transformers import GenerationConfig
+
     own = loaders.load_generation_config(loaded)
     greedy = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
@@ -83,7 +127,7 @@ def greedy_continuations(loaded: Loaded, tokens: TokenizedPrompts, max_new_token
     model.generation_config = greedy
     continuations = []
     try:
-        for ids in tqdm(tokens.ids, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False):
+        for ids in tqdm(prompts, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False):
             x = torch.tensor([ids], device=loaders.input_device(model))
             with torch.no_grad():
                 out = model.generate(x, attention_mask=torch.ones_like(x))
@@ -91,11 +135,6 @@ def greedy_continuations(loaded: Loaded, tokens: TokenizedPrompts, max_new_token
     finally:
         del model
         gc.collect()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations}))
-    os.replace(tmp, path)
-    log(f"{loaded.spec.name}: generated {sum(map(len, continuations))} greedy tokens")
     return continuations
 
 

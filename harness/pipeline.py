@@ -36,8 +36,10 @@ class Plan:
         return self.own.get(name, (self.tokens, self.segments))
 
 
-def plan(cfg: Config, log=print) -> Plan:
-    """Tokenizes once with the reference, checks every variant's tokenizer, and cuts the segments."""
+def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: float = 3600.0) -> Plan:
+    """Tokenizes once with the reference, checks every variant's tokenizer, and cuts the segments. Generate mode with
+    `part` (extract --part): the reference generates that part of the prompts and waits for the other parts'
+    continuations (extract.greedy_continuations)."""
     for warning in cfg.warnings:
         log(f"warning: {warning}")
     ref = loaders.locate(cfg.reference, cfg.zoo_profile)
@@ -73,7 +75,7 @@ def plan(cfg: Config, log=print) -> Plan:
             cross[spec.name] = key
     continuations, segments = None, None
     if generate:
-        continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log)
+        continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log, part=part, wait_s=wait_s)
         segments = prompts.generate_segments(tokens, continuations)
     segments, own, sides = _cross_readings(cfg, tokens, segments, continuations, cross, tokenizers, ref_tok)
     for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments

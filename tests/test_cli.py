@@ -119,6 +119,32 @@ def test_extract_in_parts_fills_the_same_store(micro_zoo, tmp_path, tmp_store, m
     assert "is not K/N with 1 <= K <= N" in capsys.readouterr().err
 
 
+def test_extract_in_parts_splits_greedy_generation(micro_zoo, tmp_path, tmp_store, monkeypatch, capsys):
+    """Generate mode with --part: each part generates its share of the prompts' greedy continuations and waits for the
+    others'. A part whose others never come stops after --wait with a clear error and keeps its share; the merged
+    continuations equal a single run's, and the stores come out whole."""
+    config = str(ROOT / "configs" / "default.yaml")
+    overrides = ["zoo_profile=micro", f"prompts={SMALL}", "noise_floor=null", "mode=generate", "generate.max_new_tokens=6",
+                 "variants=[{name: base, source: 'zoo:tiny-qwen1.5-s'}]"]  # fmt: skip
+    assert main(["extract", "--config", config, "--part", "2/2", "--wait", "0", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "part 2/2: the greedy continuations of part(s) [1] are not in" in err and "after 0 s of waiting" in err
+    gens = tmp_store / "generations"
+    assert [p.name.split(".", 1)[1] for p in gens.glob("*.json")] == ["part-2-of-2.json"]  # its share, kept
+    assert main(["extract", "--config", config, "--part", "1/2", "--wait", "0", *overrides]) == 0
+    assert main(["extract", "--config", config, "--part", "2/2", "--wait", "0", *overrides]) == 0
+    merged = next(p for p in gens.glob("*.json") if ".part-" not in p.name)
+    capsys.readouterr()
+    assert main(["compare", "--config", config, *overrides, f"reports_dir={tmp_path / 'reports'}"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "one-run"))
+    assert main(["extract", "--config", config, *overrides]) == 0
+    single = tmp_path / "one-run" / "generations" / merged.name
+    assert json.loads(single.read_text())["continuations"] == json.loads(merged.read_text())["continuations"]
+    assert sorted(p.name for p in (tmp_path / "one-run").iterdir()) == sorted(p.name for p in tmp_store.iterdir())
+
+
 def test_variant_with_a_shorter_context_is_refused(micro_zoo, tmp_path, tmp_store, capsys):
     import shutil
 

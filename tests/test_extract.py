@@ -264,3 +264,27 @@ def test_one_checkpoint_through_two_kernels(micro_zoo, tokens, segments, tmp_sto
     assert fa["placed_on"] == fb["placed_on"] == ["cpu"]
     _, again = extract.extract(via_gptqmodel, segments, tokens.n_vocab, **run)
     assert again["reused_shards"] == again["shards"] and again["kernels"] == ["TorchFusedLinear"]  # kept in the store
+
+
+def test_greedy_parts_wait_for_each_other(micro_zoo, tokens, tmp_store):
+    """Two parts at once (threads): the one that finishes first waits until the other's share is there, and both
+    return the continuations one worker generates alone."""
+    import threading
+
+    loaded = _loaded(zoo.CHAT_S)
+    got = {}
+
+    def part(k):
+        got[k] = extract.greedy_continuations(loaded, tokens, 5, part=(k, 2), wait_s=120, **QUIET)
+
+    second = threading.Thread(target=part, args=(2,))
+    second.start()
+    part(1)
+    second.join()
+    shares = sorted(p.name.split(".", 1)[1] for p in (tmp_store / "generations").glob("*.part-*.json"))
+    assert shares == ["part-1-of-2.json", "part-2-of-2.json"]
+    merged = [p for p in (tmp_store / "generations").glob("*.json") if ".part-" not in p.name]
+    assert len(merged) == 1
+    merged[0].unlink()  # the next call generates everything itself
+    alone = extract.greedy_continuations(loaded, tokens, 5, **QUIET)
+    assert got[1] == got[2] == alone and len(alone) == len(tokens.ids) and all(1 <= len(c) <= 5 for c in alone)
