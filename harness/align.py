@@ -111,11 +111,16 @@ def _shared_starts(ref_keys: list, ref_ids, cand_keys: list, cand_ids, prompt: s
         return a, b - 1, len(text_a)
     if text_a == b" " + text_b:
         return a - 1, b, len(text_b)
+    if text_b[:1] == b" " != text_a[:1]:  # a dummy prefix is not where they differ
+        text_b = text_b[1:]
+    elif text_a[:1] == b" " != text_b[:1]:
+        text_a = text_a[1:]
     at = next((i for i, (x, y) in enumerate(zip(text_a, text_b)) if x != y), min(len(text_a), len(text_b)))
     raise AlignError(
         f"prompt {prompt!r}: {names[0]!r} and {names[1]!r} tokenize it to different text from byte {at} on "
         f"({text_a[max(0, at - 10) : at + 10]!r} against {text_b[max(0, at - 10) : at + 10]!r}): their "
-        "normalisers differ, so no position can be aligned"
+        "normalisers differ, so no position can be aligned. Writing the prompt as the stricter normaliser leaves it "
+        "(Qwen's composes Unicode to NFC: unicodedata.normalize('NFC', text)) makes both read the same text"
     )
 
 

@@ -195,6 +195,22 @@ def test_a_sentencepiece_vocabulary_reads_a_continuation_with_its_own_pieces():
     assert tok.convert_ids_to_tokens(tok("cat", add_special_tokens=False).input_ids) == ["▁cat"]
 
 
+def test_different_normalisers_are_a_clear_error_with_a_way_out(tokenizer):
+    """A decomposed "é" (e + U+0301): Qwen's tokenizer composes it (NFC), a SentencePiece one without a normaliser does
+    not. The error names the byte where they part (past the dummy prefix) and NFC; NFC text aligns."""
+    import unicodedata
+
+    sp = metaspace_tokenizer()
+    ka, kb = align.vocab_keys(tokenizer), align.vocab_keys(sp)
+    text = "the cafe\u0301 sat"
+    read = [tuple(t(text, add_special_tokens=False).input_ids) for t in (tokenizer, sp)]
+    with pytest.raises(align.AlignError, match=r"different text from byte 7 on .* unicodedata.normalize\('NFC', text\)"):
+        align.aligned_positions(ka, read[0], kb, read[1], prompt="p")
+    text = unicodedata.normalize("NFC", text)
+    read = [tuple(t(text, add_special_tokens=False).input_ids) for t in (tokenizer, sp)]
+    assert len(align.aligned_positions(ka, read[0], kb, read[1])[0]) >= 2
+
+
 def test_different_text_is_a_clear_error(tokenizer):
     keys = align.vocab_keys(tokenizer)
     a = tuple(tokenizer("one two three", add_special_tokens=False).input_ids)
