@@ -266,25 +266,32 @@ def test_one_checkpoint_through_two_kernels(micro_zoo, tokens, segments, tmp_sto
     assert again["reused_shards"] == again["shards"] and again["kernels"] == ["TorchFusedLinear"]  # kept in the store
 
 
-def test_greedy_parts_wait_for_each_other(micro_zoo, tokens, tmp_store):
-    """Two parts at once (threads): the one that finishes first waits until the other's share is there, and both
-    return the continuations one worker generates alone."""
+def test_greedy_parts_wait_for_each_other(micro_zoo, tokens, tmp_path, monkeypatch):
+    """Part 1 of 2 generates its share, then waits until part 2's share is there (written here by a thread a second
+    after part 1's, from a single worker's run: loading models in two threads of one process at once would tangle
+    transformers' global init state), and returns what one worker generates alone."""
     import threading
+    import time
 
     loaded = _loaded(zoo.CHAT_S)
-    got = {}
-
-    def part(k):
-        got[k] = extract.greedy_continuations(loaded, tokens, 5, part=(k, 2), wait_s=120, **QUIET)
-
-    second = threading.Thread(target=part, args=(2,))
-    second.start()
-    part(1)
-    second.join()
-    shares = sorted(p.name.split(".", 1)[1] for p in (tmp_store / "generations").glob("*.part-*.json"))
-    assert shares == ["part-1-of-2.json", "part-2-of-2.json"]
-    merged = [p for p in (tmp_store / "generations").glob("*.json") if ".part-" not in p.name]
-    assert len(merged) == 1
-    merged[0].unlink()  # the next call generates everything itself
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "alone"))
     alone = extract.greedy_continuations(loaded, tokens, 5, **QUIET)
-    assert got[1] == got[2] == alone and len(alone) == len(tokens.ids) and all(1 <= len(c) <= 5 for c in alone)
+    assert len(alone) == len(tokens.ids) and all(1 <= len(c) <= 5 for c in alone)
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "parts"))
+    gens = tmp_path / "parts" / "generations"
+
+    def other_part():
+        while not (mine := list(gens.glob("*.part-1-of-2.json"))):
+            time.sleep(0.05)
+        time.sleep(1.0)
+        key = mine[0].name.split(".")[0]
+        extract._write_json(gens / f"{key}.part-2-of-2.json", {"continuations": alone[1::2]})
+
+    thread = threading.Thread(target=other_part, daemon=True)
+    thread.start()
+    said = []
+    got = extract.greedy_continuations(loaded, tokens, 5, part=(1, 2), wait_s=60, log=said.append)
+    thread.join()
+    assert got == alone
+    assert any("part 1/2: waiting up to 60 s for the greedy continuations of part(s) [2]" in m for m in said)
+    assert json.loads(next(p for p in gens.glob("*.json") if ".part-" not in p.name).read_text())["continuations"] == alone
