@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from harness import row_stats
-from harness.prompts import PromptError
+from harness.prompts import PromptError, Segment
 
 # what a cross_vocab pair's aggregates hold beyond a same-vocabulary pair's (compare.compare): gateable too
 AGGREGATES = ("aligned_of", "aligned", "shared_tokens", "outside_mass_ref", "outside_mass_cand", "bpb_ref", "bpb_cand",
@@ -86,11 +86,16 @@ def vocab_keys(tokenizer) -> list[tuple[str, bytes]]:
             keys.append(("bytes", piece.encode()))
         elif kind == "byte_level":
             keys.append(("bytes", bytes(decoder[c] for c in piece) if all(c in decoder for c in piece) else piece.encode()))
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        elif _byte_piece(piece):
             keys.append(("bytes", bytes([int(piece[3:5], 16)])))
         else:
             keys.append(("bytes", piece.replace("\u2581", " ").encode()))
     return keys
+
+
+def _byte_piece(piece: str | None) -> bool:
+    """A SentencePiece byte-fallback piece, "<0xNN>"."""
+    return piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 def starts(keys: list[tuple[str, bytes]], ids: tuple[int, ...]) -> tuple[np.ndarray, bytes]:
@@ -174,8 +179,6 @@ def own_windows(segments: list, ref: Side, cand: Side, prompt_names: list[str], 
     reference's next window starts scoring; scored from the first token that starts where the reference's window scores
     from (a window that scores all: every token past its first, as the reference's). So each candidate token is scored
     once, and where a position of each aligns, both models have read the same bytes."""
-    from harness.prompts import Segment
-
     out, byte_starts = [], {}
     for seg in segments:
         p = seg.prompt
@@ -244,7 +247,7 @@ def reading_index(tokenizer, keys: list) -> dict:
     fallback = set()
     if scheme(tokenizer) == "metaspace":
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(keys))))
-        fallback = {i for i, t in enumerate(pieces) if t and len(t) == 6 and t.startswith("<0x") and t.endswith(">")}
+        fallback = {i for i, t in enumerate(pieces) if _byte_piece(t)}
     index: dict = {}
     for i, key in enumerate(keys):
         if i not in fallback:
