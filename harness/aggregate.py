@@ -2,9 +2,10 @@
 
     harness compare --config configs/default.yaml      # calls pair_aggregates() once per pair
 
-Means carry a standard error (sample std / √n), proportions a binomial one (√(p̂(1−p̂)/n)); the
-mean KL and the top-1 agreement also get a bootstrap confidence interval that resamples prompts,
-not positions (positions within a prompt are correlated). Everything is deterministic for a seed.
+Means carry a standard error (sample std / √n), proportions a binomial one (√(p̂(1−p̂)/(n−1)), which
+is the same with the 0/1 hits as the sample, and llama.cpp's "Same top p" ±); the mean KL and the top-1
+agreement also get a bootstrap confidence interval that resamples prompts, not positions (positions
+within a prompt are correlated). Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def distribution(x: np.ndarray, name: str) -> dict[str, float]:
 
 
 def proportion(hits: np.ndarray, name: str) -> dict[str, float]:
-    p = float(np.mean(hits))
-    return {name: p, f"{name}_se": math.sqrt(p * (1 - p) / len(hits))}
+    p, n = float(np.mean(hits)), len(hits)
+    return {name: p, f"{name}_se": math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")}
 
 
 def bootstrap_mean(values: np.ndarray, prompt: np.ndarray, *, resamples: int, seed: int) -> tuple[float, float]:

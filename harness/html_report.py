@@ -204,46 +204,76 @@ def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -
     return "".join(out) + "</div>"
 
 
-def plus_minus(a: dict, key: str, spec: str, scale: float = 1.0) -> str:
-    """a[key] (± a[key_se] where there is one), times `scale`."""
-    v, se = a.get(key), a.get(f"{key}_se")
-    text = _num(None if v is None else v * scale, spec)
-    return text if se is None else f"{text} ± {_num(se * scale, spec)}"
+def llama_number(x, width: int, decimals: int) -> str:
+    """printf's `%{width}.{decimals}f`, as llama.cpp prints, with more decimals (up to 12) where that would show
+    fewer than 4 significant digits: a float16-vs-float32 KL of 4.5e-6 reads 0.000004531, not 0.000005. Never an
+    exponent, so that scripts written for llama.cpp's log read the number whole."""
+    x = float("nan") if x is None else float(x)  # float(): "inf" from a strict-JSON record
+    if math.isfinite(x) and x != 0:
+        decimals = min(max(decimals, 3 - math.floor(math.log10(abs(x)))), 12)
+    return f"{x:{width}.{decimals}f}"
 
 
-# The rows of llama.cpp's `perplexity --kl-divergence` report: (label, aggregate key, format, scale)
+_F, _P = (10, 6), (6, 3)  # llama.cpp's %10.6lf (perplexity, KL) and %6.3lf (Δp and same top p, in %)
+
+
+def _q(stat: str, q: float, fmt, scale: int, unit: str) -> tuple:
+    return (f"{q:>4.1f}%   {stat}", f"{'kl' if stat == 'KLD' else 'delta_p'}_p{q:g}".replace(".", "_"), fmt, None, scale, unit)
+
+
+# llama.cpp's `llama-perplexity --kl-divergence` summary, line for line (tools/perplexity/perplexity.cpp,
+# kl_divergence()): (label as it prints it, aggregate key, (width, decimals) of the value, of its ± or None,
+# scale, unit). A row without a key is a section's title.
 LLAMA_ROWS = [
-    ("Perplexity", None, None, 1), ("Mean PPL(Q)", "ppl_cand", ".6g", 1), ("Mean PPL(base)", "ppl_ref", ".6g", 1),
-    ("Cor(NLL(Q), NLL(base)), per position", "nll_correlation", ".2%", 1),
-    ("Mean ln(PPL(Q)/PPL(base))", "ln_ppl_ratio", ".5f", 1), ("Mean PPL(Q)/PPL(base)", "ppl_ratio", ".5f", 1),
-    ("Mean PPL(Q)−PPL(base)", "ppl_diff", ".4g", 1),
-    ("KL divergence (nats)", None, None, 1), ("Mean KLD", "kl_mean", ".4g", 1), ("Maximum KLD", "kl_max", ".4g", 1),
-    *((f"{q}% KLD", f"kl_p{q.replace('.', '_')}", ".4g", 1) for q in ("99.9", "99", "95", "90")),
-    ("Median KLD", "kl_median", ".4g", 1), *((f"{q}% KLD", f"kl_p{q.replace('.', '_')}", ".4g", 1) for q in ("10", "5", "1", "0.1")),
-    ("Minimum KLD", "kl_min", ".4g", 1),
-    ("Token probability (Δp = p(Q) − p(base) of the next token)", None, None, 1), ("Mean Δp", "delta_p_mean", ".3g", 100),
-    ("Maximum Δp", "delta_p_max", ".3g", 100),
-    *((f"{q}% Δp", f"delta_p_p{q.replace('.', '_')}", ".3g", 100) for q in ("99.9", "99", "95", "90", "75")),
-    ("Median Δp", "delta_p_median", ".3g", 100),
-    *((f"{q}% Δp", f"delta_p_p{q.replace('.', '_')}", ".3g", 100) for q in ("25", "10", "5", "1", "0.1")),
-    ("Minimum Δp", "delta_p_min", ".3g", 100), ("RMS Δp", "delta_p_rms", ".3g", 100), ("Same top p", "top1_agree", ".3f", 100),
+    ("====== Perplexity statistics ======", None, None, None, 1, ""),
+    *((label.ljust(30), key, _F, _F, 1, "") for label, key in (("Mean PPL(Q)", "ppl_cand"), ("Mean PPL(base)", "ppl_ref"))),
+    ("Cor(ln(PPL(Q)), ln(PPL(base)))", "nll_correlation", (6, 2), None, 100, "%"),
+    *((label.ljust(30), key, _F, _F, 1, "") for label, key in (
+        ("Mean ln(PPL(Q)/PPL(base))", "ln_ppl_ratio"), ("Mean PPL(Q)/PPL(base)", "ppl_ratio"), ("Mean PPL(Q)-PPL(base)", "ppl_diff"))),
+    ("====== KL divergence statistics ======", None, None, None, 1, ""),
+    ("Mean    KLD", "kl_mean", _F, _F, 1, ""), ("Maximum KLD", "kl_max", _F, None, 1, ""),
+    *(_q("KLD", q, _F, 1, "") for q in (99.9, 99, 95, 90)),
+    ("Median  KLD", "kl_median", _F, None, 1, ""),
+    *(_q("KLD", q, _F, 1, "") for q in (10, 5, 1, 0.1)),
+    ("Minimum KLD", "kl_min", _F, None, 1, ""),
+    ("====== Token probability statistics ======", None, None, None, 1, ""),
+    ("Mean    Δp", "delta_p_mean", _P, (5, 3), 100, " %"), ("Maximum Δp", "delta_p_max", _P, None, 100, "%"),
+    *(_q("Δp", q, _P, 100, "%") for q in (99.9, 99, 95, 90, 75)),
+    ("Median  Δp", "delta_p_median", _P, None, 100, "%"),
+    *(_q("Δp", q, _P, 100, "%") for q in (25, 10, 5, 1, 0.1)),
+    ("Minimum Δp", "delta_p_min", _P, None, 100, "%"),
+    ("RMS Δp    ", "delta_p_rms", _P, (5, 3), 100, " %"), ("Same top p", "top1_agree", _P, (5, 3), 100, " %"),
 ]  # fmt: skip
+
+
+def llama_value(a: dict, row: tuple) -> str:
+    """One row's value as llama.cpp prints it after the colon: `v ± se unit` or `v unit` (see llama_number)."""
+    _, key, fmt, se_fmt, scale, unit = row
+    v = a.get(key)
+    text = llama_number(None if v is None else float(v) * scale, *fmt)
+    if se_fmt is not None:
+        se = a.get(f"{key}_se")
+        text += " ± " + llama_number(None if se is None else float(se) * scale, *se_fmt)
+    return text + unit
 
 
 def llama_section(record: records.RunRecord) -> str:
     """Each pair's numbers in the rows and units of llama.cpp's KL report (Δp and same top p in %), to read beside one."""
     out = [
         "<h2 id=llama>In llama.cpp's terms</h2><p>The statistics of <code>llama-perplexity --kl-divergence</code>, in its "
-        "rows and units (Δp and same top p in %, ± a standard error), over the scored positions of this run. Q: the "
-        "candidate; base: the reference.</p><div class=wide><table id=llama><tr><th>statistic</th>",
+        "rows, units and formats (Δp and same top p in %, ± a standard error; more decimals where its would show fewer "
+        "than 4 digits), over the scored positions of this run. Q: the candidate; base: the reference.</p>"
+        "<div class=wide><table id=llama><tr><th>statistic</th>",
         *(f"<th>{_e(p.candidate)}</th>" for p in record.pairs),
         "</tr>",
     ]
-    for label, key, spec, scale in LLAMA_ROWS:
-        if key is None:
+    for row in LLAMA_ROWS:
+        label = " ".join(row[0].strip("= ").split())
+        if row[1] is None:
             out.append(f'<tr><th colspan="{1 + len(record.pairs)}" class=group>{_e(label)}</th></tr>')
             continue
-        out.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td>{plus_minus(p.aggregates, key, spec, scale)}</td>" for p in record.pairs) + "</tr>")
+        cells = (_e(llama_value(p.aggregates, row).strip()) if p.aggregates.get(row[1]) is not None else "–" for p in record.pairs)
+        out.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table></div>"
 
 

@@ -105,17 +105,17 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
 
 
 def kl_report_text(record: records.RunRecord) -> str:
-    """Each pair as llama.cpp's `llama-perplexity --kl-divergence` prints its statistics (its rows, its units: Δp
-    and same top p in %), ± a standard error where there is one."""
+    """Each pair as llama.cpp's `llama-perplexity --kl-divergence` prints its summary: its lines, labels, units
+    and formats (html_report.llama_number: more decimals where its %10.6lf would show fewer than 4 digits), under
+    a `######` line naming the pair."""
     out = []
     for p in record.pairs:
         out.append(f"###### {p.candidate} (Q) against {p.reference} (base), {p.aggregates.get('positions')} positions")
-        for label, key, spec, scale in html_report.LLAMA_ROWS:
-            if key is None:
-                out.append(f"====== {label} ======")
+        for row in html_report.LLAMA_ROWS:
+            if row[1] is None:
+                out += [row[0]] if out[-1].startswith("######") else ["", row[0]]  # a blank line ends each section
             else:
-                unit = " %" if scale == 100 else ""
-                out.append(f"{label:<38}: {html_report.plus_minus(p.aggregates, key, spec, scale)}{unit}")
+                out.append(f"{row[0]}: {html_report.llama_value(p.aggregates, row)}")
         out.append("")
     return "\n".join(out)
 

@@ -18,7 +18,9 @@ def test_distribution_and_proportion():
     assert d["kl_median"] == pytest.approx(np.median(x)) and d["kl_max"] == x.max() and d["kl_inf"] == 0
     hits = rng.random(1000) < 0.9
     p = aggregate.proportion(hits, "top1_agree")
-    assert p["top1_agree_se"] == pytest.approx(math.sqrt(hits.mean() * (1 - hits.mean()) / 1000))
+    # the 0/1 hits' standard error of the mean (ddof=1), which is llama.cpp's "Same top p" ±: √(p̂(1−p̂)/(n−1))
+    assert p["top1_agree_se"] == pytest.approx(stats.sem(hits.astype(np.float64)), rel=1e-9)
+    assert p["top1_agree_se"] == pytest.approx(math.sqrt(hits.mean() * (1 - hits.mean()) / 999), rel=1e-9)
     with_inf = aggregate.distribution(np.array([0.1, np.inf, 0.2]), "kl")
     assert with_inf["kl_inf"] == 1 and math.isinf(with_inf["kl_mean"])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 import shutil
 
 import numpy as np
@@ -64,19 +65,92 @@ def test_prompt_and_matrix_csv(micro_run):
     assert len(matrix) == 7 * 6 // 2 and all(0 <= float(m["top1_agree"]) <= 1 and float(m["sym_kl_mean"]) >= 0 for m in matrix)
 
 
+# What llama-perplexity --kl-divergence prints at the end (tools/perplexity/perplexity.cpp; the numbers from the
+# example in its README): every label and layout the harness's kl_report.txt must repeat.
+LLAMA_CPP_OUTPUT = """\
+====== Perplexity statistics ======
+Mean PPL(Q)                   :  18.274923 ±   0.147295
+Mean PPL(base)                :  19.087688 ±   0.155066
+Cor(ln(PPL(Q)), ln(PPL(base))):  97.75%
+Mean ln(PPL(Q)/PPL(base))     :  -0.043514 ±   0.001718
+Mean PPL(Q)/PPL(base)         :   0.957419 ±   0.001645
+Mean PPL(Q)-PPL(base)         :  -0.812765 ±   0.032991
+
+====== KL divergence statistics ======
+Mean    KLD:   0.171127 ±   0.000512
+Maximum KLD:   8.847817
+99.9%   KLD:   2.049528
+99.0%   KLD:   0.881522
+95.0%   KLD:   0.452161
+90.0%   KLD:   0.338123
+Median  KLD:   0.129044
+10.0%   KLD:   0.015355
+ 5.0%   KLD:   0.005119
+ 1.0%   KLD:   0.000561
+ 0.1%   KLD:   0.000012
+Minimum KLD:   0.000002
+
+====== Token probability statistics ======
+Mean    Δp:  0.473 ± 0.024 %
+Maximum Δp: 96.932%
+99.9%   Δp: 53.430%
+99.0%   Δp: 30.014%
+95.0%   Δp: 14.910%
+90.0%   Δp:  9.043%
+75.0%   Δp:  2.252%
+Median  Δp:  0.003%
+25.0%   Δp: -1.340%
+10.0%   Δp: -7.318%
+ 5.0%   Δp: -12.953%
+ 1.0%   Δp: -27.743%
+ 0.1%   Δp: -55.209%
+Minimum Δp: -97.016%
+RMS Δp    :  9.178 ± 0.043 %
+Same top p: 78.637 ± 0.107 %
+"""
+
+
+def _shape(line: str) -> str:
+    """A line with its numbers blanked: its label, separators and units."""
+    label, colon, rest = line.partition(": ")
+    return label + colon + re.sub(r"\s*-?(\d+\.\d+|nan|inf)", "#", rest)
+
+
+def test_llama_number_keeps_four_digits_in_fixed_point():
+    """printf's %10.6f where it shows 4 or more significant digits, more decimals (up to 12) where not."""
+    assert html_report.llama_number(18.274923456, 10, 6) == " 18.274923"  # as llama.cpp prints it
+    assert html_report.llama_number(0.171127, 10, 6) == "  0.171127"
+    assert html_report.llama_number(4.5312e-06, 10, 6) == "0.000004531"
+    assert html_report.llama_number(-2.0571e-3 * 100, 6, 3) == "-0.2057"
+    assert html_report.llama_number(-2.98e-14, 6, 3) == "-0.000000000000"
+    assert html_report.llama_number(0.0, 10, 6) == "  0.000000"
+    assert [html_report.llama_number(x, 10, 6).strip() for x in (None, float("nan"), "inf", float("-inf"))] == ["nan", "nan", "inf", "-inf"]
+
+
 def test_kl_report_txt_in_llama_cpp_terms(micro_run):
-    """kl_report.txt: a block a pair, each of llama.cpp's rows once, the numbers as the record has them."""
+    """kl_report.txt: a block a pair, each llama.cpp's summary line for line (labels, spacing, units), the
+    numbers as the record has them, in fixed point with at least 4 significant digits."""
     run_dir, _ = micro_run
     text = (run_dir / "kl_report.txt").read_text()
     pairs = {p.candidate: p.aggregates for p in records.read(run_dir).pairs}
     blocks = [b for b in text.split("###### ") if b]
     assert [b.split()[0] for b in blocks] == list(pairs)
+    expected = [_shape(line) for line in LLAMA_CPP_OUTPUT.splitlines()]
     for block, a in zip(blocks, pairs.values(), strict=True):
-        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        assert len(lines) == sum(key is not None for _, key, _, _ in html_report.LLAMA_ROWS)
-        assert lines["Same top p".ljust(38)] == f"{100 * a['top1_agree']:.3f} ± {100 * a['top1_agree_se']:.3f} %"
-        assert lines["Mean KLD".ljust(38)] == f"{a['kl_mean']:.4g} ± {a['kl_mean_se']:.4g}"
-        assert lines["Minimum Δp".ljust(38)] == f"{100 * a['delta_p_min']:.3g} %"
+        lines = block.splitlines()[1:]
+        assert [_shape(line) for line in lines[: len(expected)]] == expected
+        assert "e-" not in block and "e+" not in block  # fixed point, as llama.cpp's parsers expect
+        values = {line.split(": ")[0].strip(): line.split(": ")[1] for line in lines if ": " in line}
+
+        def number(label: str, at: int = 0) -> float:
+            return float(re.findall(r"-?\d+\.\d+", values[label])[at])
+
+        for label, key, scale in (("Mean    KLD", "kl_mean", 1), ("99.0%   KLD", "kl_p99", 1), ("Minimum KLD", "kl_min", 1),
+                                  ("Mean PPL(Q)/PPL(base)", "ppl_ratio", 1), ("Minimum Δp", "delta_p_min", 100),
+                                  ("Same top p", "top1_agree", 100), ("Cor(ln(PPL(Q)), ln(PPL(base)))", "nll_correlation", 100)):  # fmt: skip
+            assert number(label) == pytest.approx(a[key] * scale, rel=5e-4, abs=5e-7 * scale), label
+        assert number("Mean    KLD", 1) == pytest.approx(a["kl_mean_se"], rel=5e-4)
+        assert number("Same top p", 1) == pytest.approx(100 * a["top1_agree_se"], rel=5e-4)
 
 
 def test_token_texts_join_to_the_decoded_prompt(micro_run, tokenizer):
@@ -145,11 +219,11 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     heads = page.locator("#llama tr").first.locator("th").all_inner_texts()[1:]
     pairs = {p.candidate: p.aggregates for p in records.read(run_dir).pairs}
     assert heads == list(pairs)
-    for label, fmt in (("Mean Δp", lambda a: f"{100 * a['delta_p_mean']:.3g} ± {100 * a['delta_p_mean_se']:.3g}"),
-                       ("Same top p", lambda a: f"{100 * a['top1_agree']:.3f} ± {100 * a['top1_agree_se']:.3f}"),
-                       ("Mean PPL(Q)−PPL(base)", lambda a: f"{a['ppl_diff']:.4g} ± {a['ppl_diff_se']:.4g}")):  # fmt: skip
+    text_lines = {line.split(": ")[0]: line.split(": ")[1] for line in (run_dir / "kl_report.txt").read_text().splitlines() if ": " in line}
+    for label, key in (("Mean Δp", "Mean    Δp"), ("Same top p", "Same top p"), ("Mean PPL(Q)-PPL(base)", "Mean PPL(Q)-PPL(base)".ljust(30))):
         cells = page.locator("#llama tr", has=page.locator("td", has_text=label)).first.locator("td").all_inner_texts()
-        assert cells == [label] + [fmt(a) for a in pairs.values()], label
+        assert cells[0] == label and len(cells) == 1 + len(pairs), label
+        assert cells[-1] == text_lines[key].strip(), label  # the last pair's, as kl_report.txt has it
     # sorting by mean KL puts fp16 (~1e-6) first and a different model last
     page.locator("#summary th", has_text="KL mean").click()
     order = page.locator("#summary tbody tr td:first-child").all_inner_texts()
