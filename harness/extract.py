@@ -16,6 +16,7 @@ Models are located and loaded by `harness.loaders`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import hashlib
 import json
@@ -66,9 +67,11 @@ def greedy_continuations(
 ) -> list[list[int]]:  # fmt: skip
     """The reference's raw greedy continuation of every prompt (not its sampling generation_config).
 
-    Cached beside the stores: the continuation fixes the ids every variant is scored on. With `part` (k, n), this
-    worker generates only the prompts p with p % n == k - 1 (each prompt is generated on its own, so the split changes
-    nothing), caches them, and waits up to `wait_s` seconds for the other parts' before it merges them all.
+    Cached beside the stores: the continuation fixes the ids every variant is scored on. Each finished prompt's is
+    also appended to a `.progress.jsonl` file as it comes, so an interrupted run resumes after the last finished
+    prompt. With `part` (k, n), this worker generates only the prompts p with p % n == k - 1 (each prompt is generated
+    on its own, so the split changes nothing), caches them, and waits up to `wait_s` seconds for the other parts'
+    before it merges them all.
     """
     key = store_key(what="greedy", fingerprint=loaded.fingerprint, dtype=loaded.spec.dtype,
                     device=loaded.device.split(":")[0], ids=tokens.fingerprint, n=max_new_tokens,
@@ -77,13 +80,22 @@ def greedy_continuations(
     if path.is_file():
         return json.loads(path.read_text())["continuations"]
     if part is None:
-        continuations = _generate(loaded, tokens.ids, max_new_tokens)
+        with _progress(path, log) as progress:
+            if path.is_file():  # another process generated them while this one waited
+                progress.unlink(missing_ok=True)
+                return json.loads(path.read_text())["continuations"]
+            continuations = _generate(loaded, tokens.ids, max_new_tokens, progress, log)
+            _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
+            progress.unlink()
     else:
         k, n = part
         parts = [path.with_name(f"{key}.part-{i}-of-{n}.json") for i in range(1, n + 1)]
         if not parts[k - 1].is_file():
-            mine = _generate(loaded, tokens.ids[k - 1 :: n], max_new_tokens)
-            _write_json(parts[k - 1], {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": mine})
+            with _progress(parts[k - 1], log) as progress:
+                if not parts[k - 1].is_file():
+                    mine = _generate(loaded, tokens.ids[k - 1 :: n], max_new_tokens, progress, log)
+                    _write_json(parts[k - 1], {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": mine})
+                progress.unlink(missing_ok=True)
         deadline, told = time.monotonic() + wait_s, False
         while missing := [i + 1 for i, f in enumerate(parts) if not f.is_file()]:
             if time.monotonic() >= deadline:
@@ -99,7 +111,7 @@ def greedy_continuations(
         continuations = [[] for _ in tokens.ids]
         for i, f in enumerate(parts):
             continuations[i::n] = json.loads(f.read_text())["continuations"]
-    _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
+        _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
     log(f"{loaded.spec.name}: {sum(map(len, continuations))} greedy tokens, cached in {path}")
     return continuations
 
@@ -112,9 +124,52 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _generate(loaded: Loaded, prompts: tuple, max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of these prompts' ids, one prompt at a time (so a prompt's does not depend on the others)."""
+@contextlib.contextmanager
+def _progress(cache: Path, log):
+    """The `.progress.jsonl` file beside `cache`, locked: two processes generating the same continuations (a run and
+    its repeat on a shared store) take turns rather than append to one file at once. Yields its path."""
+    progress = cache.with_suffix(".progress.jsonl")
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    with progress.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that generates the continuations of {cache.name} ({progress} is locked)")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield progress
+
+
+def _finished(progress: Path) -> list[list[int]]:
+    """The continuations a `.progress.jsonl` file holds, a line per prompt in order; a last line cut short by an
+    interruption is dropped (and cut from the file, so that the next line appended starts clean)."""
+    if not progress.is_file():
+        return []
+    done, good = [], 0
+    with progress.open("rb") as f:
+        for line in f:
+            try:
+                ids = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                ids = None
+            if not isinstance(ids, list):
+                break
+            done.append(ids)
+            good += len(line)
+    if good != progress.stat().st_size:
+        os.truncate(progress, good)
+    return done
+
+
+def _generate(loaded: Loaded, prompts: tuple, max_new_tokens: int, progress: Path, log=print) -> list[list[int]]:
+    """Greedy continuations of these prompts' ids, one prompt at a time (so a prompt's does not depend on the others),
+    each appended to `progress` when done; the prompts already there are not generated again."""
     from transformers import GenerationConfig
+
+    continuations = _finished(progress)[: len(prompts)]
+    if len(continuations) == len(prompts):
+        return continuations
+    if continuations:
+        log(f"{loaded.spec.name}: greedy: resuming after {len(continuations)} of {len(prompts)} prompts ({progress})")
 
     own = loaders.load_generation_config(loaded)
     greedy = GenerationConfig(
@@ -125,13 +180,16 @@ def _generate(loaded: Loaded, prompts: tuple, max_new_tokens: int) -> list[list[
     # Replaced rather than passed: generate() fills a passed config's unset fields from the model's own
     # (Qwen1.5-Chat's repetition_penalty 1.1 would creep into "greedy").
     model.generation_config = greedy
-    continuations = []
     try:
-        for ids in tqdm(prompts, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False):
-            x = torch.tensor([ids], device=loaders.input_device(model))
-            with torch.no_grad():
-                out = model.generate(x, attention_mask=torch.ones_like(x))
-            continuations.append(out[0, len(ids) :].tolist())
+        with progress.open("a") as f:
+            todo = prompts[len(continuations) :]
+            for ids in tqdm(todo, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False, initial=len(continuations), total=len(prompts)):
+                x = torch.tensor([ids], device=loaders.input_device(model))
+                with torch.no_grad():
+                    out = model.generate(x, attention_mask=torch.ones_like(x))
+                continuations.append(out[0, len(ids) :].tolist())
+                f.write(json.dumps(continuations[-1]) + "\n")
+                f.flush()
     finally:
         del model
         gc.collect()

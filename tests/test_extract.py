@@ -295,3 +295,44 @@ def test_greedy_parts_wait_for_each_other(micro_zoo, tokens, tmp_path, monkeypat
     assert got == alone
     assert any("part 1/2: waiting up to 60 s for the greedy continuations of part(s) [2]" in m for m in said)
     assert json.loads(next(p for p in gens.glob("*.json") if ".part-" not in p.name).read_text())["continuations"] == alone
+
+
+def test_greedy_resumes_after_an_interruption(micro_zoo, tokens, tmp_path, monkeypatch):
+    """Interrupted at the third prompt, generation keeps the two finished ones (and drops a line cut short); the next
+    call generates only the rest, and gives what an uninterrupted run gives."""
+    loaded = _loaded(zoo.CHAT_S)
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "alone"))
+    alone = extract.greedy_continuations(loaded, tokens, 5, **QUIET)
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "resumed"))
+    load, calls = loaders.load_model, []
+
+    def counted(stop_at):
+        def load_model(x):
+            model = load(x)
+            generate = model.generate
+
+            def gen(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == stop_at:
+                    raise KeyboardInterrupt
+                return generate(*args, **kwargs)
+
+            model.generate = gen
+            return model
+
+        return load_model
+
+    monkeypatch.setattr(loaders, "load_model", counted(3))
+    with pytest.raises(KeyboardInterrupt):
+        extract.greedy_continuations(loaded, tokens, 5, **QUIET)
+    (progress,) = (tmp_path / "resumed" / "generations").glob("*.progress.jsonl")
+    assert [json.loads(line) for line in progress.read_text().splitlines()] == alone[:2]
+    with progress.open("a") as f:
+        f.write("[151643, 27")  # a line cut short by the interruption
+    calls.clear()
+    monkeypatch.setattr(loaders, "load_model", counted(0))
+    said = []
+    assert extract.greedy_continuations(loaded, tokens, 5, log=said.append) == alone
+    assert len(calls) == len(tokens.ids) - 2
+    assert any(f"greedy: resuming after 2 of {len(tokens.ids)} prompts" in m for m in said)
+    assert not progress.exists()  # the cache is whole: no progress file left
