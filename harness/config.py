@@ -13,7 +13,7 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,23 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
     """A config problem, worded for the person who wrote the file."""
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error, not the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
 
 
 class _Strict(BaseModel):
@@ -77,10 +94,17 @@ class GenerateMode(_Strict):
 
 
 class Metrics(_Strict):
-    top_k: list[int] = Field(default=[5, 10], min_length=1)  # top-k overlaps to report
+    top_k: list[Annotated[int, Field(ge=1, le=256)]] = Field(default=[5, 10], min_length=1)  # top-k overlaps to report
     bootstrap_resamples: int = Field(default=1000, ge=0)  # 0: no bootstrap intervals
     matrix: bool = True  # top-1 agreement and symmetric KL between every pair of models
     smoothing_eps: float | None = Field(default=None, gt=0, lt=1)  # also report KL(p ‖ (1−ε)q + ε/V) where KL is +inf
+
+    @field_validator("top_k")
+    @classmethod
+    def _distinct(cls, ks: list[int]) -> list[int]:
+        if len(set(ks)) != len(ks):
+            raise ValueError("each k once")
+        return ks
 
 
 class Limit(_Strict):
@@ -94,6 +118,8 @@ class Limit(_Strict):
     def _some_bound(self) -> Limit:
         if self.min is None and self.max is None and self.max_x_floor is None:
             raise ValueError("a limit needs at least one of min, max, max_x_floor")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max}): no value could pass")
         return self
 
 
@@ -205,7 +231,7 @@ def apply_override(data: dict, assignment: str, origin: str) -> None:
             raise ConfigError(f"override {assignment!r}: {'.'.join(parts[:i])} is not a mapping in {origin}")
         if last:
             try:
-                node[part] = yaml.safe_load(raw)
+                node[part] = _yaml(raw)
             except yaml.YAMLError as exc:
                 raise ConfigError(f"override {assignment!r}: its value is not valid YAML: {exc}") from None
         else:
@@ -264,7 +290,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -97,6 +97,22 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         config.load(path, ["bogus=1"])
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("metrics: {top_k: [5, 300]}", r"key 'metrics\.top_k\.1': Input should be less than or equal to 256"),
+        ("metrics: {top_k: [0]}", r"key 'metrics\.top_k\.0': Input should be greater than or equal to 1"),
+        ("metrics: {top_k: [5, 5]}", r"key 'metrics\.top_k': each k once"),
+        ("seed: 1\nseed: 2", r"c\.yaml is not valid YAML: key 'seed' is given twice in one mapping"),
+        ("metrics: {matrix: true, matrix: false}", r"key 'matrix' is given twice"),
+    ],
+)  # fmt: skip
+def test_bad_metrics_and_repeated_keys_fail_at_load(tmp_path, extra, message):
+    """Before any model loads: a top-k the kernel cannot take, or a key whose first value would be silently lost."""
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(_write(tmp_path, BASE + extra + "\n"))
+
+
 def test_duplicate_variant_names(tmp_path):
     path = _write(tmp_path, BASE.replace("variants: [{name: v, source: zoo:tiny-qwen1.5-s}]",
                                          "variants: [{name: v, source: a}, {name: v, source: b}]"))
@@ -115,6 +131,7 @@ def test_duplicate_variant_names(tmp_path):
         ("gate: {v: {kl_meen: {max: 0.01}}}", r"c\.yaml: gate\.v\.kl_meen: no pair aggregate is called 'kl_meen'; did you mean kl_mean"),
         ("gate: {v: {top20_overlap: {min: 0.9}}}", r"gate\.v\.top20_overlap: no pair aggregate.*did you mean top10_overlap"),
         ("gate: {v: {kl_floor_multiple: {max: 9}}}", r"no pair aggregate is called 'kl_floor_multiple'"),  # no floor set
+        ("gate: {v: {kl_mean: {min: 1, max: 0}}}", r"gate\.v\.kl_mean': min \(1\.0\) is above max \(0\.0\): no value could pass"),
     ],
 )  # fmt: skip
 def test_gate_limits_are_validated(tmp_path, gate, message):
