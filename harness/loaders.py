@@ -137,7 +137,7 @@ def _loading(loaded: Loaded, what: str, load):
                 "Hugging Face cache; otherwise download it elsewhere and give its local folder as `source`."
             )
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExtractError(f"model {loaded.spec.name!r}: cannot load the {what} of {loaded.path}: {first}.{hint}") from exc
+        raise ExtractError(f"model {loaded.spec.name!r}: cannot load the {what} of {loaded.path}: {first.rstrip('.')}.{hint}") from exc
 
 
 def _quantized(loaded: Loaded) -> bool | None:
@@ -228,10 +228,19 @@ def tokenizer_key(loaded: Loaded) -> str:
     return digest.hexdigest()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(loaded: Loaded):
     from transformers import AutoTokenizer
 
     spec = loaded.spec
+    folder = Path(loaded.path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ExtractError(
+            f"model {spec.name!r}: {folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+            "tokenizer files of the model it was made from into it"
+        )
     return _loading(
         loaded,
         "tokenizer",

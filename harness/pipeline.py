@@ -67,7 +67,7 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
         if key not in tokenizers:
             tokenizers[key] = loaders.load_tokenizer(loaded[spec.name])
         try:
-            prompts.check_same_ids(tokens, tokenizers[key], spec.name, generation_prompt=generate)
+            prompts.check_same_ids(tokens, ref_tok, tokenizers[key], spec.name, generation_prompt=generate)
         except prompts.PromptError as exc:
             if not cfg.cross_vocab:
                 raise prompts.PromptError(f"{exc}. To compare it over the tokens both vocabularies share, at the "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,12 @@ class Prompt:
     id: str
     text: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None  # ((role, content), ...)
+    where: str = field(default="", compare=False)  # "FILE:LINE" it came from, for error messages
+
+    @property
+    def named(self) -> str:
+        """How an error names it: its id, and where it came from."""
+        return f"{self.id!r}" + (f" ({self.where})" if self.where else "")
 
     @property
     def kind(self) -> str:
@@ -68,21 +74,25 @@ def load(path: Path) -> tuple[Prompt, ...]:
         extra = set(row) - {"id", "text", "messages"}
         if extra:
             raise PromptError(f"{where}: unknown keys {sorted(extra)}; a prompt has id, text or messages")
-        pid = str(row["id"])
+        pid = str(row["id"]) if isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool) else ""
+        if not pid.strip():
+            raise PromptError(f'{where}: "id" must be a non-empty string or a number, not {row["id"]!r}')
         if pid in seen:
             raise PromptError(f"{where}: prompt id {pid!r} is repeated")
         seen.add(pid)
         if "text" in row:
-            if not isinstance(row["text"], str) or not row["text"].strip():
+            if not isinstance(row["text"], str):
+                raise PromptError(f'{where}: prompt {pid!r}: "text" must be a string, not {type(row["text"]).__name__}')
+            if not row["text"].strip():
                 raise PromptError(f"{where}: prompt {pid!r} has an empty text")
-            prompts.append(Prompt(id=pid, text=row["text"]))
+            prompts.append(Prompt(id=pid, text=row["text"], where=where))
         else:
             msgs = row["messages"]
             if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and set(m) == {"role", "content"} and isinstance(m["content"], str) for m in msgs
             ):
                 raise PromptError(f'{where}: prompt {pid!r}: "messages" must be a non-empty list of {{"role", "content"}}')
-            prompts.append(Prompt(id=pid, messages=tuple((m["role"], m["content"]) for m in msgs)))
+            prompts.append(Prompt(id=pid, messages=tuple((m["role"], m["content"]) for m in msgs), where=where))
     if not prompts:
         raise PromptError(f"prompt file {path} holds no prompts")
     return tuple(prompts)
@@ -94,7 +104,7 @@ def render(tokenizer, prompt: Prompt, *, generation_prompt: bool = False) -> str
     if prompt.messages is None:
         return prompt.text
     if not getattr(tokenizer, "chat_template", None):
-        raise PromptError(f"prompt {prompt.id!r} is a chat, but the reference tokenizer has no chat template")
+        raise PromptError(f"prompt {prompt.named} is a chat, but the reference tokenizer has no chat template")
     messages = [{"role": r, "content": c} for r, c in prompt.messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -111,7 +121,7 @@ def retokenize(reference: TokenizedPrompts, ref_tokenizer, tokenizer) -> Tokeniz
     for prompt in reference.prompts:
         row = tokenizer(render(ref_tokenizer, prompt), add_special_tokens=False).input_ids
         if len(row) < 2:
-            raise PromptError(f"prompt {prompt.id!r} is {len(row)} token long for another tokenizer: nothing to score")
+            raise PromptError(f"prompt {prompt.named} is {len(row)} token long for another tokenizer: nothing to score")
         ids.append(tuple(row))
     return TokenizedPrompts(prompts=reference.prompts, ids=tuple(ids), n_vocab=len(tokenizer))
 
@@ -124,10 +134,10 @@ def tokenize(
     for prompt in prompts:
         row = encode(tokenizer, prompt, generation_prompt=generation_prompt)
         if len(row) < (1 if generation_prompt else 2):
-            raise PromptError(f"prompt {prompt.id!r} is {len(row)} token long: nothing to score")
+            raise PromptError(f"prompt {prompt.named} is {len(row)} token long: nothing to score")
         if max_length is not None and len(row) > max_length:
             raise PromptError(
-                f"prompt {prompt.id!r} is {len(row)} tokens, longer than the context of {source} "
+                f"prompt {prompt.named} is {len(row)} tokens, longer than the context of {source} "
                 f"({max_length} positions); shorten it or split it into several prompts"
             )
         ids.append(tuple(row))
@@ -212,7 +222,9 @@ def generate_segments(tokens: TokenizedPrompts, continuations: list[list[int]]) 
     ]
 
 
-def check_same_ids(reference: TokenizedPrompts, tokenizer, name: str, *, generation_prompt: bool = False) -> None:
+def check_same_ids(
+    reference: TokenizedPrompts, ref_tokenizer, tokenizer, name: str, *, generation_prompt: bool = False
+) -> None:
     """Stops the run if `tokenizer` (a variant's) does not give the reference's ids, at the first difference."""
     if len(tokenizer) != reference.n_vocab:
         raise PromptError(
@@ -226,8 +238,8 @@ def check_same_ids(reference: TokenizedPrompts, tokenizer, name: str, *, generat
             mine = ids[at] if at < len(ids) else None
             theirs = ref_ids[at] if at < len(ref_ids) else None
             raise PromptError(
-                f"variant {name!r}: its tokenizer differs from the reference's on prompt {prompt.id!r} at token {at}: "
-                f"reference id {theirs} ({tokenizer.decode([theirs]) if theirs is not None else 'end'!r}), "
+                f"variant {name!r}: its tokenizer differs from the reference's on prompt {prompt.named} at token {at}: "
+                f"reference id {theirs} ({ref_tokenizer.decode([theirs]) if theirs is not None else 'end'!r}), "
                 f"variant id {mine} ({tokenizer.decode([mine]) if mine is not None else 'end'!r})"
             )
 

@@ -25,6 +25,15 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         loaders.locate(spec, "micro")
 
 
+def test_folder_without_a_tokenizer_is_a_clear_error(micro_zoo, tmp_path):
+    """Weights and config alone: not "its tokenizer has 1 tokens" later, but which files are missing."""
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(zoo.model_dir(zoo.BASE_S, "micro") / name)
+    loaded = loaders.locate(ModelSpec(name="bare", source=str(tmp_path)), "micro")
+    with pytest.raises(loaders.ExtractError, match=r"'bare': .* holds no tokenizer \(none of tokenizer.json, "):
+        loaders.load_tokenizer(loaded)
+
+
 def test_unknown_zoo_name_is_a_clear_error():
     spec = ModelSpec(name="tiny", source="zoo:tiny-qwen1.5-xl")
     with pytest.raises(loaders.ExtractError, match=r"'tiny': source 'zoo:tiny-qwen1.5-xl' is not in the embedded zoo, which has zoo:tiny-qwen1.5-s,"):

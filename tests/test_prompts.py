@@ -38,6 +38,10 @@ def test_empty_file(tmp_path):
         ({"id": "a", "text": "x", "messages": []}, "exactly one of"),
         ({"id": "a", "messages": [{"role": "user"}]}, "messages"),
         ({"id": "a", "text": "x", "lang": "en"}, "unknown keys"),
+        ({"id": "a", "text": 42}, '"text" must be a string, not int'),
+        ({"id": "a", "text": None}, '"text" must be a string, not NoneType'),
+        ({"id": "", "text": "x"}, '"id" must be a non-empty string or a number'),
+        ({"id": [1], "text": "x"}, '"id" must be a non-empty string or a number'),
     ],
 )
 def test_bad_rows_name_the_line(tmp_path, row, message):
@@ -53,7 +57,7 @@ def test_repeated_id(tmp_path):
 @pytest.mark.slow
 def test_too_long_prompt_names_it(tokenizer, tmp_path):
     loaded = prompts.load(_jsonl(tmp_path, [{"id": "short", "text": "hello there"}, {"id": "long", "text": "word " * 50}]))
-    with pytest.raises(prompts.PromptError, match=r"'long' is \d+ tokens, longer than the context of ref \(20 positions\)"):
+    with pytest.raises(prompts.PromptError, match=r"'long' \(.*p.jsonl:2\) is \d+ tokens, longer than the context of ref \(20 positions\)"):
         prompts.tokenize(tokenizer, loaded, max_length=20, source="ref")
 
 
@@ -71,7 +75,7 @@ def test_mismatched_tokenizer_shows_first_difference(tokenizer, tmp_path):
 
     loaded = prompts.load(_jsonl(tmp_path, [{"id": "greet", "text": "Hello world! Hello again."}]))
     tokens = prompts.tokenize(tokenizer, loaded, max_length=100, source="ref")
-    prompts.check_same_ids(tokens, tokenizer, "same")  # the same tokenizer passes
+    prompts.check_same_ids(tokens, tokenizer, tokenizer, "same")  # the same tokenizer passes
 
     # A tokenizer whose merges differ: " world" no longer merges, so ids part at token 1.
     tokenizer.save_pretrained(tmp_path / "tok")
@@ -80,8 +84,19 @@ def test_mismatched_tokenizer_shows_first_difference(tokenizer, tmp_path):
     (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
     other = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert other("Hello world!").input_ids != [9707, 1879, 0]
-    with pytest.raises(prompts.PromptError, match=r"'odd'.*prompt 'greet' at token 1: reference id 1879"):
-        prompts.check_same_ids(tokens, other, "odd")
+    with pytest.raises(prompts.PromptError, match=r"'odd'.*prompt 'greet' \(.*:1\) at token 1: reference id 1879"):
+        prompts.check_same_ids(tokens, tokenizer, other, "odd")
+
+    # Ids swapped between " world" and " again": each id's text comes from its own tokenizer.
+    tokenizer.save_pretrained(tmp_path / "swapped")
+    data = json.loads((tmp_path / "swapped" / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["Ġworld"], vocab["Ġagain"] = vocab["Ġagain"], vocab["Ġworld"]
+    (tmp_path / "swapped" / "tokenizer.json").write_text(json.dumps(data))
+    swapped = AutoTokenizer.from_pretrained(tmp_path / "swapped")
+    again = tokenizer(" again").input_ids[0]
+    with pytest.raises(prompts.PromptError, match=rf"reference id 1879 \(' world'\), variant id {again} \(' world'\)"):
+        prompts.check_same_ids(tokens, tokenizer, swapped, "swapped")
 
 
 def _tokens(lengths):
