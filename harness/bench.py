@@ -338,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--into", default=None, metavar="RUN_DIR",
                    help="also store the result in that run's record (its HTML report gains a throughput section)")
     a = p.parse_args(argv)
-    ints = [int(b) for b in a.batches.split(",")]
+    try:
+        ints = [int(b) for b in a.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches {a.batches!r}: give comma-separated whole numbers, e.g. 1,16,256")
+    if min(ints) < 1 or a.repeats < 1 or a.width < 1:
+        p.error(f"--batches ({a.batches}), --repeats ({a.repeats}) and --width ({a.width}) must be at least 1")
     dtypes = a.dtypes.split(",")
     impls = a.impls.split(",") if a.impls else None
     for name in dtypes:
@@ -353,19 +358,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device")
     if a.quick:
         ints, dtypes, a.repeats, a.ceiling_gib = [1, 16], ["float32"], 3, 1.0
-    settings = None
+    settings = target = None
     if a.triton_settings:
-        with open(a.triton_settings) as f:
-            settings = json.load(f)["best"]
-    record = run(ints, dtypes, a.repeats, impls, a.width, a.snippet_max_batch, a.ceiling_gib, a.max_gb, a.device,
-                 log=lambda msg: None, triton_settings=settings)
-    print(table(record))
+        try:
+            settings = json.loads(Path(a.triton_settings).read_text())["best"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--triton-settings {a.triton_settings}: not a `python3 -m harness.triton_sweep --json` file ({exc!r})")
     if a.into:
         from harness import records, report
 
-        target = records.read(Path(a.into))  # read first: a bad folder fails before the result is lost
-        records.write(Path(a.into), target.model_copy(update={"throughput": record}))
-        print(f"report: {report.render(Path(a.into))}")
+        try:
+            target = records.read(Path(a.into))  # read first: a bad folder fails before the benchmark runs
+        except records.RecordError as exc:
+            p.error(f"--into: {exc}")
+    record = run(ints, dtypes, a.repeats, impls, a.width, a.snippet_max_batch, a.ceiling_gib, a.max_gb, a.device,
+                 log=lambda msg: None, triton_settings=settings)
+    print(table(record))
+    if target is not None:
+        records.write(records.run_dir(a.into), target.model_copy(update={"throughput": record}))
+        print(f"report: {report.render(records.run_dir(a.into))}")
     print(json.dumps(record, separators=(",", ":")))
     return 0
 

@@ -216,6 +216,14 @@ def gate(
                             "(only a pair of two vocabularies has it, with cross_vocab)")  # fmt: skip
         if t.kind == "max_x_floor" and run.noise_floor not in pairs:
             raise GateError(f"gate.{t.pair}.{t.metric}: max_x_floor needs a noise floor, and run {run.run_id} has none")
+        of = "kl_mean" if t.metric == "kl_floor_multiple" else t.metric if t.kind == "max_x_floor" else None
+        if of is not None and not float(pairs[run.noise_floor].get(of, math.nan)) > 0:
+            raise GateError(
+                f"gate.{t.pair}.{t.metric}: a limit in multiples of the noise floor's {of}, and the floor pair "
+                f"{run.noise_floor!r} has {of} {pairs[run.noise_floor].get(of)} in run {run.run_id}: it gives the "
+                "reference's distributions exactly, so no multiple of it means anything. Make noise_floor a pair with "
+                "numerical noise of its own (the reference in bfloat16, say)"
+            )
     for r in regressions:
         _known_metric(r.metric, sample, f"--fail {r.text}")
     warnings = comparability(run, baseline, baseline_path) if baseline is not None else []
@@ -229,8 +237,13 @@ def gate(
     if baseline is not None:
         base_pairs = {p.candidate: p.aggregates for p in baseline.pairs}
         for name, agg in pairs.items():
-            if name not in base_pairs:
-                warnings.append(f"pair {name!r} is not in the baseline: not compared")
+            if name not in base_pairs:  # a new variant; or a renamed one, which --strict does not let pass unchecked
+                if strict:
+                    n += len(regressions)
+                    found += [Breach(name, r.metric, float(agg.get(r.metric, math.nan)), math.nan, "has a baseline pair")
+                              for r in regressions]  # fmt: skip
+                else:
+                    warnings.append(f"pair {name!r} is not in the baseline: not compared (with --strict, a breach)")
                 continue
             for r in regressions:
                 if r.metric not in agg:  # a metric of cross_vocab pairs only, and this pair is not one
@@ -261,7 +274,8 @@ def table(verdict: dict) -> str:
     for b in rows:
         base = f"{b['baseline']:>11.4g}" if b["baseline"] is not None else f"{'–':>11}"
         verdict_word = "within noise" if b["within_noise"] else "FAIL"
-        lines.append(f"{b['pair']:<26} {b['metric']:<14} {b['value']:>11.4g} {b['limit']:>11.4g} {base}  {b['rule']:<22} {verdict_word}")
+        limit = f"{b['limit']:>11.4g}" if b["limit"] is not None and math.isfinite(b["limit"]) else f"{'–':>11}"
+        lines.append(f"{b['pair']:<26} {b['metric']:<14} {b['value']:>11.4g} {limit} {base}  {b['rule']:<22} {verdict_word}")
     fails = len(verdict["breaches"])
     lines.append(f"gate: {fails} of {verdict['checks']} checks fail" if fails else f"gate: all {verdict['checks']} checks pass")
     return "\n".join(lines)

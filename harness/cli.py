@@ -77,6 +77,7 @@ def run_compare(cfg) -> Path:
     config loaded still leaves a run record (status "error") saying what went wrong."""
     from harness import records, report
 
+    records.check_writable(cfg.reports_dir)
     try:
         return _compare(cfg)
     except (Exception, KeyboardInterrupt) as exc:  # the record says the run failed, and why; the error propagates
@@ -108,7 +109,8 @@ def _compare(cfg) -> Path:
                         smoothing_eps=options.smoothing_eps, alignment=alignment(ref, v.name))
         for v in tqdm(cfg.variants, desc="compare", unit="pair", leave=False)
     ]  # fmt: skip
-    report.add_floor(pairs, cfg.noise_floor)
+    if warning := report.add_floor(pairs, cfg.noise_floor):
+        print(f"warning: {warning}", file=sys.stderr)
     grid = compare.matrix(stores, pairs, alignment) if options.matrix else []
     # the token view shows top tokens in the reference's vocabulary: not those of a cross_vocab variant
     top = {name: compare.top_tokens(store) for name, store in tqdm(stores.items(), desc="top tokens", leave=False)
@@ -145,7 +147,7 @@ def _compare(cfg) -> Path:
 
 
 def cmd_check(args) -> int:
-    from harness import check, config
+    from harness import check, config, records
 
     if (args.config is None) == (args.run is None):
         raise check.GateError("give either --config (compare, then gate) or --run RUN_DIR (gate a finished run)")
@@ -156,14 +158,14 @@ def cmd_check(args) -> int:
     elif args.overrides:
         raise check.GateError(f"overrides {args.overrides} apply to --config, not to --run")
     else:
-        run_dir = Path(args.run)
+        run_dir = records.run_dir(args.run)
     return check.main(run_dir, baseline=args.baseline, fail=args.fail, strict=args.strict)
 
 
 def cmd_report(args) -> int:
-    from harness import report
+    from harness import records, report
 
-    index = report.render(args.run_dir)
+    index = report.render(records.run_dir(args.run_dir))
     print(f"report: {index}")
     return 0
 
@@ -199,9 +201,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
                            help="generate mode with --part: each part generates its share of the reference's greedy "
                                 "continuations, then waits this long for the other parts' (default 3600)")  # fmt: skip
-    p = sub.add_parser("check", help="the quantization regression gate: limits and/or a baseline, one verdict, exit 0/1/2")
+    p = sub.add_parser("check", help="the quantization regression gate: limits and/or a baseline, one verdict; "
+                       "exit 0 pass, 1 a regression, 2 bad input, 3 an internal error")
     p.add_argument("--config", help="compare with this config, then gate the run with its 'gate' limits")
-    p.add_argument("--run", help="gate a finished run folder (e.g. reports/latest) with its config's limits")
+    p.add_argument("--run", help="gate a finished run folder or its run.json (e.g. reports/latest) with its config's limits")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
     p.add_argument("--baseline", type=Path, help="a run.json (or its folder) to compare with")
     p.add_argument("--fail", action="extend", nargs="+", default=[], metavar="METRIC:[+|-]AMOUNT[%]",
@@ -209,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail even on breaches within the runs' standard error")
     p.set_defaults(run_command=cmd_check)
     p = sub.add_parser("report", help="re-render a run folder's CSV and HTML reports from its run.json (no model loads)")
-    p.add_argument("run_dir", help="a run folder, e.g. reports/latest")
+    p.add_argument("run_dir", help="a run folder (or its run.json), e.g. reports/latest")
     p.set_defaults(run_command=cmd_report)
     sub.add_parser("bench", help="throughput of the softmax/filter step beside the memory ceiling (bench --help)")
     p = sub.add_parser("zoo", help="build or list the embedded tiny Qwen1.5 family")
@@ -242,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("harness: interrupted. Finished store shards are kept: the same command resumes from them.", file=sys.stderr)
+        extracting = args.command in ("compare", "extract") or (args.command == "check" and args.config)
+        kept = " Finished store shards and greedy continuations are kept: the same command resumes from them."
+        print("harness: interrupted." + (kept if extracting else ""), file=sys.stderr)
         return 130
     except Exception:  # a bug, or a failure no check foresaw: not exit 1, which `check` keeps for a regression
         traceback.print_exc()

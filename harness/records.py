@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -91,8 +92,21 @@ def run_id(config_json: str, now: datetime) -> str:
 def new_run_dir(reports_dir: Path, config_json: str) -> tuple[Path, datetime]:
     now = datetime.now(timezone.utc)
     out = Path(reports_dir) / run_id(config_json, now)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecordError(f"key 'reports_dir': cannot make the run folder {out}: {exc.strerror or exc}") from None
     return out, now
+
+
+def check_writable(reports_dir: Path) -> None:
+    """Fails now, before any model runs, where the run folder could not be written at the end."""
+    try:
+        Path(reports_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=reports_dir):
+            pass
+    except OSError as exc:
+        raise RecordError(f"key 'reports_dir': cannot write run folders in {reports_dir}: {exc.strerror or exc}") from None
 
 
 def git_state(where: Path | None = None) -> dict | None:
@@ -210,6 +224,12 @@ def schema_of(path: Path) -> int | None:
     except (OSError, json.JSONDecodeError):
         return None
     return raw.get("schema_version") if isinstance(raw, dict) else None
+
+
+def run_dir(path) -> Path:
+    """A run's folder, given the folder or its run.json."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
 
 
 def read(path: Path) -> RunRecord:

@@ -45,13 +45,18 @@ def summary_columns(record: records.RunRecord) -> list[str]:
     return columns if record.noise_floor else columns[:-1]
 
 
-def add_floor(pairs: list[PairResult], floor: str | None) -> None:
-    """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place)."""
+def add_floor(pairs: list[PairResult], floor: str | None) -> str | None:
+    """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place); returns a warning where the
+    floor's is 0 (then every multiple is NaN)."""
     if floor is None:
-        return
+        return None
     base = next(p for p in pairs if p.candidate == floor).aggregates["kl_mean"]
     for p in pairs:
-        p.aggregates["kl_floor_multiple"] = p.aggregates["kl_mean"] / base if base > 0 else math.inf
+        p.aggregates["kl_floor_multiple"] = p.aggregates["kl_mean"] / base if base > 0 else math.nan
+    if base > 0:
+        return None
+    return (f"the noise floor pair {floor!r} has mean KL {base}: it gives the reference's distributions exactly, so no "
+            "pair's mean KL is a multiple of it (x floor: NaN). Make noise_floor a pair with numerical noise of its own")
 
 
 def save_run(

@@ -565,3 +565,21 @@ def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
     assert stored == last and {r["impl"] for r in stored["results"]} == {"snippet", "torch"}
     page = (tmp_path / "index.html").read_text()
     assert 'id=bench' in page and "Softmax/filter throughput" in page and "of bound" in page and "write ceiling" in page
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batches", "abc"], "--batches 'abc': give comma-separated whole numbers"),
+        (["--batches", "0,16"], "must be at least 1"),
+        (["--into", "no-such-run"], "--into: no-such-run: no run record there"),
+        (["--triton-settings", "no-such.json"], "--triton-settings no-such.json: not a"),
+    ],
+)
+def test_bad_options_are_usage_errors_before_any_timing(argv, message, capsys, monkeypatch, tmp_path):
+    """Exit 2 with the option named, before the benchmark runs (a bad --into used to fail after it, losing the result)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--quick", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

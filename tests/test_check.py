@@ -156,6 +156,8 @@ def test_exit_codes_table_and_json_verdict_line(tmp_path, capsys):
         records.write(folder, _run(pairs, gate, run_id=folder.name))
     assert main(["check", "--run", str(good)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verdict"] == "pass"
+    assert main(["check", "--run", str(good / "run.json")]) == 0  # the record's file, for its folder
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verdict"] == "pass"
     assert main(["check", "--run", str(bad), "--baseline", str(good / "run.json"), "--fail", "kl_mean:+10%"]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     verdict = json.loads(out[-1])
@@ -258,3 +260,24 @@ def test_the_gate_passes_the_good_builds_and_fails_the_damaged_ones(gate_env, ca
     assert main(_gate(gate_env, "--baseline", str(good), "--fail", "kl_mean:+1%", "--strict")) == 0
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert verdict["verdict"] == "pass" and verdict["warnings"] == []
+
+
+def test_a_floor_pair_without_drift_is_a_usage_error():
+    """A noise floor identical to the reference (mean KL 0) makes every multiple of it 0: the gate says so (exit 2)
+    rather than failing every pair against a limit of 0."""
+    exact = {"bf16": _agg(0.0, 0.0, 1.0) | {"kl_floor_multiple": math.nan}, "int4": GOOD["int4"] | {"kl_floor_multiple": math.nan}}
+    for limit in ({"kl_mean": {"max_x_floor": 20}}, {"kl_floor_multiple": {"max": 20}}):
+        with pytest.raises(GateError, match=r"gate\.int4\.\w+: a limit in multiples of the noise floor's kl_mean, and the floor pair 'bf16' has kl_mean 0\.0"):
+            check.gate(_run(exact, {"int4": limit}))
+    assert check.gate(_run(exact, {"int4": {"kl_mean": {"max": 0.01}}}))["verdict"] == "pass"  # other limits still run
+
+
+def test_a_pair_missing_from_the_baseline_fails_only_with_strict():
+    """A renamed (or new) variant has no baseline to compare with: a warning, and with --strict a breach."""
+    base = _run(GOOD, run_id="base")
+    run = _run({"bf16": GOOD["bf16"], "int4b": GOOD["int4"]})
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "pass" and any("pair 'int4b' is not in the baseline" in w for w in v["warnings"])
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"], strict=True)
+    assert v["verdict"] == "fail" and [(b["pair"], b["rule"]) for b in v["breaches"]] == [("int4b", "has a baseline pair")]
+    assert check.table(v).splitlines()[2].split() == ["int4b", "kl_mean", "0.003", "–", "–", "has", "a", "baseline", "pair", "FAIL"]

@@ -116,6 +116,18 @@ def _shape(line: str) -> str:
     return label + colon + re.sub(r"\s*-?(\d+\.\d+|nan|inf)", "#", rest)
 
 
+def test_noise_floor_multiples_and_a_floor_without_drift():
+    from harness.compare import PairResult
+
+    pairs = [PairResult("ref", c, {"kl_mean": kl}, [], {}) for c, kl in (("bf16", 2e-4), ("int4", 4e-3))]
+    assert report.add_floor(pairs, "bf16") is None
+    assert [p.aggregates["kl_floor_multiple"] for p in pairs] == pytest.approx([1.0, 20.0])
+    pairs = [PairResult("ref", c, {"kl_mean": kl}, [], {}) for c, kl in (("fp32", 0.0), ("int4", 4e-3))]
+    warning = report.add_floor(pairs, "fp32")
+    assert "noise floor pair 'fp32' has mean KL 0.0" in warning
+    assert all(np.isnan(p.aggregates["kl_floor_multiple"]) for p in pairs)  # not inf: no multiple of 0 means anything
+
+
 def test_llama_number_keeps_four_digits_in_fixed_point():
     """printf's %10.6f where it shows 4 or more significant digits, more decimals (up to 12) where not."""
     assert html_report.llama_number(18.274923456, 10, 6) == " 18.274923"  # as llama.cpp prints it
@@ -174,6 +186,9 @@ def test_report_re_renders_from_the_record_alone(micro_run, tmp_path, monkeypatc
     assert main(["report", str(copy)]) == 0
     for name in ("summary.csv", "prompts.csv", "matrix.csv", "kl_report.txt", "index.html"):
         assert (copy / name).read_bytes() == (run_dir / name).read_bytes(), name
+    (copy / "index.html").unlink()
+    assert main(["report", str(copy / "run.json")]) == 0  # the record's file names its folder too
+    assert (copy / "index.html").read_bytes() == (run_dir / "index.html").read_bytes()
 
 
 def test_a_schema_1_record_still_renders(micro_run, tmp_path):
