@@ -52,7 +52,8 @@ class Breach:
     def line(self) -> str:
         base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
         verdict = "within noise" if self.within_noise else "FAIL"
-        return f"{self.pair}: {self.metric} = {self.value:.4g}, limit {self.rule} = {self.limit:.4g}{base}: {verdict}"
+        limit = "" if self.rule.endswith(f" {self.limit:g}") else f" = {self.limit:.4g}"  # "<= 0.01" says it already
+        return f"{self.pair}: {self.metric} = {self.value:.4g}, limit {self.rule}{limit}{base}: {verdict}"
 
 
 def standard_error(aggregates: dict, metric: str) -> float | None:

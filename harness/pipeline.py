@@ -56,9 +56,8 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
                 f"{context} positions of the reference {cfg.reference.name!r}"
             )
         limit = None  # long texts are cut into windows
-    tokens = prompts.tokenize(
-        ref_tok, prompts.load(cfg.prompts), max_length=limit, source=cfg.reference.name, generation_prompt=generate
-    )
+    source = cfg.reference.name + (f": {context} less generate.max_new_tokens {cfg.generate.max_new_tokens}" if generate else "")
+    tokens = prompts.tokenize(ref_tok, prompts.load(cfg.prompts), max_length=limit, source=source, generation_prompt=generate)
     loaded = {cfg.reference.name: ref}
     cross = {}  # cross_vocab: variant name -> tokenizer key, for each that reads the prompts its own way
     for spec in cfg.variants:

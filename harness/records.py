@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -177,8 +178,13 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
 
 def load_positions(run_dir: Path, pair: PairRecord) -> dict[str, np.ndarray]:
     """Every per-position array of one pair ([P] each: the metrics, prompt, position, target)."""
-    with np.load(Path(run_dir) / pair.positions_file) as z:
-        return {k: z[k] for k in z.files}
+    path = Path(run_dir) / pair.positions_file
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # missing, cut short, or not an .npz
+        raise RecordError(f"{path}: the per-position data of pair {pair.candidate!r} that run.json names cannot be read "
+                          f"({exc}); the run folder is incomplete: run `harness compare` again") from None
 
 
 def load_tokens(run_dir: Path, record: RunRecord) -> dict | None:

@@ -281,3 +281,9 @@ def test_a_pair_missing_from_the_baseline_fails_only_with_strict():
     v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"], strict=True)
     assert v["verdict"] == "fail" and [(b["pair"], b["rule"]) for b in v["breaches"]] == [("int4b", "has a baseline pair")]
     assert check.table(v).splitlines()[2].split() == ["int4b", "kl_mean", "0.003", "–", "–", "has", "a", "baseline", "pair", "FAIL"]
+
+
+def test_a_breach_line_states_its_limit_once():
+    assert check.Breach("int4", "top1_agree", 0.98, 0.99, ">= 0.99").line() == "int4: top1_agree = 0.98, limit >= 0.99: FAIL"
+    assert (check.Breach("int4", "kl_mean", 0.01, 0.008, "<= 40 x floor", within_noise=True).line()
+            == "int4: kl_mean = 0.01, limit <= 40 x floor = 0.008: within noise")  # fmt: skip

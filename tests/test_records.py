@@ -83,3 +83,12 @@ def test_unreadable_records_name_the_file_and_the_problem(tmp_path, content, mes
     with pytest.raises(RecordError, match=re.escape(message)) as err:
         records.read(tmp_path)
     assert str(tmp_path / "run.json") in str(err.value)
+
+
+def test_missing_or_broken_positions_file_is_a_record_error(tmp_path):
+    pair = records.PairRecord(reference="ref", candidate="int4", aggregates={}, prompts=[], positions_file="positions-int4.npz")
+    with pytest.raises(RecordError, match=r"positions-int4\.npz: the per-position data of pair 'int4' .* cannot be read"):
+        records.load_positions(tmp_path, pair)
+    (tmp_path / "positions-int4.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(RecordError, match="run `harness compare` again"):
+        records.load_positions(tmp_path, pair)
