@@ -66,7 +66,8 @@ def _axis(x0: float, x1: float, y1: float, lo: int, hi: int, sx) -> list[str]:
     for d in range(lo, hi + 1, step):
         x = sx(d)
         out.append(f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y1 + 4}" stroke="#444"/>')
-        out.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="middle">1e{d}</text>')
+        anchor = "start" if d == lo else "end" if d + step > hi else "middle"  # the end labels stay inside the box
+        out.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="{anchor}">1e{d}</text>')
     return out
 
 
@@ -89,7 +90,8 @@ def cdf_svg(series: dict[str, np.ndarray], width: int = 720, height: int = 300) 
         color = PALETTE[i % len(PALETTE)]
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{pts}"><title>{_e(name)}</title></polyline>')
         parts.append(f'<rect x="{x1 + 12}" y="{y0 + 16 * i}" width="10" height="10" fill="{color}"/><text x="{x1 + 26}" y="{y0 + 9 + 16 * i}">{_e(name)}</text>')
-    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL(reference ‖ candidate), nats</text></svg>')
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL(reference ‖ candidate), nats</text>')
+    parts.append(f'<text transform="translate(12 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">fraction of positions</text></svg>')
     return "".join(parts)
 
 
@@ -100,15 +102,16 @@ def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150) ->
     bins = 4 * (hi - lo)
     logs = np.log10(np.clip(v[np.isfinite(v)], 10.0**lo, 10.0**hi))
     counts, _ = np.histogram(logs, bins=bins, range=(lo, hi))
-    x0, x1, y0, y1 = 10, width - 10, 6, height - 24
+    x0, x1, y0, y1 = 10, width - 10, 6, height - 36
     sx = lambda d: x0 + (d - lo) / max(1, hi - lo) * (x1 - x0)  # noqa: E731
     top = max(1, counts.max())
     w = (x1 - x0) / bins
     parts = [f'<svg class="chart small" viewBox="0 0 {width} {height}" role="img" aria-label="KL histogram">']
     for i, c in enumerate(counts):
         h = c / top * (y1 - y0)
-        parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} positions</title></rect>')
+        parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} position{"" if c == 1 else "s"}</title></rect>')
     parts += _axis(x0, x1, y1, lo, hi, sx)
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL, nats (each pair its own range)</text>')
     if np.isinf(v).any():
         parts.append(f'<text x="{x1}" y="{y0 + 10}" text-anchor="end">+{int(np.isinf(v).sum())} infinite</text>')
     return "".join(parts) + "</svg>"
@@ -154,6 +157,9 @@ def summary_table(record: records.RunRecord) -> str:
             cells.append(f'<td data-v="{raw}">{_num(v, spec)}</td>')
         rows.append(f'<tr class="{"floor" if floor else ""}">{"".join(cells)}</tr>')
     rows.append("</tbody></table></div>")
+    floor = "; × floor: mean KL over the noise-floor pair's" if record.noise_floor else ""
+    rows.append(f"<p class=small>KL, rev. KL (candidate ‖ reference) and JS in nats; TV, agreements, overlaps and Δp RMS as "
+                f"fractions; ± se: standard errors{floor}. <span class=js>Click a column (or Enter on it) to sort.</span></p>")
     return "".join(rows) + cross_vocab_note(record)
 
 
@@ -257,12 +263,23 @@ def llama_value(a: dict, row: tuple) -> str:
     return text + unit
 
 
+def _llama_cell(a: dict, row: tuple) -> str:
+    """A row's value for the page: 4 significant digits (± 2), its unit; "–" where the pair has none."""
+    _, key, _, se_fmt, scale, unit = row
+    v, se = a.get(key), a.get(f"{key}_se")
+    if v is None:
+        return "–"
+    text = _num(float(v) * scale, ".4g") + (f" ± {_num(float(se) * scale, '.2g')}" if se_fmt is not None and se is not None else "")
+    return _e(text + unit)
+
+
 def llama_section(record: records.RunRecord) -> str:
     """Each pair's numbers in the rows and units of llama.cpp's KL report (Δp and same top p in %), to read beside one."""
     out = [
         "<h2 id=llama>In llama.cpp's terms</h2><p>The statistics of <code>llama-perplexity --kl-divergence</code>, in its "
-        "rows, units and formats (Δp and same top p in %, ± a standard error; more decimals where its would show fewer "
-        "than 4 digits), over the scored positions of this run. Q: the candidate; base: the reference.</p>"
+        "rows and units (Δp and same top p in %, ± a standard error), over the scored positions of this run, to 4 "
+        "significant digits (<code>kl_report.txt</code> has them in its own fixed-point formats). Q: the candidate; "
+        "base: the reference.</p>"
         "<div class=wide><table id=llama><tr><th>statistic</th>",
         *(f"<th>{_e(p.candidate)}</th>" for p in record.pairs),
         "</tr>",
@@ -272,7 +289,7 @@ def llama_section(record: records.RunRecord) -> str:
         if row[1] is None:
             out.append(f'<tr><th colspan="{1 + len(record.pairs)}" class=group>{_e(label)}</th></tr>')
             continue
-        cells = (_e(llama_value(p.aggregates, row).strip()) if p.aggregates.get(row[1]) is not None else "–" for p in record.pairs)
+        cells = (_llama_cell(p.aggregates, row) for p in record.pairs)
         out.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table></div>"
 
@@ -284,16 +301,19 @@ def matrix_section(record: records.RunRecord) -> str:
     cell = {(r["a"], r["b"]): r for r in record.matrix} | {(r["b"], r["a"]): r for r in record.matrix}
     out = ["<h2 id=matrix>All pairs</h2><div class=cards>"]
     for key, title, kind, spec in (("top1_agree", "top-1 agreement", "top1", ".3f"), ("sym_kl_mean", "symmetric KL (nats)", "kl", ".2e")):
-        rows = [f"<div class=card><h3>{title}</h3><table class=heat id=heat-{kind}><tr><th></th>"]
+        rows = [f"<div class=card><h3>{title}</h3><div class=wide><table class=heat id=heat-{kind}><tr><th></th>"]
         rows += [f"<th class=rot><span>{_e(m)}</span></th>" for m in models]
         rows.append("</tr>")
         for a in models:
             rows.append(f"<tr><th>{_e(a)}</th>")
             for b in models:
-                v = (1.0 if kind == "top1" else 0.0) if a == b else cell.get((a, b), {}).get(key)
+                if a == b:
+                    rows.append('<td class=self title="the same model">–</td>')
+                    continue
+                v = cell.get((a, b), {}).get(key)
                 rows.append(f'<td style="background:{_heat(v, kind)}" title="{_e(a)} vs {_e(b)}">{_num(v, spec)}</td>')
             rows.append("</tr>")
-        out.append("".join(rows) + "</table></div>")
+        out.append("".join(rows) + "</table></div></div>")
     return "".join(out) + "</div>"
 
 
@@ -316,7 +336,7 @@ def warp_section(record: records.RunRecord, n_vocab: int | None) -> str:
         knobs = ", ".join(f"{k}={cfg[k]}" for k in ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty") if cfg.get(k) is not None)
         first = first or (name, w)
         out.append(
-            f"<tr><td>{_e(name)}</td><td>{_e(knobs or 'none')}</td><td>{_e(v.get('logit_width', '–'))}</td>"
+            f"<tr><td>{_e(name)}</td><td class=text>{_e(knobs or 'none')}</td><td>{_e(v.get('logit_width', '–'))}</td>"
             f"<td>{_num(w['finite_p50'], '.0f')} ({_num(w['finite_p10'], '.0f')}–{_num(w['finite_p90'], '.0f')}, "
             f"{_num(w['finite_min'], '.0f')}–{_num(w['finite_max'], '.0f')})</td><td>{_num(100 * w['single_finite_rate'], '.1f')}%</td>"
             f"<td>{_num(w['kept_mass_mean'], '.3f')} ({_num(w['kept_mass_p50'], '.3f')})</td>"
@@ -391,7 +411,7 @@ def gate_section(run_dir: Path) -> str:
 
 
 def metadata_section(record: records.RunRecord) -> str:
-    kv = lambda d: "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in (d or {}).items())  # noqa: E731
+    kv = lambda d: "".join(f"<tr><th>{_e(str(k).replace('_', ' '))}</th><td>{_value(v)}</td></tr>" for k, v in (d or {}).items())  # noqa: E731
     git = record.git or {}
     run = {"run id": record.run_id, "created (UTC)": record.created_at, "status": record.status, "seed": record.seed,
            "batch size": record.batch_size, "git commit": git.get("commit", "–"), "tree dirty": git.get("dirty", "–")}  # fmt: skip
@@ -400,7 +420,7 @@ def metadata_section(record: records.RunRecord) -> str:
         f"<div class=card><h3>run</h3><table class=kv>{kv(run)}</table></div>",
         f"<div class=card><h3>machine</h3><table class=kv>{kv(record.machine)}</table></div>",
         f"<div class=card><h3>versions</h3><table class=kv>{kv(record.versions)}</table></div></div>",
-        "<h3>models</h3><table id=models><tr><th>model</th><th>source</th><th>dtype</th><th>device</th><th>loader (kernel)</th>"
+        "<h3>models</h3><div class=wide><table id=models><tr><th>model</th><th>source</th><th>dtype</th><th>device</th><th>loader (kernel)</th>"
         "<th>parameters</th>"
         "<th>load s</th><th>extract s</th><th>forward s</th><th>store</th></tr>",
     ]
@@ -408,15 +428,20 @@ def metadata_section(record: records.RunRecord) -> str:
         reused = v.get("reused_shards") == v.get("shards")
         took = f" (store reused; filling it took {_num(v.get('first_extract_s'), '.1f')})" if reused else ""
         out.append(
-            f"<tr><td>{_e(name)}</td><td>{_e(v.get('source'))}{'@' + _e(v['revision']) if v.get('revision') else ''}</td>"
-            f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}{_placed(v)}</td><td>{_loader(v)}</td>"
-            f"<td>{_num(v.get('parameters'), ',')}</td><td>{_num(v.get('load_s'), '.1f')}</td>"
+            f"<tr><td>{_e(name)}</td><td class=path>{_e(v.get('source'))}{'@' + _e(v['revision']) if v.get('revision') else ''}</td>"
+            f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}{_placed(v)}</td><td class=text>{_loader(v)}</td>"
+            f"<td>{_num(v.get('parameters'), ',')}</td><td>{'–' if reused and not v.get('load_s') else _num(v.get('load_s'), '.1f')}</td>"
             f"<td>{_num(v.get('extract_s'), '.1f')}{took}</td>"
             f"<td>{_num(v.get('forward_s'), '.1f')}</td>"
-            f"<td class=small>{_e(v.get('store'))}</td></tr>"
+            f"<td class='small path'>{_e(v.get('store'))}</td></tr>"
         )
-    out.append(f"</table><h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>")
+    out.append(f"</table></div><h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>")
     return "".join(out)
+
+
+def _value(v) -> str:
+    """A record value for a key-value table: "–" for None, yes/no for booleans."""
+    return "–" if v is None else ("yes" if v else "no") if isinstance(v, bool) else _e(v)
 
 
 def _placed(v: dict) -> str:
@@ -489,8 +514,7 @@ def render(run_dir: Path, record: records.RunRecord) -> str:
         n = record.pairs[0].aggregates["positions"] if record.pairs else 0
         body.append(
             f"<p>Reference <b>{_e(record.reference)}</b>, {len(record.pairs)} candidates, {n} scored positions, "
-            f"mode {_e(record.config.get('mode'))}. Noise floor: <b>{_e(record.noise_floor or 'none set')}</b>. "
-            "Click a column to sort.</p>"
+            f"mode {_e(record.config.get('mode'))}. Noise floor: <b>{_e(record.noise_floor or 'none set')}</b>.</p>"
         )
         body += [
             '<nav><a href="#summary">summary</a> <a href="#dist">KL distribution</a> <a href="#llama">llama.cpp terms</a> <a href="#matrix">all pairs</a> '

@@ -11,14 +11,26 @@ function el(tag, text, attrs) {
   return e;
 }
 
-// ---- sortable tables: click a header; numbers sort by their data-v value
+document.documentElement.classList.add("js-on"); // shows the hints that only hold with the script
+
+// Enter or Space on a focusable element does what a click does (the headers and tokens are not buttons)
+function clickable(e, onClick) {
+  e.setAttribute("tabindex", "0");
+  e.addEventListener("click", onClick);
+  e.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); onClick(); }
+  });
+}
+
+// ---- sortable tables: click a header (or Enter on it); numbers sort by their data-v value
 document.querySelectorAll("table.sortable").forEach((table) => {
   table.querySelectorAll("th").forEach((th, col) => {
-    th.addEventListener("click", () => {
+    clickable(th, () => {
       const body = table.tBodies[0];
       const desc = th.classList.contains("asc");
-      table.querySelectorAll("th").forEach((h) => h.classList.remove("asc", "desc"));
+      table.querySelectorAll("th").forEach((h) => { h.classList.remove("asc", "desc"); h.removeAttribute("aria-sort"); });
       th.classList.add(desc ? "desc" : "asc");
+      th.setAttribute("aria-sort", desc ? "descending" : "ascending");
       const text = th.dataset.type === "text";
       const key = (row) => {
         const cell = row.cells[col];
@@ -78,7 +90,7 @@ function buildView() {
   const legend = el("div", null, { class: "legend small" });
   legend.append("KL (nats): ");
   [1e-7, 1e-5, 1e-3, 1e-1, 1].forEach((v) => legend.appendChild(el("span", v.toExponential(0), { style: `background:${klColour(v)}` })));
-  legend.append(" · grey: context, not scored · click a token for both models' top-5");
+  legend.append(" · grey: context, not scored · click a token (or Tab to it, then Enter) for both models' top-5");
   const out = el("div", null, { id: "tokens-out" });
   const detail = el("div", null, { id: "detail" });
   root.append(controls, legend, out, detail);
@@ -104,7 +116,7 @@ function buildView() {
     detail.textContent = "";
     const target = D.pos.target[i];
     const word = D.vocab[target] !== undefined ? D.vocab[target] : `#${target}`;
-    detail.appendChild(el("p", `position ${D.pos.position[i]}: next token ${JSON.stringify(word)} · KL ${num(D.kl[c][i]).toExponential(3)} nats`));
+    detail.appendChild(el("p", `position ${D.pos.position[i]}: the token ${JSON.stringify(word)}, as each model predicted it from the text before it · KL ${num(D.kl[c][i]).toExponential(3)} nats`));
     detail.append(topTable(D.reference, i), topTable(c, i));
   }
 
@@ -124,7 +136,7 @@ function buildView() {
       }
       const kl = num(D.kl[c][i]);
       const span = el("span", text, { class: "tok", style: `background:${klColour(kl)}`, title: `KL ${kl.toExponential(2)}` });
-      span.addEventListener("click", () => show(i, span));
+      clickable(span, () => show(i, span));
       frag.appendChild(span);
     });
     out.appendChild(frag);
