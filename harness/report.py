@@ -30,19 +30,24 @@ SUMMARY_COLUMNS = [
     "js_mean", "tv_mean", "top1_agree", "top1_agree_se", "top5_overlap", "delta_p_rms", "ppl_ref", "ppl_cand",
     "ppl_ratio", "ln_ppl_ratio", "ln_ppl_ratio_se", "kl_floor_multiple",
 ]  # fmt: skip
+# a pair of two vocabularies (cross_vocab): what its numbers are over, and bits per byte on each model's own tokens
+CROSS_COLUMNS = ["aligned_of", "aligned", "shared_tokens", "outside_mass_ref", "outside_mass_cand", "bpb_ref", "bpb_cand",
+                 "bpb_diff", "bpb_diff_se", "bpb_bytes", "bpb_spans"]  # fmt: skip
 PROMPT_COLUMNS = ["reference", "candidate", "prompt", "positions", "kl_mean", "kl_max", "js_mean", "top1_agree", "ppl_ratio"]
 MATRIX_COLUMNS = ["a", "b", "top1_agree", "sym_kl_mean"]
 POSITION_KEYS = ("prompt", "position", "target", "ref_row")  # in positions-*.npz beside the metrics (ref_row: cross_vocab)
 
 
 def summary_columns(record: records.RunRecord) -> list[str]:
-    """SUMMARY_COLUMNS with the run's own top-k overlaps (top5_overlap stands for them: metrics.top_k may not hold 5)
-    and without kl_floor_multiple where the run has no noise floor."""
+    """SUMMARY_COLUMNS with the run's own top-k overlaps (top5_overlap stands for them: metrics.top_k may not hold 5),
+    without kl_floor_multiple where the run has no noise floor, and with CROSS_COLUMNS where a pair has them (empty in
+    the other pairs' rows)."""
     first = record.pairs[0].aggregates if record.pairs else {}
     overlaps = sorted((k for k in first if re.fullmatch(r"top\d+_overlap", k)), key=lambda k: int(k[3:-8]))
     at = SUMMARY_COLUMNS.index("top5_overlap")
     columns = SUMMARY_COLUMNS[:at] + overlaps + SUMMARY_COLUMNS[at + 1 :]
-    return columns if record.noise_floor else columns[:-1]
+    columns = columns if record.noise_floor else columns[:-1]
+    return columns + (CROSS_COLUMNS if any("aligned_of" in p.aggregates for p in record.pairs) else [])
 
 
 def add_floor(pairs: list[PairResult], floor: str | None) -> str | None:

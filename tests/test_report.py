@@ -303,6 +303,9 @@ def test_summary_columns_follow_the_runs_top_k():
     assert cols[at + 1 : at + 3] == ["top3_overlap", "top20_overlap"] and "top5_overlap" not in cols
     assert "kl_floor_multiple" not in cols
     assert report.summary_columns(SimpleNamespace(pairs=[pair], noise_floor="bf16"))[-1] == "kl_floor_multiple"
+    cross = SimpleNamespace(aggregates={"kl_mean": 0.2, "aligned_of": 90, "bpb_cand": 4.2})
+    cols = report.summary_columns(SimpleNamespace(pairs=[pair, cross], noise_floor=None))
+    assert cols[-len(report.CROSS_COLUMNS) :] == report.CROSS_COLUMNS and "bpb_diff_se" in cols  # a cross_vocab pair's
 
 
 def test_models_table_says_where_a_sharded_model_was_and_which_kernel_ran():
