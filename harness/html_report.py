@@ -118,11 +118,12 @@ def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150) ->
 
 
 def _heat(value: float | None, kind: str) -> str:
-    """Background colour: green (close) to red (far); top-1 agreement on [0.5, 1], KL on log10 [-7, 1]."""
+    """Background colour: green (close) to red (far); top-1 agreement on log10 of the disagreement, from 0.001 (green)
+    to 0.5 (red), so that 0.96 and 1.0 look different; KL on log10 [-7, 1]."""
     if value is None or not math.isfinite(value):
         return "#eee"
     if kind == "top1":
-        f = min(1.0, max(0.0, (value - 0.5) / 0.5))
+        f = 1.0 - min(1.0, max(0.0, (math.log10(max(1.0 - value, 1e-3)) + 3) / (3 + math.log10(0.5))))
     else:
         f = 1.0 - min(1.0, max(0.0, (math.log10(max(value, 1e-12)) + 7) / 8))
     return f"hsl({120 * f:.0f},70%,{78 - 8 * f:.0f}%)"
@@ -314,7 +315,9 @@ def matrix_section(record: records.RunRecord) -> str:
                 rows.append(f'<td style="background:{_heat(v, kind)}" title="{_e(a)} vs {_e(b)}">{_num(v, spec)}</td>')
             rows.append("</tr>")
         out.append("".join(rows) + "</table></div></div>")
-    return "".join(out) + "</div>"
+    legend = "".join(f'<span style="background:{_heat(v, "top1")}">{v:g}</span>' for v in (0.999, 0.99, 0.95, 0.8, 0.5))
+    legend += " · " + "".join(f'<span style="background:{_heat(v, "kl")}">{v:.0e}</span>' for v in (1e-7, 1e-5, 1e-3, 1e-1, 10))
+    return "".join(out) + f"</div><p class='legend small'>colours: top-1 agreement {legend} nats</p>"
 
 
 def warp_section(record: records.RunRecord, n_vocab: int | None) -> str:
