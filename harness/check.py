@@ -52,7 +52,7 @@ class Breach:
     def line(self) -> str:
         base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
         verdict = "within noise" if self.within_noise else "FAIL"
-        limit = "" if self.rule.endswith(f" {self.limit:g}") else f" = {self.limit:.4g}"  # "<= 0.01" says it already
+        limit = "" if self.rule.endswith(f" {self.limit:g}") or math.isnan(self.limit) else f" = {self.limit:.4g}"  # "<= 0.01" says it
         return f"{self.pair}: {self.metric} = {self.value:.4g}, limit {self.rule}{limit}{base}: {verdict}"
 
 
@@ -108,6 +108,8 @@ class Threshold:
             return None
         return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict)
 
+
+DIVERGENCES = ("kl_", "js_", "tv_")  # aggregates that are 0 only for a pair whose distributions are the same
 
 _FAIL = re.compile(r"^(?P<metric>[A-Za-z_][A-Za-z0-9_]*):(?P<sign>[+-]?)(?P<amount>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?P<pct>%?)$")
 
@@ -217,7 +219,11 @@ def gate(
                             "(only a pair of two vocabularies has it, with cross_vocab)")  # fmt: skip
         if t.kind == "max_x_floor" and run.noise_floor not in pairs:
             raise GateError(f"gate.{t.pair}.{t.metric}: max_x_floor needs a noise floor, and run {run.run_id} has none")
-        of = "kl_mean" if t.metric == "kl_floor_multiple" else t.metric if t.kind == "max_x_floor" else None
+        if t.metric == "kl_floor_multiple" and run.noise_floor not in pairs:
+            raise GateError(f"gate.{t.pair}.kl_floor_multiple needs a noise floor, and run {run.run_id} has none")
+        # a divergence of 0 in the floor pair means it is the reference itself: no multiple of it means anything (a
+        # floor's flip rate or Δp may well be 0 or negative, and a limit of a multiple of it is then still a limit)
+        of = "kl_mean" if t.metric == "kl_floor_multiple" else t.metric if t.kind == "max_x_floor" and t.metric.startswith(DIVERGENCES) else None
         if of is not None and not float(pairs[run.noise_floor].get(of, math.nan)) > 0:
             raise GateError(
                 f"gate.{t.pair}.{t.metric}: a limit in multiples of the noise floor's {of}, and the floor pair "
@@ -239,12 +245,12 @@ def gate(
         base_pairs = {p.candidate: p.aggregates for p in baseline.pairs}
         for name, agg in pairs.items():
             if name not in base_pairs:  # a new variant; or a renamed one, which --strict does not let pass unchecked
-                if strict:
-                    n += len(regressions)
-                    found += [Breach(name, r.metric, float(agg.get(r.metric, math.nan)), math.nan, "has a baseline pair")
-                              for r in regressions]  # fmt: skip
+                unchecked = [r for r in regressions if r.metric in agg]
+                if strict and unchecked:
+                    n += len(unchecked)
+                    found += [Breach(name, r.metric, float(agg[r.metric]), math.nan, "has a baseline pair") for r in unchecked]
                 else:
-                    warnings.append(f"pair {name!r} is not in the baseline: not compared (with --strict, a breach)")
+                    warnings.append(f"pair {name!r} is not in the baseline: not compared" + ("" if strict else " (with --strict and --fail, a breach)"))
                 continue
             for r in regressions:
                 if r.metric not in agg:  # a metric of cross_vocab pairs only, and this pair is not one

@@ -16,6 +16,7 @@ Models are located and loaded by `harness.loaders`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gc
 import hashlib
@@ -136,6 +137,10 @@ def _progress(cache: Path, log):
         except BlockingIOError:
             log(f"waiting for another process that generates the continuations of {cache.name} ({progress} is locked)")
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without flock (some network mounts): go on unlocked, as before locks
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log(f"warning: {progress.parent} cannot lock files ({exc.strerror}): do not run two generations of one config at once there")
         yield progress
 
 

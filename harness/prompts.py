@@ -76,7 +76,7 @@ def load(path: Path) -> tuple[Prompt, ...]:
             raise PromptError(f"{where}: unknown keys {sorted(extra)}; a prompt has id, text or messages")
         pid = str(row["id"]) if isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool) else ""
         if not pid.strip():
-            raise PromptError(f'{where}: "id" must be a non-empty string or a number, not {row["id"]!r}')
+            raise PromptError(f'{where}: "id" must be a non-empty string or an integer, not {row["id"]!r}')
         if pid in seen:
             raise PromptError(f"{where}: prompt id {pid!r} is repeated")
         seen.add(pid)

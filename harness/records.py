@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -182,7 +183,7 @@ def load_positions(run_dir: Path, pair: PairRecord) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # missing, cut short, or not an .npz
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # missing, cut short, or not an .npz
         raise RecordError(f"{path}: the per-position data of pair {pair.candidate!r} that run.json names cannot be read "
                           f"({exc}); the run folder is incomplete: run `harness compare` again") from None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import html_report, records
+from harness import align, html_report, records
 from harness.compare import PairResult
 
 SUMMARY_COLUMNS = [
@@ -31,8 +31,7 @@ SUMMARY_COLUMNS = [
     "ppl_ratio", "ln_ppl_ratio", "ln_ppl_ratio_se", "kl_floor_multiple",
 ]  # fmt: skip
 # a pair of two vocabularies (cross_vocab): what its numbers are over, and bits per byte on each model's own tokens
-CROSS_COLUMNS = ["aligned_of", "aligned", "shared_tokens", "outside_mass_ref", "outside_mass_cand", "bpb_ref", "bpb_cand",
-                 "bpb_diff", "bpb_diff_se", "bpb_bytes", "bpb_spans"]  # fmt: skip
+CROSS_COLUMNS = list(align.AGGREGATES)
 PROMPT_COLUMNS = ["reference", "candidate", "prompt", "positions", "kl_mean", "kl_max", "js_mean", "top1_agree", "ppl_ratio"]
 MATRIX_COLUMNS = ["a", "b", "top1_agree", "sym_kl_mean"]
 POSITION_KEYS = ("prompt", "position", "target", "ref_row")  # in positions-*.npz beside the metrics (ref_row: cross_vocab)

@@ -270,6 +270,9 @@ def test_a_floor_pair_without_drift_is_a_usage_error():
         with pytest.raises(GateError, match=r"gate\.int4\.\w+: a limit in multiples of the noise floor's kl_mean, and the floor pair 'bf16' has kl_mean 0\.0"):
             check.gate(_run(exact, {"int4": limit}))
     assert check.gate(_run(exact, {"int4": {"kl_mean": {"max": 0.01}}}))["verdict"] == "pass"  # other limits still run
+    # a floor whose top-1 agreement is perfect is still a floor for a metric that may be 0: a limit of a multiple of 0
+    calm = {"bf16": GOOD["bf16"] | {"flip_rate": 0.0}, "int4": GOOD["int4"] | {"flip_rate": 0.02}}
+    assert check.gate(_run(calm, {"int4": {"flip_rate": {"max_x_floor": 5}}}))["verdict"] == "fail"
 
 
 def test_a_pair_missing_from_the_baseline_fails_only_with_strict():
@@ -281,6 +284,15 @@ def test_a_pair_missing_from_the_baseline_fails_only_with_strict():
     v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"], strict=True)
     assert v["verdict"] == "fail" and [(b["pair"], b["rule"]) for b in v["breaches"]] == [("int4b", "has a baseline pair")]
     assert check.table(v).splitlines()[2].split() == ["int4b", "kl_mean", "0.003", "–", "–", "has", "a", "baseline", "pair", "FAIL"]
+    # --strict with only config limits (no --fail): nothing to compare, so the warning stays
+    v = check.gate(_run({"bf16": GOOD["bf16"], "int4b": GOOD["int4"]}, {"int4b": {"kl_mean": {"max": 0.01}}}),
+                   baseline=base, baseline_path=Path("b.json"), strict=True)
+    assert any("pair 'int4b' is not in the baseline" in w for w in v["warnings"])
+    # a --fail metric the new pair does not have (a cross_vocab one) is no breach
+    cross = GOOD["bf16"] | {"bpb_diff": 0.1}
+    base, run = _run({"bf16": cross, "int4": GOOD["int4"]}, run_id="base"), _run({"bf16": cross, "int4b": GOOD["int4"]})
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%", "bpb_diff:+0.1"], strict=True)
+    assert [b["metric"] for b in v["breaches"]] == ["kl_mean"]
 
 
 def test_a_breach_line_states_its_limit_once():

@@ -113,6 +113,15 @@ def test_bad_metrics_and_repeated_keys_fail_at_load(tmp_path, extra, message):
         config.load(_write(tmp_path, BASE + extra + "\n"))
 
 
+def test_anchors_and_merge_keys_still_load(tmp_path):
+    """The repeated-key check leaves YAML's own sharing alone: an anchor, an alias, and a merge key overridden."""
+    text = BASE + "metrics: &m {top_k: [5], matrix: false}\ngate: {v: {kl_mean: {<<: {max: 0.5, min: 0}, max: 0.01}}}\n"
+    cfg = config.load(_write(tmp_path, text))
+    assert cfg.metrics.top_k == [5] and cfg.gate["v"]["kl_mean"].max == 0.01 and cfg.gate["v"]["kl_mean"].min == 0
+    with pytest.raises(config.ConfigError, match="not valid YAML"):  # an unhashable key: a YAML error, not a crash
+        config.load(_write(tmp_path, BASE + "? [1, 2]\n: x\n"))
+
+
 def test_duplicate_variant_names(tmp_path):
     path = _write(tmp_path, BASE.replace("variants: [{name: v, source: zoo:tiny-qwen1.5-s}]",
                                          "variants: [{name: v, source: a}, {name: v, source: b}]"))

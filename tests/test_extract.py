@@ -336,3 +336,23 @@ def test_greedy_resumes_after_an_interruption(micro_zoo, tokens, tmp_path, monke
     assert len(calls) == len(tokens.ids) - 2
     assert any(f"greedy: resuming after 2 of {len(tokens.ids)} prompts" in m for m in said)
     assert not progress.exists()  # the cache is whole: no progress file left
+
+
+def test_progress_lock_where_the_file_system_has_none(tmp_path, monkeypatch):
+    """Some network mounts refuse flock: generation goes on unlocked, with a warning; other lock errors still raise."""
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(extract.fcntl, "flock", no_locks)
+    said = []
+    with extract._progress(tmp_path / "g.json", said.append) as progress:
+        assert progress == tmp_path / "g.progress.jsonl" and progress.exists()
+    assert "cannot lock files (No locks available)" in said[0]
+
+    def broken(f, op):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(extract.fcntl, "flock", broken)
+    with pytest.raises(OSError, match="I/O error"), extract._progress(tmp_path / "g.json", said.append):
+        pass

@@ -40,8 +40,9 @@ def test_empty_file(tmp_path):
         ({"id": "a", "text": "x", "lang": "en"}, "unknown keys"),
         ({"id": "a", "text": 42}, '"text" must be a string, not int'),
         ({"id": "a", "text": None}, '"text" must be a string, not NoneType'),
-        ({"id": "", "text": "x"}, '"id" must be a non-empty string or a number'),
-        ({"id": [1], "text": "x"}, '"id" must be a non-empty string or a number'),
+        ({"id": "", "text": "x"}, '"id" must be a non-empty string or an integer'),
+        ({"id": [1], "text": "x"}, '"id" must be a non-empty string or an integer'),
+        ({"id": 1.5, "text": "x"}, '"id" must be a non-empty string or an integer'),
     ],
 )
 def test_bad_rows_name_the_line(tmp_path, row, message):
