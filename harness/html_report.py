@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from harness import records
+from harness.charts import PALETTE, cdf_svg, heat, hist_svg
+from harness.llama_report import LLAMA_ROWS
 
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
 
@@ -48,85 +49,6 @@ def script_json(obj) -> str:
 
 def _round(a: np.ndarray, digits: int = 4) -> list:
     return [float(f"{x:.{digits}g}") if math.isfinite(x) else float(x) for x in np.asarray(a, dtype=np.float64).tolist()]
-
-
-# ---------------------------------------------------------------- charts (inline SVG)
-
-
-def _decades(values: list[np.ndarray]) -> tuple[int, int]:
-    positive = np.concatenate([v[(v > 0) & np.isfinite(v)] for v in values] or [np.array([1.0])])
-    if not len(positive):
-        return -8, 0
-    return max(-12, math.floor(math.log10(positive.min()))), max(-11, math.ceil(math.log10(positive.max())))
-
-
-def _axis(x0: float, x1: float, y1: float, lo: int, hi: int, sx) -> list[str]:
-    step = max(1, (hi - lo) // 8)
-    out = [f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#444"/>']
-    for d in range(lo, hi + 1, step):
-        x = sx(d)
-        out.append(f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y1 + 4}" stroke="#444"/>')
-        anchor = "start" if d == lo else "end" if d + step > hi else "middle"  # the end labels stay inside the box
-        out.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="{anchor}">1e{d}</text>')
-    return out
-
-
-def cdf_svg(series: dict[str, np.ndarray], width: int = 720, height: int = 300) -> str:
-    """Empirical CDF of each pair's per-position KL on a log axis (KL = 0 is drawn at the left edge)."""
-    lo, hi = _decades(list(series.values()))
-    x0, x1, y0, y1 = 50, width - 150, 10, height - 30
-    sx = lambda d: x0 + (d - lo) / max(1, hi - lo) * (x1 - x0)  # noqa: E731
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="KL CDF">']
-    parts += _axis(x0, x1, y1, lo, hi, sx)
-    for f in (0, 0.25, 0.5, 0.75, 1.0):
-        y = y1 - f * (y1 - y0)
-        parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="#ddd"/><text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{f:g}</text>')
-    for i, (name, kl) in enumerate(series.items()):
-        v = np.sort(np.asarray(kl, dtype=np.float64))
-        n = len(v)
-        idx = np.unique(np.linspace(0, n - 1, min(n, 300)).astype(int))
-        logs = np.log10(np.clip(v[idx], 10.0**lo, 10.0**hi))
-        pts = " ".join(f"{sx(d):.1f},{y1 - (k + 1) / n * (y1 - y0):.1f}" for d, k in zip(logs, idx, strict=True))
-        color = PALETTE[i % len(PALETTE)]
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{pts}"><title>{_e(name)}</title></polyline>')
-        parts.append(f'<rect x="{x1 + 12}" y="{y0 + 16 * i}" width="10" height="10" fill="{color}"/><text x="{x1 + 26}" y="{y0 + 9 + 16 * i}">{_e(name)}</text>')
-    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL(reference ‖ candidate), nats</text>')
-    parts.append(f'<text transform="translate(12 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">fraction of positions</text></svg>')
-    return "".join(parts)
-
-
-def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150) -> str:
-    """Histogram of per-position KL over log-spaced bins; positions with KL = 0 go to the first bin."""
-    v = np.asarray(kl, dtype=np.float64)
-    lo, hi = _decades([v])
-    bins = 4 * (hi - lo)
-    logs = np.log10(np.clip(v[np.isfinite(v)], 10.0**lo, 10.0**hi))
-    counts, _ = np.histogram(logs, bins=bins, range=(lo, hi))
-    x0, x1, y0, y1 = 10, width - 10, 6, height - 36
-    sx = lambda d: x0 + (d - lo) / max(1, hi - lo) * (x1 - x0)  # noqa: E731
-    top = max(1, counts.max())
-    w = (x1 - x0) / bins
-    parts = [f'<svg class="chart small" viewBox="0 0 {width} {height}" role="img" aria-label="KL histogram">']
-    for i, c in enumerate(counts):
-        h = c / top * (y1 - y0)
-        parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} position{"" if c == 1 else "s"}</title></rect>')
-    parts += _axis(x0, x1, y1, lo, hi, sx)
-    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL, nats (each pair its own range)</text>')
-    if np.isinf(v).any():
-        parts.append(f'<text x="{x1}" y="{y0 + 10}" text-anchor="end">+{int(np.isinf(v).sum())} infinite</text>')
-    return "".join(parts) + "</svg>"
-
-
-def _heat(value: float | None, kind: str) -> str:
-    """Background colour: green (close) to red (far); top-1 agreement on log10 of the disagreement, from 0.001 (green)
-    to 0.5 (red), so that 0.96 and 1.0 look different; KL on log10 [-7, 1]."""
-    if value is None or not math.isfinite(value):
-        return "#eee"
-    if kind == "top1":
-        f = 1.0 - min(1.0, max(0.0, (math.log10(max(1.0 - value, 1e-3)) + 3) / (3 + math.log10(0.5))))
-    else:
-        f = 1.0 - min(1.0, max(0.0, (math.log10(max(value, 1e-12)) + 7) / 8))
-    return f"hsl({120 * f:.0f},70%,{78 - 8 * f:.0f}%)"
 
 
 # ---------------------------------------------------------------- sections
@@ -191,8 +113,8 @@ def _bins_table(bins: list[dict]) -> str:
     for b in bins:
         rows.append(
             f"<tr><td>{b['p_top_lo']:g}–{b['p_top_hi']:g}</td><td>{b['positions']}</td>"
-            f"<td style=\"background:{_heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}</td>"
-            f"<td style=\"background:{_heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_num(b['flip_rate'], '.3f')}</td></tr>"
+            f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}</td>"
+            f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_num(b['flip_rate'], '.3f')}</td></tr>"
         )
     return "".join(rows) + "</table>"
 
@@ -209,59 +131,6 @@ def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -
             f"<h4>by reference confidence</h4>{_bins_table(a.get('by_confidence', []))}</div>"
         )
     return "".join(out) + "</div>"
-
-
-def llama_number(x, width: int, decimals: int) -> str:
-    """printf's `%{width}.{decimals}f`, as llama.cpp prints, with more decimals (up to 12) where that would show
-    fewer than 4 significant digits: a float16-vs-float32 KL of 4.5e-6 reads 0.000004531, not 0.000005. Never an
-    exponent, so that scripts written for llama.cpp's log read the number whole."""
-    x = float("nan") if x is None else float(x)  # float(): "inf" from a strict-JSON record
-    if math.isfinite(x) and x != 0:
-        decimals = min(max(decimals, 3 - math.floor(math.log10(abs(x)))), 12)
-    return f"{x:{width}.{decimals}f}"
-
-
-_F, _P = (10, 6), (6, 3)  # llama.cpp's %10.6lf (perplexity, KL) and %6.3lf (Δp and same top p, in %)
-
-
-def _q(stat: str, q: float, fmt, scale: int, unit: str) -> tuple:
-    return (f"{q:>4.1f}%   {stat}", f"{'kl' if stat == 'KLD' else 'delta_p'}_p{q:g}".replace(".", "_"), fmt, None, scale, unit)
-
-
-# llama.cpp's `llama-perplexity --kl-divergence` summary, line for line (tools/perplexity/perplexity.cpp,
-# kl_divergence()): (label as it prints it, aggregate key, (width, decimals) of the value, of its ± or None,
-# scale, unit). A row without a key is a section's title.
-LLAMA_ROWS = [
-    ("====== Perplexity statistics ======", None, None, None, 1, ""),
-    *((label.ljust(30), key, _F, _F, 1, "") for label, key in (("Mean PPL(Q)", "ppl_cand"), ("Mean PPL(base)", "ppl_ref"))),
-    ("Cor(ln(PPL(Q)), ln(PPL(base)))", "nll_correlation", (6, 2), None, 100, "%"),
-    *((label.ljust(30), key, _F, _F, 1, "") for label, key in (
-        ("Mean ln(PPL(Q)/PPL(base))", "ln_ppl_ratio"), ("Mean PPL(Q)/PPL(base)", "ppl_ratio"), ("Mean PPL(Q)-PPL(base)", "ppl_diff"))),
-    ("====== KL divergence statistics ======", None, None, None, 1, ""),
-    ("Mean    KLD", "kl_mean", _F, _F, 1, ""), ("Maximum KLD", "kl_max", _F, None, 1, ""),
-    *(_q("KLD", q, _F, 1, "") for q in (99.9, 99, 95, 90)),
-    ("Median  KLD", "kl_median", _F, None, 1, ""),
-    *(_q("KLD", q, _F, 1, "") for q in (10, 5, 1, 0.1)),
-    ("Minimum KLD", "kl_min", _F, None, 1, ""),
-    ("====== Token probability statistics ======", None, None, None, 1, ""),
-    ("Mean    Δp", "delta_p_mean", _P, (5, 3), 100, " %"), ("Maximum Δp", "delta_p_max", _P, None, 100, "%"),
-    *(_q("Δp", q, _P, 100, "%") for q in (99.9, 99, 95, 90, 75)),
-    ("Median  Δp", "delta_p_median", _P, None, 100, "%"),
-    *(_q("Δp", q, _P, 100, "%") for q in (25, 10, 5, 1, 0.1)),
-    ("Minimum Δp", "delta_p_min", _P, None, 100, "%"),
-    ("RMS Δp    ", "delta_p_rms", _P, (5, 3), 100, " %"), ("Same top p", "top1_agree", _P, (5, 3), 100, " %"),
-]  # fmt: skip
-
-
-def llama_value(a: dict, row: tuple) -> str:
-    """One row's value as llama.cpp prints it after the colon: `v ± se unit` or `v unit` (see llama_number)."""
-    _, key, fmt, se_fmt, scale, unit = row
-    v = a.get(key)
-    text = llama_number(None if v is None else float(v) * scale, *fmt)
-    if se_fmt is not None:
-        se = a.get(f"{key}_se")
-        text += " ± " + llama_number(None if se is None else float(se) * scale, *se_fmt)
-    return text + unit
 
 
 def _llama_cell(a: dict, row: tuple) -> str:
@@ -312,11 +181,11 @@ def matrix_section(record: records.RunRecord) -> str:
                     rows.append('<td class=self title="the same model">–</td>')
                     continue
                 v = cell.get((a, b), {}).get(key)
-                rows.append(f'<td style="background:{_heat(v, kind)}" title="{_e(a)} vs {_e(b)}">{_num(v, spec)}</td>')
+                rows.append(f'<td style="background:{heat(v, kind)}" title="{_e(a)} vs {_e(b)}">{_num(v, spec)}</td>')
             rows.append("</tr>")
         out.append("".join(rows) + "</table></div></div>")
-    legend = "".join(f'<span style="background:{_heat(v, "top1")}">{v:g}</span>' for v in (0.999, 0.99, 0.95, 0.8, 0.5))
-    legend += " · " + "".join(f'<span style="background:{_heat(v, "kl")}">{v:.0e}</span>' for v in (1e-7, 1e-5, 1e-3, 1e-1, 10))
+    legend = "".join(f'<span style="background:{heat(v, "top1")}">{v:g}</span>' for v in (0.999, 0.99, 0.95, 0.8, 0.5))
+    legend += " · " + "".join(f'<span style="background:{heat(v, "kl")}">{v:.0e}</span>' for v in (1e-7, 1e-5, 1e-3, 1e-1, 10))
     return "".join(out) + f"</div><p class='legend small'>colours: top-1 agreement {legend} nats</p>"
 
 

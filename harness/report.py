@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import align, html_report, records
+from harness import align, html_report, llama_report, records
 from harness.compare import PairResult
 
 SUMMARY_COLUMNS = [
@@ -113,22 +113,6 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
     return path
 
 
-def kl_report_text(record: records.RunRecord) -> str:
-    """Each pair as llama.cpp's `llama-perplexity --kl-divergence` prints its summary: its lines, labels, units
-    and formats (html_report.llama_number: more decimals where its %10.6lf would show fewer than 4 digits), under
-    a `######` line naming the pair."""
-    out = []
-    for p in record.pairs:
-        out.append(f"###### {p.candidate} (Q) against {p.reference} (base), {p.aggregates.get('positions')} positions")
-        for row in html_report.LLAMA_ROWS:
-            if row[1] is None:
-                out += [row[0]] if out[-1].startswith("######") else ["", row[0]]  # a blank line ends each section
-            else:
-                out.append(f"{row[0]}: {html_report.llama_value(p.aggregates, row)}")
-        out.append("")
-    return "\n".join(out)
-
-
 def render(run_dir: Path) -> Path:
     """Every report file of a run folder from its record; returns the path of index.html."""
     run_dir = Path(run_dir)
@@ -141,7 +125,7 @@ def render(run_dir: Path) -> Path:
         _csv(run_dir / "matrix.csv", record.matrix, MATRIX_COLUMNS)
         tokens = records.load_tokens(run_dir, record)
         write_positions_csv(run_dir, record, tokens)
-        (run_dir / "kl_report.txt").write_text(kl_report_text(record), encoding="utf-8")
+        (run_dir / "kl_report.txt").write_text(llama_report.text(record), encoding="utf-8")
     index = run_dir / "index.html"
     index.write_text(html_report.render(run_dir, record), encoding="utf-8")
     return index

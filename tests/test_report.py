@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import open_page
 
-from harness import html_report, records, report
+from harness import html_report, llama_report, records, report
 from harness.cli import main
 
 pytestmark = pytest.mark.slow
@@ -130,13 +130,13 @@ def test_noise_floor_multiples_and_a_floor_without_drift():
 
 def test_llama_number_keeps_four_digits_in_fixed_point():
     """printf's %10.6f where it shows 4 or more significant digits, more decimals (up to 12) where not."""
-    assert html_report.llama_number(18.274923456, 10, 6) == " 18.274923"  # as llama.cpp prints it
-    assert html_report.llama_number(0.171127, 10, 6) == "  0.171127"
-    assert html_report.llama_number(4.5312e-06, 10, 6) == "0.000004531"
-    assert html_report.llama_number(-2.0571e-3 * 100, 6, 3) == "-0.2057"
-    assert html_report.llama_number(-2.98e-14, 6, 3) == "-0.000000000000"
-    assert html_report.llama_number(0.0, 10, 6) == "  0.000000"
-    assert [html_report.llama_number(x, 10, 6).strip() for x in (None, float("nan"), "inf", float("-inf"))] == ["nan", "nan", "inf", "-inf"]
+    assert llama_report.llama_number(18.274923456, 10, 6) == " 18.274923"  # as llama.cpp prints it
+    assert llama_report.llama_number(0.171127, 10, 6) == "  0.171127"
+    assert llama_report.llama_number(4.5312e-06, 10, 6) == "0.000004531"
+    assert llama_report.llama_number(-2.0571e-3 * 100, 6, 3) == "-0.2057"
+    assert llama_report.llama_number(-2.98e-14, 6, 3) == "-0.000000000000"
+    assert llama_report.llama_number(0.0, 10, 6) == "  0.000000"
+    assert [llama_report.llama_number(x, 10, 6).strip() for x in (None, float("nan"), "inf", float("-inf"))] == ["nan", "nan", "inf", "-inf"]
 
 
 def test_kl_report_txt_in_llama_cpp_terms(micro_run):
@@ -230,7 +230,7 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert rows["s-chat-gptq-int4"][4] == "transformers\nTorchAtenLinear" and rows["s-chat-fp32"][4] == "transformers"
     assert rows["s-chat-fp32"][3] == "cpu"  # where its weights were is what its device says: not repeated
     # llama.cpp's rows, a column per candidate, in its units: Δp and same top p in % (± a standard error)
-    assert page.locator("#llama tr").count() == 1 + len(html_report.LLAMA_ROWS)
+    assert page.locator("#llama tr").count() == 1 + len(llama_report.LLAMA_ROWS)
     heads = page.locator("#llama tr").first.locator("th").all_inner_texts()[1:]
     pairs = {p.candidate: p.aggregates for p in records.read(run_dir).pairs}
     assert heads == list(pairs)

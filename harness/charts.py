@@ -1,0 +1,99 @@
+"""The report's charts as inline SVG (no script, no network): the KL CDF of every pair, a KL histogram per pair, and
+the colour scale of the heatmaps and confidence tables.
+
+    python -m harness.charts reports/latest > /tmp/cdf.svg      # one run's KL CDF, to open in a browser
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import sys
+
+import numpy as np
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
+
+
+def _decades(values: list[np.ndarray]) -> tuple[int, int]:
+    positive = np.concatenate([v[(v > 0) & np.isfinite(v)] for v in values] or [np.array([1.0])])
+    if not len(positive):
+        return -8, 0
+    return max(-12, math.floor(math.log10(positive.min()))), max(-11, math.ceil(math.log10(positive.max())))
+
+
+def _axis(x0: float, x1: float, y1: float, lo: int, hi: int, sx) -> list[str]:
+    step = max(1, (hi - lo) // 8)
+    out = [f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#444"/>']
+    for d in range(lo, hi + 1, step):
+        x = sx(d)
+        out.append(f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y1 + 4}" stroke="#444"/>')
+        anchor = "start" if d == lo else "end" if d + step > hi else "middle"  # the end labels stay inside the box
+        out.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="{anchor}">1e{d}</text>')
+    return out
+
+
+def cdf_svg(series: dict[str, np.ndarray], width: int = 720, height: int = 300) -> str:
+    """Empirical CDF of each pair's per-position KL on a log axis (KL = 0 is drawn at the left edge)."""
+    lo, hi = _decades(list(series.values()))
+    x0, x1, y0, y1 = 50, width - 150, 10, height - 30
+    sx = lambda d: x0 + (d - lo) / max(1, hi - lo) * (x1 - x0)  # noqa: E731
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="KL CDF">']
+    parts += _axis(x0, x1, y1, lo, hi, sx)
+    for f in (0, 0.25, 0.5, 0.75, 1.0):
+        y = y1 - f * (y1 - y0)
+        parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="#ddd"/><text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{f:g}</text>')
+    for i, (name, kl) in enumerate(series.items()):
+        v = np.sort(np.asarray(kl, dtype=np.float64))
+        n = len(v)
+        idx = np.unique(np.linspace(0, n - 1, min(n, 300)).astype(int))
+        logs = np.log10(np.clip(v[idx], 10.0**lo, 10.0**hi))
+        pts = " ".join(f"{sx(d):.1f},{y1 - (k + 1) / n * (y1 - y0):.1f}" for d, k in zip(logs, idx, strict=True))
+        color = PALETTE[i % len(PALETTE)]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{pts}"><title>{html.escape(name)}</title></polyline>')
+        parts.append(f'<rect x="{x1 + 12}" y="{y0 + 16 * i}" width="10" height="10" fill="{color}"/><text x="{x1 + 26}" y="{y0 + 9 + 16 * i}">{html.escape(name)}</text>')
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL(reference ‖ candidate), nats</text>')
+    parts.append(f'<text transform="translate(12 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">fraction of positions</text></svg>')
+    return "".join(parts)
+
+
+def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150) -> str:
+    """Histogram of per-position KL over log-spaced bins; positions with KL = 0 go to the first bin."""
+    v = np.asarray(kl, dtype=np.float64)
+    lo, hi = _decades([v])
+    bins = 4 * (hi - lo)
+    logs = np.log10(np.clip(v[np.isfinite(v)], 10.0**lo, 10.0**hi))
+    counts, _ = np.histogram(logs, bins=bins, range=(lo, hi))
+    x0, x1, y0, y1 = 10, width - 10, 6, height - 36
+    sx = lambda d: x0 + (d - lo) / max(1, hi - lo) * (x1 - x0)  # noqa: E731
+    top = max(1, counts.max())
+    w = (x1 - x0) / bins
+    parts = [f'<svg class="chart small" viewBox="0 0 {width} {height}" role="img" aria-label="KL histogram">']
+    for i, c in enumerate(counts):
+        h = c / top * (y1 - y0)
+        parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} position{"" if c == 1 else "s"}</title></rect>')
+    parts += _axis(x0, x1, y1, lo, hi, sx)
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL, nats (each pair its own range)</text>')
+    if np.isinf(v).any():
+        parts.append(f'<text x="{x1}" y="{y0 + 10}" text-anchor="end">+{int(np.isinf(v).sum())} infinite</text>')
+    return "".join(parts) + "</svg>"
+
+
+def heat(value: float | None, kind: str) -> str:
+    """Background colour: green (close) to red (far); top-1 agreement on log10 of the disagreement, from 0.001 (green)
+    to 0.5 (red), so that 0.96 and 1.0 look different; KL on log10 [-7, 1]."""
+    if value is None or not math.isfinite(value):
+        return "#eee"
+    if kind == "top1":
+        f = 1.0 - min(1.0, max(0.0, (math.log10(max(1.0 - value, 1e-3)) + 3) / (3 + math.log10(0.5))))
+    else:
+        f = 1.0 - min(1.0, max(0.0, (math.log10(max(value, 1e-12)) + 7) / 8))
+    return f"hsl({120 * f:.0f},70%,{78 - 8 * f:.0f}%)"
+
+
+if __name__ == "__main__":
+    from harness import records
+
+    run = records.run_dir(sys.argv[1] if len(sys.argv) > 1 else "reports/latest")
+    record = records.read(run)
+    print(cdf_svg({p.candidate: records.load_positions(run, p)["kl"] for p in record.pairs}).replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1))
