@@ -74,9 +74,11 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _folder_fingerprint(folder: Path) -> str:
+def _folder_fingerprint(folder: Path, zoo_build: bool = False) -> str:
+    """A zoo build by its manifest (every file's sha256); any other folder by its files' names, sizes and times, even
+    when it holds a copied manifest (a copy of a zoo model whose weights were then changed is another model)."""
     manifest = folder / zoo.MANIFEST
-    if manifest.is_file():  # a zoo build: its manifest holds every file's sha256
+    if zoo_build and manifest.is_file():
         return hashlib.sha256(manifest.read_bytes()).hexdigest()
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
@@ -97,7 +99,7 @@ def locate(spec: ModelSpec, zoo_profile: str) -> Loaded:
             raise ExtractError(f"model {spec.name!r}: source {spec.source!r} is not in the embedded zoo, which has "
                                f"{', '.join('zoo:' + n for n in known)}")  # fmt: skip
         folder = zoo.resolve(spec.source, zoo_profile)
-        return Loaded(spec, str(folder), _folder_fingerprint(folder), device)
+        return Loaded(spec, str(folder), _folder_fingerprint(folder, zoo_build=True), device)
     folder = Path(spec.source).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
