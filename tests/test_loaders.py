@@ -138,3 +138,17 @@ def test_gptqmodel_loader_errors_are_clear(micro_zoo):
     aten32 = loaders.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_torch"), "micro")
     with pytest.raises(loaders.ExtractError, match=r"model 'q': cannot load the weights of .*only supports"):
         loaders.load_model(aten32)  # that kernel takes float16 or bfloat16 only: gptqmodel's own message
+
+
+def test_a_copied_zoo_folder_is_keyed_by_its_files(micro_zoo, tmp_path):
+    """A copy of a zoo model keeps its zoo.json; its weights may have been changed since, so only a `zoo:` source is
+    keyed by the manifest, and a local copy by its own files (a change of them is another store)."""
+    src = zoo.model_dir(zoo.CHAT_S, "micro")
+    for name in ("config.json", zoo.MANIFEST):
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(b"one")
+    zoo_key = loaders.locate(ModelSpec(name="z", source=f"zoo:{zoo.CHAT_S}"), "micro").fingerprint
+    before = loaders.locate(ModelSpec(name="c", source=str(tmp_path)), "micro").fingerprint
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    after = loaders.locate(ModelSpec(name="c", source=str(tmp_path)), "micro").fingerprint
+    assert len({zoo_key, before, after}) == 3
