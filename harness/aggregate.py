@@ -115,8 +115,10 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
         out["ppl_ref_se"] = out["ppl_ref"] * math.sqrt(cov[0, 0])
         out["ppl_cand_se"] = out["ppl_cand"] * math.sqrt(cov[1, 1])
         out["ppl_ratio_se"] = out["ppl_ratio"] * out["ln_ppl_ratio_se"]
-        pr, pc = out["ppl_ref"], out["ppl_cand"]
-        out["ppl_diff_se"] = math.sqrt(max(pc * pc * cov[1, 1] + pr * pr * cov[0, 0] - 2 * pr * pc * cov[0, 1], 0.0))
+        # se(pc - pr) = se of the mean of pc·nll_c - pr·nll_r: the spread of that one series rather than
+        # pc²var_c + pr²var_r - 2·pr·pc·cov, whose terms cancel to rounding (or below 0) for nearly equal models
+        lin = out["ppl_cand"] * nll_c - out["ppl_ref"] * nll_r
+        out["ppl_diff_se"] = float(lin.std(ddof=1) / math.sqrt(n))
     else:
         out |= dict.fromkeys(("ln_ppl_ratio_se", "ppl_ref_se", "ppl_cand_se", "ppl_ratio_se", "ppl_diff_se"), float("nan"))
     out["nll_correlation"] = float(np.corrcoef(nll_r, nll_c)[0, 1]) if n > 1 else float("nan")

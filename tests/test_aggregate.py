@@ -1,6 +1,7 @@
 """Aggregates against numpy/scipy computed independently, and the bootstrap resamples prompts."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -97,6 +98,26 @@ def test_llama_cpp_statistics():
     }
     for key, want in se.items():
         assert a[key] == pytest.approx(want, rel=0.1), key
+
+
+def test_ppl_diff_se_of_nearly_equal_models_is_exact():
+    """Two models whose NLLs differ by 1e-9 (a shuffled-ids copy of the reference): the delta method's
+    pc²var_c + pr²var_r − 2·pr·pc·cov cancels to rounding, and once gave 0 (clamped from below 0). Against the
+    same delta-method variance in exact rational arithmetic on the float64 inputs, within 1e-6 relative."""
+    rng = np.random.default_rng(11)
+    n = 300
+    nll_r = rng.exponential(2, n)
+    nll_c = nll_r + rng.normal(0, 1e-9, n)
+    m = {k: rng.random(n) for k in ("kl", "kl_rev", "js", "tv", "delta_p", "delta_p_top", "entropy_ref", "entropy_cand", "p_top_ref")}
+    m |= {"top1_agree": rng.random(n) < 0.9, "ref_top_rank": rng.integers(0, 3, n), "nll_ref": nll_r, "nll_cand": nll_c}
+    a = aggregate.pair_aggregates(m, np.arange(n) // 30, ks=(), resamples=0, seed=0)
+    pr, pc = Fraction(a["ppl_ref"]), Fraction(a["ppl_cand"])
+    r, c = [Fraction(x) for x in nll_r.tolist()], [Fraction(x) for x in nll_c.tolist()]
+    mr, mc = sum(r) / n, sum(c) / n
+    var_r, var_c = (sum((x - m) ** 2 for x in xs) / (n - 1) for xs, m in ((r, mr), (c, mc)))
+    cov = sum((x - mr) * (y - mc) for x, y in zip(r, c, strict=True)) / (n - 1)
+    want = math.sqrt((pc * pc * var_c + pr * pr * var_r - 2 * pr * pc * cov) / n)
+    assert want > 0 and a["ppl_diff_se"] == pytest.approx(want, rel=1e-6)
 
 
 def test_bootstrap_can_be_turned_off():
