@@ -34,6 +34,9 @@ CONFIG_KEYS = ("mode", "text", "generate", "store_dtype", "batch_size", "padding
 VARIANT_KEYS = ("source", "dtype", "device", "loader", "backend", "kernels", "cross_vocab")  # kernels: the quantized layers' classes
 
 
+ABSENT = "present in this run"  # the rule a baseline pair missing from the run breaks (with --strict and --fail)
+
+
 class GateError(ValueError):
     """A usage or config problem (exit 2), not a regression."""
 
@@ -53,7 +56,8 @@ class Breach:
         base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
         verdict = "within noise" if self.within_noise else "FAIL"
         limit = "" if self.rule.endswith(f" {self.limit:g}") or math.isnan(self.limit) else f" = {self.limit:.4g}"  # "<= 0.01" says it
-        return f"{self.pair}: {self.metric} = {self.value:.4g}, limit {self.rule}{limit}{base}: {verdict}"
+        value = "absent" if self.rule == ABSENT else f"{self.value:.4g}"
+        return f"{self.pair}: {self.metric} = {value}, limit {self.rule}{limit}{base}: {verdict}"
 
 
 def standard_error(aggregates: dict, metric: str) -> float | None:
@@ -164,6 +168,11 @@ def thresholds(gate: dict) -> list[Threshold]:
 def _known_metric(metric: str, aggregates: dict, where: str) -> None:
     scalars = sorted(k for k, v in aggregates.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     if metric not in scalars:
+        from harness.align import AGGREGATES
+
+        if metric in AGGREGATES:
+            raise GateError(f"{where}: {metric} is an aggregate of cross_vocab pairs only (a variant with another "
+                            "tokenizer, compared over the tokens both share, with cross_vocab: true), and there is none")  # fmt: skip
         close = difflib.get_close_matches(metric, scalars, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(scalars)}"
         raise GateError(f"{where}: unknown metric {metric!r}{hint}")
@@ -258,6 +267,16 @@ def gate(
                 _known_metric(r.metric, base_pairs[name], f"--fail {r.text} (baseline {baseline_path})")
                 n += 1
                 found += [b] if (b := r.breach(name, agg, base_pairs[name], strict=strict)) else []
+        for name, agg in base_pairs.items():
+            if name in pairs:
+                continue
+            # a variant dropped from the config, or renamed: its regression would go unseen
+            unchecked = [r for r in regressions if r.metric in agg]
+            if strict and unchecked:
+                n += len(unchecked)
+                found += [Breach(name, r.metric, math.nan, math.nan, ABSENT, float(agg[r.metric])) for r in unchecked]
+            else:
+                warnings.append(f"baseline pair {name!r} is not in this run: not compared" + ("" if strict else " (with --strict and --fail, a breach)"))
     breaches = [b for b in found if not b.within_noise]
     noise = [b for b in found if b.within_noise]
     warnings += [f"within noise: {b.line()}" for b in noise]
@@ -282,7 +301,8 @@ def table(verdict: dict) -> str:
         base = f"{b['baseline']:>11.4g}" if b["baseline"] is not None else f"{'–':>11}"
         verdict_word = "within noise" if b["within_noise"] else "FAIL"
         limit = f"{b['limit']:>11.4g}" if b["limit"] is not None and math.isfinite(b["limit"]) else f"{'–':>11}"
-        lines.append(f"{b['pair']:<26} {b['metric']:<14} {b['value']:>11.4g} {limit} {base}  {b['rule']:<22} {verdict_word}")
+        value = f"{'absent':>11}" if b["rule"] == ABSENT else f"{b['value']:>11.4g}"
+        lines.append(f"{b['pair']:<26} {b['metric']:<14} {value} {limit} {base}  {b['rule']:<22} {verdict_word}")
     fails = len(verdict["breaches"])
     lines.append(f"gate: {fails} of {verdict['checks']} checks fail" if fails else f"gate: all {verdict['checks']} checks pass")
     return "\n".join(lines)

@@ -210,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fail", action="extend", nargs="+", default=[], metavar="METRIC:[+|-]AMOUNT[%]",
                    help="regressions against the baseline that fail the gate, e.g. kl_mean:+10%% top1_agree:-1%%")
     p.add_argument("--strict", action="store_true", help="fail even on breaches within the runs' standard error, and on "
-                   "a pair the baseline lacks (with --fail)")
+                   "a pair that the baseline or the run lacks (with --fail)")
     p.set_defaults(run_command=cmd_check)
     p = sub.add_parser("report", help="re-render a run folder's CSV and HTML reports from its run.json (no model loads)")
     p.add_argument("run_dir", help="a run folder (or its run.json), e.g. reports/latest")

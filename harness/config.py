@@ -177,6 +177,11 @@ class Config(_Strict):
             known = known or gate_metrics(self.metrics.top_k, self.noise_floor is not None, self.cross_vocab)
             for metric in limits:
                 if metric not in known:
+                    from harness.align import AGGREGATES
+
+                    if metric in AGGREGATES:
+                        raise ValueError(f"gate.{pair}.{metric}: only a pair of two vocabularies has {metric} (a variant "
+                                         "with another tokenizer, compared over the tokens both share): set cross_vocab: true")  # fmt: skip
                     near = difflib.get_close_matches(metric, known, n=3)
                     hint = f"did you mean {', '.join(near)}?" if near else f"the metrics are: {', '.join(known)}"
                     raise ValueError(f"gate.{pair}.{metric}: no pair aggregate is called {metric!r}; {hint}")

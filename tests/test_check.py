@@ -100,8 +100,10 @@ def test_a_metric_only_cross_vocab_pairs_have():
     base = _run(GOOD | {"cut": pairs["cut"] | {"bpb_diff": 1.2}}, run_id="base")
     v = check.gate(_run(pairs), baseline=base, baseline_path=Path("base"), fail=["bpb_diff:+0.1"])
     assert v["checks"] == 1 and v["breaches"][0]["pair"] == "cut" and v["breaches"][0]["baseline"] == 1.2
-    with pytest.raises(GateError, match=r"unknown metric 'bpb_diff'"):
+    with pytest.raises(GateError, match=r"gate\.\*: bpb_diff is an aggregate of cross_vocab pairs only .*and there is none"):
         check.gate(_run(GOOD, {"*": {"bpb_diff": {"max": 1.0}}}))
+    with pytest.raises(GateError, match=r"--fail bpb_diff:\+0\.1: bpb_diff is an aggregate of cross_vocab pairs only"):
+        check.gate(_run(GOOD), baseline=base, baseline_path=Path("base"), fail=["bpb_diff:+0.1"])
 
 
 def test_usage_errors():
@@ -282,8 +284,10 @@ def test_a_pair_missing_from_the_baseline_fails_only_with_strict():
     v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert v["verdict"] == "pass" and any("pair 'int4b' is not in the baseline" in w for w in v["warnings"])
     v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"], strict=True)
-    assert v["verdict"] == "fail" and [(b["pair"], b["rule"]) for b in v["breaches"]] == [("int4b", "has a baseline pair")]
+    # a rename: the new name has no baseline pair, and the baseline's int4 is not in the run
+    assert v["verdict"] == "fail" and [(b["pair"], b["rule"]) for b in v["breaches"]] == [("int4b", "has a baseline pair"), ("int4", check.ABSENT)]
     assert check.table(v).splitlines()[2].split() == ["int4b", "kl_mean", "0.003", "–", "–", "has", "a", "baseline", "pair", "FAIL"]
+    assert check.table(v).splitlines()[3].split() == ["int4", "kl_mean", "absent", "–", "0.003", "present", "in", "this", "run", "FAIL"]
     # --strict with only config limits (no --fail): nothing to compare, so the warning stays
     v = check.gate(_run({"bf16": GOOD["bf16"], "int4b": GOOD["int4"]}, {"int4b": {"kl_mean": {"max": 0.01}}}),
                    baseline=base, baseline_path=Path("b.json"), strict=True)
@@ -292,7 +296,24 @@ def test_a_pair_missing_from_the_baseline_fails_only_with_strict():
     cross = GOOD["bf16"] | {"bpb_diff": 0.1}
     base, run = _run({"bf16": cross, "int4": GOOD["int4"]}, run_id="base"), _run({"bf16": cross, "int4b": GOOD["int4"]})
     v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%", "bpb_diff:+0.1"], strict=True)
-    assert [b["metric"] for b in v["breaches"]] == ["kl_mean"]
+    assert [(b["pair"], b["metric"]) for b in v["breaches"]] == [("int4b", "kl_mean"), ("int4", "kl_mean")]
+
+
+def test_a_baseline_pair_missing_from_the_run_warns_and_fails_only_with_strict():
+    """A variant dropped from the config (or renamed) would hide its regression: a warning naming it, and with --strict
+    and --fail a breach per --fail metric it had, its baseline value beside "absent"."""
+    base = _run({**GOOD, "int8": _agg(1e-5, 1e-6, 0.999) | {"bpb_diff": 0.01}}, run_id="base")
+    v = check.gate(_run(GOOD), baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "pass" and v["checks"] == 2
+    assert "baseline pair 'int8' is not in this run: not compared (with --strict and --fail, a breach)" in v["warnings"]
+    v = check.gate(_run(GOOD), baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%", "top1_agree:-1%"], strict=True)
+    assert v["verdict"] == "fail" and v["checks"] == 6
+    assert [(b["pair"], b["metric"], b["baseline"]) for b in v["breaches"]] == [("int8", "kl_mean", 1e-5), ("int8", "top1_agree", 0.999)]
+    assert check.Breach(**v["breaches"][0]).line() == "int8: kl_mean = absent, limit present in this run (baseline 1e-05): FAIL"
+    json.dumps(records.json_safe(v), allow_nan=False)  # gate.json and the verdict line stay strict JSON
+    # with config limits only (no --fail) there is nothing to compare it on: the warning stays, no breach
+    v = check.gate(_run(GOOD, {"int4": {"kl_mean": {"max": 0.01}}}), baseline=base, baseline_path=Path("b.json"), strict=True)
+    assert v["verdict"] == "pass" and any("baseline pair 'int8' is not in this run" in w for w in v["warnings"])
 
 
 def test_a_breach_line_states_its_limit_once():

@@ -140,6 +140,7 @@ def test_duplicate_variant_names(tmp_path):
         ("gate: {v: {kl_meen: {max: 0.01}}}", r"c\.yaml: gate\.v\.kl_meen: no pair aggregate is called 'kl_meen'; did you mean kl_mean"),
         ("gate: {v: {top20_overlap: {min: 0.9}}}", r"gate\.v\.top20_overlap: no pair aggregate.*did you mean top10_overlap"),
         ("gate: {v: {kl_floor_multiple: {max: 9}}}", r"no pair aggregate is called 'kl_floor_multiple'"),  # no floor set
+        ("gate: {v: {bpb_diff: {max: 0.1}}}", r"gate\.v\.bpb_diff: only a pair of two vocabularies has bpb_diff .*set cross_vocab: true"),
         ("gate: {v: {kl_mean: {min: 1, max: 0}}}", r"gate\.v\.kl_mean': min \(1\.0\) is above max \(0\.0\): no value could pass"),
     ],
 )  # fmt: skip
