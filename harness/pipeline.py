@@ -70,7 +70,7 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
         except prompts.PromptError as exc:
             if not cfg.cross_vocab:
                 raise prompts.PromptError(f"{exc}. To compare it over the tokens both vocabularies share, at the "
-                                          f"positions both tokenizations share, set cross_vocab: true in {cfg.source_file}") from None  # fmt: skip
+                                          f"positions both tokenizations share, set cross_vocab: true (in {cfg.source_file}, or cross_vocab=true on the command line)") from None  # fmt: skip
             cross[spec.name] = key
     continuations, segments = None, None
     if generate:

@@ -147,8 +147,8 @@ def table(record: records.RunRecord) -> str:
         rows.append(row + (f" {a['kl_floor_multiple']:>9.3g}" if floor else ""))
     notes = [
         f"{p.candidate}: another tokenizer (cross_vocab): {p.aggregates['positions']} of {p.aggregates['aligned_of']} "
-        f"positions compared ({p.aggregates['aligned']} split alike, {p.aggregates['positions']} of them before a token "
-        f"both vocabularies hold), over {p.aggregates['shared_tokens']} shared tokens holding "
+        f"positions compared ({p.aggregates['aligned']} line up: both models start a token at the same byte; "
+        f"{p.aggregates['positions']} of them predict a token both vocabularies hold), over {p.aggregates['shared_tokens']} shared tokens holding "
         f"{1 - p.aggregates['outside_mass_ref']:.2%} of the reference's mass and {1 - p.aggregates['outside_mass_cand']:.2%} of its own"
         + (f"; bits per byte on its own tokens {p.aggregates['bpb_cand']:.4f} against {p.aggregates['bpb_ref']:.4f} "
            f"(difference {p.aggregates['bpb_diff']:+.4f} ± {p.aggregates['bpb_diff_se']:.4f}, over {p.aggregates['bpb_bytes']} bytes)"
