@@ -66,17 +66,45 @@ def llama_value(a: dict, row: tuple) -> str:
     return text + unit
 
 
+def cross_vocab_rows(a: dict) -> list[str]:
+    """A cross_vocab pair's section after llama.cpp's (which has no such pair): what its numbers are over (the aligned
+    positions, the shared tokens and their mass) and each model's bits per byte on its own tokens, the comparison
+    that holds across tokenizers where PPL over tokens does not."""
+    rows = [
+        "====== Cross-vocabulary statistics ======",
+        f"{'Positions compared':<30}: {a['positions']} of {a['aligned_of']} ({a['aligned']} line up: both models start "
+        f"a token at the same byte; {a['positions']} of them predict a token both vocabularies hold)",
+        f"{'Shared tokens':<30}: {a['shared_tokens']} (both distributions renormalised over them)",
+        f"{'Mass on them, base':<30}: {llama_number(100 * (1 - a['outside_mass_ref']), *_P)} %",
+        f"{'Mass on them, Q':<30}: {llama_number(100 * (1 - a['outside_mass_cand']), *_P)} %",
+    ]
+    if a.get("bpb_bytes"):
+        rows += [
+            f"{'Bits per byte (Q)':<30}: {llama_number(a['bpb_cand'], *_F)}",
+            f"{'Bits per byte (base)':<30}: {llama_number(a['bpb_ref'], *_F)}",
+            f"{'Bits per byte (Q)-(base)':<30}: {llama_number(a['bpb_diff'], *_F)} ± {llama_number(a['bpb_diff_se'], *_F)}",
+            f"{'Bytes (spans)':<30}: {a['bpb_bytes']} ({a['bpb_spans']} spans between shared splits)",
+        ]
+    return rows
+
+
 def text(record: records.RunRecord) -> str:
     """Each pair as llama.cpp prints its summary (more decimals where its %10.6lf would show fewer than 4 digits, see
-    llama_number), under a `######` line naming the pair."""
+    llama_number), under a `######` line naming the pair; a cross_vocab pair's header says what its numbers are
+    over, and a section of its own follows llama.cpp's (cross_vocab_rows)."""
     out = []
     for p in record.pairs:
-        out.append(f"###### {p.candidate} (Q) against {p.reference} (base), {p.aggregates.get('positions')} positions")
+        a = p.aggregates
+        over = (f" (cross_vocab: at the positions that line up, over the {a['shared_tokens']} shared tokens)"
+                if "aligned_of" in a else "")  # fmt: skip
+        out.append(f"###### {p.candidate} (Q) against {p.reference} (base), {a.get('positions')} positions{over}")
         for row in LLAMA_ROWS:
             if row[1] is None:
                 out += [row[0]] if out[-1].startswith("######") else ["", row[0]]  # a blank line ends each section
             else:
-                out.append(f"{row[0]}: {llama_value(p.aggregates, row)}")
+                out.append(f"{row[0]}: {llama_value(a, row)}")
+        if "aligned_of" in a:
+            out += ["", *cross_vocab_rows(a)]
         out.append("")
     return "\n".join(out)
 

@@ -5,6 +5,7 @@ against models whose vocabulary is the reference's permuted (every number must b
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import shutil
@@ -17,7 +18,7 @@ from conftest import open_page
 from safetensors.torch import load_file, save_file
 from scipy.special import rel_entr
 
-from harness import align, config, metrics, prompts, records, row_stats
+from harness import align, config, llama_report, metrics, prompts, records, row_stats
 from harness.cli import main
 from harness.store import Store
 
@@ -416,7 +417,7 @@ def test_what_a_cross_pair_adds_is_gateable(cross_run):
     scalars = {name: {k for k, v in a.items() if isinstance(v, float | int) and not isinstance(v, bool)} for name, a in pairs.items()}
     assert scalars["s-cut"] - scalars["s-chat"] == set(align.AGGREGATES)  # the list cannot drift from what a run has
     assert config.load(tmp / "cross.yaml", ["gate={'*': {bpb_diff: {max: 0.5}}}"]).gate["*"]["bpb_diff"].max == 0.5
-    with pytest.raises(config.ConfigError, match=r"gate\.\*\.bpb_diff: no pair aggregate is called 'bpb_diff'"):
+    with pytest.raises(config.ConfigError, match=r"gate\.\*\.bpb_diff: only a pair of two vocabularies has bpb_diff .*set cross_vocab: true"):
         config.load(tmp / "cross.yaml", ["cross_vocab=false", "gate={'*': {bpb_diff: {max: 0.5}}}"])
 
 
@@ -430,6 +431,18 @@ def test_the_report_shows_cross_vocab_pairs(cross_run):
     assert all(len(v) == n for v in data["kl"].values())
     assert data["kl"]["s-cut"].count(None) > 0 and data["kl"]["s-chat"].count(None) == 0
     assert "s-cut" not in data["top"] and "s-perm" not in data["top"] and "s" in data["top"]
+    # kl_report.txt: a cross_vocab pair's block says what it is over, and gives the bits per byte
+    text = (run_dir / "kl_report.txt").read_text()
+    cut = text.split("###### s-cut (Q)")[1].split("######")[0]
+    a = {p.candidate: p.aggregates for p in records.read(run_dir / "run.json").pairs}["s-cut"]
+    assert cut.startswith(f" against s (base), {a['positions']} positions (cross_vocab: at the positions that line up, "
+                          f"over the {a['shared_tokens']} shared tokens)\n")  # fmt: skip
+    assert f"Positions compared            : {a['positions']} of {a['aligned_of']} ({a['aligned']} line up" in cut
+    num = functools.partial(llama_report.llama_number, width=10, decimals=6)  # (tested in test_report)
+    assert f"Bits per byte (Q)-(base)      : {num(a['bpb_diff'])} ± {num(a['bpb_diff_se'])}\n" in cut
+    assert f"Bits per byte (Q)             : {num(a['bpb_cand'])}\n" in cut and f"Bytes (spans)                 : {a['bpb_bytes']} (" in cut
+    chat = text.split("###### s-chat (Q)")[1].split("######")[0]
+    assert "cross_vocab" not in chat and "Bits per byte" not in chat  # a pair of one vocabulary: llama.cpp's block alone
 
 
 @pytest.mark.slow
