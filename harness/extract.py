@@ -22,6 +22,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -79,13 +80,19 @@ def greedy_continuations(
                     loader=loaded.spec.loader, backend=loaded.spec.backend)  # fmt: skip
     path = paths.store_dir() / "generations" / f"{key}.json"
     if path.is_file():
-        return json.loads(path.read_text())["continuations"]
+        continuations = json.loads(path.read_text())["continuations"]
+        log(f"{loaded.spec.name}: the greedy continuations of {len(continuations)} prompts, as generated before: {path}")
+        return continuations
     if part is None:
         with _progress(path, log) as progress:
             if path.is_file():  # another process generated them while this one waited
                 progress.unlink(missing_ok=True)
                 return json.loads(path.read_text())["continuations"]
-            continuations = _generate(loaded, tokens.ids, max_new_tokens, progress, log)
+            known = _shares(path, len(tokens.ids))
+            if known:
+                log(f"{loaded.spec.name}: greedy: {len(known)} of {len(tokens.ids)} prompts' continuations taken from "
+                    f"the shares of an `extract --part` run in {path.parent}")  # fmt: skip
+            continuations = _generate(loaded, tokens.ids, max_new_tokens, progress, log, known)
             _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
             progress.unlink()
     else:
@@ -115,6 +122,25 @@ def greedy_continuations(
         _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
     log(f"{loaded.spec.name}: {sum(map(len, continuations))} greedy tokens, cached in {path}")
     return continuations
+
+
+def _shares(path: Path, n_prompts: int) -> dict[int, list[int]]:
+    """The continuations that `--part K/N` runs left beside `path` (`<key>.part-K-of-N.json`, prompts K-1, K-1+N, ...),
+    by prompt index: a plain run takes them rather than generate them again (each prompt is generated on its own,
+    so a share's are the very ones it would generate). A share that does not fit the prompt count is left alone."""
+    known = {}
+    for share in sorted(path.parent.glob(f"{path.stem}.part-*-of-*.json")):
+        if not (m := re.fullmatch(r".*\.part-(\d+)-of-(\d+)\.json", share.name)):
+            continue
+        k, n = int(m[1]), int(m[2])
+        try:
+            got = json.loads(share.read_text())["continuations"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        index = range(k - 1, n_prompts, n)
+        if 1 <= k <= n and isinstance(got, list) and len(got) == len(index):
+            known |= dict(zip(index, got, strict=True))
+    return known
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -165,9 +191,12 @@ def _finished(progress: Path) -> list[list[int]]:
     return done
 
 
-def _generate(loaded: Loaded, prompts: tuple, max_new_tokens: int, progress: Path, log=print) -> list[list[int]]:
+def _generate(
+    loaded: Loaded, prompts: tuple, max_new_tokens: int, progress: Path, log=print, known: dict[int, list[int]] | None = None,
+) -> list[list[int]]:  # fmt: skip
     """Greedy continuations of these prompts' ids, one prompt at a time (so a prompt's does not depend on the others),
-    each appended to `progress` when done; the prompts already there are not generated again."""
+    each appended to `progress` when done; the prompts already there are not generated again, nor those in `known`
+    (by prompt index; see _shares): the model loads only if some prompt is in neither."""
     from transformers import GenerationConfig
 
     continuations = _finished(progress)[: len(prompts)]
@@ -175,24 +204,29 @@ def _generate(loaded: Loaded, prompts: tuple, max_new_tokens: int, progress: Pat
         return continuations
     if continuations:
         log(f"{loaded.spec.name}: greedy: resuming after {len(continuations)} of {len(prompts)} prompts ({progress})")
-
-    own = loaders.load_generation_config(loaded)
-    greedy = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-        eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id or own.eos_token_id,
-    )  # fmt: skip
-    model = loaders.load_model(loaded)
-    # Replaced rather than passed: generate() fills a passed config's unset fields from the model's own
-    # (Qwen1.5-Chat's repetition_penalty 1.1 would creep into "greedy").
-    model.generation_config = greedy
+    known = known or {}
+    model = None
+    if any(i not in known for i in range(len(continuations), len(prompts))):
+        own = loaders.load_generation_config(loaded)
+        greedy = GenerationConfig(
+            do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+            eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id or own.eos_token_id,
+        )  # fmt: skip
+        model = loaders.load_model(loaded)
+        # Replaced rather than passed: generate() fills a passed config's unset fields from the model's own
+        # (Qwen1.5-Chat's repetition_penalty 1.1 would creep into "greedy").
+        model.generation_config = greedy
     try:
         with progress.open("a") as f:
-            todo = prompts[len(continuations) :]
-            for ids in tqdm(todo, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False, initial=len(continuations), total=len(prompts)):
-                x = torch.tensor([ids], device=loaders.input_device(model))
-                with torch.no_grad():
-                    out = model.generate(x, attention_mask=torch.ones_like(x))
-                continuations.append(out[0, len(ids) :].tolist())
+            todo = range(len(continuations), len(prompts))
+            for i in tqdm(todo, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False, initial=len(continuations), total=len(prompts)):
+                if i in known:
+                    continuations.append(known[i])
+                else:
+                    x = torch.tensor([prompts[i]], device=loaders.input_device(model))
+                    with torch.no_grad():
+                        out = model.generate(x, attention_mask=torch.ones_like(x))
+                    continuations.append(out[0, len(prompts[i]) :].tolist())
                 f.write(json.dumps(continuations[-1]) + "\n")
                 f.flush()
     finally:
@@ -272,6 +306,9 @@ def extract(
         first = (store.index() or {}).get("facts", {})  # the run that filled the store, for its timings
         timings = {"first_load_s": first.get("load_s"), "first_extract_s": first.get("extract_s")}
         return store, {**first, **facts, **timings, "load_s": 0.0, "extract_s": 0.0}
+    if len(missing) < len(plan):
+        log(f"{spec.name}: resuming {store.root}: {len(plan) - len(missing)} of {len(plan)} shards kept from an earlier "
+            f"run, {len(todo)} to fill" + (f" (and {len(missing) - len(todo)} left to other parts)" if len(todo) < len(missing) else ""))  # fmt: skip
     start = time.perf_counter()
     model = loaders.load_model(loaded)
     warpers = Warpers.from_generation_config(loaders.load_generation_config(loaded))

@@ -338,6 +338,48 @@ def test_greedy_resumes_after_an_interruption(micro_zoo, tokens, tmp_path, monke
     assert not progress.exists()  # the cache is whole: no progress file left
 
 
+def test_a_plain_run_takes_the_shares_of_a_part_run(micro_zoo, tokens, tmp_path, monkeypatch):
+    """`extract --part 1/3` left its share and the other parts never ran: a plain run generates only the other
+    prompts, and gives what one run alone gives. With every share there, it loads no model at all; a rerun says where
+    its continuations come from. A share that does not fit the prompts (another prompt count) is left alone."""
+    loaded = _loaded(zoo.CHAT_S)
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "alone"))
+    alone = extract.greedy_continuations(loaded, tokens, 5, **QUIET)
+    (merged,) = (tmp_path / "alone" / "generations").glob("*.json")
+    key, n = merged.stem, len(tokens.ids)
+    gens = tmp_path / "parts" / "generations"
+    extract._write_json(gens / f"{key}.part-1-of-3.json", {"continuations": alone[0::3]})
+    extract._write_json(gens / f"{key}.part-2-of-4.json", {"continuations": alone[1::4][:-1] + [[1, 2]] * 2})  # misfit
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "parts"))
+    load, prompts_generated = loaders.load_model, []
+
+    def counting_load(x):
+        model = load(x)
+        generate = model.generate
+
+        def gen(ids, **kwargs):
+            prompts_generated.append(ids[0].tolist())
+            return generate(ids, **kwargs)
+
+        model.generate = gen
+        return model
+
+    monkeypatch.setattr(loaders, "load_model", counting_load)
+    said = []
+    assert extract.greedy_continuations(loaded, tokens, 5, log=said.append) == alone
+    assert prompts_generated == [list(tokens.ids[i]) for i in range(n) if i % 3 != 0]
+    assert any(f"greedy: {len(range(0, n, 3))} of {n} prompts' continuations taken from the shares" in m for m in said)
+    said.clear()
+    assert extract.greedy_continuations(loaded, tokens, 5, log=said.append) == alone  # cached now
+    assert said == [f"{zoo.CHAT_S}: the greedy continuations of {n} prompts, as generated before: {gens / merged.name}"]
+
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "all-shares"))
+    for k in (1, 2):
+        extract._write_json(tmp_path / "all-shares" / "generations" / f"{key}.part-{k}-of-2.json", {"continuations": alone[k - 1 :: 2]})
+    monkeypatch.setattr(loaders, "load_model", lambda x: pytest.fail("a model loaded though every share was there"))
+    assert extract.greedy_continuations(loaded, tokens, 5, **QUIET) == alone
+
+
 def test_progress_lock_where_the_file_system_has_none(tmp_path, monkeypatch):
     """Some network mounts refuse flock: generation goes on unlocked, with a warning; other lock errors still raise."""
 
