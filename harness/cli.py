@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -49,7 +50,7 @@ def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float = 3600.0):
 def cmd_extract(args) -> int:
     from harness import config
 
-    _, _, facts = _extract(config.load(args.config, args.overrides), args.part, args.wait)
+    _, _, facts = _extract(config.load(args.config, args.overrides), args.part, 3600.0 if args.wait is None else args.wait)
     for name, f in facts.items():
         done = "reused" if f["reused_shards"] == f["shards"] else f"{f['extract_s']:.1f}s"
         left = f"  ({f['left_to_other_parts']} of {f['shards']} shards left to other parts)" if f.get("left_to_other_parts") else ""
@@ -63,6 +64,17 @@ def _part(text: str) -> tuple[int, int]:
     if not m or not 1 <= int(m[1]) <= int(m[2]):
         raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 1 <= K <= N (e.g. 2/4: the second of four parts)")
     return int(m[1]), int(m[2])
+
+
+def _seconds(text: str) -> float:
+    """--wait SECONDS: a finite number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
+    return value
 
 
 def cmd_compare(args) -> int:
@@ -198,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
                            help="fill only part K of N of each store's shards: N workers (GPUs or machines sharing the "
                                 "store folder: $HARNESS_STORE, else $HARNESS_HOME/store) run one part each; `harness compare` then reuses "
                                 "them and fills whatever is still missing")  # fmt: skip
-            p.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
+            p.add_argument("--wait", type=_seconds, metavar="SECONDS",
                            help="generate mode with --part: each part generates its share of the reference's greedy "
                                 "continuations, then waits this long for the other parts' (default 3600)")  # fmt: skip
     p = sub.add_parser("check", help="the quantization regression gate: limits and/or a baseline, one verdict; "
@@ -232,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench.main(argv[1:])
     args = parser().parse_args(argv)
+    if getattr(args, "wait", None) is not None and args.part is None:
+        print("harness extract: error: --wait applies with --part only (a part waits for the others' greedy "
+              "continuations); without --part the run generates them all itself", file=sys.stderr)
+        return 2
     _quiet_libraries()
     from harness.check import GateError
     from harness.compare import CompareError

@@ -99,6 +99,8 @@ def test_extract_in_parts_fills_the_same_store(micro_zoo, tmp_path, tmp_store, m
     assert "part 2/3 is done" in capsys.readouterr().out
     for k in (1, 3):
         assert main(["extract", "--config", config, "--part", f"{k}/3", *overrides]) == 0
+        out = capsys.readouterr().out
+        assert out.count("shards kept from an earlier run, ") == 2 and ("left to other parts)" in out) == (k == 1)
     assert main(["compare", "--config", config, *overrides, f"reports_dir={tmp_path / 'reports'}"]) == 0
     assert capsys.readouterr().out.count("reusing") == 2  # every shard was there
 
@@ -117,6 +119,12 @@ def test_extract_in_parts_fills_the_same_store(micro_zoo, tmp_path, tmp_store, m
             main(["extract", "--config", config, "--part", bad])
         assert exc.value.code == 2
     assert "is not K/N with 1 <= K <= N" in capsys.readouterr().err
+    for bad in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as exc:
+            main(["extract", "--config", config, "--part", "1/2", "--wait", bad])
+        assert exc.value.code == 2 and f"argument --wait: '{bad}' is not a number of seconds, 0 or more" in capsys.readouterr().err
+    assert main(["extract", "--config", config, "--wait", "60", *overrides]) == 2  # before any model loads
+    assert "--wait applies with --part only" in capsys.readouterr().err
 
 
 def test_extract_in_parts_splits_greedy_generation(micro_zoo, tmp_path, tmp_store, monkeypatch, capsys):
