@@ -23,12 +23,12 @@ def _decades(values: list[np.ndarray]) -> tuple[int, int]:
 
 
 def _axis(x0: float, x1: float, y1: float, lo: int, hi: int, sx) -> list[str]:
-    step = max(1, (hi - lo) // 8)
+    step = max(1, math.ceil((hi - lo) * 40 / (x1 - x0)))  # a label ("1e-10") takes up to ~35 px: no two overlap
     out = [f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#444"/>']
     for d in range(lo, hi + 1, step):
         x = sx(d)
         out.append(f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y1 + 4}" stroke="#444"/>')
-        anchor = "start" if d == lo else "end" if d + step > hi else "middle"  # the end labels stay inside the box
+        anchor = "start" if d == lo else "end" if d == hi else "middle"  # the end labels stay inside the box
         out.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="{anchor}">1e{d}</text>')
     return out
 
@@ -57,10 +57,17 @@ def cdf_svg(series: dict[str, np.ndarray], width: int = 720, height: int = 300) 
     return "".join(parts)
 
 
-def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150) -> str:
-    """Histogram of per-position KL over log-spaced bins; positions with KL = 0 go to the first bin."""
+def decades(series: list[np.ndarray]) -> tuple[int, int]:
+    """The log10 range (whole decades) that holds every positive finite value of these series: pass it to each
+    hist_svg so that a report's histograms share one axis and read side by side."""
+    return _decades([np.asarray(v, dtype=np.float64) for v in series])
+
+
+def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150, span: tuple[int, int] | None = None) -> str:
+    """Histogram of per-position KL over log-spaced bins (4 a decade) across `span` (decades(); else this series'
+    own); positions with KL = 0 go to the first bin. Bar heights are each histogram's own: pairs differ in count."""
     v = np.asarray(kl, dtype=np.float64)
-    lo, hi = _decades([v])
+    lo, hi = span or _decades([v])
     bins = 4 * (hi - lo)
     logs = np.log10(np.clip(v[np.isfinite(v)], 10.0**lo, 10.0**hi))
     counts, _ = np.histogram(logs, bins=bins, range=(lo, hi))
@@ -73,7 +80,7 @@ def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150) ->
         h = c / top * (y1 - y0)
         parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} position{"" if c == 1 else "s"}</title></rect>')
     parts += _axis(x0, x1, y1, lo, hi, sx)
-    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL, nats (each pair its own range)</text>')
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL, nats{" (the same axis for every pair)" if span else ""}</text>')
     if np.isinf(v).any():
         parts.append(f'<text x="{x1}" y="{y0 + 10}" text-anchor="end">+{int(np.isinf(v).sum())} infinite</text>')
     return "".join(parts) + "</svg>"

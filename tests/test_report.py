@@ -224,6 +224,17 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert page.locator("#summary tr.floor").inner_text().startswith("s-chat-bf16")
     assert page.locator("svg.chart").count() == 1 + len(CANDIDATES)  # the CDF, and a histogram per pair
     assert page.locator("#heat-top1 td").count() == 7 * 7
+    # the histograms share one axis (the same ticks under each), so that a pair further off sits further right: the
+    # count-weighted mean bar position of the float16 pair (KL ~1e-6) is left of the Int4 build's (~1e-3)
+    cards = {c.locator("h3").inner_text(): c.locator("svg.chart") for c in page.locator(".card", has=page.locator("svg.chart")).all()}
+    ticks = [[t for t in svg.locator("text").all_text_contents() if t.startswith("1e")] for svg in cards.values()]
+    assert len(cards) == len(CANDIDATES) and len(ticks[0]) >= 3 and all(t == ticks[0] for t in ticks)
+    centre = "s => { let w = 0, n = 0; for (const r of s.querySelectorAll('rect')) { const c = +r.querySelector('title')" \
+             ".textContent.split(' ')[0]; w += c * (+r.getAttribute('x')); n += c; } return w / n; }"
+    assert cards["s-chat-fp16"].evaluate(centre) < cards["s-chat-gptq-int4"].evaluate(centre)
+    overlap = "s => { const b = [...s.querySelectorAll('text')].filter(t => t.textContent.startsWith('1e')).map(t => t.getBBox());" \
+              " return b.some((r, i) => i > 0 && r.x < b[i - 1].x + b[i - 1].width); }"
+    assert not any(svg.evaluate(overlap) for svg in [*cards.values(), page.locator("svg.chart").first])  # tick labels apart
     assert page.locator("#warp tr").count() == 1 + 7
     # the models table: each model's loader, and the kernel of a quantized one
     rows = {r.split("\t")[0]: r.split("\t") for r in page.locator("#models tr").all_inner_texts()[1:]}
