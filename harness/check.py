@@ -113,7 +113,14 @@ class Threshold:
         return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict)
 
 
-DIVERGENCES = ("kl_", "js_", "tv_")  # aggregates that are 0 only for a pair whose distributions are the same
+DIVERGENCES = ("kl_", "js_", "tv_")
+
+
+def _cross_vocab(metric: str) -> bool:
+    """Whether only a pair of two vocabularies has this aggregate (align.AGGREGATES; align imports torch: not at import)."""
+    from harness.align import AGGREGATES
+
+    return metric in AGGREGATES  # aggregates that are 0 only for a pair whose distributions are the same
 
 _FAIL = re.compile(r"^(?P<metric>[A-Za-z_][A-Za-z0-9_]*):(?P<sign>[+-]?)(?P<amount>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?P<pct>%?)$")
 
@@ -168,9 +175,7 @@ def thresholds(gate: dict) -> list[Threshold]:
 def _known_metric(metric: str, aggregates: dict, where: str) -> None:
     scalars = sorted(k for k, v in aggregates.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     if metric not in scalars:
-        from harness.align import AGGREGATES
-
-        if metric in AGGREGATES:
+        if _cross_vocab(metric):
             raise GateError(f"{where}: {metric} is an aggregate of cross_vocab pairs only (a variant with another "
                             "tokenizer, compared over the tokens both share, with cross_vocab: true), and there is none")  # fmt: skip
         close = difflib.get_close_matches(metric, scalars, n=3)
@@ -240,8 +245,10 @@ def gate(
                 "reference's distributions exactly, so no multiple of it means anything. Make noise_floor a pair with "
                 "numerical noise of its own (the reference in bfloat16, say)"
             )
+    base_pairs = {p.candidate: p.aggregates for p in baseline.pairs} if baseline is not None else {}
+    either = sample | {k: v for agg in base_pairs.values() for k, v in agg.items()}  # a dropped cross_vocab pair's too
     for r in regressions:
-        _known_metric(r.metric, sample, f"--fail {r.text}")
+        _known_metric(r.metric, either, f"--fail {r.text}")
     warnings = comparability(run, baseline, baseline_path) if baseline is not None else []
     floor = pairs.get(run.noise_floor) if run.noise_floor else None
     found: list[Breach] = []
@@ -251,7 +258,6 @@ def gate(
             n += 1
             found += [b] if (b := t.breach(pairs[name], floor, strict=strict, pair=name)) else []
     if baseline is not None:
-        base_pairs = {p.candidate: p.aggregates for p in baseline.pairs}
         for name, agg in pairs.items():
             if name not in base_pairs:  # a new variant; or a renamed one, which --strict does not let pass unchecked
                 unchecked = [r for r in regressions if r.metric in agg]
@@ -263,6 +269,10 @@ def gate(
                 continue
             for r in regressions:
                 if r.metric not in agg:  # a metric of cross_vocab pairs only, and this pair is not one
+                    continue
+                if r.metric not in base_pairs[name] and _cross_vocab(r.metric):  # the baseline's pair was not one
+                    warnings.append(f"--fail {r.text}: baseline pair {name!r} has no {r.metric} (it was not a cross_vocab "
+                                    "pair there): not compared")  # fmt: skip
                     continue
                 _known_metric(r.metric, base_pairs[name], f"--fail {r.text} (baseline {baseline_path})")
                 n += 1

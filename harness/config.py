@@ -181,7 +181,8 @@ class Config(_Strict):
 
                     if metric in AGGREGATES:
                         raise ValueError(f"gate.{pair}.{metric}: only a pair of two vocabularies has {metric} (a variant "
-                                         "with another tokenizer, compared over the tokens both share): set cross_vocab: true")  # fmt: skip
+                                         "with another tokenizer, compared over the tokens both share): set cross_vocab: true (or "
+                                         "cross_vocab=true on the command line)")  # fmt: skip
                     near = difflib.get_close_matches(metric, known, n=3)
                     hint = f"did you mean {', '.join(near)}?" if near else f"the metrics are: {', '.join(known)}"
                     raise ValueError(f"gate.{pair}.{metric}: no pair aggregate is called {metric!r}; {hint}")

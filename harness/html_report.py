@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from harness import records
-from harness.charts import PALETTE, cdf_svg, heat, hist_svg
+from harness.charts import PALETTE, cdf_svg, decades, heat, hist_svg
+from harness.check import ABSENT
 from harness.llama_report import LLAMA_ROWS
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
@@ -121,12 +122,13 @@ def _bins_table(bins: list[dict]) -> str:
 
 def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -> str:
     out = ["<h2 id=dist>KL distribution</h2>", cdf_svg(kl), '<div class="cards">']
+    span = decades(list(kl.values()))  # one axis for all: a histogram further right is a pair further off
     for i, p in enumerate(record.pairs):
         a = p.aggregates
         pct = " · ".join(f"p{q}: {_num(a.get('kl_p' + q.replace('.', '_')), '.2e')}" for q in ("99.9", "99", "90", "10"))
         ci = a.get("kl_mean_ci95") or [None, None]
         out.append(
-            f'<div class="card"><h3>{_e(p.candidate)}</h3>{hist_svg(kl[p.candidate], PALETTE[i % len(PALETTE)])}'
+            f'<div class="card"><h3>{_e(p.candidate)}</h3>{hist_svg(kl[p.candidate], PALETTE[i % len(PALETTE)], span=span)}'
             f"<p class=small>mean {_num(a['kl_mean'], '.3e')} (95% CI over prompts {_num(ci[0], '.2e')}–{_num(ci[1], '.2e')}) · {pct}</p>"
             f"<h4>by reference confidence</h4>{_bins_table(a.get('by_confidence', []))}</div>"
         )
@@ -273,7 +275,7 @@ def gate_section(run_dir: Path) -> str:
                    "<th>rule</th><th>verdict</th></tr>")  # fmt: skip
         for b in rows:
             out.append(
-                f"<tr><td>{_e(b['pair'])}</td><td>{_e(b['metric'])}</td><td>{_num(b['value'], '.4g')}</td>"
+                f"<tr><td>{_e(b['pair'])}</td><td>{_e(b['metric'])}</td><td>{'absent' if b['rule'] == ABSENT else _num(b['value'], '.4g')}</td>"
                 f"<td>{_num(b['limit'], '.4g')}</td><td>{_num(b.get('baseline'), '.4g')}</td><td>{_e(b['rule'])}</td>"
                 f"<td>{'within noise' if b['within_noise'] else 'FAIL'}</td></tr>"
             )

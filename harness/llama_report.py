@@ -95,7 +95,8 @@ def text(record: records.RunRecord) -> str:
     out = []
     for p in record.pairs:
         a = p.aggregates
-        over = (f" (cross_vocab: at the positions that line up, over the {a['shared_tokens']} shared tokens)"
+        over = (f" (cross_vocab: of the positions that line up, those that predict a shared token; over the "
+                f"{a['shared_tokens']} shared tokens)"
                 if "aligned_of" in a else "")  # fmt: skip
         out.append(f"###### {p.candidate} (Q) against {p.reference} (base), {a.get('positions')} positions{over}")
         for row in LLAMA_ROWS:

@@ -435,8 +435,8 @@ def test_the_report_shows_cross_vocab_pairs(cross_run):
     text = (run_dir / "kl_report.txt").read_text()
     cut = text.split("###### s-cut (Q)")[1].split("######")[0]
     a = {p.candidate: p.aggregates for p in records.read(run_dir / "run.json").pairs}["s-cut"]
-    assert cut.startswith(f" against s (base), {a['positions']} positions (cross_vocab: at the positions that line up, "
-                          f"over the {a['shared_tokens']} shared tokens)\n")  # fmt: skip
+    assert cut.startswith(f" against s (base), {a['positions']} positions (cross_vocab: of the positions that line up, "
+                          f"those that predict a shared token; over the {a['shared_tokens']} shared tokens)\n")  # fmt: skip
     assert f"Positions compared            : {a['positions']} of {a['aligned_of']} ({a['aligned']} line up" in cut
     num = functools.partial(llama_report.llama_number, width=10, decimals=6)  # (tested in test_report)
     assert f"Bits per byte (Q)-(base)      : {num(a['bpb_diff'])} ± {num(a['bpb_diff_se'])}\n" in cut

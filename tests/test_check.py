@@ -103,7 +103,9 @@ def test_a_metric_only_cross_vocab_pairs_have():
     with pytest.raises(GateError, match=r"gate\.\*: bpb_diff is an aggregate of cross_vocab pairs only .*and there is none"):
         check.gate(_run(GOOD, {"*": {"bpb_diff": {"max": 1.0}}}))
     with pytest.raises(GateError, match=r"--fail bpb_diff:\+0\.1: bpb_diff is an aggregate of cross_vocab pairs only"):
-        check.gate(_run(GOOD), baseline=base, baseline_path=Path("base"), fail=["bpb_diff:+0.1"])
+        check.gate(_run(GOOD), baseline=_run(GOOD, run_id="base"), baseline_path=Path("base"), fail=["bpb_diff:+0.1"])
+    v = check.gate(_run(GOOD), baseline=base, baseline_path=Path("base"), fail=["bpb_diff:+0.1"])  # the baseline has one
+    assert v["verdict"] == "pass" and any("baseline pair 'cut' is not in this run" in w for w in v["warnings"])
 
 
 def test_usage_errors():
@@ -299,7 +301,7 @@ def test_a_pair_missing_from_the_baseline_fails_only_with_strict():
     assert [(b["pair"], b["metric"]) for b in v["breaches"]] == [("int4b", "kl_mean"), ("int4", "kl_mean")]
 
 
-def test_a_baseline_pair_missing_from_the_run_warns_and_fails_only_with_strict():
+def test_a_baseline_pair_missing_from_the_run_warns_and_fails_only_with_strict(tmp_path):
     """A variant dropped from the config (or renamed) would hide its regression: a warning naming it, and with --strict
     and --fail a breach per --fail metric it had, its baseline value beside "absent"."""
     base = _run({**GOOD, "int8": _agg(1e-5, 1e-6, 0.999) | {"bpb_diff": 0.01}}, run_id="base")
@@ -310,7 +312,19 @@ def test_a_baseline_pair_missing_from_the_run_warns_and_fails_only_with_strict()
     assert v["verdict"] == "fail" and v["checks"] == 6
     assert [(b["pair"], b["metric"], b["baseline"]) for b in v["breaches"]] == [("int8", "kl_mean", 1e-5), ("int8", "top1_agree", 0.999)]
     assert check.Breach(**v["breaches"][0]).line() == "int8: kl_mean = absent, limit present in this run (baseline 1e-05): FAIL"
-    json.dumps(records.json_safe(v), allow_nan=False)  # gate.json and the verdict line stay strict JSON
+    (tmp_path / "gate.json").write_text(json.dumps(records.json_safe(v), allow_nan=False))  # strict JSON, as main writes it
+    from harness import html_report
+
+    assert "<td>int8</td><td>kl_mean</td><td>absent</td><td>–</td><td>1e-05</td>" in html_report.gate_section(tmp_path)
+    # a dropped cross_vocab pair: its bits per byte are a known --fail metric (the baseline has them), and absent now
+    v = check.gate(_run(GOOD), baseline=base, baseline_path=Path("b.json"), fail=["bpb_diff:+0.1"], strict=True)
+    assert [(b["pair"], b["metric"], b["rule"]) for b in v["breaches"]] == [("int8", "bpb_diff", check.ABSENT)]
+    # a pair that is cross_vocab in this run and was not in the baseline: not compared, with a warning
+    run = _run(GOOD | {"int8": base.pairs[2].aggregates})
+    v = check.gate(run, baseline=_run(GOOD | {"int8": _agg(1e-5, 1e-6, 0.999)}, run_id="base"), baseline_path=Path("b.json"),
+                   fail=["bpb_diff:+0.1"])  # fmt: skip
+    assert v["verdict"] == "pass" and v["checks"] == 0
+    assert "--fail bpb_diff:+0.1: baseline pair 'int8' has no bpb_diff (it was not a cross_vocab pair there): not compared" in v["warnings"]
     # with config limits only (no --fail) there is nothing to compare it on: the warning stays, no breach
     v = check.gate(_run(GOOD, {"int4": {"kl_mean": {"max": 0.01}}}), baseline=base, baseline_path=Path("b.json"), strict=True)
     assert v["verdict"] == "pass" and any("baseline pair 'int8' is not in this run" in w for w in v["warnings"])
