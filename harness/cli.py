@@ -37,11 +37,11 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model
 
 
-def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float = 3600.0):
+def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float | None = None):
     """Config -> plan -> every model's store (reused where it is complete): the first half of both commands."""
     from harness import pipeline
 
-    the_plan = pipeline.plan(cfg, part=part, wait_s=wait_s)
+    the_plan = pipeline.plan(cfg, part=part, **({} if wait_s is None else {"wait_s": wait_s}))
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
     stores, facts = pipeline.extract_all(cfg, the_plan, part=part)
     return the_plan, stores, facts
@@ -50,7 +50,10 @@ def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float = 3600.0):
 def cmd_extract(args) -> int:
     from harness import config
 
-    _, _, facts = _extract(config.load(args.config, args.overrides), args.part, 3600.0 if args.wait is None else args.wait)
+    if args.wait is not None and args.part is None:
+        raise config.ConfigError("--wait applies with --part only (a part waits for the other parts' greedy "
+                                 "continuations); without --part the run generates them all itself")  # fmt: skip
+    _, _, facts = _extract(config.load(args.config, args.overrides), args.part, args.wait)
     for name, f in facts.items():
         done = "reused" if f["reused_shards"] == f["shards"] else f"{f['extract_s']:.1f}s"
         left = f"  ({f['left_to_other_parts']} of {f['shards']} shards left to other parts)" if f.get("left_to_other_parts") else ""
@@ -212,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
                                 "them and fills whatever is still missing")  # fmt: skip
             p.add_argument("--wait", type=_seconds, metavar="SECONDS",
                            help="generate mode with --part: each part generates its share of the reference's greedy "
-                                "continuations, then waits this long for the other parts' (default 3600)")  # fmt: skip
+                                "continuations, then waits this long for the other parts' (default 3600; a plain run that "
+                                "merges them ends the wait too)")  # fmt: skip
     p = sub.add_parser("check", help="the quantization regression gate: limits and/or a baseline, one verdict; "
                        "exit 0 pass, 1 a regression, 2 bad input, 3 an internal error")
     p.add_argument("--config", help="compare with this config, then gate the run with its 'gate' limits")
@@ -244,10 +248,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench.main(argv[1:])
     args = parser().parse_args(argv)
-    if getattr(args, "wait", None) is not None and args.part is None:
-        print("harness extract: error: --wait applies with --part only (a part waits for the others' greedy "
-              "continuations); without --part the run generates them all itself", file=sys.stderr)
-        return 2
     _quiet_libraries()
     from harness.check import GateError
     from harness.compare import CompareError

@@ -37,6 +37,7 @@ from harness.store import Store, aligned_empty, plan_shards, store_key
 from harness.warpers import Warpers, candidates, warp_stats
 
 EXTRACT_VERSION = 3  # bump when what is stored changes meaning
+WAIT_S = 3600.0  # how long a generate-mode part waits for the other parts' greedy continuations (extract --wait)
 CHUNK_ROWS = 32  # rows post-processed at a time: 32 x 151936 float32 = 19 MB per temporary
 
 
@@ -65,7 +66,7 @@ def own_rows(logits: torch.Tensor, b: int, length: int, padding_side: str) -> to
 
 def greedy_continuations(
     loaded: Loaded, tokens: TokenizedPrompts, max_new_tokens: int, log=print, part: tuple[int, int] | None = None,
-    wait_s: float = 3600.0,
+    wait_s: float = WAIT_S,
 ) -> list[list[int]]:  # fmt: skip
     """The reference's raw greedy continuation of every prompt (not its sampling generation_config).
 
@@ -88,10 +89,7 @@ def greedy_continuations(
             if path.is_file():  # another process generated them while this one waited
                 progress.unlink(missing_ok=True)
                 return json.loads(path.read_text())["continuations"]
-            known = _shares(path, len(tokens.ids))
-            if known:
-                log(f"{loaded.spec.name}: greedy: {len(known)} of {len(tokens.ids)} prompts' continuations taken from "
-                    f"the shares of an `extract --part` run in {path.parent}")  # fmt: skip
+            known = _shares(path, len(tokens.ids), log)
             continuations = _generate(loaded, tokens.ids, max_new_tokens, progress, log, known)
             _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
             progress.unlink()
@@ -105,7 +103,7 @@ def greedy_continuations(
                     _write_json(parts[k - 1], {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": mine})
                 progress.unlink(missing_ok=True)
         deadline, told = time.monotonic() + wait_s, False
-        while missing := [i + 1 for i, f in enumerate(parts) if not f.is_file()]:
+        while (missing := [i + 1 for i, f in enumerate(parts) if not f.is_file()]) and not path.is_file():
             if time.monotonic() >= deadline:
                 raise ExtractError(
                     f"part {k}/{n}: the greedy continuations of part(s) {missing} are not in {path.parent} after "
@@ -116,18 +114,28 @@ def greedy_continuations(
                 log(f"part {k}/{n}: waiting up to {wait_s:.0f} s for the greedy continuations of part(s) {missing}")
                 told = True
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        if missing:  # a plain run (which takes the shares there are) merged them while this part waited
+            return json.loads(path.read_text())["continuations"]
         continuations = [[] for _ in tokens.ids]
         for i, f in enumerate(parts):
-            continuations[i::n] = json.loads(f.read_text())["continuations"]
+            try:
+                share = json.loads(f.read_text())["continuations"]
+            except (ValueError, KeyError, TypeError):
+                share = None
+            if not _token_lists(share) or len(share) != len(continuations[i::n]):
+                raise ExtractError(f"{f} is not part {i + 1}/{n}'s share of these {len(continuations)} prompts' greedy "
+                                   "continuations (another prompt set, or a damaged file): delete it and run that part again")  # fmt: skip
+            continuations[i::n] = share
         _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
     log(f"{loaded.spec.name}: {sum(map(len, continuations))} greedy tokens, cached in {path}")
     return continuations
 
 
-def _shares(path: Path, n_prompts: int) -> dict[int, list[int]]:
+def _shares(path: Path, n_prompts: int, log=print) -> dict[int, list[int]]:
     """The continuations that `--part K/N` runs left beside `path` (`<key>.part-K-of-N.json`, prompts K-1, K-1+N, ...),
     by prompt index: a plain run takes them rather than generate them again (each prompt is generated on its own,
-    so a share's are the very ones it would generate). A share that does not fit the prompt count is left alone."""
+    so a share's are the very ones it would generate). A share that is not a list of token-id lists, one a prompt of
+    its part, is left alone with a warning; where shares of two part counts disagree on a prompt, the first stands."""
     known = {}
     for share in sorted(path.parent.glob(f"{path.stem}.part-*-of-*.json")):
         if not (m := re.fullmatch(r".*\.part-(\d+)-of-(\d+)\.json", share.name)):
@@ -136,11 +144,19 @@ def _shares(path: Path, n_prompts: int) -> dict[int, list[int]]:
         try:
             got = json.loads(share.read_text())["continuations"]
         except (OSError, ValueError, KeyError, TypeError):
-            continue
+            got = None
         index = range(k - 1, n_prompts, n)
-        if 1 <= k <= n and isinstance(got, list) and len(got) == len(index):
-            known |= dict(zip(index, got, strict=True))
+        if not (1 <= k <= n and _token_lists(got) and len(got) == len(index)):
+            log(f"warning: {share} is not a share of these {n_prompts} prompts' continuations: not taken")
+            continue
+        for i, ids in zip(index, got, strict=True):
+            if known.setdefault(i, ids) != ids:
+                log(f"warning: {share} disagrees with another share on prompt {i + 1}'s continuation: the other's is taken")
     return known
+
+
+def _token_lists(x) -> bool:
+    return isinstance(x, list) and all(isinstance(c, list) and all(type(t) is int for t in c) for c in x)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -205,6 +221,9 @@ def _generate(
     if continuations:
         log(f"{loaded.spec.name}: greedy: resuming after {len(continuations)} of {len(prompts)} prompts ({progress})")
     known = known or {}
+    if taken := sum(i in known for i in range(len(continuations), len(prompts))):
+        log(f"{loaded.spec.name}: greedy: {taken} of {len(prompts)} prompts' continuations taken from the shares of an "
+            f"`extract --part` run ({progress.parent})")  # fmt: skip
     model = None
     if any(i not in known for i in range(len(continuations), len(prompts))):
         own = loaders.load_generation_config(loaded)

@@ -36,7 +36,7 @@ class Plan:
         return self.own.get(name, (self.tokens, self.segments))
 
 
-def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: float = 3600.0) -> Plan:
+def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: float = extract.WAIT_S) -> Plan:
     """Tokenizes once with the reference, checks every variant's tokenizer, and cuts the segments. Generate mode with
     `part` (extract --part): the reference generates that part of the prompts and waits for the other parts'
     continuations (extract.greedy_continuations)."""

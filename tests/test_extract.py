@@ -380,6 +380,42 @@ def test_a_plain_run_takes_the_shares_of_a_part_run(micro_zoo, tokens, tmp_path,
     assert extract.greedy_continuations(loaded, tokens, 5, **QUIET) == alone
 
 
+def test_shares_that_do_not_fit_or_disagree(tmp_path):
+    """_shares takes only lists of token-id lists that fit their part of the prompts; where shares of two part
+    counts disagree on a prompt, the first stands; each refusal is a warning naming the file."""
+    path = tmp_path / "k.json"
+    for name, continuations in (("part-1-of-2", [[1], [3]]), ("part-2-of-2", [[2], [4, 5]]), ("part-1-of-3", [[9], [4, 5]]),
+                                ("part-2-of-3", [[2], "x"]), ("part-3-of-3", [[3, 0.5]]), ("part-4-of-3", [[1]])):  # fmt: skip
+        extract._write_json(tmp_path / f"k.{name}.json", {"continuations": continuations})
+    said = []
+    assert extract._shares(path, 4, said.append) == {0: [1], 1: [2], 2: [3], 3: [4, 5]}
+    assert said == [f"warning: {tmp_path / 'k.part-1-of-3.json'} disagrees with another share on prompt 1's continuation: the other's is taken",
+                    *(f"warning: {tmp_path / f'k.part-{k}-of-3.json'} is not a share of these 4 prompts' continuations: not taken" for k in (2, 3, 4))]  # fmt: skip
+
+
+def test_a_waiting_part_ends_when_a_plain_run_merged_the_shares(micro_zoo, tokens, tmp_path, monkeypatch):
+    """A part waiting for the others' shares stops waiting once a plain run has written the merged continuations; a
+    part's share that does not fit the prompts stops the merge with an error naming it."""
+    import threading
+    import time
+
+    loaded = _loaded(zoo.CHAT_S)
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path))
+    with pytest.raises(extract.ExtractError, match=r"part\(s\) \[2\] are not in"):
+        extract.greedy_continuations(loaded, tokens, 3, part=(1, 2), wait_s=0, **QUIET)
+    (mine,) = (tmp_path / "generations").glob("*.part-1-of-2.json")
+    merged = mine.with_name(mine.name.split(".")[0] + ".json")
+    whole = [[7]] * len(tokens.ids)  # what a plain run wrote (not what it would generate: it tells them apart)
+    threading.Timer(1.0, extract._write_json, (merged, {"continuations": whole})).start()
+    start = time.monotonic()
+    assert extract.greedy_continuations(loaded, tokens, 3, part=(1, 2), wait_s=60, **QUIET) == whole
+    assert time.monotonic() - start < 30
+    merged.unlink()
+    extract._write_json(mine.with_name(mine.name.replace("part-1", "part-2")), {"continuations": [[1, 2]]})  # too few
+    with pytest.raises(extract.ExtractError, match=r"part-2-of-2\.json is not part 2/2's share of these 8 prompts'"):
+        extract.greedy_continuations(loaded, tokens, 3, part=(1, 2), wait_s=0, **QUIET)
+
+
 def test_progress_lock_where_the_file_system_has_none(tmp_path, monkeypatch):
     """Some network mounts refuse flock: generation goes on unlocked, with a warning; other lock errors still raise."""
 
