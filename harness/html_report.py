@@ -121,7 +121,7 @@ def _bins_table(bins: list[dict]) -> str:
 
 
 def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -> str:
-    out = ["<h2 id=dist>KL distribution</h2>", cdf_svg(kl), '<div class="cards">']
+    out = ["<h2 id=dist>KL distribution</h2>", f'<div class="wide">{cdf_svg(kl)}</div>', '<div class="cards">']
     span = decades(list(kl.values()))  # one axis for all: a histogram further right is a pair further off
     for i, p in enumerate(record.pairs):
         a = p.aggregates

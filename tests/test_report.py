@@ -270,6 +270,10 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert page.locator("#tokens-out span.tok").nth(5).get_attribute("class") == "tok sel"
     # nothing is wider than a 1400-pixel window: wide tables scroll in their own boxes, the page does not
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.set_viewport_size({"width": 390, "height": 800})  # nor on a phone, where the CDF keeps 600 px and scrolls in its box
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert page.locator("svg.chart").first.bounding_box()["width"] >= 600
+    page.set_viewport_size({"width": 1400, "height": 420})
     shot = run_dir.parent / "screenshot.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
