@@ -84,6 +84,14 @@ def rank_of(lq: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return (lq > at).sum(-1)
 
 
+def top_set(lp: torch.Tensor, k: int, kth: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: each row's k largest entries, among ties the lowest ids first (torch.topk's pick inside a tie is
+    unspecified; this is the fused kernel's rule, so both paths give one top-k overlap). `kth`: [B] the k-th value."""
+    above = lp > kth[:, None]
+    tied = lp == kth[:, None]
+    return above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+
+
 def at(lp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """[B] log-prob of `token` in each row."""
     return lp.gather(-1, token[:, None]).squeeze(-1)
@@ -128,8 +136,8 @@ def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor
         "top1_agree": ref_top == lq.argmax(-1),
     }
     for k in ks:
-        a, b = top_p.indices[:, :k], top_q.indices[:, :k]
-        out[f"top{k}_overlap"] = (a[:, :, None] == b[:, None, :]).any(-1).double().mean(-1)
+        both = top_set(lp, k, top_p.values[:, k - 1]) & top_set(lq, k, top_q.values[:, k - 1])
+        out[f"top{k}_overlap"] = both.sum(-1).double() / k
     p_top = top_p.values[:, 0].exp()
     out |= {
         "ref_top_rank": rank_of(lq, ref_top),

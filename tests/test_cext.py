@@ -47,10 +47,12 @@ def test_portable_builds_match_the_references(tmp_path):
 
 
 def test_portable_fused_metrics_pass_the_full_suite(tmp_path):
-    """The scalar build of the fused metrics kernel (machines without AVX-512) held to every test of the vector one."""
+    """The scalar build of the fused metrics kernel (machines without AVX-512) held to every test of the vector one,
+    and to test_independent's checks of the fused path against scipy and float64."""
     env = {**os.environ, "HARNESS_CEXT_PORTABLE": "1", "HARNESS_HOME": str(tmp_path)}
     here = os.path.dirname(__file__)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_metrics_fused.py")],
+    files = [os.path.join(here, name) for name in ("test_metrics_fused.py", "test_independent.py")]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "fused", *files],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
