@@ -84,7 +84,7 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
     """Every aggregate of one (reference, candidate) pair from its per-position metric arrays."""
     n = len(m["kl"])
     out: dict = {"positions": n}
-    for name in ("kl", "kl_rev", "js", "tv", "kl_smoothed"):
+    for name in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "kl_rev_smoothed"):
         if name in m:
             out |= distribution(m[name], name)
     out |= proportion(m["top1_agree"], "top1_agree")
@@ -131,17 +131,24 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
     return out
 
 
-def per_prompt(m: dict[str, np.ndarray], prompt: np.ndarray, names: list[str]) -> list[dict]:
-    """The main aggregates for each prompt on its own."""
+# what per_prompt keeps of each prompt's pair_aggregates (and its top-k overlaps): the summary's numbers, prompt by prompt
+PROMPT_AGGREGATES = ("positions", "kl_mean", "kl_mean_se", "kl_median", "kl_p99", "kl_max", "kl_inf", "kl_rev_mean", "js_mean",
+                     "tv_mean", "top1_agree", "top1_agree_se", "ref_top_rank_mean", "delta_p_mean", "delta_p_rms", "ppl_ref",
+                     "ppl_cand", "ppl_ratio", "ln_ppl_ratio", "ln_ppl_ratio_se", "nll_correlation", "entropy_ref_mean",
+                     "entropy_cand_mean")  # fmt: skip
+
+
+def per_prompt(m: dict[str, np.ndarray], prompt: np.ndarray, names: list[str], ks=()) -> list[dict]:
+    """The pair's aggregates for each prompt on its own: pair_aggregates over that prompt's positions (the same
+    definitions; no bootstrap), PROMPT_AGGREGATES and the top-k overlaps of it. A standard error or correlation that
+    one position cannot give is NaN."""
     rows = []
+    keys = (*PROMPT_AGGREGATES, *(f"top{k}_overlap" for k in ks))
     for p in np.unique(prompt):
         inside = prompt == p
-        rows.append({
-            "prompt": names[int(p)], "positions": int(inside.sum()),
-            "kl_mean": float(m["kl"][inside].mean()), "kl_max": float(m["kl"][inside].max()),
-            "js_mean": float(m["js"][inside].mean()), "top1_agree": float(m["top1_agree"][inside].mean()),
-            "ppl_ratio": float(np.exp((m["nll_cand"][inside] - m["nll_ref"][inside]).mean())),
-        })  # fmt: skip
+        with np.errstate(invalid="ignore", divide="ignore"):  # a prompt whose NLLs are constant has no correlation
+            a = pair_aggregates({k: v[inside] for k, v in m.items()}, prompt[inside], ks=ks, resamples=0, seed=0)
+        rows.append({"prompt": names[int(p)], **{k: a[k] for k in keys}})
     return rows
 
 

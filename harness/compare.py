@@ -99,12 +99,13 @@ def pair_metrics(
             raise _bad_rows(exc, start, ((names[0], ref), (names[1], cand)), rows_of) from None
         start += len(a)
         block |= outside or {}
-        if smoothing_eps is not None:  # a finite stand-in beside every +inf KL (rare: only zeros in q)
-            smoothed = block["kl"].clone()
-            bad = torch.isinf(smoothed)
-            if bad.any():
-                smoothed[bad] = metrics.kl_smoothed(metrics.normalize(a[bad]), metrics.normalize(b[bad]), smoothing_eps)
-            block["kl_smoothed"] = smoothed
+        if smoothing_eps is not None:  # a finite stand-in beside every +inf KL (rare: only zeros in q, or in p for kl_rev)
+            for name, (x, y) in (("kl", (a, b)), ("kl_rev", (b, a))):
+                smoothed = block[name].clone()
+                bad = torch.isinf(smoothed)
+                if bad.any():
+                    smoothed[bad] = metrics.kl_smoothed(metrics.normalize(x[bad]), metrics.normalize(y[bad]), smoothing_eps)
+                block[f"{name}_smoothed"] = smoothed
         for name, values in block.items():
             parts.setdefault(name, []).append(values)
     return {name: torch.cat(values).numpy() for name, values in parts.items()}
@@ -184,7 +185,7 @@ def compare(
     agg = aggregate.pair_aggregates(m, prompt, ks=ks, resamples=resamples, seed=seed)
     agg["pad_mass_ref"] = float(ref.read("pad_mass")[keep].double().mean())
     agg["pad_mass_cand"] = float(cand.read("pad_mass")[slice(None) if alignment is None else alignment.cand_rows].double().mean())
-    return PairResult(ref_name, cand_name, agg | extra, aggregate.per_prompt(m, prompt, names), m)
+    return PairResult(ref_name, cand_name, agg | extra, aggregate.per_prompt(m, prompt, names, ks), m)
 
 
 def pair_sym_top1(ref: Store, cand: Store, target: torch.Tensor, names=("a", "b")) -> tuple[np.ndarray, np.ndarray]:

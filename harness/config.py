@@ -103,7 +103,7 @@ class Metrics(_Strict):
     top_k: list[Annotated[int, Field(ge=1, le=256)]] = Field(default=[5, 10], min_length=1)  # top-k overlaps to report
     bootstrap_resamples: int = Field(default=1000, ge=0)  # 0: no bootstrap intervals
     matrix: bool = True  # top-1 agreement and symmetric KL between every pair of models
-    smoothing_eps: float | None = Field(default=None, gt=0, lt=1)  # also report KL(p ‖ (1−ε)q + ε/V) where KL is +inf
+    smoothing_eps: float | None = Field(default=None, gt=0, lt=1)  # also report KL(p ‖ (1−ε)q + ε/V) where KL is +inf (and the reverse)
 
     @field_validator("top_k")
     @classmethod
@@ -212,7 +212,7 @@ def gate_metrics(top_k: list[int], floor: bool, cross_vocab: bool = False) -> li
 
     rng = np.random.default_rng(0)
     n = 6
-    m = {k: rng.random(n) for k in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "delta_p", "delta_p_top", "nll_ref",
+    m = {k: rng.random(n) for k in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "kl_rev_smoothed", "delta_p", "delta_p_top", "nll_ref",
                                     "nll_cand", "entropy_ref", "entropy_cand", "p_top_ref", "margin_ref")}  # fmt: skip
     m |= {f"top{k}_overlap": rng.random(n) for k in top_k}
     m |= {"top1_agree": rng.random(n) < 0.5, "ref_top_rank": rng.integers(0, 3, n)}

@@ -32,7 +32,6 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 # a pair of two vocabularies (cross_vocab): what its numbers are over, and bits per byte on each model's own tokens
 CROSS_COLUMNS = list(align.AGGREGATES)
-PROMPT_COLUMNS = ["reference", "candidate", "prompt", "positions", "kl_mean", "kl_max", "js_mean", "top1_agree", "ppl_ratio"]
 MATRIX_COLUMNS = ["a", "b", "top1_agree", "sym_kl_mean"]
 POSITION_KEYS = ("prompt", "position", "target", "ref_row")  # in positions-*.npz beside the metrics (ref_row: cross_vocab)
 
@@ -121,7 +120,8 @@ def render(run_dir: Path) -> Path:
         summary = [{"reference": p.reference, "candidate": p.candidate, **p.aggregates} for p in record.pairs]
         _csv(run_dir / "summary.csv", summary, summary_columns(record))
         prompt_rows = [{"reference": p.reference, "candidate": p.candidate, **row} for p in record.pairs for row in p.prompts]
-        _csv(run_dir / "prompts.csv", prompt_rows, PROMPT_COLUMNS)
+        # aggregate.PROMPT_AGGREGATES and the top-k overlaps, as the record holds them (an older record: fewer)
+        _csv(run_dir / "prompts.csv", prompt_rows, ["reference", "candidate", *dict.fromkeys(k for row in prompt_rows for k in row if k not in ("reference", "candidate"))])
         _csv(run_dir / "matrix.csv", record.matrix, MATRIX_COLUMNS)
         tokens = records.load_tokens(run_dir, record)
         write_positions_csv(run_dir, record, tokens)

@@ -34,6 +34,7 @@ def test_compare_streams_blocks_and_counts_infinite_kl(tmp_path):
     ref = torch.log_softmax(torch.randn(n, v, generator=gen) * 3, -1)
     cand = torch.log_softmax(ref + 0.1 * torch.randn(n, v, generator=gen), -1)
     cand[5, ref[5].argmax()] = -torch.inf  # the candidate filtered out the reference's top token
+    ref[6, cand[6].argmax()] = -torch.inf  # and the reference the candidate's: an infinite reverse KL
     target = torch.randint(0, v, (n,), generator=gen)
     prompt = torch.arange(n) // 10
     a = _store(tmp_path / "a", ref, target, prompt)
@@ -41,6 +42,7 @@ def test_compare_streams_blocks_and_counts_infinite_kl(tmp_path):
     result = compare.compare("ref", a, "cand", b, ks=(5,), resamples=100, smoothing_eps=1e-6)
     agg = result.aggregates
     assert agg["positions"] == n and agg["kl_inf"] == 1 and math.isinf(agg["kl_mean"])
+    assert agg["kl_rev_inf"] == 1 and math.isinf(result.positions["kl_rev"][6])
     P = np.exp(ref.half().double().numpy())
     P /= P.sum(-1, keepdims=True)
     Q = np.exp(cand.half().double().numpy())
@@ -49,6 +51,16 @@ def test_compare_streams_blocks_and_counts_infinite_kl(tmp_path):
     finite = np.isfinite(exact)
     np.testing.assert_allclose(result.positions["kl"][finite], exact[finite], rtol=1e-6)
     assert np.isfinite(result.positions["kl_smoothed"]).all() and agg["kl_smoothed_inf"] == 0
+    # the ε-smoothed stand-ins, by hand: KL(p ‖ (1 − ε)q + ε/V) at row 5, KL(q ‖ (1 − ε)p + ε/V) at row 6
+    eps = 1e-6
+    assert result.positions["kl_smoothed"][5] == pytest.approx(rel_entr(P[5], (1 - eps) * Q[5] + eps / v).sum(), rel=1e-6)
+    assert result.positions["kl_rev_smoothed"][6] == pytest.approx(rel_entr(Q[6], (1 - eps) * P[6] + eps / v).sum(), rel=1e-6)
+    assert np.isfinite(result.positions["kl_rev_smoothed"]).all() and agg["kl_rev_smoothed_inf"] == 0
+    exact_rev = rel_entr(Q, P).sum(-1)
+    np.testing.assert_allclose(result.positions["kl_rev"][np.isfinite(exact_rev)], exact_rev[np.isfinite(exact_rev)], rtol=1e-6)
+    same = np.isfinite(exact) & np.isfinite(exact_rev)  # elsewhere the smoothed values are the plain ones
+    assert (result.positions["kl_smoothed"][same] == result.positions["kl"][same]).all()
+    assert (result.positions["kl_rev_smoothed"][same] == result.positions["kl_rev"][same]).all()
     assert len(result.prompts) == 7 and sum(p["positions"] for p in result.prompts) == n
 
 

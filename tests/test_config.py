@@ -173,7 +173,7 @@ def test_gate_metrics_are_what_a_pair_has():
     scalars = {k for k, v in agg.items() if isinstance(v, float | int) and not isinstance(v, bool)}
     known = set(config.gate_metrics([3], floor=False))
     assert scalars <= known and "top3_overlap" in known and "top5_overlap" not in known
-    assert known - scalars == {k for k in known if k.startswith("kl_smoothed_")}  # only with metrics.smoothing_eps
+    assert known - scalars == {k for k in known if k.startswith(("kl_smoothed_", "kl_rev_smoothed_"))}  # only with metrics.smoothing_eps
     assert "kl_floor_multiple" in config.gate_metrics([3], floor=True)
 
 
