@@ -48,14 +48,42 @@ def usable(impl: str) -> None:
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_matches_snippet(impl, filter, dtype):
     usable(impl)
-    x = rows().to(dtype)
-    if impl == "compiled" and dtype == torch.bfloat16:
-        # Inductor's bfloat16 softmax keeps subnormal probabilities that the eager kernel rounds to 0
-        # (row 5 spans 110 nats): a known difference of torch.compile, not of the code compiled.
-        x = x[:5]
+    x = rows().to(dtype)  # row 5's probabilities span 110 nats: subnormal ones, and ones that round to 0
     got = sf.IMPLS[impl](x, filter, 20)
     assert sf.same(sf.snippet(list(x.split(1))), got, filter, 20, atol=1e-6) is None
     assert got.indices.dtype == torch.int32 and got.values.dtype == dtype and got.offsets[-1] == got.values.numel()
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_top_k_ties_take_the_lowest_ids(impl):
+    """Top-k keeps exactly the first k of a stable descending sort (among tied logits the lowest column first, in
+    that order), as the Triton kernels do (test_triton_kernel_under_the_interpreter): on rows of small integers
+    (ties everywhere), few finite entries, maxima tied across the row, two finite entries, all equal."""
+    usable(impl)
+    gen = torch.Generator().manual_seed(5)
+    ties = torch.randint(-3, 3, (5, 2500), generator=gen).float()
+    ties[1, 100:] = float("-inf")
+    ties[2, 7::50] = 9.0
+    ties[3, 1:2499] = float("-inf")
+    ties[4] = 1.0
+    for dtype, k in itertools.product((torch.float32, torch.bfloat16), (1, 7, 64, 128)):
+        got = sf.IMPLS[impl](ties.to(dtype), "top-k", k)
+        order = torch.sort(ties, dim=1, descending=True, stable=True).indices[:, :k]
+        for r in range(len(ties)):
+            have = got.indices[got.offsets[r] : got.offsets[r + 1]]
+            assert len(have) == min(k, int(ties[r].isfinite().sum())) and torch.equal(have, order[r, : len(have)].int()), (dtype, k, r)
+
+
+def test_the_top_k_check_catches_a_wrong_set():
+    """same() for top-k: a set that leaves out a token above the k-th probability differs, however small the k-th
+    (on realistic rows it is ~1e-10: a tolerance against it would pass any 20 tokens with p > 0)."""
+    x = bench.realistic_logits(2, 5000, seed=2)
+    ref = sf.snippet(list(x.split(1)))
+    p = torch.softmax(x, -1)
+    for pick in (p.topk(20, largest=False).indices, torch.cat([p.topk(19).indices, p.topk(21).indices[:, 20:]], 1)):
+        fake = sf._csr(torch.tensor([20, 20]), pick.reshape(-1).int(), p.gather(1, pick).reshape(-1))
+        assert "top-k tokens differ" in sf.same(ref, fake, "top-k", 20)
+    assert sf.same(ref, sf.torch_filter(x, "top-k", 20), "top-k", 20) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -230,9 +258,11 @@ def test_bad_row_is_an_error(impl, bad, why):
 
 
 def test_quick_run_json_line(capsys):
-    assert bench.main(["--quick", "--impls", "snippet,torch,fused-cpu", "--ceiling-gib", "0.25", "--width", "20000"]) == 0
+    assert bench.main(["--quick", "--impls", "snippet,torch,fused-cpu,fused-alloc", "--ceiling-gib", "0.25", "--width", "20000"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     record = json.loads(out[-1])
+    assert len(record["load_average"]) == 2 and "fused-alloc" in record["notes"]  # what the variant is, said
+    snippet = {(r["dtype"], r["inputs"], r["batch"]): r["rows_per_s"] for r in record["results"] if r["impl"] == "snippet"}
     for key in ("device", "device_name", "read_ceiling_gbps", "copy_ceiling_gbps", "results"):
         assert key in record
     assert record["read_ceiling_gbps"] > 0 and record["copy_ceiling_gbps"] > 0
@@ -241,6 +271,9 @@ def test_quick_run_json_line(capsys):
     for r in record["results"]:
         assert {"impl", "batch", "dtype", "filter", "rows_per_s", "gbps", "fraction_of_ceiling", "speedup_vs_snippet"} <= r.keys()
         assert r["rows_per_s"] > 0 and r["speedup_vs_snippet"] > 0
+        assert r["tokens_per_s"] == r["rows_per_s"] * 20000 and 0 < r["kept_per_s"] <= r["tokens_per_s"]
+        # over the snippet at the same batch (it ran at both of --quick's; top-k: its p > 0 rows/s on the same inputs)
+        assert r["snippet_batch"] == r["batch"] and r["speedup_vs_snippet"] == pytest.approx(r["rows_per_s"] / snippet[(r["dtype"], r["inputs"], r["batch"])])
         assert 0 < r["near_read_gbps"] <= record["read_ceiling_gbps"]
         assert r["fraction_of_ceiling"] == pytest.approx(r["gbps"] / r["near_read_gbps"])
         assert r["fraction_of_run_ceiling"] == pytest.approx(r["gbps"] / record["read_ceiling_gbps"])
@@ -290,7 +323,7 @@ def test_cuda_matches_snippet(impl):
     if why:
         pytest.skip(why)
     for dtype in (torch.float32, torch.bfloat16):
-        x = rows(bench.VOCAB).to("cuda", dtype)[: 5 if impl == "compiled" else 6]  # see test_matches_snippet
+        x = rows(bench.VOCAB).to("cuda", dtype)
         ref = sf.snippet(list(x.split(1)))
         for filter in ("p>0", "top-k"):
             assert sf.same(ref, sf.IMPLS[impl](x, filter, 20), filter, 20, atol=1e-6) is None
@@ -565,6 +598,14 @@ def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
     assert stored == last and {r["impl"] for r in stored["results"]} == {"snippet", "torch"}
     page = (tmp_path / "index.html").read_text()
     assert 'id=bench' in page and "Softmax/filter throughput" in page and "of bound" in page and "write ceiling" in page
+    assert "<th>spread</th>" in page and "logit tokens per second" in page
+
+
+def test_a_busy_machine_is_noted():
+    """Where the load average says other processes held the cores the timed threads need, the record says so."""
+    cores = os.cpu_count() or 1
+    assert bench.busy_note(2, [0.1, 0.3]) is None if cores >= 2 else True
+    assert "the machine was busy: load average" in bench.busy_note(1, [0.2, cores + 0.6])
 
 
 @pytest.mark.parametrize(
