@@ -44,11 +44,14 @@ extract: $(STAMP)
 	$(VENV)/bin/harness extract --config configs/default.yaml
 
 # The softmax/filter throughput table + JSON line (also stored in the latest run record, so its
-# HTML report shows it), then the pytest-benchmark suite saved for --benchmark-compare.
+# HTML report shows it), then the pytest-benchmark suite, saved in reports/benchmarks and compared with the last
+# run saved there (--benchmark-compare), and as reports/bench.json.
 bench: $(STAMP)
 	$(VENV)/bin/harness bench $(if $(wildcard reports/latest/run.json),--into reports/latest)
+	$(if $(wildcard reports/latest/run.json),,@echo "note: no reports/latest/run.json yet (make compare makes one): the result above is printed, not stored in a run record")
 	mkdir -p reports
-	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json -q
+	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json -q \
+		--benchmark-autosave --benchmark-storage=reports/benchmarks $(if $(wildcard reports/benchmarks/*/*.json),--benchmark-compare)
 
 # On a CUDA machine whose own python3 holds torch and triton (no .venv, nothing installed). Each part fits one
 # device call of at most 10 minutes: gpu-test, the CUDA tests (each setting compiles its kernels, 5-10 s on an H200's

@@ -21,8 +21,13 @@ case's. "ceil" is logits bytes read per second over the near read ceiling; "run"
 run's; "bound" is the fraction of the rows/s that memory allows the case as a whole at its near ceilings
 (memory_bound: its reads, and its writes of the sparse form, which for p > 0 on raw rows are 2-3x the
 bytes read, so that no implementation can reach a high fraction of the read ceiling there). The web
-snippet is slow (~60 rows/s), so it is timed only at batches <= --snippet-max-batch and its rows/s is
-the reference for every speed-up.
+snippet is slow (~60 rows/s), so it is timed only at batches <= --snippet-max-batch; a speed-up is over
+its rows/s at the same batch, else at the largest batch it was timed at (`snippet_batch` says which).
+"fused-cpu" writes into a Workspace kept between calls (a stream of batches, its intended use);
+"fused-alloc" is the same kernel with a new output per call, as the torch paths allocate theirs (fresh
+pages fault on first write: for p > 0 on raw rows, several times slower). The load average before and
+after the run is recorded; where other processes hold cores the threads need, a note says the timings
+are not to be trusted.
 Prints a table, then one JSON line (`run()` returns the same dict, for a run record).
 """
 
@@ -32,6 +37,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import astuple, dataclass
@@ -46,6 +52,16 @@ VOCAB = 151936  # Qwen1.5 0.5B-7B
 TOP_K, TOP_P = 20, 0.8  # Qwen1.5-Chat generation_config.json
 CASES = [("raw", "p>0"), ("warped", "p>0"), ("raw", "top-k")]  # (inputs, filter)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# bench-only variants of an implementation of harness.softmax_filter: name -> (the implementation, what differs)
+VARIANTS = {"fused-alloc": ("fused-cpu", "a new output per call (fused-cpu reuses a Workspace)")}
+
+
+def impl_names() -> list[str]:
+    """What `--impls` may name, in the table's order: the snippet, softmax_filter's implementations, the variants."""
+    names = ["snippet", *sf.IMPLS]
+    for variant, (base, _) in VARIANTS.items():
+        names.insert(names.index(base) + 1, variant)
+    return names
 
 
 def realistic_logits(n: int, width: int = VOCAB, seed: int = 0, unique: int = 64) -> torch.Tensor:
@@ -162,9 +178,32 @@ def memory_bound(read_bytes: float, write_bytes: float, read_gbps: float, write_
     return 1e9 / max(read_bytes / read_gbps + write_bytes * per_write, write_bytes / write_gbps)
 
 
+def kept_per_row(x: torch.Tensor, filter: str) -> float:
+    """Tokens the sparse form keeps per row of `x`, on average."""
+    return sf.torch_filter(x, filter, TOP_K).indices.numel() / len(x)
+
+
 def written_per_row(x: torch.Tensor, filter: str) -> float:
     """Bytes of the sparse form per row of `x` (column indices int32 and probabilities in x's dtype, + its offset)."""
-    return sf.torch_filter(x, filter, TOP_K).indices.numel() / len(x) * (4 + x.element_size()) + 8
+    return kept_per_row(x, filter) * (4 + x.element_size()) + 8
+
+
+def busy_note(threads: int, load: list[float]) -> str | None:
+    """Why the timings are not to be trusted, where the 1-minute load average (before, after) says other processes
+    held cores these threads needed (a 2-thread kernel then waits whole scheduler slices: 8 ms calls, not 0.4)."""
+    cores = os.cpu_count() or 1
+    worst = max(load)
+    if worst > cores - threads + 0.5:
+        return (f"the machine was busy: load average {worst:.1f} on {cores} cores with {threads} threads timed; "
+                "other processes took cores from the timed threads, so these rows/s are low and uneven: run again on a quiet machine")
+    return None
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def peak_bytes(impl: str, batch: int, width: int, itemsize: int, filter: str) -> int:
@@ -185,8 +224,9 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     `triton_settings`: harness.triton_sweep's "best" (case -> launch settings), else triton_filter's defaults."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    impls = list(impls or ["snippet", *sf.IMPLS])
-    notes = {i: sf.available(i, device.type) for i in impls if i != "snippet"}
+    impls = list(impls or impl_names())
+    load = [_load()]
+    notes = {i: sf.available(VARIANTS.get(i, (i,))[0], device.type) for i in impls if i != "snippet"}
     notes = {i: why for i, why in notes.items() if why}
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks at nonzero/.item() are expected
     ceil = ceilings(device, ceiling_gib, repeats)
@@ -198,12 +238,13 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     base = realistic_logits(input_rows(batches, width), width)
     inputs = {"raw": base, "warped": warp(base[: min(len(base), 64)]).repeat(len(base) // min(len(base), 64) + 1, 1)[: len(base)]}
     log(f"raw rows: entropy {entropy_nats(base[:64]):.2f} nats; warped rows keep {(inputs['warped'][:64] > float('-inf')).sum(1).float().mean():.1f} tokens")
-    results, snippet_rps = [], {}
+    results, snippet_rps = [], {}  # (dtype, inputs) -> {batch: rows/s}
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         for kind, filter in CASES:
             rows_all = inputs[kind].to(device, dtype)
-            written = written_per_row(rows_all[:64], filter)  # the first 64 rows are all the distinct ones
+            kept = kept_per_row(rows_all[:64], filter)  # the first 64 rows are all the distinct ones
+            written = kept * (4 + rows_all.element_size()) + 8
             for impl in impls:
                 if impl in notes or (impl == "snippet" and filter != "p>0"):
                     continue
@@ -211,7 +252,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                     if impl == "snippet" and batch > snippet_max_batch:
                         continue
                     if peak_bytes(impl, batch, width, rows_all.element_size(), filter) > max_gb * 1e9:
-                        notes[f"{impl}@{batch}"] = f"skipped: needs more than --max-gb {max_gb}"
+                        notes[f"{impl}@{batch} {dtype_name} {kind} {filter}"] = f"skipped: needs more than --max-gb {max_gb}"
                         continue
                     x = rows_all[:batch]
                     # successive calls take successive batches of the whole input set (max(batches) rows), so
@@ -222,6 +263,8 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                         fn = lambda s=scores: sf.snippet(s)  # noqa: E731
                     elif impl == "fused-cpu":
                         fn = lambda f=filter, ws=sf.Workspace(): sf.fused_cpu_filter(next(batches_all), f, TOP_K, ws)  # noqa: E731
+                    elif impl == "fused-alloc":
+                        fn = lambda f=filter: sf.fused_cpu_filter(next(batches_all), f, TOP_K)  # noqa: E731
                     elif impl == "triton" and triton_settings:
                         cfg = swept(triton_settings, kind, dtype_name, filter, batch)
                         fn = lambda f=filter, c=cfg: sf.triton_filter(next(batches_all), f, TOP_K, **c)  # noqa: E731
@@ -238,16 +281,18 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                     local, last = last.best(now), now
                     seen.append(now)
                     if impl == "snippet":
-                        snippet_rps[(dtype_name, kind)] = rps
-                    ref = snippet_rps.get((dtype_name, kind)) or snippet_rps.get((dtype_name, "raw"))
+                        snippet_rps.setdefault((dtype_name, kind), {})[batch] = rps
+                    timed_at = snippet_rps.get((dtype_name, kind)) or snippet_rps.get((dtype_name, "raw")) or {}
+                    at = batch if batch in timed_at else max(timed_at, default=None)  # the same batch, else the largest
+                    ref = timed_at.get(at)
                     gbps = batch * width * x.element_size() / med / 1e9
                     results.append({
                         "impl": impl, "batch": batch, "dtype": dtype_name, "inputs": kind, "filter": filter,
-                        "rows_per_s": rps, "tokens_per_s": rps, "gbps": gbps,
+                        "rows_per_s": rps, "tokens_per_s": rps * width, "kept_per_s": rps * kept, "gbps": gbps,
                         "near_read_gbps": local.read_gbps, "near_copy_gbps": local.copy_gbps,
                         "near_write_gbps": local.write_gbps, "fraction_of_ceiling": gbps / local.read_gbps,
                         "read_bytes_per_row": width * x.element_size(), "written_bytes_per_row": written,
-                        "speedup_vs_snippet": rps / ref if ref else None,
+                        "speedup_vs_snippet": rps / ref if ref else None, "snippet_batch": at if ref else None,
                         "median_s": med, "min_s": min(secs), "max_s": max(secs), "repeats": len(secs),
                         "iqr_s": float(np.subtract(*np.percentile(secs, [75, 25]))),
                         **({"settings": cfg} if impl == "triton" and triton_settings else {}),
@@ -265,6 +310,10 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     read_gbps, copy_gbps, write_gbps = best.read_gbps, best.copy_gbps, best.write_gbps
     for r in results:
         r["fraction_of_run_ceiling"] = r["gbps"] / read_gbps
+    load.append(_load())
+    if why := busy_note(torch.get_num_threads() if device.type == "cpu" else 1, load):
+        notes["machine"] = why
+    notes |= {v: f"{base}'s kernel with {what}" for v, (base, what) in VARIANTS.items() if v in impls and v not in notes}
     return {
         "version": 1, "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "width": width, "top_k": TOP_K, "top_p": TOP_P,
@@ -273,7 +322,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
         "read_median_gbps": [ceil.read_median_gbps, end.read_median_gbps],  # at the start and at the end
         "copy_median_gbps": [ceil.copy_median_gbps, end.copy_median_gbps],
         "write_median_gbps": [ceil.write_median_gbps, end.write_median_gbps],
-        "notes": notes, "results": results,
+        "load_average": load, "notes": notes, "results": results,
     }
 
 
@@ -293,7 +342,7 @@ def _cpu_name() -> str:
         return platform.processor() or "cpu"
 
 
-HEADER = (f"{'impl':>10} {'dtype':>8} {'inputs':>6} {'filter':>6} {'batch':>5} {'rows/s':>10} {'GB/s':>6} {'near':>5} {'ceil':>5}"
+HEADER = (f"{'impl':>11} {'dtype':>8} {'inputs':>6} {'filter':>6} {'batch':>5} {'rows/s':>10} {'GB/s':>6} {'near':>5} {'ceil':>5}"
           f" {'bound':>5} {'run':>5} {'x snippet':>9} {'spread':>7}")
 
 
@@ -303,7 +352,7 @@ def row_text(r: dict) -> str:
     bound = f"{r['fraction_of_bound']:.0%}" if "fraction_of_bound" in r else "-"  # "-": an older record
     near = f"{r['near_read_gbps']:.1f}" if "near_read_gbps" in r else "-"
     run = f"{r['fraction_of_run_ceiling']:.0%}" if "fraction_of_run_ceiling" in r else "-"  # "-": the log's line
-    return (f"{r['impl']:>10} {r['dtype']:>8} {r['inputs']:>6} {r['filter']:>6} {r['batch']:>5} {r['rows_per_s']:>10.0f}"
+    return (f"{r['impl']:>11} {r['dtype']:>8} {r['inputs']:>6} {r['filter']:>6} {r['batch']:>5} {r['rows_per_s']:>10.0f}"
             f" {r['gbps']:>6.2f} {near:>5} {r['fraction_of_ceiling']:>5.0%} {bound:>5} {run:>5} {up:>9} {spread:>7.0%}")
 
 
@@ -325,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="harness bench", description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="1,16,256,4096", help="comma-separated batch sizes (rows per call)")
     p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, of {','.join(DTYPES)}")
-    p.add_argument("--impls", default=None, help=f"comma-separated, of snippet,{','.join(sf.IMPLS)} (default all)")
+    p.add_argument("--impls", default=None, help=f"comma-separated, of {','.join(impl_names())} (default all)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--width", type=int, default=VOCAB, help="row width (vocabulary size)")
     p.add_argument("--snippet-max-batch", type=int, default=16)
@@ -350,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in DTYPES:
             p.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
     for name in impls or []:
-        if name != "snippet" and name not in sf.IMPLS:
-            p.error(f"unknown implementation {name!r}; choose from snippet, {', '.join(sf.IMPLS)}")
+        if name not in impl_names():
+            p.error(f"unknown implementation {name!r}; choose from {', '.join(impl_names())}")
     if a.device not in (None, "cpu", "cuda"):
         p.error(f"unknown device {a.device!r}; choose cpu or cuda")
     if a.device == "cuda" and not torch.cuda.is_available():

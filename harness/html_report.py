@@ -243,9 +243,10 @@ def throughput_section(record: records.RunRecord) -> str:
         "what memory allows the case's reads and writes of its sparse form at the near ceilings.</p>",
         "<table class=sortable id=bench><thead><tr><th data-type=text>impl</th><th>batch</th><th data-type=text>dtype</th>"
         "<th data-type=text>inputs</th><th data-type=text>filter</th><th>rows/s</th><th>GB/s</th><th>near GB/s</th>"
-        "<th>of ceiling</th><th>of bound</th><th>of run</th><th>× snippet</th></tr></thead><tbody>",
+        "<th>of ceiling</th><th>of bound</th><th>of run</th><th>× snippet</th><th>spread</th></tr></thead><tbody>",
     ]
     for r in t.get("results", []):
+        spread = r["iqr_s"] / r["median_s"] if r.get("iqr_s") is not None and r.get("median_s") else None
         rows.append(
             f"<tr><td>{_e(r.get('impl'))}</td><td data-v=\"{r.get('batch')}\">{_e(r.get('batch'))}</td><td>{_e(r.get('dtype'))}</td>"
             f"<td>{_e(r.get('inputs'))}</td><td>{_e(r.get('filter'))}</td>"
@@ -255,9 +256,12 @@ def throughput_section(record: records.RunRecord) -> str:
             f"<td data-v=\"{r.get('fraction_of_ceiling')}\">{_num(r.get('fraction_of_ceiling'), '.1%')}</td>"
             f"<td data-v=\"{r.get('fraction_of_bound')}\">{_num(r.get('fraction_of_bound'), '.1%')}</td>"
             f"<td data-v=\"{r.get('fraction_of_run_ceiling')}\">{_num(r.get('fraction_of_run_ceiling'), '.1%')}</td>"
-            f"<td data-v=\"{r.get('speedup_vs_snippet')}\">{_num(r.get('speedup_vs_snippet'), '.0f')}</td></tr>"
+            f"<td data-v=\"{r.get('speedup_vs_snippet')}\">{_num(r.get('speedup_vs_snippet'), '.0f')}</td>"
+            f"<td data-v=\"{spread}\">{_num(spread, '.0%')}</td></tr>"
         )
-    return "".join(rows) + "</tbody></table>"
+    notes = [f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in (t.get("notes") or {}).items()]
+    return ("".join(rows) + "</tbody></table><p class=small>rows/s × the row width is the logit tokens per second; spread: "
+            "interquartile range over median.</p>" + (f"<ul class=small>{''.join(notes)}</ul>" if notes else ""))
 
 
 def gate_section(run_dir: Path) -> str:

@@ -1,6 +1,8 @@
 """pytest-benchmark suite of the softmax/filter implementations, at small fixed sizes (well under a minute).
 
     .venv/bin/python -m pytest tests/bench --benchmark-enable --benchmark-json=reports/bench.json
+    .venv/bin/python -m pytest tests/bench --benchmark-enable --benchmark-storage=reports/benchmarks --benchmark-compare
+        # against the last run `make bench` saved (--benchmark-autosave)
 
 Rows are Qwen1.5-wide (151936) realistic float32 logits, 16 per call (the snippet: 1 per call; on CUDA, 256). With the
 project's default --benchmark-disable each function runs once, as a smoke test. Full sweeps, the
@@ -34,13 +36,15 @@ def test_snippet(benchmark, logits, inputs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("inputs, filter", [("raw", "p>0"), ("warped", "p>0"), ("raw", "top-k")])
-@pytest.mark.parametrize("impl", ["torch", "compiled", "fused-cpu"])
+@pytest.mark.parametrize("impl", ["torch", "compiled", "fused-cpu", "fused-alloc"])
 def test_impl(benchmark, logits, impl, inputs, filter, dtype):
-    why = sf.available(impl, "cpu")
+    """fused-cpu writes into a Workspace kept between calls; fused-alloc is the same kernel with a new output per call
+    (harness.bench.VARIANTS), as torch's paths allocate theirs."""
+    why = sf.available(bench.VARIANTS.get(impl, (impl,))[0], "cpu")
     if why:
         pytest.skip(why)
     x = logits[inputs].to(dtype)
-    fn = sf.IMPLS[impl]
+    fn = sf.IMPLS[bench.VARIANTS.get(impl, (impl,))[0]]
     kwargs = {"workspace": sf.Workspace()} if impl == "fused-cpu" else {}
     if impl == "compiled":
         fn(x, filter, bench.TOP_K)  # compile outside the timed rounds
