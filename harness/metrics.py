@@ -97,6 +97,18 @@ def at(lp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return lp.gather(-1, token[:, None]).squeeze(-1)
 
 
+def _psi(d: torch.Tensor) -> torch.Tensor:
+    """ψ(d) = d·tanh(d/2) − 2 ln cosh(d/2) ≥ 0 of d = ln p − ln q, so that JS = ¼ Σ (p + q)·ψ(d) with no cancellation
+    at tiny drift (where H(m) − (H(p) + H(q))/2 lost digits: 1.8e-6 relative at JS ~1e-9): 2 ln cosh(d/2) as
+    log1p(sinh²(d/2)) for |d| < 2, and 2 ln 2 − 2|d|·a/(1 + a) − 2 ln(1 + a), a = e^(−|d|), beyond (the fused
+    kernel's forms); 2 ln 2 where one side is 0 (d = ±inf); NaN where both are (weighed by p + q = 0)."""
+    ad = d.abs()
+    a = torch.exp(-ad)
+    near = d * torch.tanh(d / 2) - torch.log1p(torch.sinh(d / 2) ** 2)
+    far = 2 * math.log(2.0) - 2 * (ad * a / (1 + a) + torch.log1p(a))
+    return torch.where(ad < 2, near, torch.where(torch.isinf(d), 2 * math.log(2.0), far))
+
+
 def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, ks=(5, 10)) -> dict[str, torch.Tensor]:
     """Every per-position metric of one block: [B, V] ref and cand log-probs, [B] actual next tokens.
 
@@ -120,10 +132,9 @@ def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor
     kl_fwd = xsum(p * d).clamp_min(0.0)
     kl_rev = xsum(-q * d).clamp_min(0.0)
     h_ref, h_cand = -xsum(p * lp), -xsum(q * lq)
-    mix = 0.5 * (p + q)
-    h_mix = -xsum(mix * mix.log())
     tv_ = 0.5 * (p - q).abs().sum(-1)
-    del d, mix
+    js_ = 0.25 * xsum((p + q) * _psi(d))
+    del d
     kmax = max(2, *ks)
     top_p, top_q = lp.topk(kmax, dim=-1), lq.topk(kmax, dim=-1)
     # argmax, not topk's first: among tied values (common in float16 stores) the lowest id wins, always
@@ -131,7 +142,7 @@ def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor
     out = {
         "kl": kl_fwd,
         "kl_rev": kl_rev,
-        "js": (h_mix - 0.5 * (h_ref + h_cand)).clamp(0.0, math.log(2.0)),  # JS = H(m) − (H(p) + H(q))/2
+        "js": js_.clamp(0.0, math.log(2.0)),
         "tv": tv_.clamp(0.0, 1.0),
         "top1_agree": ref_top == lq.argmax(-1),
     }

@@ -29,8 +29,7 @@ scalar ones (Δp, NLL, margin, top-k overlaps) included, and takes one of two pa
   float64, Kahan-compensated normalisers, the same non-cancelling JS.
 
 Both paths agree with the float64 torch reference within 1e-6 relative (tests/test_metrics_fused.py).
-Top-k ties: torch.topk's choice inside a tie group is unspecified; here the lowest ids win, so
-top{k}_overlap may differ from the reference only when a tie straddles the k-th place.
+Top-k ties: the lowest ids win, here and in the torch reference (metrics.top_set), so top{k}_overlap is equal.
 """
 
 from __future__ import annotations
@@ -281,10 +280,8 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
           t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(-1.0 / 32));
           t = _mm512_fmadd_pd(t, w, _mm512_set1_pd(0.25));
           psi = _mm512_mul_pd(t, w);
-        } else {  // u = (p − q)/(p + q); tail lanes: p = q = 0, so u is NaN and ψ = 2 ln 2 times p + q = 0
-          __m512d u = _mm512_mul_pd(pm, recip8(pp)), z = _mm512_mul_pd(u, u);
-          __mmask8 ok = _mm512_cmp_pd_mask(z, one, _CMP_LT_OQ);
-          psi = _mm512_mask_mov_pd(ln4, ok, _mm512_fmadd_pd(u, d, log1m8(_mm512_maskz_mov_pd(ok, z))));
+        } else {  // tail lanes: p = q = 0, so u is NaN and ψ = 2 ln 2 times p + q = 0
+          psi = psi8(pm, pp, d, 0xFF);
         }
         ajs = _mm512_fmadd_pd(pp, psi, ajs);
       }
@@ -1178,9 +1175,8 @@ if __name__ == "__main__":
     want = metrics.position_metrics(ref[:16], cand[:16], target[:16])
     got = fused_position_metrics(ref[:16], cand[:16], target[:16])
     for key, w in want.items():
-        if key.endswith("_overlap"):  # where a tie straddles the k-th place, torch.topk's pick is unspecified
-            print(f"{key:>14}: rows that differ {int((got[key] != w).sum())} of {len(w)} (torch.topk's pick among ties "
-                  "is unspecified; tests/test_metrics_fused.py checks the lowest-id-first definition)")
+        if key.endswith("_overlap"):  # both take tied values' lowest ids: equal
+            print(f"{key:>14}: rows that differ {int((got[key] != w).sum())} of {len(w)}")
             continue
         diff = ((got[key].double() - w.double()).abs() / w.double().abs().clamp_min(1e-12)).max()
         print(f"{key:>14}: max relative difference {float(diff):.2e}")
