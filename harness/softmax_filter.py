@@ -85,30 +85,29 @@ def _torch_ops(x: torch.Tensor, filter: str, k: int) -> SparseRows | None:
         if bool((counts == 0).any()):  # NaN, +inf or all -inf makes the whole softmax row NaN
             return None
         return _csr(counts, keep.view(-1).nonzero().squeeze(1).remainder_(x.shape[1]).int(), p[keep])
-    top, idx = p.topk(min(k + 1, p.shape[1]), dim=-1)  # one more: does a tie straddle the k-th place?
-    if bool(top[:, 0].isnan().any()):
-        return None
-    if top.shape[1] > k:
-        straddle = (top[:, k] == top[:, k - 1]) & (top[:, k] > 0)
-        top, idx = top[:, :k], idx[:, :k]
+    # the k largest logits (not probabilities: in bfloat16 distinct logits share a p, and the kernels rank by logit)
+    lx, idx = x.topk(min(k + 1, x.shape[1]), dim=-1)  # one more: does a tie straddle the k-th place?
+    if lx.shape[1] > k:
+        straddle = (lx[:, k] == lx[:, k - 1]) & (lx[:, k] > float("-inf"))
+        lx, idx = lx[:, :k], idx[:, :k]
         if bool(straddle.any()):  # torch.topk's pick inside a tie is unspecified: the lowest ids, as the kernels take
             rows = straddle.nonzero().squeeze(1)
-            idx[rows] = _lowest_ids_first(p[rows], top[rows, k - 1], k)
-            top[rows] = p[rows].gather(1, idx[rows])
-    # by descending p, among equal p the lowest id first (stable sort of the ids in ascending order)
-    idx, order = idx.sort(dim=1)
-    top = top.gather(1, order)
-    top, order = top.sort(dim=1, descending=True, stable=True)
-    idx = idx.gather(1, order)
+            idx[rows] = _lowest_ids_first(x[rows], lx[rows, k - 1], k)
+    # by descending logit, among equal logits the lowest id first (a stable sort of the ids in ascending order)
+    idx = idx.sort(dim=1).values
+    idx = idx.gather(1, x.gather(1, idx).sort(dim=1, descending=True, stable=True).indices)
+    top = p.gather(1, idx)
+    if bool(top[:, 0].isnan().any()):  # NaN, +inf or all -inf makes the whole softmax row NaN
+        return None
     keep = top > 0
     return _csr(keep.sum(1), idx[keep].int(), top[keep])
 
 
-def _lowest_ids_first(p: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
-    """[R, k] ids of each row's k largest p, where a tie straddles the k-th place the tied ones' lowest ids."""
-    above, tied = p > kth[:, None], p == kth[:, None]
+def _lowest_ids_first(x: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] ids of each row's k largest values, where a tie straddles the k-th place the tied ones' lowest ids."""
+    above, tied = x > kth[:, None], x == kth[:, None]
     keep = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
-    return keep.nonzero()[:, 1].view(len(p), k)
+    return keep.nonzero()[:, 1].view(len(x), k)
 
 
 @cache
