@@ -36,9 +36,12 @@ def distribution(x: np.ndarray, name: str) -> dict[str, float]:
         f"{name}_max": float(x.max()),
         f"{name}_inf": inf,
     }
-    with np.errstate(invalid="ignore"):  # percentiles between two +inf values
+    with np.errstate(invalid="ignore"):  # numpy's interpolation gives NaN next to a +inf (inf − inf): it is +inf
         for q in PERCENTILES:
-            out[f"{name}_{_pkey(q)}"] = float(np.percentile(x, q))
+            v = float(np.percentile(x, q))
+            out[f"{name}_{_pkey(q)}"] = math.inf if math.isnan(v) and inf else v
+        if math.isnan(out[f"{name}_median"]) and inf:
+            out[f"{name}_median"] = math.inf
     return out
 
 

@@ -190,10 +190,11 @@ def written_per_row(x: torch.Tensor, filter: str) -> float:
 
 def busy_note(threads: int, load: list[float]) -> str | None:
     """Why the timings are not to be trusted, where the 1-minute load average (before, after) says other processes
-    held cores these threads needed (a 2-thread kernel then waits whole scheduler slices: 8 ms calls, not 0.4)."""
-    cores = os.cpu_count() or 1
-    worst = max(load)
-    if worst > cores - threads + 0.5:
+    held cores these threads needed (a 2-thread kernel then waits whole scheduler slices: 8 ms calls, not 0.4). The
+    load after the run holds the run's own threads: they are taken off it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    worst = max(load[0], load[-1] - threads)
+    if worst > max(cores - threads, 0) + 0.5:
         return (f"the machine was busy: load average {worst:.1f} on {cores} cores with {threads} threads timed; "
                 "other processes took cores from the timed threads, so these rows/s are low and uneven: run again on a quiet machine")
     return None
@@ -224,7 +225,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     `triton_settings`: harness.triton_sweep's "best" (case -> launch settings), else triton_filter's defaults."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    impls = list(impls or impl_names())
+    impls = [i for i in impl_names() if i in (impls or impl_names())]  # the snippet first: every speed-up needs it
     load = [_load()]
     notes = {i: sf.available(VARIANTS.get(i, (i,))[0], device.type) for i in impls if i != "snippet"}
     notes = {i: why for i, why in notes.items() if why}

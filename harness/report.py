@@ -121,7 +121,8 @@ def render(run_dir: Path) -> Path:
         _csv(run_dir / "summary.csv", summary, summary_columns(record))
         prompt_rows = [{"reference": p.reference, "candidate": p.candidate, **row} for p in record.pairs for row in p.prompts]
         # aggregate.PROMPT_AGGREGATES and the top-k overlaps, as the record holds them (an older record: fewer)
-        _csv(run_dir / "prompts.csv", prompt_rows, ["reference", "candidate", *dict.fromkeys(k for row in prompt_rows for k in row if k not in ("reference", "candidate"))])
+        per_prompt = dict.fromkeys(k for row in prompt_rows for k in row if k not in ("reference", "candidate"))
+        _csv(run_dir / "prompts.csv", prompt_rows, ["reference", "candidate", *per_prompt])
         _csv(run_dir / "matrix.csv", record.matrix, MATRIX_COLUMNS)
         tokens = records.load_tokens(run_dir, record)
         write_positions_csv(run_dir, record, tokens)

@@ -120,6 +120,28 @@ def test_ppl_diff_se_of_nearly_equal_models_is_exact():
     assert want > 0 and a["ppl_diff_se"] == pytest.approx(want, rel=1e-6)
 
 
+def test_percentiles_next_to_an_infinite_kl_are_infinite():
+    """numpy interpolates toward a +inf neighbour as inf − inf = NaN; a percentile there is +inf."""
+    d = aggregate.distribution(np.array([np.inf, 0.2, 0.1]), "kl")
+    assert d["kl_p99_9"] == d["kl_p99"] == d["kl_max"] == np.inf and d["kl_inf"] == 1
+    assert d["kl_p1"] == pytest.approx(0.1 + 0.02 * (0.2 - 0.1)) and d["kl_median"] == 0.2  # below it, as numpy gives
+
+
+def test_per_prompt_of_one_position_and_of_constant_nlls(recwarn):
+    """A prompt of one scored position has no standard error or correlation: NaN, quietly; the rest is its value."""
+    rng = np.random.default_rng(2)
+    n = 5
+    m = {k: rng.random(n) for k in ("kl", "kl_rev", "js", "tv", "delta_p", "delta_p_top", "entropy_ref", "entropy_cand", "p_top_ref", "margin_ref", "top5_overlap")}
+    m |= {"top1_agree": np.array([True, False, True, True, True]), "ref_top_rank": np.array([0, 2, 0, 0, 0]),
+          "nll_ref": np.array([1.0, 2.0, 2.0, 2.0, 2.0]), "nll_cand": np.array([1.5, 2.0, 2.0, 2.0, 2.0])}  # fmt: skip
+    one, rest = aggregate.per_prompt(m, np.array([0, 1, 1, 1, 1]), ["a", "b"], ks=(5,))
+    assert one["prompt"] == "a" and one["positions"] == 1 and one["kl_mean"] == m["kl"][0] and one["top5_overlap"] == m["top5_overlap"][0]
+    assert math.isnan(one["kl_mean_se"]) and math.isnan(one["top1_agree_se"]) and math.isnan(one["nll_correlation"])
+    assert one["ppl_ratio"] == pytest.approx(math.exp(0.5))
+    assert rest["positions"] == 4 and math.isnan(rest["nll_correlation"]) and rest["ppl_ratio"] == 1.0  # constant NLLs
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_bootstrap_can_be_turned_off():
     values, prompt = np.linspace(0, 1, 100), np.arange(100) // 10
     lo, hi = aggregate.bootstrap_mean(values, prompt, resamples=0, seed=0)
