@@ -104,10 +104,26 @@ def _torch_ops(x: torch.Tensor, filter: str, k: int) -> SparseRows | None:
 
 
 def _lowest_ids_first(x: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
-    """[R, k] ids of each row's k largest values, where a tie straddles the k-th place the tied ones' lowest ids."""
-    above, tied = x > kth[:, None], x == kth[:, None]
-    keep = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
-    return keep.nonzero()[:, 1].view(len(x), k)
+    """[R, k] ids (ascending) of each row's k largest values, where a tie straddles the k-th place (`kth`) the tied
+    ones' lowest ids. From each row's k + 64 largest; a row whose tie runs past those is looked at whole."""
+    m = min(k + 64, x.shape[1])
+    vals, ids = x.topk(m, dim=-1)
+    above, tied = vals > kth[:, None], vals == kth[:, None]
+    whole = tied[:, -1] & (m < x.shape[1])
+    past = x.shape[1]  # an id past every column: sorts last
+    need = k - above.sum(1, keepdim=True)
+    taken = torch.where(torch.arange(m, device=x.device) < need, torch.where(tied, ids, past).sort(1).values, past)
+    out = torch.cat([torch.where(above, ids, past), taken], 1).sort(1).values[:, :k]
+    if bool(whole.any()):
+        rows = whole.nonzero().squeeze(1)
+        xr, kr = x[rows], kth[rows, None]
+        keep = xr > kr
+        tr, tc = (xr == kr).nonzero().unbind(1)  # row-major: each row's tied columns ascending
+        rank = torch.arange(len(tr), device=x.device) - torch.searchsorted(tr, torch.arange(len(rows), device=x.device))[tr]
+        sel = rank < (k - keep.sum(1))[tr]
+        keep[tr[sel], tc[sel]] = True
+        out[rows] = keep.nonzero()[:, 1].view(len(rows), k)
+    return out
 
 
 @cache
