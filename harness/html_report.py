@@ -335,6 +335,15 @@ def _loader(v: dict) -> str:
     return text + (f"<br><span class=small>{_e(', '.join(v['kernels']))}</span>" if v.get("kernels") else "")
 
 
+# the per-prompt table of the token view (report.js keeps this order): what prompts.csv holds, the main columns
+PROMPT_COLUMNS = ("positions", "kl_mean", "kl_mean_se", "kl_max", "js_mean", "top1_agree", "ppl_ratio", "delta_p_rms")
+
+
+def _float(x) -> float:
+    """A record value as a float for the view: None (NaN in strict JSON) and the strings "inf"/"-inf" included."""
+    return math.nan if x is None else float(x)
+
+
 def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dict], tokens: dict | None) -> dict:
     """What the per-prompt token view needs: per-position KL and flips, both models' top-5, token texts."""
     if not record.pairs or tokens is None:
@@ -359,11 +368,15 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
             for r, v in zip(m["ref_row"].tolist(), kl[c]):
                 spread[r] = v
             kl[c] = spread
+    index = {p["id"]: i for i, p in enumerate(tokens["prompts"])}
     data = {
         "reference": record.reference,
         "pos": pos,
         "kl": kl,
         "prompts": [{"id": p["id"], "texts": p["texts"]} for p in tokens["prompts"]],
+        # each pair's per-prompt aggregates (prompts.csv) for the view's table: [prompt index, *PROMPT_COLUMNS]
+        "prompt_rows": {p.candidate: [[index.get(r["prompt"], -1), *(_round([_float(r.get(k))])[0] for k in PROMPT_COLUMNS)]
+                                      for r in p.prompts] for p in record.pairs},  # fmt: skip
         "vocab": tokens["vocab"],
         "top": {},
     }

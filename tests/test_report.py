@@ -260,6 +260,19 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert page.locator("#tokens-out span.tok").count() > 5
     page.locator("#tokens-out span.tok").nth(3).click()
     assert page.locator("#detail table").count() == 2 and page.locator("#detail table tr").count() == 2 * 6
+    # the per-prompt table: the pair's prompts.csv rows, most drift first; a click on a name shows that prompt
+    page.locator("#pair-select").select_option("s-chat-gptq-int4")
+    csv_rows = [r for r in csv.DictReader((run_dir / "prompts.csv").open()) if r["candidate"] == "s-chat-gptq-int4"]
+    table = page.locator("#prompt-table tbody tr")
+    assert table.count() == len(csv_rows) == 10
+    names = table.locator("td:first-child").all_text_contents()
+    assert names == [r["prompt"] for r in sorted(csv_rows, key=lambda r: -float(r["kl_mean"]))]
+    worst = next(r for r in csv_rows if r["prompt"] == names[0])
+    cells = table.first.locator("td").all_text_contents()
+    js_exp = f"{float(worst['kl_mean']):.2e}".replace("e-0", "e-")  # JavaScript's toExponential: 1.08e-3
+    assert cells[1:3] == [worst["positions"], js_exp] and cells[6] == f"{float(worst['top1_agree']):.3f}"
+    table.nth(3).locator("td").first.click()
+    assert page.locator("#prompt-select option:checked").inner_text().startswith(names[3] + " ")
     # the keyboard does what the mouse does: Enter on a header sorts (again: the other way), on a token shows it
     header = page.locator("#summary th", has_text="KL mean")
     header.focus()

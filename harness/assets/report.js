@@ -23,7 +23,7 @@ function clickable(e, onClick) {
 }
 
 // ---- sortable tables: click a header (or Enter on it); numbers sort by their data-v value
-document.querySelectorAll("table.sortable").forEach((table) => {
+function makeSortable(table) {
   table.querySelectorAll("th").forEach((th, col) => {
     clickable(th, () => {
       const body = table.tBodies[0];
@@ -46,7 +46,8 @@ document.querySelectorAll("table.sortable").forEach((table) => {
       rows.forEach((r) => body.appendChild(r));
     });
   });
-});
+}
+document.querySelectorAll("table.sortable").forEach(makeSortable);
 
 // ---- per-prompt view: token text coloured by KL; click a token for both models' top-5
 function klColour(kl) {
@@ -87,13 +88,42 @@ function buildView() {
   cands.forEach((c) => pairSel.appendChild(el("option", `${D.reference} vs ${c}`, { value: c })));
   const promptSel = el("select", null, { id: "prompt-select" });
   controls.append("pair ", pairSel, "  prompt ", promptSel);
+  // the pair's prompts, most drift first (prompts.csv's main columns): a click (or Enter) shows one below
+  const promptBox = el("div", null, { class: "wide tall" });
+  const COLS = [["positions", "positions", (v) => String(v)], ["KL mean", "kl_mean", (v) => v.toExponential(2)],
+    ["± se", "kl_mean_se", (v) => v.toExponential(1)], ["KL max", "kl_max", (v) => v.toExponential(2)],
+    ["JS", "js_mean", (v) => v.toExponential(2)], ["top-1", "top1_agree", (v) => v.toFixed(3)],
+    ["PPL ratio", "ppl_ratio", (v) => v.toFixed(4)], ["RMS Δp", "delta_p_rms", (v) => v.toExponential(2)]];
   const legend = el("div", null, { class: "legend small" });
   legend.append("KL (nats): ");
   [1e-7, 1e-5, 1e-3, 1e-1, 1].forEach((v) => legend.appendChild(el("span", v.toExponential(0), { style: `background:${klColour(v)}` })));
   legend.append(" · grey: context, not scored · click a token (or Tab to it, then Enter) for both models' top-5");
   const out = el("div", null, { id: "tokens-out" });
   const detail = el("div", null, { id: "detail" });
-  root.append(controls, legend, out, detail);
+  root.append(controls, promptBox, legend, out, detail);
+
+  function fillTable() {
+    const rowsOfPair = (D.prompt_rows || {})[pairSel.value] || [];
+    promptBox.textContent = "";
+    const t = el("table", null, { class: "sortable", id: "prompt-table" });
+    const head = t.createTHead().insertRow();
+    head.appendChild(el("th", "prompt", { "data-type": "text" }));
+    COLS.forEach(([title]) => head.appendChild(el("th", title)));
+    const body = t.createTBody();
+    rowsOfPair.slice().sort((a, b) => (isNaN(num(b[2])) ? -1 : num(b[2])) - (isNaN(num(a[2])) ? -1 : num(a[2]))).forEach((r) => {
+      const tr = body.insertRow();
+      const name = r[0] >= 0 ? D.prompts[r[0]].id : "?";
+      const cell = el("td", name, { class: "text" });
+      tr.appendChild(cell);
+      COLS.forEach((c, j) => {
+        const v = num(r[j + 1]);
+        tr.appendChild(el("td", isNaN(v) ? "–" : !isFinite(v) ? (v > 0 ? "∞" : "−∞") : c[2](v), { "data-v": String(v) }));
+      });
+      if (rowsOf.has(r[0])) clickable(cell, () => { promptSel.value = String(r[0]); draw(); out.scrollIntoView({ block: "nearest" }); });
+    });
+    promptBox.append(el("p", "The pair's prompts, most drift first (prompts.csv has every column): click a prompt's name (or Tab to it, then Enter) to show it below.", { class: "small" }), t);
+    makeSortable(t);
+  }
 
   function fillPrompts() {
     const c = pairSel.value;
@@ -142,9 +172,10 @@ function buildView() {
     out.appendChild(frag);
   }
 
-  pairSel.addEventListener("change", () => { fillPrompts(); draw(); });
+  pairSel.addEventListener("change", () => { fillPrompts(); fillTable(); draw(); });
   promptSel.addEventListener("change", draw);
   fillPrompts();
+  fillTable();
   draw();
 }
 buildView();
