@@ -84,12 +84,41 @@ def rank_of(lq: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return (lq > at).sum(-1)
 
 
-def top_set(lp: torch.Tensor, k: int, kth: torch.Tensor) -> torch.Tensor:
-    """[B, V] bool: each row's k largest entries, among ties the lowest ids first (torch.topk's pick inside a tie is
-    unspecified; this is the fused kernel's rule, so both paths give one top-k overlap). `kth`: [B] the k-th value."""
-    above = lp > kth[:, None]
-    tied = lp == kth[:, None]
-    return above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+def lowest_ids_first(x: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] ids (ascending) of each row's k largest values, where a tie straddles the k-th place (`kth`) the tied
+    ones' lowest ids. From each row's k + 64 largest; a row whose tie runs past those is looked at whole."""
+    m = min(k + 64, x.shape[1])
+    vals, ids = x.topk(m, dim=-1)
+    above, tied = vals > kth[:, None], vals == kth[:, None]
+    whole = tied[:, -1] & (m < x.shape[1])
+    past = x.shape[1]  # an id past every column: sorts last
+    need = k - above.sum(1, keepdim=True)
+    taken = torch.where(torch.arange(m, device=x.device) < need, torch.where(tied, ids, past).sort(1).values, past)
+    out = torch.cat([torch.where(above, ids, past), taken], 1).sort(1).values[:, :k]
+    if bool(whole.any()):
+        rows = whole.nonzero().squeeze(1)
+        xr, kr = x[rows], kth[rows, None]
+        keep = xr > kr
+        tr, tc = (xr == kr).nonzero().unbind(1)  # row-major: each row's tied columns ascending
+        rank = torch.arange(len(tr), device=x.device) - torch.searchsorted(tr, torch.arange(len(rows), device=x.device))[tr]
+        sel = rank < (k - keep.sum(1))[tr]
+        keep[tr[sel], tc[sel]] = True
+        out[rows] = keep.nonzero()[:, 1].view(len(rows), k)
+    return out
+
+
+def top_ids(lp: torch.Tensor, top, k: int) -> torch.Tensor:
+    """[B, k] ids of each row's k largest log-probs, among tied values the lowest ids (torch.topk's pick inside a tie
+    is unspecified; this is the fused kernel's rule, so both paths give one top-k overlap). `top`: lp.topk(m) with
+    m > k where the row is wider than k, so that a tie straddling the k-th place shows."""
+    ids = top.indices[:, :k]
+    if top.values.shape[1] > k:
+        straddle = top.values[:, k] == top.values[:, k - 1]
+        if bool(straddle.any()):
+            rows = straddle.nonzero().squeeze(1)
+            ids = ids.clone()
+            ids[rows] = lowest_ids_first(lp[rows], top.values[rows, k - 1], k)
+    return ids
 
 
 def at(lp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -99,14 +128,17 @@ def at(lp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 def _psi(d: torch.Tensor) -> torch.Tensor:
     """ψ(d) = d·tanh(d/2) − 2 ln cosh(d/2) ≥ 0 of d = ln p − ln q, so that JS = ¼ Σ (p + q)·ψ(d) with no cancellation
-    at tiny drift (where H(m) − (H(p) + H(q))/2 lost digits: 1.8e-6 relative at JS ~1e-9): 2 ln cosh(d/2) as
-    log1p(sinh²(d/2)) for |d| < 2, and 2 ln 2 − 2|d|·a/(1 + a) − 2 ln(1 + a), a = e^(−|d|), beyond (the fused
-    kernel's forms); 2 ln 2 where one side is 0 (d = ±inf); NaN where both are (weighed by p + q = 0)."""
-    ad = d.abs()
-    a = torch.exp(-ad)
-    near = d * torch.tanh(d / 2) - torch.log1p(torch.sinh(d / 2) ** 2)
-    far = 2 * math.log(2.0) - 2 * (ad * a / (1 + a) + torch.log1p(a))
-    return torch.where(ad < 2, near, torch.where(torch.isinf(d), 2 * math.log(2.0), far))
+    at tiny drift (where H(m) − (H(p) + H(q))/2 lost digits: 1.8e-6 relative at JS ~1e-9): u·d + ln(1 − u²) with
+    u = tanh(d/2) for |d| < 1.5 (u² < 0.41), and 2 ln 2 − 2|d|·a/(1 + a) − 2 ln(1 + a), a = e^(−|d|), beyond (the
+    fused kernel's forms); 2 ln 2 where one side is 0 (d = ±inf); NaN where both are (weighed by p + q = 0)."""
+    u = torch.tanh(d / 2)
+    psi = d * u + torch.log1p(-u * u)
+    far = d.abs() >= 1.5  # NaN (both sides 0) stays out: its weight p + q is 0
+    if bool(far.any()):
+        ad = d[far].abs()
+        a = torch.exp(-ad)
+        psi[far] = torch.where(torch.isinf(ad), 2 * math.log(2.0), 2 * math.log(2.0) - 2 * (ad * a / (1 + a) + torch.log1p(a)))
+    return psi
 
 
 def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, ks=(5, 10)) -> dict[str, torch.Tensor]:
@@ -136,7 +168,7 @@ def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor
     js_ = 0.25 * xsum((p + q) * _psi(d))
     del d
     kmax = max(2, *ks)
-    top_p, top_q = lp.topk(kmax, dim=-1), lq.topk(kmax, dim=-1)
+    top_p, top_q = (x.topk(min(kmax + 1, x.shape[-1]), dim=-1) for x in (lp, lq))  # one more: ties past the k-th
     # argmax, not topk's first: among tied values (common in float16 stores) the lowest id wins, always
     ref_top = lp.argmax(-1)
     out = {
@@ -147,8 +179,8 @@ def position_metrics(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor
         "top1_agree": ref_top == lq.argmax(-1),
     }
     for k in ks:
-        both = top_set(lp, k, top_p.values[:, k - 1]) & top_set(lq, k, top_q.values[:, k - 1])
-        out[f"top{k}_overlap"] = both.sum(-1).double() / k
+        a, b = top_ids(lp, top_p, k), top_ids(lq, top_q, k)
+        out[f"top{k}_overlap"] = (a[:, :, None] == b[:, None, :]).any(-1).double().mean(-1)
     p_top = top_p.values[:, 0].exp()
     out |= {
         "ref_top_rank": rank_of(lq, ref_top),

@@ -29,7 +29,7 @@ scalar ones (Δp, NLL, margin, top-k overlaps) included, and takes one of two pa
   float64, Kahan-compensated normalisers, the same non-cancelling JS.
 
 Both paths agree with the float64 torch reference within 1e-6 relative (tests/test_metrics_fused.py).
-Top-k ties: the lowest ids win, here and in the torch reference (metrics.top_set), so top{k}_overlap is equal.
+Top-k ties: the lowest ids win, here and in the torch reference (metrics.top_ids), so top{k}_overlap is equal.
 """
 
 from __future__ import annotations

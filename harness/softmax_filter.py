@@ -26,6 +26,7 @@ from functools import cache
 import torch
 
 from harness import cext
+from harness.metrics import lowest_ids_first
 
 WHY = {1: "holds NaN", 2: "is all -inf", 3: "holds +inf"}
 MOVE_WAVE = 1 << 20  # entries per wave of fused-cpu's parallel move of later thread blocks (a buffer of 6-8 MB)
@@ -92,7 +93,7 @@ def _torch_ops(x: torch.Tensor, filter: str, k: int) -> SparseRows | None:
         lx, idx = lx[:, :k], idx[:, :k]
         if bool(straddle.any()):  # torch.topk's pick inside a tie is unspecified: the lowest ids, as the kernels take
             rows = straddle.nonzero().squeeze(1)
-            idx[rows] = _lowest_ids_first(x[rows], lx[rows, k - 1], k)
+            idx[rows] = lowest_ids_first(x[rows], lx[rows, k - 1], k)
     # by descending logit, among equal logits the lowest id first (a stable sort of the ids in ascending order)
     idx = idx.sort(dim=1).values
     idx = idx.gather(1, x.gather(1, idx).sort(dim=1, descending=True, stable=True).indices)
@@ -101,29 +102,6 @@ def _torch_ops(x: torch.Tensor, filter: str, k: int) -> SparseRows | None:
         return None
     keep = top > 0
     return _csr(keep.sum(1), idx[keep].int(), top[keep])
-
-
-def _lowest_ids_first(x: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
-    """[R, k] ids (ascending) of each row's k largest values, where a tie straddles the k-th place (`kth`) the tied
-    ones' lowest ids. From each row's k + 64 largest; a row whose tie runs past those is looked at whole."""
-    m = min(k + 64, x.shape[1])
-    vals, ids = x.topk(m, dim=-1)
-    above, tied = vals > kth[:, None], vals == kth[:, None]
-    whole = tied[:, -1] & (m < x.shape[1])
-    past = x.shape[1]  # an id past every column: sorts last
-    need = k - above.sum(1, keepdim=True)
-    taken = torch.where(torch.arange(m, device=x.device) < need, torch.where(tied, ids, past).sort(1).values, past)
-    out = torch.cat([torch.where(above, ids, past), taken], 1).sort(1).values[:, :k]
-    if bool(whole.any()):
-        rows = whole.nonzero().squeeze(1)
-        xr, kr = x[rows], kth[rows, None]
-        keep = xr > kr
-        tr, tc = (xr == kr).nonzero().unbind(1)  # row-major: each row's tied columns ascending
-        rank = torch.arange(len(tr), device=x.device) - torch.searchsorted(tr, torch.arange(len(rows), device=x.device))[tr]
-        sel = rank < (k - keep.sum(1))[tr]
-        keep[tr[sel], tc[sel]] = True
-        out[rows] = keep.nonzero()[:, 1].view(len(rows), k)
-    return out
 
 
 @cache
