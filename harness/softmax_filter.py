@@ -86,6 +86,8 @@ def _torch_ops(x: torch.Tensor, filter: str, k: int) -> SparseRows | None:
         if bool((counts == 0).any()):  # NaN, +inf or all -inf makes the whole softmax row NaN
             return None
         return _csr(counts, keep.view(-1).nonzero().squeeze(1).remainder_(x.shape[1]).int(), p[keep])
+    if bool(p[:, 0].isnan().any()):  # NaN, +inf or all -inf makes the whole softmax row NaN (before any tie is read)
+        return None
     # the k largest logits (not probabilities: in bfloat16 distinct logits share a p, and the kernels rank by logit)
     lx, idx = x.topk(min(k + 1, x.shape[1]), dim=-1)  # one more: does a tie straddle the k-th place?
     if lx.shape[1] > k:
@@ -98,8 +100,6 @@ def _torch_ops(x: torch.Tensor, filter: str, k: int) -> SparseRows | None:
     idx = idx.sort(dim=1).values
     idx = idx.gather(1, x.gather(1, idx).sort(dim=1, descending=True, stable=True).indices)
     top = p.gather(1, idx)
-    if bool(top[:, 0].isnan().any()):  # NaN, +inf or all -inf makes the whole softmax row NaN
-        return None
     keep = top > 0
     return _csr(keep.sum(1), idx[keep].int(), top[keep])
 
