@@ -40,8 +40,6 @@ def distribution(x: np.ndarray, name: str) -> dict[str, float]:
         for q in PERCENTILES:
             v = float(np.percentile(x, q))
             out[f"{name}_{_pkey(q)}"] = math.inf if math.isnan(v) and inf else v
-        if math.isnan(out[f"{name}_median"]) and inf:
-            out[f"{name}_median"] = math.inf
     return out
 
 

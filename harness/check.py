@@ -113,14 +113,14 @@ class Threshold:
         return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict)
 
 
-DIVERGENCES = ("kl_", "js_", "tv_")
+DIVERGENCES = ("kl_", "js_", "tv_")  # aggregates that are 0 only for a pair whose distributions are the same
 
 
 def _cross_vocab(metric: str) -> bool:
     """Whether only a pair of two vocabularies has this aggregate (align.AGGREGATES; align imports torch: not at import)."""
     from harness.align import AGGREGATES
 
-    return metric in AGGREGATES  # aggregates that are 0 only for a pair whose distributions are the same
+    return metric in AGGREGATES
 
 _FAIL = re.compile(r"^(?P<metric>[A-Za-z_][A-Za-z0-9_]*):(?P<sign>[+-]?)(?P<amount>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?P<pct>%?)$")
 

@@ -375,7 +375,7 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
         "kl": kl,
         "prompts": [{"id": p["id"], "texts": p["texts"]} for p in tokens["prompts"]],
         # each pair's per-prompt aggregates (prompts.csv) for the view's table: [prompt index, *PROMPT_COLUMNS]
-        "prompt_rows": {p.candidate: [[index.get(r["prompt"], -1), *(_round([_float(r.get(k))])[0] for k in PROMPT_COLUMNS)]
+        "prompt_rows": {p.candidate: [[index.get(r["prompt"], -1), *_round([_float(r.get(k)) for k in PROMPT_COLUMNS])]
                                       for r in p.prompts] for p in record.pairs},  # fmt: skip
         "vocab": tokens["vocab"],
         "top": {},
