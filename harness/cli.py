@@ -107,9 +107,7 @@ def run_compare(cfg) -> Path:
 
 
 def _compare(cfg) -> Path:
-    from tqdm.auto import tqdm
-
-    from harness import compare, paths, pipeline, prompts, records, report
+    from harness import compare, paths, pipeline, progress, prompts, records, report
 
     the_plan, stores, facts = _extract(cfg)
     ref, options = cfg.reference.name, cfg.metrics
@@ -122,13 +120,13 @@ def _compare(cfg) -> Path:
         compare.compare(ref, stores[ref], v.name, stores[v.name], ks=tuple(options.top_k),
                         resamples=options.bootstrap_resamples, seed=cfg.seed, prompt_names=names,
                         smoothing_eps=options.smoothing_eps, alignment=alignment(ref, v.name))
-        for v in tqdm(cfg.variants, desc="compare", unit="pair", leave=False)
+        for v in progress.bar(cfg.variants, desc="compare", unit="pair", leave=False)
     ]  # fmt: skip
     if warning := report.add_floor(pairs, cfg.noise_floor):
         print(f"warning: {warning}", file=sys.stderr)
     grid = compare.matrix(stores, pairs, alignment) if options.matrix else []
     # the token view shows top tokens in the reference's vocabulary: not those of a cross_vocab variant
-    top = {name: compare.top_tokens(store) for name, store in tqdm(stores.items(), desc="top tokens", leave=False)
+    top = {name: compare.top_tokens(store) for name, store in progress.bar(stores.items(), desc="top tokens", leave=False)
            if name not in the_plan.own}  # fmt: skip
     for name, store in stores.items():
         facts[name] |= {"warp": compare.warp_summary(store), "n_vocab": the_plan.model_tokens(name)[0].n_vocab}

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from harness import aggregate, align, metrics, metrics_fused, row_stats
+from harness import aggregate, align, metrics, metrics_fused, progress, row_stats
 from harness.store import Store, mapped_logprobs
 
 # rows per block: 16 x 151646 float64 = 19 MB per temporary of the torch path, under glibc's 32 MB mmap
@@ -213,7 +212,7 @@ def matrix(stores: dict[str, Store], known: list[PairResult], alignment=lambda a
     gives how two models' rows line up where their tokenizers differ (cross_vocab), else None."""
     done = {(r.reference, r.candidate): r for r in known}
     rows = []
-    for a, b in tqdm(list(itertools.combinations(stores, 2)), desc="all-pairs matrix", unit="pair", leave=False):
+    for a, b in progress.bar(list(itertools.combinations(stores, 2)), desc="all-pairs matrix", unit="pair", leave=False):
         if (a, b) in done or (b, a) in done:
             r = done.get((a, b)) or done[(b, a)]
             top1, sym = r.aggregates["top1_agree"], r.aggregates["kl_mean"] + r.aggregates["kl_rev_mean"]

@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from harness import loaders, paths
+from harness import loaders, paths, progress
 from harness.loaders import TORCH_DTYPES, ExtractError, Loaded
 from harness.prompts import Segment, TokenizedPrompts
 from harness.row_stats import row_stats
@@ -238,7 +237,7 @@ def _generate(
     try:
         with progress.open("a") as f:
             todo = range(len(continuations), len(prompts))
-            for i in tqdm(todo, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False, initial=len(continuations), total=len(prompts)):
+            for i in progress.bar(todo, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False, initial=len(continuations), total=len(prompts)):
                 if i in known:
                     continuations.append(known[i])
                 else:
@@ -335,7 +334,7 @@ def extract(
               "kernels": loaders.kernels(model), "placed_on": sorted({str(p.device) for p in model.parameters()})}  # fmt: skip
     facts |= {"warpers": warpers.__dict__, "logit_width": int(model.config.vocab_size)}
     start, forward_s = time.perf_counter(), 0.0
-    bar = tqdm(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)
+    bar = progress.bar(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)
     written = 0  # shards finished in this run
 
     def failed(shard: int, exc: OSError) -> ExtractError:

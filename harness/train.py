@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from harness import progress
 
 # The Qwen2 classes are imported where a model is built: their modelling code takes ~1.5 s to import, and every
 # compare imports this module (for the zoo's profiles) without building anything.
@@ -213,7 +214,7 @@ def train(
     compact, learn = lm.remap[ids], mask[:, 1:].float()
     lm.model.train()
     losses, start = [], time.perf_counter()
-    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False):
+    for _ in progress.bar(range(steps), desc=desc, unit="step", leave=False):
         pick = torch.randint(0, len(compact), (batch,), generator=gen)
         x = compact[pick]
         logits = lm.logits(x[:, :-1])

@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from harness import paths, train
+from harness import paths, progress, train
 from harness.qwen_tokenizer import N_TOKENS, build_tokenizer
 
 TOKENIZER = "qwen-tokenizer"
@@ -283,7 +282,7 @@ def build(profile_name: str = "full", *, log=print, force: bool = False) -> dict
     from harness import quant
 
     todo = [(bits, name) for bits, name in GPTQ.items() if problem(folders[name])]
-    for bits, name in tqdm(todo, desc="GPTQ quantize", unit="model", leave=False, disable=not todo):
+    for bits, name in progress.bar(todo, desc="GPTQ quantize", unit="model", leave=False, disable=not todo):
         quant.build_gptq(prof, folders[CHAT_S], folders[name], bits, corpus, log=log)
     log(f"zoo ({prof.name}) ready in {time.perf_counter() - start:.1f}s under {paths.zoo_dir(prof.name)}")
     return folders
