@@ -126,7 +126,7 @@ def _compare(cfg) -> Path:
         print(f"warning: {warning}", file=sys.stderr)
     grid = compare.matrix(stores, pairs, alignment) if options.matrix else []
     # the token view shows top tokens in the reference's vocabulary: not those of a cross_vocab variant
-    top = {name: compare.top_tokens(store) for name, store in progress.bar(stores.items(), desc="top tokens", leave=False)
+    top = {name: compare.top_tokens(store) for name, store in progress.bar(stores.items(), desc="top tokens", unit="model", leave=False)
            if name not in the_plan.own}  # fmt: skip
     for name, store in stores.items():
         facts[name] |= {"warp": compare.warp_summary(store), "n_vocab": the_plan.model_tokens(name)[0].n_vocab}

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from harness import loaders, paths, progress
+from harness import loaders, paths
 from harness.loaders import TORCH_DTYPES, ExtractError, Loaded
+from harness.progress import bar as progress_bar
 from harness.prompts import Segment, TokenizedPrompts
 from harness.row_stats import row_stats
 from harness.store import Store, aligned_empty, plan_shards, store_key
@@ -237,7 +238,7 @@ def _generate(
     try:
         with progress.open("a") as f:
             todo = range(len(continuations), len(prompts))
-            for i in progress.bar(todo, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False, initial=len(continuations), total=len(prompts)):
+            for i in progress_bar(todo, desc=f"{loaded.spec.name}: greedy", unit="prompt", leave=False, initial=len(continuations), total=len(prompts)):
                 if i in known:
                     continuations.append(known[i])
                 else:
@@ -334,7 +335,7 @@ def extract(
               "kernels": loaders.kernels(model), "placed_on": sorted({str(p.device) for p in model.parameters()})}  # fmt: skip
     facts |= {"warpers": warpers.__dict__, "logit_width": int(model.config.vocab_size)}
     start, forward_s = time.perf_counter(), 0.0
-    bar = progress.bar(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)
+    bar = progress_bar(total=sum(plan[i][1] - plan[i][0] for i in todo), desc=f"extract {spec.name}", unit="seq", leave=False)
     written = 0  # shards finished in this run
 
     def failed(shard: int, exc: OSError) -> ExtractError:
