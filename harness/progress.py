@@ -33,10 +33,17 @@ class Lines:
         self.stream.flush()
 
 
+def in_log() -> bool:
+    """Whether bars go to a log: stderr is not a terminal, and tqdm.auto did not pick Jupyter's widget (a notebook's
+    stderr is no terminal either)."""
+    notebook = sys.modules.get("tqdm.notebook")
+    return not sys.stderr.isatty() and not (notebook is not None and issubclass(tqdm, notebook.tqdm_notebook))
+
+
 def bar(iterable=None, **kw) -> tqdm:
-    """tqdm(iterable, **kw) drawing on stderr; where stderr is not a terminal, as lines (see the module docstring):
-    every LOG_INTERVAL_S, and kept at the end whatever `leave` says, so that a log shows how long each step took."""
-    if not sys.stderr.isatty():
+    """tqdm(iterable, **kw) drawing on stderr; in a log, as lines (see the module docstring): every LOG_INTERVAL_S,
+    and kept at the end whatever `leave` says, so that a log shows how long each step took."""
+    if in_log():
         kw |= {"file": Lines(sys.stderr), "mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S, "leave": True}
         if kw.get("total", len(iterable) if hasattr(iterable, "__len__") else None) is not None:
             kw.setdefault("bar_format", LOG_FORMAT)

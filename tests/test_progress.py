@@ -51,3 +51,12 @@ def test_stacked_bars_in_a_log_leave_no_cursor_moves(monkeypatch):
 def test_terminal_keeps_tqdms_live_bar(monkeypatch):
     out = _run(monkeypatch, Terminal(), leave=False)
     assert "\r" in out and "work:" in out and "\n" not in out.strip("\r ")  # redrawn in place, cleared at the end
+
+
+def test_a_notebook_keeps_its_widget(monkeypatch):
+    import tqdm.notebook
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a notebook's stderr is no terminal
+    assert progress.in_log()
+    monkeypatch.setattr(progress, "tqdm", tqdm.notebook.tqdm)  # what tqdm.auto gives in a Jupyter kernel
+    assert not progress.in_log()
