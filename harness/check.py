@@ -122,6 +122,7 @@ def _cross_vocab(metric: str) -> bool:
 
     return metric in AGGREGATES
 
+
 _FAIL = re.compile(r"^(?P<metric>[A-Za-z_][A-Za-z0-9_]*):(?P<sign>[+-]?)(?P<amount>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?P<pct>%?)$")
 
 

@@ -139,6 +139,14 @@ static inline float bf16_to_f(uint16_t b) { uint32_t u = (uint32_t)b << 16; floa
 static inline uint16_t f_to_bf16(float f) {  // round to nearest even (inputs here are finite, >= 0)
   uint32_t u; memcpy(&u, &f, 4); return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
+#ifdef __AVX512F__
+// f_to_bf16 in 16 lanes (as 32-bit lanes holding the bfloat16 bits), as torch rounds when it writes a bfloat16 softmax.
+static inline __m512i bf16_round16(__m512 p) {
+  const __m512i u = _mm512_castps_si512(p);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+}
+#endif
 static inline float load1(const void* x, int bf, int64_t i) {
   return bf ? bf16_to_f(((const uint16_t*)x)[i]) : ((const float*)x)[i];
 }
@@ -230,11 +238,8 @@ static inline __attribute__((always_inline)) void dense_out(Dense& d, int bf, in
     }
 #endif
     __m512i pb;
-    if (bf) {  // round to nearest even, as torch does when it writes a bfloat16 softmax
-      __m512i u = _mm512_castps_si512(p);
-      u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-      pb = _mm512_srli_epi32(u, 16);
-    } else pb = _mm512_castps_si512(p);
+    if (bf) pb = bf16_round16(p);
+    else pb = _mm512_castps_si512(p);
     __mmask16 keep = msk & _mm512_test_epi32_mask(pb, pb);  // p > 0 (p >= 0 and not NaN here)
     const int kc = __builtin_popcount(keep);
     const __mmask16 first = (__mmask16)((1u << kc) - 1);
@@ -580,6 +585,16 @@ extern "C" int64_t sf_team(const void* x, int bf, int64_t n, int64_t V, int64_t 
   free(lo);
   return -1;
 }
+
+// The kernels' two roundings to bfloat16 on n values (its test holds them to torch's, ties included): bf16_round16 on
+// whole vectors, f_to_bf16 on the rest.
+extern "C" void sf_bf16(const float* f, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(out + i), _mm512_cvtepi32_epi16(bf16_round16(_mm512_loadu_ps(f + i))));
+#endif
+  for (; i < n; ++i) out[i] = f_to_bf16(f[i]);
+}
 """
 
 
@@ -589,6 +604,7 @@ def _lib() -> ctypes.CDLL:
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.sf_team.restype = i64
     lib.sf_team.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp, vp, ctypes.c_int, vp, i64]
+    lib.sf_bf16.restype, lib.sf_bf16.argtypes = None, [vp, vp, i64]
     return lib
 
 

@@ -54,6 +54,24 @@ def test_matches_snippet(impl, filter, dtype):
     assert got.indices.dtype == torch.int32 and got.values.dtype == dtype and got.offsets[-1] == got.values.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_warped_row_whose_probabilities_underflow(impl, dtype):
+    """A warped row (few finite entries, so the fused kernel lists them) spanning 120 nats: the entries more than
+    ~104 nats below the top have probability 0 in float32, and p > 0 keeps none of them, as the snippet does."""
+    usable(impl)
+    x = torch.full((2, WIDTH), float("-inf"))
+    x[0, 3::50] = torch.linspace(-120, 0, 100)
+    x[1, :100] = torch.linspace(0, -120, 100)
+    x = x.to(dtype)
+    want = sf.snippet(list(x.split(1)))
+    assert 50 < len(want[0]) < 100  # the row does underflow (bfloat16 a little sooner: its subnormals are coarser)
+    for filter in ("p>0", "top-k"):
+        got = sf.IMPLS[impl](x, filter, 20)
+        assert sf.same(want, got, filter, 20, atol=1e-6) is None, filter
+        assert bool((got.values > 0).all()), filter
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_top_k_ties_take_the_lowest_ids(impl):
     """Top-k keeps exactly the first k of a stable descending sort (among tied logits the lowest column first, in
@@ -160,6 +178,25 @@ def test_fused_cpu_late_events_in_a_dense_row(dtype):
         for filter in ("p>0", "top-k"):
             with pytest.raises(ValueError, match=why):
                 sf.fused_cpu_filter(bad, filter, 20)
+
+
+def test_fused_cpu_rounds_to_bfloat16_as_torch_does():
+    """The kernel's roundings of its float32 probabilities to bfloat16 (16 lanes at a time in dense rows, else one by
+    one; CPUs with AVX512-BF16 take vcvtneps2bf16 for normal floats) against torch's: floats in [0, 1] at random,
+    subnormals included, and halfway cases (ties to even, both ways) in both. On dense bfloat16 rows the output equals
+    torch's rounding of the float32 kernel's output."""
+    usable("fused-cpu")
+    gen = torch.Generator().manual_seed(6)
+    bits = torch.cat([torch.randint(0, 0x3F800001, (200_000,), generator=gen, dtype=torch.int64),
+                      torch.tensor([0x3F018000, 0x3F008000, 0x3E818000, 0x3E828000, 0x00018000, 0x00008000, 0x007F8000, 0] * 3)])  # fmt: skip
+    f = bits.to(torch.int32).view(torch.float32)
+    out = torch.empty(len(f), dtype=torch.int16)
+    sf._lib().sf_bf16(f.data_ptr(), out.data_ptr(), len(f))
+    assert torch.equal(out, f.to(torch.bfloat16).view(torch.int16))
+    x = bench.realistic_logits(16, bench.VOCAB, seed=5).to(torch.bfloat16)
+    got, exact = sf.fused_cpu_filter(x, "p>0", 20), sf.fused_cpu_filter(x.float(), "p>0", 20)
+    rounded = exact.values.to(torch.bfloat16)
+    assert torch.equal(got.indices, exact.indices[rounded > 0]) and torch.equal(got.values, rounded[rounded > 0])
 
 
 def test_fused_cpu_float32_against_float64():

@@ -74,6 +74,42 @@ def test_a_breach_inside_the_standard_error_is_within_noise_unless_strict():
     assert check.gate(_run(GOOD, gate), strict=True)["verdict"] == "fail"
     far = {"int4": {"kl_mean": {"max": 2.5e-3}}}  # 5 standard errors over
     assert check.gate(_run(GOOD, far))["verdict"] == "fail"
+    past = {"int4": {"kl_mean": {"max": 2.85e-3}}}  # 1.5 standard errors over: the band is one se wide
+    assert check.gate(_run(GOOD, past))["verdict"] == "fail"
+
+
+def test_a_value_at_its_limit_passes_even_strict():
+    T = check.Threshold
+    at = {"kl_mean": 0.01, "top1_agree": 0.95}  # no standard errors: judged on the value alone
+    assert T("p", "kl_mean", "max", 0.01).breach(at, None, strict=True) is None
+    assert T("p", "top1_agree", "min", 0.95).breach(at, None, strict=True) is None
+    floor = {"kl_mean": 5e-4}
+    assert T("p", "kl_mean", "max_x_floor", 20).breach(at, floor, strict=True) is None  # 20 x 5e-4 = 0.01
+    assert T("p", "kl_mean", "max", 0.0099).breach(at, None, strict=True).value == 0.01
+    assert T("p", "top1_agree", "min", 0.951).breach(at, None, strict=True).limit == 0.951
+
+
+def test_a_floor_multiple_limit_carries_the_floors_standard_error():
+    """The noise band of `max_x_floor: B` is the combined se of the pair's value and of B x the floor's:
+    √(1e-4² + (20 x 1e-5)²) = 2.24e-4 here, so a breach of 1.5e-4 is within noise (not with the pair's se alone)."""
+    floor, pair = {"kl_mean": 2e-4, "kl_mean_se": 1e-5}, {"kl_mean": 4.15e-3, "kl_mean_se": 1e-4}
+    b = check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
+    assert b.limit == pytest.approx(4e-3) and b.noise == pytest.approx(math.hypot(1e-4, 20 * 1e-5), rel=1e-12)
+    assert b.within_noise
+    assert not check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor, strict=True).within_noise
+
+
+@pytest.mark.parametrize("text, limit", [("delta_p_mean:+10%", -0.0018), ("delta_p_mean:-10%", -0.0022),
+                                         ("ln_ppl_ratio:+0.001", -0.001), ("ppl_diff:-5%", -0.0021)])  # fmt: skip
+def test_relative_fail_limits_on_negative_baselines(text, limit):
+    """A relative step is a share of the baseline's size: +10% of −0.002 allows up to −0.0018 (towards 0, upward), not
+    −0.0022. An unchanged run passes; a move just past the limit in the bad direction fails."""
+    r = Regression.parse(text)
+    base = {r.metric: -0.002}
+    assert r.breach("p", {r.metric: -0.002}, base, strict=True) is None
+    past = limit + r.sign * 1e-6
+    b = r.breach("p", {r.metric: past}, base, strict=True)
+    assert b is not None and b.limit == pytest.approx(limit, rel=1e-12) and not b.within_noise
 
 
 def test_baseline_regressions_use_the_combined_standard_error():

@@ -145,6 +145,20 @@ def test_tiny_drift_realistic_rows(shift):
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0.0, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("shift", [0.004, 0.02, 0.3, 0.9])
+@pytest.mark.parametrize("part", ["half", "whole"])
+def test_unnormalised_rows_about_the_fast_paths_limit(shift, part):
+    """Candidate rows left unnormalised (a shift added to half of the row, or to all of it), so the normalisers differ
+    by |c| on both sides of the 0.01 up to which the float32 fast path takes a row: every key as the reference gives it."""
+    from harness import bench
+
+    gen = torch.Generator().manual_seed(12)
+    ref = torch.log_softmax(bench.realistic_logits(4, WIDE, seed=11), -1)
+    cand = ref + 1e-3 * torch.randn(ref.shape, generator=gen)
+    cand[:, : WIDE // 2 if part == "half" else WIDE] += shift
+    _check(ref, cand, torch.tensor([5, 6, 7, 8]), atol=0.0)
+
+
 def test_fast_path_and_float64_kernel_agree():
     """The benchmark's rows (quantisation-sized drift): the float32 fast path and the float64 kernel both match the
     reference within 1e-6 relative, and differ from each other (so the fast path did run)."""
