@@ -37,7 +37,8 @@ def in_log() -> bool:
     """Whether bars go to a log: stderr is not a terminal, and tqdm.auto did not pick Jupyter's widget (a notebook's
     stderr is no terminal either)."""
     notebook = sys.modules.get("tqdm.notebook")
-    return not sys.stderr.isatty() and not (notebook is not None and issubclass(tqdm, notebook.tqdm_notebook))
+    terminal = getattr(sys.stderr, "isatty", lambda: False)()  # a stand-in stream may lack isatty
+    return not terminal and not (notebook is not None and issubclass(tqdm, notebook.tqdm_notebook))
 
 
 def bar(iterable=None, **kw) -> tqdm:
