@@ -30,12 +30,22 @@ class Warpers:
 
     @classmethod
     def from_generation_config(cls, config) -> Warpers:
+        """The warpers generate() runs with this config: a field it leaves unset takes transformers' global default,
+        as generate() fills it (top_k 50: a sampling config without top_k still cuts each row to 50 entries)."""
+        defaults = {"do_sample": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+        if hasattr(config, "_get_default_generation_params"):  # transformers 5: the defaults generate() fills in
+            defaults |= {k: v for k, v in config._get_default_generation_params().items() if k in defaults}
+
+        def value(key: str):
+            v = getattr(config, key, None)
+            return defaults[key] if v is None else v
+
         return cls(
-            do_sample=bool(getattr(config, "do_sample", False)),
-            repetition_penalty=float(getattr(config, "repetition_penalty", None) or 1.0),
-            temperature=float(getattr(config, "temperature", None) or 1.0),
-            top_k=int(getattr(config, "top_k", None) or 0),
-            top_p=float(getattr(config, "top_p", None) or 1.0),
+            do_sample=bool(value("do_sample")),
+            repetition_penalty=float(value("repetition_penalty")),
+            temperature=float(value("temperature")),
+            top_k=int(value("top_k")),
+            top_p=float(value("top_p")),
         )
 
     @property

@@ -441,6 +441,10 @@ def test_the_report_shows_cross_vocab_pairs(cross_run):
     num = functools.partial(llama_report.llama_number, width=10, decimals=6)  # (tested in test_report)
     assert f"Bits per byte (Q)-(base)      : {num(a['bpb_diff'])} ± {num(a['bpb_diff_se'])}\n" in cut
     assert f"Bits per byte (Q)             : {num(a['bpb_cand'])}\n" in cut and f"Bytes (spans)                 : {a['bpb_bytes']} (" in cut
+    pct = functools.partial(llama_report.llama_number, width=6, decimals=3)
+    assert a["outside_mass_ref"] != a["outside_mass_cand"]  # so that swapping them would show
+    assert f"Mass on them, base            : {pct(100 * (1 - a['outside_mass_ref']))} %\n" in cut
+    assert f"Mass on them, Q               : {pct(100 * (1 - a['outside_mass_cand']))} %\n" in cut
     chat = text.split("###### s-chat (Q)")[1].split("######")[0]
     assert "cross_vocab" not in chat and "Bits per byte" not in chat  # a pair of one vocabulary: llama.cpp's block alone
 

@@ -54,6 +54,7 @@ def test_unknown_nested_key(tmp_path):
         ("metrics: {topk: [5]}", r"unknown key 'metrics\.topk' \(did you mean 'top_k'\?\); the keys of 'metrics' are: top_k, "
                                  r"bootstrap_resamples, matrix, smoothing_eps\.$"),
         ("text: {windows: 3}", r"unknown key 'text\.windows'; the keys of 'text' are: context, score\.$"),
+        ("generate: {max_new_token: 64}", r"unknown key 'generate\.max_new_token' \(did you mean 'max_new_tokens'\?\)"),
         ("gate: {v: {kl_mean: {maxx: 0.01}}}", r"'gate\.v\.kl_mean\.maxx' \(did you mean 'max'\?\); the keys of "
                                                r"'gate\.v\.kl_mean' are: min, max, max_x_floor\.$"),
     ],
@@ -66,6 +67,8 @@ def test_unknown_key_lists_the_keys_of_its_place(tmp_path, extra, message):
     assert "source_file" not in str(err.value)
     with pytest.raises(config.ConfigError, match=r"'variants\.0\.dtyp' \(did you mean 'dtype'\?\); the keys of 'variants\.0' are"):
         config.load(_write(tmp_path, BASE), ["variants.0.dtyp=float16"])
+    with pytest.raises(config.ConfigError, match=r"variants\.1 is not an index of a 1-item list"):
+        config.load(_write(tmp_path, BASE), ["variants.1.dtype=float16"])
 
 
 def test_wrong_value_names_key(tmp_path):

@@ -113,6 +113,45 @@ def test_warp_stats_match_transformers(micro_zoo, tokens, warpers):
     assert (finite < 151936).all()
 
 
+def test_warp_stats_when_the_penalty_pushes_every_seen_token_out_of_the_top():
+    """The seen tokens hold the raw top and the penalty sends them all below the rest: the candidates (top-k + seen of
+    the raw row) must still reach the k that follow them. Against transformers' processors, on the full row too."""
+    raw = torch.tensor([[5.0, 4.9, 4.8, 4.0, 3.9, 3.8, 1.0, 0.5, 0.2, -1.0]])
+    ids, first = torch.tensor([0, 1, 2, 7]), 2  # row 0 predicts ids[3]: tokens 0, 1, 2 seen
+    for w in (Warpers(do_sample=True, repetition_penalty=2.0, top_k=2), Warpers(do_sample=True, repetition_penalty=2.0, top_k=2, top_p=0.6)):
+        assert candidates(w, ids, first, 1, raw.shape[1]) == 2 + 3
+        want_finite, want_mass = _transformers_warp(raw, ids, first, w)
+        finite, mass = warp_stats(raw, ids, first, torch.logsumexp(raw, -1), w)
+        assert finite.tolist() == want_finite.tolist()
+        torch.testing.assert_close(mass.double(), want_mass, rtol=1e-6, atol=0.0)
+
+
+def test_warpers_from_a_generation_config():
+    from transformers import GenerationConfig
+
+    qwen = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1)
+    assert Warpers.from_generation_config(qwen) == Warpers(True, 1.1, 0.7, 20, 0.8)
+    assert not Warpers.from_generation_config(GenerationConfig()).filters  # greedy: nothing goes to -inf
+    # a sampling config that leaves top_k unset: generate() fills in transformers' default, 50, and cuts to it
+    nucleus = GenerationConfig(do_sample=True, top_p=0.9)
+    assert Warpers.from_generation_config(nucleus) == Warpers(True, 1.0, 1.0, 50, 0.9)
+    assert Warpers.from_generation_config(GenerationConfig(do_sample=True, top_k=0)).top_k == 0  # off, as set
+
+
+def test_a_torn_progress_line_is_cut_from_the_file(tmp_path):
+    """A generation interrupted mid-line: the torn line is dropped and cut, so the next line appended starts clean
+    (else every line after it would be unreadable, and regenerated at each resume)."""
+    p = tmp_path / "g.progress.jsonl"
+    p.write_bytes(b"[1]\n[2, 3")
+    assert extract._finished(p) == [[1]] and p.read_bytes() == b"[1]\n"
+    with p.open("a") as f:
+        f.write("[4, 5]\n")
+    assert extract._finished(p) == [[1], [4, 5]]
+    p.write_bytes(b"[1]\n{not json}\n[6]\n")  # a damaged line ends what can be trusted
+    assert extract._finished(p) == [[1]] and p.read_bytes() == b"[1]\n"
+    assert extract._finished(tmp_path / "none.jsonl") == []
+
+
 def test_greedy_warps_nothing():
     raw = torch.randn(3, 100)
     finite, mass = warp_stats(raw, torch.arange(4), 0, torch.logsumexp(raw, -1), Warpers(do_sample=False, top_k=20))
@@ -130,6 +169,7 @@ def test_store_is_reused_and_resumed(micro_zoo, tokens, segments, tmp_store, mon
     torch.testing.assert_close(blocks.double().exp().sum(-1), torch.ones(len(blocks), dtype=torch.float64), rtol=0, atol=1e-6)
     # every next token of every prompt is scored once, but each window's first
     assert first.read("target").tolist() == [t for s in segments for t in s.ids[1:]]
+    assert first.read("position").tolist() == [s.offset + t for s in segments for t in range(1, len(s.ids))]
     finite = first.read("warp_finite")
     assert (finite >= 1).all() and (finite <= 20).all()  # the chat model's top_k 20
 
@@ -150,6 +190,11 @@ def test_store_is_reused_and_resumed(micro_zoo, tokens, segments, tmp_store, mon
     assert facts["reused_shards"] == facts["shards"] - 3
     torch.testing.assert_close(torch.cat(list(first.blocks(50))), blocks, rtol=0, atol=0)  # same numbers back
     assert json.loads((first.root / "index.json").read_text())["n_vocab"] == 151646
+
+    # Another store dtype is another store: float16 rows are never handed to a float32 run.
+    wide, facts = extract.extract(loaded, segments, tokens.n_vocab, **(run | {"store_dtype": "float32"}))
+    assert wide.root != first.root and facts["reused_shards"] == 0
+    assert next(wide.blocks(8, native=True)).dtype == torch.float32 and next(first.blocks(8, native=True)).dtype == torch.float16
 
 
 def test_nan_logits_name_the_prompt_and_keep_finished_shards(micro_zoo, tokens, segments, tmp_store, monkeypatch):

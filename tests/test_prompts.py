@@ -60,6 +60,10 @@ def test_too_long_prompt_names_it(tokenizer, tmp_path):
     loaded = prompts.load(_jsonl(tmp_path, [{"id": "short", "text": "hello there"}, {"id": "long", "text": "word " * 50}]))
     with pytest.raises(prompts.PromptError, match=r"'long' \(.*p.jsonl:2\) is \d+ tokens, longer than the context of ref \(20 positions\)"):
         prompts.tokenize(tokenizer, loaded, max_length=20, source="ref")
+    n = len(prompts.encode(tokenizer, loaded[1]))  # the limit is the most tokens a prompt may have: n fits, n - 1 not
+    assert len(prompts.tokenize(tokenizer, loaded, max_length=n, source="ref").ids[1]) == n
+    with pytest.raises(prompts.PromptError, match=rf"is {n} tokens, longer than the context of ref \({n - 1} positions\)"):
+        prompts.tokenize(tokenizer, loaded, max_length=n - 1, source="ref")
 
 
 @pytest.mark.slow
@@ -68,6 +72,10 @@ def test_chat_prompts_use_the_template(tokenizer, tmp_path):
     tokens = prompts.tokenize(tokenizer, loaded, max_length=100, source="ref")
     assert tokens.ids[0][0] == 151644 and tokens.ids[0][-2:] == (151645, 198)  # <|im_start|> ... <|im_end|>\n
     assert tokens.n_vocab == 151646
+    # generate mode: the same turn, then the assistant's header the model continues from
+    ask = prompts.tokenize(tokenizer, loaded, max_length=100, source="ref", generation_prompt=True)
+    header = tuple(tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids)
+    assert header[0] == 151644 and ask.ids[0] == tokens.ids[0] + header
 
 
 @pytest.mark.slow

@@ -164,6 +164,19 @@ def test_kl_report_txt_in_llama_cpp_terms(micro_run):
             assert number(label) == pytest.approx(a[key] * scale, rel=5e-4, abs=5e-7 * scale), label
         assert number("Mean    KLD", 1) == pytest.approx(a["kl_mean_se"], rel=5e-4)
         assert number("Same top p", 1) == pytest.approx(100 * a["top1_agree_se"], rel=5e-4)
+        # every order statistic line against numpy on the pair's per-position values (each label its own quantile)
+        with np.load(run_dir / f"positions-{block.split()[0]}.npz") as z:
+            series = {"KLD": z["kl"].astype(np.float64), "Δp": 100 * z["delta_p"].astype(np.float64)}
+        checked = 0
+        for label in values:
+            m = re.fullmatch(r"(Maximum|Median|Minimum|[\d.]+%)\s+(KLD|Δp)", label)
+            if m:
+                x = series[m[2]]
+                q = {"Maximum": 100.0, "Median": 50.0, "Minimum": 0.0}.get(m[1], None)
+                q = float(m[1][:-1]) if q is None else q
+                assert number(label) == pytest.approx(np.percentile(x, q), rel=5e-4, abs=5e-7 * (100 if m[2] == "Δp" else 1)), label
+                checked += 1
+        assert checked == 11 + 13  # KLD: max, 4 upper, median, 4 lower, min; Δp: max, 5 upper, median, 5 lower, min
 
 
 def test_token_texts_join_to_the_decoded_prompt(micro_run, tokenizer):
