@@ -127,3 +127,25 @@ def test_a_failed_write_surfaces_and_leaves_no_shard(tmp_path, monkeypatch):
         writer.close({k: v for k, v in t.items() if k != "logprobs"}, wait=False).result()
     writer.abort()
     assert not s.shard_path(0).exists() and list(s.root.iterdir()) == []
+
+
+def test_a_failed_write_of_the_small_tensors_leaves_no_shard(tmp_path, monkeypatch):
+    """The rows are all written and only the per-position tensors after them fail: the shard's name still never
+    appears (a file there would be listed by Store.shards and read)."""
+    s = store.Store(tmp_path / "s")
+    t = _tensors(8, torch.float16)
+    writer = s.shard_writer(0, {k: (v.dtype, tuple(v.shape)) for k, v in t.items()}, {})
+    rows_end = writer.data_start + 8 * writer.row_bytes
+    real = store.os.pwrite
+
+    def full_after_the_rows(fd, data, offset):
+        if offset >= rows_end:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(store.os, "pwrite", full_after_the_rows)
+    writer.write_rows(0, t["logprobs"])
+    with pytest.raises(OSError, match="No space left"):
+        writer.close({k: v for k, v in t.items() if k != "logprobs"})
+    writer.abort()
+    assert not s.shard_path(0).exists() and list(s.root.iterdir()) == []
