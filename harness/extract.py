@@ -36,7 +36,7 @@ from harness.row_stats import row_stats
 from harness.store import Store, aligned_empty, plan_shards, store_key
 from harness.warpers import Warpers, candidates, warp_stats
 
-EXTRACT_VERSION = 3  # bump when what is stored changes meaning
+EXTRACT_VERSION = 4  # bump when what is stored changes meaning (4: warper figures with generate()'s defaults for unset fields)
 WAIT_S = 3600.0  # how long a generate-mode part waits for the other parts' greedy continuations (extract --wait)
 CHUNK_ROWS = 32  # rows post-processed at a time: 32 x 151936 float32 = 19 MB per temporary
 
