@@ -30,9 +30,9 @@ def test_log_gets_a_first_and_a_last_line_not_a_redraw_per_step(monkeypatch):
 
 def test_log_gets_a_line_every_interval(monkeypatch):
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.05)
-    out = _run(monkeypatch, io.StringIO(), steps=20, sleep=0.02)  # 0.4 s: about 8 intervals
+    out = _run(monkeypatch, io.StringIO(), steps=20, sleep=0.02)  # 0.4 s or more: at least 8 intervals
     lines = out.splitlines()
-    assert 4 <= len(lines) <= 12, out
+    assert 4 <= len(lines) <= 20 + 2, out  # lines in between, never more than one a step (a slow machine adds some)
     done = [int(line.split()[1].split("/")[0]) for line in lines]
     assert done == sorted(done) and done[-1] == 20
 
