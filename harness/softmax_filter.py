@@ -595,6 +595,14 @@ extern "C" void sf_bf16(const float* f, uint16_t* out, int64_t n) {
 #endif
   for (; i < n; ++i) out[i] = f_to_bf16(f[i]);
 }
+// The row sums' exp (exp16s) on n values, for its accuracy test (the scalar exp_s without AVX-512).
+extern "C" void sf_exp(const float* t, float* out, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, exp16s(_mm512_loadu_ps(t + i)));
+#endif
+  for (; i < n; ++i) out[i] = exp_s(t[i]);
+}
 """
 
 
@@ -605,6 +613,7 @@ def _lib() -> ctypes.CDLL:
     lib.sf_team.restype = i64
     lib.sf_team.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp, vp, ctypes.c_int, vp, i64]
     lib.sf_bf16.restype, lib.sf_bf16.argtypes = None, [vp, vp, i64]
+    lib.sf_exp.restype, lib.sf_exp.argtypes = None, [vp, vp, i64]
     return lib
 
 

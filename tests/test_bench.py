@@ -199,6 +199,22 @@ def test_fused_cpu_rounds_to_bfloat16_as_torch_does():
     assert torch.equal(got.indices, exact.indices[rounded > 0]) and torch.equal(got.values, rounded[rounded > 0])
 
 
+def test_fused_cpu_row_sum_exp_is_within_its_stated_error():
+    """The exp of the kernel's row sums (exp16s: a 32-entry table of 2^(j/32) and a degree-2 polynomial) against
+    float64 on 4 million floats spread over [-87, 0] plus the ends: 2e-7 relative on [-10, 0], where the terms that
+    weigh in a row's sum lie, and 4.2e-7 down to -87 (cext.py's comment gives 1.9e-7 and 4.0e-7 from every float);
+    -inf gives e^-87 at most, not NaN."""
+    usable("fused-cpu")
+    gen = torch.Generator().manual_seed(8)
+    ends = torch.tensor([0.0, -0.0, -1e-30, -10.0, -87.0, -88.0, -150.0, float("-inf")] * 2)  # one whole vector
+    t = torch.cat([ends, torch.rand(2_000_000, generator=gen) * -10, torch.rand(2_000_000, generator=gen) * -87])
+    out = torch.empty_like(t)
+    sf._lib().sf_exp(t.data_ptr(), out.data_ptr(), len(t))
+    rel = (out.double() / t.double().exp().clamp(min=1e-300) - 1).abs()
+    assert rel[t >= -10].max() <= 2e-7 and rel[t >= -87].max() <= 4.2e-7
+    assert out[:3].eq(1).all() and out[5:8].isfinite().all() and (out[5:8] <= 1.7e-38).all()
+
+
 def test_fused_cpu_float32_against_float64():
     """Full-width float32 rows, LM-shaped and flat (std 4: the highest entropy, where the row sum's error shows most),
     against a float64 softmax: |Δp| <= 1e-6, and where p > 1e-30 a relative error under 1e-5 (float32's x − max
