@@ -150,6 +150,45 @@ def test_fused_cpu_packs_rows_that_drop_entries(dtype, threads, monkeypatch):
         torch.set_num_threads(before)
 
 
+class ShiftedWorkspace(sf.Workspace):
+    """A Workspace whose values buffer starts `shift` elements past an allocation's start: the values and the
+    indices then sit at different places in their 64-byte lines."""
+
+    def __init__(self, shift: int):
+        super().__init__()
+        self.shift = shift
+
+    def get(self, name, n, dtype):
+        if name != "values":
+            return super().get(name, n, dtype)
+        return super().get(name, n + self.shift, dtype)[self.shift :]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_cpu_p_gt_0_at_any_alignment_of_its_outputs(dtype):
+    """Dense p > 0 rows go out through a staging register whose whole chunks take non-temporal stores; where the
+    values and the indices do not share an alignment that staging is off, and plain stores write them. Both ways,
+    with rows that drop entries (so later rows start at every place in a chunk), 1 to 3 threads (bfloat16 pairs
+    them, the even one writing backwards), the result is the snippet's."""
+    usable("fused-cpu")
+    x = bench.realistic_logits(6, WIDTH, seed=3)
+    x[[1, 4]] = torch.linspace(-120, 30, WIDTH)  # the bottom ~15 nats underflow to 0
+    x[2, ::37] = float("-inf")  # a dense row that drops one entry in every 37
+    x = x.to(dtype)
+    ref = sf.snippet(list(x.split(1)))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for shift in (0, 1, 3):
+                ws = ShiftedWorkspace(shift)
+                got = sf.fused_cpu_filter(x, "p>0", workspace=ws)
+                assert ws.get("values", 1, dtype).data_ptr() % 64 == shift * x.element_size()
+                assert sf.same(ref, got, "p>0", atol=1e-6) is None, (threads, shift)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_fused_cpu_late_events_in_a_dense_row(dtype):
     """Past its first block a dense row takes the one-look loop, which only lists the groups of 32 entries with a
