@@ -214,7 +214,8 @@ static inline bool ninf64(const void* row, int bf, int64_t i) {
 // known. A vector with a lane at or below lo[g] (about e^(−87 + m − m_g): x − m <= −87, which takes in −inf and the
 // lanes pass 1 clamped) is done again from the row by exp16, as it was without the cache, which gives the subnormal
 // p and the zeros that torch's float32 softmax gives. ok: false where the row's segments outnumber SEGS, or it is
-// not a bfloat16 p > 0 row. On bfloat16 p > 0 rows against exp16 in the output pass: 1.10-1.23x the rows/s.
+// not a bfloat16 p > 0 row. On bfloat16 p > 0 rows against exp16 in the output pass: 1.07-1.23x the rows/s (A/B,
+// six runs), outputs the same.
 enum { SEGS = 64 };
 struct ECache { std::vector<float> e; int64_t start[SEGS + 1]; float m[SEGS], sc[SEGS], lo[SEGS]; int n; bool ok; };
 
@@ -259,6 +260,7 @@ static inline __attribute__((always_inline)) void dense_out(Dense& d, int bf, in
   const ECache* ec = bf ? d.ec : nullptr; int g = d.g;  // (a constant null for float32)
   const float* E = ec ? ec->e.data() : nullptr;
   // the chunk (values sv, columns sx) to the places from q: whole and non-temporal, or its lanes `lanes` plainly
+  // (bfloat16 narrowed in a register first: the narrowing store to memory is microcoded on Zen 4)
   auto out = [&](__m512i v, __m512i x, int64_t q, __mmask16 lanes) {
     if (lanes == 0xFFFF) {
       if (bf) _mm256_stream_si256((__m256i*)(vb + q), _mm512_cvtepi32_epi16(v)); else _mm512_stream_si512((__m512i*)(vf + q), v);
