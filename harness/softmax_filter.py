@@ -350,7 +350,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
   enum { CCAP = 1024 };
   static thread_local float cv[CCAP + 16]; static thread_local int32_t ci[CCAP + 16];
   // a dense bfloat16 p > 0 row's exps (ECache): two, as a row's output pass runs during the next row's pass 1. (On
-  // float32 rows, twice the bytes, the cache's traffic cost more than the exps: 0.90-0.98x their rows/s.)
+  // float32 rows, twice the bytes, the cache's traffic cost more than the exps: 0.86-0.98x their rows/s.)
   static thread_local ECache ecs[2];
   int ecur = 0;
   if (!MODE && BF) for (ECache& c : ecs) if (c.e.size() < (size_t)(V + 32)) c.e.resize((size_t)(V + 32));
