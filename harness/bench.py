@@ -4,7 +4,7 @@
     python -m harness.bench --batches 1,16,256,4096 --dtypes float32,bfloat16 --repeats 5
 
 Inputs are Qwen1.5-wide rows (V = 151936) of realistic logits: a heavy-tailed body plus a few large
-logits (entropy of a few nats), and the same rows after a Qwen1.5-Chat generation config's warpers
+logits (entropy 1.4 nats on average), and the same rows after a Qwen1.5-Chat generation config's warpers
 (transformers' TopKLogitsWarper(20) then TopPLogitsWarper(0.8): all but a handful -inf). Each
 implementation of harness.softmax_filter is timed per (batch, dtype, inputs, filter): CUDA events after
 warm-up on CUDA, time.perf_counter on CPU; medians over at least --repeats calls and 0.3 s, with the
@@ -65,12 +65,18 @@ def impl_names() -> list[str]:
 
 
 def realistic_logits(n: int, width: int = VOCAB, seed: int = 0, unique: int = 64) -> torch.Tensor:
-    """[n, width] float32 logits shaped like an LM's: Student-t(3) body (scale 1.5) plus 1-8 tokens
-    raised 8-20 above it. `unique` distinct rows are drawn and tiled, so that large batches are cheap to make."""
+    """[n, width] float32 logits shaped like an LM's: a Student-t(8) body (scale 1.5, centred at -4; its largest
+    of 151936 entries lies 10-13 above the centre) plus 1-8 tokens raised 8-20 above the body. Over the 64 distinct
+    rows at Qwen1.5's width: entropy 1.4 nats on average (0 to 6), the top token's probability 0.75 at the median,
+    one maximum a row, x - max down to -50 (no probability rounds to 0, in bfloat16 either), and the chat warpers
+    keep 2 tokens on average (1 to 7). (Until 2026-12-06 the body was drawn with a uniform variance and clamped at
+    30 scales: every row's top was 7-27 entries tied at exactly 41, x - max reached -90, and 22 of the 64 rows
+    dropped entries in bfloat16.) `unique` distinct rows are drawn and tiled, so that large batches are cheap to
+    make."""
     gen = torch.Generator().manual_seed(seed)
     u = min(n, unique)
-    body = torch.randn(u, width, generator=gen) / (torch.rand(u, width, generator=gen) * 3 + 1e-3).sqrt()
-    x = 1.5 * body.clamp(-30, 30) - 4.0
+    chi2 = sum(torch.empty(u, width).exponential_(generator=gen) for _ in range(4)) * 2  # chi-square, 8 degrees
+    x = 1.5 * torch.randn(u, width, generator=gen) / (chi2 / 8).sqrt() - 4.0
     for r in range(u):
         hot = torch.randint(width, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen)
         x[r, hot] += 8 + 12 * torch.rand(hot.numel(), generator=gen)

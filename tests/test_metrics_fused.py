@@ -347,14 +347,14 @@ def _sym_exact(ref, cand):
 @pytest.mark.parametrize("width", [5003, WIDE])
 def test_sym_kl_top1_against_float64(dtype, width):
     """The all-pairs matrix's path: symmetric KL within 1e-6 relative of float64 at every drift from none to
-    unrelated rows (J from 1e-8 to ~90 nats), and top-1 agreement exact, first of tied maxima included; stored-style
+    unrelated rows (J from 1e-11 to ~65 nats), and top-1 agreement exact, first of tied maxima included; stored-style
     rows of each dtype, a width with a tail of 11 entries and Qwen's."""
     from harness import bench
 
     gen = torch.Generator().manual_seed(9)
     base = bench.realistic_logits(6, width, seed=4)
     pairs = [base + s * torch.randn(base.shape, generator=gen) for s in (1e-4, 1e-2, 0.3, 2.0)]
-    pairs.append(bench.realistic_logits(6, width, seed=5))  # unrelated rows
+    pairs.append(2 * bench.realistic_logits(6, width, seed=5))  # unrelated rows, twice as sharp
     ref = torch.log_softmax(base.repeat(len(pairs), 1), -1)
     cand = torch.log_softmax(torch.cat(pairs), -1)
     top = ref.max(-1).values
