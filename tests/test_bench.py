@@ -113,6 +113,40 @@ def test_the_top_k_check_catches_a_wrong_set():
     assert sf.same(ref, sf.torch_filter(x, "top-k", 20), "top-k", 20) is None
 
 
+def test_the_probability_check_against_the_exact_softmax():
+    """same() with exact=: on a row whose top token holds p ~ 0.996, torch's float32 softmax (the snippet's) is ~2.3e-6
+    off float64. The float64 values rounded to the output dtype pass; so do the snippet's own; values 3e-6 off the
+    exact ones (float32), or one unit in the last place off (bfloat16), fail, with or without exact=. In bfloat16,
+    the exact p rounded passes against a snippet whose value is one unit in the last place away (a rounding of
+    torch's float32 value that went the other way), only with exact=."""
+    x = bench.realistic_logits(2, 5000, seed=0)[1:]  # p_top 0.996
+    full = torch.arange(5000, dtype=torch.int32)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        ref, ex = sf.snippet(list(xd.split(1))), torch.softmax(xd.double(), -1)
+
+        def rows(v):
+            return sf._csr(torch.tensor([5000]), full, v.reshape(-1).to(dtype))
+
+        top = int(ex.argmax())
+        if dtype == torch.float32:
+            assert abs(ex[0, top].item() - ref[0][top]) > 1.5e-6  # the snippet is that far off
+        assert sf.same(ref, rows(ex), exact=ex) is None and sf.same(ref, rows(torch.softmax(xd, -1)), exact=ex) is None
+        if dtype == torch.float32:
+            bad = ex.clone()
+            bad[0, top] -= 3e-6
+        else:  # one bfloat16 step down from the exact p rounded
+            bad = ex.to(dtype).view(torch.int16)
+            bad[0, top] -= 1
+            bad = bad.view(dtype).double()
+        for given in (None, ex):
+            assert f"probability of {top} off" in sf.same(ref, rows(bad), exact=given), (dtype, given is None)
+        if dtype == torch.bfloat16:  # a snippet that rounded the other way: the exact p rounded still passes
+            other = [dict(ref[0])]
+            other[0][top] = bad[0, top].item()
+            assert sf.same(other, rows(ex), exact=ex) is None and "off" in sf.same(other, rows(ex))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_fused_cpu_full_width_batch(dtype):
     """Qwen1.5 width, more rows than threads (the row split and the packing of ragged rows)."""
