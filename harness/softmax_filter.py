@@ -917,8 +917,8 @@ def same(ref: list[dict[int, float]], got: SparseRows, filter: str = "p>0", k: i
     `exact`: the rows' [B, V] float64 softmax; a probability off the snippet's by more than atol then passes where
     it is within atol of the exact one, plus half a unit in the last place of got's dtype (a bfloat16 output is
     the exact p rounded). torch's own float32 softmax is off by up to ~2.3e-6 where one token holds most of a row
-    (its float32 Σ adds the small terms to ~1), more than atol, so on LM-shaped rows the snippet alone cannot hold
-    an implementation that is exact to 4e-7 to 1e-6."""
+    (its float32 Σ adds the small terms to ~1), more than atol, so on LM-shaped rows the snippet alone would fail an
+    implementation that is closer to the exact values than it is (the fused kernel: 3.3e-7)."""
     bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}.get(got.values.dtype, 53)
     for r, (want, have) in enumerate(zip(ref, got.to_dicts(), strict=True)):
         if filter == "top-k":
