@@ -11,9 +11,9 @@ scalar ones (Δp, NLL, margin, top-k overlaps) included, and takes one of two pa
 - float32 fast path, for finite rows whose normalisers differ by |c| ≤ 0.01 (stored log-prob rows always
   do). Pass 1, the one read of the rows (prefetched 4 KB ahead, two groups of 16 at a time): the top-k
   lists (stable: among ties the lowest id ranks first, as argmax does; cext.TOPK's registers for K <= 128,
-  its key buffer beyond); e = exp(x − running max) in float32 and d0 = x − y, both kept in per-thread
-  buffers (1.2 MB); Σe (terms over e^-8 of the running max straight into float64, the rest by
-  Kahan-compensated float32 sums; the top 16 terms redone in float64, so a peaked row's ln Z is exact to
+  its key buffer beyond); e = exp(x − max) in float32 (the max of x taken while the row before is read)
+  and d0 = x − y, both kept in per-thread buffers (1.2 MB); Σe (terms over e^-8 straight into float64, the
+  rest by Kahan-compensated float32 sums; the top 16 terms redone in float64, so a peaked row's ln Z is exact to
   ~1e-15); the entropy sums; and Σ e·(e^(−d0) − 1) (likewise; terms above 2^-23 of the row's largest
   computed in float64), which gives c = ln Z_x − ln Z_y = −ln(1 + Σ p·(e^(−d0) − 1)) with no cancellation:
   c comes out as exact as the drift it measures (~1e-13 absolute at a quantised model's drift), which Δp
@@ -194,7 +194,7 @@ static inline __m512d fold16(__m512 v) {  // the 16 float32 lanes, pairwise adde
   return _mm512_cvtps_pd(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
 
-enum { BS = 512, G = 16 };  // rows go by blocks of BS (one running max and one float32 partial sum each), groups of G lanes
+enum { BS = 512, G = 16 };  // rows go by blocks of BS (one float32 partial sum each; row_f64: one running max each), groups of G lanes
 
 // ---------------------------------------------------------------------------------------------------------------------
 // The float64 kernel: any row pair (-inf, unnormalised, far apart). Pass 1 by blocks: top-K of x and y, exp(v − running
@@ -392,6 +392,15 @@ __attribute__((noinline)) static void ee_exact(const float* x, const float* y, f
   }
 }
 
+// E's terms e^(y−m) − e^(x−m) of the lanes packed at px, py[0, n) (n <= 8) in float64 into e: the fast path's lanes
+// whose float32 term is over 2^-23 of the row's largest, 8 to a vector.
+static inline void ee_packed(const float* px, const float* py, int n, float m, __m512d& e) {
+  const __mmask8 mk = (__mmask8)((1u << n) - 1);
+  const __m512d vm = _mm512_set1_pd(m);
+  const __m512d xd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, px)), yd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, py));
+  e = _mm512_add_pd(e, _mm512_maskz_sub_pd(mk, exp8(_mm512_sub_pd(yd, vm)), exp8(_mm512_sub_pd(xd, vm))));
+}
+
 // Pass 2 of a float64 group, n <= 8 lanes (finite): p, q by exp8, KL as Σ p·d − p + q (= p·g(d)), KL_rev as Σ −q·d + p − q,
 // ψ = u·d + ln(1 − u²) with u = (p − q)/(p + q) (series in u² where u² <= 0.01).
 static inline void gen8(const float* x, const float* y, int64_t n, const Row& R, Acc& A) {
@@ -439,7 +448,7 @@ static inline __m512 umax(__m512 a, __m512 b) {
   return _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
 }
 
-// The entropy sums' terms of lanes `bu` (within 8 of the running maximum m, or above it) in float64 from x and y:
+// The entropy sums' terms of lanes `bu` (within 8 of the maximum m) in float64 from x and y:
 // Σ e·(x − m) into a[0], Σ (e + ee)·(y − m) into a[1]. Summed as the rest are, relative to m, such a term and its share
 // of (m − ln Z)·Σ e cancel to p·ln p; in float32 (x − m and the product rounded) that left errors of ~1e-6 nats.
 __attribute__((noinline)) static void big_lanes(const float* x, const float* y, float m, __mmask16 bu, __m512 e, __m512 ee, double* a) {
@@ -573,44 +582,68 @@ __attribute__((noinline)) static bool p1_one(const float* x, const float* y, int
   return gen_p1(x + j, y + j, n, m, S.zg, S.eg);
 }
 
-static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* tx, int32_t* ty, const Fast& s, Raw& R) {
+// mh: x's largest entry where the caller knows it (the row before took it), else NaN; xn: a row whose largest entry
+// goes to *mhn (NaN unless the row is taken here): the next row's x, read as this row's x is, or null.
+static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* tx, int32_t* ty, const Fast& s, Raw& R,
+                    float mh, const float* xn, float* mhn) {
   Top Tx, Ty;
   top_init(Tx, K); top_init(Ty, K);
   const int64_t nb = (V + BS - 1) / BS;
-  // Pass 1, the one read of the rows: top-K of x and y; e = exp(x − m) in float32 (m: x's running maximum before the
-  // block, the first block's own for block 0), kept in pb with d0 = x − y in db; Σ e, and Σ ee with ee = e·(e^(−d0) − 1),
+  // Pass 1, the one read of the rows: top-K of x and y; e = exp(x − m) in float32 (m: x's largest entry, rounded up),
+  // kept in pb with d0 = x − y in db; Σ e, and Σ ee with ee = e·(e^(−d0) − 1),
   // which gives c = ln Z_x − ln Z_y = −ln(1 + Σ p·(e^(−d0) − 1)) with no cancellation: c is as exact as the drift it
   // measures; and the entropy sums Σ e·(x − m), Σ e^(y−m)·(y − m) in float32 per block. Of Σ e and Σ ee, terms of e
   // over e^-8 (the row's few largest, whose float32 rounding would show in ln Z and in a confident token's NLL) go
-  // into float64 at once, and groups with a term of ee over 2^-23 into float64 throughout; the rest are
+  // into float64 at once, and terms of ee over 2^-23 (of the row's largest term, 1) go in float64; the rest are
   // Kahan-compensated float32 sums over the block (error ~2^-24 of the sum, whatever the count), into float64 at
   // its end. (Compensated float32 in the add pipes, which have room here, is cheaper than converting to float64.)
-  float m = -INFINITY;
-  for (int64_t i = 0; i < (V < BS ? V : BS); ++i) m = x[i] > m ? x[i] : m;
+  // m: x's largest entry, so that the tests of e and E's terms against 2^-23 and e^-8 below are relative to the
+  // row's largest term. (With a running maximum instead, lower in the blocks before the row's top entry, 18% of an
+  // LM-shaped row's entries went to the float64 paths, against 3%: 1.1x these rows/s.) From mh (read while the row
+  // before was, or by to_f32), else one read of x here, which leaves x in the cache for pass 1. (A NaN may hide a
+  // larger entry from the max; such a row leaves the fast path at its first NaN group.)
+  *mhn = NAN;
+  float m = mh;
+  if (m != m) {
+    __m512 a0 = _mm512_set1_ps(-INFINITY), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 4 * G <= V; i += 4 * G) {
+      a0 = _mm512_max_ps(a0, _mm512_loadu_ps(x + i)); a1 = _mm512_max_ps(a1, _mm512_loadu_ps(x + i + G));
+      a2 = _mm512_max_ps(a2, _mm512_loadu_ps(x + i + 2 * G)); a3 = _mm512_max_ps(a3, _mm512_loadu_ps(x + i + 3 * G));
+    }
+    m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
+    for (; i < V; ++i) m = x[i] > m ? x[i] : m;
+  }
+  const bool next = xn != nullptr;
+  if (!next) xn = x;  // (read again from L1, and not used)
+  __m512 nm = _mm512_set1_ps(-INFINITY);  // the largest of xn so far
   if (!(m > -INFINITY && m < INFINITY)) return false;
   // m is rounded up to an integer: then x − m is exact in float32 for every x <= m <= 0 (log-prob rows). With m's
   // own low bits, x − m would round alike for every x of a binade coarser than m's, and that shared error (up to
   // half an ulp of x, 5e-7 at x ~ −12) would bias ln Z, the NLLs and the entropies; the top-16 fix below only
   // reaches the largest terms.
   m = ceilf(m);
-  const __m512 lim = _mm512_set1_ps(0.04f), tau = _mm512_set1_ps(1.0f / 8388608), big = _mm512_set1_ps(-8.f),
-               near = _mm512_set1_ps(-14.5f);
+  const __m512 lim = _mm512_set1_ps(0.04f), tau = _mm512_set1_ps(1.0f / 8388608), big = _mm512_set1_ps(-8.f);
   float* const pb = s.pb; float* const db = s.db; uint8_t* const gen = s.gen;  // locals: no reloads after each store
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
-    if (b > 0) m = ceilf(Tx.max);
     const __m512 vm = _mm512_set1_ps(m);
     __m512d zb = _mm512_setzero_pd();
     __m512 a1 = _mm512_setzero_ps(), a2 = a1, zf = a1, ef = a1, zc = a1, ec = a1;  // zc, ec: Kahan compensations
     Slow S;
     S.z = S.e = S.zg = S.eg = S.q2 = zb; S.a1 = S.a2 = a1; S.ad[0] = S.ad[1] = 0;
+    // the block's groups with lanes whose E term goes in float64 ("hi", below): group gl[j], lanes gm[j]
+    int32_t gl[BS / G + 2]; __mmask16 gm[BS / G + 2]; int ng = 0;
     // Two groups at a time (n <= 2G entries at i): one compare each for the top-k gate, the checks and the big lanes.
     // Inlined twice: for whole pairs (n = 2G, constant masks) and for a block's last n < 2G.
     auto step = [&](const int64_t i, const int64_t n) __attribute__((always_inline)) -> bool {
       const __mmask32 mk = n == 2 * G ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << n) - 1);
       _mm_prefetch((const char*)(x + i + 1024), _MM_HINT_T0); _mm_prefetch((const char*)(y + i + 1024), _MM_HINT_T0);
       _mm_prefetch((const char*)(x + i + 1040), _MM_HINT_T0); _mm_prefetch((const char*)(y + i + 1040), _MM_HINT_T0);
+      _mm_prefetch((const char*)(xn + i + 1024), _MM_HINT_T0); _mm_prefetch((const char*)(xn + i + 1040), _MM_HINT_T0);
       const __mmask16 m0 = (__mmask16)mk, m1 = (__mmask16)(mk >> 16);
+      nm = _mm512_max_ps(nm, _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m0, xn + i),
+                                            _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m1, xn + i + G)));
       __m512 vx[2] = {_mm512_maskz_loadu_ps(m0, x + i), _mm512_maskz_loadu_ps(m1, x + i + G)};
       __m512 vy[2] = {_mm512_maskz_loadu_ps(m0, y + i), _mm512_maskz_loadu_ps(m1, y + i + G)};
       {
@@ -636,24 +669,19 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
       p1_lanes2(t, d0, w, e, ee);  // harmless garbage where the checks below fail
       // the fast case: every |d0| <= 0.2 (NaN, ±inf: not <=), else p1_one takes each group
       if (__builtin_expect(n == 2 * G && _mm512_cmp_ps_mask(umax(w[0], w[1]), lim, _CMP_LE_OQ) == 0xFFFF, 1)) {
-        // lanes within 8 of the running maximum (a row's few largest terms): Σ e straight into float64 and their
-        // entropy terms in float64 (big_lanes); the rest into the block's compensated float32 sums. Lanes with
-        // t <= −14.5 have |ee| <= e^-14.5·(e^0.2 − 1) < 2^-23: one compare over both groups skips both checks.
+        // lanes within 8 of the maximum (a row's few largest terms): Σ e straight into float64 and their
+        // entropy terms in float64 (big_lanes); the rest into the block's compensated float32 sums.
         __m512 es[2] = {e[0], e[1]}, eq[2];
         for (int u = 0; u < 2; ++u) eq[u] = _mm512_add_ps(e[u], ee[u]);  // e^(y − m)
         __m512 eqs[2] = {eq[0], eq[1]};
-        bool tiny = true;  // every |ee| <= 2^-23
         const __m512 tmax = _mm512_max_ps(t[0], t[1]);
-        if (__builtin_expect(_mm512_cmp_ps_mask(tmax, near, _CMP_GT_OQ) != 0, 0)) {
-          tiny = _mm512_cmp_ps_mask(umax(_mm512_abs_ps(ee[0]), _mm512_abs_ps(ee[1])), tau, _CMP_LE_OQ) == 0xFFFF;
-          if (_mm512_cmp_ps_mask(tmax, big, _CMP_GT_OQ)) for (int u = 0; u < 2; ++u) {
-            const __mmask16 bu = _mm512_cmp_ps_mask(t[u], big, _CMP_GT_OQ);
-            zb = _mm512_add_pd(zb, _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_mov_ps(bu, e[u]))));
-            zb = _mm512_add_pd(zb, _mm512_cvtps_pd(_mm512_extractf32x8_ps(_mm512_maskz_mov_ps(bu, e[u]), 1)));
-            if (bu) big_lanes(x + i + u * G, y + i + u * G, m, bu, e[u], ee[u], S.ad);
-            es[u] = _mm512_maskz_mov_ps((__mmask16)~bu, e[u]);
-            eqs[u] = _mm512_maskz_mov_ps((__mmask16)~bu, eq[u]);
-          }
+        if (__builtin_expect(_mm512_cmp_ps_mask(tmax, big, _CMP_GT_OQ) != 0, 0)) for (int u = 0; u < 2; ++u) {
+          const __mmask16 bu = _mm512_cmp_ps_mask(t[u], big, _CMP_GT_OQ);
+          zb = _mm512_add_pd(zb, _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_mov_ps(bu, e[u]))));
+          zb = _mm512_add_pd(zb, _mm512_cvtps_pd(_mm512_extractf32x8_ps(_mm512_maskz_mov_ps(bu, e[u]), 1)));
+          if (bu) big_lanes(x + i + u * G, y + i + u * G, m, bu, e[u], ee[u], S.ad);
+          es[u] = _mm512_maskz_mov_ps((__mmask16)~bu, e[u]);
+          eqs[u] = _mm512_maskz_mov_ps((__mmask16)~bu, eq[u]);
         }
         for (int u = 0; u < 2; ++u) {
           _mm512_store_ps(pb + i + u * G, e[u]);
@@ -661,27 +689,21 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
           a1 = _mm512_fmadd_ps(es[u], t[u], a1);
           a2 = _mm512_fmadd_ps(eqs[u], _mm512_sub_ps(vy[u], vm), a2);
         }
+        // E's terms: those over 2^-23 of the row's largest ("hi": float32's 1e-7 would show in c) go in float64 at the
+        // block's end (the groups that have one are listed here, without a branch); the rest into the block's
+        // compensated float32 sum. 17% of an LM-shaped row's groups have a hi lane, about 3 of their 16. (Before,
+        // such a group took a branch to ee_exact, all 16 lanes in float64: these rows ran at 0.85x.)
+        const __mmask16 hi0 = _mm512_cmp_ps_mask(_mm512_abs_ps(ee[0]), tau, _CMP_GT_OQ), hi1 = _mm512_cmp_ps_mask(_mm512_abs_ps(ee[1]), tau, _CMP_GT_OQ);
         {  // Kahan-compensated float32 sums over the block
           const __m512 yz = _mm512_sub_ps(_mm512_add_ps(es[0], es[1]), zc), tz = _mm512_add_ps(zf, yz);
           zc = _mm512_sub_ps(_mm512_sub_ps(tz, zf), yz); zf = tz;
-        }
-        if (__builtin_expect(tiny, 1)) {
-          const __m512 ye = _mm512_sub_ps(_mm512_add_ps(ee[0], ee[1]), ec), te = _mm512_add_ps(ef, ye);
+          const __m512 ye = _mm512_sub_ps(_mm512_add_ps(_mm512_maskz_mov_ps((__mmask16)~hi0, ee[0]), _mm512_maskz_mov_ps((__mmask16)~hi1, ee[1])), ec),
+                       te = _mm512_add_ps(ef, ye);
           ec = _mm512_sub_ps(_mm512_sub_ps(te, ef), ye); ef = te;
-          gen[i / G] = gen[i / G + 1] = 0;
-        } else {  // a term of E over 2^-23 of the row's largest (float32's 1e-7 would show in c): that group's E in float64
-          for (int u = 0; u < 2; ++u) {
-            const __m512d eed = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(ee[u])), _mm512_cvtps_pd(_mm512_extractf32x8_ps(ee[u], 1)));
-            if (_mm512_cmp_ps_mask(_mm512_abs_ps(ee[u]), tau, _CMP_LE_OQ) == 0xFFFF) {
-              S.e = _mm512_add_pd(S.e, eed);
-              gen[i / G + u] = 0;
-            } else {
-              ee_exact(x + i + u * G, y + i + u * G, m, S.eg);
-              S.q2 = _mm512_add_pd(S.q2, eed);
-              gen[i / G + u] = GEN_E64;
-            }
-          }
         }
+        gen[i / G] = gen[i / G + 1] = 0;
+        gl[ng] = (int32_t)(i / G); gm[ng] = hi0; ng += hi0 != 0;
+        gl[ng] = (int32_t)(i / G + 1); gm[ng] = hi1; ng += hi1 != 0;
       } else {
         if (!p1_one(x, y, i, n < G ? n : G, m, s, S)) return false;
         if (n > G && !p1_one(x, y, i + G, n - G, m, s, S)) return false;
@@ -692,14 +714,27 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     for (; i + 2 * G <= i1; i += 2 * G)
       if (!step(i, 2 * G)) return false;
     if (i < i1 && !step(i, i1 - i)) return false;
+    // the hi lanes' E terms in float64, packed 8 to a vector (ee_packed), from x and y in L1; they go into E and Q
+    // (whose other terms are Σ e + Σ ee in float32: e^(y−m) to ~1e-7 is what Q needs)
+    __m512d eh = _mm512_setzero_pd();
+    if (ng) {
+      alignas(64) float px[BS + G], py[BS + G]; int np = 0;
+      for (int j = 0; j < ng; ++j) {
+        const int64_t a = (int64_t)gl[j] * G;
+        _mm512_storeu_ps(px + np, _mm512_maskz_compress_ps(gm[j], _mm512_loadu_ps(x + a)));
+        _mm512_storeu_ps(py + np, _mm512_maskz_compress_ps(gm[j], _mm512_loadu_ps(y + a)));
+        np += __builtin_popcount(gm[j]);
+      }
+      for (int j = 0; j < np; j += 8) ee_packed(px + j, py + j, np - j < 8 ? np - j : 8, m, eh);
+    }
     const __m512 zs = _mm512_sub_ps(zf, zc), es = _mm512_sub_ps(ef, ec);  // the compensated block sums, into float64
     const __m512d z = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(zs)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(zs, 1)));
     const __m512d e32 = _mm512_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(es)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(es, 1))),
                                       S.e);  // Σ ee of the groups whose E stayed float32
     s.Sf[b] = hsum(_mm512_add_pd(z, _mm512_add_pd(zb, S.z)));
     s.S[b] = s.Sf[b] + hsum(S.zg);
-    s.E[b] = hsum(_mm512_add_pd(e32, S.eg));
-    s.Q[b] = s.Sf[b] + hsum(_mm512_add_pd(e32, S.q2));  // Σ e^(y−m) = Σ e + Σ ee
+    s.E[b] = hsum(_mm512_add_pd(_mm512_add_pd(e32, eh), S.eg));
+    s.Q[b] = s.Sf[b] + hsum(_mm512_add_pd(_mm512_add_pd(e32, eh), S.q2));  // Σ e^(y−m) = Σ e + Σ ee
     s.A1[b] = hsum(fold16(_mm512_add_ps(a1, S.a1))) + S.ad[0]; s.A2[b] = hsum(fold16(_mm512_add_ps(a2, S.a2))) + S.ad[1];
     s.M[b] = m;
   }
@@ -731,7 +766,8 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
     for (int l = 0; l < nt; ++l) {
       const double f = s.F[at[l] / BS], e64 = exp((double)xv[l] - (double)mv[l]);
       fix += f * (e64 - (double)ev[l]);
-      if (!s.gen[at[l] / G]) fixe += f * (e64 * expm1((double)yv[l] - (double)xv[l]) - (double)eev[l]);
+      if (!s.gen[at[l] / G] && fabsf(eev[l]) <= 1.0f / 8388608)  // (its E term in float32 in pass 1)
+        fixe += f * (e64 * expm1((double)yv[l] - (double)xv[l]) - (double)eev[l]);
     }
     E += fixe;
     Z = Z + (fix - cz);
@@ -814,12 +850,15 @@ static bool row_f32(const float* x, const float* y, int64_t V, int K, int32_t* t
   }
   R.lx = lx; R.ly = ly; R.kl = hsum(A.kl); R.klr = hsum(A.klr); R.hp = hp + hsum(A.hp); R.hq = hq + hsum(A.hq);
   R.l1 = hsum(A.tv); R.js4 = hsum(A.js); R.infp = R.infq = 0; R.rank = rank;
+  if (next) *mhn = _mm512_reduce_max_ps(nm);
   return true;
 }
 
 // A float16 (kind 1) or bfloat16 (kind 2) row of V as float32 into dst (64-byte aligned): exact, -inf and NaN kept.
-static void to_f32(const uint16_t* src, int kind, int64_t V, float* dst) {
+// The largest of the V entries goes to *mx where mx is not null (row_f32's maximum, taken here for free).
+static void to_f32(const uint16_t* src, int kind, int64_t V, float* dst, float* mx) {
   int64_t i = 0;
+  __m512 vmx = _mm512_set1_ps(-INFINITY);
   for (; i <= V; i += 16) {
     __m256i h;
     if (i + 16 <= V) {
@@ -829,9 +868,12 @@ static void to_f32(const uint16_t* src, int kind, int64_t V, float* dst) {
       memcpy(t, src + i, (V - i) * 2);
       h = _mm256_load_si256((const __m256i*)t);
     }
-    _mm512_store_ps(dst + i, kind == 1 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    const __m512 v = kind == 1 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    _mm512_store_ps(dst + i, v);
+    vmx = _mm512_mask_max_ps(vmx, V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1), vmx, v);
     if (i + 16 > V) break;
   }
+  if (mx) *mx = _mm512_reduce_max_ps(vmx);
 }
 
 static void pm_rows(const void* X, const void* Y, int kind, int64_t n, int64_t V, int64_t ldx, int64_t ldy, int K,
@@ -855,17 +897,19 @@ static void pm_rows(const void* X, const void* Y, int kind, int64_t n, int64_t V
   s.pb = (float*)(b64 + n64); s.db = s.pb + Vr; s.M = s.db + Vr; s.gen = (uint8_t*)(s.M + (nb + 15) / 16 * 16);
   float* xb = (float*)(buf + conv_at);
   float* yb = xb + Vr + G;
+  float mh = NAN;  // the row's largest x, where row_f32 took it while reading the row before
   for (int64_t r = 0; r < n; ++r) {
     const float* x; const float* y;
     if (kind) {
-      to_f32((const uint16_t*)X + r * ldx, kind, V, xb); to_f32((const uint16_t*)Y + r * ldy, kind, V, yb);
+      to_f32((const uint16_t*)X + r * ldx, kind, V, xb, &mh); to_f32((const uint16_t*)Y + r * ldy, kind, V, yb, nullptr);
       x = xb; y = yb;
     } else {
       x = (const float*)X + r * ldx; y = (const float*)Y + r * ldy;
     }
     int32_t* tx = top + r * 2 * K; int32_t* ty = tx + K;
     Raw R;
-    if (mode == 1 || !row_f32(x, y, V, K, tx, ty, s, R)) row_f64(x, y, V, K, tx, ty, b64, R);
+    const float* xn = !kind && r + 1 < n ? (const float*)X + (r + 1) * ldx : nullptr;  // (16-bit rows: from to_f32)
+    if (mode == 1 || !row_f32(x, y, V, K, tx, ty, s, R, mh, xn, &mh)) { row_f64(x, y, V, K, tx, ty, b64, R); mh = NAN; }
     finish(x, y, T[r], R, tx, ty, ks, nks, out + r * (NFIX + nks));
   }
 }
