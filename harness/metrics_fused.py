@@ -897,7 +897,7 @@ static void pm_rows(const void* X, const void* Y, int kind, int64_t n, int64_t V
   s.pb = (float*)(b64 + n64); s.db = s.pb + Vr; s.M = s.db + Vr; s.gen = (uint8_t*)(s.M + (nb + 15) / 16 * 16);
   float* xb = (float*)(buf + conv_at);
   float* yb = xb + Vr + G;
-  float mh = NAN;  // the row's largest x, where row_f32 took it while reading the row before
+  float mh = NAN;  // the row's largest x, where row_f32 took it while reading the row before, or to_f32 converting it
   for (int64_t r = 0; r < n; ++r) {
     const float* x; const float* y;
     if (kind) {
