@@ -116,10 +116,11 @@ def _compare(cfg) -> Path:
     def alignment(a: str, b: str):
         return pipeline.alignment(the_plan, a, b, stores, names)
 
+    own = compare.reference_columns(stores[ref])
     pairs = [
         compare.compare(ref, stores[ref], v.name, stores[v.name], ks=tuple(options.top_k),
                         resamples=options.bootstrap_resamples, seed=cfg.seed, prompt_names=names,
-                        smoothing_eps=options.smoothing_eps, alignment=alignment(ref, v.name))
+                        smoothing_eps=options.smoothing_eps, alignment=alignment(ref, v.name), ref_columns=own)
         for v in progress.bar(cfg.variants, desc="compare", unit="pair", leave=False)
     ]  # fmt: skip
     if warning := report.add_floor(pairs, cfg.noise_floor):

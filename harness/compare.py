@@ -154,12 +154,28 @@ def bits_per_byte(ref: Store, cand: Store, alignment: align.PairAlignment) -> di
             "bpb_diff": float(d / np.log(2)), "bpb_diff_se": float(se / np.log(2)), "bpb_spans": int(n), "bpb_bytes": int(total)}  # fmt: skip
 
 
+# the per-position metrics that depend on the reference's row alone
+REFERENCE_COLUMNS = ("nll_ref", "entropy_ref", "p_top_ref", "margin_ref")
+
+
+def reference_columns(ref: Store) -> dict[str, np.ndarray]:
+    """REFERENCE_COLUMNS of every stored row, from the reference alone (its rows against themselves). A pair's own
+    values of them agree to ~1e-9 relative, but the fused kernel takes a row in float64 where either side needs it,
+    so they vary with the candidate; these are what every same-vocabulary pair reports, so that a run has one
+    reference PPL, entropy and confidence binning."""
+    m = pair_metrics(ref, ref, ref.read("target"), (1,))
+    return {name: m[name] for name in REFERENCE_COLUMNS}
+
+
 def compare(
     ref_name: str, ref: Store, cand_name: str, cand: Store, *, ks=(5, 10), resamples: int = 1000, seed: int = 0,
     prompt_names: list[str] | None = None, smoothing_eps: float | None = None, alignment: align.PairAlignment | None = None,
+    ref_columns: dict[str, np.ndarray] | None = None,
 ) -> PairResult:  # fmt: skip
     """One (reference, candidate) pair: per-position metrics, their aggregates and per-prompt ones. With an
-    `alignment` (cross_vocab), over the aligned positions only, in the shared vocabulary (align.py)."""
+    `alignment` (cross_vocab), over the aligned positions only, in the shared vocabulary (align.py). `ref_columns`
+    (reference_columns of `ref`) replace the pair's own reference-side columns, except in a cross_vocab pair, whose
+    reference rows are renormalised over the shared tokens."""
     if alignment is None:
         target = _aligned(ref_name, ref, cand_name, cand)
         keep = slice(None)
@@ -171,6 +187,8 @@ def compare(
                                "start a token at the same byte past each prompt's first token before a token both "
                                "vocabularies hold")  # fmt: skip
     m = pair_metrics(ref, cand, target, ks, smoothing_eps, (ref_name, cand_name), alignment)
+    if ref_columns is not None and alignment is None:
+        m |= ref_columns
     prompt = ref.read("prompt")[keep].numpy()
     names = prompt_names or [str(i) for i in range(int(prompt.max()) + 1)]
     m |= {"prompt": prompt, "position": ref.read("position")[keep].numpy(), "target": target.numpy()}

@@ -40,6 +40,39 @@ def _num(x, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
+def _fraction(x, decimals: int) -> str:
+    """A fraction (an agreement, a rate) to `decimals` places, with more (up to 6) where it would read as exactly 0 or
+    1 without being so: an agreement of 0.99956 is 0.9996, not 1.000."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+        return _num(x)
+    text = f"{x:.{decimals}f}"
+    while decimals < 6 and x not in (0, 1) and float(text) in (0, 1):
+        decimals += 1
+        text = f"{x:.{decimals}f}"
+    return text
+
+
+def _sig(v: float, se: float | None = None, digits: int = 4, near: float | None = None) -> str:
+    """v to `digits` significant digits (trailing zeros kept), and further to its standard error's second significant
+    digit where that is finer, as is `near - v` when given (a correlation of 99.9998% shows as that, not 100.0%); the se
+    rounded to the same place. Fixed point from 1e-4 to 1e6, else an exponent (the se then to 2 digits)."""
+    if not math.isfinite(v):
+        return _num(v)
+    se = se if se is not None and math.isfinite(se) and se > 0 else None
+    if not v and not se:
+        return "0"
+    e = math.floor(math.log10(abs(v))) if v else 0
+    last = e - digits + 1  # the power of ten of the last digit shown
+    for fine in (se, None if near is None else abs(near - v)):
+        if fine:
+            last = min(last, math.floor(math.log10(fine)) - 1)
+    if -4 <= e < 6 or not v:
+        dec = max(0, -last)
+        text = f"{round(v, -last) if last > 0 else v:.{dec}f}"
+        return text + (f" ± {round(se, -last) if last > 0 else se:.{dec}f}" if se else "")
+    return f"{v:.{e - last}e}" + (f" ± {se:.1e}" if se else "")
+
+
 def script_json(obj) -> str:
     """JSON to place inside <script type="application/json">: no '<', '>' or '&' can close the element."""
     text = json.dumps(records.json_safe(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -59,7 +92,7 @@ SUMMARY_HEAD = [  # (aggregate key, header, format)
     ("positions", "positions", "d"), ("kl_mean", "KL mean", ".3e"), ("kl_mean_se", "± se", ".1e"),
     ("kl_median", "KL median", ".2e"), ("kl_p99", "KL p99", ".2e"), ("kl_max", "KL max", ".2e"),
     ("kl_rev_mean", "rev. KL", ".2e"), ("js_mean", "JS", ".2e"), ("tv_mean", "TV", ".2e"),
-    ("top1_agree", "top-1 agree", ".4f"), ("top1_agree_se", "± se", ".4f"), ("top5_overlap", "top-5 overlap", ".4f"),
+    ("top1_agree", "top-1 agree", 4), ("top1_agree_se", "± se", ".4f"), ("top5_overlap", "top-5 overlap", 4),
     ("delta_p_rms", "Δp RMS", ".2e"), ("ppl_ref", "PPL ref", ".3f"), ("ppl_cand", "PPL cand", ".3f"),
     ("ppl_ratio", "PPL ratio", ".5f"),
 ]  # fmt: skip
@@ -78,7 +111,7 @@ def summary_table(record: records.RunRecord) -> str:
         for key, _, spec in head:
             v = p.aggregates.get(key)
             raw = "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
-            cells.append(f'<td data-v="{raw}">{_num(v, spec)}</td>')
+            cells.append(f'<td data-v="{raw}">{_fraction(v, spec) if isinstance(spec, int) else _num(v, spec)}</td>')
         rows.append(f'<tr class="{"floor" if floor else ""}">{"".join(cells)}</tr>')
     rows.append("</tbody></table></div>")
     floor = "; × floor: mean KL over the noise-floor pair's" if record.noise_floor else ""
@@ -115,7 +148,7 @@ def _bins_table(bins: list[dict]) -> str:
         rows.append(
             f"<tr><td>{b['p_top_lo']:g}–{b['p_top_hi']:g}</td><td>{b['positions']}</td>"
             f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}</td>"
-            f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_num(b['flip_rate'], '.3f')}</td></tr>"
+            f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_fraction(b['flip_rate'], 3)}</td></tr>"
         )
     return "".join(rows) + "</table>"
 
@@ -136,13 +169,14 @@ def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -
 
 
 def _llama_cell(a: dict, row: tuple) -> str:
-    """A row's value for the page: 4 significant digits (± 2), its unit; "–" where the pair has none."""
+    """A row's value for the page (see _sig: 4 significant digits, more where its se or its distance from 100% needs
+    them), its unit; "–" where the pair has none."""
     _, key, _, se_fmt, scale, unit = row
     v, se = a.get(key), a.get(f"{key}_se")
     if v is None:
         return "–"
-    text = _num(float(v) * scale, ".4g") + (f" ± {_num(float(se) * scale, '.2g')}" if se_fmt is not None and se is not None else "")
-    return _e(text + unit)
+    se = float(se) * scale if se_fmt is not None and se is not None else None
+    return _e(_sig(float(v) * scale, se, near=100.0 if unit.strip() == "%" and se is None else None) + unit)
 
 
 def llama_section(record: records.RunRecord) -> str:
@@ -150,7 +184,7 @@ def llama_section(record: records.RunRecord) -> str:
     out = [
         "<h2 id=llama>In llama.cpp's terms</h2><p>The statistics of <code>llama-perplexity --kl-divergence</code>, in its "
         "rows and units (Δp and same top p in %, ± a standard error), over the scored positions of this run, to 4 "
-        "significant digits (<code>kl_report.txt</code> has them in its own fixed-point formats). Q: the candidate; "
+        "significant digits or to the standard error's second, whichever is finer (<code>kl_report.txt</code> has them in its own fixed-point formats). Q: the candidate; "
         "base: the reference.</p>"
         "<div class=wide><table id=llama><tr><th>statistic</th>",
         *(f"<th>{_e(p.candidate)}</th>" for p in record.pairs),
@@ -172,7 +206,7 @@ def matrix_section(record: records.RunRecord) -> str:
     models = list(dict.fromkeys([r["a"] for r in record.matrix] + [r["b"] for r in record.matrix]))
     cell = {(r["a"], r["b"]): r for r in record.matrix} | {(r["b"], r["a"]): r for r in record.matrix}
     out = ["<h2 id=matrix>All pairs</h2><div class=cards>"]
-    for key, title, kind, spec in (("top1_agree", "top-1 agreement", "top1", ".3f"), ("sym_kl_mean", "symmetric KL (nats)", "kl", ".2e")):
+    for key, title, kind, spec in (("top1_agree", "top-1 agreement", "top1", 3), ("sym_kl_mean", "symmetric KL (nats)", "kl", ".2e")):
         rows = [f"<div class=card><h3>{title}</h3><div class=wide><table class=heat id=heat-{kind}><tr><th></th>"]
         rows += [f"<th class=rot><span>{_e(m)}</span></th>" for m in models]
         rows.append("</tr>")
@@ -183,7 +217,7 @@ def matrix_section(record: records.RunRecord) -> str:
                     rows.append('<td class=self title="the same model">–</td>')
                     continue
                 v = cell.get((a, b), {}).get(key)
-                rows.append(f'<td style="background:{heat(v, kind)}" title="{_e(a)} vs {_e(b)}">{_num(v, spec)}</td>')
+                rows.append(f'<td style="background:{heat(v, kind)}" title="{_e(a)} vs {_e(b)}">{_fraction(v, spec) if isinstance(spec, int) else _num(v, spec)}</td>')
             rows.append("</tr>")
         out.append("".join(rows) + "</table></div></div>")
     legend = "".join(f'<span style="background:{heat(v, "top1")}">{v:g}</span>' for v in (0.999, 0.99, 0.95, 0.8, 0.5))
@@ -240,8 +274,10 @@ def throughput_section(record: records.RunRecord) -> str:
         "The ceilings are the best measured in the run; each case is also held against the read ceiling measured just "
         "before and after it (<i>near</i>), as a shared machine's memory runs in phases. <i>of ceiling</i>: logits bytes "
         "read per second over the near read ceiling; <i>of run</i>: the same over the run's; <i>of bound</i>: rows/s over "
-        "what memory allows the case's reads and writes of its sparse form at the near ceilings.</p>",
-        "<table class=sortable id=bench><thead><tr><th data-type=text>impl</th><th>batch</th><th data-type=text>dtype</th>"
+        "what memory allows the case's reads and writes of its sparse form at the near ceilings. A fraction over 100% "
+        "means the case ran in a faster memory phase than its near probes saw, or (of bound) that its output stayed in "
+        "the cache between calls.</p>",
+        "<div class=wide><table class=sortable id=bench><thead><tr><th data-type=text>impl</th><th>batch</th><th data-type=text>dtype</th>"
         "<th data-type=text>inputs</th><th data-type=text>filter</th><th>rows/s</th><th>GB/s</th><th>near GB/s</th>"
         "<th>of ceiling</th><th>of bound</th><th>of run</th><th>× snippet</th><th>spread</th></tr></thead><tbody>",
     ]
@@ -260,7 +296,7 @@ def throughput_section(record: records.RunRecord) -> str:
             f"<td data-v=\"{spread}\">{_num(spread, '.0%')}</td></tr>"
         )
     notes = [f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in (t.get("notes") or {}).items()]
-    return ("".join(rows) + "</tbody></table><p class=small>rows/s × the row width is the logit tokens per second; spread: "
+    return ("".join(rows) + "</tbody></table></div><p class=small>rows/s × the row width is the logit tokens per second; spread: "
             "interquartile range over median.</p>" + (f"<ul class=small>{''.join(notes)}</ul>" if notes else ""))
 
 
@@ -375,7 +411,7 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
         "kl": kl,
         "prompts": [{"id": p["id"], "texts": p["texts"]} for p in tokens["prompts"]],
         # each pair's per-prompt aggregates (prompts.csv) for the view's table: [prompt index, *PROMPT_COLUMNS]
-        "prompt_rows": {p.candidate: [[index.get(r["prompt"], -1), *_round([_float(r.get(k)) for k in PROMPT_COLUMNS])]
+        "prompt_rows": {p.candidate: [[index.get(r["prompt"], -1), *_round([_float(r.get(k)) for k in PROMPT_COLUMNS], 7)]
                                       for r in p.prompts] for p in record.pairs},  # fmt: skip
         "vocab": tokens["vocab"],
         "top": {},
@@ -385,7 +421,7 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
             for key in z.files:
                 model, part = key.rsplit(".", 1)
                 a = z[key]
-                data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 3)
+                data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 4)
     return data
 
 

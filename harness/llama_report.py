@@ -14,12 +14,13 @@ from harness import records
 
 
 def llama_number(x, width: int, decimals: int) -> str:
-    """printf's `%{width}.{decimals}f`, as llama.cpp prints, with more decimals (up to 12) where that would show
-    fewer than 4 significant digits: a float16-vs-float32 KL of 4.5e-6 reads 0.000004531, not 0.000005. Never an
-    exponent, so that scripts written for llama.cpp's log read the number whole."""
+    """printf's `%{width}.{decimals}f`, as llama.cpp prints, with more decimals (up to 24) where that would show
+    fewer than 4 significant digits: a float16-vs-float32 KL of 4.5e-6 reads 0.000004531, not 0.000005, and a median
+    Δp of -5.207e-12 % -0.000000000005207%. Never an exponent, so that scripts written for llama.cpp's log read the
+    number whole."""
     x = float("nan") if x is None else float(x)  # float(): "inf" from a strict-JSON record
     if math.isfinite(x) and x != 0:
-        decimals = min(max(decimals, 3 - math.floor(math.log10(abs(x)))), 12)
+        decimals = min(max(decimals, 3 - math.floor(math.log10(abs(x)))), 24)
     return f"{x:{width}.{decimals}f}"
 
 

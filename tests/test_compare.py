@@ -64,6 +64,35 @@ def test_compare_streams_blocks_and_counts_infinite_kl(tmp_path):
     assert len(result.prompts) == 7 and sum(p["positions"] for p in result.prompts) == n
 
 
+def test_every_pair_reports_the_same_reference_columns(tmp_path):
+    """The reference-side per-position metrics (and so PPL(base), the reference's entropy and its confidence bins)
+    are one set per run, whatever the candidate: here one candidate sends some rows to the fused kernel's float64
+    path (a -inf) and the other does not. They equal a float64 computation by hand."""
+    gen = torch.Generator().manual_seed(1)
+    n, v = 40, 3000
+    ref = torch.log_softmax(torch.randn(n, v, generator=gen) * 3, -1)
+    mild = torch.log_softmax(ref + 0.05 * torch.randn(n, v, generator=gen), -1)
+    harsh = mild.clone()
+    harsh[::3, 7] = -torch.inf
+    target = torch.randint(0, v, (n,), generator=gen)
+    prompt = torch.arange(n) // 10
+    a = _store(tmp_path / "a", ref, target, prompt)
+    own = compare.reference_columns(a)
+    results = [compare.compare("ref", a, name, _store(tmp_path / name, c, target, prompt), ks=(5,), resamples=10, ref_columns=own)
+               for name, c in (("mild", mild), ("harsh", harsh))]  # fmt: skip
+    for key in compare.REFERENCE_COLUMNS:
+        assert (results[0].positions[key] == results[1].positions[key]).all(), key
+    for key in ("ppl_ref", "entropy_ref_mean"):
+        assert results[0].aggregates[key] == results[1].aggregates[key], key
+    lp = ref.half().double()
+    lp = lp - torch.logsumexp(lp, -1, keepdim=True)
+    top2 = lp.exp().topk(2, dim=-1).values
+    np.testing.assert_allclose(own["nll_ref"], -lp.gather(1, target[:, None]).squeeze(1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(own["entropy_ref"], -(lp.exp() * lp).sum(-1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(own["p_top_ref"], top2[:, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(own["margin_ref"], (top2[:, 0] - top2[:, 1]).numpy(), rtol=1e-6, atol=1e-12)
+
+
 def test_misaligned_stores_are_refused(tmp_path):
     logp = torch.log_softmax(torch.randn(4, 10), -1)
     a = _store(tmp_path / "a", logp, torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long))

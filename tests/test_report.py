@@ -130,14 +130,49 @@ def test_noise_floor_multiples_and_a_floor_without_drift():
 
 
 def test_llama_number_keeps_four_digits_in_fixed_point():
-    """printf's %10.6f where it shows 4 or more significant digits, more decimals (up to 12) where not."""
+    """printf's %10.6f where it shows 4 or more significant digits, more decimals (up to 24) where not."""
     assert llama_report.llama_number(18.274923456, 10, 6) == " 18.274923"  # as llama.cpp prints it
     assert llama_report.llama_number(0.171127, 10, 6) == "  0.171127"
     assert llama_report.llama_number(4.5312e-06, 10, 6) == "0.000004531"
     assert llama_report.llama_number(-2.0571e-3 * 100, 6, 3) == "-0.2057"
-    assert llama_report.llama_number(-2.98e-14, 6, 3) == "-0.000000000000"
+    assert llama_report.llama_number(-5.207e-12, 6, 3) == "-0.000000000005207"  # a float16 pair's median Δp, in %
+    assert llama_report.llama_number(-2.98e-26, 6, 3) == "-0.000000000000000000000000"  # 24 decimals at most
     assert llama_report.llama_number(0.0, 10, 6) == "  0.000000"
     assert [llama_report.llama_number(x, 10, 6).strip() for x in (None, float("nan"), "inf", float("-inf"))] == ["nan", "nan", "inf", "-inf"]
+
+
+def test_numbers_on_the_page_keep_their_digits():
+    """The page's formats: at least 4 significant digits with trailing zeros kept, more to reach a standard error's
+    second digit or a correlation's distance from 100%; an agreement that is not 1 never reads 1.000."""
+    sig = html_report._sig
+    assert sig(1.000044, 0.0001014) == "1.00004 ± 0.00010"  # a good quant's PPL ratio: not "1 ± 0.0001"
+    assert sig(4216.619, 35.2) == "4217 ± 35" and sig(13260.4, 1998.0) == "13260 ± 2000"
+    assert sig(14.002261) == "14.00" and sig(0.548) == "0.5480" and sig(-0.34) == "-0.3400"
+    assert sig(4.531e-06, 3.3e-07) == "4.531e-06 ± 3.3e-07" and sig(-5.2e-12) == "-5.200e-12" and sig(1e7) == "1.000e+07"
+    assert sig(99.99981, near=100.0) == "99.99981" and sig(97.5, near=100.0) == "97.50"
+    assert sig(0.0) == "0" and sig(float("inf")) == "∞" and sig(0.0, 0.02) == "0.000 ± 0.020"
+    frac = html_report._fraction
+    assert [frac(v, 3) for v in (0.99956, 0.9999996, 1.0, 0.0, 0.0004, 0.5)] == ["0.9996", "1.000000", "1.000", "0.000", "0.0004", "0.500"]
+    assert frac(None, 3) == "–"
+
+
+def test_the_view_data_keeps_the_digits_the_page_shows(micro_run):
+    """The token view's per-prompt rows to 7 significant digits (its PPL ratio shows 4 decimals) and the top-5
+    probabilities to 4 (shown to 4 significant digits)."""
+    run_dir, _ = micro_run
+    rec = records.read(run_dir)
+    positions = {p.candidate: records.load_positions(run_dir, p) for p in rec.pairs}
+    data = html_report.view_data(run_dir, rec, positions, records.load_tokens(run_dir, rec))
+    ratio = 1 + html_report.PROMPT_COLUMNS.index("ppl_ratio")
+    names = [p["id"] for p in data["prompts"]]
+    for r in csv.DictReader((run_dir / "prompts.csv").open()):
+        row = next(x for x in data["prompt_rows"][r["candidate"]] if names[x[0]] == r["prompt"])
+        assert row[ratio] == pytest.approx(float(r["ppl_ratio"]), rel=5e-7)
+    with np.load(run_dir / rec.files["top_tokens"]) as z:
+        for key in z.files:
+            model, part = key.rsplit(".", 1)
+            if part == "probs":
+                np.testing.assert_allclose(data["top"][model]["probs"], z[key].reshape(-1), rtol=5e-4, atol=0)
 
 
 def test_kl_report_txt_in_llama_cpp_terms(micro_run):
@@ -259,9 +294,11 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     heads = page.locator("#llama tr").first.locator("th").all_inner_texts()[1:]
     pairs = {p.candidate: p.aggregates for p in records.read(run_dir).pairs}
     assert heads == list(pairs)
-    for label, fmt in (("Mean Δp", lambda a: f"{100 * a['delta_p_mean']:.4g} ± {100 * a['delta_p_mean_se']:.2g} %"),
-                       ("Same top p", lambda a: f"{100 * a['top1_agree']:.4g} ± {100 * a['top1_agree_se']:.2g} %"),
-                       ("Mean PPL(Q)-PPL(base)", lambda a: f"{a['ppl_diff']:.4g} ± {a['ppl_diff_se']:.2g}")):  # fmt: skip
+    sig = html_report._sig  # test_numbers_on_the_page_keep_their_digits checks it
+    for label, fmt in (("Mean Δp", lambda a: f"{sig(100 * a['delta_p_mean'], 100 * a['delta_p_mean_se'])} %"),
+                       ("Same top p", lambda a: f"{sig(100 * a['top1_agree'], 100 * a['top1_agree_se'])} %"),
+                       ("Mean PPL(Q)-PPL(base)", lambda a: sig(a['ppl_diff'], a['ppl_diff_se'])),
+                       ("Cor(ln(PPL(Q)), ln(PPL(base)))", lambda a: f"{sig(100 * a['nll_correlation'], near=100.0)}%")):  # fmt: skip
         cells = page.locator("#llama tr", has=page.locator("td", has_text=label)).first.locator("td").all_inner_texts()
         assert cells == [label] + [fmt(a) for a in pairs.values()], label
     # sorting by mean KL puts fp16 (~1e-6) first and a different model last
@@ -273,6 +310,8 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert page.locator("#tokens-out span.tok").count() > 5
     page.locator("#tokens-out span.tok").nth(3).click()
     assert page.locator("#detail table").count() == 2 and page.locator("#detail table tr").count() == 2 * 6
+    shown = [t for t in page.locator("#detail td").all_inner_texts() if not t.startswith('"') and not t.startswith("#")]
+    assert len(shown) == 10 and all(re.fullmatch(r"0|[1-9]\.\d{3}(e-\d+)?|0\.0*[1-9]\d{3}", t) for t in shown), shown  # 4 digits
     # the per-prompt table: the pair's prompts.csv rows, most drift first; a click on a name shows that prompt
     page.locator("#pair-select").select_option("s-chat-gptq-int4")
     csv_rows = [r for r in csv.DictReader((run_dir / "prompts.csv").open()) if r["candidate"] == "s-chat-gptq-int4"]
@@ -322,6 +361,28 @@ def test_html_payloads_in_prompts_show_as_text_and_run_nothing(browser, micro_ru
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert page.locator("img").count() == 0 and page.locator("#tokens-out script").count() == 0
     assert seen["errors"] == [] and len(seen["requests"]) == 1  # an <img src=x> that rendered would request x
+
+
+def test_the_throughput_table_scrolls_in_its_own_box(browser, micro_run, tmp_path):
+    """A run record with `harness bench`'s result attached: its table (13 columns) scrolls in its own box at a narrow
+    window, as the other wide tables do, and the page itself does not."""
+    run_dir, _ = micro_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    rec = records.read(copy)
+    case = {"impl": "fused-cpu", "dtype": "bfloat16", "inputs": "raw", "filter": "top-k", "rows_per_s": 48591.2, "gbps": 14.77,
+            "near_read_gbps": 29.6, "fraction_of_ceiling": 0.4989, "fraction_of_bound": 0.4989, "fraction_of_run_ceiling": 0.4907,
+            "speedup_vs_snippet": 1016.0, "median_s": 0.0052, "iqr_s": 0.0004}  # fmt: skip
+    rec.throughput = {"device": "cpu", "device_name": "a CPU", "read_ceiling_gbps": 30.1, "copy_ceiling_gbps": 13.0,
+                      "write_ceiling_gbps": 18.1, "results": [case | {"batch": b} for b in (16, 256, 4096)]}  # fmt: skip
+    records.write(copy, rec)
+    report.render(copy)
+    page, seen = open_page(browser, copy / "index.html")
+    assert page.locator("#bench tbody tr").count() == 3 and page.locator("div.wide > #bench").count() == 1
+    for width in (800, 390):
+        page.set_viewport_size({"width": width, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), width
+    assert seen["errors"] == []
 
 
 def test_a_failed_run_renders_its_error(browser, micro_run, tmp_path):

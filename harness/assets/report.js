@@ -67,7 +67,8 @@ function topTable(model, i) {
     const r = t.insertRow();
     const id = top.ids[5 * i + k];
     r.appendChild(el("td", JSON.stringify(D.vocab[id] !== undefined ? D.vocab[id] : `#${id}`)));
-    r.appendChild(el("td", Number(top.probs[5 * i + k]).toFixed(4)));
+    const p = Number(top.probs[5 * i + k]); // 4 significant digits in the data
+    r.appendChild(el("td", p === 0 ? "0" : p >= 1e-3 ? p.toPrecision(4) : p.toExponential(3)));
   }
   return t;
 }
