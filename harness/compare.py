@@ -7,6 +7,7 @@ Memory stays at a few [BLOCK, V] float64 blocks plus one float per metric and po
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -70,15 +71,18 @@ def position_metrics_fn():
 
 def pair_metrics(
     ref: Store, cand: Store, target: torch.Tensor, ks, smoothing_eps: float | None = None, names=("reference", "candidate"),
-    alignment: align.PairAlignment | None = None,
+    alignment: align.PairAlignment | None = None, float64_only: bool = False,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Every per-position metric of two stores, row by row; or, with an `alignment` (cross_vocab), of the aligned
-    rows projected onto the shared vocabulary (align.VocabMap), `target` then being the reference's at those rows."""
+    rows projected onto the shared vocabulary (align.VocabMap), `target` then being the reference's at those rows.
+    `float64_only`: the fused kernel without its float32 fast path (the torch path is float64 throughout)."""
     fn, rows = position_metrics_fn()
     parts: dict[str, list] = {}
     start = 0
     # the fused kernel reads the stored dtype straight from the memory map; the torch path wants float32
     fused = fn is metrics_fused.fused_position_metrics
+    if fused and float64_only:
+        fn = functools.partial(fn, float64_only=True)
     if alignment is None:
         ref_blocks, cand_blocks = (s.blocks(rows, renormalise=False, reuse=not fused, native=fused) for s in (ref, cand))
         rows_of = None
@@ -159,11 +163,12 @@ REFERENCE_COLUMNS = ("nll_ref", "entropy_ref", "p_top_ref", "margin_ref")
 
 
 def reference_columns(ref: Store) -> dict[str, np.ndarray]:
-    """REFERENCE_COLUMNS of every stored row, from the reference alone (its rows against themselves). A pair's own
-    values of them agree to ~1e-9 relative, but the fused kernel takes a row in float64 where either side needs it,
-    so they vary with the candidate; these are what every same-vocabulary pair reports, so that a run has one
-    reference PPL, entropy and confidence binning."""
-    m = pair_metrics(ref, ref, ref.read("target"), (1,))
+    """REFERENCE_COLUMNS of every stored row, from the reference alone (its rows against themselves, in float64: the
+    default run's PPL(base) to 1e-16 of a float64 log-sum-exp's, against 5e-11 from a pair, at 1.7x a pair's time). A
+    pair's own values of them agree to ~1e-9 relative, but the fused kernel takes a row in float64 where either side
+    needs it, so they vary with the candidate; these are what every same-vocabulary pair reports, so that a run has
+    one reference PPL, entropy and confidence binning."""
+    m = pair_metrics(ref, ref, ref.read("target"), (1,), float64_only=True)
     return {name: m[name] for name in REFERENCE_COLUMNS}
 
 

@@ -55,7 +55,7 @@ def _fraction(x, decimals: int) -> str:
 def _sig(v: float, se: float | None = None, digits: int = 4, near: float | None = None) -> str:
     """v to `digits` significant digits (trailing zeros kept), and further to its standard error's second significant
     digit where that is finer, as is `near - v` when given (a correlation of 99.9998% shows as that, not 100.0%); the se
-    rounded to the same place. Fixed point from 1e-4 to 1e6, else an exponent (the se then to 2 digits)."""
+    rounded to the same place. Fixed point from 1e-3 to 1e6, else an exponent (the se then to 2 digits)."""
     if not math.isfinite(v):
         return _num(v)
     se = se if se is not None and math.isfinite(se) and se > 0 else None
@@ -66,7 +66,7 @@ def _sig(v: float, se: float | None = None, digits: int = 4, near: float | None 
     for fine in (se, None if near is None else abs(near - v)):
         if fine:
             last = min(last, math.floor(math.log10(fine)) - 1)
-    if -4 <= e < 6 or not v:
+    if -3 <= e < 6 or not v:
         dec = max(0, -last)
         text = f"{round(v, -last) if last > 0 else v:.{dec}f}"
         return text + (f" ± {round(se, -last) if last > 0 else se:.{dec}f}" if se else "")
@@ -186,7 +186,7 @@ def llama_section(record: records.RunRecord) -> str:
         "rows and units (Δp and same top p in %, ± a standard error), over the scored positions of this run, to 4 "
         "significant digits or to the standard error's second, whichever is finer (<code>kl_report.txt</code> has them in its own fixed-point formats). Q: the candidate; "
         "base: the reference.</p>"
-        "<div class=wide><table id=llama><tr><th>statistic</th>",
+        "<div class=wide><table id=llama-table><tr><th>statistic</th>",
         *(f"<th>{_e(p.candidate)}</th>" for p in record.pairs),
         "</tr>",
     ]

@@ -148,6 +148,7 @@ def test_numbers_on_the_page_keep_their_digits():
     assert sig(1.000044, 0.0001014) == "1.00004 ± 0.00010"  # a good quant's PPL ratio: not "1 ± 0.0001"
     assert sig(4216.619, 35.2) == "4217 ± 35" and sig(13260.4, 1998.0) == "13260 ± 2000"
     assert sig(14.002261) == "14.00" and sig(0.548) == "0.5480" and sig(-0.34) == "-0.3400"
+    assert sig(1.891e-04, 6.4e-06) == "1.891e-04 ± 6.4e-06" and sig(0.002766, 0.000147) == "0.002766 ± 0.000147"
     assert sig(4.531e-06, 3.3e-07) == "4.531e-06 ± 3.3e-07" and sig(-5.2e-12) == "-5.200e-12" and sig(1e7) == "1.000e+07"
     assert sig(99.99981, near=100.0) == "99.99981" and sig(97.5, near=100.0) == "97.50"
     assert sig(0.0) == "0" and sig(float("inf")) == "∞" and sig(0.0, 0.02) == "0.000 ± 0.020"
@@ -269,6 +270,8 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     page, seen = open_page(browser, index)
     assert seen["errors"] == [] and [m for m in seen["console"] if m[0] in ("error", "warning")] == []
     assert seen["requests"] == [index.as_uri()]  # nothing but the file itself: no CDN, no font, no image
+    ids = page.evaluate("[...document.querySelectorAll('[id]')].map(e => e.id)")
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)  # each anchor names one element
     assert page.locator("#summary tbody tr").count() == len(CANDIDATES)
     assert page.locator("#summary tr.floor").inner_text().startswith("s-chat-bf16")
     assert page.locator("svg.chart").count() == 1 + len(CANDIDATES)  # the CDF, and a histogram per pair
@@ -290,8 +293,8 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert rows["s-chat-gptq-int4"][4] == "transformers\nTorchAtenLinear" and rows["s-chat-fp32"][4] == "transformers"
     assert rows["s-chat-fp32"][3] == "cpu"  # where its weights were is what its device says: not repeated
     # llama.cpp's rows, a column per candidate, in its units: Δp and same top p in % (± a standard error)
-    assert page.locator("#llama tr").count() == 1 + len(llama_report.LLAMA_ROWS)
-    heads = page.locator("#llama tr").first.locator("th").all_inner_texts()[1:]
+    assert page.locator("#llama-table tr").count() == 1 + len(llama_report.LLAMA_ROWS)
+    heads = page.locator("#llama-table tr").first.locator("th").all_inner_texts()[1:]
     pairs = {p.candidate: p.aggregates for p in records.read(run_dir).pairs}
     assert heads == list(pairs)
     sig = html_report._sig  # test_numbers_on_the_page_keep_their_digits checks it
@@ -299,7 +302,7 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
                        ("Same top p", lambda a: f"{sig(100 * a['top1_agree'], 100 * a['top1_agree_se'])} %"),
                        ("Mean PPL(Q)-PPL(base)", lambda a: sig(a['ppl_diff'], a['ppl_diff_se'])),
                        ("Cor(ln(PPL(Q)), ln(PPL(base)))", lambda a: f"{sig(100 * a['nll_correlation'], near=100.0)}%")):  # fmt: skip
-        cells = page.locator("#llama tr", has=page.locator("td", has_text=label)).first.locator("td").all_inner_texts()
+        cells = page.locator("#llama-table tr", has=page.locator("td", has_text=label)).first.locator("td").all_inner_texts()
         assert cells == [label] + [fmt(a) for a in pairs.values()], label
     # sorting by mean KL puts fp16 (~1e-6) first and a different model last
     page.locator("#summary th", has_text="KL mean").click()
