@@ -377,23 +377,31 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+# the defaults of the options --quick changes, without it and with it (an option given explicitly counts either way)
+DEFAULTS = {"batches": "1,16,256,4096", "dtypes": "float32,bfloat16", "repeats": 5, "ceiling_gib": 2.0}
+QUICK = {"batches": "1,16", "dtypes": "float32", "repeats": 3, "ceiling_gib": 1.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="harness bench", description=__doc__.split("\n")[0])
-    p.add_argument("--batches", default="1,16,256,4096", help="comma-separated batch sizes (rows per call)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, of {','.join(DTYPES)}")
+    p.add_argument("--batches", default=None, help=f"comma-separated batch sizes (rows per call; default {DEFAULTS['batches']})")
+    p.add_argument("--dtypes", default=None, help=f"comma-separated, of {','.join(DTYPES)} (default {DEFAULTS['dtypes']})")
     p.add_argument("--impls", default=None, help=f"comma-separated, of {','.join(impl_names())} (default all)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None, help=f"default {DEFAULTS['repeats']}")
     p.add_argument("--width", type=int, default=VOCAB, help="row width (vocabulary size)")
     p.add_argument("--snippet-max-batch", type=int, default=16)
-    p.add_argument("--ceiling-gib", type=float, default=2.0, help="buffer size for the read/copy ceiling")
+    p.add_argument("--ceiling-gib", type=float, default=None, help=f"buffer size for the read/copy ceiling (default {DEFAULTS['ceiling_gib']})")
     p.add_argument("--max-gb", type=float, default=8.0, help="skip cases whose working memory would exceed this")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--quick", action="store_true", help="batches 1,16, float32, 3 repeats, 1 GiB ceiling buffer")
+    p.add_argument("--quick", action="store_true", help="defaults of batches 1,16, float32, 3 repeats, a 1 GiB ceiling buffer")
     p.add_argument("--triton-settings", default=None, metavar="SWEEP_JSON",
                    help="time triton at the best settings of a `python3 -m harness.triton_sweep --json` file")
     p.add_argument("--into", default=None, metavar="RUN_DIR",
                    help="also store the result in that run's record (its HTML report gains a throughput section)")
     a = p.parse_args(argv)
+    for key, value in (QUICK if a.quick else DEFAULTS).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     try:
         ints = [int(b) for b in a.batches.split(",")]
     except ValueError:
@@ -412,8 +420,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown device {a.device!r}; choose cpu or cuda")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device")
-    if a.quick:
-        ints, dtypes, a.repeats, a.ceiling_gib = [1, 16], ["float32"], 3, 1.0
     settings = target = None
     if a.triton_settings:
         try:

@@ -288,6 +288,9 @@ def gate(
                 found += [Breach(name, r.metric, math.nan, math.nan, ABSENT, float(agg[r.metric])) for r in unchecked]
             else:
                 warnings.append(f"baseline pair {name!r} is not in this run: not compared" + ("" if strict else " (with --strict and --fail, a breach)"))
+    if n == 0:  # a gate that checked nothing must not pass in CI
+        raise GateError(f"no check ran on run {run.run_id}: " + "; ".join(warnings or ["no pair has the metrics the limits name"])
+                        + ". With --strict, a pair missing on either side is a breach; or give the variants the baseline's names")  # fmt: skip
     breaches = [b for b in found if not b.within_noise]
     noise = [b for b in found if b.within_noise]
     warnings += [f"within noise: {b.line()}" for b in noise]
@@ -333,9 +336,13 @@ def load_baseline(path: Path) -> records.RunRecord:
             "records: re-run the baseline with this harness"
         )
     try:
-        return records.read(path)
+        record = records.read(path)
     except records.RecordError as exc:
         raise GateError(str(exc)) from None
+    if record.status != "ok":
+        raise GateError(f"baseline {path} is the record of a run that failed ({record.error}); it has no numbers to "
+                        "compare with: give the run.json of a finished run")  # fmt: skip
+    return record
 
 
 def preflight(cfg, *, baseline: Path | None, fail: list[str]) -> None:

@@ -97,8 +97,9 @@ def run_compare(cfg) -> Path:
         return _compare(cfg)
     except (Exception, KeyboardInterrupt) as exc:  # the record says the run failed, and why; the error propagates
         run_dir, now = records.new_run_dir(cfg.reports_dir, cfg.model_dump_json())
+        why = str(exc) or ("interrupted (Ctrl-C or SIGINT)" if isinstance(exc, KeyboardInterrupt) else "no message")
         records.write(run_dir, records.RunRecord(
-            schema_version=records.SCHEMA_VERSION, run_id=run_dir.name, status="error", error=f"{type(exc).__name__}: {exc}",
+            schema_version=records.SCHEMA_VERSION, run_id=run_dir.name, status="error", error=f"{type(exc).__name__}: {why}",
             created_at=now.isoformat(), **records.environment(), seed=cfg.seed, batch_size=cfg.batch_size,
             config=json.loads(cfg.model_dump_json()),
         ))  # fmt: skip

@@ -281,18 +281,22 @@ def _unknown(loc: tuple) -> str:
     return f"unknown key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "") + f"; the {where} are: {', '.join(known)}"
 
 
-def _describe(error: ValidationError, origin: str) -> str:
+def _describe(error: ValidationError, origin: str, overridden: dict[str, str] | None = None) -> str:
+    """A validation error in one paragraph, each key named; a key set (or under one set) by a command-line override
+    says so, with the override."""
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        by = next((a for k, a in (overridden or {}).items() if key == k or key.startswith(k + ".")), None)
+        src = "" if by is None else f" (from the override {by!r})"
         if item["type"] == "extra_forbidden":
-            lines.append(_unknown(tuple(item["loc"])))
+            lines.append(_unknown(tuple(item["loc"])) + src)
         elif not item["loc"]:  # a check across keys: its message names them (the input is the whole file)
             lines.append(item["msg"].removeprefix("Value error, "))
         elif item["type"] == "missing":
             lines.append(f"missing key '{key}'")
         else:
-            lines.append(f"key '{key}': {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
+            lines.append(f"key '{key}'{src}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
     text = f"{origin}: " + "; ".join(lines)
     return text if text.endswith(("?", ".")) else text + "."
 
@@ -300,9 +304,11 @@ def _describe(error: ValidationError, origin: str) -> str:
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
-        data = _yaml(path.read_text()) or {}
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -313,10 +319,11 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(path))) from None
+        raise ConfigError(_describe(exc, str(path), {a.partition("=")[0]: a for a in overrides})) from None
     prompts = config.prompts if config.prompts.is_absolute() else path.parent / config.prompts
     if not prompts.is_file():
-        raise ConfigError(f"{path}: key 'prompts': prompt file {prompts} does not exist")
+        what = "is a folder, not a file" if prompts.is_dir() else "does not exist"
+        raise ConfigError(f"{path}: key 'prompts': prompt file {prompts} {what}")
     return config.model_copy(update={"prompts": prompts})
 
 

@@ -269,7 +269,9 @@ def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, wa
             bad = int((~torch.isfinite(lse)).nonzero()[0, 0]) + seg.offset + r
             raise ExtractError(
                 f"model {spec.name!r} produced NaN or infinite logits on prompt {name!r} at token {bad}; "
-                f"in {spec.dtype} its activations may overflow: try float32 (finished shards are kept)"
+                + (f"in {spec.dtype} its activations may overflow: try dtype float32" if spec.dtype != "float32" else
+                   "in float32 too, so its weights (or a quantized layer's kernel) likely hold NaN or inf: check the checkpoint")
+                + " (finished shards are kept)"
             )
         finite, kept = warp_stats(raw, ids, r, lse, warpers, top)
         buf["target"][rows] = ids[r + 1 : r_end + 1]
@@ -319,6 +321,8 @@ def extract(
     facts = {"store": str(store.root), "shards": len(plan), "reused_shards": len(plan) - len(missing)}
     if part is not None:
         facts |= {"part": f"{part[0]}/{part[1]}", "left_to_other_parts": len(missing) - len(todo)}
+    if not missing:
+        store.sweep()
     if not todo:
         log(f"{spec.name}: reusing {store.root}" if not missing else
             f"{spec.name}: part {part[0]}/{part[1]} is done; {len(missing)} shards of other parts still missing in {store.root}")  # fmt: skip
@@ -418,5 +422,7 @@ def extract(
             torch.cuda.empty_cache()
     facts |= {"extract_s": time.perf_counter() - start, "forward_s": forward_s}
     store.write_index({"key": key, "model": spec.model_dump(), "path": loaded.path, "n_vocab": n_vocab, "facts": facts})
+    if part is None:  # every shard is now complete (a part's worker leaves it to the other parts' last run)
+        store.sweep()
     log(f"{spec.name}: {len(todo)} shards written to {store.root}")
     return store, facts

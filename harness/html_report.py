@@ -417,11 +417,9 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
         "top": {},
     }
     if name := record.files.get("top_tokens"):
-        with np.load(run_dir / name) as z:
-            for key in z.files:
-                model, part = key.rsplit(".", 1)
-                a = z[key]
-                data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 4)
+        for key, a in records.load_npz(run_dir / name, "each model's top tokens").items():
+            model, part = key.rsplit(".", 1)
+            data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 4)
     return data
 
 
@@ -431,7 +429,7 @@ def render(run_dir: Path, record: records.RunRecord) -> str:
     js = resources.files("harness").joinpath("assets/report.js").read_text()
     positions = {p.candidate: records.load_positions(run_dir, p) for p in record.pairs}
     kl = {c: m["kl"] for c, m in positions.items()}
-    tokens = records.load_tokens(run_dir, record)
+    tokens = records.load_tokens(run_dir, record) if record.status == "ok" else None  # a failed run's: not needed
     n_vocab = (record.variants.get(record.reference or "", {}) or {}).get("n_vocab") or (tokens or {}).get("n_vocab")
     title = f"Drift report {record.run_id}"
     body = [f"<h1>{_e(title)}</h1>"]

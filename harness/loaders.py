@@ -90,9 +90,18 @@ def _folder_fingerprint(folder: Path, zoo_build: bool = False) -> str:
 
 def locate(spec: ModelSpec, zoo_profile: str) -> Loaded:
     """Where a model's weights are: a zoo build, a local folder, or a hub id."""
-    device = resolve_device(spec.device)
+    try:
+        device = resolve_device(spec.device)
+    except ExtractError as exc:
+        raise ExtractError(f"model {spec.name!r}: key 'device': {exc} (device: auto takes CUDA where there is one, "
+                           "else the CPU)") from None
     if spec.backend is not None:
         check_backend(spec)
+    local = spec.source.startswith("zoo:") or Path(spec.source).expanduser().is_dir()
+    if spec.revision and local:  # a folder has one version: from_pretrained would ignore the revision
+        raise ExtractError(f"model {spec.name!r}: key 'revision' ({spec.revision!r}) picks a commit of a hub id, and "
+                           f"source {spec.source!r} is a {'zoo build' if spec.source.startswith('zoo:') else 'local folder'}: "
+                           "drop the revision, or give the hub id")  # fmt: skip
     if spec.source.startswith("zoo:"):
         known = (*zoo.MODELS, *zoo.DAMAGED)
         if spec.source.removeprefix("zoo:") not in known:
@@ -128,12 +137,14 @@ def hub_commit(repo_id: str, revision: str) -> str | None:
 
 
 def _loading(loaded: Loaded, what: str, load):
-    """Runs a from_pretrained call; a missing file or an unreachable hub becomes one clear error."""
+    """Runs a from_pretrained call; a missing or damaged file or an unreachable hub becomes one clear error."""
+    from safetensors import SafetensorError
+
     try:
         return load()
-    except (OSError, ValueError) as exc:
-        hint = ""
-        if loaded.fingerprint.startswith("hub:"):
+    except (OSError, ValueError, SafetensorError) as exc:
+        hint = " A weights file is truncated or damaged: copy or download it again." if isinstance(exc, SafetensorError) else ""
+        if loaded.fingerprint.startswith("hub:") and not hint:
             hint = (
                 " It is a hub id: without network access (or HF_HUB_OFFLINE) it must already be in the "
                 "Hugging Face cache; otherwise download it elsewhere and give its local folder as `source`."

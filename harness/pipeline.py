@@ -49,6 +49,11 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
     generate = cfg.mode == "generate"
     if generate:
         limit = context - cfg.generate.max_new_tokens  # prompt + continuation must fit the context
+        if limit < 2:
+            raise prompts.PromptError(
+                f"{cfg.source_file}: key 'generate.max_new_tokens' is {cfg.generate.max_new_tokens}, and the reference "
+                f"{cfg.reference.name!r} has a context of {context} positions: prompt and continuation must fit it together"
+            )
     else:
         if cfg.text.context > context:
             raise prompts.PromptError(
@@ -82,7 +87,8 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
         if (limit := loaders.context_length(loaded[spec.name])) < longest:
             raise prompts.PromptError(
                 f"variant {spec.name!r} has a context of {limit} positions, but the run feeds it {longest} tokens "
-                f"at once; lower 'text.context' (or shorten the prompts) in {cfg.source_file}"
+                f"at once; " + (f"lower 'generate.max_new_tokens' or shorten the prompts (in {cfg.source_file})" if generate else
+                                f"lower 'text.context' in {cfg.source_file}")
             )
     return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides)
 

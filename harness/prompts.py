@@ -59,9 +59,14 @@ class TokenizedPrompts:
 def load(path: Path) -> tuple[Prompt, ...]:
     path = Path(path)
     if not path.is_file():
-        raise PromptError(f"prompt file {path} does not exist")
+        raise PromptError(f"prompt file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     prompts, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise PromptError(f"{path}:{line} is not UTF-8 text (byte {exc.start}: {exc.reason}); JSONL prompt files are UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

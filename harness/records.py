@@ -177,21 +177,38 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
     os.replace(tmp, latest)
 
 
-def load_positions(run_dir: Path, pair: PairRecord) -> dict[str, np.ndarray]:
-    """Every per-position array of one pair ([P] each: the metrics, prompt, position, target)."""
-    path = Path(run_dir) / pair.positions_file
+def _side_file(path: Path, what: str, exc: Exception) -> RecordError:
+    return RecordError(f"{path}: {what} that run.json names cannot be read ({exc}); the run folder is incomplete or "
+                       "damaged: run `harness compare` again")
+
+
+def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz beside a record; a missing, cut short or foreign file is a RecordError naming it."""
     try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # missing, cut short, or not an .npz
-        raise RecordError(f"{path}: the per-position data of pair {pair.candidate!r} that run.json names cannot be read "
-                          f"({exc}); the run folder is incomplete: run `harness compare` again") from None
+        raise _side_file(path, what, exc) from None
+
+
+def load_positions(run_dir: Path, pair: PairRecord) -> dict[str, np.ndarray]:
+    """Every per-position array of one pair ([P] each: the metrics, prompt, position, target)."""
+    return load_npz(Path(run_dir) / pair.positions_file, f"the per-position data of pair {pair.candidate!r}")
 
 
 def load_tokens(run_dir: Path, record: RunRecord) -> dict | None:
-    """tokens.json beside the record (each prompt's ids and texts, the text of every id shown), if any."""
+    """tokens.json beside the record (each prompt's ids and texts, the text of every id shown), if it names one."""
     name = record.files.get("tokens")
-    return json.loads((Path(run_dir) / name).read_text()) if name and (Path(run_dir) / name).exists() else None
+    if not name:
+        return None
+    path = Path(run_dir) / name
+    try:
+        tokens = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _side_file(path, "the prompts' tokens", exc) from None
+    if not isinstance(tokens, dict) or not {"prompts", "vocab"} <= set(tokens):
+        raise _side_file(path, "the prompts' tokens", ValueError("not an object with 'prompts' and 'vocab'"))
+    return tokens
 
 
 def _upgrade_1(raw: dict) -> dict:
@@ -236,6 +253,8 @@ def schema_of(path: Path) -> int | None:
 def run_dir(path) -> Path:
     """A run's folder, given the folder or its run.json."""
     path = Path(path)
+    if path.is_file() and path.name != "run.json":
+        raise RecordError(f"{path} is a file, not a run folder or its run.json")
     return path.parent if path.is_file() else path
 
 
@@ -252,8 +271,12 @@ def read(path: Path) -> RunRecord:
         raise RecordError(f"{path}: cannot read the run record: {exc}") from None
     if not isinstance(raw, dict):
         raise RecordError(f"{path}: a run record is a JSON object, this is a {type(raw).__name__}")
+    raw = upgrade(raw, str(path))
+    if raw.get("status") == "ok" and "pairs" not in raw:  # every finished run's record lists them, maybe none
+        raise RecordError(f"{path}: key 'pairs' is missing: the record of a finished run lists its pairs; the file is "
+                          "damaged: run `harness compare` again")  # fmt: skip
     try:
-        record = RunRecord.model_validate(upgrade(raw, str(path)))
+        record = RunRecord.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])

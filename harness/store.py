@@ -129,8 +129,21 @@ class Store:
         os.replace(tmp, self.root / "index.json")
 
     def index(self) -> dict | None:
+        """What the run that filled the store wrote about it (its facts and timings); None where it is missing or
+        damaged (the shards, each checked against its own sidecar, are what counts)."""
         path = self.root / "index.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (ValueError, OSError):
+            return None
+
+    def sweep(self) -> list[Path]:
+        """Removes the temporary files of shard writers that were killed (SIGKILL, a power cut: no `abort()` ran).
+        Only for a store whose every shard is complete, where no writer can still be at work on one."""
+        left = sorted(self.root.glob(".shard-*.tmp-*"))
+        for path in left:
+            path.unlink(missing_ok=True)
+        return left
 
     def shards(self) -> list[Path]:
         return sorted(self.root.glob("shard-*.safetensors"))

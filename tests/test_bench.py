@@ -395,6 +395,27 @@ def test_bad_row_is_an_error(impl, bad, why):
             sf.IMPLS[impl](x, filter, 20)
 
 
+def test_quick_sets_defaults_and_explicit_options_win(monkeypatch, capsys):
+    """--quick changes the defaults of --batches, --dtypes, --repeats and --ceiling-gib; an option given beside it
+    is what runs (it used to be replaced silently)."""
+    class Ran(Exception):
+        pass
+
+    def fake_run(*args, **kwargs):  # only the arguments matter
+        seen.append(args)
+        raise Ran
+
+    seen = []
+    monkeypatch.setattr(bench, "run", fake_run)
+    for argv, want in ((["--quick"], ([1, 16], ["float32"], 3, 1.0)),
+                       (["--quick", "--batches", "64", "--dtypes", "bfloat16", "--repeats", "2"], ([64], ["bfloat16"], 2, 1.0)),
+                       ([], ([1, 16, 256, 4096], ["float32", "bfloat16"], 5, 2.0))):  # fmt: skip
+        with pytest.raises(Ran):
+            bench.main(argv)
+        ints, dtypes, repeats, _, _, _, ceiling = seen[-1][:7]
+        assert (ints, dtypes, repeats, ceiling) == want, argv
+
+
 def test_quick_run_json_line(capsys):
     assert bench.main(["--quick", "--impls", "snippet,torch,fused-cpu,fused-alloc", "--ceiling-gib", "0.25", "--width", "20000"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

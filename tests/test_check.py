@@ -140,8 +140,8 @@ def test_a_metric_only_cross_vocab_pairs_have():
         check.gate(_run(GOOD, {"*": {"bpb_diff": {"max": 1.0}}}))
     with pytest.raises(GateError, match=r"--fail bpb_diff:\+0\.1: bpb_diff is an aggregate of cross_vocab pairs only"):
         check.gate(_run(GOOD), baseline=_run(GOOD, run_id="base"), baseline_path=Path("base"), fail=["bpb_diff:+0.1"])
-    v = check.gate(_run(GOOD), baseline=base, baseline_path=Path("base"), fail=["bpb_diff:+0.1"])  # the baseline has one
-    assert v["verdict"] == "pass" and any("baseline pair 'cut' is not in this run" in w for w in v["warnings"])
+    with pytest.raises(GateError, match="no check ran on run run: baseline pair 'cut' is not in this run"):  # the baseline has one
+        check.gate(_run(GOOD), baseline=base, baseline_path=Path("base"), fail=["bpb_diff:+0.1"])
 
 
 def test_usage_errors():
@@ -221,11 +221,15 @@ def test_usage_errors_come_before_the_comparison(tmp_path, capsys, monkeypatch):
     ran = []
     monkeypatch.setattr(cli, "run_compare", lambda cfg: ran.append(cfg) or tmp_path)
     gate = str(ROOT / "configs" / "ci-gate.yaml")
-    good = tmp_path / "good"
+    good, failed = tmp_path / "good", tmp_path / "failed"
     good.mkdir()
+    failed.mkdir()
     records.write(good, _run(GOOD, run_id="good"))
+    records.write(failed, records.RunRecord(schema_version=records.SCHEMA_VERSION, run_id="failed", status="error",
+                                            error="KeyboardInterrupt: interrupted", created_at="2026-11-25T00:00:00Z"))  # fmt: skip
     for args, message in (
         (["--fail", "kl_mean:+10%"], "give --baseline"),
+        (["--baseline", str(failed), "--fail", "kl_mean:+10%"], "is the record of a run that failed (KeyboardInterrupt: interrupted)"),
         (["--baseline", str(good), "--fail", "kl_mean+10%"], "expected METRIC:"),
         (["--baseline", str(good), "--fail", "kl_maen:+10%"], "unknown metric 'kl_maen'; did you mean kl_mean"),
         (["--baseline", str(tmp_path / "nowhere" / "run.json"), "--fail", "kl_mean:+10%"], "nowhere/run.json: no run record there"),
@@ -357,10 +361,10 @@ def test_a_baseline_pair_missing_from_the_run_warns_and_fails_only_with_strict(t
     assert [(b["pair"], b["metric"], b["rule"]) for b in v["breaches"]] == [("int8", "bpb_diff", check.ABSENT)]
     # a pair that is cross_vocab in this run and was not in the baseline: not compared, with a warning
     run = _run(GOOD | {"int8": base.pairs[2].aggregates})
-    v = check.gate(run, baseline=_run(GOOD | {"int8": _agg(1e-5, 1e-6, 0.999)}, run_id="base"), baseline_path=Path("b.json"),
+    with pytest.raises(check.GateError, match=r"no check ran on run .*--fail bpb_diff:\+0\.1: baseline pair 'int8' has no "
+                       r"bpb_diff \(it was not a cross_vocab pair there\): not compared"):  # a gate that checked nothing fails
+        check.gate(run, baseline=_run(GOOD | {"int8": _agg(1e-5, 1e-6, 0.999)}, run_id="base"), baseline_path=Path("b.json"),
                    fail=["bpb_diff:+0.1"])  # fmt: skip
-    assert v["verdict"] == "pass" and v["checks"] == 0
-    assert "--fail bpb_diff:+0.1: baseline pair 'int8' has no bpb_diff (it was not a cross_vocab pair there): not compared" in v["warnings"]
     # with config limits only (no --fail) there is nothing to compare it on: the warning stays, no breach
     v = check.gate(_run(GOOD, {"int4": {"kl_mean": {"max": 0.01}}}), baseline=base, baseline_path=Path("b.json"), strict=True)
     assert v["verdict"] == "pass" and any("baseline pair 'int8' is not in this run" in w for w in v["warnings"])

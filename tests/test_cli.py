@@ -175,4 +175,26 @@ def test_variant_with_a_shorter_context_is_refused(micro_zoo, tmp_path, tmp_stor
     overrides = ["zoo_profile=micro", f"prompts={SMALL}", "noise_floor=null", f"variants=[{{name: short, source: '{short}'}}]"]
     assert main(["extract", "--config", str(ROOT / "configs" / "default.yaml"), *overrides]) == 2
     err = capsys.readouterr().err
-    assert "variant 'short' has a context of 16 positions" in err and "text.context" in err
+    assert "variant 'short' has a context of 16 positions" in err and "lower 'text.context'" in err
+    # in generate mode the segments are prompt + continuation: the advice names that mode's key
+    assert main(["extract", "--config", str(ROOT / "configs" / "default.yaml"), *overrides, "mode=generate", "generate.max_new_tokens=4"]) == 2
+    err = capsys.readouterr().err
+    assert "variant 'short' has a context of 16 positions" in err and "lower 'generate.max_new_tokens' or shorten the prompts" in err
+    # and continuations as long as the reference's context leave no room for a prompt: the key is named, not a prompt
+    assert main(["extract", "--config", str(ROOT / "configs" / "default.yaml"), *overrides, "mode=generate", "generate.max_new_tokens=5000"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'generate.max_new_tokens' is 5000, and the reference 's-chat-fp32' has a context of" in err
+
+
+def test_an_interrupted_compare_leaves_an_error_record_saying_so(tmp_path, monkeypatch, capsys):
+    from harness import cli, records
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_compare", interrupted)
+    assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), f"reports_dir={tmp_path}"]) == 130
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # (`latest` stays on the last finished run)
+    rec = records.read(run_dir)
+    assert rec.status == "error" and rec.error == "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT)"
+    assert f"error record: {run_dir / 'run.json'}" in capsys.readouterr().err

@@ -86,6 +86,27 @@ def test_missing_prompt_file(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(tmp_path / "absent.yaml")
+    with pytest.raises(config.ConfigError, match="is a folder, not a file"):
+        config.load(tmp_path)
+    path = _write(tmp_path, BASE.replace("p.jsonl", "."))
+    with pytest.raises(config.ConfigError, match=r"key 'prompts': prompt file .* is a folder, not a file"):
+        config.load(path)
+
+
+def test_a_config_that_is_not_utf8_names_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.encode() + b"name: caf\xe9\n")
+    with pytest.raises(config.ConfigError, match=r"latin1\.yaml is not UTF-8 text \(byte \d+: invalid continuation byte\)"):
+        config.load(path)
+
+
+def test_a_bad_override_value_names_the_override(tmp_path):
+    """A value the file did not hold is not blamed on the file alone: the override that set it is named."""
+    path = _write(tmp_path, BASE)
+    with pytest.raises(config.ConfigError, match=r"key 'batch_size' \(from the override 'batch_size=-1'\): Input should be"):
+        config.load(path, ["batch_size=-1"])
+    with pytest.raises(config.ConfigError, match=r"unknown key 'metrics.top_kk'.* \(from the override 'metrics.top_kk=3'\)"):
+        config.load(path, ["metrics.top_kk=3"])
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):

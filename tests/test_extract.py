@@ -176,6 +176,15 @@ def test_store_is_reused_and_resumed(micro_zoo, tokens, segments, tmp_store, mon
     again, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
     assert again.root == first.root and facts["reused_shards"] == facts["shards"] and facts["extract_s"] == 0.0
 
+    # A writer killed by SIGKILL leaves its temporary files (no abort() ran); a damaged index.json only loses the first
+    # run's timings. A run over the complete store removes the one and does not trip on the other.
+    left = [first.root / ".shard-00001.safetensors.tmp-999999", first.root / ".shard-00001.json.tmp-999999"]
+    for path in left:
+        path.write_bytes(b"x" * 100)
+    (first.root / "index.json").write_text('{"broken')
+    _, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
+    assert facts["reused_shards"] == facts["shards"] and not any(path.exists() for path in left)
+
     # An interrupted run: one shard lost, another truncated, a third with one byte flipped (same size:
     # only the checksum tells); only those three are redone.
     first.shard_path(1).unlink()
@@ -218,7 +227,7 @@ def test_nan_logits_name_the_prompt_and_keep_finished_shards(micro_zoo, tokens, 
 
     monkeypatch.setattr(loaders, "load_model", poisoned)
     ids = tuple(p.id for p in tokens.prompts)
-    with pytest.raises(loaders.ExtractError, match=r"NaN or infinite logits on prompt '[\w-]+' at token \d+.*finished shards are kept"):
+    with pytest.raises(loaders.ExtractError, match=r"NaN or infinite logits on prompt '[\w-]+' at token \d+; in float32 too, so its weights .*finished shards are kept"):
         extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=2, store_dtype="float16", prompt_ids=ids, **QUIET)
     done = store.Store(next(tmp_store.iterdir()))
     assert done.is_complete(0)

@@ -123,8 +123,17 @@ def test_a_device_this_machine_lacks_is_a_clear_error():
         with pytest.raises(loaders.ExtractError, match=want):
             _placed(zoo.CHAT_S, f"cuda:{torch.cuda.device_count()}")
     else:
-        with pytest.raises(loaders.ExtractError, match="device 'cuda:1' was asked for, but this machine has no CUDA"):
+        with pytest.raises(loaders.ExtractError, match=f"model '{zoo.CHAT_S}': key 'device': device 'cuda:1' was asked for, but this machine has no CUDA"):
             _placed(zoo.CHAT_S, "cuda:1")
+
+
+def test_a_revision_of_a_folder_is_an_error(tmp_path):
+    """A zoo build or a local folder has one version: a `revision` would be ignored by from_pretrained, yet give the
+    model a store of its own."""
+    (tmp_path / "config.json").write_text("{}")
+    for source, kind in (("zoo:tiny-qwen1.5-s-chat", "zoo build"), (str(tmp_path), "local folder")):
+        with pytest.raises(loaders.ExtractError, match=f"model 'v': key 'revision' \\('abc'\\) picks a commit of a hub id, and source .* is a {kind}"):
+            loaders.locate(ModelSpec(name="v", source=source, revision="abc"), "micro")
 
 
 @pytest.mark.slow

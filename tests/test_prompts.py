@@ -30,6 +30,15 @@ def test_empty_file(tmp_path):
         prompts.load(path)
 
 
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"id": 1, "text": "a"}\n\xff\xfe{"id": 2}\n')
+    with pytest.raises(prompts.PromptError, match=r"p\.jsonl:2 is not UTF-8 text \(byte 23: invalid start byte\)"):
+        prompts.load(path)
+    with pytest.raises(prompts.PromptError, match="is a folder, not a file"):
+        prompts.load(tmp_path)
+
+
 @pytest.mark.parametrize(
     "row, message",
     [

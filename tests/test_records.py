@@ -92,3 +92,18 @@ def test_missing_or_broken_positions_file_is_a_record_error(tmp_path):
     (tmp_path / "positions-int4.npz").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(RecordError, match="run `harness compare` again"):
         records.load_positions(tmp_path, pair)
+
+
+def test_a_record_that_lost_its_pairs_is_refused_before_any_report_is_rewritten(tmp_path):
+    from harness import report
+
+    records.write(tmp_path, records.RunRecord(schema_version=records.SCHEMA_VERSION, status="ok", created_at="2026-01-01T00:00:00Z"))
+    raw = json.loads((tmp_path / "run.json").read_text())
+    del raw["pairs"]
+    (tmp_path / "run.json").write_text(json.dumps(raw))
+    (tmp_path / "summary.csv").write_text("kept")
+    with pytest.raises(RecordError, match="key 'pairs' is missing"):
+        report.render(tmp_path)
+    assert (tmp_path / "summary.csv").read_text() == "kept"
+    with pytest.raises(RecordError, match="is a file, not a run folder or its run.json"):
+        records.run_dir(tmp_path / "summary.csv")

@@ -241,6 +241,24 @@ def test_report_re_renders_from_the_record_alone(micro_run, tmp_path, monkeypatc
     assert (copy / "index.html").read_bytes() == (run_dir / "index.html").read_bytes()
 
 
+def test_damaged_side_files_are_errors_naming_them(micro_run, tmp_path):
+    """`harness report` on a run folder whose tokens.json or top_tokens.npz is missing, cut short or foreign: an error
+    naming the file (exit 2), not a traceback."""
+    run_dir, _ = micro_run
+    for name, content, message in (("top_tokens.npz", None, r"top_tokens\.npz: each model's top tokens that run\.json names"),
+                                   ("top_tokens.npz", b"garbage", r"top_tokens\.npz: .* incomplete or damaged"),
+                                   ("tokens.json", b"{", r"tokens\.json: the prompts' tokens that run\.json names"),
+                                   ("tokens.json", b"[]", r"tokens\.json: .*not an object with 'prompts' and 'vocab'")):  # fmt: skip
+        copy = tmp_path / f"{name}-{content}"
+        shutil.copytree(run_dir, copy)
+        (copy / name).unlink()
+        if content is not None:
+            (copy / name).write_bytes(content)
+        with pytest.raises(records.RecordError, match=message):
+            report.render(copy)
+        assert main(["report", str(copy)]) == 2
+
+
 def test_a_schema_1_record_still_renders(micro_run, tmp_path):
     run_dir, _ = micro_run
     copy = tmp_path / "old"
