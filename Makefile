@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 PIP := $(PY) -m pip --disable-pip-version-check
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install chromium compare check-quant check-quant-damaged extract bench gpu-test gpu-bench gpu-check zoo zoo-micro test test-fast clean-reports
+.PHONY: install chromium compare check-quant check-quant-damaged extract bench gpu-test gpu-bench gpu-check gpu-quick zoo zoo-micro test test-fast clean-reports
 
 install: $(STAMP)
 
@@ -68,6 +68,20 @@ gpu-bench:
 		--snippet-max-batch 1 --max-gb 100 --triton-settings reports/triton-sweep.json
 
 gpu-check: gpu-test gpu-bench
+
+# All of it in one device call of under 10 minutes, for a session lent 15 minutes of GPU time in all (start included):
+# the CUDA paths against the snippet, a 120 s sweep (its first phase compares each case's ways), then the bench at the
+# sweep's best (the defaults where the sweep wrote nothing). Each part under its own timeout; outputs in GPU_OUT.
+GPU_OUT ?= reports
+gpu-quick:
+	mkdir -p $(GPU_OUT)
+	-PYTHONPATH=$(CURDIR) timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k "cuda_matches_snippet" 2>&1 \
+		| tee $(GPU_OUT)/gpu-test.txt | tail -5
+	-PYTHONPATH=$(CURDIR) timeout 190 python3 -m harness.triton_sweep --seconds 120 --json $(GPU_OUT)/triton-sweep.json 2>&1 \
+		| tee $(GPU_OUT)/triton-sweep.txt | tail -30
+	PYTHONPATH=$(CURDIR) timeout 200 python3 -m harness.bench --device cuda --impls snippet,torch,compiled,triton \
+		--batches 1,16,256,4096 --snippet-max-batch 1 --max-gb 100 \
+		$$(test -s $(GPU_OUT)/triton-sweep.json && echo --triton-settings $(GPU_OUT)/triton-sweep.json) 2>&1 | tee $(GPU_OUT)/gpu-bench.txt
 
 zoo: $(STAMP)
 	$(VENV)/bin/harness zoo build
