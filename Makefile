@@ -70,8 +70,9 @@ gpu-bench:
 gpu-check: gpu-test gpu-bench
 
 # All of it in one device call of under 10 minutes, for a session lent 15 minutes of GPU time in all (start included):
-# the CUDA paths against the snippet, a 120 s sweep (its first phase compares each case's ways), then the bench at the
-# sweep's best (the defaults where the sweep wrote nothing). Each part under its own timeout; outputs in GPU_OUT.
+# the CUDA paths against the snippet, a 120 s sweep (its first phase compares each case's ways), then the bench of the
+# snippet, torch and Triton at the sweep's best (the defaults where the sweep wrote nothing; torch.compile's compiles
+# are left to gpu-bench). Each part under its own timeout; outputs in GPU_OUT.
 GPU_OUT ?= reports
 gpu-quick:
 	mkdir -p $(GPU_OUT)
@@ -79,7 +80,7 @@ gpu-quick:
 		| tee $(GPU_OUT)/gpu-test.txt | tail -5
 	-PYTHONPATH=$(CURDIR) timeout 190 python3 -m harness.triton_sweep --seconds 120 --json $(GPU_OUT)/triton-sweep.json 2>&1 \
 		| tee $(GPU_OUT)/triton-sweep.txt | tail -30
-	PYTHONPATH=$(CURDIR) timeout 200 python3 -m harness.bench --device cuda --impls snippet,torch,compiled,triton \
+	PYTHONPATH=$(CURDIR) timeout 200 python3 -m harness.bench --device cuda --impls snippet,torch,triton \
 		--batches 1,16,256,4096 --snippet-max-batch 1 --max-gb 100 \
 		$$(test -s $(GPU_OUT)/triton-sweep.json && echo --triton-settings $(GPU_OUT)/triton-sweep.json) 2>&1 | tee $(GPU_OUT)/gpu-bench.txt
 
