@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -433,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             target = records.read(Path(a.into))  # read first: a bad folder fails before the benchmark runs
         except records.RecordError as exc:
             p.error(f"--into: {exc}")
+    # each case's row on stderr as it is measured (a run stopped early keeps what it measured), the table on stdout
     record = run(ints, dtypes, a.repeats, impls, a.width, a.snippet_max_batch, a.ceiling_gib, a.max_gb, a.device,
-                 log=lambda msg: None, triton_settings=settings)
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True), triton_settings=settings)
     print(table(record))
     if target is not None:
         records.write(records.run_dir(a.into), target.model_copy(update={"throughput": record}))
