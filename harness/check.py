@@ -67,7 +67,7 @@ def standard_error(aggregates: dict, metric: str) -> float | None:
         return float(a[f"{metric}_se"])
     if metric == "ppl_ratio" and "ln_ppl_ratio_se" in a:  # delta method: se(e^x) = e^x se(x)
         return float(a["ppl_ratio"] * a["ln_ppl_ratio_se"])
-    if metric == "kl_floor_multiple" and a.get("kl_mean"):
+    if metric == "kl_floor_multiple" and a.get("kl_mean"):  # a record from before kl_floor_multiple_se: the pair's part
         return float(a["kl_floor_multiple"] * a.get("kl_mean_se", math.nan) / a["kl_mean"])
     if metric == "flip_rate" and "top1_agree_se" in a:
         return float(a["top1_agree_se"])

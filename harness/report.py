@@ -49,13 +49,19 @@ def summary_columns(record: records.RunRecord) -> list[str]:
 
 
 def add_floor(pairs: list[PairResult], floor: str | None) -> str | None:
-    """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place); returns a warning where the
-    floor's is 0 (then every multiple is NaN)."""
+    """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place), with its standard error: both
+    means' relative errors combined (delta method for a ratio, the two taken as independent, as a `max_x_floor`
+    limit combines them; the floor pair's own multiple is 1 exactly). Returns a warning where the floor's mean KL is
+    0 (then every multiple is NaN)."""
     if floor is None:
         return None
-    base = next(p for p in pairs if p.candidate == floor).aggregates["kl_mean"]
+    f = next(p for p in pairs if p.candidate == floor).aggregates
+    base, base_rel = f["kl_mean"], f.get("kl_mean_se", math.nan) / f["kl_mean"] if f["kl_mean"] > 0 else math.nan
     for p in pairs:
-        p.aggregates["kl_floor_multiple"] = p.aggregates["kl_mean"] / base if base > 0 else math.nan
+        a = p.aggregates
+        a["kl_floor_multiple"] = a["kl_mean"] / base if base > 0 else math.nan
+        rel = a.get("kl_mean_se", math.nan) / a["kl_mean"] if a["kl_mean"] > 0 else math.nan
+        a["kl_floor_multiple_se"] = 0.0 if p.candidate == floor and base > 0 else a["kl_floor_multiple"] * math.hypot(rel, base_rel)
     if base > 0:
         return None
     return (f"the noise floor pair {floor!r} has mean KL {base}: it gives the reference's distributions exactly, so no "

@@ -99,6 +99,25 @@ def test_a_floor_multiple_limit_carries_the_floors_standard_error():
     assert not check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor, strict=True).within_noise
 
 
+def test_the_same_limit_as_a_floor_multiple_has_the_same_noise_band():
+    """`kl_floor_multiple: {max: B}` states what `kl_mean: {max_x_floor: B}` does: its band carries the floor's error
+    too (report.add_floor's se: the delta method for a ratio, √((1e-4/4.15e-3)² + (1e-5/2e-4)²) x 20.75 = 1.152), so
+    both call this breach within noise; it was 0.5 from the pair's error alone, and failed."""
+    from harness import report
+    from harness.compare import PairResult
+
+    pairs = [PairResult("ref", "bf16", {"kl_mean": 2e-4, "kl_mean_se": 1e-5}, [], {}),
+             PairResult("ref", "int4", {"kl_mean": 4.15e-3, "kl_mean_se": 1e-4}, [], {})]  # fmt: skip
+    report.add_floor(pairs, "bf16")
+    floor, pair = pairs[0].aggregates, pairs[1].aggregates
+    assert floor["kl_floor_multiple"] == 1.0 and floor["kl_floor_multiple_se"] == 0.0
+    assert pair["kl_floor_multiple_se"] == pytest.approx(20.75 * math.hypot(1e-4 / 4.15e-3, 1e-5 / 2e-4), rel=1e-12)
+    as_floor = check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
+    as_multiple = check.Threshold("int4", "kl_floor_multiple", "max", 20).breach(pair, floor)
+    assert as_floor.within_noise and as_multiple.within_noise
+    assert as_multiple.noise == pytest.approx(as_floor.noise / floor["kl_mean"], rel=0.05)  # the same band, in floor units
+
+
 @pytest.mark.parametrize("text, limit", [("delta_p_mean:+10%", -0.0018), ("delta_p_mean:-10%", -0.0022),
                                          ("ln_ppl_ratio:+0.001", -0.001), ("ppl_diff:-5%", -0.0021)])  # fmt: skip
 def test_relative_fail_limits_on_negative_baselines(text, limit):
