@@ -285,3 +285,60 @@ def test_matrix_against_float64_from_the_stores(micro_run):
         row = matrix.get((a, b)) or matrix[(b, a)]
         assert float(row["sym_kl_mean"]) == pytest.approx(np.concatenate(sym).mean(), rel=1e-6), (a, b)
         assert float(row["top1_agree"]) == pytest.approx(np.concatenate(agree).mean(), abs=1e-12), (a, b)
+
+
+def _linear_percentile(x: np.ndarray, q: float) -> float:
+    """The q-th percentile between order statistics, by hand (numpy's default "linear" rule, not numpy's code)."""
+    s = sorted(float(v) for v in x)
+    h = (len(s) - 1) * q / 100
+    lo = math.floor(h)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (h - lo) * (s[hi] - s[lo])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_pair_aggregate_by_hand(seed):
+    """The pair aggregates the other tests leave out, from random per-position values: every divergence's mean ± se,
+    median, percentiles, min and max, Δp's and the top token's Δp's RMS ± se (delta method) and |Δp| percentiles, both
+    PPLs' and their ratio's se (delta method), entropies, flip rate, top-k overlaps, the reference top's rank; and the
+    warper summary. math.fsum, scipy.stats.sem and percentiles written by hand; within 1e-9 relative."""
+    rng = np.random.default_rng(1000 + seed)
+    n = int(rng.integers(50, 3000))
+    nll_r = rng.exponential(2, n)
+    nll_c = nll_r + rng.normal(0.02, 0.1, n)
+    m = {"kl": rng.lognormal(-7, 1.5, n), "kl_rev": rng.lognormal(-7, 1.5, n), "js": rng.lognormal(-8, 1, n),
+         "tv": rng.random(n) * 0.1, "top1_agree": rng.random(n) < 0.9, "top5_overlap": rng.integers(0, 6, n) / 5,
+         "top10_overlap": rng.integers(0, 11, n) / 10, "ref_top_rank": rng.integers(0, 4, n),
+         "delta_p": rng.normal(-0.001, 0.02, n), "delta_p_top": rng.normal(-0.003, 0.03, n), "nll_ref": nll_r,
+         "nll_cand": nll_c, "entropy_ref": rng.random(n) * 5, "entropy_cand": rng.random(n) * 5, "p_top_ref": rng.random(n),
+         "kl_smoothed": rng.lognormal(-6, 1, n), "kl_rev_smoothed": rng.lognormal(-6, 1, n)}  # fmt: skip
+    got = aggregate.pair_aggregates(m, np.sort(rng.integers(0, 12, n)), ks=(5, 10), resamples=0, seed=0)
+    want = {"positions": n}
+    for name in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "kl_rev_smoothed"):
+        x = m[name]
+        want |= {f"{name}_mean": math.fsum(x) / n, f"{name}_mean_se": stats.sem(x), f"{name}_median": _linear_percentile(x, 50),
+                 f"{name}_min": min(x), f"{name}_max": max(x), f"{name}_inf": 0}  # fmt: skip
+        want |= {f"{name}_p{q:g}".replace(".", "_"): _linear_percentile(x, q) for q in (99.9, 99, 95, 90, 10, 5, 1, 0.1)}
+    for name in ("delta_p", "delta_p_top"):
+        x = m[name]
+        rms = math.sqrt(math.fsum(x * x) / n)
+        want |= {f"{name}_rms": rms, f"{name}_rms_se": stats.sem(x * x) / (2 * rms)}  # d√u = du / (2√u)
+        want |= {f"{name}_abs_p{q}": _linear_percentile(np.abs(x), q) for q in (99, 95, 90)}
+    for side, nll in (("ref", nll_r), ("cand", nll_c)):
+        want[f"ppl_{side}_se"] = math.exp(math.fsum(nll) / n) * stats.sem(nll)  # d e^u = e^u du
+    d = nll_c - nll_r
+    want |= {"ppl_ratio": math.exp(math.fsum(d) / n), "ln_ppl_ratio_se": stats.sem(d), "ppl_ratio_se": math.exp(math.fsum(d) / n) * stats.sem(d),
+             "entropy_ref_mean": math.fsum(m["entropy_ref"]) / n, "entropy_cand_mean": math.fsum(m["entropy_cand"]) / n,
+             "flip_rate": 1 - int(m["top1_agree"].sum()) / n, "top5_overlap": math.fsum(m["top5_overlap"]) / n,
+             "top10_overlap": math.fsum(m["top10_overlap"]) / n, "ref_top_rank_mean": int(m["ref_top_rank"].sum()) / n}  # fmt: skip
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=0), key
+    finite, kept, pad = rng.integers(1, 50, n), rng.random(n), rng.random(n) * 1e-5
+    warp = aggregate.warp_summary(finite, kept, pad)
+    want = {"positions": n, "finite_mean": math.fsum(finite) / n, "finite_min": min(finite), "finite_max": max(finite),
+            "kept_mass_mean": math.fsum(kept) / n, "kept_mass_min": min(kept), "kept_mass_max": max(kept),
+            "single_finite_rate": int((finite == 1).sum()) / n, "pad_mass_max": max(pad)}  # fmt: skip
+    want |= {f"{name}_p{q}": _linear_percentile(x, q) for name, x in (("finite", finite), ("kept_mass", kept)) for q in (10, 50, 90)}
+    assert set(warp) == set(want)
+    for key, value in want.items():
+        assert warp[key] == pytest.approx(value, rel=1e-12, abs=0), key
