@@ -147,7 +147,8 @@ def spans(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The text cut at every start both tokenizations share (past byte 0), the last piece running to the end: each
     model predicts exactly the bytes of a span with the tokens that start in it, having read the same bytes before
-    it, so the two NLL sums over a span are the same event's (an exact cross-tokenizer likelihood). Returns each
+    it, so each NLL sum over a span is that model's likelihood of its own tokenization of the same bytes (not of the
+    bytes summed over every tokenization: see the README's "Bits per byte"). Returns each
     reference token's span ([len(ref_ids)] int64, -1 before the first span), each candidate token's, and [S] int64
     bytes per span."""
     a, b, length = _shared_starts(ref_keys, ref_ids, cand_keys, cand_ids, prompt, names)

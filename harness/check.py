@@ -189,10 +189,10 @@ def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Pa
     ri, bi = run.inputs, base.inputs
     for key, what in (("token_ids_sha256", "prompt set (token ids)"), ("tokenizer_sha256", "tokenizer")):
         if ri.get(key) and bi.get(key) and ri[key] != bi[key]:
-            raise GateError(
-                f"baseline {base_path} was made with another {what} ({bi.get('prompts_file')}, {bi.get('prompts')} prompts; "
-                f"this run: {ri.get('prompts_file')}, {ri.get('prompts')} prompts): its numbers are not comparable"
-            )
+            modes = (base.config.get("mode"), run.config.get("mode"))
+            why = (f"mode {modes[0]!r} there, {modes[1]!r} here: other positions are scored" if modes[0] != modes[1] else
+                   f"{bi.get('prompts_file')}, {bi.get('prompts')} prompts; this run: {ri.get('prompts_file')}, {ri.get('prompts')} prompts")
+            raise GateError(f"baseline {base_path} was made with another {what} ({why}): its numbers are not comparable")
     warnings = []
     if not (ri.get("token_ids_sha256") and bi.get("token_ids_sha256")):
         warnings.append("the prompt set and tokenizer cannot be verified: one record has no input fingerprints")
@@ -231,9 +231,14 @@ def gate(
             raise GateError(f"gate.{t.pair}: run {run.run_id} has no pair with candidate {t.pair!r}")
         if t.pair != "*" and t.metric not in pairs[t.pair]:
             raise GateError(f"gate.{t.pair}.{t.metric}: pair {t.pair!r} has no {t.metric} in run {run.run_id} "
-                            "(only a pair of two vocabularies has it, with cross_vocab)")  # fmt: skip
+                            "(only a pair whose variant reads the prompts with another tokenizer has it, with cross_vocab: "
+                            f"true; {t.pair!r} has the reference's ids)")  # fmt: skip
         if t.kind == "max_x_floor" and run.noise_floor not in pairs:
             raise GateError(f"gate.{t.pair}.{t.metric}: max_x_floor needs a noise floor, and run {run.run_id} has none")
+        if t.kind == "max_x_floor" and t.metric not in pairs[run.noise_floor]:
+            raise GateError(f"gate.{t.pair}.{t.metric}: a limit in multiples of the noise floor's {t.metric}, and the floor "
+                            f"pair {run.noise_floor!r} has none in run {run.run_id} (only a cross_vocab pair of two "
+                            "vocabularies has it): give this limit as max or min")  # fmt: skip
         if t.metric == "kl_floor_multiple" and run.noise_floor not in pairs:
             raise GateError(f"gate.{t.pair}.kl_floor_multiple needs a noise floor, and run {run.run_id} has none")
         # a divergence of 0 in the floor pair means it is the reference itself: no multiple of it means anything (a

@@ -326,9 +326,11 @@ def extract(
     if not todo:
         log(f"{spec.name}: reusing {store.root}" if not missing else
             f"{spec.name}: part {part[0]}/{part[1]} is done; {len(missing)} shards of other parts still missing in {store.root}")  # fmt: skip
-        first = (store.index() or {}).get("facts", {})  # the run that filled the store, for its timings
-        timings = {"first_load_s": first.get("load_s"), "first_extract_s": first.get("extract_s")}
-        return store, {**first, **facts, **timings, "load_s": 0.0, "extract_s": 0.0}
+        # the run that filled the store (the last part, where parts did), for its timings; this run's own are 0
+        filled = (store.index() or {}).get("facts", {})
+        first = {k: v for k, v in filled.items() if k not in ("part", "left_to_other_parts")}
+        timings = {"first_load_s": filled.get("load_s"), "first_extract_s": filled.get("extract_s"), "first_part": filled.get("part")}
+        return store, {**first, **facts, **timings, "load_s": 0.0, "extract_s": 0.0, "forward_s": 0.0}
     if len(missing) < len(plan):
         log(f"{spec.name}: resuming {store.root}: {len(plan) - len(missing)} of {len(plan)} shards kept from an earlier "
             f"run, {len(todo)} to fill" + (f" (and {len(missing) - len(todo)} left to other parts)" if len(todo) < len(missing) else ""))  # fmt: skip

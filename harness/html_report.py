@@ -135,8 +135,8 @@ def cross_vocab_note(record: records.RunRecord) -> str:
                 "of the candidate's. "
                 + (f"Each model's likelihood of the text on its own tokens, over the {a['bpb_bytes']} bytes of the "
                    f"{a['bpb_spans']} spans between shared splits: <b>{a['bpb_cand']:.4f}</b> bits per byte against "
-                   f"the reference's {a['bpb_ref']:.4f} (difference {a['bpb_diff']:+.4f} ± {a['bpb_diff_se']:.4f}): the "
-                   "exact comparison across tokenizers, where PPL over tokens is not. " if a.get("bpb_bytes") else "")
+                   f"the reference's {a['bpb_ref']:.4f} (difference {a['bpb_diff']:+.4f} ± {a['bpb_diff_se']:.4f}): "
+                   "comparable across tokenizers, where PPL over tokens is not. " if a.get("bpb_bytes") else "")
                 + "Its top tokens are not shown in the token view.</li>"
             )
     return f"<p>Cross-vocabulary pairs (<code>cross_vocab: true</code>):</p><ul>{''.join(items)}</ul>" if items else ""
@@ -340,7 +340,8 @@ def metadata_section(record: records.RunRecord) -> str:
     ]
     for name, v in record.variants.items():
         reused = v.get("reused_shards") == v.get("shards")
-        took = f" (store reused; filling it took {_num(v.get('first_extract_s'), '.1f')})" if reused else ""
+        by = f"its last part, {_e(v['first_part'])}," if v.get("first_part") else "filling it"
+        took = f" (store reused; {by} took {_num(v.get('first_extract_s'), '.1f')})" if reused else ""
         out.append(
             f"<tr><td>{_e(name)}</td><td class=path>{_e(v.get('source'))}{'@' + _e(v['revision']) if v.get('revision') else ''}</td>"
             f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}{_placed(v)}</td><td class=text>{_loader(v)}</td>"

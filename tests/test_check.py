@@ -150,8 +150,11 @@ def test_a_metric_only_cross_vocab_pairs_have():
     pairs = GOOD | {"cut": _agg(0.3, 0.02, 0.85) | {"bpb_diff": 1.7, "bpb_diff_se": 0.1}}
     v = check.gate(_run(pairs, {"*": {"bpb_diff": {"max": 1.0}}}))
     assert v["checks"] == 1 and [(b["pair"], b["metric"]) for b in v["breaches"]] == [("cut", "bpb_diff")]
-    with pytest.raises(GateError, match=r"gate\.int4\.bpb_diff: pair 'int4' has no bpb_diff .*cross_vocab"):
+    with pytest.raises(GateError, match=r"gate\.int4\.bpb_diff: pair 'int4' has no bpb_diff .*cross_vocab: true; 'int4' has the reference's ids"):
         check.gate(_run(pairs, {"int4": {"bpb_diff": {"max": 1.0}}}))
+    # in multiples of a floor pair that has none (a same-vocabulary floor): a usage error, not a KeyError (exit 3)
+    with pytest.raises(GateError, match=r"gate\.cut\.bpb_diff: a limit in multiples of the noise floor's bpb_diff, and the floor pair 'bf16' has none"):
+        check.gate(_run(pairs, {"cut": {"bpb_diff": {"max_x_floor": 2}}}))
     base = _run(GOOD | {"cut": pairs["cut"] | {"bpb_diff": 1.2}}, run_id="base")
     v = check.gate(_run(pairs), baseline=base, baseline_path=Path("base"), fail=["bpb_diff:+0.1"])
     assert v["checks"] == 1 and v["breaches"][0]["pair"] == "cut" and v["breaches"][0]["baseline"] == 1.2
@@ -185,6 +188,12 @@ def test_a_baseline_with_another_prompt_set_or_tokenizer_is_refused():
         other.inputs[key] = "c" * 64
         with pytest.raises(GateError, match="not comparable"):
             check.gate(_run(GOOD), baseline=other, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    # the same prompt file, read in generate mode: the message says what differs
+    other = _run(GOOD, run_id="base")
+    other.inputs["token_ids_sha256"] = "c" * 64
+    other.config["mode"] = "generate"
+    with pytest.raises(GateError, match=r"another prompt set \(token ids\) \(mode 'generate' there, 'text' here: other positions"):
+        check.gate(_run(GOOD), baseline=other, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
 
 
 def test_other_settings_and_machines_are_compared_with_a_warning_per_difference():

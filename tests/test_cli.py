@@ -112,6 +112,10 @@ def test_extract_in_parts_fills_the_same_store(micro_zoo, tmp_path, tmp_store, m
         assert out.count("shards kept from an earlier run, ") == 2 and ("left to other parts)" in out) == (k == 1)
     assert main(["compare", "--config", config, *overrides, f"reports_dir={tmp_path / 'reports'}"]) == 0
     assert capsys.readouterr().out.count("reusing") == 2  # every shard was there
+    from harness import records
+
+    facts = records.read(tmp_path / "reports" / "latest").variants["base"]  # not the last part's own: this run's
+    assert "part" not in facts and "left_to_other_parts" not in facts and facts["first_part"] == "3/3" and facts["forward_s"] == 0.0
 
     whole = tmp_path / "one-run"
     monkeypatch.setenv("HARNESS_STORE", str(whole))

@@ -174,7 +174,8 @@ def test_store_is_reused_and_resumed(micro_zoo, tokens, segments, tmp_store, mon
     assert (finite >= 1).all() and (finite <= 20).all()  # the chat model's top_k 20
 
     again, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
-    assert again.root == first.root and facts["reused_shards"] == facts["shards"] and facts["extract_s"] == 0.0
+    assert again.root == first.root and facts["reused_shards"] == facts["shards"] and facts["extract_s"] == facts["forward_s"] == 0.0
+    assert facts["first_extract_s"] > 0 and facts["first_part"] is None  # the filling run's time, beside this run's
 
     # A writer killed by SIGKILL leaves its temporary files (no abort() ran); a damaged index.json only loses the first
     # run's timings. A run over the complete store removes the one and does not trip on the other.
