@@ -190,6 +190,21 @@ def kept_per_row(x: torch.Tensor, filter: str) -> float:
     return sf.torch_filter(x, filter, TOP_K).indices.numel() / len(x)
 
 
+CHECKED_ROWS = 4  # rows of each case's output held to the snippet before it is timed
+
+
+def output_differs(got: sf.SparseRows, x: torch.Tensor, filter: str) -> str | None:
+    """Where the first CHECKED_ROWS rows of `got` (an implementation's output for the rows `x`, any device) differ from
+    the snippet's on the same rows (softmax_filter.same, 1e-6, the float64 softmax for its tie-break), the difference;
+    else None. What a benchmark times must be right: the sweep's fastest settings included, which no test may have run
+    on this device."""
+    n = min(CHECKED_ROWS, len(x))
+    end = int(got.offsets[n])
+    head = sf.SparseRows(got.offsets[: n + 1].cpu(), got.indices[:end].cpu(), got.values[:end].cpu())
+    rows = x[:n].cpu()
+    return sf.same(sf.snippet(list(rows.split(1))), head, filter, TOP_K, atol=1e-6, exact=torch.softmax(rows.double(), dim=1))
+
+
 def written_per_row(x: torch.Tensor, filter: str) -> float:
     """Bytes of the sparse form per row of `x` (column indices int32 and probabilities in x's dtype, + its offset)."""
     return kept_per_row(x, filter) * (4 + x.element_size()) + 8
@@ -236,6 +251,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     load = [_load()]
     notes = {i: sf.available(VARIANTS.get(i, (i,))[0], device.type) for i in impls if i != "snippet"}
     notes = {i: why for i, why in notes.items() if why}
+    wrong: set[tuple] = set()  # cases whose output differed from the snippet's: not timed
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks at nonzero/.item() are expected
     ceil = ceilings(device, ceiling_gib, repeats)
     log(f"{device.type} ({name}), {torch.get_num_threads()} threads: read {ceil.read_gbps:.1f} GB/s, copy {ceil.copy_gbps:.1f} GB/s, "
@@ -269,16 +285,28 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
                     if impl == "snippet":
                         scores = list(x.split(1))
                         fn = lambda s=scores: sf.snippet(s)  # noqa: E731
-                    elif impl == "fused-cpu":
-                        fn = lambda f=filter, ws=sf.Workspace(): sf.fused_cpu_filter(next(batches_all), f, TOP_K, ws)  # noqa: E731
-                    elif impl == "fused-alloc":
-                        fn = lambda f=filter: sf.fused_cpu_filter(next(batches_all), f, TOP_K)  # noqa: E731
-                    elif impl == "triton" and triton_settings:
-                        cfg = swept(triton_settings, kind, dtype_name, filter, batch)
-                        fn = lambda f=filter, c=cfg: sf.triton_filter(next(batches_all), f, TOP_K, **c)  # noqa: E731
                     else:
-                        fn = lambda f=filter, g=sf.IMPLS[impl]: g(next(batches_all), f, TOP_K)  # noqa: E731
+                        if impl == "fused-cpu":
+                            call = lambda rows, f=filter, ws=sf.Workspace(): sf.fused_cpu_filter(rows, f, TOP_K, ws)  # noqa: E731
+                        elif impl == "fused-alloc":
+                            call = lambda rows, f=filter: sf.fused_cpu_filter(rows, f, TOP_K)  # noqa: E731
+                        elif impl == "triton" and triton_settings:
+                            cfg = swept(triton_settings, kind, dtype_name, filter, batch)
+                            call = lambda rows, f=filter, c=cfg: sf.triton_filter(rows, f, TOP_K, **c)  # noqa: E731
+                        else:
+                            call = lambda rows, f=filter, g=sf.IMPLS[impl]: g(rows, f, TOP_K)  # noqa: E731
+                        fn = lambda c=call, b=batches_all: c(next(b))  # noqa: E731
+                    case = (impl, dtype_name, kind, filter, batch if impl == "triton" else None)
                     try:
+                        # the output held to the snippet first: at each batch for Triton (its launch settings and its
+                        # parts a row follow the batch), once a case for the others (at its first batch)
+                        if impl != "snippet" and (impl == "triton" or batch == min(batches)):
+                            differs = output_differs(call(x), x, filter)
+                            if differs:
+                                notes[f"{impl}@{batch} {dtype_name} {kind} {filter}"] = f"not timed: its output differs from the snippet's: {differs}"
+                                wrong.add(case)
+                        if case in wrong:
+                            continue
                         secs = timed(fn, device, repeats, warmup=1 if impl != "compiled" else 2, min_seconds=min_seconds)
                     except Exception as e:  # noqa: BLE001 -- e.g. torch.compile failing on this machine
                         notes[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 
 import torch
@@ -49,15 +50,30 @@ def main(argv: list[str] | None = None) -> int:
     out: list[dict] = []
     on_device: dict[tuple[str, str], torch.Tensor] = {}  # each input set copied to the GPU once
 
+    def save() -> None:  # after every timing: a sweep stopped by a timeout or a GPU fault keeps what it measured
+        if a.json:
+            tmp = f"{a.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(dev), "read_ceiling_gbps": ceil.read_gbps,
+                           "copy_ceiling_gbps": ceil.copy_gbps, "results": out, "best": best}, f)  # fmt: skip
+            os.replace(tmp, a.json)
+
     def time_it(kind: str, dtype: str, filter: str, batch: int, **cfg) -> float | None:
         nonlocal on_device
         if time.monotonic() - t0 > a.seconds:
             return None
-        if (kind, dtype) not in on_device:
-            on_device = {(kind, dtype): rows[kind].to(dev, bench.DTYPES[dtype])}  # one set at a time: 2.5 GB in float32
-        x = on_device[(kind, dtype)]
-        slices = itertools.cycle(x[s : s + batch] for s in range(0, len(x), batch))
         try:
+            if (kind, dtype) not in on_device:
+                on_device = {(kind, dtype): rows[kind].to(dev, bench.DTYPES[dtype])}  # one set at a time: 2.5 GB in float32
+            x = on_device[(kind, dtype)]
+            # a setting is timed only where its output is right (bench.output_differs): none may have run here before
+            differs = bench.output_differs(sf.triton_filter(x[:batch], filter, bench.TOP_K, **cfg), x[:batch], filter)
+            if differs:
+                print(f"  {kind} {dtype} {filter} {batch} {cfg}: not timed, its output differs from the snippet's: {differs}", flush=True)
+                out.append({"inputs": kind, "dtype": dtype, "filter": filter, "batch": batch, **cfg, "wrong": differs})
+                save()
+                return None
+            slices = itertools.cycle(x[s : s + batch] for s in range(0, len(x), batch))
             ms = do_bench(lambda: sf.triton_filter(next(slices), filter, bench.TOP_K, **cfg), warmup=5, rep=40,
                                          return_mode="median")  # fmt: skip
         except Exception as e:  # noqa: BLE001 -- a setting that does not compile or run is reported, not fatal
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         ms = time_it(*case, batch, **cfg)
         if ms is not None and (key not in best or ms < best[key]["ms"]):
             best[key] = {**cfg, "ms": ms}
+        if ms is not None:
+            save()
 
     def at(case: tuple[str, str, str]) -> dict:  # the best settings at batch 4096 so far
         return {k: v for k, v in best.get(f"{' '.join(case)} 4096", {}).items() if k != "ms"}
@@ -109,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print("best per case (ms is the median of do_bench):")
     for case, cfg in best.items():
         print(f"  {case:<32} {json.dumps(cfg)}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "read_ceiling_gbps": ceil.read_gbps,
-                       "copy_ceiling_gbps": ceil.copy_gbps, "results": out, "best": best}, f)  # fmt: skip
+    save()
     return 0
 
 

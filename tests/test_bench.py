@@ -670,7 +670,8 @@ def test_triton_filter_refuses_unknown_settings():
 def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
     """The sweep's logic on the CPU, with fakes of do_bench (a time per setting: fastest at block 2048, 8 warps,
     bisect for top-k, waves 8), of the kernels and of the ceilings: the best per case is the fastest setting, a
-    setting that fails is reported and skipped, --only picks cases, and `harness bench` reads the JSON back."""
+    setting that fails is reported and skipped, one whose output is wrong is not timed, --only picks cases, and
+    `harness bench` reads the JSON back."""
     import triton.testing
 
     from harness import triton_sweep
@@ -681,6 +682,8 @@ def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
         if cfg.get("group") == 128:
             raise RuntimeError("out of resources: shared memory")
         calls.append((filter, cfg))
+        out = sf.torch_filter(x, filter, k)
+        return sf.SparseRows(out.offsets, out.indices, out.values * 2) if cfg.get("tile") == "contiguous" else out  # wrong
 
     def fake_do_bench(fn, warmup, rep, return_mode):
         fn()
@@ -700,6 +703,7 @@ def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
     assert triton_sweep.main(["--json", str(out), "--only", "float32"]) == 0
     text = capsys.readouterr().out
     assert "RuntimeError: out of resources" in text and "bfloat16" not in text.split("best per case")[1]
+    assert "raw float32 top-k 4096 {'tile': 'contiguous'}: not timed, its output differs from the snippet's: row 0" in text
     got = json.loads(out.read_text())
     assert set(got["best"]) == {f"{kind} float32 {f} {b}" for kind, f in (("raw", "top-k"), ("warped", "p>0"), ("raw", "p>0"))
                                 for b in (4096, 256)}  # fmt: skip
@@ -707,7 +711,8 @@ def test_triton_sweep_picks_the_fastest_settings(tmp_path, monkeypatch, capsys):
     assert got["best"]["raw float32 top-k 256"] == {"block": 2048, "warps": 8, "select": "bisect", "waves": 8, "ms": 0.65}
     assert got["best"]["warped float32 p>0 4096"] == {"block": 2048, "warps": 8, "ms": 1.0}
     assert bench.swept(got["best"], "raw", "float32", "top-k", 16) == {"block": 2048, "warps": 8, "select": "bisect", "waves": 8}
-    assert all(r["fraction_of_ceiling"] == r["gbps"] / 100.0 for r in got["results"])
+    assert all(r["fraction_of_ceiling"] == r["gbps"] / 100.0 for r in got["results"] if "wrong" not in r)
+    assert [r["tile"] for r in got["results"] if "wrong" in r] == ["contiguous"] * 2 and not os.path.exists(f"{out}.tmp")
 
 
 def test_input_set_outgrows_the_cache():
@@ -742,6 +747,25 @@ def test_each_case_is_held_against_the_ceilings_measured_around_it(monkeypatch):
         assert r["near_copy_gbps"] == near / 2 and r["near_write_gbps"] == near / 4
         assert r["fraction_of_ceiling"] == r["gbps"] / near and r["fraction_of_run_ceiling"] == r["gbps"] / 80.0
         assert r["bound_rows_per_s"] == bench.memory_bound(r["read_bytes_per_row"], r["written_bytes_per_row"], near, near / 4, near / 2)
+
+
+def test_an_implementation_whose_output_is_wrong_is_not_timed(monkeypatch):
+    """Each case's output is held to the snippet before it is timed (bench.output_differs): a wrong one is a note, not
+    a row of the table (the sweep's fastest Triton settings may not have run on this device before)."""
+    right = sf.IMPLS["torch"]
+
+    def doubled(x, filter, k):  # every probability twice what it is
+        out = right(x, filter, k)
+        return sf.SparseRows(out.offsets, out.indices, out.values * 2)
+
+    monkeypatch.setitem(sf.IMPLS, "torch", doubled)
+    record = bench.run([2, 4], ["float32"], 1, ["torch", "fused-cpu"], 2048, ceiling_gib=0.25, min_seconds=0, log=lambda m: None)
+    assert {r["impl"] for r in record["results"]} == {"fused-cpu"}
+    why = record["notes"]["torch@2 float32 raw p>0"]
+    assert why.startswith("not timed: its output differs from the snippet's: row 0:"), why
+    x = bench.realistic_logits(3, 2048)
+    assert bench.output_differs(right(x, "top-k", bench.TOP_K), x, "top-k") is None
+    assert bench.output_differs(doubled(x, "top-k", bench.TOP_K), x, "top-k").startswith("row 0:")
 
 
 def test_bench_result_lands_in_a_run_record_and_its_report(tmp_path, capsys):
