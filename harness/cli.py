@@ -145,6 +145,8 @@ def _compare(cfg) -> Path:
         "positions": the_plan.positions, "token_ids_sha256": the_plan.tokens.fingerprint,
         "tokenizer_sha256": prompts.tokenizer_fingerprint(tokenizer),
     }  # fmt: skip
+    if the_plan.generations is not None:  # `harness store prune --keep` keeps what a kept run used
+        inputs["generations"] = str(the_plan.generations)
     config_json = cfg.model_dump_json()  # the record's run id hashes exactly this
     run_dir, now = records.new_run_dir(cfg.reports_dir, config_json)
     record = records.RunRecord(
@@ -183,6 +185,12 @@ def cmd_report(args) -> int:
     index = report.render(records.run_dir(args.run_dir))
     print(f"report: {index}")
     return 0
+
+
+def cmd_store(args) -> int:
+    from harness import store_admin
+
+    return store_admin.main(args.action, args.keep, args.all, args.dry_run)
 
 
 def cmd_zoo(args) -> int:
@@ -232,6 +240,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder (or its run.json), e.g. reports/latest")
     p.set_defaults(run_command=cmd_report)
     sub.add_parser("bench", help="throughput of the softmax/filter step beside the memory ceiling (bench --help)")
+    p = sub.add_parser("store", help="list the log-prob stores and cached generations, or prune them to what kept runs use")
+    p.add_argument("action", choices=["list", "prune"])
+    p.add_argument("--keep", action="extend", nargs="+", type=Path, default=[], metavar="RUN",
+                   help="run folders, run.json files or reports folders: the stores and generations they name stay "
+                        "(list marks them)")  # fmt: skip
+    p.add_argument("--all", action="store_true", help="prune: remove every store and generation (not with --keep)")
+    p.add_argument("--dry-run", action="store_true", help="prune: say what would be removed, remove nothing")
+    p.set_defaults(run_command=cmd_store)
     p = sub.add_parser("zoo", help="build or list the embedded tiny Qwen1.5 family")
     p.add_argument("action", choices=["build", "list"])
     p.add_argument("--profile", default="full", choices=["full", "micro"])

@@ -76,12 +76,12 @@ def greedy_continuations(
     on its own, so the split changes nothing), caches them, and waits up to `wait_s` seconds for the other parts'
     before it merges them all.
     """
-    key = store_key(what="greedy", fingerprint=loaded.fingerprint, dtype=loaded.spec.dtype,
-                    device=loaded.device.split(":")[0], ids=tokens.fingerprint, n=max_new_tokens,
-                    loader=loaded.spec.loader, backend=loaded.spec.backend)  # fmt: skip
-    path = paths.store_dir() / "generations" / f"{key}.json"
+    path = generations_path(loaded, tokens, max_new_tokens)
+    key = path.stem
     if path.is_file():
         continuations = json.loads(path.read_text())["continuations"]
+        with contextlib.suppress(OSError):  # its time is its last use (`harness store list`)
+            os.utime(path)
         log(f"{loaded.spec.name}: the greedy continuations of {len(continuations)} prompts, as generated before: {path}")
         return continuations
     if part is None:
@@ -129,6 +129,14 @@ def greedy_continuations(
         _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
     log(f"{loaded.spec.name}: {sum(map(len, continuations))} greedy tokens, cached in {path}")
     return continuations
+
+
+def generations_path(loaded: Loaded, tokens: TokenizedPrompts, max_new_tokens: int) -> Path:
+    """Where the reference's greedy continuations of these prompts are cached (a run record names it)."""
+    key = store_key(what="greedy", fingerprint=loaded.fingerprint, dtype=loaded.spec.dtype,
+                    device=loaded.device.split(":")[0], ids=tokens.fingerprint, n=max_new_tokens,
+                    loader=loaded.spec.loader, backend=loaded.spec.backend)  # fmt: skip
+    return paths.store_dir() / "generations" / f"{key}.json"
 
 
 def _shares(path: Path, n_prompts: int, log=print) -> dict[int, list[int]]:
@@ -323,6 +331,8 @@ def extract(
         facts |= {"part": f"{part[0]}/{part[1]}", "left_to_other_parts": len(missing) - len(todo)}
     if not missing:
         store.sweep()
+        with contextlib.suppress(OSError):  # the folder's time is its last use (`harness store list`); read-only is fine
+            os.utime(store.root)
     if not todo:
         log(f"{spec.name}: reusing {store.root}" if not missing else
             f"{spec.name}: part {part[0]}/{part[1]} is done; {len(missing)} shards of other parts still missing in {store.root}")  # fmt: skip

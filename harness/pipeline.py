@@ -9,6 +9,7 @@ Models load one at a time and are released before the next; only stores cross be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from harness import align, extract, loaders, prompts
 from harness.config import Config
@@ -26,6 +27,7 @@ class Plan:
     # differs from the reference's; and the alignment view (ids, vocab keys) of those and of the reference
     own: dict[str, tuple[TokenizedPrompts, list[Segment]]] = field(default_factory=dict)
     sides: dict[str, align.Side] = field(default_factory=dict)
+    generations: Path | None = None  # generate mode: the reference's cached greedy continuations
 
     @property
     def positions(self) -> int:
@@ -90,7 +92,8 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
                 f"at once; " + (f"lower 'generate.max_new_tokens' or shorten the prompts (in {cfg.source_file})" if generate else
                                 f"lower 'text.context' in {cfg.source_file}")
             )
-    return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides)
+    generations = extract.generations_path(ref, tokens, cfg.generate.max_new_tokens) if generate else None
+    return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides, generations=generations)
 
 
 def _cross_readings(
