@@ -33,7 +33,7 @@ from harness.loaders import TORCH_DTYPES, ExtractError, Loaded
 from harness.progress import bar as progress_bar
 from harness.prompts import Segment, TokenizedPrompts
 from harness.row_stats import row_stats
-from harness.store import Store, aligned_empty, plan_shards, store_key
+from harness.store import Store, aligned_empty, plan_shards, store_key, writer_tag
 from harness.warpers import Warpers, candidates, warp_stats
 
 EXTRACT_VERSION = 4  # bump when what is stored changes meaning (4: warper figures with generate()'s defaults for unset fields)
@@ -170,7 +170,7 @@ def _token_lists(x) -> bool:
 def _write_json(path: Path, data: dict) -> None:
     """Written under a temporary name and renamed: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{writer_tag()}")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 

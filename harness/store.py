@@ -30,8 +30,10 @@ import hashlib
 import json
 import mmap
 import os
+import socket
 import struct
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ import xxhash
 from safetensors import safe_open
 
 SHARD_POSITIONS = 512  # positions per shard, give or take one prompt; extraction holds two shards at most
+BUSY_S = 600.0  # a temporary file written to this lately may be a live writer's on another machine sharing the folder
 ALIGN = 4096  # O_DIRECT's alignment of memory, file offset and length (a page: enough for every block size)
 DIRECT_IO = os.environ.get("HARNESS_DIRECT_IO", "1") != "0"
 
@@ -56,6 +59,32 @@ def aligned_empty(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 def _memory(addr: int, nbytes: int) -> memoryview:
     """The bytes at [addr, addr + nbytes) of a live tensor, without a copy."""
     return memoryview((ctypes.c_char * nbytes).from_address(addr)).cast("B")
+
+
+def writer_tag() -> str:
+    """Ends a writer's temporary file names (`….tmp-PID@HOST`): `writer_alive` tells a dead writer's from a live one."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def writer_alive(tmp: Path, now: float | None = None) -> bool:
+    """Whether the writer of a temporary file may still be at work: a live process of this machine; on another machine
+    sharing the folder (or a name without the host), one that wrote to it in the last BUSY_S seconds."""
+    try:
+        age = (time.time() if now is None else now) - tmp.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    pid, _, host = tmp.name.rpartition(".tmp-")[2].partition("@")
+    if host and host != socket.gethostname():
+        return age < BUSY_S
+    if pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False if host else age < BUSY_S
+        except PermissionError:  # another user's live process
+            return True
+        return True
+    return age < BUSY_S
 
 
 def store_key(**parts) -> str:
@@ -124,7 +153,7 @@ class Store:
             raise
 
     def write_index(self, info: dict) -> None:
-        tmp = self.root / f".index.json.tmp-{os.getpid()}"
+        tmp = self.root / f".index.json.tmp-{writer_tag()}"
         tmp.write_text(json.dumps(info, indent=2, default=str))
         os.replace(tmp, self.root / "index.json")
 
@@ -138,9 +167,11 @@ class Store:
             return None
 
     def sweep(self) -> list[Path]:
-        """Removes the temporary files of shard writers that were killed (SIGKILL, a power cut: no `abort()` ran).
-        Only for a store whose every shard is complete, where no writer can still be at work on one."""
-        left = sorted(self.root.glob(".shard-*.tmp-*"))
+        """Removes the temporary files of shard writers that were killed (SIGKILL, a power cut: no `abort()` ran), for
+        a store whose every shard is complete. A writer still at work (one that began before the store was complete
+        and redoes a shard another finished meanwhile) keeps its file: `writer_alive`."""
+        now = time.time()
+        left = sorted(p for p in self.root.glob(".*.tmp-*") if not writer_alive(p, now))
         for path in left:
             path.unlink(missing_ok=True)
         return left
@@ -231,7 +262,7 @@ class ShardWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-(8 + len(blob)) % ALIGN)  # the data section starts 4 KB-aligned
         self.path, self.info, self.layout, self.order = path, info, layout, order
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.tmp = path.with_name(f".{path.name}.tmp-{writer_tag()}")
         self.data_start = 8 + len(blob)
         self.size = self.data_start + offset
         self.row_bytes = header["logprobs"]["data_offsets"][1] // max(1, layout["logprobs"][1][0])
@@ -328,7 +359,7 @@ class ShardWriter:
             self.pool.shutdown()
         os.replace(self.tmp, self.path)
         meta = {**self.info, "bytes": self.size, "xxh3_64": self.digest.hexdigest()}
-        tmp_meta = self.path.with_name(f".{self.path.stem}.json.tmp-{os.getpid()}")
+        tmp_meta = self.path.with_name(f".{self.path.stem}.json.tmp-{writer_tag()}")
         tmp_meta.write_text(json.dumps(meta, indent=2))
         os.replace(tmp_meta, self.path.with_suffix(".json"))
 

@@ -29,10 +29,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness import paths, records
-from harness.store import Store
+from harness.store import BUSY_S, Store, writer_alive
 
 KEY = re.compile(r"[0-9a-f]{20}")  # store.store_key's length
-BUSY_S = 600.0  # a temporary file this recent may belong to a writer on another machine sharing the folder
 
 
 @dataclass(frozen=True)
@@ -58,25 +57,6 @@ def _size_and_mtime(files: list[Path]) -> tuple[int, float]:
             continue
         size, newest = size + st.st_size, max(newest, st.st_mtime)
     return size, newest
-
-
-def _writer_alive(tmp: Path, now: float) -> bool:
-    """A temporary file (`….tmp-PID`) of a writer that may still run: recent, or its process lives here."""
-    try:
-        if now - tmp.stat().st_mtime < BUSY_S:
-            return True
-    except FileNotFoundError:
-        return False
-    pid = tmp.name.rsplit("-", 1)[-1]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _locked(path: Path) -> bool:
@@ -109,7 +89,7 @@ def entries(root: Path | None = None) -> list[Entry]:
         planned = (index.get("facts") or {}).get("shards", "?") if isinstance(index.get("facts"), dict) else "?"
         done = sum(1 for f in files if re.fullmatch(r"shard-\d{5}\.json", f.name))
         size, modified = _size_and_mtime(files)
-        busy = any(_writer_alive(f, now) for f in files if ".tmp-" in f.name)
+        busy = any(writer_alive(f, now) for f in files if ".tmp-" in f.name)
         if str(done) != str(planned) and now - modified < BUSY_S:  # unfinished, lately: maybe between two shards
             busy = True
         name = f"{model.get('name', '?')} ({model.get('source', '?')})" if model else "?"
@@ -125,7 +105,7 @@ def entries(root: Path | None = None) -> list[Entry]:
         for key, files in sorted(groups.items()):
             size, modified = _size_and_mtime(files)
             busy = any(_locked(f) for f in files if f.name.endswith(".progress.jsonl")) or any(
-                _writer_alive(f, now) for f in files if ".tmp-" in f.name
+                writer_alive(f, now) for f in files if ".tmp-" in f.name
             )
             model = "?"
             merged = generations / f"{key}.json"

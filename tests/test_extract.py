@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -178,13 +181,22 @@ def test_store_is_reused_and_resumed(micro_zoo, tokens, segments, tmp_store, mon
     assert facts["first_extract_s"] > 0 and facts["first_part"] is None  # the filling run's time, beside this run's
 
     # A writer killed by SIGKILL leaves its temporary files (no abort() ran); a damaged index.json only loses the first
-    # run's timings. A run over the complete store removes the one and does not trip on the other.
-    left = [first.root / ".shard-00001.safetensors.tmp-999999", first.root / ".shard-00001.json.tmp-999999"]
-    for path in left:
+    # run's timings. A run over the complete store removes the one and does not trip on the other. A writer still at
+    # work (a live process here; on another machine sharing the folder, a recent file) keeps its file.
+    host = socket.gethostname()
+    left = [first.root / f".shard-00001.safetensors.tmp-999999999@{host}", first.root / f".shard-00001.json.tmp-999999999@{host}"]
+    working = [first.root / f".shard-00002.safetensors.tmp-{os.getpid()}@{host}", first.root / ".shard-00003.safetensors.tmp-7@elsewhere"]
+    for path in left + working:
         path.write_bytes(b"x" * 100)
     (first.root / "index.json").write_text('{"broken')
     _, facts = extract.extract(loaded, segments, tokens.n_vocab, **run)
     assert facts["reused_shards"] == facts["shards"] and not any(path.exists() for path in left)
+    assert all(path.exists() for path in working)
+    old = time.time() - 2 * store.BUSY_S
+    os.utime(working[1], (old, old))  # nothing written for long on the other machine: a dead writer's
+    extract.extract(loaded, segments, tokens.n_vocab, **run)
+    assert working[0].exists() and not working[1].exists()
+    working[0].unlink()
 
     # An interrupted run: one shard lost, another truncated, a third with one byte flipped (same size:
     # only the checksum tells); only those three are redone.
