@@ -36,6 +36,7 @@ from harness.row_stats import row_stats
 from harness.store import Store, aligned_empty, plan_shards, store_key, writer_tag
 from harness.warpers import Warpers, candidates, warp_stats
 
+GREEDY_VERSION = 2  # bump when the greedy continuations change (2: config.json's eos where there is no generation_config.json; padding ids never picked)
 EXTRACT_VERSION = 4  # bump when what is stored changes meaning (4: warper figures with generate()'s defaults for unset fields)
 WAIT_S = 3600.0  # how long a generate-mode part waits for the other parts' greedy continuations (extract --wait)
 CHUNK_ROWS = 32  # rows post-processed at a time: 32 x 151936 float32 = 19 MB per temporary
@@ -90,7 +91,7 @@ def greedy_continuations(
                 progress.unlink(missing_ok=True)
                 return json.loads(path.read_text())["continuations"]
             known = _shares(path, len(tokens.ids), log)
-            continuations = _generate(loaded, tokens.ids, max_new_tokens, progress, log, known)
+            continuations = _generate(loaded, tokens.ids, tokens.n_vocab, max_new_tokens, progress, log, known)
             _write_json(path, {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": continuations})
             progress.unlink()
     else:
@@ -99,7 +100,7 @@ def greedy_continuations(
         if not parts[k - 1].is_file():
             with _progress(parts[k - 1], log) as progress:
                 if not parts[k - 1].is_file():
-                    mine = _generate(loaded, tokens.ids[k - 1 :: n], max_new_tokens, progress, log)
+                    mine = _generate(loaded, tokens.ids[k - 1 :: n], tokens.n_vocab, max_new_tokens, progress, log)
                     _write_json(parts[k - 1], {"model": loaded.path, "max_new_tokens": max_new_tokens, "continuations": mine})
                 progress.unlink(missing_ok=True)
         deadline, told = time.monotonic() + wait_s, False
@@ -133,7 +134,7 @@ def greedy_continuations(
 
 def generations_path(loaded: Loaded, tokens: TokenizedPrompts, max_new_tokens: int) -> Path:
     """Where the reference's greedy continuations of these prompts are cached (a run record names it)."""
-    key = store_key(what="greedy", fingerprint=loaded.fingerprint, dtype=loaded.spec.dtype,
+    key = store_key(what="greedy", version=GREEDY_VERSION, fingerprint=loaded.fingerprint, dtype=loaded.spec.dtype,
                     device=loaded.device.split(":")[0], ids=tokens.fingerprint, n=max_new_tokens,
                     loader=loaded.spec.loader, backend=loaded.spec.backend)  # fmt: skip
     return paths.store_dir() / "generations" / f"{key}.json"
@@ -216,13 +217,22 @@ def _finished(progress: Path) -> list[list[int]]:
 
 
 def _generate(
-    loaded: Loaded, prompts: tuple, max_new_tokens: int, progress: Path, log=print, known: dict[int, list[int]] | None = None,
+    loaded: Loaded, prompts: tuple, n_vocab: int, max_new_tokens: int, progress: Path, log=print,
+    known: dict[int, list[int]] | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """Greedy continuations of these prompts' ids, one prompt at a time (so a prompt's does not depend on the others),
     each appended to `progress` when done; the prompts already there are not generated again, nor those in `known`
     (by prompt index; see _shares): the model loads only if some prompt is in neither."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+    class RealIds(LogitsProcessor):
+        """The padding columns (ids n_vocab up to the 151936 or 152064 of the row) are no tokens: never picked."""
+
+        def __call__(self, input_ids, scores):
+            scores[:, n_vocab:] = -torch.inf
+            return scores
+
+    real_ids = LogitsProcessorList([RealIds()])
     continuations = _finished(progress)[: len(prompts)]
     if len(continuations) == len(prompts):
         return continuations
@@ -252,7 +262,7 @@ def _generate(
                 else:
                     x = torch.tensor([prompts[i]], device=loaders.input_device(model))
                     with torch.no_grad():
-                        out = model.generate(x, attention_mask=torch.ones_like(x))
+                        out = model.generate(x, attention_mask=torch.ones_like(x), logits_processor=real_ids)
                     continuations.append(out[0, len(prompts[i]) :].tolist())
                 f.write(json.dumps(continuations[-1]) + "\n")
                 f.flush()
@@ -265,6 +275,10 @@ def _generate(
 def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, warpers: Warpers, spec, name) -> None:
     """Writes one segment's scored rows into the shard buffers from `own` [len(ids), V_padded] logits."""
     ids = torch.tensor(seg.ids)
+    if int(ids.max()) >= n_vocab:  # a continuation cached before the padding columns were suppressed, or damaged
+        raise ExtractError(f"prompt {name!r} holds token id {int(ids.max())}, past the tokenizer's {n_vocab} ids (a padding "
+                           "column of the logit row): delete the cached continuations in the store's generations/ folder "
+                           "and run again")  # fmt: skip
     # Chunks keep every temporary under glibc's 32 MB mmap threshold, so they reuse heap pages
     # instead of page-faulting fresh ones on every call.
     for r in range(seg.first, len(seg.ids) - 1, CHUNK_ROWS):

@@ -266,8 +266,13 @@ def load_generation_config(loaded: Loaded):
 
     try:
         return GenerationConfig.from_pretrained(loaded.path, revision=loaded.spec.revision)
-    except OSError:  # a folder without generation_config.json: transformers' defaults (greedy)
-        return GenerationConfig()
+    except OSError:  # no generation_config.json: what transformers makes of config.json (its eos, bos, pad; greedy)
+        from transformers import AutoConfig
+
+        spec = loaded.spec
+        config = _loading(loaded, "config", lambda: AutoConfig.from_pretrained(
+            loaded.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code))  # fmt: skip
+        return GenerationConfig.from_model_config(config)
 
 
 def context_length(loaded: Loaded) -> int:

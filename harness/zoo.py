@@ -13,6 +13,7 @@ do not match its manifest is reported and rebuilt. Same seed, same profile: the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -258,12 +259,29 @@ def _build_tokenizer(prof: Profile, log):
     return tokenizer
 
 
+def _deterministic(fn):
+    """Runs `fn` with torch's deterministic algorithms (the zoo comes out the same on every run), then puts back the
+    caller's setting: a compare that builds a missing model on the way keeps its own for extraction (on CUDA the flag
+    makes cuBLAS refuse to run without CUBLAS_WORKSPACE_CONFIG, and torch.empty fills every tensor with NaN)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+    return wrapper
+
+
+@_deterministic
 def build(profile_name: str = "full", *, log=print, force: bool = False) -> dict[str, Path]:
     """Builds whatever of the family is missing or fails verification; returns name -> folder."""
     from transformers.utils import logging as hf_logging
 
     prof = profile(profile_name)
-    torch.use_deterministic_algorithms(True)
     hf_logging.disable_progress_bar()  # "Writing model shards" bars; training and GPTQ have their own
     start = time.perf_counter()
     folders = {name: model_dir(name, prof.name) for name in (TOKENIZER, *MODELS)}
@@ -288,6 +306,7 @@ def build(profile_name: str = "full", *, log=print, force: bool = False) -> dict
     return folders
 
 
+@_deterministic
 def build_damaged(profile_name: str = "full", *, log=print) -> dict[str, Path]:
     """The damaged builds (after the family they derive from); returns name -> folder."""
     from harness import quant

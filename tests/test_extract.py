@@ -501,3 +501,57 @@ def test_progress_lock_where_the_file_system_has_none(tmp_path, monkeypatch):
     monkeypatch.setattr(extract.fcntl, "flock", broken)
     with pytest.raises(OSError, match="I/O error"), extract._progress(tmp_path / "g.json", said.append):
         pass
+
+
+def _copy_model(src: Path, dst: Path, config: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """A local folder (not a zoo build) holding a zoo model's files, with `config` merged into config.json."""
+    import shutil
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in drop and f.name != zoo.MANIFEST:
+            shutil.copy(f, dst / f.name)
+    if config:
+        path = dst / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | config))
+    return dst
+
+
+def test_greedy_stops_at_config_json_eos_without_a_generation_config(micro_zoo, tokenizer, tmp_path, tmp_store):
+    """A fine-tuned folder often lacks generation_config.json: transformers then takes eos from config.json, and so
+    must the greedy continuation (it ran on to max_new_tokens, scoring tokens past the end of the turn)."""
+    src = zoo.model_dir(zoo.CHAT_S, "micro")
+    chats = tuple(prompts.Prompt(id=str(i), messages=(("user", f"Explain the Python topic '{t}'."),)) for i, t in enumerate(("assert", "with")))
+    few = prompts.tokenize(tokenizer, chats, max_length=2000, source="ref", generation_prompt=True)
+    free = extract.greedy_continuations(loaders.locate(ModelSpec(name="free", source=str(_copy_model(src, tmp_path / "free", {"eos_token_id": None}, drop=("generation_config.json",)))), "micro"), few, 8, **QUIET)  # fmt: skip
+    first_new = next(i for i in range(1, 8) if free[0][i] not in free[0][:i])
+    stop = free[0][first_new]  # made the end of text: prompt 1's continuation must stop there
+    folder = _copy_model(src, tmp_path / "eos", {"eos_token_id": stop}, drop=("generation_config.json",))
+    loaded = loaders.locate(ModelSpec(name="eos", source=str(folder)), "micro")
+    got = extract.greedy_continuations(loaded, few, 8, **QUIET)
+    assert len(free[0]) == 8 and got[0] == free[0][: first_new + 1]  # the eos is kept as the last scored token
+    for ids, cont in zip(few.ids, got, strict=True):  # as transformers' own greedy generate() does
+        x = torch.tensor([ids])
+        out = loaders.load_model(loaded).generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8)
+        assert out[0, len(ids) :].tolist() == cont
+
+
+def test_greedy_never_picks_a_padding_column(micro_zoo, tokens, tmp_path, tmp_store):
+    """The logit row is wider than the tokenizer (151936 vs 151646): a padding column that wins the argmax is no token.
+    Greedy takes the best real id instead, as the stored rows (cut to the real ids) say."""
+    from transformers import AutoModelForCausalLM
+
+    src = zoo.model_dir(zoo.CHAT_S, "micro")
+    few = prompts.TokenizedPrompts(tokens.prompts[:2], tokens.ids[:2], tokens.n_vocab)
+    loaded = loaders.locate(ModelSpec(name="plain", source=str(_copy_model(src, tmp_path / "plain"))), "micro")
+    plain = extract.greedy_continuations(loaded, few, 6, **QUIET)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    pad = tokens.n_vocab + 54  # a padding column; the output layer is tied to the embeddings
+    with torch.no_grad():
+        model.get_output_embeddings().weight[pad] = 3 * model.get_output_embeddings().weight[plain[0][0]]
+    x = torch.tensor([few.ids[0]])
+    assert int(model(x).logits[0, -1].argmax()) == pad  # the padding column wins the raw argmax
+    folder = _copy_model(src, tmp_path / "padded", drop=("model.safetensors",))
+    model.save_pretrained(folder)
+    got = extract.greedy_continuations(loaders.locate(ModelSpec(name="padded", source=str(folder)), "micro"), few, 6, **QUIET)
+    assert all(t < tokens.n_vocab for c in got for t in c) and got[0][0] == plain[0][0]

@@ -89,8 +89,11 @@ def test_manifest_catches_corruption_and_build_repairs_it(micro_zoo, tmp_path, m
     assert "build was interrupted" in zoo.problem(zoo.model_dir(zoo.BASE_M, "micro"))
 
     messages = []
+    assert not torch.are_deterministic_algorithms_enabled()
     zoo.build("micro", log=messages.append)
     assert zoo.problem(weights.parent) is None and _sha(weights) == good  # rebuilt, bit for bit
+    # the build's deterministic algorithms end with it: a compare that built a missing model keeps its own setting
+    assert not torch.are_deterministic_algorithms_enabled()
     assert any("will be rebuilt" in m and zoo.GPTQ[8] in m for m in messages)
     assert all(state == "ok" for state in zoo.status("micro").values())
 
