@@ -92,7 +92,7 @@ class ModelSpec(_Strict):
 
 class TextMode(_Strict):
     context: int = Field(default=512, ge=2)  # tokens per window (at most the model's context)
-    score: Literal["all", "second_half"] = "all"
+    score: Literal["all", "second_half", "llama_cpp"] = "all"
 
 
 class GenerateMode(_Strict):

@@ -56,16 +56,26 @@ class TokenizedPrompts:
         return digest.hexdigest()
 
 
+TEXT_SUFFIXES = (".txt", ".raw")  # a plain text file is one text prompt (llama-perplexity's -f wiki.test.raw)
+
+
 def load(path: Path) -> tuple[Prompt, ...]:
+    """A JSONL prompt set; or, for a .txt / .raw file, the whole file as one text prompt named after the file."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"prompt file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     prompts, seen = [], set()
+    plain = path.suffix.lower() in TEXT_SUFFIXES
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise PromptError(f"{path}:{line} is not UTF-8 text (byte {exc.start}: {exc.reason}); JSONL prompt files are UTF-8") from None
+        kind = "text prompt files" if plain else "JSONL prompt files"
+        raise PromptError(f"{path}:{line} is not UTF-8 text (byte {exc.start}: {exc.reason}); {kind} are UTF-8") from None
+    if plain:
+        if not text.strip():
+            raise PromptError(f"prompt file {path} is empty (a {path.suffix} file is one text prompt)")
+        return (Prompt(id=path.name, text=text, where=str(path)),)
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -167,17 +177,34 @@ def text_segments(tokens: TokenizedPrompts, *, context: int, score: str, starts:
     """Cuts each prompt into windows of at most `context` tokens.
 
     score="all": non-overlapping windows; every token but a window's first is scored.
-    score="second_half" (llama.cpp's perplexity): windows of `context` at a stride of context/2; the
-    first window scores all its rows and every later one only its second half, so each token is
-    scored once, and with at least context/2 tokens before it once past the first window.
+    score="second_half" (strided, as Hugging Face's perplexity guide): windows of `context` at a stride of
+    context/2; the first window scores all its rows and every later one only its second half, so each
+    token is scored once, and with at least context/2 tokens before it once past the first window.
+    score="llama_cpp" (llama-perplexity's and its --kl-divergence's positions): non-overlapping windows of
+    exactly `context` tokens, the tail shorter than one dropped; each scores only the tokens after its
+    first context/2 + 1 (rows context/2 .. context-2), so a prompt shorter than `context` scores nothing.
 
     `starts` (cross_vocab): per prompt, the sorted token indices at which a window may start (where every
     model's tokenization starts a token at the same byte, align.window_starts). A window then starts at the
     last of them at or before where it would, else the first after it that leaves a scored row ("all": ends
     there), and scores from the token after the previous window's last: each token is still scored once.
     """
-    if score not in ("all", "second_half"):
-        raise ValueError(f"text.score must be 'all' or 'second_half', not {score!r}")
+    if score not in ("all", "second_half", "llama_cpp"):
+        raise ValueError(f"text.score must be 'all', 'second_half' or 'llama_cpp', not {score!r}")
+    if score == "llama_cpp":
+        if starts is not None:
+            raise PromptError("text.score 'llama_cpp' cuts windows at fixed token counts of the reference's tokens, which "
+                              "another tokenizer's reading cannot keep (cross_vocab): use 'second_half' or 'all'")  # fmt: skip
+        half = context // 2
+        segments = [Segment(p, start, ids[start : start + context], half) for p, ids in enumerate(tokens.ids)
+                    for start in range(0, len(ids) - context + 1, context) if context - 1 > half]  # fmt: skip
+        if not segments:
+            raise PromptError(
+                f"text.score 'llama_cpp' scores whole windows of text.context = {context} tokens only (the tail shorter "
+                f"than one is dropped, as llama-perplexity does), and no prompt has that many: the longest has "
+                f"{max(map(len, tokens.ids))}. Lower text.context, or give longer texts (a .txt prompt file is one text)"
+            )
+        return segments
     segments = []
     for p, ids in enumerate(tokens.ids):
         allowed = None if starts is None else np.asarray(starts[p])

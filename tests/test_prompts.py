@@ -141,6 +141,45 @@ def test_text_windows_cover_each_token_once(context, score):
             assert set(scored) == set(range(1, len(ids))) - set(range(0, len(ids), context))
 
 
+@pytest.mark.parametrize("context", [3, 4, 7, 16, 512])
+def test_llama_cpp_windows_score_llama_perplexitys_positions(context):
+    """llama-perplexity (perplexity.cpp, also its --kl-divergence): n_chunk = n_tokens / n_ctx chunks, the tail
+    dropped; chunk i starts at i * n_ctx, first = n_ctx / 2, and logits first .. n_ctx - 2 are scored, each against
+    the token after it. Written out here from those lines, per prompt (each a text file of its own there)."""
+    lengths = [2, context - 1, context, context + 1, 2 * context + 3, 5 * context, 1031]
+    tokens = _tokens(lengths)
+    segments = prompts.text_segments(tokens, context=context, score="llama_cpp")
+    for p, ids in enumerate(tokens.ids):
+        want = []
+        for i in range(len(ids) // context):
+            start, first = i * context, context // 2
+            want += [(start + j, ids[start + j + 1]) for j in range(first, context - 1)]  # (logit position, its target)
+        got = [(s.offset + r, s.ids[r + 1]) for s in segments if s.prompt == p for r in range(s.first, len(s.ids) - 1)]
+        assert got == want
+        assert all(len(s.ids) == context and s.ids == ids[s.offset : s.offset + context] for s in segments if s.prompt == p)
+    assert sum(s.rows for s in segments) == sum(n // context for n in lengths) * (context - 1 - context // 2)
+
+
+def test_llama_cpp_windows_need_a_whole_window_and_one_tokenization():
+    with pytest.raises(prompts.PromptError, match="no prompt has that many: the longest has 40"):
+        prompts.text_segments(_tokens([3, 40]), context=64, score="llama_cpp")
+    with pytest.raises(prompts.PromptError, match="cross_vocab"):
+        prompts.text_segments(_tokens([80]), context=16, score="llama_cpp", starts=[[0, 5]])
+
+
+def test_a_text_file_is_one_prompt(tmp_path):
+    path = tmp_path / "wiki.test.raw"
+    path.write_text(" = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 ...\n", encoding="utf-8")
+    (loaded,) = prompts.load(path)
+    assert loaded.id == "wiki.test.raw" and loaded.text == path.read_text(encoding="utf-8") and loaded.messages is None
+    path.write_text("\n \n")
+    with pytest.raises(prompts.PromptError, match="is empty"):
+        prompts.load(path)
+    path.write_bytes(b"ok\n\xff")
+    with pytest.raises(prompts.PromptError, match=r"wiki.test.raw:2 is not UTF-8 .* text prompt files are UTF-8"):
+        prompts.load(path)
+
+
 def test_generate_segments_score_the_continuation():
     tokens = _tokens([5, 3])
     segments = prompts.generate_segments(tokens, [[7, 8, 9], []])
