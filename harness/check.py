@@ -201,6 +201,11 @@ def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Pa
         for key in keys:
             if a.get(key) != b.get(key):
                 warnings.append(f"{group}.{key} differs: baseline {b.get(key)!r}, this run {a.get(key)!r}")
+    ref = run.reference
+    here, there = (r.variants.get(ref or "", {}).get("fingerprint") for r in (run, base))
+    if here and there and here != there:  # a candidate's weights differ by design (a new build); the reference's should not
+        warnings.append(f"the reference {ref!r} has other weights than the baseline's ({there} there, {here} here): "
+                        "the candidates are measured against another reference")  # fmt: skip
     for name, v in run.variants.items():
         if name not in base.variants:
             continue

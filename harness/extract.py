@@ -304,6 +304,15 @@ def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, wa
         buf["warp_mass"][rows] = kept
 
 
+def _filled_by() -> dict:
+    """The library versions and machine that filled a store: a run reusing it records them beside its own."""
+    from harness import records
+
+    env = records.environment()
+    return {"versions": env["versions"], "machine": {k: env["machine"].get(k) for k in ("hostname", "cpu", "gpu")},
+            "git": env["git"]}  # fmt: skip
+
+
 def segments_fingerprint(segments: list[Segment]) -> str:
     digest = hashlib.sha256()
     for s in segments:
@@ -446,7 +455,7 @@ def extract(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    facts |= {"extract_s": time.perf_counter() - start, "forward_s": forward_s}
+    facts |= {"extract_s": time.perf_counter() - start, "forward_s": forward_s, "filled_by": _filled_by()}
     store.write_index({"key": key, "model": spec.model_dump(), "path": loaded.path, "n_vocab": n_vocab, "facts": facts})
     if part is None:  # every shard is now complete (a part's worker leaves it to the other parts' last run)
         store.sweep()

@@ -159,8 +159,10 @@ def extract_all(cfg: Config, the_plan: Plan, log=print, part: tuple[int, int] | 
             loaded, segments, tokens.n_vocab, batch_size=cfg.batch_size,
             store_dtype=cfg.store_dtype, padding_side=cfg.padding_side, prompt_ids=ids, part=part, log=log,
         )  # fmt: skip
+        # fingerprint: the weights measured (a hub id's resolved commit, a zoo build's manifest, a folder's files)
         facts[spec.name] |= {"source": spec.source, "revision": spec.revision, "path": loaded.path, "dtype": spec.dtype,
-                             "device": loaded.device, "loader": spec.loader, "backend": spec.backend}  # fmt: skip
+                             "device": loaded.device, "loader": spec.loader, "backend": spec.backend,
+                             "fingerprint": loaded.fingerprint}  # fmt: skip
         if spec.name in the_plan.own:
             facts[spec.name]["cross_vocab"] = {"positions": sum(s.rows for s in segments), "token_ids_sha256": tokens.fingerprint}
     return stores, facts

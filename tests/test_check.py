@@ -206,6 +206,10 @@ def test_other_settings_and_machines_are_compared_with_a_warning_per_difference(
     run = _run({**GOOD, "int8": _agg(1e-5, 1e-6, 0.999)})
     run.variants["int4"] |= {"loader": "gptqmodel", "backend": "gptq_marlin", "kernels": ["MarlinLinear"]}
     run.variants["bf16"] |= {"loader": "transformers"}
+    # the reference's weights moved (a hub branch's new commit); a candidate's differ by design (the new build)
+    other.variants |= {"ref": {"fingerprint": "hub:Qwen/Qwen1.5-0.5B-Chat@aaa"}}
+    other.variants["int4"]["fingerprint"], run.variants["int4"]["fingerprint"] = "hub:a@1", "hub:a@2"
+    run.variants["ref"] = {"fingerprint": "hub:Qwen/Qwen1.5-0.5B-Chat@bbb"}
     v = check.gate(run, baseline=other, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert v["verdict"] == "pass"
     text = "\n".join(v["warnings"])
@@ -214,6 +218,8 @@ def test_other_settings_and_machines_are_compared_with_a_warning_per_difference(
                    "int4.kernels differs: baseline ['TorchAtenLinear'], this run ['MarlinLinear']"):  # fmt: skip
         assert needle in text
     assert "loader differs" not in text and "backend differs" not in text  # int4's baseline predates them; bf16's agrees
+    assert ("the reference 'ref' has other weights than the baseline's (hub:Qwen/Qwen1.5-0.5B-Chat@aaa there, "
+            "hub:Qwen/Qwen1.5-0.5B-Chat@bbb here)") in text and "int4.fingerprint" not in text and "hub:a@" not in text
 
 
 def test_exit_codes_table_and_json_verdict_line(tmp_path, capsys):

@@ -47,6 +47,9 @@ def test_compare_default_config_on_micro_zoo(micro_run):
     assert float(rows["s-chat-bf16"]["kl_floor_multiple"]) == pytest.approx(1.0)
     run = json.loads((run_dir / "run.json").read_text())
     assert run["schema_version"] == 2 and run["status"] == "ok" and run["noise_floor"] == "s-chat-bf16"
+    # what was measured and what measured it: the weights' fingerprint, and the versions that filled each store
+    for name, v in run["variants"].items():
+        assert len(v["fingerprint"]) == 64 and v["filled_by"]["versions"]["torch"] == torch.__version__, name
     agg = next(p for p in run["pairs"] if p["candidate"] == "s-chat-gptq-int4")["aggregates"]
     assert agg["kl_mean_ci95"][0] <= agg["kl_mean"] <= agg["kl_mean_ci95"][1]
     assert {"kl_p99_9", "js_mean_se", "ppl_ratio", "nll_correlation", "by_confidence", "top10_overlap"} <= set(agg)
