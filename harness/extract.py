@@ -336,11 +336,13 @@ def extract(
     missing shards i with i % n == k - 1, so that n workers sharing the store folder fill it together."""
     spec = loaded.spec
     # batch size and padding side too: a batch's shape moves the last bits of the logits, so each has its own store
+    # (with batches of one nothing is padded: either side gives the same rows). A hub id's revision is in the
+    # fingerprint as the commit it resolves to, so "main", null and that commit's hash share one store.
     key = store_key(
-        source=loaded.path, revision=spec.revision, fingerprint=loaded.fingerprint, dtype=spec.dtype,
+        source=loaded.path, fingerprint=loaded.fingerprint, dtype=spec.dtype,
         device=loaded.device.split(":")[0], segments=segments_fingerprint(segments), n_vocab=n_vocab,
-        store_dtype=store_dtype, version=EXTRACT_VERSION, batch_size=batch_size, padding_side=padding_side,
-        loader=spec.loader, backend=spec.backend,
+        store_dtype=store_dtype, version=EXTRACT_VERSION, batch_size=batch_size,
+        padding_side=padding_side if batch_size > 1 else None, loader=spec.loader, backend=spec.backend,
     )  # fmt: skip
     store = Store(paths.store_dir() / key)
     plan = plan_shards([s.rows for s in segments])

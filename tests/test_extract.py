@@ -555,3 +555,13 @@ def test_greedy_never_picks_a_padding_column(micro_zoo, tokens, tmp_path, tmp_st
     model.save_pretrained(folder)
     got = extract.greedy_continuations(loaders.locate(ModelSpec(name="padded", source=str(folder)), "micro"), few, 6, **QUIET)
     assert all(t < tokens.n_vocab for c in got for t in c) and got[0][0] == plain[0][0]
+
+
+def test_batches_of_one_share_a_store_whatever_the_padding_side(micro_zoo, tokens, segments, tmp_store):
+    """Nothing is padded in a batch of one, so the padding side cannot change a row: no second extraction."""
+    loaded, few = _loaded(zoo.CHAT_S), segments[:3]
+    right, _ = extract.extract(loaded, few, tokens.n_vocab, batch_size=1, store_dtype="float16", padding_side="right", **QUIET)
+    left, facts = extract.extract(loaded, few, tokens.n_vocab, batch_size=1, store_dtype="float16", padding_side="left", **QUIET)
+    assert left.root == right.root and facts["reused_shards"] == facts["shards"]
+    batched, _ = extract.extract(loaded, few, tokens.n_vocab, batch_size=2, store_dtype="float16", padding_side="left", **QUIET)
+    assert batched.root != right.root  # a padded batch moves the logits' last bits: its own store
