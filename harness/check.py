@@ -56,6 +56,9 @@ class Breach:
         base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
         verdict = "within noise" if self.within_noise else "FAIL"
         limit = "" if self.rule.endswith(f" {self.limit:g}") or math.isnan(self.limit) else f" = {self.limit:.4g}"  # "<= 0.01" says it
+        if self.rule != ABSENT and not math.isfinite(self.limit):  # an inf or NaN baseline or floor: no check can pass
+            limit = f" = {self.limit:g}, from the {'baseline' if self.baseline is not None else 'noise floor'}'s value, which is not finite"
+            base = ""
         value = "absent" if self.rule == ABSENT else f"{self.value:.4g}"
         return f"{self.pair}: {self.metric} = {value}, limit {self.rule}{limit}{base}: {verdict}"
 
@@ -108,7 +111,7 @@ class Threshold:
         else:
             limit = self.bound
         bad = value < limit if self.kind == "min" else value > limit
-        if not bad and not math.isnan(value):
+        if not bad and not math.isnan(value) and math.isfinite(limit):  # an inf or NaN floor fails every check
             return None
         return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict)
 
@@ -155,7 +158,7 @@ class Regression:
         step = abs(ref) * self.amount / 100 if self.relative else self.amount
         limit = ref + self.sign * step
         bad = (value - limit) * self.sign > 0
-        if not bad and not math.isnan(value):
+        if not bad and not math.isnan(value) and math.isfinite(limit):  # an inf or NaN baseline fails every check
             return None
         noise = _combined(standard_error(aggregates, self.metric), standard_error(base, self.metric))
         return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict)

@@ -89,6 +89,21 @@ def test_a_value_at_its_limit_passes_even_strict():
     assert T("p", "top1_agree", "min", 0.951).breach(at, None, strict=True).limit == 0.951
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_baseline_or_floor_that_is_not_finite_fails_every_check(bad):
+    """An inf or NaN baseline (a broken build's run) or noise floor makes an infinite or NaN limit, which every value
+    met before (inf > inf and NaN comparisons are false): the check passed whatever the run measured."""
+    floor, pair = {"kl_mean": bad, "kl_mean_se": 1e-5}, {"kl_mean": 4e-3, "kl_mean_se": 1e-4, "top1_agree": 0.9}
+    b = check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
+    assert b is not None and not b.within_noise
+    assert b.line().endswith(f"limit <= 20 x floor = {bad:g}, from the noise floor's value, which is not finite: FAIL")
+    for metric, sign in (("kl_mean", 1), ("top1_agree", -1)):
+        r = Regression.parse(f"{metric}:{'+' if sign > 0 else '-'}10%")
+        b = r.breach("int4", pair, {metric: bad})
+        assert b is not None and not b.within_noise and "from the baseline's value, which is not finite: FAIL" in b.line()
+    assert Regression.parse("kl_mean:0.001").breach("int4", {"kl_mean": math.inf}, {"kl_mean": math.inf}) is not None
+
+
 def test_a_floor_multiple_limit_carries_the_floors_standard_error():
     """The noise band of `max_x_floor: B` is the combined se of the pair's value and of B x the floor's:
     √(1e-4² + (20 x 1e-5)²) = 2.24e-4 here, so a breach of 1.5e-4 is within noise (not with the pair's se alone)."""
