@@ -197,6 +197,10 @@ def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Pa
                    f"{bi.get('prompts_file')}, {bi.get('prompts')} prompts; this run: {ri.get('prompts_file')}, {ri.get('prompts')} prompts")
             raise GateError(f"baseline {base_path} was made with another {what} ({why}): its numbers are not comparable")
     warnings = []
+    if ri.get("segments_sha256") and bi.get("segments_sha256") and ri["segments_sha256"] != bi["segments_sha256"]:
+        warnings.append("the scored tokens differ from the baseline's (" + (
+            "the reference continued the prompts otherwise" if run.config.get("mode") == "generate" else
+            "other windows") + "): the pairs are measured on other positions")  # fmt: skip
     if not (ri.get("token_ids_sha256") and bi.get("token_ids_sha256")):
         warnings.append("the prompt set and tokenizer cannot be verified: one record has no input fingerprints")
     for group, keys, a, b in (("versions", VERSION_KEYS, run.versions, base.versions), ("machine", MACHINE_KEYS, run.machine, base.machine),

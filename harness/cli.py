@@ -108,7 +108,7 @@ def run_compare(cfg) -> Path:
 
 
 def _compare(cfg) -> Path:
-    from harness import compare, paths, pipeline, progress, prompts, records, report
+    from harness import compare, extract, paths, pipeline, progress, prompts, records, report
 
     the_plan, stores, facts = _extract(cfg)
     ref, options = cfg.reference.name, cfg.metrics
@@ -145,6 +145,8 @@ def _compare(cfg) -> Path:
         "positions": the_plan.positions, "token_ids_sha256": the_plan.tokens.fingerprint,
         "tokenizer_sha256": prompts.tokenizer_fingerprint(tokenizer),
     }  # fmt: skip
+    # what was scored: the reference's windows (text) or prompt + greedy continuation (generate), token by token
+    inputs["segments_sha256"] = extract.segments_fingerprint(the_plan.segments)
     if the_plan.generations is not None:  # `harness store prune --keep` keeps what a kept run used
         inputs["generations"] = str(the_plan.generations)
     config_json = cfg.model_dump_json()  # the record's run id hashes exactly this

@@ -225,10 +225,12 @@ def test_other_settings_and_machines_are_compared_with_a_warning_per_difference(
     other.variants |= {"ref": {"fingerprint": "hub:Qwen/Qwen1.5-0.5B-Chat@aaa"}}
     other.variants["int4"]["fingerprint"], run.variants["int4"]["fingerprint"] = "hub:a@1", "hub:a@2"
     run.variants["ref"] = {"fingerprint": "hub:Qwen/Qwen1.5-0.5B-Chat@bbb"}
+    other.inputs["segments_sha256"], run.inputs["segments_sha256"] = "c" * 64, "d" * 64
     v = check.gate(run, baseline=other, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert v["verdict"] == "pass"
     text = "\n".join(v["warnings"])
     for needle in ("versions.torch differs: baseline '2.12.0', this run '2.13.0'", "machine.cpu differs",
+                   "the scored tokens differ from the baseline's (other windows): the pairs are measured on other positions",
                    "config.store_dtype differs", "int4.dtype differs", "pair 'int8' is not in the baseline",
                    "int4.kernels differs: baseline ['TorchAtenLinear'], this run ['MarlinLinear']"):  # fmt: skip
         assert needle in text

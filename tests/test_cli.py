@@ -48,6 +48,7 @@ def test_compare_default_config_on_micro_zoo(micro_run):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["schema_version"] == 2 and run["status"] == "ok" and run["noise_floor"] == "s-chat-bf16"
     # what was measured and what measured it: the weights' fingerprint, and the versions that filled each store
+    assert len(run["inputs"]["segments_sha256"]) == 64 and "generations" not in run["inputs"]  # text mode: none
     for name, v in run["variants"].items():
         assert len(v["fingerprint"]) == 64 and v["filled_by"]["versions"]["torch"] == torch.__version__, name
     agg = next(p for p in run["pairs"] if p["candidate"] == "s-chat-gptq-int4")["aggregates"]
