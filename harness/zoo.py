@@ -13,6 +13,9 @@ do not match its manifest is reported and rebuilt. Same seed, same profile: the 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import json
 import os
@@ -259,24 +262,54 @@ def _build_tokenizer(prof: Profile, log):
     return tokenizer
 
 
-def _deterministic(fn):
-    """Runs `fn` with torch's deterministic algorithms (the zoo comes out the same on every run), then puts back the
-    caller's setting: a compare that builds a missing model on the way keeps its own for extraction (on CUDA the flag
-    makes cuBLAS refuse to run without CUBLAS_WORKSPACE_CONFIG, and torch.empty fills every tensor with NaN)."""
+_LOCKED: set[str] = set()  # profiles whose build lock this process holds (build_damaged calls build)
+
+
+@contextlib.contextmanager
+def _build_lock(profile_name: str, log=print):
+    """One builder of a profile at a time across processes (`extract --part` workers or CI jobs sharing $HARNESS_HOME):
+    two would race to rename their folders into place. The one that waits then finds the models built and verifies them."""
+    if profile_name in _LOCKED:
+        yield
+        return
+    path = paths.zoo_dir(profile_name) / ".build.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"zoo: waiting for another process that builds it ({path} is locked)")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without flock: build unlocked, as before the lock
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        _LOCKED.add(profile_name)
+        try:
+            yield
+        finally:
+            _LOCKED.discard(profile_name)
+
+
+def _building(fn):
+    """Runs a build under the profile's lock, with torch's deterministic algorithms (the zoo comes out the same on
+    every run), then puts back the caller's setting: a compare that builds a missing model on the way keeps its own
+    for extraction (on CUDA the flag makes cuBLAS refuse to run without CUBLAS_WORKSPACE_CONFIG, and torch.empty
+    fills every tensor with NaN)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(profile_name: str = "full", **kwargs):
         before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.use_deterministic_algorithms(before, warn_only=warn_only)
+        with _build_lock(profile_name, kwargs.get("log", print)):
+            torch.use_deterministic_algorithms(True)
+            try:
+                return fn(profile_name, **kwargs)
+            finally:
+                torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
     return wrapper
 
 
-@_deterministic
+@_building
 def build(profile_name: str = "full", *, log=print, force: bool = False) -> dict[str, Path]:
     """Builds whatever of the family is missing or fails verification; returns name -> folder."""
     from transformers.utils import logging as hf_logging
@@ -306,7 +339,7 @@ def build(profile_name: str = "full", *, log=print, force: bool = False) -> dict
     return folders
 
 
-@_deterministic
+@_building
 def build_damaged(profile_name: str = "full", *, log=print) -> dict[str, Path]:
     """The damaged builds (after the family they derive from); returns name -> folder."""
     from harness import quant

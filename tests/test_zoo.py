@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -117,3 +118,28 @@ def test_same_seed_same_bits(micro_zoo, tmp_path, monkeypatch):
     zoo.build("micro", log=lambda _: None)
     for name in (zoo.BASE_S, zoo.CHAT_S, zoo.GPTQ[4]):
         assert _sha(zoo.model_dir(name, "micro") / "model.safetensors") == _sha(micro_zoo[name] / "model.safetensors"), name
+
+
+def test_a_second_builder_waits_for_the_first(micro_zoo, tmp_path, monkeypatch):
+    """Two processes building one profile (parts of `extract --part` on a fresh machine) would race to rename their
+    folders into place: the second waits on the profile's lock, then finds the models built. Here the lock is held by
+    an open file of this test (flock locks belong to open files, so the build's own is refused until it closes)."""
+    import fcntl
+    import threading
+
+    home = tmp_path / "home"
+    shutil.copytree(micro_zoo[zoo.TOKENIZER].parent, home / "zoo" / "micro", ignore=shutil.ignore_patterns(".build.lock"))
+    monkeypatch.setenv("HARNESS_HOME", str(home))
+    said, done = [], threading.Event()
+    with (home / "zoo" / "micro" / ".build.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: (zoo.build("micro", log=said.append), done.set()))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert said and "waiting for another process that builds it" in said[0]
+        assert not done.wait(1.0)  # still waiting while the lock is held
+    worker.join(300)
+    assert done.is_set() and not any("will be rebuilt" in m for m in said)  # found every model built
+    assert all(state == "ok" for state in zoo.status("micro").values())
