@@ -154,9 +154,18 @@ def _loading(loaded: Loaded, what: str, load):
 
 
 def _quantized(loaded: Loaded) -> bool | None:
-    """Whether a local folder's config.json holds a quantization_config (None for a hub id: not known before loading)."""
+    """Whether a model's config.json holds a quantization_config: a local folder's, or a hub id's (from the cache, or
+    fetched as from_pretrained would); None where it cannot be read (the load then says why)."""
     config = Path(loaded.path) / "config.json"
-    return "quantization_config" in json.loads(config.read_text()) if config.is_file() else None
+    if not config.is_file() and loaded.fingerprint.startswith("hub:"):
+        from huggingface_hub import hf_hub_download
+
+        with contextlib.suppress(Exception):  # offline and not cached, unknown repo: from_pretrained reports it
+            config = Path(hf_hub_download(loaded.path, "config.json", revision=loaded.spec.revision))
+    try:
+        return "quantization_config" in json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _load_transformers(loaded: Loaded):

@@ -3,6 +3,7 @@ take (sharded included), and gptqmodel's loader with its kernels; every failure 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,27 @@ def test_a_hub_model_is_keyed_by_its_commit(tmp_path, monkeypatch):
         assert loaders.locate(spec, "micro").fingerprint == f"hub:Qwen/Qwen1.5-0.5B-Chat@{commit}"
     pinned = spec.model_copy(update={"revision": "c" * 40})
     assert loaders.locate(pinned, "micro").fingerprint.endswith("@" + "c" * 40)
+
+
+def test_a_hub_gptq_release_is_known_quantized_from_the_cache(tmp_path, monkeypatch):
+    """A hub id's config.json is read from the cache (offline) before loading, so gptqmodel's banner is kept out of
+    the output for a hub GPTQ release as for a local folder (it leaked for hub ids)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for repo, config in (("Qwen1.5-0.5B-Chat-GPTQ-Int4", {"quantization_config": {"bits": 4, "quant_method": "gptq"}}),
+                         ("Qwen1.5-0.5B-Chat", {"model_type": "qwen2"})):  # fmt: skip
+        root = tmp_path / f"models--Qwen--{repo}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("d" * 40)
+        (root / "snapshots" / ("d" * 40)).mkdir(parents=True)
+        (root / "snapshots" / ("d" * 40) / "config.json").write_text(json.dumps(config))
+    quantized = loaders.locate(ModelSpec(name="q", source="Qwen/Qwen1.5-0.5B-Chat-GPTQ-Int4"), "micro")
+    plain = loaders.locate(ModelSpec(name="p", source="Qwen/Qwen1.5-0.5B-Chat"), "micro")
+    missing = loaders.locate(ModelSpec(name="m", source="Qwen/Qwen1.5-0.5B"), "micro")
+    assert (loaders._quantized(quantized), loaders._quantized(plain), loaders._quantized(missing)) == (True, False, None)
 
 
 def test_tokenizer_key_is_the_tokenizer_files_bytes(tmp_path):
