@@ -79,6 +79,8 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
                 raise prompts.PromptError(f"{exc}. To compare it over the tokens both vocabularies share, at the "
                                           f"positions both tokenizations share, set cross_vocab: true (in {cfg.source_file}, or cross_vocab=true on the command line)") from None  # fmt: skip
             cross[spec.name] = key
+    for warning in slow_half_precision(cfg, loaded):
+        log(f"warning: {warning}")
     continuations, segments = None, None
     if generate:
         continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log, part=part, wait_s=wait_s)
@@ -94,6 +96,28 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
             )
     generations = extract.generations_path(ref, tokens, cfg.generate.max_new_tokens) if generate else None
     return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides, generations=generations)
+
+
+# CPU flags that give torch fast matmuls in each half-precision dtype (oneDNN); without them it emulates
+HALF_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
+
+
+def slow_half_precision(cfg: Config, loaded: dict[str, loaders.Loaded], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """A warning per half-precision dtype that runs on a CPU without its matmul instructions: there a 0.5B model's
+    forward pass took 10x (bfloat16) to 20x (float16) as long as in float32 (a review of 2026-12-06, 24-layer model)."""
+    try:
+        flags = set(next(line for line in open(cpuinfo) if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):  # not Linux: nothing known
+        return []
+    slow = {}
+    for spec in cfg.models:
+        zoo_build = spec.source.startswith("zoo:")  # a tiny model: seconds either way
+        if spec.dtype in HALF_FLAGS and loaded[spec.name].device == "cpu" and not zoo_build and not flags & set(HALF_FLAGS[spec.dtype]):
+            slow.setdefault(spec.dtype, []).append(spec.name)
+    return [f"{', '.join(names)} run{'s' if len(names) == 1 else ''} in {dtype} on a CPU without {' or '.join(HALF_FLAGS[dtype])}: "
+            f"its matmuls are emulated, 10-20x slower than float32 at 0.5B parameters. For a {dtype} checkpoint, "
+            "dtype float32 holds the same weights exactly (the rows then differ from a "
+            f"{dtype} deployment's by float32's rounding, not {dtype}'s)" for dtype, names in slow.items()]
 
 
 def _cross_readings(
