@@ -372,7 +372,7 @@ def extract(
     start = time.perf_counter()
     model = loaders.load_model(loaded)
     warpers = Warpers.from_generation_config(loaders.load_generation_config(loaded))
-    facts |= {"load_s": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters()),
+    facts |= {"load_s": time.perf_counter() - start, "parameters": loaders.parameter_count(model),
               "kernels": loaders.kernels(model), "placed_on": sorted({str(p.device) for p in model.parameters()})}  # fmt: skip
     facts |= {"warpers": warpers.__dict__, "logit_width": int(model.config.vocab_size)}
     start, forward_s = time.perf_counter(), 0.0

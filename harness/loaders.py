@@ -284,6 +284,32 @@ def load_generation_config(loaded: Loaded):
         return GenerationConfig.from_model_config(config)
 
 
+def parameter_count(model) -> int:
+    """The weights as the float model has them. A quantized layer (gptqmodel's: packed int buffers `qweight`, its bias
+    a buffer too) counts in_features x out_features and its bias, which `parameters()` leaves out."""
+    n = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if hasattr(module, "qweight") and hasattr(module, "in_features") and hasattr(module, "out_features"):
+            n += module.in_features * module.out_features
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor) and not any(bias is p for p in module.parameters(recurse=False)):
+                n += bias.numel()
+    return n
+
+
+def size_estimate(loaded: Loaded) -> int | None:
+    """Roughly how many parameters a model has, from its config.json (decoder layers at 12 h² each, the embeddings);
+    None where the config cannot be read or lacks the sizes."""
+    from transformers import AutoConfig
+
+    spec = loaded.spec
+    try:
+        config = AutoConfig.from_pretrained(loaded.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        return int(12 * config.num_hidden_layers * config.hidden_size**2 + config.vocab_size * config.hidden_size)
+    except Exception:  # a missing or odd config: the load reports it
+        return None
+
+
 def context_length(loaded: Loaded) -> int:
     from transformers import AutoConfig
 

@@ -100,9 +100,12 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
 
 # CPU flags that give torch fast matmuls in each half-precision dtype (oneDNN); without them it emulates
 HALF_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
+BIG = 100_000_000  # parameters from which the warning is worth its line (where the size is unknown: warned)
 
 
-def slow_half_precision(cfg: Config, loaded: dict[str, loaders.Loaded], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+def slow_half_precision(
+    cfg: Config, loaded: dict[str, loaders.Loaded], cpuinfo: str = "/proc/cpuinfo", size_of=loaders.size_estimate
+) -> list[str]:
     """A warning per half-precision dtype that runs on a CPU without its matmul instructions: there a 0.5B model's
     forward pass took 10x (bfloat16) to 20x (float16) as long as in float32 (a review of 2026-12-06, 24-layer model)."""
     try:
@@ -111,9 +114,11 @@ def slow_half_precision(cfg: Config, loaded: dict[str, loaders.Loaded], cpuinfo:
         return []
     slow = {}
     for spec in cfg.models:
-        zoo_build = spec.source.startswith("zoo:")  # a tiny model: seconds either way
-        if spec.dtype in HALF_FLAGS and loaded[spec.name].device == "cpu" and not zoo_build and not flags & set(HALF_FLAGS[spec.dtype]):
-            slow.setdefault(spec.dtype, []).append(spec.name)
+        if spec.dtype not in HALF_FLAGS or loaded[spec.name].device != "cpu" or flags & set(HALF_FLAGS[spec.dtype]):
+            continue
+        if spec.source.startswith("zoo:") or (size_of(loaded[spec.name]) or BIG) < BIG:  # small: seconds either way
+            continue
+        slow.setdefault(spec.dtype, []).append(spec.name)
     return [f"{', '.join(names)} run{'s' if len(names) == 1 else ''} in {dtype} on a CPU without {' or '.join(HALF_FLAGS[dtype])}: "
             f"its matmuls are emulated, 10-20x slower than float32 at 0.5B parameters. For a {dtype} checkpoint, "
             "dtype float32 holds the same weights exactly (the rows then differ from a "

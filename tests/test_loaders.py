@@ -183,3 +183,11 @@ def test_a_copied_zoo_folder_is_keyed_by_its_files(micro_zoo, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"other weights")
     after = loaders.locate(ModelSpec(name="c", source=str(tmp_path)), "micro").fingerprint
     assert len({zoo_key, before, after}) == 3
+
+
+def test_a_gptq_build_counts_the_float_models_parameters(micro_zoo):
+    """Its packed int weights and bias are buffers, not parameters: counted as the float model has them, a GPTQ build
+    has exactly its source's parameters (it reported the embeddings and norms only)."""
+    float_model, gptq = (loaders.load_model(loaders.locate(ModelSpec(name=n, source=f"zoo:{n}"), "micro")) for n in (zoo.CHAT_S, zoo.GPTQ[4]))
+    assert loaders.parameter_count(float_model) == sum(p.numel() for p in float_model.parameters())
+    assert sum(p.numel() for p in gptq.parameters()) < loaders.parameter_count(gptq) == loaders.parameter_count(float_model)

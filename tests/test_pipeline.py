@@ -19,10 +19,12 @@ def _cpuinfo(tmp_path, flags: str) -> str:
     return str(path)
 
 
-def test_half_precision_on_a_cpu_without_its_instructions_is_named(tmp_path):
+def test_half_precision_on_a_cpu_without_its_instructions_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub ids' sizes are not in this machine's cache: unknown
     cfg = _cfg()
     where = {s.name: loaders.Loaded(s, s.source, f"hub:{s.source}@main", "cpu") for s in cfg.models}
-    warned = pipeline.slow_half_precision(cfg, where, _cpuinfo(tmp_path, ""))
+    warned = pipeline.slow_half_precision(cfg, where, _cpuinfo(tmp_path, ""), size_of=lambda _: None)  # size unknown
+    assert pipeline.slow_half_precision(cfg, where, _cpuinfo(tmp_path, ""), size_of=lambda _: 464_000_000) == warned
     assert len(warned) == 2
     assert warned[0].startswith("chat-bf16, base run in bfloat16 on a CPU without avx512_bf16 or amx_bf16")
     assert warned[1].startswith("chat-fp16, chat-gptq-int8, chat-gptq-int4 run in float16 on a CPU without avx512_fp16")
@@ -34,3 +36,4 @@ def test_half_precision_on_a_cpu_without_its_instructions_is_named(tmp_path):
     at_zoo = {s.name: loaders.Loaded(s, s.source, "x", "cpu") for s in zoo.models}
     assert pipeline.slow_half_precision(zoo, at_zoo, _cpuinfo(tmp_path, "")) == []
     assert pipeline.slow_half_precision(cfg, where, str(tmp_path / "absent")) == []
+    assert pipeline.slow_half_precision(cfg, where, _cpuinfo(tmp_path, ""), size_of=lambda _: 20_000_000) == []  # tiny
