@@ -160,3 +160,15 @@ def test_bootstrap_can_be_turned_off():
     values, prompt = np.linspace(0, 1, 100), np.arange(100) // 10
     lo, hi = aggregate.bootstrap_mean(values, prompt, resamples=0, seed=0)
     assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_no_bootstrap_interval_of_a_mean_that_is_infinite():
+    """A +inf KL (q = 0 where p > 0) makes the mean +inf: no interval (NaN, shown as "–"), not one from resampled
+    infinities; the same prompts without it get a finite one."""
+    prompt = np.repeat(np.arange(10), 5)
+    values = np.random.default_rng(0).lognormal(-6, 1, 50)
+    lo, hi = aggregate.bootstrap_mean(values, prompt, resamples=200, seed=0)
+    assert math.isfinite(lo) and math.isfinite(hi) and lo < values.mean() < hi
+    values[7] = np.inf
+    lo, hi = aggregate.bootstrap_mean(values, prompt, resamples=200, seed=0)
+    assert math.isnan(lo) and math.isnan(hi)

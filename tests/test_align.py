@@ -639,3 +639,25 @@ def test_generate_mode_aligns_the_continuation(cross_run, tokenizer):
         for seg in plan.own[name][1]:
             prompt = b"".join(ref.keys[i][1] for i in plan.tokens.ids[seg.prompt])
             assert b"".join(side.keys[i][1] for i in seg.ids[: seg.first + 1]).startswith(prompt)
+
+
+def test_window_starts_always_hold_token_0():
+    """A SentencePiece reading's first token carries the dummy prefix's space, so it starts at byte −1 and token 0 of
+    the reference (byte 0) has no partner; 0 is still a window start ("0 always"): without it text_segments'
+    searchsorted(...) − 1 would index −1 and jump to the last allowed start."""
+    ref_keys = [("bytes", bytes([c])) for c in range(256)]  # one byte per token
+    other_keys = [("bytes", b" ab"), ("bytes", b"cd"), ("bytes", b"ef")]
+    ref = align.Side(ids=(tuple(b"abcdef"),), keys=ref_keys)
+    other = align.Side(ids=((0, 1, 2),), keys=other_keys)
+    (starts,) = align.window_starts(ref, [other], ["p"], ["ref", "sp"])
+    np.testing.assert_array_equal(starts, [0, 2, 4])
+
+
+def test_ids_without_a_piece_are_never_shared():
+    """vocab_keys gives an id with no piece ("none", its number): two vocabularies with holes at the same id must not
+    share that 'token' (nothing says they spell the same bytes)."""
+    ref_keys = [("bytes", b"a"), ("none", b"1"), ("bytes", b"b")]
+    cand_keys = [("bytes", b"b"), ("none", b"1"), ("bytes", b"a")]
+    vm = align.VocabMap.build(ref_keys, cand_keys)
+    assert vm.shared == 2 and vm.ref.tolist() == [0, 2] and vm.cand.tolist() == [2, 0]
+    assert vm.ref_column.tolist() == [0, 2, 1]  # id 1: no column (S = 2)

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -808,3 +809,32 @@ def test_bad_options_are_usage_errors_before_any_timing(argv, message, capsys, m
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--quick", *argv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [0, 257])
+def test_fused_cpu_refuses_a_top_k_outside_its_range(k):
+    """The kernel keeps at most 256 (its buffers); 0 keeps nothing: both a ValueError before the kernel runs."""
+    x = torch.randn(2, 1000)
+    with pytest.raises(ValueError, match=r"0 < k <= 256"):
+        sf.fused_cpu_filter(x, "top-k", k)
+
+
+def test_the_exact_softmax_allowance_is_half_a_unit_in_the_last_place():
+    """same(..., atol=0, exact=): the exact p rounded to float32 passes (within half a unit in the last place); its
+    neighbour on the other side of the exact value (between a half and one unit off) fails. The snippet's value is
+    set far off, so that only the exact value decides."""
+    x = bench.realistic_logits(1, 3000, seed=3)
+    ex = torch.softmax(x.double(), -1)
+    ids = torch.arange(3000, dtype=torch.int32)
+    top = int(ex.argmax())
+    ref = [{i: float(p) * 1.01 for i, p in enumerate(ex[0].tolist())}]  # 1% off everywhere: the exact one decides
+    rounded = ex.float()
+    assert sf.same(ref, sf._csr(torch.tensor([3000]), ids, rounded.reshape(-1)), atol=0.0, exact=ex) is None
+    e, r = ex[0, top].item(), rounded[0, top].item()
+    other = float(np.nextafter(np.float32(r), np.float32(-np.inf if r >= e else np.inf)))  # across e: 0.5 to 1 ulp off it
+    ulp = float(np.spacing(np.float32(min(r, other))))  # a float32 unit in the last place there
+    assert 0.5 * ulp < abs(other - e) <= ulp
+    bad = rounded.clone()
+    bad[0, top] = other
+    got = sf.same(ref, sf._csr(torch.tensor([3000]), ids, bad.reshape(-1)), atol=0.0, exact=ex)
+    assert got is not None and f"probability of {top} off" in got

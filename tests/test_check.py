@@ -19,7 +19,7 @@ INPUTS = {"prompts_file": "p.jsonl", "prompts": 8, "token_ids_sha256": "a" * 64,
 
 
 def _agg(kl: float, kl_se: float, top1: float, n: int = 1000) -> dict:
-    return {"positions": n, "kl_mean": kl, "kl_mean_se": kl_se, "top1_agree": top1,
+    return {"positions": n, "kl_mean": kl, "kl_mean_se": kl_se, "top1_agree": top1, "flip_rate": 1 - top1,
             "top1_agree_se": math.sqrt(top1 * (1 - top1) / n), "ppl_ratio": 1.01, "ln_ppl_ratio_se": 0.002,
             "by_confidence": []}  # fmt: skip
 
@@ -425,3 +425,56 @@ def test_a_breach_line_states_its_limit_once():
     assert check.Breach("int4", "top1_agree", 0.98, 0.99, ">= 0.99").line() == "int4: top1_agree = 0.98, limit >= 0.99: FAIL"
     assert (check.Breach("int4", "kl_mean", 0.01, 0.008, "<= 40 x floor", within_noise=True).line()
             == "int4: kl_mean = 0.01, limit <= 40 x floor = 0.008: within noise")  # fmt: skip
+
+
+def test_a_nan_metric_fails_its_limit():
+    """A limit on a metric that came out NaN (e.g. nll_correlation of constant NLLs, or a broken pair) is not a pass:
+    NaN < limit and NaN > limit are both False, which a plain comparison would let through."""
+    pairs = {"bf16": _agg(2e-4, 1e-5, 0.99), "int4": _agg(math.nan, math.nan, 0.98)}
+    v = check.gate(_run(pairs, {"int4": {"kl_mean": {"max": 0.01}}}))
+    assert v["verdict"] == "fail" and [b["metric"] for b in v["breaches"]] == ["kl_mean"]
+    assert check.Threshold("p", "top1_agree", "min", 0.9).breach({"top1_agree": math.nan}, None) is not None
+    base = _run({"bf16": _agg(2e-4, 1e-5, 0.99), "int4": _agg(3e-3, 1e-4, 0.98)}, run_id="base")
+    v = check.gate(_run(pairs), baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "fail" and v["breaches"][0]["pair"] == "int4"
+
+
+def test_a_flip_rate_limit_has_the_top1_standard_error_as_its_noise_band():
+    """flip_rate = 1 − top1_agree: its standard error is top1_agree's (the record has no flip_rate_se), so a breach
+    inside it is within noise, and one past it fails."""
+    agg = _agg(3e-3, 1e-4, 0.98)  # flip_rate 0.02, se √(0.98·0.02/1000) = 0.00443
+    assert check.standard_error(agg, "flip_rate") == pytest.approx(agg["top1_agree_se"], rel=1e-12)
+    v = check.gate(_run({"bf16": _agg(2e-4, 1e-5, 0.99), "int4": agg}, {"int4": {"flip_rate": {"max": 0.018}}}))
+    assert v["verdict"] == "pass" and v["within_noise"][0]["noise"] == pytest.approx(agg["top1_agree_se"])
+    v = check.gate(_run({"bf16": _agg(2e-4, 1e-5, 0.99), "int4": agg}, {"int4": {"flip_rate": {"max": 0.01}}}))
+    assert v["verdict"] == "fail"
+
+
+def test_a_ppl_ratio_se_follows_from_the_log_ratios_where_a_record_lacks_it():
+    """standard_error(ppl_ratio) of a record without ppl_ratio_se: the delta method, e^x·se(x) = ppl_ratio·se(ln ratio)."""
+    assert check.standard_error({"ppl_ratio": 1.25, "ln_ppl_ratio_se": 0.004}, "ppl_ratio") == pytest.approx(0.005, rel=1e-12)
+
+
+def test_a_baseline_without_input_fingerprints_is_compared_with_a_warning():
+    """Where either record lacks token_ids_sha256 the prompt set cannot be verified: a warning says so (not silence)."""
+    pairs = {"bf16": _agg(2e-4, 1e-5, 0.99), "int4": _agg(3e-3, 1e-4, 0.98)}
+    base = _run(pairs, run_id="base")
+    base.inputs.pop("token_ids_sha256")
+    v = check.gate(_run(pairs), baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "pass" and any("cannot be verified" in w for w in v["warnings"])
+
+
+@pytest.mark.parametrize("text, value", [("kl_mean:+0.25", 0.75), ("kl_mean:+50%", 0.75), ("top1_agree:-50%", 0.25)])
+def test_a_move_of_exactly_the_allowed_amount_passes_even_strict(text, value):
+    """--fail METRIC:±AMOUNT fails a move past the baseline by more than AMOUNT: exactly AMOUNT passes (as a value
+    at a config limit does); just past it fails. Values exact in binary floating point."""
+    r = check.Regression.parse(text)
+    assert r.breach("p", {r.metric: value}, {r.metric: 0.5}, strict=True) is None
+    assert r.breach("p", {r.metric: value + r.sign * 1e-9}, {r.metric: 0.5}, strict=True) is not None
+
+
+def test_a_star_limit_applies_to_every_variant_the_noise_floor_included():
+    """gate: {"*": ...} is every variant (config: "'*', every variant"): the noise-floor pair too, one check each."""
+    pairs = {"bf16": _agg(2e-4, 1e-6, 0.99), "int4": _agg(3e-3, 1e-5, 0.98)}
+    v = check.gate(_run(pairs, {"*": {"kl_mean": {"max": 1e-4}}}))
+    assert v["checks"] == 2 and sorted(b["pair"] for b in v["breaches"]) == ["bf16", "int4"]

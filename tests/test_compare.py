@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from scipy.special import rel_entr
+from scipy.special import logsumexp, rel_entr
 
-from harness import compare
+from harness import align, compare
 from harness.store import Store
 
 
@@ -151,3 +151,88 @@ def test_top_tokens(tmp_path, monkeypatch, fused):
         np.testing.assert_array_equal(ids, order[:, :5].numpy())
         assert (ids[:, :4] == np.arange(100, 104)).all()
     np.testing.assert_allclose(probs, values[:, :5].exp().numpy(), rtol=1e-6)
+
+
+def _logit_store(root, logits, target):
+    store = Store(root)
+    n, v = logits.shape
+    store.write_shard(0, {
+        "logprobs": torch.log_softmax(logits, -1).half(), "target": target, "prompt": torch.zeros(n, dtype=torch.long),
+        "position": torch.arange(n), "pad_mass": torch.zeros(n), "warp_finite": torch.full((n,), v, dtype=torch.int32),
+        "warp_mass": torch.ones(n),
+    }, {})  # fmt: skip
+    return store
+
+
+def test_bits_per_byte_and_its_standard_error_over_few_spans(tmp_path):
+    """bits_per_byte over 3 spans (so the ratio estimator's n/(n−1) is 1.5, not the ~1.00 of a real run's hundreds,
+    which a bootstrap within 20% cannot see): each side's NLL (the stored float16 row's float64 logsumexp − the target's log-prob) summed per
+    span, bpb = Σ NLL / Σ bytes / ln 2, and se(bpb_diff) = √(n/(n−1) · Σ (D_s − R·B_s)²) / Σ B / ln 2, R = ΣD/ΣB."""
+    gen = torch.Generator().manual_seed(2)
+    n, v = 9, 50
+    logits = {side: torch.randn(n, v, generator=gen) * 2 for side in ("ref", "cand")}
+    target = torch.randint(0, v, (n,), generator=gen)
+    stores = {side: _logit_store(tmp_path / side, x, target) for side, x in logits.items()}
+    ref_rows, ref_span = np.array([1, 2, 3, 4, 5, 6, 7]), np.array([0, 0, 1, 1, 1, 2, 2])
+    cand_rows, cand_span = np.array([1, 3, 4, 6, 8]), np.array([0, 1, 1, 2, 2])
+    span_bytes = np.array([5, 11, 7])
+    al = align.PairAlignment(torch.tensor([]), torch.tensor([]), None, n, 0, ref_rows, ref_span, cand_rows, cand_span, span_bytes)
+    got = compare.bits_per_byte(stores["ref"], stores["cand"], al)
+    stored = {side: torch.log_softmax(x, -1).half().double() for side, x in logits.items()}
+    nll = {side: (torch.logsumexp(s, -1) - s[torch.arange(n), target]).numpy() for side, s in stored.items()}
+    per_span = {side: np.array([sum(nll[side][r] for r, s in zip(rows, spans) if s == k) for k in range(3)])
+                for side, rows, spans in (("ref", ref_rows, ref_span), ("cand", cand_rows, cand_span))}  # fmt: skip
+    B, D = span_bytes.sum(), per_span["cand"] - per_span["ref"]
+    R = D.sum() / B
+    assert got["bpb_ref"] == pytest.approx(per_span["ref"].sum() / B / math.log(2), rel=1e-6)
+    assert got["bpb_cand"] == pytest.approx(per_span["cand"].sum() / B / math.log(2), rel=1e-6)
+    assert got["bpb_diff"] == pytest.approx(R / math.log(2), rel=1e-6)
+    assert got["bpb_diff_se"] == pytest.approx(math.sqrt(3 / 2 * ((D - R * span_bytes) ** 2).sum()) / B / math.log(2), rel=1e-6)
+    assert (got["bpb_spans"], got["bpb_bytes"]) == (3, 23)
+
+
+def test_matrix_rows_of_compared_pairs_against_float64(tmp_path):
+    """The all-pairs matrix takes a (reference, variant) row from that pair's aggregates: its symmetric KL must be
+    KL(a ‖ b) + KL(b ‖ a), as the rows it computes are. Against float64 scipy on the stored rows, for a pair whose
+    two directions differ (a peaked candidate), both for the row taken from `known` and for one computed afresh."""
+    gen = torch.Generator().manual_seed(11)
+    n, v = 70, 400
+    base = torch.randn(n, v, generator=gen) * 2
+    rows = {"ref": torch.log_softmax(base, -1), "cand": torch.log_softmax(3 * base + torch.randn(n, v, generator=gen), -1),
+            "other": torch.log_softmax(base + 0.5 * torch.randn(n, v, generator=gen), -1)}  # fmt: skip
+    target, prompt = torch.zeros(n, dtype=torch.long), torch.arange(n) // 7
+    stores = {k: _store(tmp_path / k, x, target, prompt) for k, x in rows.items()}
+    known = [compare.compare("ref", stores["ref"], c, stores[c], resamples=0) for c in ("cand", "other")]
+    grid = {(r["a"], r["b"]): r for r in compare.matrix(stores, known)}
+
+    def want(a, b):
+        x, y = (rows[k].half().double().numpy() for k in (a, b))
+        p, q = (np.exp(t - logsumexp(t, -1, keepdims=True)) for t in (x, y))
+        return (rel_entr(p, q).sum(-1) + rel_entr(q, p).sum(-1)).mean(), (x.argmax(-1) == y.argmax(-1)).mean()
+
+    for pair in (("ref", "cand"), ("ref", "other"), ("cand", "other")):
+        sym, agree = want(*pair)
+        assert grid[pair]["sym_kl_mean"] == pytest.approx(sym, rel=1e-6), pair
+        assert grid[pair]["top1_agree"] == pytest.approx(agree, abs=1e-12), pair
+    a = known[0].aggregates
+    assert abs(a["kl_mean"] - a["kl_rev_mean"]) > 0.1 * a["kl_mean"]  # the two directions differ: a one-way sum shows
+
+
+def test_pad_mass_aggregates_are_each_stores_own(tmp_path):
+    """pad_mass_ref and pad_mass_cand (run.json): each the mean of its own store's per-row mass on the padding columns
+    (over every compared row), not the other store's: two stores whose pad masses differ by 100x."""
+    gen = torch.Generator().manual_seed(5)
+    n, v = 40, 300
+    stores, pads = {}, {}
+    for name, scale in (("ref", 1e-6), ("cand", 1e-4)):
+        logp = torch.log_softmax(torch.randn(n, v, generator=gen) * 2, -1)
+        pads[name] = torch.rand(n, generator=gen) * scale
+        stores[name] = Store(tmp_path / name)
+        stores[name].write_shard(0, {
+            "logprobs": logp.half(), "target": torch.zeros(n, dtype=torch.long), "prompt": torch.arange(n) // 10,
+            "position": torch.arange(n), "pad_mass": pads[name], "warp_finite": torch.full((n,), v, dtype=torch.int32),
+            "warp_mass": torch.ones(n),
+        }, {})  # fmt: skip
+    agg = compare.compare("ref", stores["ref"], "cand", stores["cand"], resamples=0).aggregates
+    assert agg["pad_mass_ref"] == pytest.approx(float(pads["ref"].double().mean()), rel=1e-6)
+    assert agg["pad_mass_cand"] == pytest.approx(float(pads["cand"].double().mean()), rel=1e-6)

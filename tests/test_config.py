@@ -129,10 +129,18 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("metrics: {top_k: [5, 5]}", r"key 'metrics\.top_k': each k once"),
         ("seed: 1\nseed: 2", r"c\.yaml is not valid YAML: key 'seed' is given twice in one mapping"),
         ("metrics: {matrix: true, matrix: false}", r"key 'matrix' is given twice"),
+        # ε = 1 mixes q away entirely (log1p(−1) = −inf: every smoothed KL is KL against the uniform row); ε > 1 is NaN
+        ("metrics: {smoothing_eps: 1.0}", r"key 'metrics\.smoothing_eps': Input should be less than 1"),
+        ("metrics: {smoothing_eps: 0}", r"key 'metrics\.smoothing_eps': Input should be greater than 0"),
+        # a one-token window predicts nothing: a run of zero positions
+        ("text: {context: 1}", r"key 'text\.context': Input should be greater than or equal to 2"),
+        # a floor multiple of 0 (or below) fails every pair whatever its drift
+        ("noise_floor: v\ngate: {v: {kl_mean: {max_x_floor: 0}}}", r"key 'gate\.v\.kl_mean\.max_x_floor': Input should be greater than 0"),
     ],
 )  # fmt: skip
 def test_bad_metrics_and_repeated_keys_fail_at_load(tmp_path, extra, message):
-    """Before any model loads: a top-k the kernel cannot take, or a key whose first value would be silently lost."""
+    """Before any model loads: a top-k the kernel cannot take, a key whose first value would be silently lost, or a
+    setting that makes no sense."""
     with pytest.raises(config.ConfigError, match=message):
         config.load(_write(tmp_path, BASE + extra + "\n"))
 

@@ -444,3 +444,13 @@ def test_sym_kl_top1_unnormalised_rows():
         sym, top1 = metrics_fused.fused_sym_kl_top1(ref + shift, cand)
         torch.testing.assert_close(sym, want, rtol=1e-6, atol=0)
         assert torch.equal(top1, agree)
+
+
+@pytest.mark.parametrize("bad", [-1, 300])
+def test_a_target_outside_the_row_is_refused_before_the_kernel_reads_it(bad):
+    """The kernel reads x[t] and y[t] of each row's target unchecked: a target id outside [0, V) (a store written with
+    another vocabulary's ids, say) must be a ValueError, not a read past the row (garbage Δp and NLL, or a crash)."""
+    ref = torch.log_softmax(torch.randn(4, 300), -1)
+    target = torch.tensor([0, 5, bad, 7])
+    with pytest.raises(ValueError, match=r"targets must be \[4\] token ids in \[0, 300\)"):
+        metrics_fused.fused_position_metrics(ref, ref, target)

@@ -1,6 +1,7 @@
 """Prompt files: bad input is a clear error; every variant must tokenize to the reference's ids."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -186,3 +187,44 @@ def test_generate_segments_score_the_continuation():
     assert len(segments) == 1
     (s,) = segments
     assert s.ids == tokens.ids[0] + (7, 8, 9) and s.first == 4 and s.rows == 3
+
+
+class _Stub:
+    """A tokenizer of `n` ids that reads every text as `ids`."""
+
+    def __init__(self, n, ids):
+        self.n, self.ids = n, list(ids)
+
+    def __len__(self):
+        return self.n
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=list(self.ids))
+
+
+def test_a_variant_tokenizer_of_another_size_is_refused_even_with_the_same_ids():
+    """Same ids for every prompt but one more token in its vocabulary (an added special token): the rows would be cut
+    at the reference's width and the variant's mass on its extra id dropped unseen. check_same_ids stops the run."""
+    ref = _Stub(1000, [5, 6, 7])
+    tokens = prompts.TokenizedPrompts(prompts=(prompts.Prompt(id="a", text="x"),), ids=((5, 6, 7),), n_vocab=1000)
+    prompts.check_same_ids(tokens, ref, _Stub(1000, [5, 6, 7]), "same")
+    with pytest.raises(prompts.PromptError, match=r"variant 'wide': its tokenizer has 1001 tokens, the reference's has 1000"):
+        prompts.check_same_ids(tokens, ref, _Stub(1001, [5, 6, 7]), "wide")
+
+
+@pytest.mark.parametrize("score", ["all", "second_half"])
+def test_sequences_rebuild_each_prompt_from_its_windows(score):
+    """tokens.json's ids per prompt (cli): the windows of text_segments (overlapping for second_half) joined back."""
+    ids = (tuple(range(100, 123)), tuple(range(200, 203)))
+    tokens = prompts.TokenizedPrompts(prompts=tuple(prompts.Prompt(id=str(i), text="x") for i in range(2)), ids=ids, n_vocab=1000)
+    segs = prompts.text_segments(tokens, context=6, score=score)
+    assert prompts.sequences(segs) == {0: list(ids[0]), 1: list(ids[1])}
+
+
+@pytest.mark.parametrize("context", [4, 5, 7, 16])
+def test_second_half_windows_stride_by_half_a_context(context):
+    tokens = _tokens([40])
+    segs = prompts.text_segments(tokens, context=context, score="second_half")
+    assert [s.offset for s in segs] == [k * (context // 2) for k in range(len(segs))]
+    for s in segs[1:]:
+        assert s.first + 1 >= context / 2  # every scored token has read at least half a window

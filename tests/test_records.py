@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
 
 import pytest
 import torch
@@ -107,3 +108,32 @@ def test_a_record_that_lost_its_pairs_is_refused_before_any_report_is_rewritten(
     assert (tmp_path / "summary.csv").read_text() == "kept"
     with pytest.raises(RecordError, match="is a file, not a run folder or its run.json"):
         records.run_dir(tmp_path / "summary.csv")
+
+
+def test_a_record_one_schema_newer_is_refused(tmp_path):
+    """The boundary of `read`'s schema check: SCHEMA_VERSION + 1 is newer than this harness reads (99 is far past it)."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"schema_version": records.SCHEMA_VERSION + 1, "status": "ok", "created_at": "x", "pairs": []}))
+    with pytest.raises(records.RecordError, match="newer than this harness reads"):
+        records.read(path)
+
+
+def test_git_state_says_whether_the_checkout_had_changes(tmp_path):
+    """run.json's git.dirty: False on a clean checkout, True once a tracked file changed (numbers from uncommitted
+    code), in a throwaway repository."""
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("x = 1\n")
+    git("add", "f.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    clean = records.git_state(tmp_path)
+    assert clean["dirty"] is False and len(clean["commit"]) == 40
+    (tmp_path / "f.py").write_text("x = 2\n")
+    assert records.git_state(tmp_path) == {"commit": clean["commit"], "dirty": True}
+
+
+def test_json_safe_keeps_the_sign_of_infinity():
+    """gate.json and the page's data: NaN as null, +inf as "inf", -inf as "-inf" (not "inf")."""
+    assert records.json_safe({"a": [math.inf, -math.inf, math.nan, 1.5]}) == {"a": ["inf", "-inf", None, 1.5]}

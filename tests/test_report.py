@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import re
 import shutil
 
@@ -440,3 +441,59 @@ def test_models_table_says_where_a_sharded_model_was_and_which_kernel_ran():
     assert html_report._placed({"device": "cpu"}) == ""  # a record from before placed_on
     assert html_report._loader(sharded) == "gptqmodel (gptq_marlin)<br><span class=small>MarlinLinear</span>"
     assert html_report._loader({"device": "cpu"}) == "transformers"
+
+
+# llama.cpp's kl_divergence() summary (tools/perplexity/perplexity.cpp): each label, the aggregate it prints, the
+# aggregate of its ± (or None) and its scale (Δp and "Same top p" in %). Written out here, not read from LLAMA_ROWS.
+LLAMA_CPP_MEANING = [
+    ("Mean PPL(Q)", "ppl_cand", "ppl_cand_se", 1), ("Mean PPL(base)", "ppl_ref", "ppl_ref_se", 1),
+    ("Cor(ln(PPL(Q)), ln(PPL(base)))", "nll_correlation", None, 100),
+    ("Mean ln(PPL(Q)/PPL(base))", "ln_ppl_ratio", "ln_ppl_ratio_se", 1),
+    ("Mean PPL(Q)/PPL(base)", "ppl_ratio", "ppl_ratio_se", 1), ("Mean PPL(Q)-PPL(base)", "ppl_diff", "ppl_diff_se", 1),
+    ("Mean    KLD", "kl_mean", "kl_mean_se", 1), ("Maximum KLD", "kl_max", None, 1),
+    *((f"{q:>4.1f}%   KLD", "kl_p" + f"{q:g}".replace(".", "_"), None, 1) for q in (99.9, 99, 95, 90)),
+    ("Median  KLD", "kl_median", None, 1),
+    *((f"{q:>4.1f}%   KLD", "kl_p" + f"{q:g}".replace(".", "_"), None, 1) for q in (10, 5, 1, 0.1)),
+    ("Minimum KLD", "kl_min", None, 1),
+    ("Mean    Δp", "delta_p_mean", "delta_p_mean_se", 100), ("Maximum Δp", "delta_p_max", None, 100),
+    *((f"{q:>4.1f}%   Δp", "delta_p_p" + f"{q:g}".replace(".", "_"), None, 100) for q in (99.9, 99, 95, 90, 75)),
+    ("Median  Δp", "delta_p_median", None, 100),
+    *((f"{q:>4.1f}%   Δp", "delta_p_p" + f"{q:g}".replace(".", "_"), None, 100) for q in (25, 10, 5, 1, 0.1)),
+    ("Minimum Δp", "delta_p_min", None, 100),
+    ("RMS Δp", "delta_p_rms", "delta_p_rms_se", 100), ("Same top p", "top1_agree", "top1_agree_se", 100),
+]  # fmt: skip
+
+
+def test_every_kl_report_row_prints_its_own_aggregate():
+    """Each line of kl_report.txt carries the aggregate llama.cpp's label means (and its se, and its % scale): every
+    aggregate a distinct made-up value, so a row that reads another key, drops its scale or its se's scale, shows."""
+    rng = np.random.default_rng(0)
+    keys = {k for _, key, se, _ in LLAMA_CPP_MEANING for k in (key, se) if k}
+    agg = {k: float(v) for k, v in zip(sorted(keys), rng.uniform(0.1, 0.9, len(keys)), strict=True)}  # all distinct
+    agg["positions"] = 1000
+    rec = records.RunRecord(schema_version=records.SCHEMA_VERSION, run_id="r", status="ok", created_at="2026-01-01T00:00:00Z",
+                            pairs=[records.PairRecord(reference="base", candidate="q", aggregates=agg, prompts=[], positions_file="-")])  # fmt: skip
+    lines = {line.split(":")[0].strip(): line.split(": ", 1)[1] for line in llama_report.text(rec).splitlines() if ": " in line}
+    assert len(lines) == len(LLAMA_CPP_MEANING)
+    for label, key, se, scale in LLAMA_CPP_MEANING:
+        numbers = [float(x) for x in re.findall(r"-?\d+\.\d+", lines[label.strip()])]
+        want = [agg[key] * scale] + ([agg[se] * scale] if se else [])
+        assert numbers == pytest.approx(want, rel=1e-3), label
+
+
+def test_infinities_on_the_page_keep_their_sign():
+    assert html_report._num(math.inf) == "∞" and html_report._num(-math.inf) == "−∞"
+    assert html_report._sig(-math.inf) == "−∞"
+
+
+def test_positions_csv_flags_are_0_and_1_and_average_to_the_agreement(micro_run):
+    """top1_agree in positions.csv.gz as 0/1 (a spreadsheet or awk averages them), not True/False; their mean per
+    pair is the record's top1_agree."""
+    run_dir, _ = micro_run
+    rec = records.read(run_dir)
+    with gzip.open(run_dir / "positions.csv.gz", "rt", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for p in rec.pairs:
+        flags = [r["top1_agree"] for r in rows if r["candidate"] == p.candidate]
+        assert set(flags) <= {"0", "1"}
+        assert sum(map(int, flags)) / len(flags) == pytest.approx(p.aggregates["top1_agree"], rel=1e-12)

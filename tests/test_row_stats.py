@@ -89,3 +89,17 @@ def test_nan_or_inf_gives_a_non_finite_logsumexp(bad):
 def test_rejects_a_wrong_output_shape():
     with pytest.raises(ValueError, match="row-contiguous"):
         row_stats.row_stats(_rows(2, 100), 90, torch.empty(2, 91))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [151646, 1000, 37])
+def test_16_bit_outputs_round_as_torch_converts(dtype, width):
+    """The stored log-probs are x − c rounded to the store's dtype to nearest, ties to even, as torch's .to() rounds:
+    bit for bit. With no padding columns the kernel's c is the returned logsumexp (float32), so torch's own float32
+    x − lse, converted by torch, is the exact expectation (test_matches_float64 allows one ulp, which truncation
+    or rounding ties away from zero also meet)."""
+    raw = _rows(7, width, seed=4)
+    raw[3, : width // 2] = raw[3, : width // 2].to(torch.bfloat16).float() + 2.0**-9  # values at bfloat16 ties too
+    got, _, lse, _ = row_stats.row_stats(raw, width, torch.empty(7, width, dtype=dtype))
+    want = (raw - lse[:, None]).to(dtype)
+    assert torch.equal(got.view(torch.int16) if dtype != torch.float32 else got, want.view(torch.int16) if dtype != torch.float32 else want)

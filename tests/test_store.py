@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import socket
+import time
 
 import pytest
 import torch
@@ -149,3 +152,47 @@ def test_a_failed_write_of_the_small_tensors_leaves_no_shard(tmp_path, monkeypat
         writer.close({k: v for k, v in t.items() if k != "logprobs"})
     writer.abort()
     assert not s.shard_path(0).exists() and list(s.root.iterdir()) == []
+
+
+def test_a_shard_counts_only_if_its_checksum_and_segments_match(tmp_path):
+    """Resume trusts a shard only where its bytes still hash to its sidecar's xxh3-64 (a flipped byte, same size, is a
+    shard to redo, not data to compare) and it holds the planned range of segments."""
+    s = store.Store(tmp_path / "s")
+    s.write_shard(0, _tensors(8, torch.float16), {"segments": [0, 3]})
+    assert s.is_complete(0) and s.is_complete(0, (0, 3))
+    assert not s.is_complete(0, (0, 4)) and not s.is_complete(0, (1, 3))  # cut into shards differently: redone
+    path = s.shard_path(0)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # one bit of the stored tensors, the file's size unchanged
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == len(data) and not s.is_complete(0)
+
+
+def test_sweep_removes_only_the_temporary_files_of_dead_writers(tmp_path):
+    """A writer killed mid-shard (no abort ran) leaves `.shard-NNNNN.safetensors.tmp-PID@HOST`; sweep removes those of
+    a process gone from this machine (or, named without a host, old), and leaves a live writer's, here or elsewhere."""
+    s = store.Store(tmp_path / "s")
+    s.write_shard(0, _tensors(4, torch.float16), {})
+    host, old = socket.gethostname(), time.time() - 2 * store.BUSY_S
+    dead = [s.root / f".shard-00001.safetensors.tmp-999999999@{host}", s.root / f".shard-00001.json.tmp-999999999@{host}",
+            s.root / ".index.json.tmp-999999999"]  # fmt: skip
+    alive = [s.root / f".shard-00002.safetensors.tmp-{os.getpid()}@{host}", s.root / ".shard-00003.safetensors.tmp-7@elsewhere"]
+    for p in dead + alive:
+        p.write_bytes(b"partial")
+    os.utime(dead[2], (old, old))
+    assert sorted(s.sweep()) == sorted(dead)
+    assert all(p.exists() for p in alive) and not any(p.exists() for p in dead)
+    assert s.is_complete(0) and len(s.shards()) == 1
+
+
+def test_blocks_renormalise_by_default(tmp_path):
+    """Store.blocks() (renormalise=True, the default): each float16 row renormalised in float64, so that it sums to 1
+    to float32 rounding (the stored rows only to float16's, ~1e-3), and otherwise the stored row."""
+    s = store.Store(tmp_path / "s")
+    t = _tensors(12, torch.float16)
+    s.write_shard(0, t, {})
+    raw = t["logprobs"].double()
+    got = torch.cat(list(s.blocks(5)))
+    assert torch.logsumexp(raw, -1).abs().max() > 1e-5  # the stored rows are off by more than the bound below
+    assert torch.logsumexp(got.double(), -1).abs().max() < 1e-6
+    torch.testing.assert_close(got.double(), raw - torch.logsumexp(raw, -1, keepdim=True), rtol=0, atol=1e-6)
