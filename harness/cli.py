@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -97,7 +98,8 @@ def run_compare(cfg) -> Path:
         return _compare(cfg)
     except (Exception, KeyboardInterrupt) as exc:  # the record says the run failed, and why; the error propagates
         run_dir, now = records.new_run_dir(cfg.reports_dir, cfg.model_dump_json())
-        why = str(exc) or ("interrupted (Ctrl-C or SIGINT)" if isinstance(exc, KeyboardInterrupt) else "no message")
+        why = str(exc) or ("terminated (SIGTERM)" if isinstance(exc, Terminated) else
+                           "interrupted (Ctrl-C or SIGINT)" if isinstance(exc, KeyboardInterrupt) else "no message")  # fmt: skip
         records.write(run_dir, records.RunRecord(
             schema_version=records.SCHEMA_VERSION, run_id=run_dir.name, status="error", error=f"{type(exc).__name__}: {why}",
             created_at=now.isoformat(), **records.environment(), seed=cfg.seed, batch_size=cfg.batch_size,
@@ -259,8 +261,29 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a scheduler stopping a job) taken as Ctrl-C is: the finished store shards and greedy
+    continuations are kept, and a compare that stops leaves its error record."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        before = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread (an embedding application's worker): its own signal handling stands
+        before = None
+    try:
+        return _main(argv)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # its options are harness.bench's own
         from harness import bench
 
@@ -279,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PromptError, ExtractError, CompareError, RecordError, GateError) as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         extracting = args.command in ("compare", "extract") or (args.command == "check" and args.config)
         kept = " Finished store shards and greedy continuations are kept: the same command resumes from them."
-        print("harness: interrupted." + (kept if extracting else ""), file=sys.stderr)
-        return 130
+        print(f"harness: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}." + (kept if extracting else ""), file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception:  # a bug, or a failure no check foresaw: not exit 1, which `check` keeps for a regression
         traceback.print_exc()
         print(f"harness: internal error in '{argv[0] if argv else ''}' (traceback above), exit code 3", file=sys.stderr)

@@ -120,7 +120,8 @@ def slow_half_precision(
             continue
         slow.setdefault(spec.dtype, []).append(spec.name)
     return [f"{', '.join(names)} run{'s' if len(names) == 1 else ''} in {dtype} on a CPU without {' or '.join(HALF_FLAGS[dtype])}: "
-            f"its matmuls are emulated, 10-20x slower than float32 at 0.5B parameters. For a {dtype} checkpoint, "
+            f"its matmuls are emulated, 10-50x slower than float32 at 0.5B parameters (GPTQ kernels in float16 the "
+            f"slowest). For a {dtype} checkpoint (or a GPTQ one), "
             "dtype float32 holds the same weights exactly (the rows then differ from a "
             f"{dtype} deployment's by float32's rounding, not {dtype}'s)" for dtype, names in slow.items()]
 

@@ -138,6 +138,12 @@ def render(run_dir: Path) -> Path:
     return index
 
 
+def _ratio(x: float) -> str:
+    """A PPL ratio in 9 characters: 4 decimals, or 4 significant digits past 9999 (a broken build's ratio of 1e7 kept
+    the columns beside it in line)."""
+    return f"{x:>9.4f}" if abs(x) < 1e4 or not math.isfinite(x) else f"{x:>9.3e}"
+
+
 def table(record: records.RunRecord) -> str:
     floor = record.noise_floor
     head = (
@@ -149,7 +155,7 @@ def table(record: records.RunRecord) -> str:
         a = p.aggregates
         row = (
             f"{p.candidate:<22} {a['positions']:>9} {a['kl_mean']:>10.3e} {a['kl_mean_se']:>9.1e} {a['kl_p99']:>9.2e} "
-            f"{a['js_mean']:>9.2e} {a['top1_agree']:>10.4f} {a['ppl_ratio']:>9.4f}"
+            f"{a['js_mean']:>9.2e} {a['top1_agree']:>10.4f} {_ratio(a['ppl_ratio'])}"
         )
         rows.append(row + (f" {a['kl_floor_multiple']:>9.3g}" if floor else ""))
     notes = [

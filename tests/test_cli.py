@@ -206,3 +206,25 @@ def test_an_interrupted_compare_leaves_an_error_record_saying_so(tmp_path, monke
     rec = records.read(run_dir)
     assert rec.status == "error" and rec.error == "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT)"
     assert f"error record: {run_dir / 'run.json'}" in capsys.readouterr().err
+
+
+def test_a_compare_stopped_by_sigterm_leaves_an_error_record_saying_so(tmp_path, monkeypatch, capsys):
+    """`timeout` and schedulers stop a job with SIGTERM: taken as Ctrl-C is (exit 143, the shell's for SIGTERM), so the
+    record of the failed run is written and finished work kept; the handler is put back afterwards."""
+    import os
+    import signal
+
+    from harness import cli, records
+
+    def stopped(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(cli, "_compare", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), f"reports_dir={tmp_path}"]) == 143
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert records.read(run_dir).error == "Terminated: terminated (SIGTERM)"
+    err = capsys.readouterr().err
+    assert "harness: terminated (SIGTERM). Finished store shards and greedy continuations are kept" in err
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -497,3 +497,15 @@ def test_positions_csv_flags_are_0_and_1_and_average_to_the_agreement(micro_run)
         flags = [r["top1_agree"] for r in rows if r["candidate"] == p.candidate]
         assert set(flags) <= {"0", "1"}
         assert sum(map(int, flags)) / len(flags) == pytest.approx(p.aggregates["top1_agree"], rel=1e-12)
+
+
+def test_the_console_table_keeps_its_columns_for_a_huge_ppl_ratio():
+    """A broken build's PPL ratio (1e7 in a review's run) is printed in 9 characters like any other, so the columns
+    stay in line; each cell still reads back as its value."""
+    agg = {"positions": 512, "kl_mean": 14.47, "kl_mean_se": 0.3, "kl_p99": 30.1, "js_mean": 0.6, "top1_agree": 0.0}
+    rec = records.RunRecord(schema_version=records.SCHEMA_VERSION, run_id="r", status="ok", created_at="2026-01-01T00:00:00Z",
+                            pairs=[records.PairRecord(reference="ref", candidate=c, aggregates=agg | {"ppl_ratio": r}, prompts=[],
+                                                      positions_file="-") for c, r in (("fine", 1.0004), ("broken", 10673586.0357))])  # fmt: skip
+    lines = report.table(rec).splitlines()
+    assert len({len(line) for line in lines[1:4]}) == 1  # header and both rows equally wide
+    assert [float(line.split()[-1]) for line in lines[2:4]] == [1.0004, pytest.approx(1.067e7, rel=1e-3)]
