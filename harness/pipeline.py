@@ -109,7 +109,8 @@ def slow_half_precision(
     """A warning per half-precision dtype that runs on a CPU without its matmul instructions: there a 0.5B model's
     forward pass took 10x (bfloat16) to 20x (float16) as long as in float32 (a review of 2026-12-06, 24-layer model)."""
     try:
-        flags = set(next(line for line in open(cpuinfo) if line.startswith("flags")).split(":", 1)[1].split())
+        with open(cpuinfo) as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):  # not Linux: nothing known
         return []
     slow = {}
