@@ -16,8 +16,6 @@ Models are located and loaded by `harness.loaders`.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import gc
 import hashlib
 import json
@@ -181,17 +179,10 @@ def _progress(cache: Path, log):
     """The `.progress.jsonl` file beside `cache`, locked: two processes generating the same continuations (a run and
     its repeat on a shared store) take turns rather than append to one file at once. Yields its path."""
     progress = cache.with_suffix(".progress.jsonl")
-    progress.parent.mkdir(parents=True, exist_ok=True)
-    with progress.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process that generates the continuations of {cache.name} ({progress} is locked)")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without flock (some network mounts): go on unlocked, as before locks
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            log(f"warning: {progress.parent} cannot lock files ({exc.strerror}): do not run two generations of one config at once there")
+    waiting = f"waiting for another process that generates the continuations of {cache.name} ({progress} is locked)"
+    with paths.exclusive(progress, waiting, log) as unlocked:
+        if unlocked:
+            log(f"warning: {progress.parent} cannot lock files ({unlocked}): do not run two generations of one config at once there")
         yield progress
 
 

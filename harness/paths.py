@@ -6,6 +6,9 @@ extracted log-probs (or `$HARNESS_STORE`, where set: tests point it at a tempora
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -29,3 +32,22 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, waiting: str, log=print):
+    """Holds an flock on `path` (created if missing) for the with block, across processes; logs `waiting` first if
+    another holds it. Yields None, or on a file system without flock (some network mounts: unlocked) its reason."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(waiting)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            yield exc.strerror or str(exc)
+            return
+        yield None

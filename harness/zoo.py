@@ -14,8 +14,6 @@ do not match its manifest is reported and rebuilt. Same seed, same profile: the 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import functools
 import json
 import os
@@ -273,16 +271,7 @@ def _build_lock(profile_name: str, log=print):
         yield
         return
     path = paths.zoo_dir(profile_name) / ".build.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"zoo: waiting for another process that builds it ({path} is locked)")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without flock: build unlocked, as before the lock
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
+    with paths.exclusive(path, f"zoo: waiting for another process that builds it ({path} is locked)", log):
         _LOCKED.add(profile_name)
         try:
             yield

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import extract, loaders, prompts, store, zoo
+from harness import extract, loaders, paths, prompts, store, zoo
 from harness.config import ModelSpec
 from harness.warpers import Warpers, candidates, warp_stats
 
@@ -489,7 +489,7 @@ def test_progress_lock_where_the_file_system_has_none(tmp_path, monkeypatch):
     def no_locks(f, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(extract.fcntl, "flock", no_locks)
+    monkeypatch.setattr(paths.fcntl, "flock", no_locks)
     said = []
     with extract._progress(tmp_path / "g.json", said.append) as progress:
         assert progress == tmp_path / "g.progress.jsonl" and progress.exists()
@@ -498,7 +498,7 @@ def test_progress_lock_where_the_file_system_has_none(tmp_path, monkeypatch):
     def broken(f, op):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(extract.fcntl, "flock", broken)
+    monkeypatch.setattr(paths.fcntl, "flock", broken)
     with pytest.raises(OSError, match="I/O error"), extract._progress(tmp_path / "g.json", said.append):
         pass
 
