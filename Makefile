@@ -70,9 +70,9 @@ gpu-bench:
 gpu-check: gpu-test gpu-bench
 
 # All of it in one device call of under 10 minutes, for a session lent 15 minutes of GPU time in all (start included):
-# torch's and Triton's CUDA paths against the snippet (torch.compile's many compiles are left to gpu-test), a 120 s sweep (its first phase compares each case's ways), then the bench of the
-# snippet, torch and Triton at the sweep's best (the defaults where the sweep wrote nothing; torch.compile's compiles
-# are left to gpu-bench). Each part under its own timeout; outputs in GPU_OUT.
+# torch's and Triton's CUDA paths against the snippet, a 120 s sweep (its first phase compares each case's ways), then
+# the bench of the snippet, torch and Triton at the sweep's best (the defaults where the sweep wrote nothing).
+# torch.compile's many compiles are left to gpu-test and gpu-bench. Each part under its own timeout; outputs in GPU_OUT.
 GPU_OUT ?= reports
 gpu-quick:
 	mkdir -p $(GPU_OUT)

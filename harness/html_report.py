@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import check, records
+from harness import records
 from harness.charts import PALETTE, cdf_svg, decades, heat, hist_svg
-from harness.check import ABSENT
+from harness.check import ABSENT, VERSION_KEYS
 from harness.llama_report import LLAMA_ROWS
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
@@ -342,7 +342,7 @@ def metadata_section(record: records.RunRecord) -> str:
         reused = v.get("reused_shards") == v.get("shards")
         by = f"its last part, {_e(v['first_part'])}," if v.get("first_part") else "filling it"
         filled = (v.get("filled_by") or {}).get("versions") or {}
-        other = ", ".join(f"{k} {filled[k]}" for k in check.VERSION_KEYS if k in filled and filled[k] != record.versions.get(k))
+        other = ", ".join(f"{k} {filled[k]}" for k in VERSION_KEYS if k in filled and filled[k] != record.versions.get(k))
         took = f" (store reused; {by} took {_num(v.get('first_extract_s'), '.1f')}{'; filled with ' + _e(other) if other else ''})" if reused else ""
         out.append(
             f"<tr><td>{_e(name)}</td><td class=path>{_e(v.get('source'))}{'@' + _e(v['revision']) if v.get('revision') else ''}</td>"

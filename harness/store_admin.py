@@ -83,12 +83,13 @@ def entries(root: Path | None = None) -> list[Entry]:
     if not root.is_dir():
         return found
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and KEY.fullmatch(p.name)):
-        files = [f for f in folder.iterdir() if f.is_file()] + [folder]  # extract touches the folder on each reuse
+        files = [f for f in folder.iterdir() if f.is_file()]
         index = Store(folder).index() or {}
         model = index.get("model") if isinstance(index.get("model"), dict) else {}
         planned = (index.get("facts") or {}).get("shards", "?") if isinstance(index.get("facts"), dict) else "?"
         done = sum(1 for f in files if re.fullmatch(r"shard-\d{5}\.json", f.name))
         size, modified = _size_and_mtime(files)
+        modified = max(modified, folder.stat().st_mtime)  # extract touches the folder on each reuse
         busy = any(writer_alive(f, now) for f in files if ".tmp-" in f.name)
         if str(done) != str(planned) and now - modified < BUSY_S:  # unfinished, lately: maybe between two shards
             busy = True
@@ -195,6 +196,8 @@ def main(action: str, keep: list[Path], everything: bool, dry_run: bool, log=pri
     root = paths.store_dir()
     found = entries(root)
     keys = kept_keys(keep) if keep else None
+    if action == "list" and (everything or dry_run):
+        raise records.RecordError("harness store list: --all and --dry-run are options of prune")
     if action == "list":
         log(f"store folder: {root}")
         log(table(found, keys))

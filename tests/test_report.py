@@ -443,6 +443,18 @@ def test_models_table_says_where_a_sharded_model_was_and_which_kernel_ran():
     assert html_report._loader({"device": "cpu"}) == "transformers"
 
 
+def test_models_table_names_the_versions_a_reused_store_was_filled_with():
+    v = {"reused_shards": 5, "shards": 5, "first_extract_s": 2.0}
+    rec = records.RunRecord(schema_version=records.SCHEMA_VERSION, run_id="r", status="ok", created_at="2026-01-01T00:00:00Z",
+                            versions={"torch": "2.13.0", "transformers": "5.24.0"},
+                            variants={"same": v | {"filled_by": {"versions": {"torch": "2.13.0", "transformers": "5.24.0"}}},
+                                      "older": v | {"filled_by": {"versions": {"torch": "2.12.0", "transformers": "5.24.0"}}},
+                                      "unknown": v})  # fmt: skip
+    rows = {r.split("</td>")[0]: r for r in html_report.metadata_section(rec).split("<tr><td>")[1:]}  # model name -> its row
+    assert "(store reused; filling it took 2.0; filled with torch 2.12.0)" in rows["older"]
+    assert "filled with" not in rows["same"] and "filled with" not in rows["unknown"]
+
+
 # llama.cpp's kl_divergence() summary (tools/perplexity/perplexity.cpp): each label, the aggregate it prints, the
 # aggregate of its ± (or None) and its scale (Δp and "Same top p" in %). Written out here, not read from LLAMA_ROWS.
 LLAMA_CPP_MEANING = [
