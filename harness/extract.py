@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -35,14 +36,20 @@ from harness.store import Store, aligned_empty, plan_shards, store_key, writer_t
 from harness.warpers import Warpers, candidates, warp_stats
 
 GREEDY_VERSION = 2  # bump when the greedy continuations change (2: config.json's eos where there is no generation_config.json; padding ids never picked)
-EXTRACT_VERSION = 4  # bump when what is stored changes meaning (4: warper figures with generate()'s defaults for unset fields)
+EXTRACT_VERSION = 5  # bump when what is stored changes (4: warper figures with generate()'s defaults for unset fields;
+# 5: the output layer on scored positions only, which moves the last bits of its rows)
 WAIT_S = 3600.0  # how long a generate-mode part waits for the other parts' greedy continuations (extract --wait)
 CHUNK_ROWS = 32  # rows post-processed at a time: 32 x 151936 float32 = 19 MB per temporary
 
 
 @torch.no_grad()
-def forward_logits(model, batch: list[tuple[int, ...]], device: str | torch.device, padding_side: str = "right") -> torch.Tensor:
-    """[B, T, V_padded] raw logits; row b's own tokens sit at [b, :len] (right) or [b, T-len:] (left)."""
+def forward_logits(
+    model, batch: list[tuple[int, ...]], device: str | torch.device, padding_side: str = "right", keep: tuple[int, int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """[B, T, V_padded] raw logits; row b's own tokens sit at [b, :len] (right) or [b, T-len:] (left).
+
+    `keep` (lo, hi): only the padded batch's columns lo .. hi-1, [B, hi-lo, V_padded]. The model computes its output
+    layer on those positions alone (its `logits_to_keep`), where its forward takes that argument."""
     width = max(len(ids) for ids in batch)
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
     attention = torch.zeros(len(batch), width, dtype=torch.long)
@@ -52,15 +59,41 @@ def forward_logits(model, batch: list[tuple[int, ...]], device: str | torch.devi
         input_ids[i, cols] = torch.tensor(ids)
         attention[i, cols] = 1
         positions[i, cols] = torch.arange(len(ids))  # left padding must not shift the rotary positions
+    sliced = keep is not None and keeps_logits(model)
+    extra = {"logits_to_keep": torch.arange(*keep, device=device)} if sliced else {}
     out = model(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device)
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device), **extra
     )
-    return out.logits
+    return out.logits if sliced or keep is None else out.logits[:, keep[0] : keep[1]]
+
+
+def keeps_logits(model) -> bool:
+    """Whether a model's forward computes its logits on chosen positions only (transformers' `logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _first_column(seg: Segment, width: int, padding_side: str) -> int:
+    """The column of a batch `width` tokens wide that holds segment `seg`'s first scored row."""
+    return seg.first + (width - len(seg.ids) if padding_side == "left" else 0)
+
+
+def scored_window(batch: list[Segment], padding_side: str) -> tuple[int, int] | None:
+    """The padded batch's columns (lo, hi) that hold every scored row of its segments; None where none has one."""
+    width = max(len(s.ids) for s in batch)
+    spans = [(_first_column(s, width, padding_side), s.rows) for s in batch if s.rows > 0]
+    return (min(f for f, _ in spans), max(f + n for f, n in spans)) if spans else None
 
 
 def own_rows(logits: torch.Tensor, b: int, length: int, padding_side: str) -> torch.Tensor:
     """The [length, V] logits of batch row b without its padding."""
     return logits[b, :length] if padding_side == "right" else logits[b, logits.shape[1] - length :]
+
+
+def scored_rows(logits: torch.Tensor, b: int, seg: Segment, width: int, lo: int, padding_side: str) -> torch.Tensor:
+    """The [seg.rows, V] logits of segment `seg`'s scored rows, from batch row b of a forward_logits(keep=(lo, ..))
+    over a batch `width` tokens wide."""
+    first = _first_column(seg, width, padding_side) - lo
+    return logits[b, first : first + seg.rows]
 
 
 def greedy_continuations(
@@ -263,8 +296,9 @@ def _generate(
     return continuations
 
 
-def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, warpers: Warpers, spec, name) -> None:
-    """Writes one segment's scored rows into the shard buffers from `own` [len(ids), V_padded] logits."""
+def _fill(buf: dict, row: int, seg: Segment, scored: torch.Tensor, n_vocab: int, warpers: Warpers, spec, name) -> None:
+    """Writes one segment's scored rows into the shard buffers from `scored` [seg.rows, V_padded], its logits rows
+    seg.first .. len(ids) - 2."""
     ids = torch.tensor(seg.ids)
     if int(ids.max()) >= n_vocab:  # a continuation cached before the padding columns were suppressed, or damaged
         raise ExtractError(f"prompt {name!r} holds token id {int(ids.max())}, past the tokenizer's {n_vocab} ids (a padding "
@@ -274,7 +308,7 @@ def _fill(buf: dict, row: int, seg: Segment, own: torch.Tensor, n_vocab: int, wa
     # instead of page-faulting fresh ones on every call.
     for r in range(seg.first, len(seg.ids) - 1, CHUNK_ROWS):
         r_end = min(r + CHUNK_ROWS, len(seg.ids) - 1)
-        raw = own[r:r_end].float().cpu()  # [C, V_padded]
+        raw = scored[r - seg.first : r_end - seg.first].float().cpu()  # [C, V_padded]
         rows = slice(row + r - seg.first, row + r_end - seg.first)
         n_top = candidates(warpers, ids, r, r_end - r, raw.shape[1])  # the warper figures need the raw top n
         _, pad_mass, lse, top = row_stats(raw, n_vocab, out=buf["logprobs"][rows], top=n_top)  # log-probs into the shard
@@ -416,15 +450,19 @@ def extract(
                 row = 0
                 for b in range(lo, hi, batch_size):
                     batch = segments[b : min(hi, b + batch_size)]
-                    t0 = time.perf_counter()
-                    logits = forward_logits(model, [s.ids for s in batch], loaders.input_device(model), padding_side)
-                    forward_s += time.perf_counter() - t0
+                    window = scored_window(batch, padding_side)
                     first = row
-                    for i, seg in enumerate(batch):
-                        name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
-                        _fill(buf, row, seg, own_rows(logits, i, len(seg.ids), padding_side), n_vocab, warpers, spec, name)
-                        row += seg.rows
-                    del logits  # no view of it outlives this line, so the next batch's logits replace it
+                    if window is not None:  # the output layer runs on the columns that hold scored rows only
+                        t0 = time.perf_counter()
+                        logits = forward_logits(model, [s.ids for s in batch], loaders.input_device(model), padding_side, keep=window)
+                        forward_s += time.perf_counter() - t0
+                        width = max(len(s.ids) for s in batch)
+                        for i, seg in enumerate(batch):
+                            name = prompt_ids[seg.prompt] if prompt_ids else seg.prompt
+                            own = scored_rows(logits, i, seg, width, window[0], padding_side)
+                            _fill(buf, row, seg, own, n_vocab, warpers, spec, name)
+                            row += seg.rows
+                        del logits, own  # no view of it outlives this line, so the next batch's logits replace it
                     writer.write_rows(first, buf["logprobs"][first:row])  # to disk while the next batch runs
                     bar.update(len(batch))
                 future = writer.close({k: v for k, v in buf.items() if k != "logprobs"}, wait=False)

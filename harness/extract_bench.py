@@ -84,7 +84,8 @@ def one(model_name: str, profile: str, positions: int, batch_size: int, context:
         model_rss = model_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, model loaded
         start = time.perf_counter()
         for b in range(0, len(segments), batch_size):
-            logits = extract.forward_logits(model, [s.ids for s in segments[b : b + batch_size]], "cpu")
+            batch = segments[b : b + batch_size]  # the output layer on the scored columns, as extraction runs it
+            logits = extract.forward_logits(model, [s.ids for s in batch], "cpu", keep=extract.scored_window(batch, "right"))
             del logits
         forward_s.append(time.perf_counter() - start)
         del model  # extraction loads its own, as a run does

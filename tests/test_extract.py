@@ -48,6 +48,46 @@ def test_batched_equals_one_at_a_time(micro_zoo, tokens, name, side):
         torch.testing.assert_close(mine, alone, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_output_layer_runs_on_scored_rows_only(micro_zoo, tokens, side):
+    """Segments scored from a row past 0 (generate mode's continuations, llama.cpp's second half): the output layer
+    sees only the batch's columns that hold scored rows, and each segment's rows equal the full forward's within
+    float32 rounding (the matmul's shape moves the last bits). A forward without `logits_to_keep` is sliced instead."""
+    model = loaders.load_model(_loaded(zoo.CHAT_S))
+    batch = [prompts.Segment(p, 0, tokens.ids[p], first) for p, first in ((0, 5), (1, 3), (2, 9))]
+    batch = [s for s in batch if s.rows > 0]
+    assert len({len(s.ids) for s in batch}) > 1  # different lengths: padding moves the columns on the left
+    ids = [s.ids for s in batch]
+    lo, hi = extract.scored_window(batch, side)
+    width = max(len(i) for i in ids)
+    assert hi - lo < width - 1  # the window is narrower than the full rows minus the last
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    try:
+        kept = extract.forward_logits(model, ids, "cpu", side, keep=(lo, hi))
+        full = extract.forward_logits(model, ids, "cpu", side)
+    finally:
+        hook.remove()
+    assert seen == [hi - lo, width] and kept.shape == (len(batch), hi - lo, model.config.vocab_size)
+    for b, seg in enumerate(batch):
+        want = extract.own_rows(full, b, len(seg.ids), side)[seg.first : len(seg.ids) - 1]
+        got = extract.scored_rows(kept, b, seg, width, lo, side)
+        assert got.shape == want.shape == (seg.rows, model.config.vocab_size)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep (custom code, older classes)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    assert extract.keeps_logits(model) and not extract.keeps_logits(NoKeep(model))
+    assert torch.equal(extract.forward_logits(NoKeep(model), ids, "cpu", side, keep=(lo, hi)), full[:, lo:hi])
+    assert extract.scored_window([prompts.Segment(0, 0, (1, 2, 3), 2)], side) is None  # nothing scored: no forward
+
+
 def test_padding_columns_are_cut_and_their_mass_kept(micro_zoo, tokens):
     for name, width in ((zoo.CHAT_S, 151936), (zoo.CHAT_M, 152064)):
         model = loaders.load_model(_loaded(name))
