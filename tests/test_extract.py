@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from harness import extract, loaders, paths, prompts, store, zoo
 from harness.config import ModelSpec
@@ -86,6 +87,39 @@ def test_the_output_layer_runs_on_scored_rows_only(micro_zoo, tokens, side):
     assert extract.keeps_logits(model) and not extract.keeps_logits(NoKeep(model))
     assert torch.equal(extract.forward_logits(NoKeep(model), ids, "cpu", side, keep=(lo, hi)), full[:, lo:hi])
     assert extract.scored_window([prompts.Segment(0, 0, (1, 2, 3), 2)], side) is None  # nothing scored: no forward
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_stored_rows_are_the_models_own_log_softmax(micro_zoo, tokens, tmp_store, side):
+    """End to end, against transformers alone: each stored row is the log-softmax over the real ids of the model's
+    logits for that segment run on its own (no padding, every position through the output layer), and its target's
+    entry is minus torch's cross-entropy over the real ids. Segments scored from row
+    0, from the middle (generate mode, llama.cpp's halves) and not at all, in padded batches of 3; float32 store."""
+    from transformers import AutoModelForCausalLM
+
+    segments = [prompts.Segment(p, 0, tokens.ids[p], first) for p, first in ((0, 0), (1, 7), (2, 12), (3, 3), (4, 1))]
+    segments.append(prompts.Segment(5, 2, tokens.ids[5][2:6], 3))  # nothing to score: 3 = len - 1
+    segments = [s for s in segments if s.rows >= 0]
+    made, _ = extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=3, store_dtype="float32",
+                              padding_side=side, **QUIET)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(zoo.model_dir(zoo.CHAT_S, "micro"), dtype=torch.float32).eval()
+    rows = torch.cat([load_file(str(f))["logprobs"] for f in sorted(made.root.glob("shard-*.safetensors"))])
+    targets, positions = made.read("target"), made.read("position")
+    row = 0
+    for seg in segments:
+        ids = torch.tensor([seg.ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :, : tokens.n_vocab].double()
+        want = torch.log_softmax(logits, -1)[seg.first : len(seg.ids) - 1]
+        got = rows[row : row + seg.rows].double()
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-4)
+        target = ids[0, seg.first + 1 :]
+        assert torch.equal(targets[row : row + seg.rows], target)
+        assert torch.equal(positions[row : row + seg.rows], torch.arange(seg.first + 1, len(seg.ids)) + seg.offset)
+        ce = torch.nn.functional.cross_entropy(logits[seg.first : -1], target, reduction="none")
+        torch.testing.assert_close(got.gather(1, target[:, None])[:, 0], -ce, rtol=0, atol=2e-4)
+        row += seg.rows
+    assert row == len(rows)
 
 
 def test_padding_columns_are_cut_and_their_mass_kept(micro_zoo, tokens):
