@@ -60,7 +60,8 @@ def forward_logits(
         attention[i, cols] = 1
         positions[i, cols] = torch.arange(len(ids))  # left padding must not shift the rotary positions
     sliced = keep is not None and keeps_logits(model)
-    extra = {"logits_to_keep": torch.arange(*keep, device=device)} if sliced else {}
+    # on the CPU: it indexes the last layer's output, which a model spread over GPUs holds on another one than `device`
+    extra = {"logits_to_keep": torch.arange(*keep)} if sliced else {}
     out = model(
         input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device), **extra
     )

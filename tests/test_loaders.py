@@ -133,10 +133,12 @@ def test_a_sharded_model_takes_its_inputs_where_its_embedding_is(micro_zoo, toke
         assert first.type == "cuda"
     one = loaders.load_model(_placed(zoo.CHAT_S, "cuda:0" if torch.cuda.is_available() else "cpu"))
     batch = [tokens.ids[i] for i in range(3)]
-    got = extract.forward_logits(spread, batch, first)
-    want = extract.forward_logits(one, batch, loaders.input_device(one))
     assert maps[0] == "auto" and maps[1] == one.device.type + (":0" if one.device.type == "cuda" else "")
-    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0 if first.type == "cpu" else 1e-4)
+    for keep in (None, (2, 9)):  # all positions, and the output layer on a window (its last layer's device)
+        got = extract.forward_logits(spread, batch, first, keep=keep)
+        want = extract.forward_logits(one, batch, loaders.input_device(one), keep=keep)
+        assert got.shape[1] == (max(map(len, batch)) if keep is None else 7)
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0 if first.type == "cpu" else 1e-4)
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error():
