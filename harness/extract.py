@@ -4,7 +4,8 @@
 
 Every model runs over the reference tokenizer's ids (`prompts.Segment`s), in batches padded on the
 right or the left with an attention mask and explicit position ids, so a padded row's logits equal
-its unpadded ones. Each logits row is cut to the real token ids (`len(tokenizer)`, 151646 for
+its unpadded ones; the model's output layer runs only on the columns that hold scored rows (its
+`logits_to_keep`). Each logits row is cut to the real token ids (`len(tokenizer)`, 151646 for
 Qwen1.5) before the softmax; the probability the raw row put on the padding columns, and what the
 model's own generation_config warpers would leave of it, are stored beside it. Each batch's rows go
 to disk from a background thread (store.ShardWriter) while the next batch's forward pass runs, and
@@ -83,11 +84,6 @@ def scored_window(batch: list[Segment], padding_side: str) -> tuple[int, int] | 
     width = max(len(s.ids) for s in batch)
     spans = [(_first_column(s, width, padding_side), s.rows) for s in batch if s.rows > 0]
     return (min(f for f, _ in spans), max(f + n for f, n in spans)) if spans else None
-
-
-def own_rows(logits: torch.Tensor, b: int, length: int, padding_side: str) -> torch.Tensor:
-    """The [length, V] logits of batch row b without its padding."""
-    return logits[b, :length] if padding_side == "right" else logits[b, logits.shape[1] - length :]
 
 
 def scored_rows(logits: torch.Tensor, b: int, seg: Segment, width: int, lo: int, padding_side: str) -> torch.Tensor:

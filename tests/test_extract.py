@@ -32,6 +32,11 @@ def segments(tokens):
     return prompts.text_segments(tokens, context=48, score="all")
 
 
+def _own_rows(logits: torch.Tensor, b: int, length: int, padding_side: str) -> torch.Tensor:
+    """The [length, V] logits of batch row b of a full forward_logits without its padding."""
+    return logits[b, :length] if padding_side == "right" else logits[b, logits.shape[1] - length :]
+
+
 def _loaded(name, dtype="float32"):
     return loaders.locate(ModelSpec(name=name, source=f"zoo:{name}", dtype=dtype), "micro")
 
@@ -44,7 +49,7 @@ def test_batched_equals_one_at_a_time(micro_zoo, tokens, name, side):
     together = extract.forward_logits(model, batch, "cpu", side)
     for b, ids in enumerate(batch):
         alone = extract.forward_logits(model, [ids], "cpu", side)[0]
-        mine = extract.own_rows(together, b, len(ids), side)
+        mine = _own_rows(together, b, len(ids), side)
         assert mine.shape == alone.shape == (len(ids), model.config.vocab_size)
         torch.testing.assert_close(mine, alone, rtol=0, atol=1e-4)
 
@@ -71,7 +76,7 @@ def test_the_output_layer_runs_on_scored_rows_only(micro_zoo, tokens, side):
         hook.remove()
     assert seen == [hi - lo, width] and kept.shape == (len(batch), hi - lo, model.config.vocab_size)
     for b, seg in enumerate(batch):
-        want = extract.own_rows(full, b, len(seg.ids), side)[seg.first : len(seg.ids) - 1]
+        want = _own_rows(full, b, len(seg.ids), side)[seg.first : len(seg.ids) - 1]
         got = extract.scored_rows(kept, b, seg, width, lo, side)
         assert got.shape == want.shape == (seg.rows, model.config.vocab_size)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
