@@ -2,6 +2,7 @@
 
     python -m harness.extract_bench [--model tiny-qwen1.5-s-chat] [--profile full] [--positions 1024]
     python -m harness.extract_bench --shape qwen1.5-0.5b --positions 512 --no-10x
+    python -m harness.extract_bench --shape qwen1.5-0.5b --context 512 --score llama_cpp --no-10x
 
 `--shape qwen1.5-0.5b` measures a model of Qwen1.5-0.5B's exact architecture (24 layers, hidden 1024,
 151936-wide logits, tied embeddings, the chat generation config) with seeded random weights: no
@@ -11,7 +12,10 @@ of a millisecond per position, so there the fixed per-position cost of extractio
 
 Each size runs in a fresh subprocess (so peak RSS is its own): it times the bare forward passes over
 the same segments at the same batch size, then a full extraction into a throwaway store (log-softmax,
-padding cut, warper stats, float16 shards written and hashed). Prints a table, then one JSON line.
+padding cut, warper stats, float16 shards written and hashed). The bare forward passes run the output
+layer on the scored columns only, as extraction does; they are also timed with it on every position
+(`all-pos s`), which is what the model costs without `logits_to_keep`: `--score llama_cpp` scores the
+second half of each window only. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -26,17 +30,17 @@ import tempfile
 import time
 
 
-def _segments(tokenizer, positions: int, context: int):
+def _segments(tokenizer, positions: int, context: int, score: str = "all"):
     from harness import prompts, train
 
     ids = [t for seq in train.load_corpus(tokenizer).train for t in seq]
-    per_window = context - 1
+    per_window = context - 1 if score == "all" else context // 2 - 1  # the rows a window scores
     windows = max(1, positions // per_window)
     ids = (ids * (1 + windows * context // len(ids)))[: windows * context]
     tokens = prompts.TokenizedPrompts(
         prompts=(prompts.Prompt(id="corpus", text="-"),), ids=(tuple(ids),), n_vocab=len(tokenizer)
     )
-    return prompts.text_segments(tokens, context=context, score="all"), tokens.n_vocab
+    return prompts.text_segments(tokens, context=context, score=score), tokens.n_vocab
 
 
 # Qwen1.5-0.5B's config.json (the architecture fields)
@@ -68,7 +72,7 @@ def shaped_model(shape: str, profile: str) -> str:
 
 
 def one(model_name: str, profile: str, positions: int, batch_size: int, context: int, shape: str | None = None,
-        repeats: int = 1) -> dict:  # fmt: skip
+        repeats: int = 1, score: str = "all") -> dict:  # fmt: skip
     """Runs in the subprocess: bare forward timing, then extraction; returns the figures."""
     import torch
 
@@ -77,17 +81,19 @@ def one(model_name: str, profile: str, positions: int, batch_size: int, context:
 
     source = shaped_model(shape, profile) if shape else f"zoo:{model_name}"
     loaded = loaders.locate(ModelSpec(name=shape or model_name, source=source), profile)
-    segments, n_vocab = _segments(loaders.load_tokenizer(loaded), positions, context)
-    forward_s, extract_s, load_s, model_rss = [], [], [], 0.0
+    segments, n_vocab = _segments(loaders.load_tokenizer(loaded), positions, context, score)
+    forward_s, all_s, extract_s, load_s, model_rss = [], [], [], [], 0.0
     for _ in range(repeats):  # alternated, and the fastest of each kept: robust to other load on the machine
         model = loaders.load_model(loaded)
         model_rss = model_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, model loaded
-        start = time.perf_counter()
-        for b in range(0, len(segments), batch_size):
-            batch = segments[b : b + batch_size]  # the output layer on the scored columns, as extraction runs it
-            logits = extract.forward_logits(model, [s.ids for s in batch], "cpu", keep=extract.scored_window(batch, "right"))
-            del logits
-        forward_s.append(time.perf_counter() - start)
+        for times, scored in ((forward_s, True), (all_s, False)):  # the output layer on the scored columns (as
+            start = time.perf_counter()  # extraction runs it), then on every position
+            for b in range(0, len(segments), batch_size):
+                batch = segments[b : b + batch_size]
+                keep = extract.scored_window(batch, "right") if scored else None
+                logits = extract.forward_logits(model, [s.ids for s in batch], "cpu", keep=keep)
+                del logits
+            times.append(time.perf_counter() - start)
         del model  # extraction loads its own, as a run does
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["HARNESS_STORE"] = tmp
@@ -96,14 +102,16 @@ def one(model_name: str, profile: str, positions: int, batch_size: int, context:
             extract_s.append(time.perf_counter() - start)
             load_s.append(facts["load_s"])
     best = min(range(repeats), key=lambda i: extract_s[i] - load_s[i])
-    forward_s, extract_s, facts = min(forward_s), extract_s[best], {"load_s": load_s[best]}
+    forward_s, all_s, extract_s, facts = min(forward_s), min(all_s), extract_s[best], {"load_s": load_s[best]}
     rows = sum(s.rows for s in segments)
     return {
         "model": shape or model_name,
         "positions": rows,
         "batch_size": batch_size,
         "context": context,
+        "score": score,
         "forward_s": forward_s,
+        "forward_all_positions_s": all_s,
         "extract_s": extract_s,
         "load_s": facts["load_s"],
         # extraction loads the model itself; the bare forward passes start with it loaded
@@ -123,25 +131,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--positions", type=int, default=1024, help="N: the run is repeated at 10 N")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--score", choices=["all", "llama_cpp"], default="all", help="which rows of each window are scored")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="a randomly initialised model of this release's architecture")
     parser.add_argument("--no-10x", action="store_true", help="only N positions (skip the 10 N memory run)")
     parser.add_argument("--repeats", type=int, default=1, help="forward and extraction alternated this often; fastest kept")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.model, args.profile, args.positions, args.batch_size, args.context, args.shape, args.repeats)))
+        print(json.dumps(one(args.model, args.profile, args.positions, args.batch_size, args.context, args.shape, args.repeats, args.score)))
         return 0
     results = []
     for positions in (args.positions,) if args.no_10x else (args.positions, 10 * args.positions):
         cmd = [sys.executable, "-m", "harness.extract_bench", "--one", "--model", args.model, "--profile", args.profile,
                "--positions", str(positions), "--batch-size", str(args.batch_size), "--context", str(args.context),
-               "--repeats", str(args.repeats), *(["--shape", args.shape] if args.shape else [])]  # fmt: skip
+               "--repeats", str(args.repeats), "--score", args.score, *(["--shape", args.shape] if args.shape else [])]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{results[0]['model']}, batch {args.batch_size}, {args.context}-token windows; ratio = (extract - model load) / bare forward")
-    print(f"{'positions':>9} {'forward s':>9} {'extract s':>9} {'load s':>6} {'ratio':>6} {'ms/pos over':>11} {'model MiB':>9} {'peak MiB':>9}")
+    print(f"{results[0]['model']}, batch {args.batch_size}, {args.context}-token windows scoring {args.score}; "
+          "ratio = (extract - model load) / bare forward")
+    print(f"{'positions':>9} {'all-pos s':>9} {'forward s':>9} {'extract s':>9} {'load s':>6} {'ratio':>6} {'ms/pos over':>11} "
+          f"{'model MiB':>9} {'peak MiB':>9}")  # fmt: skip
     for r in results:
-        print(f"{r['positions']:>9} {r['forward_s']:>9.2f} {r['extract_s']:>9.2f} {r['load_s']:>6.2f} {r['overhead_ratio']:>6.2f} "
+        print(f"{r['positions']:>9} {r['forward_all_positions_s']:>9.2f} {r['forward_s']:>9.2f} {r['extract_s']:>9.2f} "
+              f"{r['load_s']:>6.2f} {r['overhead_ratio']:>6.2f} "
               f"{r['overhead_ms_per_position']:>11.3f} {r['model_rss_mib']:>9.0f} {r['peak_rss_mib']:>9.0f}")  # fmt: skip
     growth = results[1]["peak_rss_mib"] / results[0]["peak_rss_mib"] - 1 if len(results) > 1 else None
     if growth is not None:

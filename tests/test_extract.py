@@ -644,3 +644,16 @@ def test_batches_of_one_share_a_store_whatever_the_padding_side(micro_zoo, token
     assert left.root == right.root and facts["reused_shards"] == facts["shards"]
     batched, _ = extract.extract(loaded, few, tokens.n_vocab, batch_size=2, store_dtype="float16", padding_side="left", **QUIET)
     assert batched.root != right.root  # a padded batch moves the logits' last bits: its own store
+
+
+def test_extract_bench_prints_its_table_and_json(micro_zoo, capsys):
+    """`python -m harness.extract_bench` runs (in a subprocess, as users run it) and reports the positions it was
+    asked for: llama.cpp's windows score rows context/2 .. context-2, so 3 windows of 32 tokens give 45 rows."""
+    from harness import extract_bench
+
+    assert extract_bench.main(["--profile", "micro", "--positions", "45", "--context", "32", "--score", "llama_cpp", "--no-10x"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "scoring llama_cpp" in out[0] and "all-pos s" in out[1]
+    (r,) = json.loads(out[-1])["results"]
+    assert (r["positions"], r["context"], r["score"], r["batch_size"]) == (45, 32, "llama_cpp", 8)
+    assert r["forward_s"] > 0 and r["forward_all_positions_s"] > 0 and r["extract_s"] > r["load_s"]
