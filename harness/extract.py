@@ -17,7 +17,6 @@ Models are located and loaded by `harness.loaders`.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import inspect
 import json
@@ -289,7 +288,7 @@ def _generate(
                 f.flush()
     finally:
         del model
-        gc.collect()
+        loaders.release_memory()
     return continuations
 
 
@@ -480,9 +479,7 @@ def extract(
     finally:
         bar.close()
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        loaders.release_memory()
     facts |= {"extract_s": time.perf_counter() - start, "forward_s": forward_s, "filled_by": _filled_by()}
     store.write_index({"key": key, "model": spec.model_dump(), "path": loaded.path, "n_vocab": n_vocab, "facts": facts})
     if part is None:  # every shard is now complete (a part's worker leaves it to the other parts' last run)
