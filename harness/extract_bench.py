@@ -15,7 +15,7 @@ the same segments at the same batch size, then a full extraction into a throwawa
 padding cut, warper stats, float16 shards written and hashed). The bare forward passes run the output
 layer on the scored columns only, as extraction does; they are also timed with it on every position
 (`all-pos s`), which is what the model costs without `logits_to_keep`: `--score llama_cpp` scores the
-second half of each window only. Prints a table, then one JSON line.
+second half of each window only. Peak RSS is taken before those passes. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -82,25 +82,35 @@ def one(model_name: str, profile: str, positions: int, batch_size: int, context:
     source = shaped_model(shape, profile) if shape else f"zoo:{model_name}"
     loaded = loaders.locate(ModelSpec(name=shape or model_name, source=source), profile)
     segments, n_vocab = _segments(loaders.load_tokenizer(loaded), positions, context, score)
-    forward_s, all_s, extract_s, load_s, model_rss = [], [], [], [], 0.0
-    for _ in range(repeats):  # alternated, and the fastest of each kept: robust to other load on the machine
+    forward_s, all_s, extract_s, load_s, model_rss, peak_rss = [], [], [], [], 0.0, 0.0
+
+    def bare(times: list, scored: bool) -> None:
+        """Times the bare forward passes: the output layer on the scored columns (as extraction runs it), or on
+        every position."""
+        nonlocal model_rss
         model = loaders.load_model(loaded)
         model_rss = model_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, model loaded
-        for times, scored in ((forward_s, True), (all_s, False)):  # the output layer on the scored columns (as
-            start = time.perf_counter()  # extraction runs it), then on every position
-            for b in range(0, len(segments), batch_size):
-                batch = segments[b : b + batch_size]
-                keep = extract.scored_window(batch, "right") if scored else None
-                logits = extract.forward_logits(model, [s.ids for s in batch], "cpu", keep=keep)
-                del logits
-            times.append(time.perf_counter() - start)
-        del model  # extraction loads its own, as a run does
-        with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        for b in range(0, len(segments), batch_size):
+            batch = segments[b : b + batch_size]
+            keep = extract.scored_window(batch, "right") if scored else None
+            logits = extract.forward_logits(model, [s.ids for s in batch], "cpu", keep=keep)
+            del logits
+        times.append(time.perf_counter() - start)
+        del model
+        loaders.release_memory()
+
+    for _ in range(repeats):  # alternated, and the fastest of each kept: robust to other load on the machine
+        bare(forward_s, scored=True)
+        with tempfile.TemporaryDirectory() as tmp:  # extraction loads its own model, as a run does
             os.environ["HARNESS_STORE"] = tmp
             start = time.perf_counter()
             _, facts = extract.extract(loaded, segments, n_vocab, batch_size=batch_size, store_dtype="float16", log=lambda _: None)
             extract_s.append(time.perf_counter() - start)
             load_s.append(facts["load_s"])
+        # the high-water mark before the every-position passes, whose logits may be larger than extraction's
+        peak_rss = peak_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        bare(all_s, scored=False)
     best = min(range(repeats), key=lambda i: extract_s[i] - load_s[i])
     forward_s, all_s, extract_s, facts = min(forward_s), min(all_s), extract_s[best], {"load_s": load_s[best]}
     rows = sum(s.rows for s in segments)
@@ -118,7 +128,7 @@ def one(model_name: str, profile: str, positions: int, batch_size: int, context:
         "overhead_ratio": (extract_s - facts["load_s"]) / forward_s,
         "overhead_ms_per_position": 1000 * (extract_s - facts["load_s"] - forward_s) / rows,
         "model_rss_mib": model_rss,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
     }
