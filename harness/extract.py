@@ -49,7 +49,7 @@ def forward_logits(
     """[B, T, V_padded] raw logits; row b's own tokens sit at [b, :len] (right) or [b, T-len:] (left).
 
     `keep` (lo, hi): only the padded batch's columns lo .. hi-1, [B, hi-lo, V_padded]. The model computes its output
-    layer on those positions alone (its `logits_to_keep`), where its forward takes that argument."""
+    layer on the columns from lo on alone (its `logits_to_keep`), where its forward takes that argument."""
     width = max(len(ids) for ids in batch)
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
     attention = torch.zeros(len(batch), width, dtype=torch.long)
@@ -60,12 +60,16 @@ def forward_logits(
         attention[i, cols] = 1
         positions[i, cols] = torch.arange(len(ids))  # left padding must not shift the rotary positions
     sliced = keep is not None and keeps_logits(model)
-    # on the CPU: it indexes the last layer's output, which a model spread over GPUs holds on another one than `device`
-    extra = {"logits_to_keep": torch.arange(*keep)} if sliced else {}
+    # An int: the last width - lo columns. Not a tensor of positions: accelerate's hook moves a tensor argument to a
+    # spread model's first device, while its last layer's output is on its last, and some custom classes take only
+    # an int. Columns from hi on (at most the longest row's last, unscored) are cut below.
+    extra = {"logits_to_keep": width - keep[0]} if sliced else {}
     out = model(
         input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device), **extra
     )
-    return out.logits if sliced or keep is None else out.logits[:, keep[0] : keep[1]]
+    if keep is None:
+        return out.logits
+    return out.logits[:, : keep[1] - keep[0]] if sliced else out.logits[:, keep[0] : keep[1]]
 
 
 def keeps_logits(model) -> bool:

@@ -66,15 +66,19 @@ def test_the_output_layer_runs_on_scored_rows_only(micro_zoo, tokens, side):
     ids = [s.ids for s in batch]
     lo, hi = extract.scored_window(batch, side)
     width = max(len(i) for i in ids)
-    assert hi - lo < width - 1  # the window is narrower than the full rows minus the last
-    seen = []
-    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    assert hi - lo < width - 1 and hi == width - 1  # narrower than the full rows; the longest row's last is unscored
+    seen, asked = [], []
+    hooks = [model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1])),
+             model.register_forward_pre_hook(lambda _m, _a, kw: asked.append(kw.get("logits_to_keep")), with_kwargs=True)]  # fmt: skip
     try:
         kept = extract.forward_logits(model, ids, "cpu", side, keep=(lo, hi))
         full = extract.forward_logits(model, ids, "cpu", side)
     finally:
-        hook.remove()
-    assert seen == [hi - lo, width] and kept.shape == (len(batch), hi - lo, model.config.vocab_size)
+        for hook in hooks:
+            hook.remove()
+    assert seen == [width - lo, width] and kept.shape == (len(batch), hi - lo, model.config.vocab_size)
+    # an int, which accelerate's hooks do not move to a spread model's first device (a tensor they would)
+    assert asked == [width - lo, None] and type(asked[0]) is int
     for b, seg in enumerate(batch):
         want = _own_rows(full, b, len(seg.ids), side)[seg.first : len(seg.ids) - 1]
         got = extract.scored_rows(kept, b, seg, width, lo, side)

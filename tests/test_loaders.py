@@ -219,9 +219,11 @@ print("ALIVE" if alive() is not None else "FREED")
     assert out.stdout.strip().splitlines()[-1] == "FREED"
 
 
-def test_kept_tracebacks_are_dropped_with_their_frames():
-    """An exception kept as a module global (and the one it was raised during) loses its traceback, so the frames
-    it held and their locals are freed; its type and message stay."""
+def test_kept_tracebacks_are_dropped_with_their_frames(tmp_path):
+    """An exception kept as a module global, and the ones it was raised during or from, lose their tracebacks, so
+    the frames they held and their locals are freed; type and message stay. A lazily loaded module among the new
+    ones is not made to run its deferred import (its body would raise here)."""
+    import importlib.util
     import types
     import weakref
 
@@ -234,21 +236,37 @@ def test_kept_tracebacks_are_dropped_with_their_frames():
         except KeyError:
             raise ImportError("no backend")  # noqa: B904 (raised during the KeyError: its __context__)
 
+    def cause(big):
+        try:
+            raise OSError("the cause")
+        except OSError as exc:
+            return exc
+
     module = types.ModuleType("harness_test_kept_error")
-    big = Big()
-    alive = weakref.ref(big)
+    big, other = Big(), Big()
+    alive, other_alive = weakref.ref(big), weakref.ref(other)
     try:
         fail(big)
     except ImportError as exc:
         module.ERROR = exc
-    del big
-    sys.modules[module.__name__] = module
+    module.CAUSED = RuntimeError("raised from another, outside its except block")
+    module.CAUSED.__cause__ = cause(other)  # a cause only: no __context__
+    del big, other
+    (tmp_path / "harness_test_lazy.py").write_text("raise AssertionError('the deferred import ran')\n")
+    spec = importlib.util.spec_from_file_location("harness_test_lazy", tmp_path / "harness_test_lazy.py")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    lazy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lazy)
+    names = {module.__name__, "harness_test_lazy"}  # not lazy.__name__: any attribute of it runs the import
+    sys.modules |= {module.__name__: module, "harness_test_lazy": lazy}
     try:
-        assert alive() is not None and module.ERROR.__traceback__ is not None  # held by the traceback's frame
-        loaders._drop_kept_tracebacks({module.__name__, "no-such-module"})
+        assert alive() is not None and other_alive() is not None  # held by the tracebacks' frames
+        loaders._drop_kept_tracebacks(names | {"no-such-module"})
         gc.collect()
-        assert alive() is None
+        assert alive() is None and other_alive() is None
         assert module.ERROR.__traceback__ is None and module.ERROR.__context__.__traceback__ is None
+        assert module.CAUSED.__cause__.__traceback__ is None and str(module.CAUSED.__cause__) == "the cause"
         assert str(module.ERROR) == "no backend" and isinstance(module.ERROR.__context__, KeyError)
     finally:
-        del sys.modules[module.__name__]
+        for name in names:
+            del sys.modules[name]
