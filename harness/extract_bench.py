@@ -34,7 +34,7 @@ def _segments(tokenizer, positions: int, context: int, score: str = "all"):
     from harness import prompts, train
 
     ids = [t for seq in train.load_corpus(tokenizer).train for t in seq]
-    per_window = context - 1 if score == "all" else context // 2 - 1  # the rows a window scores
+    per_window = context - 1 - (context // 2 if score == "llama_cpp" else 0)  # the rows a window scores
     windows = max(1, positions // per_window)
     ids = (ids * (1 + windows * context // len(ids)))[: windows * context]
     tokens = prompts.TokenizedPrompts(
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="forward and extraction alternated this often; fastest kept")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.context - 1 - (args.context // 2 if args.score == "llama_cpp" else 0) < 1:
+        parser.error(f"--context {args.context} scores no row of a window (--score {args.score})")
     if args.one:
         print(json.dumps(one(args.model, args.profile, args.positions, args.batch_size, args.context, args.shape, args.repeats, args.score)))
         return 0
