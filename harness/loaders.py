@@ -223,12 +223,22 @@ LOADERS = {"transformers": _load_transformers, "gptqmodel": _load_gptqmodel}
 
 
 def load_model(loaded: Loaded):
-    imported = set(sys.modules)
-    model = LOADERS[loaded.spec.loader](loaded)
-    _drop_kept_tracebacks(set(sys.modules) - imported)
+    with forget_kept_errors():
+        model = LOADERS[loaded.spec.loader](loaded)
     # Loading a GPTQ model imports gptqmodel, whose logger (logbar) then reports its own housekeeping.
     logging.getLogger("logbar").setLevel(logging.WARNING)
     return model.eval()
+
+
+@contextlib.contextmanager
+def forget_kept_errors():
+    """Around code that may import modules (a model's load, gptqmodel's import): the tracebacks that the modules it
+    imports keep as globals are dropped after it (_drop_kept_tracebacks)."""
+    imported = set(sys.modules)
+    try:
+        yield
+    finally:
+        _drop_kept_tracebacks(set(sys.modules) - imported)
 
 
 def _drop_kept_tracebacks(modules: set[str]) -> None:

@@ -27,9 +27,13 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
 
 @contextlib.contextmanager
 def quiet():
-    """gptqmodel prints a banner and per-layer tables to stdout; keep them out of the harness output."""
+    """gptqmodel prints a banner and per-layer tables to stdout; keep them out of the harness output. Every import
+    of gptqmodel goes through here, so here too the tracebacks its modules keep are dropped (loaders.forget_kept_errors:
+    they would hold the importing frames' locals for the rest of the process)."""
+    from harness.loaders import forget_kept_errors
+
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+    with forget_kept_errors(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield sink
     for name in ("logbar", "tokenicer", "gptqmodel"):
         logging.getLogger(name).setLevel(logging.ERROR)

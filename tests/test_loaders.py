@@ -270,3 +270,24 @@ def test_kept_tracebacks_are_dropped_with_their_frames(tmp_path):
     finally:
         for name in names:
             del sys.modules[name]
+
+
+def test_importing_gptqmodel_through_quiet_keeps_no_caller_alive():
+    """Every import of gptqmodel goes through quant.quiet (a backend check imports it before any model loads): the
+    importing function's locals are freed once it returns. In a fresh process, so that this is the first import."""
+    code = """
+import gc, sys, weakref
+from harness.quant import quiet
+class Big: pass
+def plan():
+    big = Big()
+    with quiet():
+        import gptqmodel
+    return weakref.ref(big)
+alive = plan()
+gc.collect()
+print("ALIVE" if alive() is not None else "FREED")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "FREED"
