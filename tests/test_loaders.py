@@ -201,7 +201,7 @@ def test_a_gptq_build_counts_the_float_models_parameters(micro_zoo):
 def test_a_dropped_model_is_freed_even_when_its_load_imported_gptqmodel(micro_zoo):
     """gptqmodel keeps an optional backend's ImportError as a global; its traceback held every frame of the first
     GPTQ load, and their locals kept that model alive for the rest of the process (a compare of four 0.5B models
-    peaked at 10.2 GB instead of 5.2). In a fresh process, so that this load is the one that imports gptqmodel."""
+    peaked at 9.8 GiB instead of 5.1). In a fresh process, so that this load is the one that imports gptqmodel."""
     code = f"""
 import gc, sys, weakref
 from harness import loaders
