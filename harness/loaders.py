@@ -267,6 +267,7 @@ def release_memory() -> None:
 
     glibc keeps freed heap pages (weights under its 32 MB mmap threshold, a model's layers) for reuse; one model
     after another, a compare process grew by 1 to 2 GB a model at 0.5B. malloc_trim(0) returns them."""
+    torch.compiler.reset()  # gptqmodel's compiled kernels (Int8's recompile per layer) hold code and guards
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
