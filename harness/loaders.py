@@ -242,11 +242,11 @@ def forget_kept_errors():
 
 
 def _drop_kept_tracebacks(modules: set[str]) -> None:
-    """Forgets the tracebacks of exceptions that modules imported while a model loaded keep as globals.
+    """Forgets the tracebacks of exceptions that `modules` (imported inside forget_kept_errors) keep as globals.
 
     gptqmodel keeps the ImportError of an optional backend (`_LLAMA_CPP_IMPORT_ERROR`). Its traceback holds the
     frames of the import, and through them every caller's frame, from_pretrained's and load_model's among them:
-    once those return, their locals (the model) stayed alive for the rest of the process, 1.8 GB for a 0.5B
+    once those return, their locals (the model) stayed alive for the rest of the process, 1.8 GiB for a 0.5B
     model. The exception itself (its type and message) is kept."""
     for name in modules:
         module = sys.modules.get(name)
@@ -263,10 +263,11 @@ def _drop_kept_tracebacks(modules: set[str]) -> None:
 
 
 def release_memory() -> None:
-    """After a model is dropped: collects it, and hands the allocator's free memory back to the system.
+    """After a model is dropped: forgets torch's compiled code, collects the model, and hands the allocator's free
+    memory back to the system.
 
     glibc keeps freed heap pages (weights under its 32 MB mmap threshold, a model's layers) for reuse; one model
-    after another, a compare process grew by 1 to 2 GB a model at 0.5B. malloc_trim(0) returns them."""
+    after another, a compare process grew by 1 to 2 GiB a model at 0.5B. malloc_trim(0) returns them."""
     torch.compiler.reset()  # gptqmodel's compiled kernels (Int8's recompile per layer) hold code and guards
     gc.collect()
     if torch.cuda.is_available():
