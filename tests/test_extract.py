@@ -102,13 +102,12 @@ def test_the_output_layer_runs_on_scored_rows_only(micro_zoo, tokens, side):
 def test_stored_rows_are_the_models_own_log_softmax(micro_zoo, tokens, tmp_store, side):
     """End to end, against transformers alone: each stored row is the log-softmax over the real ids of the model's
     logits for that segment run on its own (no padding, every position through the output layer), and its target's
-    entry is minus torch's cross-entropy over the real ids. Segments scored from row
-    0, from the middle (generate mode, llama.cpp's halves) and not at all, in padded batches of 3; float32 store."""
+    entry is minus torch's cross-entropy over the real ids. Segments scored from row 0, from the middle (generate
+    mode, llama.cpp's halves) and not at all, in padded batches of 3; float32 store."""
     from transformers import AutoModelForCausalLM
 
     segments = [prompts.Segment(p, 0, tokens.ids[p], first) for p, first in ((0, 0), (1, 7), (2, 12), (3, 3), (4, 1))]
     segments.append(prompts.Segment(5, 2, tokens.ids[5][2:6], 3))  # nothing to score: 3 = len - 1
-    segments = [s for s in segments if s.rows >= 0]
     made, _ = extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=3, store_dtype="float32",
                               padding_side=side, **QUIET)  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(zoo.model_dir(zoo.CHAT_S, "micro"), dtype=torch.float32).eval()
