@@ -36,8 +36,9 @@ from harness.store import Store, aligned_empty, plan_shards, store_key, writer_t
 from harness.warpers import Warpers, candidates, warp_stats
 
 GREEDY_VERSION = 2  # bump when the greedy continuations change (2: config.json's eos where there is no generation_config.json; padding ids never picked)
-EXTRACT_VERSION = 5  # bump when what is stored changes (4: warper figures with generate()'s defaults for unset fields;
-# 5: the output layer on scored positions only, which moves the last bits of its rows)
+EXTRACT_VERSION = 6  # bump when what is stored changes (4: warper figures with generate()'s defaults for unset fields;
+# 5: the output layer on scored positions only, which moves the last bits of its rows; 6: on the columns from the
+# first scored one to the row's end, logits_to_keep as an int)
 WAIT_S = 3600.0  # how long a generate-mode part waits for the other parts' greedy continuations (extract --wait)
 CHUNK_ROWS = 32  # rows post-processed at a time: 32 x 151936 float32 = 19 MB per temporary
 
