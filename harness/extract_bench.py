@@ -14,8 +14,9 @@ Each size runs in a fresh subprocess (so peak RSS is its own): it times the bare
 the same segments at the same batch size, then a full extraction into a throwaway store (log-softmax,
 padding cut, warper stats, float16 shards written and hashed). The bare forward passes run the output
 layer on the scored columns only, as extraction does; they are also timed with it on every position
-(`all-pos s`), which is what the model costs without `logits_to_keep`: `--score llama_cpp` scores the
-second half of each window only. Peak RSS is taken before those passes. Prints a table, then one JSON line.
+(`all-pos s`, what the model costs without `logits_to_keep`). `--score llama_cpp` scores the second
+half of each window only, where the two differ. Peak RSS is taken before the every-position passes.
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ import tempfile
 import time
 
 
+def _rows_per_window(context: int, score: str) -> int:
+    """The rows a window of `context` tokens scores (prompts.text_segments: llama_cpp's from context/2 on)."""
+    return context - 1 - (context // 2 if score == "llama_cpp" else 0)
+
+
 def _segments(tokenizer, positions: int, context: int, score: str = "all"):
     from harness import prompts, train
 
     ids = [t for seq in train.load_corpus(tokenizer).train for t in seq]
-    per_window = context - 1 - (context // 2 if score == "llama_cpp" else 0)  # the rows a window scores
+    per_window = _rows_per_window(context, score)
     windows = max(1, positions // per_window)
     ids = (ids * (1 + windows * context // len(ids)))[: windows * context]
     tokens = prompts.TokenizedPrompts(
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="forward and extraction alternated this often; fastest kept")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.context - 1 - (args.context // 2 if args.score == "llama_cpp" else 0) < 1:
+    if _rows_per_window(args.context, args.score) < 1:
         parser.error(f"--context {args.context} scores no row of a window (--score {args.score})")
     if args.one:
         print(json.dumps(one(args.model, args.profile, args.positions, args.batch_size, args.context, args.shape, args.repeats, args.score)))
