@@ -2,10 +2,11 @@
 
     python -c "from harness import metrics_fused; print(metrics_fused.available())"
 
-A kernel's source is compiled with g++ -O3 -fopenmp, `-march=native` first (AVX-512 where the compiler
-and CPU have it), else portable, into `$HARNESS_HOME/ext/<name>_<hash>.so`. The hash covers the source,
-the flags and the CPU's identity, since `-march=native` code is only valid on the CPU it was built
-for. No -ffast-math: the kernels' -inf and NaN masks and compensated sums need IEEE semantics.
+A kernel's source, harness/csrc/<name>.cpp with the headers there (exp_f32.h: the float32 exps and the
+OpenMP row split; topk.h: the running top-k lists), is compiled with g++ -O3 -fopenmp, `-march=native`
+first (AVX-512 where the compiler and CPU have it), else portable, into `$HARNESS_HOME/ext/<name>_<hash>.so`.
+The hash covers the sources, the flags and the CPU's identity, since `-march=native` code is only valid on
+the CPU it was built for. No -ffast-math: the kernels' -inf and NaN masks and compensated sums need IEEE semantics.
 Each kernel splits its rows over an OpenMP team of torch.get_num_threads() threads inside one ctypes
 call (ctypes drops the GIL): libgomp's threads wait spinning between calls, so a call costs ~5 µs of
 threading where a Python thread pool's hand-off cost ~85 µs here.
@@ -19,212 +20,12 @@ import os
 import platform
 import shutil
 import subprocess
+from pathlib import Path
 
 from harness import paths
 
-# The kernels' shared prelude (prepended to their sources): team_part (a thread's rows of an OpenMP team), and
-# float32 exp: exp_s scalar (d <= 0), exp16c AVX-512 (clamped at e^-87), exp16s (a table and a shorter polynomial,
-# for sums), exp16z (0 below e^-87), exp16 (subnormals too). TOPK, after it: the running top-k lists.
-EXP_F32 = r"""#include <stdint.h>
-#include <string.h>
-#include <math.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-// Rows [*a, *b) of n for the calling thread of an OpenMP team: contiguous, in thread order (all n without OpenMP).
-static inline void team_part(int64_t n, int64_t* a, int64_t* b) {
-#ifdef _OPENMP
-  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-  const int64_t t = 0, nt = 1;
-#endif
-  *a = n * t / nt; *b = n * (t + 1) / nt;
-}
-// exp(d) for d <= 0: Cephes expf polynomial; d is clamped at -150 so -inf gives exactly 0.
-static inline float exp_s(float d) {
-  d = d < -150.f ? -150.f : d;
-  float n = nearbyintf(d * 1.44269504088896341f);
-  float r = fmaf(n, -0.693359375f, d); r = fmaf(n, 2.12194440e-4f, r);
-  float p = 1.9875691500E-4f;
-  p = fmaf(p, r, 1.3981999507E-3f); p = fmaf(p, r, 8.3334519073E-3f); p = fmaf(p, r, 4.1665795894E-2f);
-  p = fmaf(p, r, 1.6666665459E-1f); p = fmaf(p, r, 5.0000001201E-1f);
-  p = fmaf(p * r, r, r) + 1.f;
-  return ldexpf(p, (int)n);
-}
-#ifdef __AVX512F__
-// exp(t), t <= 88, in 16 lanes (Cephes' range reduction, the polynomial below); lanes below -87 give e^-87 (1.6e-38),
-// a difference under 1e-37 of any sum it enters (and no subnormal result).
-static inline __m512 exp16c(__m512 t) {
-  t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), t);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  // e^r = 1 + r·(1 + r·P(r)) on |r| <= ln2/2, P of degree 4 fitted for least maximum relative error, all in Horner
-  // FMAs: 7.4e-8 relative at most in float32 over every 38th float of [-87, 0] (1 + r + r²·P, one op more, 8.4e-8;
-  // Cephes' degree-5 P, as in exp_s, is no more exact in float32 and costs one more FMA a vector)
-  __m512 p = _mm512_set1_ps(1.3814610429e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3687100559e-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668388992e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666521132e-1f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999994040e-1f));
-  p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f)), r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-// e^t for sums of exps (softmax_filter's row sums, metrics_fused's sym_rows), 9 ops where exp16c takes 12:
-// t = (k/32)·ln 2 + r with k = round(32·t/ln 2), read from the float that one FMA leaves in the "1.5·2^23" shifter;
-// 2^(j/32) (j = k mod 32, the shifter's low 5 bits) from a 32-entry table in two registers (one vpermt2ps); e^r on
-// |r| <= ln 2/64 from c0 + c1·r + c2·r² (minimax for relative error, 5.4e-8); 2^floor(k/32) by vscalefps, which
-// floors k/32 itself. Its error is what exp16c's shape with a one-FMA reduction gave (both measured on every float
-// in [-87, 0] against float64: 1.9e-7 relative on [-10, 0], 4.0e-7 at most, near −87): the ln 2 rounding adds
-// (k/32)·1.9e-9, so in a sum, whose terms weigh in by their size, the relative error stays under 1.6e-7 +
-// 2.7e-9·E_p[−t] (E_p[−t] <= ln V = 12 for a 151936 row): 2e-7 at most. On this module's bfloat16 row sums, 0.85
-// against 1.0 of the cycles of a degree-5 polynomial with a roundscale (2 ops) for k.
-static inline __m512 exp16s(__m512 t) {
-  t = _mm512_max_ps(t, _mm512_set1_ps(-87.f));
-  const __m512 kf = _mm512_fmadd_ps(t, _mm512_set1_ps(46.166241308446828f), _mm512_set1_ps(12582912.f));  // 32/ln 2, 1.5·2^23
-  const __m512 k32 = _mm512_fmsub_ps(kf, _mm512_set1_ps(0.03125f), _mm512_set1_ps(393216.f));  // k/32, exactly
-  const __m512 r = _mm512_fnmadd_ps(k32, _mm512_set1_ps(0.693147180559945309f), t);
-  const __m512 tab = _mm512_permutex2var_ps(  // 2^(j/32), j = 0..31, rounded to nearest
-      _mm512_setr_ps(0x1p+0f, 0x1.059b0ep+0f, 0x1.0b5586p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f, 0x1.2387a6p+0f, 0x1.29e9ep+0f,
-                     0x1.306fep+0f, 0x1.371a74p+0f, 0x1.3dea64p+0f, 0x1.44e086p+0f, 0x1.4bfdaep+0f, 0x1.5342b6p+0f, 0x1.5ab07ep+0f, 0x1.6247ecp+0f),
-      _mm512_castps_si512(kf),
-      _mm512_setr_ps(0x1.6a09e6p+0f, 0x1.71f75ep+0f, 0x1.7a1148p+0f, 0x1.82589ap+0f, 0x1.8ace54p+0f, 0x1.93737cp+0f, 0x1.9c4918p+0f, 0x1.a5503cp+0f,
-                     0x1.ae89fap+0f, 0x1.b7f77p+0f, 0x1.c199bep+0f, 0x1.cb720ep+0f, 0x1.d5818ep+0f, 0x1.dfc974p+0f, 0x1.ea4afap+0f, 0x1.f50766p+0f));
-  const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(0.49999633f), r, _mm512_set1_ps(1.0000147f));  // e^r ≈ 1 + r·a
-  return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(tab, r), a, tab), k32);
-}
-// exp16c with lanes below -87 (and NaN lanes) giving 0 (their share of a sum is < 1e-37 of its largest term), so
-// there is no scalar fallback.
-static inline __m512 exp16z(__m512 t) {
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.f), _CMP_GE_OQ), exp16c(t));
-}
-// exp(d) for d <= 0, subnormal results included: exp16z, with the rare lanes in [-104, -87) redone in scalar code
-// (a subnormal vector result costs a microcode assist per instruction, which on -inf-heavy (warped) rows made this
-// pass 10x slower); runs below -104 (-inf) give 0 at once. A vector with every lane at or above -87 (the common
-// case) costs one compare over exp16s (its error: 1.9e-7 relative on [-10, 0]; softmax_filter's p > 0 output pass
-// ran at 1.16-1.19x its rows/s with it than with exp16c, whose 7.4e-8 cost 3 more ops).
-static __attribute__((noinline)) __m512 exp16_rare(__m512 d);
-static inline __m512 exp16(__m512 d) {
-  if (__builtin_expect(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.f), _CMP_GE_OQ) == 0xFFFF, 1)) return exp16s(d);
-  if (!_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_GE_OQ)) return _mm512_setzero_ps();
-  return exp16_rare(d);
-}
-// exp16's vectors with lanes in [-104, -87), out of line: inlined, its scalar loop and arrays made the callers' loops
-// keep their vectors in memory (softmax_filter's p > 0 output pass ran at 0.86x its rows/s).
-static __attribute__((noinline)) __m512 exp16_rare(__m512 d) {
-  const __mmask16 band = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.f), _CMP_LT_OQ) & _mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_GE_OQ);
-  __m512 p = exp16z(d);
-  if (band) {
-    float dd[16], pp[16];
-    _mm512_storeu_ps(dd, d); _mm512_storeu_ps(pp, p);
-    for (int l = 0; l < 16; ++l) if (band >> l & 1) pp[l] = exp_s(dd[l]);
-    p = _mm512_loadu_ps(pp);
-  }
-  return p;
-}
-#endif
-"""
+CSRC = Path(__file__).parent / "csrc"  # each kernel's <name>.cpp and the headers they share
 
-
-TOPK = r"""// Top-k lists shared by the kernels: topk_insert (scalar), TopK<N> (k <= 128, in registers, AVX-512) and Big (k <= 256).
-#include <algorithm>
-#include <functional>
-// Keeps the k largest (value, index) seen so far, sorted descending, the first added first among equal values;
-// returns the new threshold (-inf until k are in). A v not above the k-th changes nothing.
-static inline float topk_insert(float* tv, int32_t* ti, int* cnt, int k, float v, int32_t i) {
-  if (*cnt == k && !(v > tv[k - 1])) return tv[k - 1];
-  int j = *cnt < k ? (*cnt)++ : k - 1;
-  while (j > 0 && tv[j - 1] < v) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
-  tv[j] = v; ti[j] = i;
-  return *cnt < k ? -INFINITY : tv[k - 1];
-}
-
-#ifdef __AVX512F__
-// A top k of k <= 16·N in registers (N = 2, 4, 8: k <= 32, 64, 128): values v[0..N) sorted descending (among equal
-// values, the first added first), their indices ix[0..N); places past those filled are -inf. topk_add puts v where
-// it belongs and shifts the rest one place down, without a branch; a v that is not above the k-th only changes places
-// k and after, so a batch of candidates goes in unchecked. (topk_insert's shifts and mispredicts cost ~100 cycles an
-// insertion, ~200 times in a row at k = 20.)
-template <int N> struct TopK { __m512 v[N]; __m512i ix[N]; };
-template <int N> static inline TopK<N> topk_load(const float* tv, const int32_t* ti) {
-  TopK<N> t;
-  for (int r = 0; r < N; ++r) { t.v[r] = _mm512_loadu_ps(tv + 16 * r); t.ix[r] = _mm512_loadu_si512(ti + 16 * r); }
-  return t;
-}
-template <int N> static inline void topk_store(const TopK<N>& t, float* tv, int32_t* ti) {
-  for (int r = 0; r < N; ++r) { _mm512_storeu_ps(tv + 16 * r, t.v[r]); _mm512_storeu_si512(ti + 16 * r, t.ix[r]); }
-}
-template <int N> static inline void topk_add(TopK<N>& t, float v, int32_t i) {
-  // place j keeps old j where old j >= v, takes v where old j − 1 >= v (or j = 0) and old j does not, else old j − 1:
-  // a copy of each register's entries one place down (valignd: lane l gets lane l − 1, lane 0 the last of register
-  // r − 1, +inf before register 0), two compares, two blends. Every step stays in the vector registers; the form
-  // before counted v's place by popcounts in a general register and broadcast it back, a longer chain an insertion
-  // (bfloat16 raw top-k, A/B: 1.02x the rows/s with this one).
-  const __m512 vv = _mm512_set1_ps(v);
-  const __m512i vi = _mm512_set1_epi32(i);
-  __m512 prev = _mm512_set1_ps(INFINITY);
-  __m512i prevx = vi;
-  for (int r = 0; r < N; ++r) {
-    const __m512 o = t.v[r];
-    const __m512i ox = t.ix[r];
-    const __m512 down = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(o), _mm512_castps_si512(prev), 15));
-    const __m512i downx = _mm512_alignr_epi32(ox, prevx, 15);
-    const __mmask16 keep = _mm512_cmp_ps_mask(o, vv, _CMP_GE_OQ), here = _mm512_cmp_ps_mask(down, vv, _CMP_GE_OQ) & ~keep;
-    t.v[r] = _mm512_mask_mov_ps(_mm512_mask_mov_ps(down, here, vv), keep, o);
-    t.ix[r] = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(downx, here, vi), keep, ox);
-    prev = o; prevx = ox;
-  }
-}
-// The candidates at cv/ci[0, n) into the top k in registers (k <= 16·N), then back to tv/ti.
-template <int N> static inline void topk_batch(float* tv, int32_t* ti, const float* cv, const int32_t* ci, int n) {
-  TopK<N> t = topk_load<N>(tv, ti);
-  for (int j = 0; j < n; ++j) topk_add<N>(t, cv[j], ci[j]);
-  topk_store<N>(t, tv, ti);
-}
-// After n candidates went into tv/ti (each above the threshold they were taken with): the count and the threshold.
-static inline float topk_after(const float* tv, int* tc, int k, int n) {
-  *tc = *tc + n < k ? *tc + n : k;
-  return *tc < k ? -INFINITY : tv[k - 1];
-}
-#endif
-
-// A top k of 128 < k <= 256 (BIG_K): each candidate (above the threshold when taken) appended as a key that orders
-// as (value, −index), and the keys cut back to the k largest by nth_element (which raises the threshold) once k are
-// in and whenever 2k are; sorted at the row's end. topk_insert's insertion into the sorted k costs O(k) a candidate:
-// at k = 256 the row took 5x as long as at k = 20, and this takes 1.9x less time. At k = 33 to 64, where the
-// threshold lagging between cuts lists more candidates, it was up to 8% slower than topk_insert; TopK<4> and <8>
-// beat both up to k = 128. Outputs are the same.
-enum { BIG_K = 128 };
-enum { BCAP = 512 };
-struct Big { uint64_t key[BCAP]; int n; };
-static inline uint64_t big_key(float v, int32_t i) {
-  uint32_t b; memcpy(&b, &v, 4);
-  b ^= (b >> 31) ? 0xFFFFFFFFu : 0x80000000u;
-  return (uint64_t)b << 32 | (uint32_t)(0xFFFFFFFFu - (uint32_t)i);
-}
-static inline float big_value(uint64_t key) {
-  uint32_t b = (uint32_t)(key >> 32);
-  b ^= (b >> 31) ? 0x80000000u : 0xFFFFFFFFu;
-  float v; memcpy(&v, &b, 4); return v;
-}
-static inline float big_cut(Big& B, int k) {  // keeps the k largest keys; returns the k-th value (the threshold)
-  if (B.n > k) { std::nth_element(B.key, B.key + k - 1, B.key + B.n, std::greater<uint64_t>()); B.n = k; }
-  uint64_t kth = B.key[0];
-  for (int j = 1; j < B.n; ++j) kth = B.key[j] < kth ? B.key[j] : kth;
-  return big_value(kth);
-}
-static inline float big_add(Big& B, int k, float thr, float v, int32_t i) {
-  B.key[B.n++] = big_key(v, i);
-  return B.n == 2 * k || (thr == -INFINITY && B.n == k) ? big_cut(B, k) : thr;
-}
-static inline void big_finish(Big& B, int k, float* tv, int32_t* ti, int* tc) {  // the top k, sorted, into tv/ti
-  if (B.n > k) big_cut(B, k);
-  std::sort(B.key, B.key + B.n, std::greater<uint64_t>());
-  for (int j = 0; j < B.n; ++j) { tv[j] = big_value(B.key[j]); ti[j] = (int32_t)(0xFFFFFFFFu - (uint32_t)B.key[j]); }
-  *tc = B.n; B.n = 0;
-}
-"""
 
 def cpu_identity() -> str:
     try:
@@ -235,21 +36,27 @@ def cpu_identity() -> str:
     return "".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))[:4096]
 
 
-def build(name: str, source: str) -> ctypes.CDLL:
-    """The loaded library; RuntimeError where g++ is missing or every build fails."""
+def source(name: str) -> str:
+    """The text a kernel's build depends on: csrc/<name>.cpp and every header in csrc (each kernel includes them)."""
+    return "".join(f.read_text() for f in [CSRC / f"{name}.cpp", *sorted(CSRC.glob("*.h"))])
+
+
+def build(name: str) -> ctypes.CDLL:
+    """csrc/<name>.cpp built and loaded; RuntimeError where g++ is missing or every build fails."""
     if shutil.which("g++") is None:
         raise RuntimeError(f"the {name} kernel needs g++ on PATH")
+    text = source(name)
     errors = []
     # HARNESS_CEXT_PORTABLE=1 skips -march=native: how the tests reach the scalar code paths
     portable = os.environ.get("HARNESS_CEXT_PORTABLE") == "1"
     for flags in ([],) if portable else (["-march=native"], []):
-        tag = hashlib.sha256((source + " ".join(flags) + cpu_identity()).encode()).hexdigest()[:16]
+        tag = hashlib.sha256((text + " ".join(flags) + cpu_identity()).encode()).hexdigest()[:16]
         so = paths.home() / "ext" / f"{name}_{tag}.so"
         if not so.exists():
             so.parent.mkdir(parents=True, exist_ok=True)
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
-            cmd = ["g++", "-O3", "-fopenmp", *flags, "-shared", "-fPIC", "-x", "c++", "-", "-o", str(tmp)]
-            run = subprocess.run(cmd, input=source, text=True, capture_output=True)
+            cmd = ["g++", "-O3", "-fopenmp", *flags, "-shared", "-fPIC", "-I", str(CSRC), str(CSRC / f"{name}.cpp"), "-o", str(tmp)]
+            run = subprocess.run(cmd, text=True, capture_output=True)
             if run.returncode:
                 errors.append(run.stderr[-2000:])
                 continue

@@ -4,9 +4,12 @@ The rest of the suite runs the -march=native builds (AVX-512 here); a machine wi
 the scalar code, so it is checked too, in a subprocess that builds only the portable versions.
 """
 
+import ctypes
 import os
 import subprocess
 import sys
+
+from harness import cext
 
 CHECK = r"""
 import torch
@@ -67,3 +70,27 @@ def test_portable_softmax_filter_passes_its_tests(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_a_header_edit_rebuilds_the_kernels_that_include_it(tmp_path, monkeypatch):
+    """A kernel's build is keyed by its .cpp and the headers beside it: editing a header must not load a stale .so.
+    A compile error is a RuntimeError naming the kernel, with g++'s message."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    monkeypatch.setattr(cext, "CSRC", src)
+    monkeypatch.setenv("HARNESS_HOME", str(tmp_path / "home"))
+    (src / "k.cpp").write_text('#include "h.h"\nextern "C" int value() { return VALUE; }\n')
+    values = []
+    for v in (1, 2):
+        (src / "h.h").write_text(f"#pragma once\n#define VALUE {v}\n")
+        lib = cext.build("k")
+        lib.value.restype = ctypes.c_int
+        values.append(lib.value())
+    assert values == [1, 2]
+    (src / "k.cpp").write_text('extern "C" int value() { return undefined_name; }\n')
+    try:
+        cext.build("k")
+    except RuntimeError as e:
+        assert "building the k kernel failed" in str(e) and "undefined_name" in str(e)
+    else:
+        raise AssertionError("a kernel that does not compile was loaded")
