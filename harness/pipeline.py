@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import align, extract, loaders, prompts
+from harness import align, extract, greedy, loaders, prompts
 from harness.config import Config
 from harness.prompts import Segment, TokenizedPrompts
 from harness.store import Store
@@ -38,10 +38,10 @@ class Plan:
         return self.own.get(name, (self.tokens, self.segments))
 
 
-def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: float = extract.WAIT_S) -> Plan:
+def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: float = greedy.WAIT_S) -> Plan:
     """Tokenizes once with the reference, checks every variant's tokenizer, and cuts the segments. Generate mode with
     `part` (extract --part): the reference generates that part of the prompts and waits for the other parts'
-    continuations (extract.greedy_continuations)."""
+    continuations (greedy.greedy_continuations)."""
     for warning in cfg.warnings:
         log(f"warning: {warning}")
     ref = loaders.locate(cfg.reference, cfg.zoo_profile)
@@ -83,7 +83,7 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
         log(f"warning: {warning}")
     continuations, segments = None, None
     if generate:
-        continuations = extract.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log, part=part, wait_s=wait_s)
+        continuations = greedy.greedy_continuations(ref, tokens, cfg.generate.max_new_tokens, log=log, part=part, wait_s=wait_s)
         segments = prompts.generate_segments(tokens, continuations)
     segments, own, sides = _cross_readings(cfg, tokens, segments, continuations, cross, tokenizers, ref_tok)
     for spec in cfg.variants:  # a variant with a shorter context than the reference cannot take the segments
@@ -94,7 +94,7 @@ def plan(cfg: Config, log=print, part: tuple[int, int] | None = None, wait_s: fl
                 f"at once; " + (f"lower 'generate.max_new_tokens' or shorten the prompts (in {cfg.source_file})" if generate else
                                 f"lower 'text.context' in {cfg.source_file}")
             )
-    generations = extract.generations_path(ref, tokens, cfg.generate.max_new_tokens) if generate else None
+    generations = greedy.generations_path(ref, tokens, cfg.generate.max_new_tokens) if generate else None
     return Plan(tokens=tokens, segments=segments, loaded=loaded, tokenizer=ref_tok, own=own, sides=sides, generations=generations)
 
 

@@ -60,7 +60,7 @@ def _size_and_mtime(files: list[Path]) -> tuple[int, float]:
 
 
 def _locked(path: Path) -> bool:
-    """Whether another process holds the flock of a generation's `.progress.jsonl` (extract._progress)."""
+    """Whether another process holds the flock of a generation's `.progress.jsonl` (greedy._progress)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # not O_CREAT: a file gone meanwhile stays gone
     except OSError:

@@ -114,7 +114,7 @@ def test_busy_entries_are_left_alone(folder, tmp_store, capsys):
     progress = folder["g2"].with_suffix(".progress.jsonl")
     progress.write_text("[1]\n")
     with progress.open("a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # a generation at work (extract._progress holds this lock)
+        fcntl.flock(held, fcntl.LOCK_EX)  # a generation at work (greedy._progress holds this lock)
         assert main(["store", "prune", "--all"]) == 0
         out = capsys.readouterr().out
     assert _keys(tmp_store) == {"a" * 20, "b" * 20, "e" * 20, "f" * 20}
