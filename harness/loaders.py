@@ -141,13 +141,17 @@ def hub_commit(repo_id: str, revision: str) -> str | None:
 
 
 def _loading(loaded: Loaded, what: str, load):
-    """Runs a from_pretrained call; a missing or damaged file or an unreachable hub becomes one clear error."""
+    """Runs a from_pretrained call; a missing or damaged file, an unreachable hub or a GPTQ kernel that refuses the
+    settings becomes one clear error."""
     from safetensors import SafetensorError
 
     try:
         return load()
-    except (OSError, ValueError, SafetensorError) as exc:
+    except (OSError, ValueError, NotImplementedError, SafetensorError) as exc:
         hint = " A weights file is truncated or damaged: copy or download it again." if isinstance(exc, SafetensorError) else ""
+        if isinstance(exc, NotImplementedError) and loaded.spec.loader == "gptqmodel":  # no kernel takes these settings
+            hint = (" With loader: gptqmodel the kernel must take the model's dtype and device (its CPU Int8 kernel takes "
+                    "float16 or bfloat16 only): set this model's `dtype` or `backend`, or use loader: transformers.")
         if loaded.fingerprint.startswith("hub:") and not hint:
             hint = (
                 " It is a hub id: without network access (or HF_HUB_OFFLINE) it must already be in the "

@@ -174,6 +174,10 @@ def test_gptqmodel_loader_errors_are_clear(micro_zoo):
     aten32 = loaders.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_torch"), "micro")
     with pytest.raises(loaders.ExtractError, match=r"model 'q': cannot load the weights of .*only supports"):
         loaders.load_model(aten32)  # that kernel takes float16 or bfloat16 only: gptqmodel's own message
+    int8 = loaders.locate(ModelSpec(name="q8", source=f"zoo:{zoo.GPTQ[8]}", loader="gptqmodel"), "micro")
+    with pytest.raises(loaders.ExtractError, match=r"model 'q8': cannot load the weights of .*only supports.*"
+                                                   r"set this model's `dtype` or `backend`, or use loader: transformers"):  # fmt: skip
+        loaders.load_model(int8)  # no backend named: gptqmodel's choice for Int8 in float32 raised NotImplementedError
 
 
 def test_a_copied_zoo_folder_is_keyed_by_its_files(micro_zoo, tmp_path):
@@ -188,6 +192,48 @@ def test_a_copied_zoo_folder_is_keyed_by_its_files(micro_zoo, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"other weights")
     after = loaders.locate(ModelSpec(name="c", source=str(tmp_path)), "micro").fingerprint
     assert len({zoo_key, before, after}) == 3
+
+
+# The quantization_config of Qwen's own GPTQ releases (Qwen/Qwen1.5-*-Chat-GPTQ-Int4/Int8, made with auto-gptq through
+# optimum): optimum's GPTQConfig written out, with no checkpoint_format and no quantize_config.json beside it.
+HUB_GPTQ_CONFIG = {"batch_size": 1, "block_name_to_quantize": None, "cache_block_outputs": True, "damp_percent": 0.01, "dataset": None,
+                   "desc_act": False, "exllama_config": {"version": 1}, "group_size": 128, "max_input_length": None, "model_seqlen": None,
+                   "module_name_preceding_first_block": None, "modules_in_block_to_quantize": None, "pad_token_id": None,
+                   "quant_method": "gptq", "sym": True, "tokenizer": None, "true_sequential": True, "use_cuda_fp16": False,
+                   "use_exllama": True}  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_gptq_checkpoint_in_the_hub_releases_form_loads_as_the_zoos(micro_zoo, tmp_path, bits):
+    """Real GPTQ releases carry an older config than gptqmodel writes: no checkpoint_format, which says how the zero
+    points are stored (v1: one below their value, as auto-gptq wrote them). Both loaders must read such a folder
+    to the zoo build's logits exactly; the same weights declared v2 are read wrong (so the check can fail)."""
+    src = zoo.model_dir(zoo.GPTQ[bits], "micro")
+    x = torch.tensor([[9707, 11, 1879, 0, 374, 264, 1273, 13, 151645, 198, 151644]])
+
+    def logits(source, loader="transformers"):
+        dtype = "bfloat16" if loader == "gptqmodel" and bits == 8 else "float32"  # gptqmodel's CPU Int8 kernel: 16-bit only
+        model = loaders.load_model(loaders.locate(ModelSpec(name="q", source=str(source), loader=loader, dtype=dtype), "micro"))
+        with torch.no_grad():
+            return model(x).logits
+
+    def hub_form(folder, **extra):
+        folder.mkdir()
+        for f in src.iterdir():
+            if f.name not in (zoo.MANIFEST, "quantize_config.json"):
+                (folder / f.name).symlink_to(f)
+        config = json.loads((src / "config.json").read_text())
+        own = config["quantization_config"]
+        config["quantization_config"] = HUB_GPTQ_CONFIG | {"bits": bits, "group_size": own["group_size"]} | extra
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    hub = hub_form(tmp_path / "hub")
+    for loader in ("transformers", "gptqmodel"):
+        assert torch.equal(logits(hub, loader), logits(f"zoo:{zoo.GPTQ[bits]}", loader)), loader
+    misread = logits(hub_form(tmp_path / "v2", checkpoint_format="gptq_v2"))
+    assert (misread - logits(hub)).abs().max() > 0.01  # a zero point one step off: 3.0 in Int4, 0.05 in Int8 (micro)
 
 
 def test_a_gptq_build_counts_the_float_models_parameters(micro_zoo):
