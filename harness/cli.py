@@ -40,8 +40,10 @@ def _quiet_libraries() -> None:
 
 def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float | None = None):
     """Config -> plan -> every model's store (reused where it is complete): the first half of both commands."""
-    from harness import pipeline
+    from harness import config, paths, pipeline
 
+    if problem := paths.store_dir_problem():
+        raise config.ConfigError(problem)
     the_plan = pipeline.plan(cfg, part=part, **({} if wait_s is None else {"wait_s": wait_s}))
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
     stores, facts = pipeline.extract_all(cfg, the_plan, part=part)

@@ -94,6 +94,14 @@ class TextMode(_Strict):
     context: int = Field(default=512, ge=2)  # tokens per window (at most the model's context)
     score: Literal["all", "second_half", "llama_cpp"] = "all"
 
+    @model_validator(mode="after")
+    def _llama_cpp_scores_something(self) -> TextMode:
+        # llama_cpp scores a window's second half but its first token (context - 1 > context // 2): none of 2 tokens
+        if self.score == "llama_cpp" and self.context < 3:
+            raise ValueError(f"text.score 'llama_cpp' scores the second half of each window (less its first token), "
+                             f"which a window of {self.context} tokens does not have: it needs text.context >= 3")  # fmt: skip
+        return self
+
 
 class GenerateMode(_Strict):
     max_new_tokens: int = Field(default=32, ge=1)  # greedy tokens the reference adds to each prompt
@@ -116,9 +124,10 @@ class Metrics(_Strict):
 class Limit(_Strict):
     """Bounds on one aggregate of one pair (`harness check`); give at least one."""
 
-    min: float | None = None  # fail below
-    max: float | None = None  # fail above
-    max_x_floor: float | None = Field(default=None, gt=0)  # fail above this multiple of the noise-floor pair's value
+    # finite numbers: an infinite bound passes everything, and the run record (JSON) would keep it as null
+    min: float | None = Field(default=None, allow_inf_nan=False)  # fail below
+    max: float | None = Field(default=None, allow_inf_nan=False)  # fail above
+    max_x_floor: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # fail above this multiple of the noise-floor pair's value
 
     @model_validator(mode="after")
     def _some_bound(self) -> Limit:
@@ -148,7 +157,7 @@ class Config(_Strict):
     noise_floor: str | None = None  # a variant whose drift from the reference is the noise floor
     # `harness check`: candidate name (or "*", every pair) -> aggregate name (kl_mean, top1_agree, ...) -> limits
     gate: dict[str, dict[str, Limit]] = {}
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)  # of the bootstrap (numpy's generators take non-negative seeds)
     reports_dir: Path = Path("reports")
     source_file: Path | None = None  # where this config was read from (set by `load`)
 
@@ -183,6 +192,9 @@ class Config(_Strict):
                         raise ValueError(f"gate.{pair}.{metric}: only a pair of two vocabularies has {metric} (a variant "
                                          "with another tokenizer, compared over the tokens both share): set cross_vocab: true (or "
                                          "cross_vocab=true on the command line)")  # fmt: skip
+                    if metric == "kl_floor_multiple":
+                        raise ValueError(f"gate.{pair}.kl_floor_multiple is the mean KL over the noise floor's, and no "
+                                         "noise_floor is set: name the variant that is the floor (noise_floor: NAME)")  # fmt: skip
                     near = difflib.get_close_matches(metric, known, n=3)
                     hint = f"did you mean {', '.join(near)}?" if near else f"the metrics are: {', '.join(known)}"
                     raise ValueError(f"gate.{pair}.{metric}: no pair aggregate is called {metric!r}; {hint}")
@@ -306,7 +318,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
-        data = _yaml(path.read_text(encoding="utf-8")) or {}
+        data = _yaml(path.read_text(encoding="utf-8-sig")) or {}
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     except yaml.YAMLError as exc:

@@ -17,6 +17,7 @@ Models are located and loaded by `harness.loaders`; generate mode's continuation
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
@@ -203,8 +204,9 @@ def extract(
 
     def failed(shard: int, exc: OSError) -> ExtractError:
         return ExtractError(
-            f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc} "
-            f"(a full disk?). The {written} shards finished in this run are kept; re-run to resume."
+            f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc}"
+            f"{' (the disk is full: make room, or point HARNESS_STORE elsewhere)' if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ''}. "
+            f"The {written} shards finished in this run are kept; re-run to resume."
         )
 
     closing: tuple | None = None  # (shard, writer, future): the previous shard, finishing in the background

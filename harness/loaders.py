@@ -149,7 +149,8 @@ def _loading(loaded: Loaded, what: str, load):
         return load()
     except (OSError, ValueError, NotImplementedError, SafetensorError) as exc:
         hint = " A weights file is truncated or damaged: copy or download it again." if isinstance(exc, SafetensorError) else ""
-        if isinstance(exc, NotImplementedError) and loaded.spec.loader == "gptqmodel":  # no kernel takes these settings
+        refused = isinstance(exc, NotImplementedError) or any(w in str(exc) for w in ("only supports", "requires"))
+        if loaded.spec.loader == "gptqmodel" and refused and not hint:  # the kernel (named or picked) refuses the settings
             hint = (" With loader: gptqmodel the kernel must take the model's dtype and device (its CPU Int8 kernel takes "
                     "float16 or bfloat16 only): set this model's `dtype` or `backend`, or use loader: transformers.")
         if loaded.fingerprint.startswith("hub:") and not hint:

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -24,6 +25,22 @@ def zoo_dir(profile: str) -> Path:
 
 def store_dir() -> Path:
     return Path(os.environ.get("HARNESS_STORE") or home() / "store").expanduser()
+
+
+def store_dir_problem() -> str | None:
+    """None where the store folder can be made and written, else a one-paragraph error naming it and its variable:
+    checked before any model loads, rather than when the first shard is written."""
+    folder = store_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        why = "it is a file, not a folder" if folder.exists() and not folder.is_dir() else exc.strerror or exc
+        var = "HARNESS_STORE" if os.environ.get("HARNESS_STORE") else "HARNESS_HOME (its store/ folder)"
+        return (f"the store folder {folder} (from ${var}) cannot be written: {why}. Point "
+                f"{var.split()[0]} at a folder this user can create and write.")
+    return None
 
 
 def sha256_file(path: Path) -> str:

@@ -67,7 +67,7 @@ def load(path: Path) -> tuple[Prompt, ...]:
     prompts, seen = [], set()
     plain = path.suffix.lower() in TEXT_SUFFIXES
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is no text
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         kind = "text prompt files" if plain else "JSONL prompt files"
@@ -83,7 +83,10 @@ def load(path: Path) -> tuple[Prompt, ...]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise PromptError(f"{where} is not valid JSON: {exc}") from None
+            what = "" if path.suffix.lower() in (".jsonl", ".json") else (
+                f" (a prompt file is JSONL, one JSON object a line, or a {' / '.join(TEXT_SUFFIXES)} file, one text prompt; "
+                f"{path.suffix or 'no suffix'} is read as JSONL)")
+            raise PromptError(f"{where} is not valid JSON: {exc}{what}") from None
         if not isinstance(row, dict) or "id" not in row or ("text" in row) == ("messages" in row):
             raise PromptError(f'{where}: each line needs "id" and exactly one of "text" or "messages"')
         extra = set(row) - {"id", "text", "messages"}

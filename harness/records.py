@@ -108,7 +108,8 @@ def check_writable(reports_dir: Path) -> None:
         with tempfile.TemporaryFile(dir=reports_dir):
             pass
     except OSError as exc:
-        raise RecordError(f"key 'reports_dir': cannot write run folders in {reports_dir}: {exc.strerror or exc}") from None
+        why = "it is a file, not a folder" if Path(reports_dir).exists() and not Path(reports_dir).is_dir() else exc.strerror or exc
+        raise RecordError(f"key 'reports_dir': cannot write run folders in {reports_dir}: {why}") from None
 
 
 def git_state(where: Path | None = None) -> dict | None:

@@ -69,6 +69,27 @@ def test_config_error_exits_2_with_one_paragraph(tmp_path, capsys):
     assert "\n" not in err
 
 
+def test_a_store_folder_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """It surfaced when the first shard was written, after the reference had loaded, as "a full disk?"; a reports_dir
+    that is a file said "File exists"."""
+    from harness import loaders
+
+    def load(loaded):
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr(loaders, "load_model", load)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "afile"))
+    for command in ("extract", "compare"):
+        assert main([command, "--config", str(ROOT / "configs" / "default.yaml"), f"reports_dir={tmp_path / 'reports'}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # (compare's error record is named on the line before)
+        assert err.startswith("harness: error: ") and f"the store folder {tmp_path / 'afile'} (from $HARNESS_STORE) cannot be written: it is a file, not a folder" in err
+        assert "Point HARNESS_STORE at a folder" in err
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "store"))
+    assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), f"reports_dir={tmp_path / 'afile'}"]) == 2
+    assert f"key 'reports_dir': cannot write run folders in {tmp_path / 'afile'}: it is a file, not a folder" in capsys.readouterr().err
+
+
 def test_extract_generate_mode_then_reuse(micro_zoo, tmp_path, tmp_store, capsys):
     config = str(ROOT / "configs" / "default.yaml")
     overrides = ["zoo_profile=micro", f"prompts={SMALL}", "mode=generate", "generate.max_new_tokens=6",

@@ -134,6 +134,11 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("metrics: {smoothing_eps: 0}", r"key 'metrics\.smoothing_eps': Input should be greater than 0"),
         # a one-token window predicts nothing: a run of zero positions
         ("text: {context: 1}", r"key 'text\.context': Input should be greater than or equal to 2"),
+        # llama_cpp scores a window's second half less its first token: none of a 2-token window (it said "no prompt
+        # has that many" tokens, whatever their length)
+        ("text: {context: 2, score: llama_cpp}", r"key 'text': text\.score 'llama_cpp' .* it needs text\.context >= 3"),
+        # numpy's generators take non-negative seeds only: the bootstrap failed after every model had run
+        ("seed: -1", r"key 'seed': Input should be greater than or equal to 0"),
         # a floor multiple of 0 (or below) fails every pair whatever its drift
         ("noise_floor: v\ngate: {v: {kl_mean: {max_x_floor: 0}}}", r"key 'gate\.v\.kl_mean\.max_x_floor': Input should be greater than 0"),
     ],
@@ -171,7 +176,10 @@ def test_duplicate_variant_names(tmp_path):
         ("gate: {v: {kl_mean: {max: lots}}}", r"key 'gate\.v\.kl_mean\.max'.*'lots'"),
         ("gate: {v: {kl_meen: {max: 0.01}}}", r"c\.yaml: gate\.v\.kl_meen: no pair aggregate is called 'kl_meen'; did you mean kl_mean"),
         ("gate: {v: {top20_overlap: {min: 0.9}}}", r"gate\.v\.top20_overlap: no pair aggregate.*did you mean top10_overlap"),
-        ("gate: {v: {kl_floor_multiple: {max: 9}}}", r"no pair aggregate is called 'kl_floor_multiple'"),  # no floor set
+        ("gate: {v: {kl_floor_multiple: {max: 9}}}", r"gate\.v\.kl_floor_multiple is the mean KL over the noise floor's, and no noise_floor is set"),
+        # an infinite bound passes everything, and JSON (the run record) would keep it as null: `check --run` then failed
+        ("gate: {v: {kl_mean: {max: .inf}}}", r"key 'gate\.v\.kl_mean\.max': Input should be a finite number"),
+        ("gate: {v: {kl_mean: {min: -.inf}}}", r"key 'gate\.v\.kl_mean\.min': Input should be a finite number"),
         ("gate: {v: {bpb_diff: {max: 0.1}}}", r"gate\.v\.bpb_diff: only a pair of two vocabularies has bpb_diff .*set cross_vocab: true"),
         ("gate: {v: {kl_mean: {min: 1, max: 0}}}", r"gate\.v\.kl_mean': min \(1\.0\) is above max \(0\.0\): no value could pass"),
     ],

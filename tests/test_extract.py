@@ -324,7 +324,7 @@ def test_full_disk_is_a_clear_error(micro_zoo, tokens, segments, tmp_store, monk
         return real_write(self, data, offset)
 
     monkeypatch.setattr(store.ShardWriter, "_write", write)
-    with pytest.raises(loaders.ExtractError, match=r"cannot write shard 1 to .*No space left on device.*kept"):
+    with pytest.raises(loaders.ExtractError, match=r"cannot write shard 1 to .*No space left on device \(the disk is full: .*kept"):
         extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=4, store_dtype="float16", **QUIET)
     done = store.Store(next(tmp_store.iterdir()))
     assert done.is_complete(0) and not done.is_complete(1) and not list(done.root.glob(".*tmp*"))

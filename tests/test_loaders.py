@@ -172,8 +172,8 @@ def test_gptqmodel_loader_errors_are_clear(micro_zoo):
                                                    r"tiny-qwen1.5-s-chat/config.json has no quantization_config"):  # fmt: skip
         loaders.load_model(floating)
     aten32 = loaders.locate(ModelSpec(name="q", source=f"zoo:{zoo.GPTQ[4]}", loader="gptqmodel", backend="gptq_torch"), "micro")
-    with pytest.raises(loaders.ExtractError, match=r"model 'q': cannot load the weights of .*only supports"):
-        loaders.load_model(aten32)  # that kernel takes float16 or bfloat16 only: gptqmodel's own message
+    with pytest.raises(loaders.ExtractError, match=r"model 'q': cannot load the weights of .*only supports.*set this model's `dtype`"):
+        loaders.load_model(aten32)  # that kernel takes float16 or bfloat16 only: gptqmodel's own message, and what to do
     int8 = loaders.locate(ModelSpec(name="q8", source=f"zoo:{zoo.GPTQ[8]}", loader="gptqmodel"), "micro")
     with pytest.raises(loaders.ExtractError, match=r"model 'q8': cannot load the weights of .*only supports.*"
                                                    r"set this model's `dtype` or `backend`, or use loader: transformers"):  # fmt: skip

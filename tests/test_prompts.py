@@ -31,6 +31,20 @@ def test_empty_file(tmp_path):
         prompts.load(path)
 
 
+def test_a_byte_order_mark_is_not_text_and_a_csv_file_is_told_what_is_read(tmp_path):
+    """Windows editors start UTF-8 files with a BOM (json refused the first line: "Unexpected UTF-8 BOM"); a .csv or
+    other file is read as JSONL, and its error says which files are read how."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "hello"}\n')
+    assert prompts.load(path) == (prompts.Prompt(id="a", text="hello", where=f"{path}:1"),)
+    (tmp_path / "w.txt").write_bytes(b"\xef\xbb\xbfone text")
+    assert prompts.load(tmp_path / "w.txt")[0].text == "one text"
+    (tmp_path / "p.csv").write_text("id,text\n1,hello\n")
+    with pytest.raises(prompts.PromptError, match=r"p\.csv:1 is not valid JSON: .* \(a prompt file is JSONL, one JSON object a line, "
+                                                  r"or a \.txt / \.raw file, one text prompt; \.csv is read as JSONL\)"):  # fmt: skip
+        prompts.load(tmp_path / "p.csv")
+
+
 def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(b'{"id": 1, "text": "a"}\n\xff\xfe{"id": 2}\n')
