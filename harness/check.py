@@ -142,7 +142,7 @@ class Regression:
     @classmethod
     def parse(cls, text: str) -> Regression:
         m = _FAIL.match(text.strip())
-        if not m:
+        if not m or not math.isfinite(float(m["amount"])):  # 1e400 reads as inf: a bound that passes everything
             raise GateError(
                 f"--fail {text!r}: expected METRIC:[+|-]AMOUNT[%], e.g. kl_mean:+10% (fail if it grows by more "
                 "than 10%), top1_agree:-1% (fail if it drops by more than 1%), kl_mean:+0.001 (absolute)"

@@ -48,7 +48,7 @@ def test_fail_expressions_parse(text, metric, sign, amount, relative):
     assert (r.metric, r.sign, r.amount, r.relative) == (metric, sign, amount, relative)
 
 
-@pytest.mark.parametrize("text", ["kl_mean", "kl_mean:+", "kl_mean:ten%", ":+10%", "kl_mean:+10%%", "kl mean:+1%", "kl_mean:*2"])
+@pytest.mark.parametrize("text", ["kl_mean", "kl_mean:+", "kl_mean:ten%", ":+10%", "kl_mean:+10%%", "kl mean:+1%", "kl_mean:*2", "kl_mean:+1e400"])  # 1e400: inf
 def test_malformed_fail_expressions_are_usage_errors(text):
     with pytest.raises(GateError, match="expected METRIC"):
         Regression.parse(text)
