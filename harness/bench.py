@@ -437,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batches {a.batches!r}: give comma-separated whole numbers, e.g. 1,16,256")
     if min(ints) < 1 or a.repeats < 1 or a.width < 1:
         p.error(f"--batches ({a.batches}), --repeats ({a.repeats}) and --width ({a.width}) must be at least 1")
+    if not (a.ceiling_gib > 0 and a.max_gb > 0):  # nan fails both comparisons
+        p.error(f"--ceiling-gib ({a.ceiling_gib}) and --max-gb ({a.max_gb}) must be positive numbers of GiB / GB")
+    if a.impls is not None and not a.impls.strip():
+        p.error("--impls is empty: leave it out for every implementation, or name some of " + ",".join(impl_names()))
     dtypes = a.dtypes.split(",")
     impls = a.impls.split(",") if a.impls else None
     for name in dtypes:

@@ -179,6 +179,9 @@ def thresholds(gate: dict) -> list[Threshold]:
 def _known_metric(metric: str, aggregates: dict, where: str) -> None:
     scalars = sorted(k for k, v in aggregates.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     if metric not in scalars:
+        if metric == "kl_floor_multiple":
+            raise GateError(f"{where}: kl_floor_multiple is the mean KL over the noise floor's, and this run has no "
+                            "noise_floor: set one in the config (noise_floor: NAME) and run it again")  # fmt: skip
         if _cross_vocab(metric):
             raise GateError(f"{where}: {metric} is an aggregate of cross_vocab pairs only (a variant with another "
                             "tokenizer, compared over the tokens both share, with cross_vocab: true), and there is none")  # fmt: skip

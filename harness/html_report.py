@@ -305,7 +305,14 @@ def gate_section(run_dir: Path) -> str:
     path = run_dir / "gate.json"
     if not path.is_file():
         return ""
-    v = json.loads(path.read_text())
+    try:
+        return _gate_html(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # cut short, or edited by hand
+        return (f"<h2 id=gate>Quantization gate</h2><p>{_e(path)} cannot be read ({_e(type(exc).__name__)}: {_e(exc)}), so "
+                "its verdict is not shown; <code>harness check --run</code> on this run writes it again.</p>")
+
+
+def _gate_html(v: dict) -> str:
     rows = v.get("breaches", []) + v.get("within_noise", [])
     word = "PASS" if v.get("verdict") == "pass" else "FAIL"
     out = [f"<h2 id=gate>Quantization gate: {word}</h2><p>{v.get('checks')} checks"

@@ -162,9 +162,15 @@ class Store:
         damaged (the shards, each checked against its own sidecar, are what counts)."""
         path = self.root / "index.json"
         try:
-            return json.loads(path.read_text()) if path.is_file() else None
+            index = json.loads(path.read_text()) if path.is_file() else None
         except (ValueError, OSError):
             return None
+        # a hand-edited or foreign file: only a mapping whose facts (where given) are one is an index
+        if not isinstance(index, dict) or not isinstance(index.get("facts", {}), dict):
+            return None
+        if not isinstance(index.get("facts", {}).get("filled_by", {}), dict):
+            index["facts"] = {k: v for k, v in index["facts"].items() if k != "filled_by"}
+        return index
 
     def sweep(self) -> list[Path]:
         """Removes the temporary files of shard writers that were killed (SIGKILL, a power cut: no `abort()` ran), for

@@ -133,13 +133,16 @@ def _runs(path: Path) -> list[Path]:
     return found
 
 
-def kept_keys(keep: list[Path]) -> set[str]:
+def kept_keys(keep: list[Path], log=print) -> set[str]:
     """The store and generation keys that the runs under `keep` name. A record that cannot be read is an error:
     pruning by a list that silently lost a run would delete that run's stores."""
     keys = set()
     for path in keep:
         for run in _runs(path):
             record = records.read(run)
+            if not record.variants and not record.inputs.get("generations"):
+                why = f"it failed: {record.error}" if record.status == "error" else "it holds no models"
+                log(f"warning: --keep {run} names no store ({why}); the stores it was filling are not kept by it")
             for name, facts in record.variants.items():
                 if isinstance(facts, dict) and facts.get("store"):
                     keys.add(Path(facts["store"]).name)
@@ -195,7 +198,7 @@ def table(found: list[Entry], keep: set[str] | None = None) -> str:
 def main(action: str, keep: list[Path], everything: bool, dry_run: bool, log=print) -> int:
     root = paths.store_dir()
     found = entries(root)
-    keys = kept_keys(keep) if keep else None
+    keys = kept_keys(keep, log) if keep else None
     if action == "list" and (everything or dry_run):
         raise records.RecordError("harness store list: --all and --dry-run are options of prune")
     if action == "list":
@@ -207,6 +210,10 @@ def main(action: str, keep: list[Path], everything: bool, dry_run: bool, log=pri
                                   "run.json files or reports folders) or --all (remove every store)")  # fmt: skip
     if keys is not None and everything:
         raise records.RecordError("harness store prune: --keep and --all exclude each other")
+    if keys is not None and not keys and found:  # a failed run's record (say) names nothing: keeping it keeps nothing
+        raise records.RecordError(f"harness store prune: the runs given to --keep ({', '.join(map(str, keep))}) name no "
+                                  f"store, so all {len(found)} entries would go: keep a finished run (e.g. "
+                                  "reports/latest), or use --all to remove everything")  # fmt: skip
     removed, skipped = prune(found, keys, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for e in removed:

@@ -798,6 +798,9 @@ def test_a_busy_machine_is_noted():
     [
         (["--batches", "abc"], "--batches 'abc': give comma-separated whole numbers"),
         (["--batches", "0,16"], "must be at least 1"),
+        (["--ceiling-gib", "0"], "--ceiling-gib (0.0) and --max-gb (8.0) must be positive"),  # divided by zero after timing
+        (["--ceiling-gib", "nan"], "--ceiling-gib (nan) and --max-gb (8.0) must be positive"),
+        (["--impls", ""], "--impls is empty"),  # ran every implementation
         (["--into", "no-such-run"], "--into: no-such-run: no run record there"),
         (["--triton-settings", "no-such.json"], "--triton-settings no-such.json: not a"),
     ],

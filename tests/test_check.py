@@ -189,6 +189,8 @@ def test_usage_errors():
         check.gate(_run(GOOD, {"int4": {"kl_maen": {"max": 0.01}}}))
     with pytest.raises(GateError, match="unknown metric 'nonsense'"):
         check.gate(run, baseline=_run(GOOD), baseline_path=Path("b"), fail=["nonsense:+1%"])
+    with pytest.raises(GateError, match="kl_floor_multiple is the mean KL over the noise floor's, and this run has no noise_floor"):
+        check.gate(run, baseline=_run(GOOD), baseline_path=Path("b"), fail=["kl_floor_multiple:+10%"])  # (not "unknown metric")
     with pytest.raises(GateError, match="nothing to check"):
         check.gate(_run(GOOD))
     with pytest.raises(GateError, match="no pair with candidate 'int8'"):

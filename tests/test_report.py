@@ -521,3 +521,13 @@ def test_the_console_table_keeps_its_columns_for_a_huge_ppl_ratio():
     lines = report.table(rec).splitlines()
     assert len({len(line) for line in lines[1:4]}) == 1  # header and both rows equally wide
     assert [float(line.split()[-1]) for line in lines[2:4]] == [1.0004, pytest.approx(1.067e7, rel=1e-3)]
+
+
+@pytest.mark.parametrize("text", ["", '{"verdict": "pass", "brea', "[1]", '{"breaches": "x"}', '{"breaches": [{"pair": "int4"}]}'])
+def test_a_damaged_gate_file_leaves_the_report_a_note(tmp_path, text):
+    """gate.json cut short or edited by hand crashed `harness report` (exit 3); the page now says it cannot be read."""
+    (tmp_path / "gate.json").write_text(text)
+    html = html_report.gate_section(tmp_path)
+    assert "gate.json cannot be read" in html and "harness check --run</code> on this run writes it again" in html
+    (tmp_path / "gate.json").write_text('{"verdict": "pass", "checks": 3, "breaches": [], "within_noise": []}')
+    assert "Quantization gate: PASS" in html_report.gate_section(tmp_path)

@@ -165,3 +165,35 @@ def test_a_compare_record_names_every_entry_it_used(micro_zoo, tmp_store, tmp_pa
     assert main(["compare", "--config", config, *overrides]) == 0
     out = capsys.readouterr().out
     assert out.count("reusing") == 2 and "as generated before" in out
+
+
+def _failed_run(reports: Path, run: str) -> Path:
+    """The record of a run stopped before its models' facts were in (SIGTERM mid-extraction): it names no store."""
+    record = records.RunRecord(schema_version=records.SCHEMA_VERSION, run_id=run, status="error", error="Terminated: terminated (SIGTERM)",
+                               created_at="2026-12-06T00:00:00+00:00")  # fmt: skip
+    (reports / run).mkdir(parents=True)
+    records.write(reports / run, record)
+    return reports / run
+
+
+def test_keeping_only_a_failed_run_removes_nothing(folder, tmp_store, capsys):
+    """Its record names no store, so keeping it alone kept nothing: prune removed every store (the ones it had just
+    filled too). Now that is refused; beside a finished run it only draws a warning."""
+    failed = _failed_run(folder["reports"], "run-failed")
+    before = _keys(tmp_store)
+    assert main(["store", "prune", "--keep", str(failed)]) == 2
+    err = capsys.readouterr().err
+    assert "name no store, so all 5 entries would go" in err and _keys(tmp_store) == before
+    assert main(["store", "prune", "--keep", str(folder["reports"])]) == 0  # run1, run2 and the failed one
+    out = capsys.readouterr().out
+    assert f"warning: --keep {failed / 'run.json'} names no store (it failed: Terminated" in out
+    assert _keys(tmp_store) == {"a" * 20, "b" * 20, "d" * 20}
+
+
+@pytest.mark.parametrize("index", ["[1, 2]", '{"facts": "x"}', '{"facts": {"filled_by": "x", "shards": 1}}', ""])
+def test_a_damaged_index_is_no_index(folder, tmp_store, capsys, index):
+    """index.json is what the filling run wrote about a store; a hand-edited one crashed `store list` and a reuse."""
+    (folder["c"] / "index.json").write_text(index)
+    got = store.Store(folder["c"]).index()
+    assert got is None or (isinstance(got["facts"], dict) and "filled_by" not in got["facts"])
+    assert main(["store", "list"]) == 0 and "c" * 20 in capsys.readouterr().out
