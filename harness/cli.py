@@ -286,12 +286,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    if argv[:1] == ["bench"]:  # its options are harness.bench's own
+    if argv[:1] == ["bench"]:  # its options are harness.bench's own; its errors are handled as every command's
         from harness import bench
 
-        return bench.main(argv[1:])
-    args = parser().parse_args(argv)
-    _quiet_libraries()
+        run, extracting = (lambda: bench.main(argv[1:])), False
+    else:
+        args = parser().parse_args(argv)
+        _quiet_libraries()
+        run = lambda: args.run_command(args)  # noqa: E731
+        extracting = args.command in ("compare", "extract") or (args.command == "check" and args.config)
     from harness.check import GateError
     from harness.compare import CompareError
     from harness.config import ConfigError
@@ -300,12 +303,11 @@ def _main(argv: list[str]) -> int:
     from harness.records import RecordError
 
     try:
-        return args.run_command(args)
+        return run()
     except (ConfigError, PromptError, ExtractError, CompareError, RecordError, GateError) as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        extracting = args.command in ("compare", "extract") or (args.command == "check" and args.config)
         kept = " Finished store shards and greedy continuations are kept: the same command resumes from them."
         print(f"harness: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}." + (kept if extracting else ""), file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130

@@ -90,6 +90,23 @@ def test_a_store_folder_that_cannot_be_written_is_refused_before_any_model_loads
     assert f"key 'reports_dir': cannot write run folders in {tmp_path / 'afile'}: it is a file, not a folder" in capsys.readouterr().err
 
 
+def test_bench_errors_are_handled_as_every_commands(monkeypatch, capsys):
+    """`harness bench` went around the command's error handling: a RecordError (--into a run it cannot re-render)
+    printed a raw traceback, and SIGTERM exited 1 rather than 143."""
+    from harness import bench, cli, records
+
+    for exc, code, said in ((records.RecordError("no tokens.json there"), 2, "harness: error: no tokens.json there"),
+                            (cli.Terminated(), 143, "harness: terminated (SIGTERM)."),
+                            (ZeroDivisionError(), 3, "internal error in 'bench'")):  # fmt: skip
+        def fails(argv, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(bench, "main", fails)
+        assert main(["bench", "--quick"]) == code
+        err = capsys.readouterr().err
+        assert said in err and "Finished store shards" not in err
+
+
 def test_extract_generate_mode_then_reuse(micro_zoo, tmp_path, tmp_store, capsys):
     config = str(ROOT / "configs" / "default.yaml")
     overrides = ["zoo_profile=micro", f"prompts={SMALL}", "mode=generate", "generate.max_new_tokens=6",
