@@ -209,6 +209,8 @@ def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Pa
     for group, keys, a, b in (("versions", VERSION_KEYS, run.versions, base.versions), ("machine", MACHINE_KEYS, run.machine, base.machine),
                               ("config", CONFIG_KEYS, run.config, base.config)):  # fmt: skip
         for key in keys:
+            if key in ("text", "generate") and a.get("mode") == b.get("mode") != key:  # the other mode's settings: unused
+                continue
             if a.get(key) != b.get(key):
                 warnings.append(f"{group}.{key} differs: baseline {b.get(key)!r}, this run {a.get(key)!r}")
     ref = run.reference

@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "harness.extract_bench", "--one", "--model", args.model, "--profile", args.profile,
                "--positions", str(positions), "--batch-size", str(args.batch_size), "--context", str(args.context),
                "--repeats", str(args.repeats), "--score", args.score, *(["--shape", args.shape] if args.shape else [])]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:  # the worker's own error, not only CalledProcessError's exit status
+            sys.exit(f"extract_bench: the {positions}-position worker failed (exit {run.returncode}):\n{run.stderr.strip()[-3000:]}")
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
     print(f"{results[0]['model']}, batch {args.batch_size}, {args.context}-token windows scoring {args.score}; "
           "ratio = (extract - model load) / bare forward")
     print(f"{'positions':>9} {'all-pos s':>9} {'forward s':>9} {'extract s':>9} {'load s':>6} {'ratio':>6} {'ms/pos over':>11} "

@@ -228,6 +228,7 @@ def test_other_settings_and_machines_are_compared_with_a_warning_per_difference(
     other.variants["int4"]["fingerprint"], run.variants["int4"]["fingerprint"] = "hub:a@1", "hub:a@2"
     run.variants["ref"] = {"fingerprint": "hub:Qwen/Qwen1.5-0.5B-Chat@bbb"}
     other.inputs["segments_sha256"], run.inputs["segments_sha256"] = "c" * 64, "d" * 64
+    other.config["generate"], run.config["generate"] = {"max_new_tokens": 32}, {"max_new_tokens": 64}  # text mode: unused
     v = check.gate(run, baseline=other, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert v["verdict"] == "pass"
     text = "\n".join(v["warnings"])
@@ -236,6 +237,7 @@ def test_other_settings_and_machines_are_compared_with_a_warning_per_difference(
                    "config.store_dtype differs", "int4.dtype differs", "pair 'int8' is not in the baseline",
                    "int4.kernels differs: baseline ['TorchAtenLinear'], this run ['MarlinLinear']"):  # fmt: skip
         assert needle in text
+    assert "config.generate differs" not in text  # the other mode's settings move nothing
     assert "loader differs" not in text and "backend differs" not in text  # int4's baseline predates them; bf16's agrees
     assert ("the reference 'ref' has other weights than the baseline's (hub:Qwen/Qwen1.5-0.5B-Chat@aaa there, "
             "hub:Qwen/Qwen1.5-0.5B-Chat@bbb here)") in text and "int4.fingerprint" not in text and "hub:a@" not in text
