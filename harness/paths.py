@@ -27,19 +27,24 @@ def store_dir() -> Path:
     return Path(os.environ.get("HARNESS_STORE") or home() / "store").expanduser()
 
 
-def store_dir_problem() -> str | None:
-    """None where the store folder can be made and written, else a one-paragraph error naming it and its variable:
-    checked before any model loads, rather than when the first shard is written."""
-    folder = store_dir()
+def unwritable(folder: Path) -> str | None:
+    """None where `folder` can be made (with its parents) and a file written in it, else why not, in a few words."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        why = "it is a file, not a folder" if folder.exists() and not folder.is_dir() else exc.strerror or exc
-        var = "HARNESS_STORE" if os.environ.get("HARNESS_STORE") else "HARNESS_HOME (its store/ folder)"
-        return (f"the store folder {folder} (from ${var}) cannot be written: {why}. Point "
-                f"{var.split()[0]} at a folder this user can create and write.")
+        return "it is a file, not a folder" if Path(folder).exists() and not Path(folder).is_dir() else str(exc.strerror or exc)
+    return None
+
+
+def store_dir_problem() -> str | None:
+    """None where the store folder can be made and written, else a one-paragraph error naming it and its variable:
+    checked before any model loads, rather than when the first shard is written."""
+    if why := unwritable(store_dir()):
+        var = "$HARNESS_STORE" if os.environ.get("HARNESS_STORE") else "$HARNESS_HOME/store"
+        return (f"the store folder {store_dir()} ({var}) cannot be written: {why}. Point HARNESS_STORE (or "
+                "HARNESS_HOME) at a folder this user can create and write.")
     return None
 
 

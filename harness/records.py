@@ -22,7 +22,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import zipfile
 import zlib
 from datetime import datetime, timezone
@@ -31,6 +30,8 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from harness import paths
 
 SCHEMA_VERSION = 2
 LIBRARIES = ("torch", "transformers", "gptqmodel", "optimum", "safetensors", "numpy", "scipy", "harness")
@@ -103,13 +104,8 @@ def new_run_dir(reports_dir: Path, config_json: str) -> tuple[Path, datetime]:
 
 def check_writable(reports_dir: Path) -> None:
     """Fails now, before any model runs, where the run folder could not be written at the end."""
-    try:
-        Path(reports_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=reports_dir):
-            pass
-    except OSError as exc:
-        why = "it is a file, not a folder" if Path(reports_dir).exists() and not Path(reports_dir).is_dir() else exc.strerror or exc
-        raise RecordError(f"key 'reports_dir': cannot write run folders in {reports_dir}: {why}") from None
+    if why := paths.unwritable(reports_dir):
+        raise RecordError(f"key 'reports_dir': cannot write run folders in {reports_dir}: {why}")
 
 
 def git_state(where: Path | None = None) -> dict | None:

@@ -83,8 +83,8 @@ def test_a_store_folder_that_cannot_be_written_is_refused_before_any_model_loads
     for command in ("extract", "compare"):
         assert main([command, "--config", str(ROOT / "configs" / "default.yaml"), f"reports_dir={tmp_path / 'reports'}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # (compare's error record is named on the line before)
-        assert err.startswith("harness: error: ") and f"the store folder {tmp_path / 'afile'} (from $HARNESS_STORE) cannot be written: it is a file, not a folder" in err
-        assert "Point HARNESS_STORE at a folder" in err
+        assert err.startswith("harness: error: ") and f"the store folder {tmp_path / 'afile'} ($HARNESS_STORE) cannot be written: it is a file, not a folder" in err
+        assert "Point HARNESS_STORE (or HARNESS_HOME) at a folder" in err
     monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "store"))
     assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), f"reports_dir={tmp_path / 'afile'}"]) == 2
     assert f"key 'reports_dir': cannot write run folders in {tmp_path / 'afile'}: it is a file, not a folder" in capsys.readouterr().err
