@@ -31,7 +31,6 @@ event's, so bits per byte over those pieces (compare.bits_per_byte) compare the 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -399,8 +398,10 @@ def align_stores(ref: Side, cand: Side, ref_store, cand_store, prompt_names: lis
 if __name__ == "__main__":
     from transformers import AutoTokenizer
 
-    tok_a, tok_b = (AutoTokenizer.from_pretrained(p) for p in sys.argv[1:3])
-    text = sys.argv[3]
+    from harness import script
+
+    path_a, path_b, text = script.args(__doc__, 3, 3)
+    tok_a, tok_b = (AutoTokenizer.from_pretrained(p) for p in (path_a, path_b))
     ka, kb = vocab_keys(tok_a), vocab_keys(tok_b)
     ida, idb = (tuple(t(text, add_special_tokens=False).input_ids) for t in (tok_a, tok_b))
     ta, tb = aligned_positions(ka, ida, kb, idb)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import math
-import sys
 
 import numpy as np
 
@@ -99,8 +98,8 @@ def heat(value: float | None, kind: str) -> str:
 
 
 if __name__ == "__main__":
-    from harness import records
+    from harness import records, script
 
-    run = records.run_dir(sys.argv[1] if len(sys.argv) > 1 else "reports/latest")
+    run = records.run_dir((script.args(__doc__, 0, 1) or ["reports/latest"])[0])
     record = records.read(run)
     print(cdf_svg({p.candidate: records.load_positions(run, p)["kl"] for p in record.pairs}).replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1))

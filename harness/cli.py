@@ -141,7 +141,9 @@ def _compare(cfg) -> Path:
     shown = {int(i) for ids, _ in top.values() for i in ids.reshape(-1)} | {int(i) for i in stores[ref].read("target")}
     tokens = {
         "n_vocab": the_plan.tokens.n_vocab,
-        "prompts": [{"id": names[p], "ids": seq, "texts": prompts.sequence_texts(tokenizer, seq)} for p, seq in sorted(sequences.items())],
+        # every prompt, at its index: one with no scored token (shorter than a llama_cpp window, no continuation) too
+        "prompts": [{"id": name, "ids": seq, "texts": prompts.sequence_texts(tokenizer, seq)}
+                    for name, seq in ((names[p], sequences.get(p, list(the_plan.tokens.ids[p]))) for p in range(len(names)))],
         "vocab": prompts.vocab_texts(tokenizer, sorted(shown)),
     }
     inputs = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -340,4 +339,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 if __name__ == "__main__":
-    print(yaml.safe_dump(load(sys.argv[1], sys.argv[2:]).model_dump(mode="json"), sort_keys=False))
+    from harness import script
+
+    path, *overrides = script.args(__doc__, 1, 1000)
+    print(yaml.safe_dump(load(path, overrides).model_dump(mode="json"), sort_keys=False))

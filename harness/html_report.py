@@ -427,8 +427,16 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
         "top": {},
     }
     if name := record.files.get("top_tokens"):
-        for key, a in records.load_npz(run_dir / name, "each model's top tokens").items():
-            model, part = key.rsplit(".", 1)
+        what = "each model's top tokens"
+        arrays = records.load_npz(run_dir / name, what)
+        for key, a in arrays.items():
+            model, _, part = key.rpartition(".")
+            other = f"{model}.{'probs' if part == 'ids' else 'ids'}"
+            if part not in ("ids", "probs") or other not in arrays or a.shape != (len(pos["prompt"]), 5):
+                raise records.RecordError(
+                    f"{run_dir / name}: {what} that run.json names hold {key!r} {tuple(a.shape)}, where each model has "
+                    f"'<model>.ids' and '<model>.probs' of shape ({len(pos['prompt'])}, 5); the run folder is damaged: "
+                    "run `harness compare` again")  # fmt: skip
             data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 4)
     return data
 

@@ -8,7 +8,6 @@ same rows.
 from __future__ import annotations
 
 import math
-import sys
 
 from harness import records
 
@@ -112,4 +111,6 @@ def text(record: records.RunRecord) -> str:
 
 
 if __name__ == "__main__":
-    print(text(records.read(sys.argv[1] if len(sys.argv) > 1 else "reports/latest")), end="")
+    from harness import script
+
+    print(text(records.read((script.args(__doc__, 0, 1) or ["reports/latest"])[0])), end="")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,7 +329,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 if __name__ == "__main__":
-    loaded = load(Path(sys.argv[1]))
+    from harness import script
+
+    loaded = load(Path(script.args(__doc__, 1, 1)[0]))
     kinds = {}
     for p in loaded:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import sys
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -132,6 +131,8 @@ def build_tokenizer(path: Path | None = None):
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
+    from harness import script
+
+    out = Path(script.args(__doc__, 1, 1)[0])
     build_tokenizer().save_pretrained(out)
     print(f"wrote {out}")

@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import zipfile
 import zlib
 from datetime import datetime, timezone
@@ -29,9 +28,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from harness import paths
+from harness.record_shapes import Aggregates, MatrixCell, PromptRow, Throughput, Tokens, checked, first_error
 
 SCHEMA_VERSION = 2
 LIBRARIES = ("torch", "transformers", "gptqmodel", "optimum", "safetensors", "numpy", "scipy", "harness")
@@ -49,6 +49,16 @@ class PairRecord(BaseModel):
     aggregates: dict  # every aggregate.pair_aggregates() value, plus kl_floor_multiple
     prompts: list[dict]  # aggregate.per_prompt() rows
     positions_file: str  # .npz of per-position metric arrays, beside run.json
+
+    @field_validator("aggregates")
+    @classmethod
+    def _aggregates(cls, value: dict) -> dict:
+        return checked(Aggregates, value)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, value: list[dict]) -> list[dict]:
+        return [checked(PromptRow, row, str(i)) for i, row in enumerate(value)]
 
 
 class RunRecord(BaseModel):
@@ -71,6 +81,16 @@ class RunRecord(BaseModel):
     matrix: list[dict] = []  # {"a", "b", "top1_agree", "sym_kl_mean"}
     files: dict[str, str] = {}  # what -> file name beside run.json ("tokens", "top_tokens")
     throughput: dict | None = None  # the last JSON line of `harness bench`, when one was attached
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix(cls, value: list[dict]) -> list[dict]:
+        return [checked(MatrixCell, cell, str(i)) for i, cell in enumerate(value)]
+
+    @field_validator("throughput")
+    @classmethod
+    def _throughput(cls, value: dict | None) -> dict | None:
+        return value if value is None else checked(Throughput, value)
 
     @property
     def reference(self) -> str | None:
@@ -188,9 +208,20 @@ def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise _side_file(path, what, exc) from None
 
 
+POSITION_ARRAYS = ("kl", "prompt", "position", "target")  # what every reader of a positions file takes from it
+
+
 def load_positions(run_dir: Path, pair: PairRecord) -> dict[str, np.ndarray]:
-    """Every per-position array of one pair ([P] each: the metrics, prompt, position, target)."""
-    return load_npz(Path(run_dir) / pair.positions_file, f"the per-position data of pair {pair.candidate!r}")
+    """Every per-position array of one pair ([P] each: the metrics, prompt, position, target). Arrays missing, of
+    another length than the pair's positions, or not one-dimensional are a RecordError naming the file."""
+    path, what = Path(run_dir) / pair.positions_file, f"the per-position data of pair {pair.candidate!r}"
+    arrays = load_npz(path, what)
+    n = pair.aggregates["positions"]
+    if missing := [k for k in POSITION_ARRAYS if k not in arrays]:
+        raise _side_file(path, what, ValueError(f"it lacks the array(s) {', '.join(missing)}"))
+    if wrong := [f"{k} {tuple(a.shape)}" for k, a in arrays.items() if a.shape != (n,)]:
+        raise _side_file(path, what, ValueError(f"the pair has {n} positions, but its arrays' shapes are {', '.join(wrong)}"))
+    return arrays
 
 
 def load_tokens(run_dir: Path, record: RunRecord) -> dict | None:
@@ -205,6 +236,12 @@ def load_tokens(run_dir: Path, record: RunRecord) -> dict | None:
         raise _side_file(path, "the prompts' tokens", exc) from None
     if not isinstance(tokens, dict) or not {"prompts", "vocab"} <= set(tokens):
         raise _side_file(path, "the prompts' tokens", ValueError("not an object with 'prompts' and 'vocab'"))
+    try:
+        checked(Tokens, tokens)
+    except ValueError as exc:
+        raise _side_file(path, "the prompts' tokens", exc) from None
+    if (n := record.inputs.get("prompts")) is not None and len(tokens["prompts"]) != n:
+        raise _side_file(path, "the prompts' tokens", ValueError(f"it holds {len(tokens['prompts'])} prompts, the run had {n}"))
     return tokens
 
 
@@ -275,14 +312,16 @@ def read(path: Path) -> RunRecord:
     try:
         record = RunRecord.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise RecordError(f"{path}: key {where!r}: {first['msg']}") from None
+        where, why = first_error(exc)
+        raise RecordError(f"{path}: key {where!r}: {why}. The record was changed by hand or damaged; `harness compare` "
+                          "writes it again") from None  # fmt: skip
     return record if record.run_id else record.model_copy(update={"run_id": path.resolve().parent.name})
 
 
 if __name__ == "__main__":
-    rec = read(Path(sys.argv[1] if len(sys.argv) > 1 else "reports/latest"))
+    from harness import script
+
+    rec = read(Path((script.args(__doc__, 0, 1) or ["reports/latest"])[0]))
     print(f"{rec.run_id} schema {rec.schema_version} {rec.status} {rec.created_at} git {rec.git}")
     for p in rec.pairs:
         print(f"{p.candidate:<28} kl_mean {p.aggregates['kl_mean']:.3e} top1 {p.aggregates['top1_agree']:.4f}")

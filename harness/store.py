@@ -1,6 +1,6 @@
 """On-disk store of one variant's log-probs: safetensors shards under `$HARNESS_HOME/store/<key>/`.
 
-    python -m harness.store KEY_DIR      # prints what a store holds and whether it verifies
+    python -m harness.store KEY_DIR      # prints what a store holds and whether it verifies (exit 1 where not)
 
 A shard holds consecutive prompts: `logprobs` [P, V] (float32 or float16, log-softmax over the real
 ids, renormalised on read), `target` [P] int64 (the actual next token), `prompt` [P] int64 (prompt
@@ -387,7 +387,11 @@ class ShardWriter:
 
 
 if __name__ == "__main__":
-    store = Store(Path(sys.argv[1]))
+    from harness import script
+
+    store = Store(Path(script.args(__doc__, 1, 1)[0]))
     print(json.dumps(store.index(), indent=2))
-    for i, path in enumerate(store.shards()):
-        print(path.name, "ok" if store.is_complete(i) else "INCOMPLETE")
+    complete = [store.is_complete(i) for i in range(len(store.shards()))]
+    for path, ok in zip(store.shards(), complete, strict=True):
+        print(path.name, "ok" if ok else "INCOMPLETE")
+    sys.exit(0 if complete and all(complete) else 1)  # a script can test a store

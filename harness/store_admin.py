@@ -197,12 +197,19 @@ def table(found: list[Entry], keep: set[str] | None = None) -> str:
 
 def main(action: str, keep: list[Path], everything: bool, dry_run: bool, log=print) -> int:
     root = paths.store_dir()
-    found = entries(root)
+    var = "$HARNESS_STORE" if os.environ.get("HARNESS_STORE") else "$HARNESS_HOME/store"
+    if root.exists() and not root.is_dir():
+        raise records.RecordError(f"the store folder {root} ({var}) is a file, not a folder: point HARNESS_STORE at the "
+                                  "folder your runs extracted into")  # fmt: skip
+    try:
+        found = entries(root)
+    except OSError as exc:
+        raise records.RecordError(f"the store folder {root} ({var}) cannot be read: {exc.strerror or exc}") from None
     keys = kept_keys(keep, log) if keep else None
     if action == "list" and (everything or dry_run):
         raise records.RecordError("harness store list: --all and --dry-run are options of prune")
     if action == "list":
-        log(f"store folder: {root}")
+        log(f"store folder: {root}" + ("" if root.is_dir() else f" ({var}): not there, so no run has extracted into it yet"))
         log(table(found, keys))
         return 0
     if keys is None and not everything:

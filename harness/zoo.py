@@ -136,7 +136,9 @@ def problem(folder: Path) -> str | None:
         return f"{folder} has no {MANIFEST}: a build was interrupted or the folder was not made here"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as exc:
+        if not (isinstance(files, dict) and all(isinstance(w, dict) and {"bytes", "sha256"} <= set(w) for w in files.values())):
+            raise ValueError("'files' is not a map of file name to its bytes and sha256")
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # not JSON, not an object, or of another shape
         return f"{manifest} is unreadable ({exc})"
     for name, want in files.items():
         path = folder / name

@@ -266,3 +266,59 @@ def test_a_compare_stopped_by_sigterm_leaves_an_error_record_saying_so(tmp_path,
     err = capsys.readouterr().err
     assert "harness: terminated (SIGTERM). Finished store shards and greedy continuations are kept" in err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_prompt_with_no_scored_token_keeps_every_prompt_at_its_index(micro_zoo, tmp_path, tmp_store):
+    """text.score llama_cpp drops a prompt shorter than one window: it has no scored token. tokens.json still lists
+    every prompt at its index, so positions.csv and the token view name the prompt each position belongs to (with
+    the short prompt first, they named the next one, and the last raised an IndexError)."""
+    import gzip
+
+    long = " ".join(f"The river number {i} flows into the sea near town {i * 7}." for i in range(8))
+    rows = [{"id": "short", "text": "Hi there."}, {"id": "long-a", "text": long}, {"id": "long-b", "text": long.replace("river", "road")}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = ["zoo_profile=micro", f"prompts={prompts}", "noise_floor=null", "text.context=32", "text.score=llama_cpp",
+                 "metrics.bootstrap_resamples=20", "variants=[{name: base, source: 'zoo:tiny-qwen1.5-s'}]",
+                 f"reports_dir={tmp_path / 'reports'}"]  # fmt: skip
+    assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), *overrides]) == 0
+    run = tmp_path / "reports" / "latest"
+    tokens = json.loads((run / "tokens.json").read_text())
+    assert [p["id"] for p in tokens["prompts"]] == ["short", "long-a", "long-b"]
+    ids = {p["id"]: p["ids"] for p in tokens["prompts"]}
+    with gzip.open(run / "positions.csv.gz", "rt", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["prompt"] for r in rows} == {"long-a", "long-b"}
+    assert all(ids[r["prompt"]][int(r["position"])] == int(r["token"]) for r in rows)  # each position in its own prompt
+
+
+def test_module_entry_points_take_help_and_refuse_flags(tmp_path):
+    """`python -m harness.<module>`: -h/--help prints the docstring's usage (exit 0) and writes nothing; a flag or a
+    wrong count of arguments is a usage error (exit 2), not a path (qwen_tokenizer wrote a folder named --help)."""
+    import subprocess
+    import sys
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    for module in ("harness.qwen_tokenizer", "harness.records", "harness.store", "harness.config"):
+        done = run(module, "--help")
+        assert done.returncode == 0 and f"python -m {module}" in done.stdout, (module, done.stderr)
+    assert list(tmp_path.iterdir()) == []
+    done = run("harness.qwen_tokenizer", "--out", "x")
+    assert done.returncode == 2 and "unknown option --out" in done.stderr and not (tmp_path / "x").exists()
+    done = run("harness.store", "a", "b")
+    assert done.returncode == 2 and "2 arguments given, it takes 1" in done.stderr
+    from harness.store import Store
+
+    s = Store(tmp_path / "s")
+    s.write_shard(0, {"logprobs": torch.log_softmax(torch.randn(4, 9), -1), "target": torch.arange(4)}, {"segments": [0, 1]})
+    done = run("harness.store", "s")
+    assert done.returncode == 0 and "shard-0" in done.stdout and " ok" in done.stdout, done.stderr
+    data = bytearray(s.shard_path(0).read_bytes())
+    data[-3] ^= 0x01
+    s.shard_path(0).write_bytes(bytes(data))
+    done = run("harness.store", "s")
+    assert done.returncode == 1 and "INCOMPLETE" in done.stdout and not done.stderr  # a traceback would exit 1 too
+    (tmp_path / "empty").mkdir()
+    assert run("harness.store", "empty").returncode == 1  # no shard: nothing verifies

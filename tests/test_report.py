@@ -260,6 +260,41 @@ def test_damaged_side_files_are_errors_naming_them(micro_run, tmp_path):
         assert main(["report", str(copy)]) == 2
 
 
+def test_side_files_holding_the_wrong_arrays_are_errors_naming_them(micro_run, tmp_path):
+    """Side files that open but hold the wrong arrays (edited, or from another run): a positions file without `kl` or
+    cut short, top_tokens.npz without one model's probabilities, tokens.json short of a prompt. Each is an error
+    naming the file (exit 2); they ended `harness report` with a traceback (exit 3) or a page whose view failed."""
+    import numpy as np
+
+    run_dir, _ = micro_run
+    rec = records.read(run_dir)
+    positions = rec.pairs[0].positions_file
+
+    def npz(copy, name, change):
+        with np.load(run_dir / name) as z:
+            arrays = {k: z[k] for k in z.files}
+        change(arrays)
+        np.savez(copy / name, **arrays)
+
+    def tokens(copy):
+        t = json.loads((run_dir / "tokens.json").read_text())
+        (copy / "tokens.json").write_text(json.dumps(t | {"prompts": t["prompts"][:-1]}))
+
+    cases = {
+        "no-kl": (lambda copy: npz(copy, positions, lambda a: a.pop("kl")), r"positions-.*it lacks the array\(s\) kl"),
+        "short": (lambda copy: npz(copy, positions, lambda a: a.update(js=a["js"][:-1])), r"the pair has \d+ positions, but .* js \(\d+,\)"),
+        "top": (lambda copy: npz(copy, "top_tokens.npz", lambda a: a.pop(f"{rec.reference}.probs")), r"top_tokens\.npz: .*'<model>\.probs'"),
+        "tokens": (tokens, r"tokens\.json: .*it holds \d+ prompts, the run had \d+"),
+    }
+    for name, (damage, message) in cases.items():
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        damage(copy)
+        with pytest.raises(records.RecordError, match=message):
+            report.render(copy)
+        assert main(["report", str(copy)]) == 2, name
+
+
 def test_a_schema_1_record_still_renders(micro_run, tmp_path):
     run_dir, _ = micro_run
     copy = tmp_path / "old"
@@ -372,14 +407,24 @@ def test_html_payloads_in_prompts_show_as_text_and_run_nothing(browser, micro_ru
     run_dir, _ = micro_run
     page, seen = open_page(browser, run_dir / "index.html")
     select = page.locator("#prompt-select")
+    newlines = 0
     for option in select.locator("option").all():
         if option.inner_text().startswith("xss-"):
             select.select_option(option.get_attribute("value"))
             shown = page.locator("#tokens-out").inner_text()
             assert "<script>window.__pwned=" in shown
-            page.locator("#tokens-out span.tok").last.dispatch_event("click")  # the last may be only a newline
+            # every scored token has width, and a mouse click on it works: a newline token shows as "↵" and its break
+            widths = page.locator("#tokens-out span.tok").evaluate_all("s => s.map(e => e.getBoundingClientRect().width)")
+            assert min(widths) > 0, widths
+            page.locator("#tokens-out span.tok").last.click()
             assert page.locator("#detail table").count() == 2
+            breaks = page.locator("#tokens-out span.tok", has_text="↵")
+            if breaks.count():  # the chat template ends each turn with a line break, a token of its own
+                breaks.last.click()
+                assert "\\n" in page.locator("#detail p").first.inner_text()
+                newlines += 1
     assert any(o.startswith('xss-<img src=x onerror="window.__pwned=') for o in select.locator("option").all_inner_texts())
+    assert newlines == 1  # xss-chat's
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert page.locator("img").count() == 0 and page.locator("#tokens-out script").count() == 0
     assert seen["errors"] == [] and len(seen["requests"]) == 1  # an <img src=x> that rendered would request x

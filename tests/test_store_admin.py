@@ -197,3 +197,17 @@ def test_a_damaged_index_is_no_index(folder, tmp_store, capsys, index):
     got = store.Store(folder["c"]).index()
     assert got is None or (isinstance(got["facts"], dict) and "filled_by" not in got["facts"])
     assert main(["store", "list"]) == 0 and "c" * 20 in capsys.readouterr().out
+
+
+def test_a_store_folder_that_is_a_file_or_not_there_is_said_so(tmp_path, monkeypatch, capsys):
+    """`store list` with HARNESS_STORE at a file is an error naming it (it listed 0 entries); at a folder not made yet
+    it says that no run has extracted there, so a typo in the variable does not read as an empty store."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "afile"))
+    for action in ("list", "prune"):
+        assert main(["store", action, "--all"] if action == "prune" else ["store", action]) == 2
+        assert f"the store folder {tmp_path / 'afile'} ($HARNESS_STORE) is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setenv("HARNESS_STORE", str(tmp_path / "typo"))
+    assert main(["store", "list"]) == 0
+    assert "($HARNESS_STORE): not there, so no run has extracted into it yet" in capsys.readouterr().out
+    assert not (tmp_path / "typo").exists()

@@ -99,6 +99,16 @@ def test_manifest_catches_corruption_and_build_repairs_it(micro_zoo, tmp_path, m
     assert all(state == "ok" for state in zoo.status("micro").values())
 
 
+@pytest.mark.parametrize("content", ["[1]", '{"files": [1]}', '{"files": {"a": 3}}', '{"files": {"a": {"bytes": 1}}}', "{"])
+def test_a_manifest_of_another_shape_is_named_not_a_crash(tmp_path, content):
+    """`zoo list` and a build read every manifest: one edited into another shape is a folder to rebuild, named with
+    why (it was a TypeError/AttributeError, exit 3)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / zoo.MANIFEST).write_text(content)
+    assert zoo.problem(folder).startswith(f"{folder / zoo.MANIFEST} is unreadable (")
+
+
 def test_half_built_folder_is_never_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_HOME", str(tmp_path))
     final = zoo.model_dir(zoo.BASE_S, "micro")

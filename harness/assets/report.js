@@ -166,7 +166,9 @@ function buildView() {
         return;
       }
       const kl = num(D.kl[c][i]);
-      const span = el("span", text, { class: "tok", style: `background:${klColour(kl)}`, title: `KL ${kl.toExponential(2)}` });
+      // a line break alone has no width: "↵" before it gives a newline token its colour and a place to click
+      const shown = text.includes("\n") ? text.replace(/\n/g, "↵\n") : text;
+      const span = el("span", shown, { class: "tok", style: `background:${klColour(kl)}`, title: `KL ${kl.toExponential(2)}` });
       clickable(span, () => show(i, span));
       frag.appendChild(span);
     });
