@@ -190,15 +190,22 @@ def _known_metric(metric: str, aggregates: dict, where: str) -> None:
         raise GateError(f"{where}: unknown metric {metric!r}{hint}")
 
 
-def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Path) -> list[str]:
-    """Warnings for every difference that may move the numbers; GateError where they cannot be compared."""
-    ri, bi = run.inputs, base.inputs
+def same_inputs(ri: dict, mode: str | None, base: records.RunRecord, base_path: Path) -> None:
+    """GateError where a run's inputs (`ri`, a record's `inputs`) and the baseline's are of another prompt set or
+    tokenizer: then no number of one can be held against the other's."""
+    bi = base.inputs
     for key, what in (("token_ids_sha256", "prompt set (token ids)"), ("tokenizer_sha256", "tokenizer")):
         if ri.get(key) and bi.get(key) and ri[key] != bi[key]:
-            modes = (base.config.get("mode"), run.config.get("mode"))
+            modes = (base.config.get("mode"), mode)
             why = (f"mode {modes[0]!r} there, {modes[1]!r} here: other positions are scored" if modes[0] != modes[1] else
                    f"{bi.get('prompts_file')}, {bi.get('prompts')} prompts; this run: {ri.get('prompts_file')}, {ri.get('prompts')} prompts")
             raise GateError(f"baseline {base_path} was made with another {what} ({why}): its numbers are not comparable")
+
+
+def comparability(run: records.RunRecord, base: records.RunRecord, base_path: Path) -> list[str]:
+    """Warnings for every difference that may move the numbers; GateError where they cannot be compared."""
+    same_inputs(run.inputs, run.config.get("mode"), base, base_path)
+    ri, bi = run.inputs, base.inputs
     warnings = []
     if ri.get("segments_sha256") and bi.get("segments_sha256") and ri["segments_sha256"] != bi["segments_sha256"]:
         warnings.append("the scored tokens differ from the baseline's (" + (
@@ -367,15 +374,15 @@ def load_baseline(path: Path) -> records.RunRecord:
     return record
 
 
-def preflight(cfg, *, baseline: Path | None, fail: list[str]) -> None:
+def preflight(cfg, *, baseline: Path | None, fail: list[str]) -> records.RunRecord | None:
     """`harness check --config`'s usage errors before the comparison runs (which may take hours), not after: --fail
     without a baseline or malformed, a baseline that cannot be read or is of another schema, nothing to check, and
-    --fail metrics that no pair will have (the config's gate metrics are checked when it loads)."""
+    --fail metrics that no pair will have (the config's gate metrics are checked when it loads). Returns the
+    baseline's record, whose inputs `same_inputs` holds against the run's once its prompts are tokenized."""
     if fail and baseline is None:
         raise GateError("--fail compares with a baseline: give --baseline reports/<run>/run.json")
     regressions = [Regression.parse(f) for f in fail]
-    if baseline is not None:
-        load_baseline(Path(baseline))
+    base = load_baseline(Path(baseline)) if baseline is not None else None
     if not cfg.gate and not regressions:
         raise GateError(f"nothing to check: {cfg.source_file} has no 'gate' limits and no --fail was given")
     from harness.config import gate_metrics
@@ -383,6 +390,7 @@ def preflight(cfg, *, baseline: Path | None, fail: list[str]) -> None:
     known = dict.fromkeys(gate_metrics(cfg.metrics.top_k, cfg.noise_floor is not None, cfg.cross_vocab), 0.0)
     for r in regressions:
         _known_metric(r.metric, known, f"--fail {r.text}")
+    return base
 
 
 def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool) -> int:

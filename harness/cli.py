@@ -38,14 +38,17 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model
 
 
-def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float | None = None):
-    """Config -> plan -> every model's store (reused where it is complete): the first half of both commands."""
+def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float | None = None, planned=None):
+    """Config -> plan -> every model's store (reused where it is complete): the first half of both commands.
+    `planned(the_plan)` runs once the prompts are tokenized, before any model is extracted (check's baseline test)."""
     from harness import config, paths, pipeline
 
     if problem := paths.store_dir_problem():
         raise config.ConfigError(problem)
     the_plan = pipeline.plan(cfg, part=part, **({} if wait_s is None else {"wait_s": wait_s}))
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
+    if planned is not None:
+        planned(the_plan)
     stores, facts = pipeline.extract_all(cfg, the_plan, part=part)
     return the_plan, stores, facts
 
@@ -90,14 +93,30 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def run_compare(cfg) -> Path:
+def input_facts(cfg, the_plan) -> dict:
+    """The run record's `inputs`: the prompt file, and fingerprints of the token ids, the tokenizer and what was scored."""
+    from harness import extract, paths, prompts
+
+    inputs = {
+        "prompts_file": str(cfg.prompts), "prompts_sha256": paths.sha256_file(cfg.prompts), "prompts": len(the_plan.tokens.prompts),
+        "positions": the_plan.positions, "token_ids_sha256": the_plan.tokens.fingerprint,
+        "tokenizer_sha256": prompts.tokenizer_fingerprint(the_plan.tokenizer),
+        # what was scored: the reference's windows (text) or prompt + greedy continuation (generate), token by token
+        "segments_sha256": extract.segments_fingerprint(the_plan.segments),
+    }  # fmt: skip
+    if the_plan.generations is not None:  # `harness store prune --keep` keeps what a kept run used
+        inputs["generations"] = str(the_plan.generations)
+    return inputs
+
+
+def run_compare(cfg, planned=None) -> Path:
     """Extract, compare, record and render one config; returns the run folder. A failure after the
     config loaded still leaves a run record (status "error") saying what went wrong."""
     from harness import records, report
 
     records.check_writable(cfg.reports_dir)
     try:
-        return _compare(cfg)
+        return _compare(cfg, planned)
     except (Exception, KeyboardInterrupt) as exc:  # the record says the run failed, and why; the error propagates
         run_dir, now = records.new_run_dir(cfg.reports_dir, cfg.model_dump_json())
         why = str(exc) or ("terminated (SIGTERM)" if isinstance(exc, Terminated) else
@@ -111,10 +130,10 @@ def run_compare(cfg) -> Path:
         raise
 
 
-def _compare(cfg) -> Path:
-    from harness import compare, extract, paths, pipeline, progress, prompts, records, report
+def _compare(cfg, planned=None) -> Path:
+    from harness import compare, pipeline, progress, prompts, records, report
 
-    the_plan, stores, facts = _extract(cfg)
+    the_plan, stores, facts = _extract(cfg, planned=planned)
     ref, options = cfg.reference.name, cfg.metrics
     names = [p.id for p in the_plan.tokens.prompts]
 
@@ -146,15 +165,7 @@ def _compare(cfg) -> Path:
                     for name, seq in ((names[p], sequences.get(p, list(the_plan.tokens.ids[p]))) for p in range(len(names)))],
         "vocab": prompts.vocab_texts(tokenizer, sorted(shown)),
     }
-    inputs = {
-        "prompts_file": str(cfg.prompts), "prompts_sha256": paths.sha256_file(cfg.prompts), "prompts": len(names),
-        "positions": the_plan.positions, "token_ids_sha256": the_plan.tokens.fingerprint,
-        "tokenizer_sha256": prompts.tokenizer_fingerprint(tokenizer),
-    }  # fmt: skip
-    # what was scored: the reference's windows (text) or prompt + greedy continuation (generate), token by token
-    inputs["segments_sha256"] = extract.segments_fingerprint(the_plan.segments)
-    if the_plan.generations is not None:  # `harness store prune --keep` keeps what a kept run used
-        inputs["generations"] = str(the_plan.generations)
+    inputs = input_facts(cfg, the_plan)
     config_json = cfg.model_dump_json()  # the record's run id hashes exactly this
     run_dir, now = records.new_run_dir(cfg.reports_dir, config_json)
     record = records.RunRecord(
@@ -178,8 +189,12 @@ def cmd_check(args) -> int:
         raise check.GateError("give either --config (compare, then gate) or --run RUN_DIR (gate a finished run)")
     if args.run is None:
         cfg = config.load(args.config, args.overrides)
-        check.preflight(cfg, baseline=args.baseline, fail=args.fail)
-        run_dir = run_compare(cfg)
+        base = check.preflight(cfg, baseline=args.baseline, fail=args.fail)
+
+        def same_inputs(the_plan) -> None:  # another prompt set or tokenizer: refused before any model is extracted
+            check.same_inputs(input_facts(cfg, the_plan), cfg.mode, base, args.baseline)
+
+        run_dir = run_compare(cfg, planned=same_inputs if base is not None else None)
     elif args.overrides:
         raise check.GateError(f"overrides {args.overrides} apply to --config, not to --run")
     else:

@@ -274,7 +274,7 @@ def test_usage_errors_come_before_the_comparison(tmp_path, capsys, monkeypatch):
     from harness import cli
 
     ran = []
-    monkeypatch.setattr(cli, "run_compare", lambda cfg: ran.append(cfg) or tmp_path)
+    monkeypatch.setattr(cli, "run_compare", lambda cfg, planned=None: ran.append(cfg) or tmp_path)
     gate = str(ROOT / "configs" / "ci-gate.yaml")
     good, failed = tmp_path / "good", tmp_path / "failed"
     good.mkdir()
@@ -299,7 +299,7 @@ def test_usage_errors_come_before_the_comparison(tmp_path, capsys, monkeypatch):
 def test_a_crash_is_exit_3_not_a_regression(tmp_path, capsys, monkeypatch):
     from harness import cli
 
-    def boom(cfg):
+    def boom(cfg, planned=None):
         raise RuntimeError("an unforeseen failure")
 
     monkeypatch.setattr(cli, "run_compare", boom)
@@ -326,6 +326,18 @@ def _gate(env: Path, *extra: str, source: str | None = None) -> list[str]:
     if source:
         args.append(f"variants.2.source=zoo:{source}")  # a new Int4 build, gated under the same name
     return args + list(extra)
+
+
+def test_a_baseline_of_another_prompt_set_is_refused_before_any_model_is_extracted(micro_zoo, tmp_path, tmp_store, capsys):
+    """`check --config --baseline` tests the baseline's prompt set and tokenizer against the run's once the prompts
+    are tokenized, before any model runs: it was refused only after the whole comparison (minutes to hours)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    records.write(base, _run(GOOD, run_id="base"))  # another prompt set's fingerprints (INPUTS)
+    assert main(_gate(tmp_path, "--baseline", str(base), "--fail", "kl_mean:+10%")) == 2
+    err = capsys.readouterr().err
+    assert f"baseline {base} was made with another prompt set (token ids)" in err and "not comparable" in err
+    assert not tmp_store.exists() or list(tmp_store.iterdir()) == []  # no store was filled, or even begun
 
 
 @pytest.mark.slow
