@@ -86,6 +86,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 1 or more")
+    return int(text)
+
+
 def cmd_compare(args) -> int:
     from harness import config
 
@@ -205,7 +211,7 @@ def cmd_check(args) -> int:
 def cmd_report(args) -> int:
     from harness import records, report
 
-    index = report.render(records.run_dir(args.run_dir))
+    index = report.render(records.run_dir(args.run_dir), **({} if args.view_positions is None else {"view_positions": args.view_positions}))
     print(f"report: {index}")
     return 0
 
@@ -261,6 +267,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run_command=cmd_check)
     p = sub.add_parser("report", help="re-render a run folder's CSV and HTML reports from its run.json (no model loads)")
     p.add_argument("run_dir", help="a run folder (or its run.json), e.g. reports/latest")
+    p.add_argument("--view-positions", type=_positive_int, default=None, metavar="N",
+                   help="the most positions the page's token view holds (default 20000; past it, the first prompts' only)")
     p.set_defaults(run_command=cmd_report)
     sub.add_parser("bench", help="throughput of the softmax/filter step beside the memory ceiling (bench --help)")
     p = sub.add_parser("store", help="list the log-prob stores and cached generations, or prune them to what kept runs use")

@@ -10,6 +10,7 @@ forbids every fetch, so a prompt holding `<script>` shows as text and nothing le
 
 from __future__ import annotations
 
+import collections
 import html
 import json
 import math
@@ -390,8 +391,30 @@ def _float(x) -> float:
     return math.nan if x is None else float(x)
 
 
-def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dict], tokens: dict | None) -> dict:
-    """What the per-prompt token view needs: per-position KL and flips, both models' top-5, token texts."""
+VIEW_POSITIONS = 20_000  # the token view's positions at most (about 0.5 kB of page each, with 7 models): `harness report --view-positions`
+
+
+def _view_rows(prompt: list[int], budget: int) -> tuple[list[int], set[int]] | None:
+    """The rows of the first prompts (in prompt order) whose rows fit `budget` together (the first prompt's at least),
+    and those prompts; None where every row fits."""
+    if len(prompt) <= budget:
+        return None
+    counts = collections.Counter(p for p in prompt if p >= 0)
+    shown, total = set(), 0
+    for p in sorted(counts):
+        if shown and total + counts[p] > budget:
+            break
+        shown.add(p)
+        total += counts[p]
+    return [i for i, p in enumerate(prompt) if p in shown], shown
+
+
+def view_data(
+    run_dir: Path, record: records.RunRecord, positions: dict[str, dict], tokens: dict | None, budget: int = VIEW_POSITIONS,
+) -> dict:  # fmt: skip
+    """What the per-prompt token view needs: per-position KL and flips, both models' top-5, token texts. Past `budget`
+    positions, those of the first prompts that fit it (the page of a long run stays small); every prompt's row of
+    the per-prompt table stays."""
     if not record.pairs or tokens is None:
         return {}
     # every pair over the reference's tokens has its positions, in its store's order; a cross_vocab pair has some of
@@ -426,6 +449,7 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
         "vocab": tokens["vocab"],
         "top": {},
     }
+    arrays = {}
     if name := record.files.get("top_tokens"):
         what = "each model's top tokens"
         arrays = records.load_npz(run_dir / name, what)
@@ -437,11 +461,21 @@ def view_data(run_dir: Path, record: records.RunRecord, positions: dict[str, dic
                     f"{run_dir / name}: {what} that run.json names hold {key!r} {tuple(a.shape)}, where each model has "
                     f"'<model>.ids' and '<model>.probs' of shape ({len(pos['prompt'])}, 5); the run folder is damaged: "
                     "run `harness compare` again")  # fmt: skip
-            data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 4)
+    if cut := _view_rows(pos["prompt"], budget):
+        rows, shown = cut
+        data["view"] = {"prompts": len(shown), "of_prompts": len(set(pos["prompt"]) - {-1}), "positions": len(rows),
+                        "of_positions": len(pos["prompt"]), "budget": budget}  # fmt: skip
+        data["pos"] = {key: [v[i] for i in rows] for key, v in pos.items()}
+        data["kl"] = {c: [v[i] for i in rows] for c, v in kl.items()}
+        data["prompts"] = [p if i in shown else {"id": p["id"], "texts": []} for i, p in enumerate(data["prompts"])]
+        arrays = {key: a[rows] for key, a in arrays.items()}
+    for key, a in arrays.items():
+        model, _, part = key.rpartition(".")
+        data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 4)
     return data
 
 
-def render(run_dir: Path, record: records.RunRecord) -> str:
+def render(run_dir: Path, record: records.RunRecord, view_positions: int = VIEW_POSITIONS) -> str:
     run_dir = Path(run_dir)
     css = resources.files("harness").joinpath("assets/report.css").read_text()
     js = resources.files("harness").joinpath("assets/report.js").read_text()
@@ -467,7 +501,7 @@ def render(run_dir: Path, record: records.RunRecord) -> str:
             warp_section(record, n_vocab), throughput_section(record),
         ]  # fmt: skip
     body.append(metadata_section(record))
-    data = view_data(run_dir, record, positions, tokens) if record.status == "ok" else {}
+    data = view_data(run_dir, record, positions, tokens, view_positions) if record.status == "ok" else {}
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'

@@ -118,8 +118,9 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
     return path
 
 
-def render(run_dir: Path) -> Path:
-    """Every report file of a run folder from its record; returns the path of index.html."""
+def render(run_dir: Path, view_positions: int = html_report.VIEW_POSITIONS) -> Path:
+    """Every report file of a run folder from its record; returns the path of index.html, whose token view holds at
+    most `view_positions` positions."""
     run_dir = Path(run_dir)
     record = records.read(run_dir)
     if record.status == "ok":
@@ -134,7 +135,7 @@ def render(run_dir: Path) -> Path:
         write_positions_csv(run_dir, record, tokens)
         (run_dir / "kl_report.txt").write_text(llama_report.text(record), encoding="utf-8")
     index = run_dir / "index.html"
-    index.write_text(html_report.render(run_dir, record), encoding="utf-8")
+    index.write_text(html_report.render(run_dir, record, view_positions), encoding="utf-8")
     return index
 
 

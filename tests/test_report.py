@@ -430,6 +430,55 @@ def test_html_payloads_in_prompts_show_as_text_and_run_nothing(browser, micro_ru
     assert seen["errors"] == [] and len(seen["requests"]) == 1  # an <img src=x> that rendered would request x
 
 
+def test_a_long_runs_token_view_holds_the_first_prompts_only(micro_run):
+    """Past its budget of positions the page's token view holds the first prompts whose positions fit (a prefix of
+    every per-position array, in prompt order), and says how many of how many; the per-prompt table keeps them all."""
+    run_dir, _ = micro_run
+    rec = records.read(run_dir)
+    positions = {p.candidate: records.load_positions(run_dir, p) for p in rec.pairs}
+    tokens = records.load_tokens(run_dir, rec)
+    full = html_report.view_data(run_dir, rec, positions, tokens)
+    n = len(full["pos"]["prompt"])
+    assert "view" not in full and n == rec.pairs[0].aggregates["positions"]
+    assert html_report.view_data(run_dir, rec, positions, tokens, budget=n) == full  # exactly at the budget: all of it
+    budget = n // 3
+    cut = html_report.view_data(run_dir, rec, positions, tokens, budget=budget)
+    counts = np.bincount(full["pos"]["prompt"])
+    first = int(np.searchsorted(np.cumsum(counts), budget, side="right"))  # the prompts whose rows fit the budget together
+    k = int(counts[:first].sum())
+    assert cut["view"] == {"prompts": first, "of_prompts": len(counts), "positions": k, "of_positions": n, "budget": budget}
+    assert 0 < k <= budget and k + counts[first] > budget and first < len(counts)
+    assert all(cut["pos"][key] == full["pos"][key][:k] for key in full["pos"])
+    assert all(cut["kl"][c] == full["kl"][c][:k] for c in full["kl"])
+    assert all(cut["top"][m][part] == full["top"][m][part][: 5 * k] for m in full["top"] for part in ("ids", "probs"))
+    assert [p["id"] for p in cut["prompts"]] == [p["id"] for p in full["prompts"]] and cut["prompt_rows"] == full["prompt_rows"]
+    assert cut["prompts"][:first] == full["prompts"][:first] and all(p["texts"] == [] for p in cut["prompts"][first:])
+    # a single prompt longer than the budget is shown whole: the view never holds no prompt
+    assert html_report.view_data(run_dir, rec, positions, tokens, budget=1)["view"]["prompts"] == 1
+
+
+def test_the_cut_token_view_in_a_browser(browser, micro_run, tmp_path, capsys):
+    run_dir, _ = micro_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    budget = records.read(run_dir).pairs[0].aggregates["positions"] // 3
+    assert main(["report", str(copy), "--view-positions", str(budget)]) == 0
+    big, small = (run_dir / "index.html").stat().st_size, (copy / "index.html").stat().st_size
+    assert small < big * 0.6, (small, big)
+    page, seen = open_page(browser, copy / "index.html")
+    note = page.locator("#view-cut").inner_text()
+    assert re.search(rf"holds the first (\d+) of 10 prompts \((\d+) of \d+ positions, at most {budget}\)", note), note
+    shown = int(re.search(r"first (\d+)", note)[1])
+    assert page.locator("#prompt-select option").count() == shown and page.locator("#prompt-table tbody tr").count() == 10
+    page.locator("#tokens-out span.tok").nth(2).click()
+    assert page.locator("#detail table").count() == 2
+    assert seen["errors"] == [] and [m for m in seen["console"] if m[0] in ("error", "warning")] == []
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit):
+            main(["report", str(copy), "--view-positions", bad])
+        assert "is not a whole number, 1 or more" in capsys.readouterr().err
+
+
 def test_the_throughput_table_scrolls_in_its_own_box(browser, micro_run, tmp_path):
     """A run record with `harness bench`'s result attached: its table (13 columns) scrolls in its own box at a narrow
     window, as the other wide tables do, and the page itself does not."""

@@ -102,6 +102,13 @@ function buildView() {
   const out = el("div", null, { id: "tokens-out" });
   const detail = el("div", null, { id: "detail" });
   root.append(controls, promptBox, legend, out, detail);
+  if (D.view) { // a long run: its page holds the tokens of the first prompts only
+    const v = D.view;
+    const note = el("p", `This page's token view holds the first ${v.prompts} of ${v.of_prompts} prompts (${v.positions} of ${v.of_positions} positions, ` +
+      `at most ${v.budget}), so that it stays small; the table lists every prompt. positions.csv.gz has every position, and `, { class: "small", id: "view-cut" });
+    note.append(el("code", "harness report --view-positions N RUN_DIR"), " renders a page that holds more.");
+    root.insertBefore(note, controls);
+  }
 
   function fillTable() {
     const rowsOfPair = (D.prompt_rows || {})[pairSel.value] || [];
@@ -121,6 +128,7 @@ function buildView() {
         tr.appendChild(el("td", isNaN(v) ? "–" : !isFinite(v) ? (v > 0 ? "∞" : "−∞") : c[2](v), { "data-v": String(v) }));
       });
       if (rowsOf.has(r[0])) clickable(cell, () => { promptSel.value = String(r[0]); draw(); out.scrollIntoView({ block: "nearest" }); });
+      else if (D.view) cell.title = "not in this page's token view (see above)";
     });
     promptBox.append(el("p", "The pair's prompts, most drift first (prompts.csv has every column): click a prompt's name (or Tab to it, then Enter) to show it below.", { class: "small" }), t);
     makeSortable(t);
