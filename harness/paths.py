@@ -38,11 +38,16 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def store_var() -> str:
+    """The variable that placed the store folder, for messages that name it."""
+    return "$HARNESS_STORE" if os.environ.get("HARNESS_STORE") else "$HARNESS_HOME/store"
+
+
 def store_dir_problem() -> str | None:
     """None where the store folder can be made and written, else a one-paragraph error naming it and its variable:
     checked before any model loads, rather than when the first shard is written."""
     if why := unwritable(store_dir()):
-        var = "$HARNESS_STORE" if os.environ.get("HARNESS_STORE") else "$HARNESS_HOME/store"
+        var = store_var()
         return (f"the store folder {store_dir()} ({var}) cannot be written: {why}. Point HARNESS_STORE (or "
                 "HARNESS_HOME) at a folder this user can create and write.")
     return None

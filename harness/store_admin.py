@@ -197,7 +197,7 @@ def table(found: list[Entry], keep: set[str] | None = None) -> str:
 
 def main(action: str, keep: list[Path], everything: bool, dry_run: bool, log=print) -> int:
     root = paths.store_dir()
-    var = "$HARNESS_STORE" if os.environ.get("HARNESS_STORE") else "$HARNESS_HOME/store"
+    var = paths.store_var()
     if root.exists() and not root.is_dir():
         raise records.RecordError(f"the store folder {root} ({var}) is a file, not a folder: point HARNESS_STORE at the "
                                   "folder your runs extracted into")  # fmt: skip
