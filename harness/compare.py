@@ -193,6 +193,9 @@ def compare(
                                "vocabularies hold")  # fmt: skip
     m = pair_metrics(ref, cand, target, ks, smoothing_eps, (ref_name, cand_name), alignment)
     if ref_columns is not None and alignment is None:
+        # the candidate's NLL as the reference's float64 one plus the pair's own difference (both sides of a pair come
+        # from one path, alike): a candidate that gives the reference's rows has its PPL exactly, ratio 1, not 1 + 1e-10
+        m["nll_cand"] = ref_columns["nll_ref"] + (m["nll_cand"] - m["nll_ref"])
         m |= ref_columns
     prompt = ref.read("prompt")[keep].numpy()
     names = prompt_names or [str(i) for i in range(int(prompt.max()) + 1)]

@@ -94,6 +94,30 @@ def test_every_pair_reports_the_same_reference_columns(tmp_path):
     np.testing.assert_allclose(own["margin_ref"], (top2[:, 0] - top2[:, 1]).numpy(), rtol=1e-11, atol=1e-15)
 
 
+def test_a_candidate_that_is_the_reference_has_its_perplexity_exactly(tmp_path):
+    """The reference's columns come from its float64 pass, the candidate's NLL from the pair's kernel (~1e-9 off where
+    it takes the float32 path): the candidate's NLL is the reference's plus the pair's own difference, so a model
+    against itself (a user's first sanity check) gives PPL ratio 1 and ln ratio 0 exactly (it gave 1 + 7e-11), and a
+    real pair's NLL still matches a float64 computation by hand."""
+    gen = torch.Generator().manual_seed(2)
+    n, v = 40, 3000
+    ref = torch.log_softmax(torch.randn(n, v, generator=gen) * 3, -1)
+    near = torch.log_softmax(ref + 0.05 * torch.randn(n, v, generator=gen), -1)
+    target = torch.randint(0, v, (n,), generator=gen)
+    prompt = torch.arange(n) // 10
+    a = _store(tmp_path / "a", ref, target, prompt)
+    own = compare.reference_columns(a)
+    same = compare.compare("ref", a, "same", a, ks=(5,), resamples=10, ref_columns=own)
+    agg = same.aggregates
+    assert (same.positions["nll_cand"] == same.positions["nll_ref"]).all()
+    assert (agg["ppl_ratio"], agg["ln_ppl_ratio"], agg["ppl_diff"], agg["kl_mean"]) == (1.0, 0.0, 0.0, 0.0)
+    assert agg["ppl_cand"] == agg["ppl_ref"] and agg["top1_agree"] == 1.0
+    other = compare.compare("ref", a, "near", _store(tmp_path / "b", near, target, prompt), ks=(5,), resamples=10, ref_columns=own)
+    lq = near.half().double()
+    lq = lq - torch.logsumexp(lq, -1, keepdim=True)
+    np.testing.assert_allclose(other.positions["nll_cand"], -lq.gather(1, target[:, None]).squeeze(1).numpy(), rtol=1e-8)
+
+
 def test_misaligned_stores_are_refused(tmp_path):
     logp = torch.log_softmax(torch.randn(4, 10), -1)
     a = _store(tmp_path / "a", logp, torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long))
