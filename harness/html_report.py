@@ -456,7 +456,8 @@ def view_data(
         for key, a in arrays.items():
             model, _, part = key.rpartition(".")
             other = f"{model}.{'probs' if part == 'ids' else 'ids'}"
-            if part not in ("ids", "probs") or other not in arrays or a.shape != (len(pos["prompt"]), 5):
+            # a row per reference row: where every pair is cross_vocab, the view's rows stop at the last aligned one
+            if part not in ("ids", "probs") or other not in arrays or a.ndim != 2 or a.shape[1] != 5 or len(a) < len(pos["prompt"]):
                 raise records.RecordError(
                     f"{run_dir / name}: {what} that run.json names hold {key!r} {tuple(a.shape)}, where each model has "
                     f"'<model>.ids' and '<model>.probs' of shape ({len(pos['prompt'])}, 5); the run folder is damaged: "
