@@ -75,13 +75,18 @@ def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150, sp
     top = max(1, counts.max())
     w = (x1 - x0) / bins
     parts = [f'<svg class="chart small" viewBox="0 0 {width} {height}" role="img" aria-label="KL histogram">']
+    zeros = int((v == 0).sum())
     for i, c in enumerate(counts):
         h = c / top * (y1 - y0)
-        parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} position{"" if c == 1 else "s"}</title></rect>')
+        edges = f"KL {10 ** (lo + i / 4):.2g} to {10 ** (lo + (i + 1) / 4):.2g}"
+        what = f"{edges}" + (f", {zeros} of them exactly 0" if i == 0 and zeros else "")
+        parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} position{"" if c == 1 else "s"}, {what}</title></rect>')
     parts += _axis(x0, x1, y1, lo, hi, sx)
     parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 2}" text-anchor="middle">KL, nats{" (the same axis for every pair)" if span else ""}</text>')
     if np.isinf(v).any():
         parts.append(f'<text x="{x1}" y="{y0 + 10}" text-anchor="end">+{int(np.isinf(v).sum())} infinite</text>')
+    if zeros:  # drawn in the first bin, but no KL of the axis: say how many
+        parts.append(f'<text x="{x0}" y="{y0 + 10}">{zeros} exactly 0 (in the first bar)</text>')
     return "".join(parts) + "</svg>"
 
 

@@ -51,10 +51,11 @@ class Breach:
     baseline: float | None = None
     noise: float | None = None  # the combined standard error it was judged against
     within_noise: bool = False
+    passed: bool = False  # a check that held (the verdict lists them too: what was checked, against what)
 
     def line(self) -> str:
         base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
-        verdict = "within noise" if self.within_noise else "FAIL"
+        verdict = "pass" if self.passed else "within noise" if self.within_noise else "FAIL"
         limit = "" if self.rule.endswith(f" {self.limit:g}") or math.isnan(self.limit) else f" = {self.limit:.4g}"  # "<= 0.01" says it
         if self.rule != ABSENT and not math.isfinite(self.limit):  # an inf or NaN baseline or floor: no check can pass
             limit = f" = {self.limit:g}, from the {'baseline' if self.baseline is not None else 'noise floor'}'s value, which is not finite"
@@ -83,9 +84,9 @@ def _combined(*errors: float | None) -> float | None:
     return math.sqrt(sum(e * e for e in errors))
 
 
-def _judge(pair, metric, value, limit, rule, noise, *, baseline=None, strict=False) -> Breach:
-    within = not strict and noise is not None and abs(value - limit) < noise
-    return Breach(pair, metric, value, limit, rule, baseline, noise, within)
+def _judge(pair, metric, value, limit, rule, noise, *, baseline=None, strict=False, passed=False) -> Breach:
+    within = not passed and not strict and noise is not None and abs(value - limit) < noise
+    return Breach(pair, metric, value, limit, rule, baseline, noise, within, passed)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,11 @@ class Threshold:
 
     def breach(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None) -> Breach | None:
         """`pair`: the candidate these aggregates are of (a "*" limit applies to each pair; its breach names it)."""
+        out = self.outcome(aggregates, floor, strict=strict, pair=pair)
+        return None if out.passed else out
+
+    def outcome(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None) -> Breach:
+        """The check on one pair, passed or not."""
         value = float(aggregates[self.metric])
         se = standard_error(aggregates, self.metric)
         if self.kind == "max_x_floor":
@@ -111,9 +117,8 @@ class Threshold:
         else:
             limit = self.bound
         bad = value < limit if self.kind == "min" else value > limit
-        if not bad and not math.isnan(value) and math.isfinite(limit):  # an inf or NaN floor fails every check
-            return None
-        return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict)
+        passed = not bad and not math.isnan(value) and math.isfinite(limit)  # an inf or NaN floor fails every check
+        return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict, passed=passed)
 
 
 DIVERGENCES = ("kl_", "js_", "tv_")  # aggregates that are 0 only for a pair whose distributions are the same
@@ -154,14 +159,18 @@ class Regression:
         return f"{'+' if self.sign > 0 else '-'}{self.amount:g}{'%' if self.relative else ''} vs baseline"
 
     def breach(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False) -> Breach | None:
+        out = self.outcome(pair, aggregates, base, strict=strict)
+        return None if out.passed else out
+
+    def outcome(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False) -> Breach:
+        """The check on one pair against its baseline pair, passed or not."""
         value, ref = float(aggregates[self.metric]), float(base[self.metric])
         step = abs(ref) * self.amount / 100 if self.relative else self.amount
         limit = ref + self.sign * step
         bad = (value - limit) * self.sign > 0
-        if not bad and not math.isnan(value) and math.isfinite(limit):  # an inf or NaN baseline fails every check
-            return None
+        passed = not bad and not math.isnan(value) and math.isfinite(limit)  # an inf or NaN baseline fails every check
         noise = _combined(standard_error(aggregates, self.metric), standard_error(base, self.metric))
-        return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict)
+        return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict, passed=passed)
 
 
 def thresholds(gate: dict) -> list[Threshold]:
@@ -238,7 +247,7 @@ def gate(
     run: records.RunRecord, *, baseline: records.RunRecord | None = None, baseline_path: Path | None = None,
     fail: list[str] = (), strict: bool = False,
 ) -> dict:  # fmt: skip
-    """Runs every check; returns the verdict {"verdict", "breaches", "within_noise", "warnings", "checks"}."""
+    """Runs every check; returns the verdict {"verdict", "breaches", "within_noise", "passed", "warnings", "checks"}."""
     if run.status != "ok":
         raise GateError(f"run {run.run_id} failed ({run.error}); there is nothing to gate")
     if fail and baseline is None:
@@ -286,7 +295,7 @@ def gate(
     for t in checks:
         for name in [p for p in pairs if t.metric in pairs[p]] if t.pair == "*" else [t.pair]:  # "*": the pairs that have it
             n += 1
-            found += [b] if (b := t.breach(pairs[name], floor, strict=strict, pair=name)) else []
+            found.append(t.outcome(pairs[name], floor, strict=strict, pair=name))
     if baseline is not None:
         for name, agg in pairs.items():
             if name not in base_pairs:  # a new variant; or a renamed one, which --strict does not let pass unchecked
@@ -306,7 +315,7 @@ def gate(
                     continue
                 _known_metric(r.metric, base_pairs[name], f"--fail {r.text} (baseline {baseline_path})")
                 n += 1
-                found += [b] if (b := r.breach(name, agg, base_pairs[name], strict=strict)) else []
+                found.append(r.outcome(name, agg, base_pairs[name], strict=strict))
         for name, agg in base_pairs.items():
             if name in pairs:
                 continue
@@ -320,13 +329,14 @@ def gate(
     if n == 0:  # a gate that checked nothing must not pass in CI
         raise GateError(f"no check ran on run {run.run_id}: " + "; ".join(warnings or ["no pair has the metrics the limits name"])
                         + ". With --strict, a pair missing on either side is a breach; or give the variants the baseline's names")  # fmt: skip
-    breaches = [b for b in found if not b.within_noise]
+    breaches = [b for b in found if not b.within_noise and not b.passed]
     noise = [b for b in found if b.within_noise]
-    warnings += [f"within noise: {b.line()}" for b in noise]
+    warnings += [b.line() for b in noise]  # "...: within noise": it passes only because the numbers are noisy
     return {
         "verdict": "fail" if breaches else "pass",
         "breaches": [asdict(b) for b in breaches],
         "within_noise": [asdict(b) for b in noise],
+        "passed": [asdict(b) for b in found if b.passed],
         "warnings": warnings,
         "checks": n,
         "run": run.run_id,
@@ -335,19 +345,19 @@ def gate(
 
 
 def table(verdict: dict) -> str:
-    rows = verdict["breaches"] + verdict["within_noise"]
-    if not rows:
-        return f"gate: all {verdict['checks']} checks pass (run {verdict['run']})"
+    """Every check, failed ones first, then a line with the verdict (a record from before `passed`: the others only)."""
+    rows = verdict["breaches"] + verdict["within_noise"] + verdict.get("passed", [])
     head = f"{'pair':<26} {'metric':<14} {'value':>11} {'limit':>11} {'baseline':>11}  {'rule':<22} verdict"
-    lines = [head, "-" * len(head)]
+    lines = [head, "-" * len(head)] if rows else []
     for b in rows:
         base = f"{b['baseline']:>11.4g}" if b["baseline"] is not None else f"{'–':>11}"
-        verdict_word = "within noise" if b["within_noise"] else "FAIL"
+        verdict_word = "pass" if b.get("passed") else "within noise" if b["within_noise"] else "FAIL"
         limit = f"{b['limit']:>11.4g}" if b["limit"] is not None and math.isfinite(b["limit"]) else f"{'–':>11}"
         value = f"{'absent':>11}" if b["rule"] == ABSENT else f"{b['value']:>11.4g}"
         lines.append(f"{b['pair']:<26} {b['metric']:<14} {value} {limit} {base}  {b['rule']:<22} {verdict_word}")
     fails = len(verdict["breaches"])
-    lines.append(f"gate: {fails} of {verdict['checks']} checks fail" if fails else f"gate: all {verdict['checks']} checks pass")
+    word = f"{fails} of {verdict['checks']} checks fail" if fails else f"all {verdict['checks']} checks pass"
+    lines.append(f"gate: {word} (run {verdict['run']})")
     return "\n".join(lines)
 
 

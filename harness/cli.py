@@ -47,6 +47,13 @@ def _extract(cfg, part: tuple[int, int] | None = None, wait_s: float | None = No
         raise config.ConfigError(problem)
     the_plan = pipeline.plan(cfg, part=part, **({} if wait_s is None else {"wait_s": wait_s}))
     print(f"{len(the_plan.tokens.prompts)} prompts, {the_plan.positions} scored positions, vocab {the_plan.tokens.n_vocab}")
+    scored = {s.prompt for s in the_plan.segments if s.rows > 0}
+    if unscored := [p.id for i, p in enumerate(the_plan.tokens.prompts) if i not in scored]:
+        why = ("the reference's greedy continuation is empty (it ended at once)" if cfg.mode == "generate" else
+               f"shorter than one window of text.context = {cfg.text.context} tokens, which llama_cpp scoring drops whole"
+               if cfg.text.score == "llama_cpp" else "too short to score a token")  # fmt: skip
+        print(f"warning: {len(unscored)} of {len(the_plan.tokens.prompts)} prompts have no scored position ({why}), so they "
+              f"are in no statistic: {', '.join(unscored[:8])}{', ...' if len(unscored) > 8 else ''}", file=sys.stderr)  # fmt: skip
     if planned is not None:
         planned(the_plan)
     stores, facts = pipeline.extract_all(cfg, the_plan, part=part)

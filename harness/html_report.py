@@ -154,16 +154,21 @@ def _bins_table(bins: list[dict]) -> str:
     return "".join(rows) + "</table>"
 
 
+MIN_CI_PROMPTS = 5  # below it the page gives no bootstrap interval over prompts (with 2, its ends were the 2 prompts' means)
+
+
 def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -> str:
     out = ["<h2 id=dist>KL distribution</h2>", f'<div class="wide">{cdf_svg(kl)}</div>', '<div class="cards">']
     span = decades(list(kl.values()))  # one axis for all: a histogram further right is a pair further off
     for i, p in enumerate(record.pairs):
         a = p.aggregates
         pct = " · ".join(f"p{q}: {_num(a.get('kl_p' + q.replace('.', '_')), '.2e')}" for q in ("99.9", "99", "90", "10"))
-        ci = a.get("kl_mean_ci95") or [None, None]
+        ci, n = a.get("kl_mean_ci95") or [None, None], len(p.prompts)
+        ci = (f"95% CI over {n} prompts {_num(ci[0], '.2e')}–{_num(ci[1], '.2e')}" if n >= MIN_CI_PROMPTS else
+              f"no CI: resampling {n} prompt{'' if n == 1 else 's'} says little")  # fmt: skip
         out.append(
             f'<div class="card"><h3>{_e(p.candidate)}</h3>{hist_svg(kl[p.candidate], PALETTE[i % len(PALETTE)], span=span)}'
-            f"<p class=small>mean {_num(a['kl_mean'], '.3e')} (95% CI over prompts {_num(ci[0], '.2e')}–{_num(ci[1], '.2e')}) · {pct}</p>"
+            f"<p class=small>mean {_num(a['kl_mean'], '.3e')} ({ci}) · {pct}</p>"
             f"<h4>by reference confidence</h4>{_bins_table(a.get('by_confidence', []))}</div>"
         )
     return "".join(out) + "</div>"
@@ -314,22 +319,48 @@ def gate_section(run_dir: Path) -> str:
 
 
 def _gate_html(v: dict) -> str:
-    rows = v.get("breaches", []) + v.get("within_noise", [])
-    word = "PASS" if v.get("verdict") == "pass" else "FAIL"
-    out = [f"<h2 id=gate>Quantization gate: {word}</h2><p>{v.get('checks')} checks"
-           + (f", against baseline {_e(v['baseline'])}" if v.get("baseline") else "") + ".</p>"]  # fmt: skip
+    rows = v.get("breaches", []) + v.get("within_noise", []) + v.get("passed", [])
+    passed, checks, fails = v.get("verdict") == "pass", _e(v.get("checks")), len(v.get("breaches", []))
+    count = f"all {checks} checks pass" if passed else f"{fails} of {checks} checks fail"
+    out = [f"<h2 id=gate>Quantization gate: <span class=\"verdict {'pass' if passed else 'fail'}\">{'PASS' if passed else 'FAIL'}</span></h2>"
+           f"<p>{count}" + (f", against baseline {_e(v['baseline'])}" if v.get("baseline") else "") + ".</p>"]  # fmt: skip
     if rows:
-        out.append("<table id=gate-table><tr><th>pair</th><th>metric</th><th>value</th><th>limit</th><th>baseline</th>"
+        out.append("<div class=wide><table id=gate-table><tr><th>pair</th><th>metric</th><th>value</th><th>limit</th><th>baseline</th>"
                    "<th>rule</th><th>verdict</th></tr>")  # fmt: skip
         for b in rows:
+            word = "pass" if b.get("passed") else "within noise" if b["within_noise"] else "FAIL"
             out.append(
                 f"<tr><td>{_e(b['pair'])}</td><td>{_e(b['metric'])}</td><td>{'absent' if b['rule'] == ABSENT else _num(b['value'], '.4g')}</td>"
                 f"<td>{_num(b['limit'], '.4g')}</td><td>{_num(b.get('baseline'), '.4g')}</td><td>{_e(b['rule'])}</td>"
-                f"<td>{'within noise' if b['within_noise'] else 'FAIL'}</td></tr>"
+                f"<td class=\"verdict {'pass' if b.get('passed') else 'noise' if b['within_noise'] else 'fail'}\">{word}</td></tr>"
             )
-        out.append("</table>")
+        out.append("</table></div>")
     out += [f"<p class=small>warning: {_e(w)}</p>" for w in v.get("warnings", [])]
     return "".join(out)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def scope(record: records.RunRecord) -> str:
+    """What a run compared and on what: the reference, the candidates, the prompts and positions, how they were scored;
+    and the prompts that gave no scored position (a prompt shorter than a llama_cpp window, say), by name."""
+    cfg, n = record.config, record.pairs[0].aggregates["positions"] if record.pairs else 0
+    if cfg.get("mode") == "generate":
+        how = f"mode generate: each prompt's greedy continuation by the reference, up to {_e((cfg.get('generate') or {}).get('max_new_tokens'))} tokens"
+    else:
+        text = cfg.get("text") or {}
+        how = f"mode text: windows of {_e(text.get('context'))} tokens, text.score {_e(text.get('score'))}"
+    out = (f"Reference <b>{_e(record.reference)}</b>, {_plural(len(record.pairs), 'candidate')}, {_plural(n, 'scored position')}"
+           f" ({how}).")  # fmt: skip
+    scored = {r.get("prompt") for p in record.pairs[:1] for r in p.prompts}
+    prompts = record.inputs.get("prompts")
+    if record.pairs and isinstance(prompts, int) and len(scored) < prompts:
+        out += (f" <b>{prompts - len(scored)} of the {prompts} prompts have no scored position</b> and are in no statistic"
+                + (": shorter than one window, which llama_cpp scoring drops whole" if (cfg.get("text") or {}).get("score") == "llama_cpp"
+                   and cfg.get("mode") != "generate" else "") + ".")  # fmt: skip
+    return out
 
 
 def metadata_section(record: records.RunRecord) -> str:
@@ -342,10 +373,12 @@ def metadata_section(record: records.RunRecord) -> str:
         f"<div class=card><h3>run</h3><table class=kv>{kv(run)}</table></div>",
         f"<div class=card><h3>machine</h3><table class=kv>{kv(record.machine)}</table></div>",
         f"<div class=card><h3>versions</h3><table class=kv>{kv(record.versions)}</table></div></div>",
-        "<h3>models</h3><div class=wide><table id=models><tr><th>model</th><th>source</th><th>dtype</th><th>device</th><th>loader (kernel)</th>"
-        "<th>parameters</th>"
-        "<th>load s</th><th>extract s</th><th>forward s</th><th>store</th></tr>",
     ]
+    config = f"<h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>"
+    if not record.variants:  # a failed run's record: the models' facts come with the finished run
+        return "".join(out) + config
+    out.append("<h3>models</h3><div class=wide><table id=models><tr><th>model</th><th>source</th><th>dtype</th><th>device</th>"
+               "<th>loader (kernel)</th><th>parameters</th><th>load s</th><th>extract s</th><th>forward s</th><th>store</th></tr>")  # fmt: skip
     for name, v in record.variants.items():
         reused = v.get("reused_shards") == v.get("shards")
         by = f"its last part, {_e(v['first_part'])}," if v.get("first_part") else "filling it"
@@ -360,7 +393,7 @@ def metadata_section(record: records.RunRecord) -> str:
             f"<td>{_num(v.get('forward_s'), '.1f')}</td>"
             f"<td class='small path'>{_e(v.get('store'))}</td></tr>"
         )
-    out.append(f"</table></div><h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>")
+    out.append(f"</table></div>{config}")
     return "".join(out)
 
 
@@ -437,6 +470,14 @@ def view_data(
             for r, v in zip(m["ref_row"].tolist(), kl[c]):
                 spread[r] = v
             kl[c] = spread
+    # each model's probability of the text's next token (the reference's, the candidates' over the reference's tokens)
+    p_target = {}
+    for c, m in positions.items():
+        if "ref_row" in m or not {"nll_ref", "nll_cand"} <= set(m):  # a cross_vocab pair's NLLs are over its own tokens
+            continue
+        if record.reference not in p_target:
+            p_target[record.reference] = _round(np.exp(-m["nll_ref"]), 4)
+        p_target[c] = _round(np.exp(-m["nll_cand"]), 4)
     index = {p["id"]: i for i, p in enumerate(tokens["prompts"])}
     data = {
         "reference": record.reference,
@@ -448,6 +489,7 @@ def view_data(
                                       for r in p.prompts] for p in record.pairs},  # fmt: skip
         "vocab": tokens["vocab"],
         "top": {},
+        "p_target": p_target,
     }
     arrays = {}
     if name := record.files.get("top_tokens"):
@@ -468,6 +510,7 @@ def view_data(
                         "of_positions": len(pos["prompt"]), "budget": budget}  # fmt: skip
         data["pos"] = {key: [v[i] for i in rows] for key, v in pos.items()}
         data["kl"] = {c: [v[i] for i in rows] for c, v in kl.items()}
+        data["p_target"] = {c: [v[i] for i in rows] for c, v in p_target.items()}
         data["prompts"] = [p if i in shown else {"id": p["id"], "texts": []} for i, p in enumerate(data["prompts"])]
         arrays = {key: a[rows] for key, a in arrays.items()}
     for key, a in arrays.items():
@@ -487,17 +530,16 @@ def render(run_dir: Path, record: records.RunRecord, view_positions: int = VIEW_
     title = f"Drift report {record.run_id}"
     body = [f"<h1>{_e(title)}</h1>"]
     if record.status != "ok":
-        body.append(f'<div class="error"><b>This run failed.</b> {_e(record.error)}</div>')
+        body.append(f'<div class="error"><b>This run failed.</b> {_e(record.error)}<br>The stores of the models it finished '
+                    "are kept: the same command again reuses them and goes on where it stopped.</div>")
     else:
-        n = record.pairs[0].aggregates["positions"] if record.pairs else 0
-        body.append(
-            f"<p>Reference <b>{_e(record.reference)}</b>, {len(record.pairs)} candidates, {n} scored positions, "
-            f"mode {_e(record.config.get('mode'))}. Noise floor: <b>{_e(record.noise_floor or 'none set')}</b>.</p>"
-        )
+        gate = gate_section(run_dir)
         body += [
-            '<nav><a href="#summary">summary</a> <a href="#dist">KL distribution</a> <a href="#llama">llama.cpp terms</a> <a href="#matrix">all pairs</a> '
+            f"<p>{scope(record)} Noise floor: <b>{_e(record.noise_floor or 'none set')}</b>.</p>",
+            '<nav><a href="#summary">summary</a> ' + ('<a href="#gate">gate</a> ' if gate else "") + '<a href="#dist">KL distribution</a> '
+            '<a href="#llama">llama.cpp terms</a> <a href="#matrix">all pairs</a> '
             '<a href="#tokens">per prompt</a> <a href="#inf">−inf scores</a> <a href="#meta">run</a></nav>',
-            "<h2>Summary</h2>", summary_table(record), gate_section(run_dir), distribution_section(record, kl), llama_section(record), matrix_section(record),
+            "<h2>Summary</h2>", summary_table(record), gate, distribution_section(record, kl), llama_section(record), matrix_section(record),
             "<h2 id=tokens>Per prompt</h2><div id=view><p>Needs the script to run.</p></div>",
             warp_section(record, n_vocab), throughput_section(record),
         ]  # fmt: skip

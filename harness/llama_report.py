@@ -18,6 +18,7 @@ def llama_number(x, width: int, decimals: int) -> str:
     Δp of -5.207e-12 % -0.000000000005207%. Never an exponent, so that scripts written for llama.cpp's log read the
     number whole."""
     x = float("nan") if x is None else float(x)  # float(): "inf" from a strict-JSON record
+    x = 0.0 if x == 0 else x  # -0.0 (a Δp of a model against itself) prints as 0.000, not -0.000
     if math.isfinite(x) and x != 0:
         decimals = min(max(decimals, 3 - math.floor(math.log10(abs(x)))), 24)
     return f"{x:{width}.{decimals}f}"

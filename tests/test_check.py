@@ -58,9 +58,15 @@ def test_limits_pass_and_fail_with_the_floor_multiple():
     gate = {"int4": {"kl_mean": {"max": 0.01, "max_x_floor": 20}, "top1_agree": {"min": 0.95}}}
     v = check.gate(_run(GOOD, gate))
     assert v["verdict"] == "pass" and v["checks"] == 3 and v["breaches"] == []
+    # what passed is listed too, with the value and limit it was held to: a verdict says what it checked
+    assert [(b["metric"], b["rule"], b["value"]) for b in v["passed"]] == [("kl_mean", "<= 0.01", 3e-3), ("kl_mean", "<= 20 x floor", 3e-3),
+                                                                          ("top1_agree", ">= 0.95", 0.98)]  # fmt: skip
+    assert v["passed"][1]["limit"] == pytest.approx(20 * 2e-4) and all(b["passed"] and not b["within_noise"] for b in v["passed"])
+    lines = check.table(v).splitlines()
+    assert len(lines) == 2 + 3 + 1 and all(line.endswith(" pass") for line in lines[2:5]) and lines[-1] == "gate: all 3 checks pass (run run)"
     worse = {"bf16": GOOD["bf16"], "int4": _agg(0.05, 1e-3, 0.90)}
     v = check.gate(_run(worse, gate))
-    assert v["verdict"] == "fail"
+    assert v["verdict"] == "fail" and v["passed"] == []
     got = {(b["metric"], b["rule"]): b for b in v["breaches"]}
     assert set(got) == {("kl_mean", "<= 0.01"), ("kl_mean", "<= 20 x floor"), ("top1_agree", ">= 0.95")}
     assert got[("kl_mean", "<= 20 x floor")]["limit"] == pytest.approx(20 * 2e-4)

@@ -268,7 +268,7 @@ def test_a_compare_stopped_by_sigterm_leaves_an_error_record_saying_so(tmp_path,
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_prompt_with_no_scored_token_keeps_every_prompt_at_its_index(micro_zoo, tmp_path, tmp_store):
+def test_a_prompt_with_no_scored_token_keeps_every_prompt_at_its_index(micro_zoo, tmp_path, tmp_store, capsys):
     """text.score llama_cpp drops a prompt shorter than one window: it has no scored token. tokens.json still lists
     every prompt at its index, so positions.csv and the token view name the prompt each position belongs to (with
     the short prompt first, they named the next one, and the last raised an IndexError)."""
@@ -282,6 +282,8 @@ def test_a_prompt_with_no_scored_token_keeps_every_prompt_at_its_index(micro_zoo
                  "metrics.bootstrap_resamples=20", "variants=[{name: base, source: 'zoo:tiny-qwen1.5-s'}]",
                  f"reports_dir={tmp_path / 'reports'}"]  # fmt: skip
     assert main(["compare", "--config", str(ROOT / "configs" / "default.yaml"), *overrides]) == 0
+    assert ("warning: 1 of 3 prompts have no scored position (shorter than one window of text.context = 32 tokens, which "
+            "llama_cpp scoring drops whole), so they are in no statistic: short") in capsys.readouterr().err
     run = tmp_path / "reports" / "latest"
     tokens = json.loads((run / "tokens.json").read_text())
     assert [p["id"] for p in tokens["prompts"]] == ["short", "long-a", "long-b"]
@@ -290,6 +292,9 @@ def test_a_prompt_with_no_scored_token_keeps_every_prompt_at_its_index(micro_zoo
         rows = list(csv.DictReader(f))
     assert {r["prompt"] for r in rows} == {"long-a", "long-b"}
     assert all(ids[r["prompt"]][int(r["position"])] == int(r["token"]) for r in rows)  # each position in its own prompt
+    page = (run / "index.html").read_text()  # the page says which prompts gave nothing, and why
+    assert "<b>1 of the 3 prompts have no scored position</b> and are in no statistic: shorter than one window" in page
+    assert "(mode text: windows of 32 tokens, text.score llama_cpp)" in page
 
 
 def test_module_entry_points_take_help_and_refuse_flags(tmp_path):

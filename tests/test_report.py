@@ -139,7 +139,31 @@ def test_llama_number_keeps_four_digits_in_fixed_point():
     assert llama_report.llama_number(-5.207e-12, 6, 3) == "-0.000000000005207"  # a float16 pair's median Δp, in %
     assert llama_report.llama_number(-2.98e-26, 6, 3) == "-0.000000000000000000000000"  # 24 decimals at most
     assert llama_report.llama_number(0.0, 10, 6) == "  0.000000"
+    assert llama_report.llama_number(-0.0, 6, 3) == " 0.000"  # a model against itself: no "-0.000%"
     assert [llama_report.llama_number(x, 10, 6).strip() for x in (None, float("nan"), "inf", float("-inf"))] == ["nan", "nan", "inf", "-inf"]
+
+
+def test_histogram_says_how_many_positions_are_exactly_0_and_each_bars_range():
+    """KL = 0 (a model against itself, or a greedy-identical row) has no place on a log axis: those positions go to the
+    first bar, and the chart says how many; each bar's tooltip gives its count and its KL range."""
+    from harness import charts
+
+    svg = charts.hist_svg(np.array([0.0, 0.0, 0.0, 2e-5, 3e-3]), "#000", span=(-6, -2))
+    titles = re.findall(r"<title>([^<]*)</title>", svg)
+    assert len(titles) == 16 and titles[0] == "3 positions, KL 1e-06 to 1.8e-06, 3 of them exactly 0"
+    assert titles[5] == "1 position, KL 1.8e-05 to 3.2e-05" and "3 exactly 0 (in the first bar)" in svg
+    assert "exactly 0" not in charts.hist_svg(np.array([2e-5, 3e-3]), "#000", span=(-6, -2))
+
+
+def test_the_page_gives_no_interval_over_too_few_prompts(micro_run):
+    """The bootstrap interval over prompts resamples prompts: over 2 its ends were the 2 prompts' own means."""
+    run_dir, _ = micro_run
+    rec = records.read(run_dir)
+    kl = {p.candidate: records.load_positions(run_dir, p)["kl"] for p in rec.pairs}
+    assert re.search(r"95% CI over 10 prompts \d", html_report.distribution_section(rec, kl))
+    few = rec.model_copy(update={"pairs": [p.model_copy(update={"prompts": p.prompts[:2]}) for p in rec.pairs]})
+    text = html_report.distribution_section(few, kl)
+    assert "95% CI" not in text and text.count("no CI: resampling 2 prompts says little") == len(rec.pairs)
 
 
 def test_numbers_on_the_page_keep_their_digits():
@@ -366,9 +390,20 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     # the token view: a click on a scored token shows both models' top-5
     assert page.locator("#tokens-out span.tok").count() > 5
     page.locator("#tokens-out span.tok").nth(3).click()
-    assert page.locator("#detail table").count() == 2 and page.locator("#detail table tr").count() == 2 * 6
+    assert page.locator("#detail table").count() == 2
+    # each table: the model's top 5, the text's next token in bold among them, or in a row of its own below them
+    below = page.locator("#detail tr.below").count()
+    assert page.locator("#detail tr.hit").count() == 2 and page.locator("#detail table tr").count() == 2 * 6 + below
     shown = [t for t in page.locator("#detail td").all_inner_texts() if not t.startswith('"') and not t.startswith("#")]
-    assert len(shown) == 10 and all(re.fullmatch(r"0|[1-9]\.\d{3}(e-\d+)?|0\.0*[1-9]\d{3}", t) for t in shown), shown  # 4 digits
+    assert len(shown) == 10 + below and all(re.fullmatch(r"0|[1-9]\.\d{3}(e-\d+)?|0\.0*[1-9]\d{3}", t) for t in shown), shown  # 4 digits
+    # the bold rows' probabilities are the models' of the next token: exp(-NLL) in positions.csv.gz, to 4 digits
+    at = int(re.match(r"position (\d+): ", page.locator("#detail p").first.inner_text())[1])
+    pair, prompt = page.locator("#pair-select").input_value(), page.locator("#prompt-select option:checked").inner_text().split(" (")[0]
+    with gzip.open(run_dir / "positions.csv.gz", "rt", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if (r["candidate"], r["prompt"], int(r["position"])) == (pair, prompt, at))
+    assert page.locator("#detail td.token").first.evaluate("e => getComputedStyle(e).whiteSpace") == "pre"  # "  " is not " "
+    hits = [float(r.locator("td").nth(1).inner_text()) for r in page.locator("#detail tr.hit").all()]
+    assert hits == pytest.approx([math.exp(-float(row["nll_ref"])), math.exp(-float(row["nll_cand"]))], rel=1e-3)
     # the per-prompt table: the pair's prompts.csv rows, most drift first; a click on a name shows that prompt
     page.locator("#pair-select").select_option("s-chat-gptq-int4")
     csv_rows = [r for r in csv.DictReader((run_dir / "prompts.csv").open()) if r["candidate"] == "s-chat-gptq-int4"]
@@ -506,9 +541,12 @@ def test_a_failed_run_renders_its_error(browser, micro_run, tmp_path):
     rec = records.read(run_dir)
     failed = tmp_path / "failed"
     failed.mkdir()
-    records.write(failed, rec.model_copy(update={"status": "error", "error": "ExtractError: <b>NaN</b> logits", "pairs": []}))
+    records.write(failed, rec.model_copy(update={"status": "error", "error": "ExtractError: <b>NaN</b> logits", "pairs": [],
+                                                 "variants": {}}))  # a failed run's record has no models' facts
     page, seen = open_page(browser, report.render(failed))
-    assert "This run failed. ExtractError: <b>NaN</b> logits" in page.locator(".error").inner_text()
+    banner = page.locator(".error").inner_text()
+    assert "This run failed. ExtractError: <b>NaN</b> logits" in banner and "the same command again reuses them" in banner
+    assert page.locator("#models").count() == 0 and "resolved config" in page.locator("body").inner_text()  # no empty table
     assert seen["errors"] == []
 
 

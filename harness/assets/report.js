@@ -56,6 +56,15 @@ function klColour(kl) {
   return `hsl(${Math.round(120 * (1 - f))},75%,${Math.round(90 - 25 * f)}%)`;
 }
 
+function prob(p) {
+  return p === 0 ? "0" : p >= 1e-3 ? p.toPrecision(4) : p.toExponential(3); // 4 significant digits in the data
+}
+
+// a token's text as a JSON string, its spaces kept (a cell would collapse "  " into " "), its id in the tooltip
+function tokenCell(id) {
+  return el("td", JSON.stringify(D.vocab[id] !== undefined ? D.vocab[id] : `#${id}`), { class: "token", title: `id ${id}` });
+}
+
 function topTable(model, i) {
   const t = el("table");
   const head = t.insertRow();
@@ -63,12 +72,20 @@ function topTable(model, i) {
   head.appendChild(el("th", "p"));
   const top = D.top[model];
   if (!top) return t;
+  const target = D.pos.target[i];
   for (let k = 0; k < 5; k++) {
     const r = t.insertRow();
     const id = top.ids[5 * i + k];
-    r.appendChild(el("td", JSON.stringify(D.vocab[id] !== undefined ? D.vocab[id] : `#${id}`)));
-    const p = Number(top.probs[5 * i + k]); // 4 significant digits in the data
-    r.appendChild(el("td", p === 0 ? "0" : p >= 1e-3 ? p.toPrecision(4) : p.toExponential(3)));
+    if (id === target) r.className = "hit"; // the text's next token
+    r.appendChild(tokenCell(id));
+    r.appendChild(el("td", prob(Number(top.probs[5 * i + k]))));
+  }
+  const p = (D.p_target || {})[model];
+  if (p && p[i] !== null && !top.ids.slice(5 * i, 5 * i + 5).includes(target)) { // the next token, below the top 5
+    const r = t.insertRow();
+    r.className = "hit below";
+    r.appendChild(tokenCell(target));
+    r.appendChild(el("td", prob(num(p[i]))));
   }
   return t;
 }
@@ -155,7 +172,8 @@ function buildView() {
     detail.textContent = "";
     const target = D.pos.target[i];
     const word = D.vocab[target] !== undefined ? D.vocab[target] : `#${target}`;
-    detail.appendChild(el("p", `position ${D.pos.position[i]}: the token ${JSON.stringify(word)}, as each model predicted it from the text before it · KL ${num(D.kl[c][i]).toExponential(3)} nats`));
+    detail.appendChild(el("p", `position ${D.pos.position[i]}: the token ${JSON.stringify(word)} (id ${target}), as each model predicted it ` +
+      `from the tokens before it in its window · KL ${num(D.kl[c][i]).toExponential(3)} nats · the token in bold, below the top 5 where it is not in them`));
     detail.append(topTable(D.reference, i), topTable(c, i));
   }
 
