@@ -424,7 +424,7 @@ def _float(x) -> float:
     return math.nan if x is None else float(x)
 
 
-VIEW_POSITIONS = 20_000  # the token view's positions at most (about 0.5 kB of page each, with 7 models): `harness report --view-positions`
+VIEW_POSITIONS = 20_000  # the token view's positions at most (about 0.6 kB of page each, with 7 models): `harness report --view-positions`
 
 
 def _view_rows(prompt: list[int], budget: int) -> tuple[list[int], set[int]] | None:
