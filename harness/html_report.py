@@ -90,19 +90,30 @@ def _round(a: np.ndarray, digits: int = 4) -> list:
 
 
 SUMMARY_HEAD = [  # (aggregate key, header, format)
-    ("positions", "positions", "d"), ("kl_mean", "KL mean", ".3e"), ("kl_mean_se", "± se", ".1e"),
+    ("positions", "positions", "d"), ("kl_mean", "KL mean", ".3e"), ("kl_mean_se", "KL ± se", ".1e"),
     ("kl_median", "KL median", ".2e"), ("kl_p99", "KL p99", ".2e"), ("kl_max", "KL max", ".2e"),
     ("kl_rev_mean", "rev. KL", ".2e"), ("js_mean", "JS", ".2e"), ("tv_mean", "TV", ".2e"),
-    ("top1_agree", "top-1 agree", 4), ("top1_agree_se", "± se", ".4f"), ("top5_overlap", "top-5 overlap", 4),
+    ("top1_agree", "top-1 agree", 4), ("top1_agree_se", "top-1 ± se", ".4f"), ("top5_overlap", "top-5 overlap", 4),
     ("delta_p_rms", "Δp RMS", ".2e"), ("ppl_ref", "PPL ref", ".3f"), ("ppl_cand", "PPL cand", ".3f"),
     ("ppl_ratio", "PPL ratio", ".5f"),
 ]  # fmt: skip
+SUMMARY_TITLES = {  # each header's tooltip
+    "positions": "scored positions compared", "kl_mean": "mean KL(reference ‖ candidate) per position, nats",
+    "kl_mean_se": "standard error of the mean KL", "kl_median": "median KL", "kl_p99": "99th percentile of KL",
+    "kl_max": "largest KL of one position", "kl_rev_mean": "mean KL(candidate ‖ reference), nats",
+    "js_mean": "mean Jensen-Shannon divergence, nats", "tv_mean": "mean total variation distance",
+    "top1_agree": "fraction of positions where both models' most likely token is the same",
+    "top1_agree_se": "standard error of the top-1 agreement", "top5_overlap": "mean share of the reference's top 5 in the candidate's top 5",
+    "delta_p_rms": "RMS of the change in the probability of the text's next token", "ppl_ref": "the reference's perplexity on the text",
+    "ppl_cand": "the candidate's perplexity on the text", "ppl_ratio": "PPL cand over PPL ref",
+    "kl_floor_multiple": "mean KL over the noise-floor pair's mean KL",
+}  # fmt: skip
 
 
 def summary_table(record: records.RunRecord) -> str:
     head = SUMMARY_HEAD + ([("kl_floor_multiple", "× floor", ".3g")] if record.noise_floor else [])
     rows = ['<div class=wide><table class="sortable" id="summary"><thead><tr><th data-type="text">candidate</th>']
-    rows += [f"<th>{_e(h)}</th>" for _, h, _ in head]
+    rows += [f"<th title=\"{_e(SUMMARY_TITLES.get(k, ''))}\">{_e(h)}</th>" for k, h, _ in head]
     rows.append("</tr></thead><tbody>")
     for p in record.pairs:
         floor = p.candidate == record.noise_floor
