@@ -23,6 +23,7 @@ import signal
 import sys
 import traceback
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
@@ -124,14 +125,24 @@ def input_facts(cfg, the_plan) -> dict:
 
 def run_compare(cfg, planned=None) -> Path:
     """Extract, compare, record and render one config; returns the run folder. A failure after the
-    config loaded still leaves a run record (status "error") saying what went wrong."""
+    config loaded still leaves a run record (status "error") saying what went wrong: in the run's own folder where
+    the failure came while its files were written; none where the record of the finished run was written already
+    (only its reports were not: `harness report` writes them)."""
     from harness import records, report
 
     records.check_writable(cfg.reports_dir)
+    state = {}  # "run_dir" once the run folder exists, "recorded" once its run.json holds the finished run
     try:
-        return _compare(cfg, planned)
+        return _compare(cfg, planned, state)
     except (Exception, KeyboardInterrupt) as exc:  # the record says the run failed, and why; the error propagates
-        run_dir, now = records.new_run_dir(cfg.reports_dir, cfg.model_dump_json())
+        if state.get("recorded"):  # the numbers are all in run.json: keep it, say how to finish the reports
+            print(f"harness: the record of the finished run is complete in {state['run_dir']}, its reports are not: "
+                  f"`harness report {state['run_dir']}` writes them", file=sys.stderr)  # fmt: skip
+            raise
+        if "run_dir" in state:  # the run's own folder, beside the files written before the failure
+            run_dir, now = state["run_dir"], datetime.now(timezone.utc)
+        else:
+            run_dir, now = records.new_run_dir(cfg.reports_dir, cfg.model_dump_json())
         why = str(exc) or ("terminated (SIGTERM)" if isinstance(exc, Terminated) else
                            "interrupted (Ctrl-C or SIGINT)" if isinstance(exc, KeyboardInterrupt) else "no message")  # fmt: skip
         records.write(run_dir, records.RunRecord(
@@ -143,7 +154,7 @@ def run_compare(cfg, planned=None) -> Path:
         raise
 
 
-def _compare(cfg, planned=None) -> Path:
+def _compare(cfg, planned=None, state: dict | None = None) -> Path:
     from harness import compare, pipeline, progress, prompts, records, report
 
     the_plan, stores, facts = _extract(cfg, planned=planned)
@@ -181,12 +192,15 @@ def _compare(cfg, planned=None) -> Path:
     inputs = input_facts(cfg, the_plan)
     config_json = cfg.model_dump_json()  # the record's run id hashes exactly this
     run_dir, now = records.new_run_dir(cfg.reports_dir, config_json)
+    state = {} if state is None else state
+    state["run_dir"] = run_dir
     record = records.RunRecord(
         schema_version=records.SCHEMA_VERSION, run_id=run_dir.name, status="ok", created_at=now.isoformat(),
         **records.environment(), seed=cfg.seed, batch_size=cfg.batch_size, config=json.loads(config_json),
         inputs=inputs, variants=facts, noise_floor=cfg.noise_floor, matrix=grid,
     )  # fmt: skip
     record = report.save_run(run_dir, record, pairs, top, tokens)
+    state["recorded"] = True
     index = report.render(run_dir)
     records.point_latest(cfg.reports_dir, run_dir)
     print(report.table(record))
@@ -312,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         before = None
     try:
         return _main(argv)
+    except KeyboardInterrupt as exc:  # in the seconds before _main's own handling (its imports load torch): no traceback
+        print(f"harness: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}.", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)

@@ -127,6 +127,19 @@ def _fill(buf: dict, row: int, seg: Segment, scored: torch.Tensor, n_vocab: int,
         buf["warp_mass"][rows] = kept
 
 
+def _full(exc: OSError) -> str:
+    """What to do where a write failed for want of room."""
+    return " (the disk is full: make room, or point HARNESS_STORE elsewhere)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+
+
+def _write_index(store: Store, index: dict, name: str, shards: int) -> None:
+    try:
+        store.write_index(index)
+    except OSError as exc:
+        raise ExtractError(f"model {name!r}: cannot write {store.root / 'index.json'}: {exc.strerror or exc}{_full(exc)}. Its "
+                           f"{shards} shards are complete and kept: the next run reuses them and writes it") from None  # fmt: skip
+
+
 def _filled_by() -> dict:
     """The library versions and machine that filled a store: a run reusing it records them beside its own."""
     from harness import records
@@ -177,10 +190,13 @@ def extract(
     facts = {"store": str(store.root), "shards": len(plan), "reused_shards": len(plan) - len(missing)}
     if part is not None:
         facts |= {"part": f"{part[0]}/{part[1]}", "left_to_other_parts": len(missing) - len(todo)}
+    index = {"key": key, "model": spec.model_dump(), "path": loaded.path, "n_vocab": n_vocab}
     if not missing:
         store.sweep()
         with contextlib.suppress(OSError):  # the folder's time is its last use (`harness store list`); read-only is fine
             os.utime(store.root)
+        if store.index() is None:  # its filler stopped between the last shard and index.json: what is known of it
+            _write_index(store, index | {"facts": facts}, spec.name, len(plan))
     if not todo:
         log(f"{spec.name}: reusing {store.root}" if not missing else
             f"{spec.name}: part {part[0]}/{part[1]} is done; {len(missing)} shards of other parts still missing in {store.root}")  # fmt: skip
@@ -204,9 +220,9 @@ def extract(
 
     def failed(shard: int, exc: OSError) -> ExtractError:
         return ExtractError(
-            f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc}"
-            f"{' (the disk is full: make room, or point HARNESS_STORE elsewhere)' if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ''}. "
-            f"The {written} shards finished in this run are kept; re-run to resume."
+            f"model {spec.name!r}: cannot write shard {shard} to {store.root}: {exc.strerror or exc}{_full(exc)}. "
+            f"The {written} shards of this model finished in this run are kept, and the stores of the models before "
+            "it; re-run to resume."
         )
 
     closing: tuple | None = None  # (shard, writer, future): the previous shard, finishing in the background
@@ -284,7 +300,7 @@ def extract(
         del model
         loaders.release_memory()
     facts |= {"extract_s": time.perf_counter() - start, "forward_s": forward_s, "filled_by": _filled_by()}
-    store.write_index({"key": key, "model": spec.model_dump(), "path": loaded.path, "n_vocab": n_vocab, "facts": facts})
+    _write_index(store, index | {"facts": facts}, spec.name, len(plan))
     if part is None:  # every shard is now complete (a part's worker leaves it to the other parts' last run)
         store.sweep()
     log(f"{spec.name}: {len(todo)} shards written to {store.root}")

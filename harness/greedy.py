@@ -107,22 +107,26 @@ def generations_path(loaded: Loaded, tokens: TokenizedPrompts, max_new_tokens: i
 def _shares(path: Path, n_prompts: int, log=print) -> dict[int, list[int]]:
     """The continuations that `--part K/N` runs left beside `path` (`<key>.part-K-of-N.json`, prompts K-1, K-1+N, ...),
     by prompt index: a plain run takes them rather than generate them again (each prompt is generated on its own,
-    so a share's are the very ones it would generate). A share that is not a list of token-id lists, one a prompt of
+    so a share's are the very ones it would generate); and the finished prompts of a part that stopped before its
+    share was whole (its `.part-K-of-N.progress.jsonl`). A share that is not a list of token-id lists, one a prompt of
     its part, is left alone with a warning; where shares of two part counts disagree on a prompt, the first stands."""
     known = {}
-    for share in sorted(path.parent.glob(f"{path.stem}.part-*-of-*.json")):
-        if not (m := re.fullmatch(r".*\.part-(\d+)-of-(\d+)\.json", share.name)):
+    for share in sorted(path.parent.glob(f"{path.stem}.part-*-of-*.json")) + sorted(path.parent.glob(f"{path.stem}.part-*-of-*.progress.jsonl")):
+        if not (m := re.fullmatch(r".*\.part-(\d+)-of-(\d+)\.(json|progress\.jsonl)", share.name)):
             continue
-        k, n = int(m[1]), int(m[2])
-        try:
-            got = json.loads(share.read_text())["continuations"]
-        except (OSError, ValueError, KeyError, TypeError):
-            got = None
+        k, n, finished = int(m[1]), int(m[2]), m[3] == "json"
+        if finished:
+            try:
+                got = json.loads(share.read_text())["continuations"]
+            except (OSError, ValueError, KeyError, TypeError):
+                got = None
+        else:  # another process may be appending to it: read, never cut
+            got = _finished(share, cut=False)
         index = range(k - 1, n_prompts, n)
-        if not (1 <= k <= n and _token_lists(got) and len(got) == len(index)):
+        if not (1 <= k <= n and _token_lists(got) and (len(got) == len(index) if finished else len(got) <= len(index))):
             log(f"warning: {share} is not a share of these {n_prompts} prompts' continuations: not taken")
             continue
-        for i, ids in zip(index, got, strict=True):
+        for i, ids in zip(index, got):  # a progress file: its first prompts only
             if known.setdefault(i, ids) != ids:
                 log(f"warning: {share} disagrees with another share on prompt {i + 1}'s continuation: the other's is taken")
     return known
@@ -152,9 +156,9 @@ def _progress(cache: Path, log):
         yield progress
 
 
-def _finished(progress: Path) -> list[list[int]]:
+def _finished(progress: Path, cut: bool = True) -> list[list[int]]:
     """The continuations a `.progress.jsonl` file holds, a line per prompt in order; a last line cut short by an
-    interruption is dropped (and cut from the file, so that the next line appended starts clean)."""
+    interruption is dropped (and, with `cut`, cut from the file, so that the next line appended starts clean)."""
     if not progress.is_file():
         return []
     done, good = [], 0
@@ -168,7 +172,7 @@ def _finished(progress: Path) -> list[list[int]]:
                 break
             done.append(ids)
             good += len(line)
-    if good != progress.stat().st_size:
+    if cut and good != progress.stat().st_size:
         os.truncate(progress, good)
     return done
 

@@ -113,13 +113,20 @@ def run_id(config_json: str, now: datetime) -> str:
 
 
 def new_run_dir(reports_dir: Path, config_json: str) -> tuple[Path, datetime]:
+    """A new run folder, this process's own: two runs of one config in the same second (or a run and its error
+    record) get `<id>`, `<id>-2`, ..., never one folder between them."""
     now = datetime.now(timezone.utc)
-    out = Path(reports_dir) / run_id(config_json, now)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RecordError(f"key 'reports_dir': cannot make the run folder {out}: {exc.strerror or exc}") from None
-    return out, now
+    base = Path(reports_dir) / run_id(config_json, now)
+    for n in range(1, 1000):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return out, now
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise RecordError(f"key 'reports_dir': cannot make the run folder {out}: {exc.strerror or exc}") from None
+    raise RecordError(f"key 'reports_dir': {base}-2 to -999 exist already: cannot make a new run folder there")
 
 
 def check_writable(reports_dir: Path) -> None:

@@ -154,8 +154,12 @@ class Store:
 
     def write_index(self, info: dict) -> None:
         tmp = self.root / f".index.json.tmp-{writer_tag()}"
-        tmp.write_text(json.dumps(info, indent=2, default=str))
-        os.replace(tmp, self.root / "index.json")
+        try:
+            tmp.write_text(json.dumps(info, indent=2, default=str))
+            os.replace(tmp, self.root / "index.json")
+        except BaseException:  # a full disk, say: no empty temporary left behind
+            tmp.unlink(missing_ok=True)
+            raise
 
     def index(self) -> dict | None:
         """What the run that filled the store wrote about it (its facts and timings); None where it is missing or

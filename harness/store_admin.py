@@ -226,8 +226,9 @@ def main(action: str, keep: list[Path], everything: bool, dry_run: bool, log=pri
     for e in removed:
         log(f"{verb} {e.kind} {e.key} ({size_text(e.size)}) {e.model} {e.dtype}".rstrip())
     for e in skipped:
-        log(f"left alone {e.kind} {e.key}: a writer may be at work on it (a temporary file younger than "
-            f"{BUSY_S:.0f} s or of a live process, or a locked progress file)")  # fmt: skip
+        log(f"left alone {e.kind} {e.key}: a writer may be at work on it (a temporary file of a live process or younger "
+            f"than {BUSY_S:.0f} s, a locked progress file, or an unfinished store written to in the last {BUSY_S:.0f} s); "
+            "prune again once it has been quiet that long")  # fmt: skip
     log(f"{root}: {verb} {len(removed)} of {len(found)} entries, {size_text(sum(e.size for e in removed))}; "
         f"{len(found) - len(removed)} left ({size_text(sum(e.size for e in found) - sum(e.size for e in removed))})")
     return 0

@@ -235,7 +235,7 @@ def test_variant_with_a_shorter_context_is_refused(micro_zoo, tmp_path, tmp_stor
 def test_an_interrupted_compare_leaves_an_error_record_saying_so(tmp_path, monkeypatch, capsys):
     from harness import cli, records
 
-    def interrupted(cfg):
+    def interrupted(cfg, *_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_compare", interrupted)
@@ -254,7 +254,7 @@ def test_a_compare_stopped_by_sigterm_leaves_an_error_record_saying_so(tmp_path,
 
     from harness import cli, records
 
-    def stopped(cfg):
+    def stopped(cfg, *_):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the run")
 
@@ -327,3 +327,71 @@ def test_module_entry_points_take_help_and_refuse_flags(tmp_path):
     assert done.returncode == 1 and "INCOMPLETE" in done.stdout and not done.stderr  # a traceback would exit 1 too
     (tmp_path / "empty").mkdir()
     assert run("harness.store", "empty").returncode == 1  # no shard: nothing verifies
+
+
+def test_an_interrupt_before_the_commands_handling_is_exit_130_or_143(monkeypatch, capsys):
+    """SIGINT or SIGTERM in the seconds in which a command imports torch (before its own handling is in place): the
+    one-line message and 130 or 143, not a traceback and exit 1 (which `check` keeps for a regression)."""
+    from harness import cli
+
+    for exc, code, word in ((KeyboardInterrupt(), 130, "interrupted"), (cli.Terminated(), 143, "terminated (SIGTERM)")):
+        def early(argv, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(cli, "_main", early)
+        assert main(["check", "--run", "x"]) == code
+        err = capsys.readouterr().err
+        assert err == f"harness: {word}.\n"
+
+
+def test_a_run_interrupted_while_its_files_are_written_leaves_one_folder(micro_zoo, tmp_path, tmp_store, monkeypatch, capsys):
+    """Interrupted while the run folder's files are written: the error record goes into that folder (it made a second
+    one, and where both fell in one second, overwrote the first's run.json beside its files). Interrupted once the
+    finished run's record is written, only its reports missing: the record is kept, with how to write them."""
+    from harness import records, report
+
+    overrides = ["zoo_profile=micro", f"prompts={SMALL}", "noise_floor=null", "metrics.bootstrap_resamples=0", "metrics.matrix=false",
+                 "variants=[{name: base, source: 'zoo:tiny-qwen1.5-s'}]", f"reports_dir={tmp_path / 'r'}"]  # fmt: skip
+    config = str(ROOT / "configs" / "default.yaml")
+    save_run = report.save_run
+
+    def cut_short(run_dir, *args):
+        (run_dir / "positions-base.npz").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "save_run", cut_short)
+    assert main(["compare", "--config", config, *overrides]) == 130
+    (folder,) = [p for p in (tmp_path / "r").iterdir()]
+    assert records.read(folder).status == "error" and (folder / "positions-base.npz").read_bytes() == b"half"
+
+    monkeypatch.setattr(report, "save_run", save_run)
+    render = report.render
+    monkeypatch.setattr(report, "render", lambda run_dir, **_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    capsys.readouterr()
+    assert main(["compare", "--config", config, *overrides]) == 130
+    (folder,) = [p for p in (tmp_path / "r").iterdir() if p != folder]
+    rec = records.read(folder)
+    assert rec.status == "ok" and len(rec.pairs) == 1 and not (folder / "index.html").exists()
+    assert f"the record of the finished run is complete in {folder}, its reports are not: `harness report {folder}`" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "latest").exists()
+    monkeypatch.setattr(report, "render", render)
+    assert main(["report", str(folder)]) == 0 and (folder / "index.html").is_file()
+
+
+def test_run_folders_are_each_runs_own_within_one_second(tmp_path, monkeypatch):
+    """The run id is the second and the config's hash: a second run of the config in the same second (two jobs, or a
+    run and its error record) gets `<id>-2`, not the first one's folder."""
+    from datetime import datetime, timezone
+
+    from harness import records
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 7, 3, 0, 0, tzinfo=timezone.utc)
+
+    monkeypatch.setattr(records, "datetime", Frozen)
+    first, _ = records.new_run_dir(tmp_path, "{}")
+    second, _ = records.new_run_dir(tmp_path, "{}")
+    third, _ = records.new_run_dir(tmp_path, "{}")
+    assert first.name.startswith("20261207T030000Z-") and (second.name, third.name) == (f"{first.name}-2", f"{first.name}-3")

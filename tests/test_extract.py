@@ -330,6 +330,32 @@ def test_full_disk_is_a_clear_error(micro_zoo, tokens, segments, tmp_store, monk
     assert done.is_complete(0) and not done.is_complete(1) and not list(done.root.glob(".*tmp*"))
 
 
+def test_a_full_disk_at_the_index_and_a_store_left_without_one(micro_zoo, tokens, segments, tmp_store, monkeypatch):
+    """Every shard written, then no room for index.json (or a stop just before it): a clear error, no empty temporary
+    left, and the shards kept. The next run reuses them and writes the missing index.json (a store without one
+    showed as '?' in `store list` for good: the reuse path never wrote it)."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):  # the temporary is written; no room to finish it
+        if Path(dst).name == "index.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(loaders.ExtractError, match=r"cannot write .*index\.json: No space left on device \(the disk is full: .*"
+                                                  r"shards are complete and kept: the next run reuses them and writes it"):
+        extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=4, store_dtype="float16", **QUIET)
+    monkeypatch.setattr(os, "replace", real)
+    (root,) = tmp_store.iterdir()
+    done = store.Store(root)
+    assert not (root / "index.json").exists() and not list(root.glob(".index.json.tmp*"))
+    assert done.shards() and all(done.is_complete(i) for i in range(len(done.shards())))
+    got, facts = extract.extract(_loaded(zoo.CHAT_S), segments, tokens.n_vocab, batch_size=4, store_dtype="float16", **QUIET)
+    index = json.loads((root / "index.json").read_text())
+    assert facts["reused_shards"] == facts["shards"] and index["model"]["name"] == zoo.CHAT_S and index["n_vocab"] == tokens.n_vocab
+    assert index["facts"]["shards"] == facts["shards"] and got.index()["key"] == root.name
+
+
 def test_interrupt_keeps_the_shard_being_written(micro_zoo, tokens, segments, tmp_store, monkeypatch):
     """Rows go to disk while the next batch runs; Ctrl-C keeps finished shards and no partial file."""
     monkeypatch.setattr(store, "SHARD_POSITIONS", 64)

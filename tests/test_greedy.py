@@ -167,6 +167,22 @@ def test_shares_that_do_not_fit_or_disagree(tmp_path):
                     *(f"warning: {tmp_path / f'k.part-{k}-of-3.json'} is not a share of these 4 prompts' continuations: not taken" for k in (2, 3, 4))]  # fmt: skip
 
 
+def test_a_stopped_parts_finished_prompts_are_taken_without_cutting_its_file(tmp_path):
+    """A part stopped (killed) before its share was whole leaves `.part-K-of-N.progress.jsonl`: a plain run takes its
+    finished prompts (the next part's run appends to that file, so a torn last line is read past, not cut); one
+    with more lines than its part has prompts is not taken."""
+    path = tmp_path / "k.json"
+    progress = tmp_path / "k.part-2-of-2.progress.jsonl"
+    progress.write_bytes(b"[7, 8]\n[9]\n[10, 1")  # prompts 1 and 3 finished, prompt 5 cut short
+    greedy._write_json(tmp_path / "k.part-1-of-2.json", {"continuations": [[1], [2], [3]]})
+    assert greedy._shares(path, 6, lambda _: None) == {0: [1], 2: [2], 4: [3], 1: [7, 8], 3: [9]}
+    assert progress.read_bytes().endswith(b"[10, 1")  # left as it was
+    said = []
+    progress.write_text("[1]\n[2]\n[3]\n[4]\n")  # 4 lines, and part 2 of 2 of 6 prompts has 3
+    assert greedy._shares(path, 6, said.append) == {0: [1], 2: [2], 4: [3]}
+    assert said == [f"warning: {progress} is not a share of these 6 prompts' continuations: not taken"]
+
+
 def test_a_waiting_part_ends_when_a_plain_run_merged_the_shares(micro_zoo, tokens, tmp_path, monkeypatch):
     """A part waiting for the others' shares stops waiting once a plain run has written the merged continuations; a
     part's share that does not fit the prompts stops the merge with an error naming it."""
