@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 
 import numpy as np
 
@@ -62,6 +63,11 @@ def decades(series: list[np.ndarray]) -> tuple[int, int]:
     return _decades([np.asarray(v, dtype=np.float64) for v in series])
 
 
+def exponent(text: str) -> str:
+    """Numbers' exponents as the page's script writes them (JavaScript's toExponential): 2.69e-6, not Python's 2.69e-06."""
+    return re.sub(r"e([+-])0+(\d)", r"e\1\2", text)
+
+
 def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150, span: tuple[int, int] | None = None) -> str:
     """Histogram of per-position KL over log-spaced bins (4 a decade) across `span` (decades(); else this series'
     own); positions with KL = 0 go to the first bin. Bar heights are each histogram's own: pairs differ in count."""
@@ -78,7 +84,7 @@ def hist_svg(kl: np.ndarray, color: str, width: int = 360, height: int = 150, sp
     zeros = int((v == 0).sum())
     for i, c in enumerate(counts):
         h = c / top * (y1 - y0)
-        edges = f"KL {10 ** (lo + i / 4):.2g} to {10 ** (lo + (i + 1) / 4):.2g}"
+        edges = exponent(f"KL {10 ** (lo + i / 4):.2g} to {10 ** (lo + (i + 1) / 4):.2g}")
         what = f"{edges}" + (f", {zeros} of them exactly 0" if i == 0 and zeros else "")
         parts.append(f'<rect x="{x0 + i * w:.1f}" y="{y1 - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" fill="{color}"><title>{c} position{"" if c == 1 else "s"}, {what}</title></rect>')
     parts += _axis(x0, x1, y1, lo, hi, sx)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import records
-from harness.charts import PALETTE, cdf_svg, decades, heat, hist_svg
+from harness.charts import PALETTE, cdf_svg, decades, exponent, heat, hist_svg
 from harness.check import ABSENT, VERSION_KEYS
 from harness.llama_report import LLAMA_ROWS
 
@@ -38,7 +38,7 @@ def _num(x, spec: str = ".3g") -> str:
         return "–"
     if isinstance(x, float) and math.isinf(x):
         return "∞" if x > 0 else "−∞"
-    return format(x, spec)
+    return exponent(format(x, spec))
 
 
 def _fraction(x, decimals: int) -> str:
@@ -71,7 +71,7 @@ def _sig(v: float, se: float | None = None, digits: int = 4, near: float | None 
         dec = max(0, -last)
         text = f"{round(v, -last) if last > 0 else v:.{dec}f}"
         return text + (f" ± {round(se, -last) if last > 0 else se:.{dec}f}" if se else "")
-    return f"{v:.{e - last}e}" + (f" ± {se:.1e}" if se else "")
+    return exponent(f"{v:.{e - last}e}" + (f" ± {se:.1e}" if se else ""))
 
 
 def script_json(obj) -> str:

@@ -365,7 +365,7 @@ def test_the_gate_passes_the_good_builds_and_fails_the_damaged_ones(gate_env, ca
         assert "s-chat-gptq-int4" in table and "FAIL" in table and "kl_mean" in table
         bad = (gate_env / "reports" / "latest").resolve()
         page = (bad / "index.html").read_text()
-        assert "Quantization gate: FAIL" in page and "id=gate-table" in page  # the report shows the verdict
+        assert "Quantization gate: <span class=\"verdict fail\">FAIL</span>" in page and "id=gate-table" in page  # the report shows the verdict
         # against the good run as baseline it is a regression too, with a warning naming the new source
         assert main(["check", "--run", str(bad), "--baseline", str(good), "--fail", "kl_mean:+10%", "top1_agree:-1%"]) == 1
         verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -428,7 +428,7 @@ def test_a_baseline_pair_missing_from_the_run_warns_and_fails_only_with_strict(t
     (tmp_path / "gate.json").write_text(json.dumps(records.json_safe(v), allow_nan=False))  # strict JSON, as main writes it
     from harness import html_report
 
-    assert "<td>int8</td><td>kl_mean</td><td>absent</td><td>–</td><td>1e-05</td>" in html_report.gate_section(tmp_path)
+    assert "<td>int8</td><td>kl_mean</td><td>absent</td><td>–</td><td>1e-5</td>" in html_report.gate_section(tmp_path)
     # a dropped cross_vocab pair: its bits per byte are a known --fail metric (the baseline has them), and absent now
     v = check.gate(_run(GOOD), baseline=base, baseline_path=Path("b.json"), fail=["bpb_diff:+0.1"], strict=True)
     assert [(b["pair"], b["metric"], b["rule"]) for b in v["breaches"]] == [("int8", "bpb_diff", check.ABSENT)]

@@ -150,8 +150,8 @@ def test_histogram_says_how_many_positions_are_exactly_0_and_each_bars_range():
 
     svg = charts.hist_svg(np.array([0.0, 0.0, 0.0, 2e-5, 3e-3]), "#000", span=(-6, -2))
     titles = re.findall(r"<title>([^<]*)</title>", svg)
-    assert len(titles) == 16 and titles[0] == "3 positions, KL 1e-06 to 1.8e-06, 3 of them exactly 0"
-    assert titles[5] == "1 position, KL 1.8e-05 to 3.2e-05" and "3 exactly 0 (in the first bar)" in svg
+    assert len(titles) == 16 and titles[0] == "3 positions, KL 1e-6 to 1.8e-6, 3 of them exactly 0"
+    assert titles[5] == "1 position, KL 1.8e-5 to 3.2e-5" and "3 exactly 0 (in the first bar)" in svg
     assert "exactly 0" not in charts.hist_svg(np.array([2e-5, 3e-3]), "#000", span=(-6, -2))
 
 
@@ -173,8 +173,8 @@ def test_numbers_on_the_page_keep_their_digits():
     assert sig(1.000044, 0.0001014) == "1.00004 ± 0.00010"  # a good quant's PPL ratio: not "1 ± 0.0001"
     assert sig(4216.619, 35.2) == "4217 ± 35" and sig(13260.4, 1998.0) == "13260 ± 2000"
     assert sig(14.002261) == "14.00" and sig(0.548) == "0.5480" and sig(-0.34) == "-0.3400"
-    assert sig(1.891e-04, 6.4e-06) == "1.891e-04 ± 6.4e-06" and sig(0.002766, 0.000147) == "0.002766 ± 0.000147"
-    assert sig(4.531e-06, 3.3e-07) == "4.531e-06 ± 3.3e-07" and sig(-5.2e-12) == "-5.200e-12" and sig(1e7) == "1.000e+07"
+    assert sig(1.891e-04, 6.4e-06) == "1.891e-4 ± 6.4e-6" and sig(0.002766, 0.000147) == "0.002766 ± 0.000147"
+    assert sig(4.531e-06, 3.3e-07) == "4.531e-6 ± 3.3e-7" and sig(-5.2e-12) == "-5.200e-12" and sig(1e7) == "1.000e+7"
     assert sig(99.99981, near=100.0) == "99.99981" and sig(97.5, near=100.0) == "97.50"
     assert sig(0.0) == "0" and sig(float("inf")) == "∞" and sig(0.0, 0.02) == "0.000 ± 0.020"
     frac = html_report._fraction
@@ -662,4 +662,4 @@ def test_a_damaged_gate_file_leaves_the_report_a_note(tmp_path, text):
     html = html_report.gate_section(tmp_path)
     assert "gate.json cannot be read" in html and "harness check --run</code> on this run writes it again" in html
     (tmp_path / "gate.json").write_text('{"verdict": "pass", "checks": 3, "breaches": [], "within_noise": []}')
-    assert "Quantization gate: PASS" in html_report.gate_section(tmp_path)
+    assert "Quantization gate: <span class=\"verdict pass\">PASS</span>" in html_report.gate_section(tmp_path)
