@@ -248,7 +248,9 @@ def load_tokens(run_dir: Path, record: RunRecord) -> dict | None:
     except ValueError as exc:
         raise _side_file(path, "the prompts' tokens", exc) from None
     if (n := record.inputs.get("prompts")) is not None and len(tokens["prompts"]) != n:
-        raise _side_file(path, "the prompts' tokens", ValueError(f"it holds {len(tokens['prompts'])} prompts, the run had {n}"))
+        raise _side_file(path, "the prompts' tokens", ValueError(
+            f"it holds {len(tokens['prompts'])} prompts, the run had {n}; before 2026-12-07 a run whose prompts did not all "
+            "give a scored position wrote those that did only, and named positions by the wrong prompts"))  # fmt: skip
     return tokens
 
 
