@@ -174,12 +174,18 @@ class Config(_Strict):
         names = {v.name for v in self.variants}
         if self.reference.name in names:  # its store and its pair would be the variant's: a run of it against itself
             raise ValueError(f"variant name {self.reference.name!r} is the reference's name; give the variant another")
+        listed = [v.name for v in self.variants]
+
+        def which(name: str) -> str:
+            near = difflib.get_close_matches(name, listed, n=1)
+            return (f" (did you mean {near[0]!r}?)" if near else "") + f"; the variants are: {', '.join(listed)}"
+
         if self.noise_floor is not None and self.noise_floor not in names:
-            raise ValueError(f"noise_floor {self.noise_floor!r} is not the name of a variant")
+            raise ValueError(f"noise_floor {self.noise_floor!r} is not the name of a variant{which(self.noise_floor)}")
         known = None
         for pair, limits in self.gate.items():
             if pair != "*" and pair not in names:
-                raise ValueError(f"gate key {pair!r} is not the name of a variant (nor '*', every variant)")
+                raise ValueError(f"gate key {pair!r} is not the name of a variant (nor '*', every variant){which(pair)}")
             if self.noise_floor is None and any(lim.max_x_floor is not None for lim in limits.values()):
                 raise ValueError(f"gate.{pair} uses max_x_floor, but no noise_floor is set")
             known = known or gate_metrics(self.metrics.top_k, self.noise_floor is not None, self.cross_vocab)

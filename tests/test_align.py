@@ -456,8 +456,11 @@ def test_the_token_view_leaves_unaligned_positions_out(cross_run, browser):
     page.select_option("#pair-select", "s-cut")
     scored, unaligned = page.locator("#tokens-out span.tok"), page.locator('#tokens-out span.ctx[title^="not aligned"]')
     assert scored.count() > 5 and unaligned.count() >= 1
-    scored.nth(2).click()  # the reference's top-5 and an empty table for the candidate (another vocabulary)
-    assert page.locator("#detail table").count() == 2 and page.locator("#detail table tr").count() == 6 + 1
+    scored.nth(2).click()  # the reference's top-5 (and the next token below them where it is not one of them), and an
+    # empty table for the candidate (another vocabulary: neither its top 5 nor its probability of the reference's token)
+    below = page.locator("#detail tr.below").count()
+    assert page.locator("#detail table").count() == 2 and page.locator("#detail table tr").count() == 6 + below + 1 and below <= 1
+    assert page.locator("#detail table").nth(1).locator("tr").count() == 1
     page.select_option("#pair-select", "s-perm")
     assert page.locator('#tokens-out span.ctx[title^="not aligned"]').count() == 0
     assert seen["errors"] == [] and [m for m in seen["console"] if m[0] in ("error", "warning")] == []

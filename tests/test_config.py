@@ -171,7 +171,9 @@ def test_duplicate_variant_names(tmp_path):
     [
         ("gate: {v: {kl_mean: {maxx: 0.01}}}", r"unknown key 'gate\.v\.kl_mean\.maxx'"),
         ("gate: {v: {kl_mean: {}}}", r"gate\.v\.kl_mean.*at least one of min, max, max_x_floor"),
-        ("gate: {w: {kl_mean: {max: 0.01}}}", r"gate key 'w' is not the name of a variant"),
+        ("gate: {w: {kl_mean: {max: 0.01}}}", r"gate key 'w' is not the name of a variant .*; the variants are: v\b"),
+        ("gate: {vv: {kl_mean: {max: 0.01}}}", r"gate key 'vv' is not the name of a variant .*\(did you mean 'v'\?\); the variants are: v"),
+        ("noise_floor: vv", r"noise_floor 'vv' is not the name of a variant \(did you mean 'v'\?\); the variants are: v"),
         ("gate: {v: {kl_mean: {max_x_floor: 20}}}", r"gate\.v uses max_x_floor, but no noise_floor is set"),
         ("gate: {v: {kl_mean: {max: lots}}}", r"key 'gate\.v\.kl_mean\.max'.*'lots'"),
         ("gate: {v: {kl_meen: {max: 0.01}}}", r"c\.yaml: gate\.v\.kl_meen: no pair aggregate is called 'kl_meen'; did you mean kl_mean"),
