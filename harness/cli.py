@@ -230,9 +230,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from harness import records, report
+    from harness import records, report, token_view
 
-    index = report.render(records.run_dir(args.run_dir), **({} if args.view_positions is None else {"view_positions": args.view_positions}))
+    index = report.render(records.run_dir(args.run_dir), args.view_positions or token_view.VIEW_POSITIONS)
     print(f"report: {index}")
     return 0
 

@@ -196,7 +196,8 @@ def extract(
         with contextlib.suppress(OSError):  # the folder's time is its last use (`harness store list`); read-only is fine
             os.utime(store.root)
         if store.index() is None:  # its filler stopped between the last shard and index.json: what is known of it
-            _write_index(store, index | {"facts": facts}, spec.name, len(plan))
+            with contextlib.suppress(OSError):  # best effort: a read-only store is still reused
+                store.write_index(index | {"facts": facts})
     if not todo:
         log(f"{spec.name}: reusing {store.root}" if not missing else
             f"{spec.name}: part {part[0]}/{part[1]} is done; {len(missing)} shards of other parts still missing in {store.root}")  # fmt: skip

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import align, html_report, llama_report, records
+from harness import align, html_report, llama_report, records, token_view
 from harness.compare import PairResult
 
 SUMMARY_COLUMNS = [
@@ -118,7 +118,7 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
     return path
 
 
-def render(run_dir: Path, view_positions: int = html_report.VIEW_POSITIONS) -> Path:
+def render(run_dir: Path, view_positions: int = token_view.VIEW_POSITIONS) -> Path:
     """Every report file of a run folder from its record; returns the path of index.html, whose token view holds at
     most `view_positions` positions."""
     run_dir = Path(run_dir)

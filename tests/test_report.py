@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import open_page
 
-from harness import aggregate, html_report, llama_report, records, report
+from harness import aggregate, html_report, llama_report, records, report, token_view
 from harness.cli import main
 
 pytestmark = pytest.mark.slow
@@ -188,8 +188,8 @@ def test_the_view_data_keeps_the_digits_the_page_shows(micro_run):
     run_dir, _ = micro_run
     rec = records.read(run_dir)
     positions = {p.candidate: records.load_positions(run_dir, p) for p in rec.pairs}
-    data = html_report.view_data(run_dir, rec, positions, records.load_tokens(run_dir, rec))
-    ratio = 1 + html_report.PROMPT_COLUMNS.index("ppl_ratio")
+    data = token_view.view_data(run_dir, rec, positions, records.load_tokens(run_dir, rec))
+    ratio = 1 + token_view.PROMPT_COLUMNS.index("ppl_ratio")
     names = [p["id"] for p in data["prompts"]]
     for r in csv.DictReader((run_dir / "prompts.csv").open()):
         row = next(x for x in data["prompt_rows"][r["candidate"]] if names[x[0]] == r["prompt"])
@@ -472,12 +472,12 @@ def test_a_long_runs_token_view_holds_the_first_prompts_only(micro_run):
     rec = records.read(run_dir)
     positions = {p.candidate: records.load_positions(run_dir, p) for p in rec.pairs}
     tokens = records.load_tokens(run_dir, rec)
-    full = html_report.view_data(run_dir, rec, positions, tokens)
+    full = token_view.view_data(run_dir, rec, positions, tokens)
     n = len(full["pos"]["prompt"])
     assert "view" not in full and n == rec.pairs[0].aggregates["positions"]
-    assert html_report.view_data(run_dir, rec, positions, tokens, budget=n) == full  # exactly at the budget: all of it
+    assert token_view.view_data(run_dir, rec, positions, tokens, budget=n) == full  # exactly at the budget: all of it
     budget = n // 3
-    cut = html_report.view_data(run_dir, rec, positions, tokens, budget=budget)
+    cut = token_view.view_data(run_dir, rec, positions, tokens, budget=budget)
     counts = np.bincount(full["pos"]["prompt"])
     first = int(np.searchsorted(np.cumsum(counts), budget, side="right"))  # the prompts whose rows fit the budget together
     k = int(counts[:first].sum())
@@ -489,7 +489,7 @@ def test_a_long_runs_token_view_holds_the_first_prompts_only(micro_run):
     assert [p["id"] for p in cut["prompts"]] == [p["id"] for p in full["prompts"]] and cut["prompt_rows"] == full["prompt_rows"]
     assert cut["prompts"][:first] == full["prompts"][:first] and all(p["texts"] == [] for p in cut["prompts"][first:])
     # a single prompt longer than the budget is shown whole: the view never holds no prompt
-    assert html_report.view_data(run_dir, rec, positions, tokens, budget=1)["view"]["prompts"] == 1
+    assert token_view.view_data(run_dir, rec, positions, tokens, budget=1)["view"]["prompts"] == 1
 
 
 def test_the_cut_token_view_in_a_browser(browser, micro_run, tmp_path, capsys):
