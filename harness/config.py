@@ -309,7 +309,9 @@ def _describe(error: ValidationError, origin: str, overridden: dict[str, str] | 
         if item["type"] == "extra_forbidden":
             lines.append(_unknown(tuple(item["loc"])) + src)
         elif not item["loc"]:  # a check across keys: its message names them (the input is the whole file)
-            lines.append(item["msg"].removeprefix("Value error, "))
+            msg = item["msg"].removeprefix("Value error, ")
+            by = next((a for k, a in (overridden or {}).items() if all(part in msg for part in k.split("."))), None)
+            lines.append(msg + ("" if by is None else f" (from the override {by!r})"))
         elif item["type"] == "missing":
             lines.append(f"missing key '{key}'")
         else:

@@ -107,6 +107,13 @@ def test_a_bad_override_value_names_the_override(tmp_path):
         config.load(path, ["batch_size=-1"])
     with pytest.raises(config.ConfigError, match=r"unknown key 'metrics.top_kk'.* \(from the override 'metrics.top_kk=3'\)"):
         config.load(path, ["metrics.top_kk=3"])
+    # a check across keys (a name that must be a variant's) names the override its message is about
+    with pytest.raises(config.ConfigError, match=r"noise_floor 'vv' is not the name of a variant .* \(from the override 'noise_floor=vv'\)\.$"):
+        config.load(path, ["noise_floor=vv"])
+    with pytest.raises(config.ConfigError, match=r"gate key 'w' .* \(from the override 'gate\.w=\{kl_mean: \{max: 1\}\}'\)\.$"):
+        config.load(path, ["gate.w={kl_mean: {max: 1}}"])
+    with pytest.raises(config.ConfigError, match=r"gate key 'w' is not the name of a variant \(nor '\*', every variant\); the variants are: v\.$"):
+        config.load(_write(tmp_path, BASE + "gate: {w: {kl_mean: {max: 1}}}\n"), ["batch_size=2"])  # the file's: no override named
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
