@@ -64,22 +64,25 @@ def view_data(
             for key in pos:
                 for r, v in zip(m["ref_row"].tolist(), m[key].tolist()):
                     pos[key][r] = v
+    # past the budget, the first prompts' rows only: chosen before any per-position value is rounded into the page
+    cut = _view_rows(pos["prompt"], budget)
+    rows = np.asarray(cut[0] if cut else range(len(pos["prompt"])), dtype=np.int64)
     kl = {}
     for c, m in positions.items():
-        kl[c] = _round(m["kl"])
         if "ref_row" in m:  # null where the pair has no aligned position
-            spread = [None] * len(pos["prompt"])
-            for r, v in zip(m["ref_row"].tolist(), kl[c]):
-                spread[r] = v
-            kl[c] = spread
+            spread = np.full(len(pos["prompt"]), np.nan)
+            spread[m["ref_row"]] = m["kl"]
+            kl[c] = [None if math.isnan(v) else v for v in _round(spread[rows])]
+        else:
+            kl[c] = _round(m["kl"][rows])
     # each model's probability of the text's next token (the reference's, the candidates' over the reference's tokens)
     p_target = {}
     for c, m in positions.items():
         if "ref_row" in m or not {"nll_ref", "nll_cand"} <= set(m):  # a cross_vocab pair's NLLs are over its own tokens
             continue
         if record.reference not in p_target:
-            p_target[record.reference] = _round(np.exp(-m["nll_ref"]), 4)
-        p_target[c] = _round(np.exp(-m["nll_cand"]), 4)
+            p_target[record.reference] = _round(np.exp(-m["nll_ref"][rows]), 4)
+        p_target[c] = _round(np.exp(-m["nll_cand"][rows]), 4)
     index = {p["id"]: i for i, p in enumerate(tokens["prompts"])}
     data = {
         "reference": record.reference,
@@ -106,16 +109,14 @@ def view_data(
                     f"{run_dir / name}: {what} that run.json names hold {key!r} {tuple(a.shape)}, where each model has "
                     f"'<model>.ids' and '<model>.probs' of shape ({len(pos['prompt'])}, 5); the run folder is damaged: "
                     "run `harness compare` again")  # fmt: skip
-    if cut := _view_rows(pos["prompt"], budget):
-        rows, shown = cut
+    if cut:
+        shown = cut[1]
         data["view"] = {"prompts": len(shown), "of_prompts": len(set(pos["prompt"]) - {-1}), "positions": len(rows),
                         "of_positions": len(pos["prompt"]), "budget": budget}  # fmt: skip
-        data["pos"] = {key: [v[i] for i in rows] for key, v in pos.items()}
-        data["kl"] = {c: [v[i] for i in rows] for c, v in kl.items()}
-        data["p_target"] = {c: [v[i] for i in rows] for c, v in p_target.items()}
+        data["pos"] = {key: [v[i] for i in cut[0]] for key, v in pos.items()}
         data["prompts"] = [p if i in shown else {"id": p["id"], "texts": []} for i, p in enumerate(data["prompts"])]
-        arrays = {key: a[rows] for key, a in arrays.items()}
     for key, a in arrays.items():
+        a = a[rows] if cut else a  # uncut: every reference row (more than the view's where every pair is cross_vocab)
         model, _, part = key.rpartition(".")
         data["top"].setdefault(model, {})[part] = a.reshape(-1).tolist() if part == "ids" else _round(a.reshape(-1), 4)
     return data
