@@ -23,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness import records
+from harness import gate_formats, records
 from harness.config import Limit
 
 # What may differ between a run and its baseline with only a warning; the prompt set and the
@@ -34,7 +34,7 @@ CONFIG_KEYS = ("mode", "text", "generate", "store_dtype", "batch_size", "padding
 VARIANT_KEYS = ("source", "dtype", "device", "loader", "backend", "kernels", "cross_vocab")  # kernels: the quantized layers' classes
 
 
-ABSENT = "present in this run"  # the rule a baseline pair missing from the run breaks (with --strict and --fail)
+ABSENT = gate_formats.ABSENT  # "present in this run": the rule a baseline pair missing from the run breaks (with --strict and --fail)
 
 
 class GateError(ValueError):
@@ -346,19 +346,18 @@ def gate(
 
 def table(verdict: dict) -> str:
     """Every check, failed ones first, then a line with the verdict (a record from before `passed`: the others only)."""
-    rows = verdict["breaches"] + verdict["within_noise"] + verdict.get("passed", [])
+    rows = gate_formats.checks(verdict)
     head = f"{'pair':<26} {'metric':<14} {'value':>11} {'limit':>11} {'baseline':>11}  {'rule':<22} verdict"
     lines = [head, "-" * len(head)] if rows else []
     for b in rows:
-        base = f"{b['baseline']:>11.4g}" if b["baseline"] is not None else f"{'–':>11}"
-        verdict_word = "pass" if b.get("passed") else "within noise" if b["within_noise"] else "FAIL"
-        limit = f"{b['limit']:>11.4g}" if b["limit"] is not None and math.isfinite(b["limit"]) else f"{'–':>11}"
-        value = f"{'absent':>11}" if b["rule"] == ABSENT else f"{b['value']:>11.4g}"
-        lines.append(f"{b['pair']:<26} {b['metric']:<14} {value} {limit} {base}  {b['rule']:<22} {verdict_word}")
-    fails = len(verdict["breaches"])
-    word = f"{fails} of {verdict['checks']} checks fail" if fails else f"all {verdict['checks']} checks pass"
-    lines.append(f"gate: {word} (run {verdict['run']})")
+        c = gate_formats.cells(b)
+        lines.append(f"{c['pair']:<26} {c['metric']:<14} {c['value']:>11} {c['limit']:>11} {c['baseline']:>11}  {c['rule']:<22} {c['verdict']}")
+    lines.append(gate_formats.headline(verdict))
     return "\n".join(lines)
+
+
+def _line(b: dict) -> str:
+    return Breach(**b).line()
 
 
 def load_baseline(path: Path) -> records.RunRecord:
@@ -403,19 +402,41 @@ def preflight(cfg, *, baseline: Path | None, fail: list[str]) -> records.RunReco
     return base
 
 
-def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool) -> int:
+def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool, junit: Path | None = None) -> int:
     run = records.read(run_dir)
     base = load_baseline(Path(baseline)) if baseline else None
     verdict = gate(run, baseline=base, baseline_path=baseline, fail=fail, strict=strict)
     (Path(run_dir) / "gate.json").write_text(json.dumps(records.json_safe(verdict), indent=2) + "\n")
+    summary = gate_formats.markdown(verdict)
+    for path, text in ((Path(run_dir) / "gate.md", summary), (junit, junit and gate_formats.junit(verdict, _line))):
+        if path is not None:
+            try:
+                gate_formats.write(path, text)
+            except OSError as exc:  # the verdict stands without it (and CI misses the file, which it reports)
+                verdict["warnings"].append(f"{path} not written: {exc.strerror or exc}")
+    if (problem := gate_formats.append_step_summary(summary)) is not None:
+        verdict["warnings"].append(problem)
     from harness import report
 
     try:
         report.render(run_dir)  # index.html gains the verdict
     except (OSError, ValueError, KeyError) as exc:  # the verdict stands without it
         verdict["warnings"].append(f"{run_dir}/index.html not re-rendered: {exc}")
+    if gate_formats.in_github_actions():
+        print("\n".join(gate_formats.annotations(verdict, _line)))
     for w in verdict["warnings"]:
         print(f"warning: {w}")
     print(table(verdict))
     print(json.dumps(records.json_safe(verdict), separators=(",", ":"), allow_nan=False))
     return 1 if verdict["verdict"] == "fail" else 0
+
+
+def error_reports(message: str, junit: Path | None, kind: str) -> None:
+    """A gate that ended without a verdict (exit 2, 3, 130 or 143) still leaves its JUnit report and step summary,
+    naming why: `kind` says which (e.g. "input error, exit 2")."""
+    for write in (lambda: junit and gate_formats.write(junit, gate_formats.junit_error(message, kind)),
+                  lambda: gate_formats.append_step_summary(gate_formats.markdown_error(message, kind))):  # fmt: skip
+        try:
+            write()
+        except OSError:  # the error in flight is the one to report
+            pass

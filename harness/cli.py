@@ -210,6 +210,21 @@ def _compare(cfg, planned=None, state: dict | None = None) -> Path:
 
 
 def cmd_check(args) -> int:
+    from harness import check
+
+    try:
+        return _check(args)
+    except BaseException as exc:  # no verdict: the JUnit report and step summary say why, then it is handled as usual
+        if isinstance(exc, KeyboardInterrupt):
+            term = isinstance(exc, Terminated)
+            check.error_reports("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)", args.junit, f"interrupted, exit {143 if term else 130}")
+        elif not isinstance(exc, SystemExit):
+            kind = "input error, exit 2" if isinstance(exc, input_errors()) else "internal error, exit 3"
+            check.error_reports(str(exc) or type(exc).__name__, args.junit, kind)
+        raise
+
+
+def _check(args) -> int:
     from harness import check, config, records
 
     if (args.config is None) == (args.run is None):
@@ -226,7 +241,7 @@ def cmd_check(args) -> int:
         raise check.GateError(f"overrides {args.overrides} apply to --config, not to --run")
     else:
         run_dir = records.run_dir(args.run)
-    return check.main(run_dir, baseline=args.baseline, fail=args.fail, strict=args.strict)
+    return check.main(run_dir, baseline=args.baseline, fail=args.fail, strict=args.strict, junit=args.junit)
 
 
 def cmd_report(args) -> int:
@@ -285,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
                    help="regressions against the baseline that fail the gate, e.g. kl_mean:+10%% top1_agree:-1%%")
     p.add_argument("--strict", action="store_true", help="fail even on breaches within the runs' standard error, and on "
                    "a pair that the baseline or the run lacks (with --fail)")
+    p.add_argument("--junit", type=Path, metavar="PATH", help="also write the verdict as JUnit XML, a test case per check "
+                   "(an error case where the gate gives no verdict), for GitLab, Jenkins or a test-report action")
     p.set_defaults(run_command=cmd_check)
     p = sub.add_parser("report", help="re-render a run folder's CSV and HTML reports from its run.json (no model loads)")
     p.add_argument("run_dir", help="a run folder (or its run.json), e.g. reports/latest")
@@ -334,6 +351,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, before)
 
 
+def input_errors() -> tuple[type[Exception], ...]:
+    """The errors of bad input (a config, prompts, a model folder, a record, the gate's arguments): exit 2."""
+    from harness.check import GateError
+    from harness.compare import CompareError
+    from harness.config import ConfigError
+    from harness.loaders import ExtractError
+    from harness.prompts import PromptError
+    from harness.records import RecordError
+
+    return ConfigError, PromptError, ExtractError, CompareError, RecordError, GateError
+
+
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # its options are harness.bench's own; its errors are handled as every command's
         from harness import bench
@@ -344,16 +373,9 @@ def _main(argv: list[str]) -> int:
         _quiet_libraries()
         run = lambda: args.run_command(args)  # noqa: E731
         extracting = args.command in ("compare", "extract") or (args.command == "check" and args.config)
-    from harness.check import GateError
-    from harness.compare import CompareError
-    from harness.config import ConfigError
-    from harness.loaders import ExtractError
-    from harness.prompts import PromptError
-    from harness.records import RecordError
-
     try:
         return run()
-    except (ConfigError, PromptError, ExtractError, CompareError, RecordError, GateError) as exc:
+    except input_errors() as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

@@ -356,10 +356,13 @@ def test_the_gate_passes_the_good_builds_and_fails_the_damaged_ones(gate_env, ca
     good = (gate_env / "reports" / "latest").resolve()
 
     for damaged, must in ((zoo.INT2, {"kl_mean"}), (zoo.BAD_SCALES, {"kl_mean", "top1_agree"})):
-        assert main(_gate(gate_env, source=damaged)) == 1, damaged
+        junit = gate_env / f"{damaged}.xml"
+        assert main(_gate(gate_env, "--junit", str(junit), source=damaged)) == 1, damaged
         out = capsys.readouterr().out.strip().splitlines()
         verdict = json.loads(out[-1])
         assert verdict["verdict"] == "fail" and must <= {b["metric"] for b in verdict["breaches"]}
+        text = junit.read_text()  # the CI report holds every check, the breaches as failures
+        assert text.count("<testcase ") == verdict["checks"] == 7 and text.count("<failure ") == len(verdict["breaches"])
         assert all(b["pair"] == "s-chat-gptq-int4" for b in verdict["breaches"])
         table = "\n".join(out)
         assert "s-chat-gptq-int4" in table and "FAIL" in table and "kl_mean" in table
@@ -500,3 +503,111 @@ def test_a_star_limit_applies_to_every_variant_the_noise_floor_included():
     pairs = {"bf16": _agg(2e-4, 1e-6, 0.99), "int4": _agg(3e-3, 1e-5, 0.98)}
     v = check.gate(_run(pairs, {"*": {"kl_mean": {"max": 1e-4}}}))
     assert v["checks"] == 2 and sorted(b["pair"] for b in v["breaches"]) == ["bf16", "int4"]
+
+
+# ---------------------------------------------------------------- the verdict in CI systems' forms
+
+
+def _gate_pair(tmp_path: Path) -> tuple[Path, Path]:
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    gate = {"int4": {"kl_mean": {"max_x_floor": 20}, "top1_agree": {"min": 0.95}}, "bf16": {"top1_agree": {"min": 0.985}}}
+    # int4's top-1 0.9499 against 0.95 with a standard error of 0.0069: within noise
+    for folder, pairs in ((good, GOOD), (bad, {"bf16": GOOD["bf16"], "int4": _agg(0.02, 1e-4, 0.9499)})):
+        folder.mkdir()
+        records.write(folder, _run(pairs, gate, run_id=folder.name))
+    return good, bad
+
+
+def test_the_verdict_as_junit_a_step_summary_and_annotations(tmp_path, capsys, monkeypatch):
+    """Read back by junitparser (what CI test-report tools are built on): a test case per check, a breach a failure;
+    the step summary appended after what earlier steps wrote; an annotation per breach; the JSON line still last."""
+    from junitparser import Error, Failure, JUnitXml
+
+    good, bad = _gate_pair(tmp_path)
+    summary = tmp_path / "step-summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    junit = tmp_path / "ci" / "gate.xml"  # its folder is made
+    args = ["check", "--run", str(bad), "--baseline", str(good), "--fail", "kl_mean:+10%", "--junit", str(junit)]
+    assert main(args) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    verdict = json.loads(out[-1])
+    assert verdict["checks"] == 5 and len(verdict["breaches"]) == 2 and len(verdict["within_noise"]) == 1
+
+    suites = list(JUnitXml.fromfile(str(junit)))
+    assert len(suites) == 1
+    suite = suites[0]
+    assert (suite.tests, suite.failures, suite.errors, suite.skipped) == (5, 2, 0, 0)
+    cases = {(c.classname, c.name): c for c in suite}
+    assert len(cases) == 5
+    failed = {k for k, c in cases.items() if any(isinstance(r, Failure) for r in c.result)}
+    assert failed == {("gate.int4", "kl_mean <= 20 x floor"), ("gate.int4", "kl_mean +10% vs baseline")}
+    assert not any(isinstance(r, Error) for c in suite for r in c.result)
+    noisy = cases[("gate.int4", "top1_agree >= 0.95")]
+    assert noisy.is_passed and "within noise" in noisy.system_out
+    failure = next(r for r in cases[("gate.int4", "kl_mean <= 20 x floor")].result)
+    assert failure.message.startswith("int4: kl_mean = 0.02, limit <= 20 x floor = 0.004") and failure.message.endswith("FAIL")
+    assert {p.name: p.value for p in suite.properties()} == {"run": "bad", "baseline": "good", "verdict": "fail"}
+
+    md = summary.read_text()
+    assert md.startswith("earlier step\n### Quantization gate: FAIL\n")
+    assert md == "earlier step\n" + (bad / "gate.md").read_text() + "\n"
+    table = [line for line in md.splitlines() if line.startswith("| ") and "pair" not in line]
+    assert len(table) == 5 and sum("**FAIL**" in line for line in table) == 2 and sum("within noise" in line for line in table) == 1
+    assert all(len(line.split(" | ")) == 7 for line in table)
+
+    errors = [line for line in out if line.startswith("::error ")]
+    assert errors == [  # % escaped as GitHub's toolkit does (%25); ":" only in the title
+        "::error title=gate%3A int4 kl_mean::int4: kl_mean = 0.02, limit <= 20 x floor = 0.004: FAIL",
+        "::error title=gate%3A int4 kl_mean::int4: kl_mean = 0.02, limit +10%25 vs baseline = 0.0033 (baseline 0.003): FAIL",
+    ]
+    assert any(line.startswith("::warning title=gate::") and "within noise" in line for line in out)
+
+
+def test_without_github_actions_there_are_no_annotations_and_no_step_summary(tmp_path, capsys, monkeypatch):
+    good, _ = _gate_pair(tmp_path)
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    assert main(["check", "--run", str(good)]) == 0
+    assert not any(line.startswith("::") for line in capsys.readouterr().out.splitlines())
+    assert (good / "gate.md").read_text().startswith("### Quantization gate: PASS\n\nall 3 checks pass (run good)\n")
+
+
+@pytest.mark.parametrize("kind", ["usage", "crash", "interrupt"])
+def test_a_gate_without_a_verdict_leaves_an_error_in_its_junit_report(tmp_path, capsys, monkeypatch, kind):
+    """A CI dashboard that reads the JUnit file shows why no check ran, instead of a missing report."""
+    from junitparser import Error, JUnitXml
+
+    from harness import cli
+
+    junit, summary = tmp_path / "gate.xml", tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    if kind == "usage":
+        code, args, message = 2, ["--fail", "kl_mean:+10%"], "--fail compares with a baseline"
+    else:
+        failure = RuntimeError("an unforeseen failure") if kind == "crash" else cli.Terminated()
+
+        def boom(cfg, planned=None):
+            raise failure
+
+        monkeypatch.setattr(cli, "run_compare", boom)
+        code, args, message = (3, [], "an unforeseen failure") if kind == "crash" else (143, [], "terminated (SIGTERM)")
+    assert main(["check", "--config", str(ROOT / "configs" / "ci-gate.yaml"), "--junit", str(junit), *args]) == code
+    capsys.readouterr()
+    (suite,) = list(JUnitXml.fromfile(str(junit)))
+    assert (suite.tests, suite.failures, suite.errors) == (1, 0, 1)
+    (case,) = list(suite)
+    (error,) = case.result
+    assert isinstance(error, Error) and message in error.message
+    assert error.type == {"usage": "input error, exit 2", "crash": "internal error, exit 3", "interrupt": "interrupted, exit 143"}[kind]
+    assert summary.read_text().startswith("### Quantization gate: ERROR\n") and message in summary.read_text()
+
+
+def test_step_summary_cells_escape_pipes():
+    from harness import gate_formats
+
+    v = check.gate(_run({"bf16": GOOD["bf16"], "int|4": GOOD["int4"]}, {"int|4": {"kl_mean": {"max": 1e-9}}}))
+    md = gate_formats.markdown(v)
+    (row,) = [line for line in md.splitlines() if line.startswith("| int")]
+    assert row.startswith("| int\\|4 | kl_mean |") and len(row.replace("\\|", "").split(" | ")) == 7

@@ -1,0 +1,159 @@
+"""The gate's verdict in the forms CI systems read, beside `gate.json` and the console table.
+
+    harness check --config configs/ci-gate.yaml --junit reports/gate-junit.xml
+
+- `--junit PATH`: JUnit XML (GitLab's `artifacts:reports:junit`, Jenkins' junit step, the test-report actions of
+  GitHub), a test case per check: a breach is a failure, a check within noise passes with a note. A check that could
+  not run at all (a usage error, a failed comparison, a crash) is one test case with an error, so the report names it.
+- `gate.md` in the run folder, and appended to `$GITHUB_STEP_SUMMARY` where that is set (a GitHub Actions job's
+  summary page): the verdict as a Markdown table.
+- In GitHub Actions (`GITHUB_ACTIONS=true`), each breach and warning also as a workflow command (`::error ...`), which
+  GitHub shows as an annotation on the run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+COLUMNS = ("pair", "metric", "value", "limit", "baseline", "rule", "verdict")
+ABSENT = "present in this run"  # check.ABSENT (check imports this module)
+
+
+def cells(b: dict) -> dict[str, str]:
+    """One check of a verdict (a Breach as a dict) as the strings every form shows."""
+
+    def num(x) -> str:
+        return f"{x:.4g}" if x is not None and math.isfinite(x) else "–"
+
+    return {
+        "pair": b["pair"], "metric": b["metric"], "value": "absent" if b["rule"] == ABSENT else f"{b['value']:.4g}",
+        "limit": num(b["limit"]), "baseline": num(b["baseline"]) if b["baseline"] is not None else "–", "rule": b["rule"],
+        "verdict": "pass" if b.get("passed") else "within noise" if b["within_noise"] else "FAIL",
+    }  # fmt: skip
+
+
+def checks(verdict: dict) -> list[dict]:
+    """Every check, failed ones first (a verdict from before `passed`: the others only)."""
+    return verdict["breaches"] + verdict["within_noise"] + verdict.get("passed", [])
+
+
+def headline(verdict: dict) -> str:
+    fails = len(verdict["breaches"])
+    word = f"{fails} of {verdict['checks']} checks fail" if fails else f"all {verdict['checks']} checks pass"
+    return f"gate: {word} (run {verdict['run']})"
+
+
+# ---------------------------------------------------------------- JUnit XML
+
+
+def _suite(name: str, cases: int, failures: int, errors: int, props: dict) -> tuple[ET.Element, ET.Element]:
+    root = ET.Element("testsuites", name="harness check", tests=str(cases), failures=str(failures), errors=str(errors))
+    suite = ET.SubElement(root, "testsuite", name=name, tests=str(cases), failures=str(failures), errors=str(errors),
+                          skipped="0", timestamp=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
+    properties = ET.SubElement(suite, "properties")
+    for key, value in props.items():
+        if value is not None:
+            ET.SubElement(properties, "property", name=key, value=str(value))
+    return root, suite
+
+
+def _xml(root: ET.Element) -> str:
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def junit(verdict: dict, line) -> str:
+    """A test case per check, named "<metric> <rule>" in class "gate.<pair>"; `line(b)` gives a check's one line."""
+    rows = checks(verdict)
+    root, suite = _suite(
+        f"quantization gate (run {verdict['run']})", len(rows), len(verdict["breaches"]), 0,
+        {"run": verdict["run"], "baseline": verdict.get("baseline"), "verdict": verdict["verdict"]},
+    )  # fmt: skip
+    for b in rows:
+        c = cells(b)
+        case = ET.SubElement(suite, "testcase", classname=f"gate.{b['pair']}", name=f"{b['metric']} {b['rule']}", time="0")
+        if c["verdict"] == "FAIL":
+            failure = ET.SubElement(case, "failure", message=line(b), type="regression")
+            failure.text = "  ".join(f"{k}: {c[k]}" for k in COLUMNS[2:6])
+        elif c["verdict"] == "within noise":
+            ET.SubElement(case, "system-out").text = line(b) + f" (combined standard error {b['noise']:.4g})"
+    if verdict["warnings"]:
+        ET.SubElement(suite, "system-err").text = "\n".join(f"warning: {w}" for w in verdict["warnings"])
+    return _xml(root)
+
+
+def junit_error(message: str, kind: str) -> str:
+    """The report of a gate that gave no verdict (exit 2 or 3): one test case with the error."""
+    root, suite = _suite("quantization gate", 1, 0, 1, {"verdict": "error"})
+    case = ET.SubElement(suite, "testcase", classname="gate", name="harness check", time="0")
+    ET.SubElement(case, "error", message=message.splitlines()[0] if message else kind, type=kind).text = message
+    return _xml(root)
+
+
+# ---------------------------------------------------------------- Markdown and GitHub Actions
+
+
+def _md(text: str) -> str:
+    """A table cell: pipes escaped, no line breaks."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(verdict: dict) -> str:
+    rows = checks(verdict)
+    word = "FAIL" if verdict["verdict"] == "fail" else "PASS"
+    lines = [f"### Quantization gate: {word}", "", f"{headline(verdict).removeprefix('gate: ')}"
+             + (f", against baseline run {verdict['baseline']}" if verdict.get("baseline") else ""), ""]  # fmt: skip
+    if rows:
+        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 2 + "---:|" * 3 + "---|---|"]
+        for b in rows:
+            c = cells(b)
+            c["verdict"] = {"FAIL": "**FAIL**"}.get(c["verdict"], c["verdict"])
+            lines.append("| " + " | ".join(_md(c[k]) for k in COLUMNS) + " |")
+    if verdict["warnings"]:
+        lines += ["", "Warnings:", ""] + [f"- {_md(w)}" for w in verdict["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_error(message: str, kind: str) -> str:
+    return f"### Quantization gate: ERROR\n\n`harness check` gave no verdict ({kind}):\n\n```\n{message}\n```\n"
+
+
+def _escape(text: str, prop: bool = False) -> str:
+    """A workflow command's message (or property) escaped as GitHub's toolkit does."""
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return text.replace(":", "%3A").replace(",", "%2C") if prop else text
+
+
+def annotations(verdict: dict, line) -> list[str]:
+    out = []
+    for b in verdict["breaches"]:
+        title = _escape("gate: " + b["pair"] + " " + b["metric"], prop=True)
+        out.append(f"::error title={title}::{_escape(line(b))}")
+    return out + [f"::warning title=gate::{_escape(w)}" for w in verdict["warnings"]]
+
+
+def in_github_actions() -> bool:
+    return os.environ.get("GITHUB_ACTIONS") == "true"
+
+
+def append_step_summary(text: str) -> str | None:
+    """Appends to $GITHUB_STEP_SUMMARY where it is set; a warning where it cannot be written (the verdict stands)."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return None
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError as exc:
+        return f"GITHUB_STEP_SUMMARY {path} not written: {exc.strerror or exc}"
+    return None
+
+
+def write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
