@@ -81,6 +81,29 @@ def confidence_bins(p_top: np.ndarray, kl: np.ndarray, flip: np.ndarray) -> list
     return rows
 
 
+def depth_bins(depth: np.ndarray, kl: np.ndarray, flip: np.ndarray, nll_diff: np.ndarray) -> list[dict]:
+    """KL, flip rate and ln PPL ratio by context depth (the tokens a position's window gives the model before it), in
+    bins of powers of two, [2^k, 2^(k+1)), from the shallowest scored position's bin to the deepest's: drift that
+    grows along the context (half-precision attention or rotary positions, a quantized KV path) shows here. The
+    standard error of a bin's mean KL is over its positions (sample standard deviation / √n), as the summary's is."""
+    if not len(depth):
+        return []
+    rows = []
+    for k in range(int(np.log2(depth.min())), int(np.log2(depth.max())) + 1):
+        lo, hi = 2**k, 2 ** (k + 1)
+        inside = (depth >= lo) & (depth < hi)
+        n = int(inside.sum())
+        x = kl[inside].astype(np.float64)
+        rows.append({
+            "depth_lo": lo, "depth_hi": hi - 1, "positions": n,
+            "kl_mean": float(x.mean()) if n else float("nan"),
+            "kl_mean_se": float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+            "flip_rate": float(flip[inside].mean()) if n else float("nan"),
+            "ln_ppl_ratio": float(nll_diff[inside].astype(np.float64).mean()) if n else float("nan"),
+        })  # fmt: skip
+    return rows
+
+
 def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resamples: int, seed: int) -> dict:
     """Every aggregate of one (reference, candidate) pair from its per-position metric arrays."""
     n = len(m["kl"])
@@ -127,6 +150,8 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
     out["entropy_cand_mean"] = float(m["entropy_cand"].mean())
     out["flip_rate"] = 1.0 - out["top1_agree"]
     out["by_confidence"] = confidence_bins(m["p_top_ref"], m["kl"], ~m["top1_agree"].astype(bool))
+    if "depth" in m:
+        out["by_depth"] = depth_bins(m["depth"], m["kl"], ~m["top1_agree"].astype(bool), d)
     out["kl_mean_ci95"] = bootstrap_mean(m["kl"], prompt, resamples=resamples, seed=seed)
     out["top1_agree_ci95"] = bootstrap_mean(m["top1_agree"].astype(np.float64), prompt, resamples=resamples, seed=seed)
     return out

@@ -108,9 +108,60 @@ def heat(value: float | None, kind: str) -> str:
     return f"hsl({120 * f:.0f},70%,{78 - 8 * f:.0f}%)"
 
 
+def depth_span(b: dict) -> str:
+    """A depth bin's tokens: "1", "2–3", ..."""
+    return str(b["depth_lo"]) if b["depth_lo"] == b["depth_hi"] else f"{b['depth_lo']}–{b['depth_hi']}"
+
+
+def depth_svg(series: dict[str, list[dict]], width: int = 720, height: int = 260) -> str:
+    """Each pair's mean KL by context depth (aggregate.depth_bins: powers of two), a point per bin with its ± one
+    standard error, on a log KL axis; empty bins and KL = 0 leave gaps."""
+    edges = sorted({(b["depth_lo"], b["depth_hi"]) for bins in series.values() for b in bins})
+    values = [np.array([b["kl_mean"] for b in bins if b["positions"]], dtype=np.float64) for bins in series.values()]
+    lo, hi = _decades(values)
+    x0, x1, y0, y1 = 60, width - 150, 10, height - 42
+    step = (x1 - x0) / max(1, len(edges))
+    at = {e: x0 + step * (i + 0.5) for i, e in enumerate(edges)}
+    sy = lambda v: y1 - (math.log10(min(max(v, 10.0**lo), 10.0**hi)) - lo) / max(1, hi - lo) * (y1 - y0)  # noqa: E731
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="mean KL by context depth">',
+             f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#444"/>']  # fmt: skip
+    for d in range(lo, hi + 1, max(1, math.ceil((hi - lo) / 6))):
+        y = sy(10.0**d)
+        parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="#ddd"/><text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">1e{d}</text>')
+    for (a, b), x in at.items():
+        parts.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="middle">{depth_span({"depth_lo": a, "depth_hi": b})}</text>')
+    for i, (name, bins) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        points = []
+        for b in bins:
+            x, v = at[(b["depth_lo"], b["depth_hi"])], b["kl_mean"]
+            if not b["positions"] or not v or not math.isfinite(v) or v <= 0:  # a gap: log10 has no 0
+                points.append(None)
+                continue
+            se = b.get("kl_mean_se")
+            tip = html.escape(f"{name}, depth {depth_span(b)}: mean KL {v:.3g}" + (f" ± {se:.2g}" if se and math.isfinite(se) else "")
+                              + f" over {b['positions']} positions")  # fmt: skip
+            if se and math.isfinite(se):
+                parts.append(f'<line x1="{x:.1f}" y1="{sy(v + se):.1f}" x2="{x:.1f}" y2="{sy(max(v - se, 10.0**lo)):.1f}" stroke="{color}" stroke-opacity="0.5"/>')
+            parts.append(f'<circle cx="{x:.1f}" cy="{sy(v):.1f}" r="3" fill="{color}"><title>{tip}</title></circle>')
+            points.append(f"{x:.1f},{sy(v):.1f}")
+        runs, run = [], []
+        for p in [*points, None]:  # a line through each run of bins with a value
+            if p is None:
+                runs, run = (runs + [run] if len(run) > 1 else runs), []
+            else:
+                run.append(p)
+        parts += [f'<polyline fill="none" stroke="{color}" stroke-width="1.4" points="{" ".join(r)}"/>' for r in runs]
+        parts.append(f'<rect x="{x1 + 12}" y="{y0 + 16 * i}" width="10" height="10" fill="{color}"/><text x="{x1 + 26}" y="{y0 + 9 + 16 * i}">{html.escape(name)}</text>')
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 4}" text-anchor="middle">context depth (tokens before the position in its window)</text>')
+    parts.append(f'<text transform="translate(12 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">mean KL, nats</text></svg>')
+    return "".join(parts)
+
+
 if __name__ == "__main__":
     from harness import records, script
 
     run = records.run_dir((script.args(__doc__, 0, 1) or ["reports/latest"])[0])
     record = records.read(run)
     print(cdf_svg({p.candidate: records.load_positions(run, p)["kl"] for p in record.pairs}).replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1))
+

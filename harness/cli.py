@@ -164,11 +164,11 @@ def _compare(cfg, planned=None, state: dict | None = None) -> Path:
     def alignment(a: str, b: str):
         return pipeline.alignment(the_plan, a, b, stores, names)
 
-    own = compare.reference_columns(stores[ref])
+    own, depth = compare.reference_columns(stores[ref]), prompts.row_depths(the_plan.segments)
     pairs = [
         compare.compare(ref, stores[ref], v.name, stores[v.name], ks=tuple(options.top_k),
                         resamples=options.bootstrap_resamples, seed=cfg.seed, prompt_names=names,
-                        smoothing_eps=options.smoothing_eps, alignment=alignment(ref, v.name), ref_columns=own)
+                        smoothing_eps=options.smoothing_eps, alignment=alignment(ref, v.name), ref_columns=own, depth=depth)
         for v in progress.bar(cfg.variants, desc="compare", unit="pair", leave=False)
     ]  # fmt: skip
     if warning := report.add_floor(pairs, cfg.noise_floor):

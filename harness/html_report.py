@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import records
-from harness.charts import PALETTE, cdf_svg, decades, exponent, heat, hist_svg
+from harness import charts, records
+from harness.charts import PALETTE, cdf_svg, decades, depth_svg, exponent, heat, hist_svg
 from harness.check import ABSENT, VERSION_KEYS
 from harness.llama_report import LLAMA_ROWS
 from harness.token_view import VIEW_POSITIONS, view_data
@@ -161,11 +161,30 @@ def _bins_table(bins: list[dict]) -> str:
     return "".join(rows) + "</table>"
 
 
+def _depth_table(bins: list[dict]) -> str:
+    rows = ["<table class=bins><tr><th title=\"the tokens its window gives the model before the position\">context depth</th>"
+            "<th>positions</th><th>KL mean ± se</th><th>flip rate</th><th title=\"mean NLL difference, candidate − reference\">"
+            "ln PPL ratio</th></tr>"]  # fmt: skip
+    for b in bins:
+        se = f" ± {_num(b['kl_mean_se'], '.1e')}" if b["positions"] > 1 else ""
+        rows.append(
+            f"<tr><td>{charts.depth_span(b)}</td><td>{b['positions']}</td>"
+            f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}{se}</td>"
+            f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_fraction(b['flip_rate'], 3)}</td>"
+            f"<td>{_num(b['ln_ppl_ratio'], '+.2e')}</td></tr>"
+        )
+    return "".join(rows) + "</table>"
+
+
 MIN_CI_PROMPTS = 5  # below it the page gives no bootstrap interval over prompts (with 2, its ends were the 2 prompts' means)
 
 
 def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -> str:
-    out = ["<h2 id=dist>KL distribution</h2>", f'<div class="wide">{cdf_svg(kl)}</div>', '<div class="cards">']
+    out = ["<h2 id=dist>KL distribution</h2>", f'<div class="wide">{cdf_svg(kl)}</div>']
+    depth = {p.candidate: p.aggregates["by_depth"] for p in record.pairs if p.aggregates.get("by_depth")}
+    if depth and max(len(bins) for bins in depth.values()) > 1:  # one bin (llama_cpp windows) draws no line
+        out.append(f'<h3 id=depth>Mean KL by context depth</h3><div class="wide">{depth_svg(depth)}</div>')
+    out.append('<div class="cards">')
     span = decades(list(kl.values()))  # one axis for all: a histogram further right is a pair further off
     for i, p in enumerate(record.pairs):
         a = p.aggregates
@@ -176,7 +195,8 @@ def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -
         out.append(
             f'<div class="card"><h3>{_e(p.candidate)}</h3>{hist_svg(kl[p.candidate], PALETTE[i % len(PALETTE)], span=span)}'
             f"<p class=small>mean {_num(a['kl_mean'], '.3e')} ({ci}) · {pct}</p>"
-            f"<h4>by reference confidence</h4>{_bins_table(a.get('by_confidence', []))}</div>"
+            f"<h4>by reference confidence</h4>{_bins_table(a.get('by_confidence', []))}"
+            + (f"<h4>by context depth</h4><div class=wide>{_depth_table(a['by_depth'])}</div>" if a.get("by_depth") else "") + "</div>"
         )
     return "".join(out) + "</div>"
 

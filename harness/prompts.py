@@ -278,6 +278,12 @@ def check_same_ids(
             )
 
 
+def row_depths(segments: list[Segment]) -> np.ndarray:
+    """[rows] each scored row's context depth, in the order a store holds the rows (segment by segment): the number
+    of tokens its window gives the model before the token it predicts (row t of a segment sees ids[0..t]: t + 1)."""
+    return np.concatenate([np.arange(s.first + 1, len(s.ids), dtype=np.int32) for s in segments] or [np.zeros(0, np.int32)])
+
+
 def sequences(segments: list[Segment]) -> dict[int, list[int]]:
     """prompt index -> its whole token sequence (prompt, and continuation in generate mode) from the segments."""
     out: dict[int, list[int]] = {}

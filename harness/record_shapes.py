@@ -35,6 +35,16 @@ class _ConfidenceBin(_Numbers):
     flip_rate: Number | None
 
 
+class _DepthBin(_Numbers):
+    depth_lo: StrictInt
+    depth_hi: StrictInt
+    positions: StrictInt
+    kl_mean: Number | None
+    kl_mean_se: Number | None
+    flip_rate: Number | None
+    ln_ppl_ratio: Number | None
+
+
 Interval = tuple[Number | None, Number | None]
 
 
@@ -45,6 +55,7 @@ class Aggregates(_Numbers):
     kl_mean: Number
     top1_agree: Number
     by_confidence: list[_ConfidenceBin] = []
+    by_depth: list[_DepthBin] = []  # a record from before 2026-12-07: none
     kl_mean_ci95: Interval | None = None
     top1_agree_ci95: Interval | None = None
 

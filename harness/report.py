@@ -7,6 +7,7 @@ Beside `run.json` (harness.records): `positions-<candidate>.npz` (every per-posi
 pair), `tokens.json` (each prompt's token ids and texts, and the text of every id the report shows)
 and `top_tokens.npz` (each model's five most likely tokens per position). From those this writes
 `summary.csv` (a row per pair), `prompts.csv` (pair x prompt), `matrix.csv` (all pairs of models),
+`confidence.csv` and `depth.csv` (pair x bin of the reference's confidence, of context depth),
 `positions.csv.gz` (pair x position), `kl_report.txt` (each pair in the rows and units of llama.cpp's
 `--kl-divergence` report, for a CI log or a diff against one) and `index.html`.
 """
@@ -33,7 +34,12 @@ SUMMARY_COLUMNS = [
 # a pair of two vocabularies (cross_vocab): what its numbers are over, and bits per byte on each model's own tokens
 CROSS_COLUMNS = list(align.AGGREGATES)
 MATRIX_COLUMNS = ["a", "b", "top1_agree", "sym_kl_mean"]
-POSITION_KEYS = ("prompt", "position", "target", "ref_row")  # in positions-*.npz beside the metrics (ref_row: cross_vocab)
+BIN_COLUMNS = {  # the pair's binned aggregates, a CSV each (a run whose record has none: no file)
+    "confidence.csv": ("by_confidence", ["p_top_lo", "p_top_hi", "positions", "kl_mean", "flip_rate"]),
+    "depth.csv": ("by_depth", ["depth_lo", "depth_hi", "positions", "kl_mean", "kl_mean_se", "flip_rate", "ln_ppl_ratio"]),
+}
+# in positions-*.npz beside the metrics (ref_row: cross_vocab; depth: the tokens before it in its window, since 2026-12-07)
+POSITION_KEYS = ("prompt", "position", "depth", "target", "ref_row")
 
 
 def summary_columns(record: records.RunRecord) -> list[str]:
@@ -107,13 +113,15 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
             m = records.load_positions(run_dir, pair)
             if writer is None:  # every pair has the same metrics (smoothing_eps and top_k are per run)
                 metrics = [k for k in m if k not in POSITION_KEYS]
+                where = ["position", "depth"] if "depth" in m else ["position"]  # a run from before depth: none
                 writer = csv.writer(f)
-                writer.writerow(["reference", "candidate", "prompt", "position", "token", "token_text", *metrics])
+                writer.writerow(["reference", "candidate", "prompt", *where, "token", "token_text", *metrics])
             columns = [m[k].astype(np.int8) if m[k].dtype == bool else m[k] for k in metrics]
+            at = [m[k] for k in where]
             for i in range(len(m["target"])):
                 token = int(m["target"][i])
                 prompt = names[int(m["prompt"][i])] if names else int(m["prompt"][i])
-                writer.writerow([pair.reference, pair.candidate, prompt, int(m["position"][i]), token,
+                writer.writerow([pair.reference, pair.candidate, prompt, *(int(a[i]) for a in at), token,
                                  vocab.get(str(token), ""), *(c[i].item() for c in columns)])  # fmt: skip
     return path
 
@@ -131,6 +139,9 @@ def render(run_dir: Path, view_positions: int = token_view.VIEW_POSITIONS) -> Pa
         per_prompt = dict.fromkeys(k for row in prompt_rows for k in row if k not in ("reference", "candidate"))
         _csv(run_dir / "prompts.csv", prompt_rows, ["reference", "candidate", *per_prompt])
         _csv(run_dir / "matrix.csv", record.matrix, MATRIX_COLUMNS)
+        for name, (key, columns) in BIN_COLUMNS.items():
+            if rows := [{"reference": p.reference, "candidate": p.candidate, **b} for p in record.pairs for b in p.aggregates.get(key, [])]:
+                _csv(run_dir / name, rows, ["reference", "candidate", *columns])
         tokens = records.load_tokens(run_dir, record)
         write_positions_csv(run_dir, record, tokens)
         (run_dir / "kl_report.txt").write_text(llama_report.text(record), encoding="utf-8")

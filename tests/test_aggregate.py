@@ -75,6 +75,30 @@ def test_pair_aggregates_perplexity_and_bins():
     assert a["kl_mean_ci95"][0] < a["kl_mean"] < a["kl_mean_ci95"][1]
 
 
+def test_depth_bins_against_numpy_and_scipy():
+    """KL, its standard error, the flip rate and the ln PPL ratio by context depth in [2^k, 2^(k+1)) bins, by hand, on
+    random positions whose depths skip a bin (64-127: empty, NaN) and reach the edges 2^k - 1 and 2^k."""
+    rng = np.random.default_rng(3)
+    depth = np.concatenate([rng.integers(3, 64, 900), rng.integers(128, 700, 900), [3, 63, 128, 255, 256, 511, 512, 699]])
+    n = len(depth)
+    kl, flip, diff = rng.lognormal(-6, 2, n), rng.random(n) < 0.05, rng.normal(0.01, 0.1, n)
+    bins = aggregate.depth_bins(depth.astype(np.int32), kl, flip, diff)
+    assert [(b["depth_lo"], b["depth_hi"]) for b in bins] == [(2**k, 2 ** (k + 1) - 1) for k in range(1, 10)]
+    assert sum(b["positions"] for b in bins) == n
+    for b in bins:
+        inside = (depth >= b["depth_lo"]) & (depth <= b["depth_hi"])
+        assert b["positions"] == inside.sum()
+        if b["depth_lo"] == 64:
+            assert b["positions"] == 0 and all(math.isnan(b[k]) for k in ("kl_mean", "kl_mean_se", "flip_rate", "ln_ppl_ratio"))
+            continue
+        assert b["kl_mean"] == pytest.approx(kl[inside].mean(), rel=1e-12)
+        assert b["kl_mean_se"] == pytest.approx(stats.sem(kl[inside]), rel=1e-10)
+        assert b["flip_rate"] == pytest.approx(flip[inside].mean(), rel=1e-12)
+        assert b["ln_ppl_ratio"] == pytest.approx(diff[inside].mean(), rel=1e-10)
+    assert math.isnan(aggregate.depth_bins(np.array([5], np.int32), kl[:1], flip[:1], diff[:1])[0]["kl_mean_se"])  # one position
+    assert aggregate.depth_bins(np.zeros(0, np.int32), kl[:0], flip[:0], diff[:0]) == []
+
+
 def test_llama_cpp_statistics():
     """What llama.cpp's --kl-divergence prints beside KL: the signed Δp of the next token (mean ± se, quartiles and
     the tails), RMS Δp ± se, PPL(Q) − PPL(base) ± se and PPL(Q)/PPL(base) ± se. Percentiles against numpy; the

@@ -259,6 +259,31 @@ def test_confidence_bins_and_bootstrap_intervals_by_hand(micro_run):
             assert abs(got[0] - lo) < 0.06 * width and abs(got[1] - hi) < 0.06 * width, (pair.candidate, key, got, (lo, hi))
 
 
+def test_depth_bins_by_hand(micro_run):
+    """Each position's context depth in its positions file (the run's windows do not overlap: the predicted token's
+    index modulo text.context), and the record's KL, flip rate and ln PPL ratio by depth, recomputed from it."""
+    run_dir, _ = micro_run
+    record = records.read(run_dir)
+    assert record.config["text"]["score"] == "all" and record.config["mode"] == "text"
+    context = record.config["text"]["context"]
+    for pair in record.pairs:
+        m = _positions(run_dir, pair.candidate)
+        assert np.array_equal(m["depth"], m["position"] % context)
+        depth, kl = m["depth"], m["kl"].astype(np.float64)
+        bins = pair.aggregates["by_depth"]
+        assert bins[0]["depth_lo"] <= depth.min() and depth.max() <= bins[-1]["depth_hi"] and len(bins) >= 5
+        assert sum(b["positions"] for b in bins) == len(depth)
+        for b in bins:
+            inside = (depth >= b["depth_lo"]) & (depth <= b["depth_hi"])
+            assert b["depth_hi"] == 2 * b["depth_lo"] - 1 and b["positions"] == int(inside.sum())
+            if inside.sum() > 1:
+                assert b["kl_mean"] == pytest.approx(kl[inside].mean(), rel=1e-9)
+                assert b["kl_mean_se"] == pytest.approx(stats.sem(kl[inside]), rel=1e-6)
+                assert b["flip_rate"] == pytest.approx(1 - m["top1_agree"][inside].mean(), abs=1e-12)
+                diff = m["nll_cand"][inside].astype(np.float64) - m["nll_ref"][inside].astype(np.float64)
+                assert b["ln_ppl_ratio"] == pytest.approx(diff.mean(), rel=1e-6, abs=1e-12)
+
+
 def _store_rows(store: str) -> np.ndarray:
     """A store's log-prob rows, in order, from its safetensors shards (read here, not through harness.store)."""
     shards = sorted(Path(store).glob("shard-*.safetensors"), key=lambda f: int(f.stem.split("-")[1]))

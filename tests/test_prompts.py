@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from harness import prompts
@@ -242,3 +243,50 @@ def test_second_half_windows_stride_by_half_a_context(context):
     assert [s.offset for s in segs] == [k * (context // 2) for k in range(len(segs))]
     for s in segs[1:]:
         assert s.first + 1 >= context / 2  # every scored token has read at least half a window
+
+
+def _hf_strided_depths(n: int, context: int) -> dict[int, int]:
+    """Hugging Face's strided perplexity loop (its "Perplexity of fixed-length models" guide, max_length = context,
+    stride = context // 2), written out: token t -> the tokens before it in the window that scores it."""
+    depths, prev_end, stride = {}, 0, context // 2
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        for t in range(max(end - (end - prev_end), begin + 1), end):  # the last trg_len labels; the window's first has none
+            depths[t] = t - begin
+        prev_end = end
+        if end == n:
+            break
+    return depths
+
+
+@pytest.mark.parametrize("context", [4, 6, 16, 512])
+@pytest.mark.parametrize("score", ["all", "second_half", "llama_cpp"])
+def test_row_depths_are_the_tokens_each_window_gives_before_its_position(context, score):
+    """Each scored row's context depth, in store order, against each scoring's own loop written out: non-overlapping
+    windows (t mod context), Hugging Face's strided loop, and llama-perplexity's chunks (logit j of a chunk sees
+    j + 1 tokens)."""
+    lengths = [2, context - 1, context, context + 1, 2 * context + 3, 5 * context, 1031]
+    tokens = _tokens(lengths)
+    segments = prompts.text_segments(tokens, context=context, score=score)
+    depths = prompts.row_depths(segments)
+    assert depths.dtype == np.int32 and len(depths) == sum(s.rows for s in segments)
+    got, at = {}, 0
+    for s in segments:
+        for r in range(s.first, len(s.ids) - 1):
+            got[(s.prompt, s.offset + r + 1)] = int(depths[at])
+            at += 1
+    want = {}
+    for p, n in enumerate(lengths):
+        if score == "all":
+            want |= {(p, t): t % context for t in range(1, n) if t % context}
+        elif score == "second_half":
+            want |= {(p, t): d for t, d in _hf_strided_depths(n, context).items()}
+        else:
+            want |= {(p, i * context + j + 1): j + 1 for i in range(n // context) for j in range(context // 2, context - 1)}
+    assert got == want
+
+
+def test_generate_rows_are_as_deep_as_the_prompt_and_the_continuation_so_far():
+    segments = prompts.generate_segments(_tokens([5, 3]), [[7, 8, 9], [1]])
+    assert prompts.row_depths(segments).tolist() == [5, 6, 7, 3]
+    assert prompts.row_depths([]).tolist() == []

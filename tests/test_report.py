@@ -46,8 +46,9 @@ def test_positions_csv_has_a_row_per_pair_and_position_with_the_token_text(micro
         rows = list(csv.DictReader(f))
     n = rec.pairs[0].aggregates["positions"]
     assert len(rows) == len(rec.pairs) * n
-    assert {"prompt", "position", "token", "token_text", "kl", "kl_rev", "js", "tv", "top1_agree", "delta_p", "nll_ref",
-            "nll_cand", "entropy_ref", "p_top_ref", "margin_ref"} <= set(rows[0])  # fmt: skip
+    assert list(rows[0])[:7] == ["reference", "candidate", "prompt", "position", "depth", "token", "token_text"]
+    assert {"kl", "kl_rev", "js", "tv", "top1_agree", "delta_p", "nll_ref", "nll_cand", "entropy_ref", "p_top_ref",
+            "margin_ref"} <= set(rows[0])  # fmt: skip
     int4 = [r for r in rows if r["candidate"] == "s-chat-gptq-int4"]
     kl = np.load(run_dir / "positions-s-chat-gptq-int4.npz")["kl"]
     np.testing.assert_allclose([float(r["kl"]) for r in int4], kl, rtol=1e-12)
@@ -65,6 +66,23 @@ def test_prompt_and_matrix_csv(micro_run):
                                                            "top5_overlap", "top10_overlap"]  # fmt: skip
     matrix = list(csv.DictReader((run_dir / "matrix.csv").open()))
     assert len(matrix) == 7 * 6 // 2 and all(0 <= float(m["top1_agree"]) <= 1 and float(m["sym_kl_mean"]) >= 0 for m in matrix)
+
+
+def test_binned_csvs_hold_the_records_bins(micro_run):
+    """confidence.csv and depth.csv: a row per (pair, bin), the record's values (NaN in an empty bin as an empty cell)."""
+    run_dir, _ = micro_run
+    record = records.read(run_dir)
+    for name, key in (("confidence.csv", "by_confidence"), ("depth.csv", "by_depth")):
+        rows = list(csv.DictReader((run_dir / name).open()))
+        want = [(p.candidate, b) for p in record.pairs for b in p.aggregates[key]]
+        assert len(rows) == len(want) > len(record.pairs)
+        assert list(rows[0])[:2] == ["reference", "candidate"] and set(rows[0]) - {"reference", "candidate"} == set(want[0][1])
+        for row, (candidate, b) in zip(rows, want, strict=True):
+            assert row["candidate"] == candidate
+            for k, v in b.items():
+                assert float(row[k] or "nan") == pytest.approx(v, nan_ok=True, rel=1e-15), (name, k)
+    depth = list(csv.DictReader((run_dir / "depth.csv").open()))
+    assert depth[0]["depth_lo"] == "1" and depth[0]["depth_hi"] == "1" and depth[1]["depth_lo"] == "2" and depth[1]["depth_hi"] == "3"
 
 
 # What llama-perplexity --kl-divergence prints at the end (tools/perplexity/perplexity.cpp; the numbers from the
@@ -250,7 +268,7 @@ def test_report_re_renders_from_the_record_alone(micro_run, tmp_path, monkeypatc
     run_dir, _ = micro_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    for name in ("summary.csv", "prompts.csv", "matrix.csv", "positions.csv.gz", "kl_report.txt", "index.html"):
+    for name in ("summary.csv", "prompts.csv", "matrix.csv", "confidence.csv", "depth.csv", "positions.csv.gz", "kl_report.txt", "index.html"):
         (copy / name).unlink()
 
     def no_models(*args, **kwargs):
@@ -259,7 +277,7 @@ def test_report_re_renders_from_the_record_alone(micro_run, tmp_path, monkeypatc
     monkeypatch.setattr("harness.loaders.load_model", no_models)
     monkeypatch.setattr("harness.loaders.load_tokenizer", no_models)
     assert main(["report", str(copy)]) == 0
-    for name in ("summary.csv", "prompts.csv", "matrix.csv", "kl_report.txt", "index.html"):
+    for name in ("summary.csv", "prompts.csv", "matrix.csv", "confidence.csv", "depth.csv", "kl_report.txt", "index.html"):
         assert (copy / name).read_bytes() == (run_dir / name).read_bytes(), name
     (copy / "index.html").unlink()
     assert main(["report", str(copy / "run.json")]) == 0  # the record's file names its folder too
@@ -352,7 +370,19 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)  # each anchor names one element
     assert page.locator("#summary tbody tr").count() == len(CANDIDATES)
     assert page.locator("#summary tr.floor").inner_text().startswith("s-chat-bf16")
-    assert page.locator("svg.chart").count() == 1 + len(CANDIDATES)  # the CDF, and a histogram per pair
+    assert page.locator("svg.chart").count() == 2 + len(CANDIDATES)  # the CDF, KL by depth, and a histogram per pair
+    # KL by context depth: a point per pair and bin, its tooltip the record's mean, higher on the page for more KL
+    depth = page.locator("svg[aria-label='mean KL by context depth']")
+    bins = {p.candidate: [b for b in p.aggregates["by_depth"] if b["positions"]] for p in records.read(run_dir).pairs}
+    tips = depth.locator("circle title").all_text_contents()
+    assert len(tips) == sum(map(len, bins.values())) and len(bins["s-chat-gptq-int4"]) >= 5
+    for name, pair_bins in bins.items():
+        for b in pair_bins:
+            span = str(b["depth_lo"]) if b["depth_lo"] == b["depth_hi"] else f"{b['depth_lo']}–{b['depth_hi']}"
+            se = f" ± {b['kl_mean_se']:.2g}" if b["positions"] > 1 else ""  # one position: no standard error
+            assert f"{name}, depth {span}: mean KL {b['kl_mean']:.3g}{se} over {b['positions']} positions" in tips
+    height = "(s, n) => +[...s.querySelectorAll('circle')].find(c => c.textContent.startsWith(n + ',')).getAttribute('cy')"
+    assert depth.evaluate(height, "s-chat-gptq-int4") < depth.evaluate(height, "s-chat-bf16") < depth.evaluate(height, "s-chat-fp16")
     assert page.locator("#heat-top1 td").count() == 7 * 7
     # the histograms share one axis (the same ticks under each), so that a pair further off sits further right: the
     # count-weighted mean bar position of the float16 pair (KL ~1e-6) is left of the Int4 build's (~1e-3)
