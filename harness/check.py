@@ -35,6 +35,7 @@ VARIANT_KEYS = ("source", "dtype", "device", "loader", "backend", "kernels", "cr
 
 
 ABSENT = gate_formats.ABSENT  # "present in this run": the rule a baseline pair missing from the run breaks (with --strict and --fail)
+UNMATCHED = "has a baseline pair"  # the rule a run pair missing from the baseline breaks (with --strict and --fail)
 
 
 class GateError(ValueError):
@@ -57,7 +58,7 @@ class Breach:
         base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
         verdict = "pass" if self.passed else "within noise" if self.within_noise else "FAIL"
         limit = "" if self.rule.endswith(f" {self.limit:g}") or math.isnan(self.limit) else f" = {self.limit:.4g}"  # "<= 0.01" says it
-        if self.rule != ABSENT and not math.isfinite(self.limit):  # an inf or NaN baseline or floor: no check can pass
+        if self.rule not in (ABSENT, UNMATCHED) and not math.isfinite(self.limit):  # an inf or NaN baseline or floor: no check can pass
             limit = f" = {self.limit:g}, from the {'baseline' if self.baseline is not None else 'noise floor'}'s value, which is not finite"
             base = ""
         value = "absent" if self.rule == ABSENT else f"{self.value:.4g}"
@@ -291,18 +292,15 @@ def gate(
     warnings = comparability(run, baseline, baseline_path) if baseline is not None else []
     floor = pairs.get(run.noise_floor) if run.noise_floor else None
     found: list[Breach] = []
-    n = 0
     for t in checks:
         for name in [p for p in pairs if t.metric in pairs[p]] if t.pair == "*" else [t.pair]:  # "*": the pairs that have it
-            n += 1
             found.append(t.outcome(pairs[name], floor, strict=strict, pair=name))
     if baseline is not None:
         for name, agg in pairs.items():
             if name not in base_pairs:  # a new variant; or a renamed one, which --strict does not let pass unchecked
                 unchecked = [r for r in regressions if r.metric in agg]
                 if strict and unchecked:
-                    n += len(unchecked)
-                    found += [Breach(name, r.metric, float(agg[r.metric]), math.nan, "has a baseline pair") for r in unchecked]
+                    found += [Breach(name, r.metric, float(agg[r.metric]), math.nan, UNMATCHED) for r in unchecked]
                 else:
                     warnings.append(f"pair {name!r} is not in the baseline: not compared" + ("" if strict else " (with --strict and --fail, a breach)"))
                 continue
@@ -314,7 +312,6 @@ def gate(
                                     "pair there): not compared")  # fmt: skip
                     continue
                 _known_metric(r.metric, base_pairs[name], f"--fail {r.text} (baseline {baseline_path})")
-                n += 1
                 found.append(r.outcome(name, agg, base_pairs[name], strict=strict))
         for name, agg in base_pairs.items():
             if name in pairs:
@@ -322,10 +319,12 @@ def gate(
             # a variant dropped from the config, or renamed: its regression would go unseen
             unchecked = [r for r in regressions if r.metric in agg]
             if strict and unchecked:
-                n += len(unchecked)
                 found += [Breach(name, r.metric, math.nan, math.nan, ABSENT, float(agg[r.metric])) for r in unchecked]
             else:
                 warnings.append(f"baseline pair {name!r} is not in this run: not compared" + ("" if strict else " (with --strict and --fail, a breach)"))
+    # one check per pair, metric, rule and limit: "+10%" and "+10.0%", or a "*" limit and the same one on a pair, are one
+    found = list({(b.pair, b.metric, b.rule, str(b.limit)): b for b in found}.values())
+    n = len(found)
     if n == 0:  # a gate that checked nothing must not pass in CI
         raise GateError(f"no check ran on run {run.run_id}: " + "; ".join(warnings or ["no pair has the metrics the limits name"])
                         + ". With --strict, a pair missing on either side is a breach; or give the variants the baseline's names")  # fmt: skip
@@ -402,28 +401,34 @@ def preflight(cfg, *, baseline: Path | None, fail: list[str]) -> records.RunReco
     return base
 
 
-def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool, junit: Path | None = None) -> int:
+def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool, junit: Path | None = None,
+         markdown: Path | None = None) -> int:  # fmt: skip
     run = records.read(run_dir)
     base = load_baseline(Path(baseline)) if baseline else None
     verdict = gate(run, baseline=base, baseline_path=baseline, fail=fail, strict=strict)
-    (Path(run_dir) / "gate.json").write_text(json.dumps(records.json_safe(verdict), indent=2) + "\n")
     summary = gate_formats.markdown(verdict)
-    for path, text in ((Path(run_dir) / "gate.md", summary), (junit, junit and gate_formats.junit(verdict, _line))):
+    for path, text in ((Path(run_dir) / "gate.md", summary), (markdown, summary), (junit, junit and gate_formats.junit(verdict, _line))):
         if path is not None:
             try:
                 gate_formats.write(path, text)
-            except OSError as exc:  # the verdict stands without it (and CI misses the file, which it reports)
+            except OSError as exc:  # the verdict stands without it (a full disk: the paths were checked before the gate)
                 verdict["warnings"].append(f"{path} not written: {exc.strerror or exc}")
     if (problem := gate_formats.append_step_summary(summary)) is not None:
         verdict["warnings"].append(problem)
+
+    def save() -> None:
+        (Path(run_dir) / "gate.json").write_text(json.dumps(records.json_safe(verdict), indent=2) + "\n")
+
+    save()
     from harness import report
 
     try:
         report.render(run_dir)  # index.html gains the verdict
     except (OSError, ValueError, KeyError) as exc:  # the verdict stands without it
         verdict["warnings"].append(f"{run_dir}/index.html not re-rendered: {exc}")
-    if gate_formats.in_github_actions():
-        print("\n".join(gate_formats.annotations(verdict, _line)))
+        save()
+    if gate_formats.in_github_actions() and (lines := gate_formats.annotations(verdict, _line)):
+        print("\n".join(lines))
     for w in verdict["warnings"]:
         print(f"warning: {w}")
     print(table(verdict))
@@ -431,12 +436,17 @@ def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool,
     return 1 if verdict["verdict"] == "fail" else 0
 
 
-def error_reports(message: str, junit: Path | None, kind: str) -> None:
-    """A gate that ended without a verdict (exit 2, 3, 130 or 143) still leaves its JUnit report and step summary,
-    naming why: `kind` says which (e.g. "input error, exit 2")."""
-    for write in (lambda: junit and gate_formats.write(junit, gate_formats.junit_error(message, kind)),
-                  lambda: gate_formats.append_step_summary(gate_formats.markdown_error(message, kind))):  # fmt: skip
+def error_reports(message: str, kind: str, *, junit: Path | None = None, markdown: Path | None = None, detail: str | None = None) -> None:
+    """A gate that ended without a verdict (exit 2, 3, 130 or 143) still leaves its --junit and --markdown files, step
+    summary and (in GitHub Actions) an annotation, naming why: `kind` says which (e.g. "input error, exit 2");
+    `detail`, a traceback."""
+    text = gate_formats.markdown_error(message, kind)
+    writes = [lambda: junit and gate_formats.write(junit, gate_formats.junit_error(message, kind, detail)),
+              lambda: markdown and gate_formats.write(markdown, text), lambda: gate_formats.append_step_summary(text)]  # fmt: skip
+    for write in writes:
         try:
             write()
         except OSError:  # the error in flight is the one to report
             pass
+    if gate_formats.in_github_actions():
+        print(gate_formats.error_annotation(message, kind))

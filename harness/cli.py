@@ -210,25 +210,12 @@ def _compare(cfg, planned=None, state: dict | None = None) -> Path:
 
 
 def cmd_check(args) -> int:
-    from harness import check
-
-    try:
-        return _check(args)
-    except BaseException as exc:  # no verdict: the JUnit report and step summary say why, then it is handled as usual
-        if isinstance(exc, KeyboardInterrupt):
-            term = isinstance(exc, Terminated)
-            check.error_reports("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)", args.junit, f"interrupted, exit {143 if term else 130}")
-        elif not isinstance(exc, SystemExit):
-            kind = "input error, exit 2" if isinstance(exc, input_errors()) else "internal error, exit 3"
-            check.error_reports(str(exc) or type(exc).__name__, args.junit, kind)
-        raise
-
-
-def _check(args) -> int:
-    from harness import check, config, records
+    from harness import check, config, gate_formats, records
 
     if (args.config is None) == (args.run is None):
         raise check.GateError("give either --config (compare, then gate) or --run RUN_DIR (gate a finished run)")
+    for path, flag in ((args.junit, "--junit"), (args.markdown, "--markdown")):  # before a comparison of hours, not after
+        gate_formats.check_writable(path, flag)
     if args.run is None:
         cfg = config.load(args.config, args.overrides)
         base = check.preflight(cfg, baseline=args.baseline, fail=args.fail)
@@ -241,7 +228,7 @@ def _check(args) -> int:
         raise check.GateError(f"overrides {args.overrides} apply to --config, not to --run")
     else:
         run_dir = records.run_dir(args.run)
-    return check.main(run_dir, baseline=args.baseline, fail=args.fail, strict=args.strict, junit=args.junit)
+    return check.main(run_dir, baseline=args.baseline, fail=args.fail, strict=args.strict, junit=args.junit, markdown=args.markdown)
 
 
 def cmd_report(args) -> int:
@@ -270,8 +257,18 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Keeps the message of a command-line error (argparse prints it and exits 2), for the gate's no-verdict reports."""
+
+    last_error: str | None = None
+
+    def error(self, message):
+        _Parser.last_error = f"{self.prog}: error: {message}"
+        super().error(message)
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="harness", description="Compare Qwen1.5 variants' next-token distributions.")
+    top = _Parser(prog="harness", description="Compare Qwen1.5 variants' next-token distributions.")
     sub = top.add_subparsers(dest="command", required=True)
     for name, run, text in (
         ("extract", cmd_extract, "fill the log-prob store of every model (reused and resumed across runs)"),
@@ -302,6 +299,8 @@ def parser() -> argparse.ArgumentParser:
                    "a pair that the baseline or the run lacks (with --fail)")
     p.add_argument("--junit", type=Path, metavar="PATH", help="also write the verdict as JUnit XML, a test case per check "
                    "(an error case where the gate gives no verdict), for GitLab, Jenkins or a test-report action")
+    p.add_argument("--markdown", type=Path, metavar="PATH", help="also write the verdict as a Markdown table (or the error "
+                   "where the gate gives no verdict), for a pull-request comment")
     p.set_defaults(run_command=cmd_check)
     p = sub.add_parser("report", help="re-render a run folder's CSV and HTML reports from its run.json (no model loads)")
     p.add_argument("run_dir", help="a run folder (or its run.json), e.g. reports/latest")
@@ -310,7 +309,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run_command=cmd_report)
     sub.add_parser("bench", help="throughput of the softmax/filter step beside the memory ceiling (bench --help)")
     p = sub.add_parser("store", help="list the log-prob stores and cached generations, or prune them to what kept runs use")
-    p.add_argument("action", choices=["list", "prune"])
+    p.add_argument("action", choices=["list", "prune"], help="list: every store and cached generation, its size, last use "
+                   "and state ('kept' where a --keep run names it); prune: remove those no --keep run names, or all (--all)")
     p.add_argument("--keep", action="extend", nargs="+", type=Path, default=[], metavar="RUN",
                    help="run folders, run.json files or reports folders: the stores and generations they name stay "
                         "(list marks them)")  # fmt: skip
@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt as exc:  # in the seconds before _main's own handling (its imports load torch): no traceback
         print(f"harness: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}.", file=sys.stderr)
+        _no_verdict(argv, *_interrupted(exc))
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         if before is not None:
@@ -363,13 +364,41 @@ def input_errors() -> tuple[type[Exception], ...]:
     return ConfigError, PromptError, ExtractError, CompareError, RecordError, GateError
 
 
+def _interrupted(exc: KeyboardInterrupt) -> tuple[str, str]:
+    term = isinstance(exc, Terminated)
+    return ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)"), f"interrupted, exit {143 if term else 130}"
+
+
+def _no_verdict(argv: list[str], message: str, kind: str, detail: str | None = None) -> None:
+    """`harness check` that ends without a verdict (a command-line or input error, a crash, an interruption) still
+    writes its --junit and --markdown files, the step summary and an annotation, each naming why: a CI system reads
+    them instead of a report that is missing, or stale from an earlier run."""
+    if argv[:1] != ["check"]:
+        return
+    paths = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    paths.add_argument("--junit", type=Path)
+    paths.add_argument("--markdown", type=Path)
+    try:
+        known, _ = paths.parse_known_args(argv[1:])
+    except (argparse.ArgumentError, SystemExit):  # "--junit" without its path: nowhere to write
+        known = argparse.Namespace(junit=None, markdown=None)
+    from harness import check
+
+    check.error_reports(message, kind, junit=known.junit, markdown=known.markdown, detail=detail)
+
+
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # its options are harness.bench's own; its errors are handled as every command's
         from harness import bench
 
         run, extracting = (lambda: bench.main(argv[1:])), False
     else:
-        args = parser().parse_args(argv)
+        try:
+            args = parser().parse_args(argv)
+        except SystemExit as exc:
+            if exc.code not in (0, None):  # not --help
+                _no_verdict(argv, _Parser.last_error or "a command-line error (see the usage above)", f"usage error, exit {exc.code}")
+            raise
         _quiet_libraries()
         run = lambda: args.run_command(args)  # noqa: E731
         extracting = args.command in ("compare", "extract") or (args.command == "check" and args.config)
@@ -377,14 +406,17 @@ def _main(argv: list[str]) -> int:
         return run()
     except input_errors() as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
+        _no_verdict(argv, str(exc), "input error, exit 2")
         return 2
     except KeyboardInterrupt as exc:
         kept = " Finished store shards and greedy continuations are kept: the same command resumes from them."
         print(f"harness: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}." + (kept if extracting else ""), file=sys.stderr)
+        _no_verdict(argv, *_interrupted(exc))
         return 143 if isinstance(exc, Terminated) else 130
-    except Exception:  # a bug, or a failure no check foresaw: not exit 1, which `check` keeps for a regression
+    except Exception as exc:  # a bug, or a failure no check foresaw: not exit 1, which `check` keeps for a regression
         traceback.print_exc()
         print(f"harness: internal error in '{argv[0] if argv else ''}' (traceback above), exit code 3", file=sys.stderr)
+        _no_verdict(argv, f"{type(exc).__name__}: {exc}", "internal error, exit 3", detail=traceback.format_exc())
         return 3
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -50,14 +51,23 @@ def headline(verdict: dict) -> str:
 # ---------------------------------------------------------------- JUnit XML
 
 
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # no XML 1.0 document may hold them
+
+
+def _x(text) -> str:
+    """Text for an XML attribute or element: characters XML cannot hold (a control character in a path or an error
+    message) as \\xNN, so the file stays readable."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m[0]):02x}", str(text))
+
+
 def _suite(name: str, cases: int, failures: int, errors: int, props: dict) -> tuple[ET.Element, ET.Element]:
     root = ET.Element("testsuites", name="harness check", tests=str(cases), failures=str(failures), errors=str(errors))
-    suite = ET.SubElement(root, "testsuite", name=name, tests=str(cases), failures=str(failures), errors=str(errors),
+    suite = ET.SubElement(root, "testsuite", name=_x(name), tests=str(cases), failures=str(failures), errors=str(errors),
                           skipped="0", timestamp=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
     properties = ET.SubElement(suite, "properties")
     for key, value in props.items():
         if value is not None:
-            ET.SubElement(properties, "property", name=key, value=str(value))
+            ET.SubElement(properties, "property", name=key, value=_x(value))
     return root, suite
 
 
@@ -67,7 +77,8 @@ def _xml(root: ET.Element) -> str:
 
 
 def junit(verdict: dict, line) -> str:
-    """A test case per check, named "<metric> <rule>" in class "gate.<pair>"; `line(b)` gives a check's one line."""
+    """A test case per check, named "<metric> <rule>" in class "gate.<pair>" (the pair's dots as "_": Jenkins reads a
+    class name's last dot as the end of its package); `line(b)` gives a check's one line."""
     rows = checks(verdict)
     root, suite = _suite(
         f"quantization gate (run {verdict['run']})", len(rows), len(verdict["breaches"]), 0,
@@ -75,22 +86,24 @@ def junit(verdict: dict, line) -> str:
     )  # fmt: skip
     for b in rows:
         c = cells(b)
-        case = ET.SubElement(suite, "testcase", classname=f"gate.{b['pair']}", name=f"{b['metric']} {b['rule']}", time="0")
+        case = ET.SubElement(suite, "testcase", classname=_x("gate." + b["pair"].replace(".", "_")), name=_x(f"{b['metric']} {b['rule']}"), time="0")
         if c["verdict"] == "FAIL":
-            failure = ET.SubElement(case, "failure", message=line(b), type="regression")
-            failure.text = "  ".join(f"{k}: {c[k]}" for k in COLUMNS[2:6])
+            failure = ET.SubElement(case, "failure", message=_x(line(b)), type="regression")
+            failure.text = _x("  ".join(f"{k}: {c[k]}" for k in COLUMNS[2:6]))
         elif c["verdict"] == "within noise":
-            ET.SubElement(case, "system-out").text = line(b) + f" (combined standard error {b['noise']:.4g})"
+            ET.SubElement(case, "system-out").text = _x(line(b) + f" (combined standard error {b['noise']:.4g})")
     if verdict["warnings"]:
-        ET.SubElement(suite, "system-err").text = "\n".join(f"warning: {w}" for w in verdict["warnings"])
+        ET.SubElement(suite, "system-err").text = _x("\n".join(f"warning: {w}" for w in verdict["warnings"]))
     return _xml(root)
 
 
-def junit_error(message: str, kind: str) -> str:
-    """The report of a gate that gave no verdict (exit 2 or 3): one test case with the error."""
+def junit_error(message: str, kind: str, detail: str | None = None) -> str:
+    """The report of a gate that gave no verdict (exit 2, 3, 130 or 143): one test case with the error (and `detail`,
+    a crash's traceback)."""
     root, suite = _suite("quantization gate", 1, 0, 1, {"verdict": "error"})
     case = ET.SubElement(suite, "testcase", classname="gate", name="harness check", time="0")
-    ET.SubElement(case, "error", message=message.splitlines()[0] if message else kind, type=kind).text = message
+    error = ET.SubElement(case, "error", message=_x(message.splitlines()[0] if message else kind), type=_x(kind))
+    error.text = _x(message + (f"\n\n{detail}" if detail else ""))
     return _xml(root)
 
 
@@ -98,8 +111,10 @@ def junit_error(message: str, kind: str) -> str:
 
 
 def _md(text: str) -> str:
-    """A table cell: pipes escaped, no line breaks."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Text in a table cell or list item: HTML's & < > as entities (GitHub renders HTML in Markdown), pipes escaped,
+    line breaks as spaces."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"\r\n?|\n", " ", text.replace("\\", "\\\\").replace("|", "\\|"))
 
 
 def markdown(verdict: dict) -> str:
@@ -119,7 +134,8 @@ def markdown(verdict: dict) -> str:
 
 
 def markdown_error(message: str, kind: str) -> str:
-    return f"### Quantization gate: ERROR\n\n`harness check` gave no verdict ({kind}):\n\n```\n{message}\n```\n"
+    fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", message)), default=0))  # longer than any run inside
+    return f"### Quantization gate: ERROR\n\n`harness check` gave no verdict ({kind}):\n\n{fence}\n{message}\n{fence}\n"
 
 
 def _escape(text: str, prop: bool = False) -> str:
@@ -134,6 +150,10 @@ def annotations(verdict: dict, line) -> list[str]:
         title = _escape("gate: " + b["pair"] + " " + b["metric"], prop=True)
         out.append(f"::error title={title}::{_escape(line(b))}")
     return out + [f"::warning title=gate::{_escape(w)}" for w in verdict["warnings"]]
+
+
+def error_annotation(message: str, kind: str) -> str:
+    return f"::error title={_escape('harness check: ' + kind, prop=True)}::{_escape(message)}"
 
 
 def in_github_actions() -> bool:
@@ -151,6 +171,26 @@ def append_step_summary(text: str) -> str | None:
     except OSError as exc:
         return f"GITHUB_STEP_SUMMARY {path} not written: {exc.strerror or exc}"
     return None
+
+
+def check_writable(path: Path | None, flag: str) -> None:
+    """GateError where `flag`'s file cannot be written (its folder is made): before the gate runs, not after."""
+    if path is None:
+        return
+    from harness.check import GateError
+
+    path = Path(path)
+    if path.is_dir():
+        raise GateError(f"{flag} {path} is a folder: give the path of a file")
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise GateError(f"{flag} {path}: {folder} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GateError(f"{flag} {path}: its folder cannot be made: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise GateError(f"{flag} {path} cannot be written (no permission)")
 
 
 def write(path: Path, text: str) -> None:

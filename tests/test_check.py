@@ -571,6 +571,10 @@ def test_without_github_actions_there_are_no_annotations_and_no_step_summary(tmp
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     assert main(["check", "--run", str(good)]) == 0
     assert not any(line.startswith("::") for line in capsys.readouterr().out.splitlines())
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")  # no breach: no ::error line, and no empty line in its place
+    assert main(["check", "--run", str(good)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "" not in out and not any(line.startswith("::error") for line in out)
     assert (good / "gate.md").read_text().startswith("### Quantization gate: PASS\n\nall 3 checks pass (run good)\n")
 
 
@@ -604,10 +608,99 @@ def test_a_gate_without_a_verdict_leaves_an_error_in_its_junit_report(tmp_path, 
     assert summary.read_text().startswith("### Quantization gate: ERROR\n") and message in summary.read_text()
 
 
-def test_step_summary_cells_escape_pipes():
+def test_markdown_cells_and_fences_hold_whatever_the_names_and_messages_hold():
+    """Rendered by markdown-it (a CommonMark parser, with GitHub's tables): a pipe, a carriage return or HTML in a pair
+    name or a warning stays text in its cell; an error message with a code fence in it stays in its block."""
+    from markdown_it import MarkdownIt
+
     from harness import gate_formats
 
-    v = check.gate(_run({"bf16": GOOD["bf16"], "int|4": GOOD["int4"]}, {"int|4": {"kl_mean": {"max": 1e-9}}}))
-    md = gate_formats.markdown(v)
-    (row,) = [line for line in md.splitlines() if line.startswith("| int")]
-    assert row.startswith("| int\\|4 | kl_mean |") and len(row.replace("\\|", "").split(" | ")) == 7
+    name = "int|4\r<b>x</b>&amp;"
+    v = check.gate(_run({"bf16": GOOD["bf16"], name: GOOD["int4"]}, {name: {"kl_mean": {"max": 1e-9}}}))
+    v["warnings"].append("a | b\r\n<script>c</script>")
+    html = MarkdownIt("commonmark").enable("table").render(gate_formats.markdown(v))
+    assert html.count("<tr>") == 2 and html.count("<td") == 7  # the header, one check: no row split off
+    assert "<td>int|4 &lt;b&gt;x&lt;/b&gt;&amp;amp;</td>" in html and "<b>" not in html and "<script>" not in html
+    assert "<li>a | b &lt;script&gt;c&lt;/script&gt;</li>" in html
+    html = MarkdownIt("commonmark").render(gate_formats.markdown_error("one ``` two\n```\nthree", "input error, exit 2"))
+    assert html.count("<pre>") == 1 and "one ``` two\n```\nthree" in html
+
+
+def test_junit_holds_control_characters_and_dotted_names_and_counts_a_check_once(tmp_path, capsys):
+    """A control character (in a path, a message) would make the file unreadable XML; a dot in a pair's name would be
+    read by Jenkins as a package; the same limit twice is one check."""
+    from junitparser import JUnitXml
+
+    good, bad = _gate_pair(tmp_path)
+    junit = tmp_path / "gate.xml"
+    assert main(["check", "--run", str(good), "--baseline", str(tmp_path / "no\x1bpe"), "--fail", "kl_mean:+10%", "--junit", str(junit)]) == 2
+    (suite,) = list(JUnitXml.fromfile(str(junit)))
+    assert "no\\x1bpe" in next(iter(suite)).result[0].message
+    record = records.read(bad)
+    dotted = record.model_copy(update={"pairs": [p.model_copy(update={"candidate": "qwen1.5-int4"}) if p.candidate == "int4" else p
+                                                 for p in record.pairs],
+                                       "config": record.config | {"gate": {"qwen1.5-int4": {"kl_mean": {"max": 0.01}}, "*": {"kl_mean": {"max": 0.01}}}}})  # fmt: skip
+    records.write(bad, dotted)
+    assert main(["check", "--run", str(bad), "--baseline", str(bad), "--fail", "kl_mean:+10%", "kl_mean:+10.0%", "--junit", str(junit)]) == 1
+    verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert verdict["checks"] == 4  # <= 0.01 on each pair (twice on the dotted one: once), +10% on each (twice: once)
+    (suite,) = list(JUnitXml.fromfile(str(junit)))
+    names = [(c.classname, c.name) for c in suite]
+    assert len(names) == len(set(names)) == 4 and ("gate.qwen1_5-int4", "kl_mean <= 0.01") in names
+
+
+def test_an_unwritable_report_path_is_refused_before_the_gate_runs(tmp_path, capsys, monkeypatch):
+    from harness import cli
+
+    monkeypatch.setattr(cli, "run_compare", lambda cfg, planned=None: pytest.fail("the comparison ran"))
+    (tmp_path / "afile").write_text("x")
+    for flag, path, message in (("--junit", tmp_path / "afile" / "gate.xml", "is a file, not a folder"),
+                                ("--markdown", tmp_path, "is a folder: give the path of a file")):  # fmt: skip
+        assert main(["check", "--config", str(ROOT / "configs" / "ci-gate.yaml"), flag, str(path)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_command_line_error_or_an_early_interrupt_replaces_a_stale_report(tmp_path, capsys, monkeypatch):
+    """argparse's errors come before any command runs, and an interrupt can come before harness's own handling: both
+    used to leave an earlier run's passing gate.xml in place, which a CI dashboard then showed."""
+    from junitparser import Error, JUnitXml
+
+    from harness import cli
+
+    good, _ = _gate_pair(tmp_path)
+    junit, md = tmp_path / "gate.xml", tmp_path / "gate.md"
+    assert main(["check", "--run", str(good), "--junit", str(junit), "--markdown", str(md)]) == 0
+    assert md.read_text() == (good / "gate.md").read_text() and "PASS" in md.read_text()
+    capsys.readouterr()
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    with pytest.raises(SystemExit) as exc:
+        main(["check", "--run", str(good), "--fial", "kl_mean:+1%", f"--junit={junit}", "--markdown", str(md)])
+    assert exc.value.code == 2
+    out = capsys.readouterr()
+    (case,) = list(next(iter(JUnitXml.fromfile(str(junit)))))
+    (error,) = case.result
+    assert isinstance(error, Error) and error.type == "usage error, exit 2" and "unrecognized arguments: --fial" in error.message
+    assert md.read_text().startswith("### Quantization gate: ERROR") and "--fial" in md.read_text()
+    assert out.out == "::error title=harness check%3A usage error%2C exit 2::harness: error: unrecognized arguments: --fial\n"
+
+    def interrupted(argv):
+        raise cli.Terminated()
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert main(["check", "--run", str(good), "--junit", str(junit)]) == 143
+    (case,) = list(next(iter(JUnitXml.fromfile(str(junit)))))
+    assert case.result[0].type == "interrupted, exit 143" and case.result[0].message == "terminated (SIGTERM)"
+
+
+def test_a_crash_report_names_the_exception_and_holds_its_traceback(tmp_path, capsys, monkeypatch):
+    from junitparser import JUnitXml
+
+    from harness import cli
+
+    monkeypatch.setattr(cli, "run_compare", lambda cfg, planned=None: {}["missing"])
+    junit = tmp_path / "gate.xml"
+    assert main(["check", "--config", str(ROOT / "configs" / "ci-gate.yaml"), "--junit", str(junit)]) == 3
+    capsys.readouterr()
+    (case,) = list(next(iter(JUnitXml.fromfile(str(junit)))))
+    error = case.result[0]
+    assert error.message == "KeyError: 'missing'" and "Traceback (most recent call last)" in error.text and "run_compare" in error.text
