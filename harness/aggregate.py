@@ -81,25 +81,41 @@ def confidence_bins(p_top: np.ndarray, kl: np.ndarray, flip: np.ndarray) -> list
     return rows
 
 
-def depth_bins(depth: np.ndarray, kl: np.ndarray, flip: np.ndarray, nll_diff: np.ndarray) -> list[dict]:
+MIN_WINDOWS = 5  # a depth bin from fewer windows is marked on the page: its standard error rests on too few of them
+
+
+def clustered_se(x: np.ndarray, cluster: np.ndarray) -> float:
+    """The standard error of mean(x) where the values of one cluster are not independent (the positions of one window):
+    sqrt(G / (G - 1) * sum over clusters of (sum of x - mean)^2) / n, the cluster-robust (CR1) estimate; NaN from
+    fewer than 2 clusters. With one value per cluster it is the sample standard deviation / sqrt(n)."""
+    groups, at = np.unique(cluster, return_inverse=True)
+    if len(groups) < 2:
+        return float("nan")
+    residual = np.bincount(at, weights=np.asarray(x, dtype=np.float64) - np.mean(x, dtype=np.float64))
+    return float(math.sqrt(len(groups) / (len(groups) - 1) * (residual**2).sum()) / len(x))
+
+
+def depth_bins(depth: np.ndarray, window: np.ndarray, kl: np.ndarray, flip: np.ndarray, nll_diff: np.ndarray) -> list[dict]:
     """KL, flip rate and ln PPL ratio by context depth (the tokens a position's window gives the model before it), in
-    bins of powers of two, [2^k, 2^(k+1)), from the shallowest scored position's bin to the deepest's: drift that
-    grows along the context (half-precision attention or rotary positions, a quantized KV path) shows here. The
-    standard error of a bin's mean KL is over its positions (sample standard deviation / √n), as the summary's is."""
+    bins of powers of two, [2^k, 2^(k+1)), from the shallowest scored position's bin to the deepest's, the outer
+    bounds cut to the depths scored: drift that grows along the context (half-precision attention or rotary
+    positions, a quantized KV path) shows here. Standard errors are clustered by window (`window`: each position's
+    forward pass), whose positions are not independent; with fewer than 2 windows in a bin, NaN."""
     if not len(depth):
         return []
-    rows = []
-    for k in range(int(np.log2(depth.min())), int(np.log2(depth.max())) + 1):
-        lo, hi = 2**k, 2 ** (k + 1)
-        inside = (depth >= lo) & (depth < hi)
+    rows, first, last = [], int(depth.min()), int(depth.max())
+    for k in range(first.bit_length() - 1, last.bit_length()):
+        lo, hi = max(2**k, first), min(2 ** (k + 1) - 1, last)
+        inside = (depth >= lo) & (depth <= hi)
         n = int(inside.sum())
-        x = kl[inside].astype(np.float64)
+        x, d, w = kl[inside].astype(np.float64), nll_diff[inside].astype(np.float64), window[inside]
         rows.append({
-            "depth_lo": lo, "depth_hi": hi - 1, "positions": n,
+            "depth_lo": lo, "depth_hi": hi, "positions": n, "windows": int(len(np.unique(w))),
             "kl_mean": float(x.mean()) if n else float("nan"),
-            "kl_mean_se": float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+            "kl_mean_se": clustered_se(x, w) if n else float("nan"),
             "flip_rate": float(flip[inside].mean()) if n else float("nan"),
-            "ln_ppl_ratio": float(nll_diff[inside].astype(np.float64).mean()) if n else float("nan"),
+            "ln_ppl_ratio": float(d.mean()) if n else float("nan"),
+            "ln_ppl_ratio_se": clustered_se(d, w) if n else float("nan"),
         })  # fmt: skip
     return rows
 
@@ -151,7 +167,7 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
     out["flip_rate"] = 1.0 - out["top1_agree"]
     out["by_confidence"] = confidence_bins(m["p_top_ref"], m["kl"], ~m["top1_agree"].astype(bool))
     if "depth" in m:
-        out["by_depth"] = depth_bins(m["depth"], m["kl"], ~m["top1_agree"].astype(bool), d)
+        out["by_depth"] = depth_bins(m["depth"], m["window"], m["kl"], ~m["top1_agree"].astype(bool), d)
     out["kl_mean_ci95"] = bootstrap_mean(m["kl"], prompt, resamples=resamples, seed=seed)
     out["top1_agree_ci95"] = bootstrap_mean(m["top1_agree"].astype(np.float64), prompt, resamples=resamples, seed=seed)
     return out

@@ -113,9 +113,10 @@ def depth_span(b: dict) -> str:
     return str(b["depth_lo"]) if b["depth_lo"] == b["depth_hi"] else f"{b['depth_lo']}–{b['depth_hi']}"
 
 
-def depth_svg(series: dict[str, list[dict]], width: int = 720, height: int = 260) -> str:
+def depth_svg(series: dict[str, list[dict]], few: int = 0, width: int = 720, height: int = 260) -> str:
     """Each pair's mean KL by context depth (aggregate.depth_bins: powers of two), a point per bin with its ± one
-    standard error, on a log KL axis; empty bins and KL = 0 leave gaps."""
+    standard error, on a log KL axis; a hollow point where a bin comes from fewer than `few` windows; empty bins and
+    KL = 0 leave gaps."""
     edges = sorted({(b["depth_lo"], b["depth_hi"]) for bins in series.values() for b in bins})
     values = [np.array([b["kl_mean"] for b in bins if b["positions"]], dtype=np.float64) for bins in series.values()]
     lo, hi = _decades(values)
@@ -138,12 +139,13 @@ def depth_svg(series: dict[str, list[dict]], width: int = 720, height: int = 260
             if not b["positions"] or not v or not math.isfinite(v) or v <= 0:  # a gap: log10 has no 0
                 points.append(None)
                 continue
-            se = b.get("kl_mean_se")
-            tip = html.escape(f"{name}, depth {depth_span(b)}: mean KL {v:.3g}" + (f" ± {se:.2g}" if se and math.isfinite(se) else "")
-                              + f" over {b['positions']} positions")  # fmt: skip
+            se, n, w = b.get("kl_mean_se"), b["positions"], b.get("windows")
+            tip = html.escape(exponent(f"{name}, depth {depth_span(b)}: mean KL {v:.3g}" + (f" ± {se:.2g}" if se and math.isfinite(se) else ""))
+                              + f" over {n} position{'' if n == 1 else 's'}" + (f" in {w} window{'' if w == 1 else 's'}" if w else ""))  # fmt: skip
             if se and math.isfinite(se):
                 parts.append(f'<line x1="{x:.1f}" y1="{sy(v + se):.1f}" x2="{x:.1f}" y2="{sy(max(v - se, 10.0**lo)):.1f}" stroke="{color}" stroke-opacity="0.5"/>')
-            parts.append(f'<circle cx="{x:.1f}" cy="{sy(v):.1f}" r="3" fill="{color}"><title>{tip}</title></circle>')
+            fill = f'fill="white" stroke="{color}" stroke-width="1.5"' if w is not None and w < few else f'fill="{color}"'
+            parts.append(f'<circle cx="{x:.1f}" cy="{sy(v):.1f}" r="3" {fill}><title>{tip}</title></circle>')
             points.append(f"{x:.1f},{sy(v):.1f}")
         runs, run = [], []
         for p in [*points, None]:  # a line through each run of bins with a value
@@ -153,7 +155,7 @@ def depth_svg(series: dict[str, list[dict]], width: int = 720, height: int = 260
                 run.append(p)
         parts += [f'<polyline fill="none" stroke="{color}" stroke-width="1.4" points="{" ".join(r)}"/>' for r in runs]
         parts.append(f'<rect x="{x1 + 12}" y="{y0 + 16 * i}" width="10" height="10" fill="{color}"/><text x="{x1 + 26}" y="{y0 + 9 + 16 * i}">{html.escape(name)}</text>')
-    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 4}" text-anchor="middle">context depth (tokens before the position in its window)</text>')
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 4}" text-anchor="middle">context depth (tokens the model had before the position)</text>')
     parts.append(f'<text transform="translate(12 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">mean KL, nats</text></svg>')
     return "".join(parts)
 

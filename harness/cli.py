@@ -164,7 +164,7 @@ def _compare(cfg, planned=None, state: dict | None = None) -> Path:
     def alignment(a: str, b: str):
         return pipeline.alignment(the_plan, a, b, stores, names)
 
-    own, depth = compare.reference_columns(stores[ref]), prompts.row_depths(the_plan.segments)
+    own, depth = compare.reference_columns(stores[ref]), (prompts.row_depths(the_plan.segments), prompts.row_windows(the_plan.segments))
     pairs = [
         compare.compare(ref, stores[ref], v.name, stores[v.name], ks=tuple(options.top_k),
                         resamples=options.bootstrap_resamples, seed=cfg.seed, prompt_names=names,
@@ -185,8 +185,11 @@ def _compare(cfg, planned=None, state: dict | None = None) -> Path:
     tokens = {
         "n_vocab": the_plan.tokens.n_vocab,
         # every prompt, at its index: one with no scored token (shorter than a llama_cpp window, no continuation) too
+        # text mode: the whole prompt (its windows may leave out a last token, which a one-token window would hold);
+        # generate mode: prompt and continuation
         "prompts": [{"id": name, "ids": seq, "texts": prompts.sequence_texts(tokenizer, seq)}
-                    for name, seq in ((names[p], sequences.get(p, list(the_plan.tokens.ids[p]))) for p in range(len(names)))],
+                    for name, seq in ((names[p], list(the_plan.tokens.ids[p]) if cfg.mode == "text" else
+                                       sequences.get(p, list(the_plan.tokens.ids[p]))) for p in range(len(names)))],
         "vocab": prompts.vocab_texts(tokenizer, sorted(shown)),
     }
     inputs = input_facts(cfg, the_plan)

@@ -175,13 +175,13 @@ def reference_columns(ref: Store) -> dict[str, np.ndarray]:
 def compare(
     ref_name: str, ref: Store, cand_name: str, cand: Store, *, ks=(5, 10), resamples: int = 1000, seed: int = 0,
     prompt_names: list[str] | None = None, smoothing_eps: float | None = None, alignment: align.PairAlignment | None = None,
-    ref_columns: dict[str, np.ndarray] | None = None, depth: np.ndarray | None = None,
+    ref_columns: dict[str, np.ndarray] | None = None, depth: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PairResult:  # fmt: skip
     """One (reference, candidate) pair: per-position metrics, their aggregates and per-prompt ones. With an
     `alignment` (cross_vocab), over the aligned positions only, in the shared vocabulary (align.py). `ref_columns`
     (reference_columns of `ref`) replace the pair's own reference-side columns, except in a cross_vocab pair, whose
-    reference rows are renormalised over the shared tokens. `depth` (prompts.row_depths of the reference's segments):
-    each reference row's context depth, kept per position and binned (`by_depth`)."""
+    reference rows are renormalised over the shared tokens. `depth` (prompts.row_depths and row_windows of the
+    reference's segments): each reference row's context depth and window, kept per position and binned (`by_depth`)."""
     if alignment is None:
         target = _aligned(ref_name, ref, cand_name, cand)
         keep = slice(None)
@@ -203,9 +203,10 @@ def compare(
     position = ref.read("position")
     m |= {"prompt": prompt, "position": position[keep].numpy(), "target": target.numpy()}
     if depth is not None:
-        if len(depth) != len(position):
-            raise CompareError(f"the store of {ref_name!r} holds {len(position)} rows, and its segments score {len(depth)}")
-        m["depth"] = depth[keep.numpy()] if alignment is not None else depth
+        if len(depth[0]) != len(position):
+            raise CompareError(f"the store of {ref_name!r} holds {len(position)} rows, and its segments score {len(depth[0])}")
+        rows = keep.numpy() if alignment is not None else slice(None)
+        m["depth"], m["window"] = depth[0][rows], depth[1][rows]
     extra = {}
     if alignment is not None:
         outside_ref, outside_cand = m.pop("outside_ref"), m.pop("outside_cand")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import charts, records
+from harness.aggregate import MIN_WINDOWS
 from harness.charts import PALETTE, cdf_svg, decades, depth_svg, exponent, heat, hist_svg
 from harness.check import ABSENT, VERSION_KEYS
 from harness.llama_report import LLAMA_ROWS
@@ -162,18 +163,34 @@ def _bins_table(bins: list[dict]) -> str:
 
 
 def _depth_table(bins: list[dict]) -> str:
-    rows = ["<table class=bins><tr><th title=\"the tokens its window gives the model before the position\">context depth</th>"
-            "<th>positions</th><th>KL mean ± se</th><th>flip rate</th><th title=\"mean NLL difference, candidate − reference\">"
-            "ln PPL ratio</th></tr>"]  # fmt: skip
+    rows = ["<table class=bins><tr><th title=\"the tokens the model had before the position, in its window\">context depth</th>"
+            "<th>positions</th><th title=\"the windows (forward passes) they come from\">windows</th><th>KL mean ± se</th>"
+            "<th>flip rate</th><th title=\"mean NLL difference, candidate − reference\">ln PPL ratio ± se</th></tr>"]  # fmt: skip
     for b in bins:
-        se = f" ± {_num(b['kl_mean_se'], '.1e')}" if b["positions"] > 1 else ""
+        kl_se, ppl_se = (f" ± {_num(b[k], '.1e')}" if b.get(k) is not None and math.isfinite(b[k]) else "" for k in ("kl_mean_se", "ln_ppl_ratio_se"))
         rows.append(
-            f"<tr><td>{charts.depth_span(b)}</td><td>{b['positions']}</td>"
-            f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}{se}</td>"
+            f"<tr><td>{charts.depth_span(b)}</td><td>{b['positions']}</td><td>{b.get('windows', '–')}</td>"
+            f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}{kl_se}</td>"
             f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_fraction(b['flip_rate'], 3)}</td>"
-            f"<td>{_num(b['ln_ppl_ratio'], '+.2e')}</td></tr>"
+            f"<td>{_num(b['ln_ppl_ratio'], '+.2e')}{ppl_se}</td></tr>"
         )
     return "".join(rows) + "</table>"
+
+
+def _depth_note(record: records.RunRecord) -> str:
+    """What the depth bins can and cannot show in this run's mode."""
+    out = [f"Each ± is a standard error over windows (the positions of one window are not independent); a hollow point is "
+           f"a bin from fewer than {MIN_WINDOWS} windows, a bin from one window has no ±."]  # fmt: skip
+    config = record.config
+    if config.get("mode") == "generate":
+        out.append("In generate mode a position's depth is its prompt's length plus the continuation before it: the bins "
+                   "also sort the prompts by length, so a difference between bins may be one between prompts.")  # fmt: skip
+    elif (config.get("text") or {}).get("score") == "second_half":
+        out.append(f"With second_half scoring, depths under {config['text']['context'] // 2} come from each text's first "
+                   "window only: its opening tokens.")  # fmt: skip
+    if any(record.variants.get(p.candidate, {}).get("cross_vocab") for p in record.pairs):
+        out.append("Depth counts the reference's tokens.")
+    return f"<p class=small>{' '.join(out)}</p>"
 
 
 MIN_CI_PROMPTS = 5  # below it the page gives no bootstrap interval over prompts (with 2, its ends were the 2 prompts' means)
@@ -183,7 +200,7 @@ def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -
     out = ["<h2 id=dist>KL distribution</h2>", f'<div class="wide">{cdf_svg(kl)}</div>']
     depth = {p.candidate: p.aggregates["by_depth"] for p in record.pairs if p.aggregates.get("by_depth")}
     if depth and max(len(bins) for bins in depth.values()) > 1:  # one bin (llama_cpp windows) draws no line
-        out.append(f'<h3 id=depth>Mean KL by context depth</h3><div class="wide">{depth_svg(depth)}</div>')
+        out.append(f'<h3 id=depth>Mean KL by context depth</h3><div class="wide">{depth_svg(depth, MIN_WINDOWS)}</div>{_depth_note(record)}')
     out.append('<div class="cards">')
     span = decades(list(kl.values()))  # one axis for all: a histogram further right is a pair further off
     for i, p in enumerate(record.pairs):

@@ -284,6 +284,11 @@ def row_depths(segments: list[Segment]) -> np.ndarray:
     return np.concatenate([np.arange(s.first + 1, len(s.ids), dtype=np.int32) for s in segments] or [np.zeros(0, np.int32)])
 
 
+def row_windows(segments: list[Segment]) -> np.ndarray:
+    """[rows] each scored row's window: the index of its segment (one forward pass) in `segments`, in store order."""
+    return np.repeat(np.arange(len(segments), dtype=np.int32), [s.rows for s in segments]).astype(np.int32)
+
+
 def sequences(segments: list[Segment]) -> dict[int, list[int]]:
     """prompt index -> its whole token sequence (prompt, and continuation in generate mode) from the segments."""
     out: dict[int, list[int]] = {}

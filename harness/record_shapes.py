@@ -39,10 +39,12 @@ class _DepthBin(_Numbers):
     depth_lo: StrictInt
     depth_hi: StrictInt
     positions: StrictInt
+    windows: StrictInt
     kl_mean: Number | None
     kl_mean_se: Number | None
     flip_rate: Number | None
     ln_ppl_ratio: Number | None
+    ln_ppl_ratio_se: Number | None
 
 
 Interval = tuple[Number | None, Number | None]

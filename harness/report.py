@@ -36,10 +36,12 @@ CROSS_COLUMNS = list(align.AGGREGATES)
 MATRIX_COLUMNS = ["a", "b", "top1_agree", "sym_kl_mean"]
 BIN_COLUMNS = {  # the pair's binned aggregates, a CSV each (a run whose record has none: no file)
     "confidence.csv": ("by_confidence", ["p_top_lo", "p_top_hi", "positions", "kl_mean", "flip_rate"]),
-    "depth.csv": ("by_depth", ["depth_lo", "depth_hi", "positions", "kl_mean", "kl_mean_se", "flip_rate", "ln_ppl_ratio"]),
+    "depth.csv": ("by_depth", ["depth_lo", "depth_hi", "positions", "windows", "kl_mean", "kl_mean_se", "flip_rate", "ln_ppl_ratio",
+                               "ln_ppl_ratio_se"]),
 }
-# in positions-*.npz beside the metrics (ref_row: cross_vocab; depth: the tokens before it in its window, since 2026-12-07)
-POSITION_KEYS = ("prompt", "position", "depth", "target", "ref_row")
+# in positions-*.npz beside the metrics (ref_row: cross_vocab; since 2026-12-07, depth: the tokens before it in its
+# window, and window: the index of that window, the forward pass it was scored in)
+POSITION_KEYS = ("prompt", "position", "depth", "window", "target", "ref_row")
 
 
 def summary_columns(record: records.RunRecord) -> list[str]:
@@ -113,7 +115,7 @@ def write_positions_csv(run_dir: Path, record: records.RunRecord, tokens: dict |
             m = records.load_positions(run_dir, pair)
             if writer is None:  # every pair has the same metrics (smoothing_eps and top_k are per run)
                 metrics = [k for k in m if k not in POSITION_KEYS]
-                where = ["position", "depth"] if "depth" in m else ["position"]  # a run from before depth: none
+                where = ["position", "depth", "window"] if "depth" in m else ["position"]  # a run from before depth: none
                 writer = csv.writer(f)
                 writer.writerow(["reference", "candidate", "prompt", *where, "token", "token_text", *metrics])
             columns = [m[k].astype(np.int8) if m[k].dtype == bool else m[k] for k in metrics]

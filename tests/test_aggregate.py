@@ -75,28 +75,52 @@ def test_pair_aggregates_perplexity_and_bins():
     assert a["kl_mean_ci95"][0] < a["kl_mean"] < a["kl_mean_ci95"][1]
 
 
+def _cr1(x: np.ndarray, cluster: np.ndarray) -> float:
+    """The cluster-robust standard error of a mean, written out as a loop over clusters."""
+    mean, groups = x.mean(), sorted(set(cluster.tolist()))
+    total = sum((x[cluster == g] - mean).sum() ** 2 for g in groups)
+    return math.sqrt(len(groups) / (len(groups) - 1) * total) / len(x)
+
+
+def test_clustered_standard_error():
+    """One value per cluster: the sample standard deviation / sqrt(n) (scipy's sem); clusters of correlated values:
+    the loop above, and wider than sem, which takes them as independent."""
+    rng = np.random.default_rng(5)
+    x = rng.lognormal(-6, 2, 400)
+    assert aggregate.clustered_se(x, np.arange(400)) == pytest.approx(stats.sem(x), rel=1e-12)
+    cluster = np.repeat(np.arange(40), 10)
+    y = rng.normal(0, 1, 40)[cluster] + rng.normal(0, 0.1, 400)  # a shared level per cluster
+    assert aggregate.clustered_se(y, cluster) == pytest.approx(_cr1(y, cluster), rel=1e-12)
+    assert aggregate.clustered_se(y, cluster) > 2.5 * stats.sem(y)
+    assert math.isnan(aggregate.clustered_se(y[:10], cluster[:10]))  # one cluster
+
+
 def test_depth_bins_against_numpy_and_scipy():
-    """KL, its standard error, the flip rate and the ln PPL ratio by context depth in [2^k, 2^(k+1)) bins, by hand, on
-    random positions whose depths skip a bin (64-127: empty, NaN) and reach the edges 2^k - 1 and 2^k."""
+    """KL, its clustered standard error, the flip rate and the ln PPL ratio ± se by context depth in [2^k, 2^(k+1))
+    bins, by hand, on random positions whose depths skip a bin (64-127: empty, NaN) and reach the edges 2^k - 1 and
+    2^k; the outer bins cut to the depths scored (3 and 699, not 2 and 1023)."""
     rng = np.random.default_rng(3)
     depth = np.concatenate([rng.integers(3, 64, 900), rng.integers(128, 700, 900), [3, 63, 128, 255, 256, 511, 512, 699]])
     n = len(depth)
+    window = rng.integers(0, 60, n)
     kl, flip, diff = rng.lognormal(-6, 2, n), rng.random(n) < 0.05, rng.normal(0.01, 0.1, n)
-    bins = aggregate.depth_bins(depth.astype(np.int32), kl, flip, diff)
-    assert [(b["depth_lo"], b["depth_hi"]) for b in bins] == [(2**k, 2 ** (k + 1) - 1) for k in range(1, 10)]
+    bins = aggregate.depth_bins(depth.astype(np.int32), window, kl, flip, diff)
+    assert [(b["depth_lo"], b["depth_hi"]) for b in bins] == [(3, 3)] + [(2**k, 2 ** (k + 1) - 1) for k in range(2, 9)] + [(512, 699)]
     assert sum(b["positions"] for b in bins) == n
     for b in bins:
         inside = (depth >= b["depth_lo"]) & (depth <= b["depth_hi"])
-        assert b["positions"] == inside.sum()
+        assert b["positions"] == inside.sum() and b["windows"] == len(set(window[inside].tolist()))
         if b["depth_lo"] == 64:
-            assert b["positions"] == 0 and all(math.isnan(b[k]) for k in ("kl_mean", "kl_mean_se", "flip_rate", "ln_ppl_ratio"))
+            assert b["positions"] == 0 and all(math.isnan(b[k]) for k in ("kl_mean", "kl_mean_se", "flip_rate", "ln_ppl_ratio", "ln_ppl_ratio_se"))
             continue
         assert b["kl_mean"] == pytest.approx(kl[inside].mean(), rel=1e-12)
-        assert b["kl_mean_se"] == pytest.approx(stats.sem(kl[inside]), rel=1e-10)
+        assert b["kl_mean_se"] == pytest.approx(_cr1(kl[inside], window[inside]), rel=1e-10)
         assert b["flip_rate"] == pytest.approx(flip[inside].mean(), rel=1e-12)
         assert b["ln_ppl_ratio"] == pytest.approx(diff[inside].mean(), rel=1e-10)
-    assert math.isnan(aggregate.depth_bins(np.array([5], np.int32), kl[:1], flip[:1], diff[:1])[0]["kl_mean_se"])  # one position
-    assert aggregate.depth_bins(np.zeros(0, np.int32), kl[:0], flip[:0], diff[:0]) == []
+        assert b["ln_ppl_ratio_se"] == pytest.approx(_cr1(diff[inside], window[inside]), rel=1e-10)
+    one = aggregate.depth_bins(np.array([5, 6], np.int32), np.array([0, 0]), kl[:2], flip[:2], diff[:2])
+    assert [(b["depth_lo"], b["depth_hi"], b["windows"]) for b in one] == [(5, 6, 1)] and math.isnan(one[0]["kl_mean_se"])  # one window
+    assert aggregate.depth_bins(np.zeros(0, np.int32), window[:0], kl[:0], flip[:0], diff[:0]) == []
 
 
 def test_llama_cpp_statistics():

@@ -158,6 +158,14 @@ def test_extract_in_parts_fills_the_same_store(micro_zoo, tmp_path, tmp_store, m
 
     facts = records.read(tmp_path / "reports" / "latest").variants["base"]  # not the last part's own: this run's
     assert "part" not in facts and "left_to_other_parts" not in facts and facts["first_part"] == "3/3" and facts["forward_s"] == 0.0
+    # tokens.json holds every prompt whole: a last token that a window of its own would hold (chat-09's 49th, at
+    # context 16: the window would score nothing, so there is none) too
+    from harness import config as config_module
+    from harness import pipeline
+
+    full = pipeline.plan(config_module.load(config, overrides), log=lambda _: None).tokens.ids
+    listed = [p["ids"] for p in json.loads((tmp_path / "reports" / "latest" / "tokens.json").read_text())["prompts"]]
+    assert listed == [list(ids) for ids in full] and any(len(ids) % 16 == 1 for ids in full)
 
     whole = tmp_path / "one-run"
     monkeypatch.setenv("HARNESS_STORE", str(whole))

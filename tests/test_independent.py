@@ -260,8 +260,9 @@ def test_confidence_bins_and_bootstrap_intervals_by_hand(micro_run):
 
 
 def test_depth_bins_by_hand(micro_run):
-    """Each position's context depth in its positions file (the run's windows do not overlap: the predicted token's
-    index modulo text.context), and the record's KL, flip rate and ln PPL ratio by depth, recomputed from it."""
+    """Each position's context depth and window in its positions file (the run's windows do not overlap: the predicted
+    token's index modulo text.context, and a window per prompt and text.context tokens), and the record's KL, flip rate
+    and ln PPL ratio by depth recomputed from them, the standard errors clustered by window as a loop over windows."""
     run_dir, _ = micro_run
     record = records.read(run_dir)
     assert record.config["text"]["score"] == "all" and record.config["mode"] == "text"
@@ -269,19 +270,28 @@ def test_depth_bins_by_hand(micro_run):
     for pair in record.pairs:
         m = _positions(run_dir, pair.candidate)
         assert np.array_equal(m["depth"], m["position"] % context)
-        depth, kl = m["depth"], m["kl"].astype(np.float64)
+        starts = sorted({(int(p), int(q) // context) for p, q in zip(m["prompt"], m["position"], strict=True)})
+        assert np.array_equal(m["window"], [starts.index((int(p), int(q) // context)) for p, q in zip(m["prompt"], m["position"], strict=True)])
+        depth, window, kl = m["depth"], m["window"], m["kl"].astype(np.float64)
+        diff = m["nll_cand"].astype(np.float64) - m["nll_ref"].astype(np.float64)
         bins = pair.aggregates["by_depth"]
-        assert bins[0]["depth_lo"] <= depth.min() and depth.max() <= bins[-1]["depth_hi"] and len(bins) >= 5
+        assert (bins[0]["depth_lo"], bins[-1]["depth_hi"]) == (depth.min(), depth.max()) and len(bins) >= 5
         assert sum(b["positions"] for b in bins) == len(depth)
         for b in bins:
             inside = (depth >= b["depth_lo"]) & (depth <= b["depth_hi"])
-            assert b["depth_hi"] == 2 * b["depth_lo"] - 1 and b["positions"] == int(inside.sum())
-            if inside.sum() > 1:
+            assert b["positions"] == int(inside.sum()) and b["windows"] == len(np.unique(window[inside]))
+            if b["windows"] > 1:
+                groups = np.unique(window[inside])
+
+                def se(x):
+                    r = [(x[window[inside] == g] - x.mean()).sum() for g in groups]
+                    return math.sqrt(len(groups) / (len(groups) - 1) * sum(v * v for v in r)) / len(x)
+
                 assert b["kl_mean"] == pytest.approx(kl[inside].mean(), rel=1e-9)
-                assert b["kl_mean_se"] == pytest.approx(stats.sem(kl[inside]), rel=1e-6)
+                assert b["kl_mean_se"] == pytest.approx(se(kl[inside]), rel=1e-6)
                 assert b["flip_rate"] == pytest.approx(1 - m["top1_agree"][inside].mean(), abs=1e-12)
-                diff = m["nll_cand"][inside].astype(np.float64) - m["nll_ref"][inside].astype(np.float64)
-                assert b["ln_ppl_ratio"] == pytest.approx(diff.mean(), rel=1e-6, abs=1e-12)
+                assert b["ln_ppl_ratio"] == pytest.approx(diff[inside].mean(), rel=1e-6, abs=1e-12)
+                assert b["ln_ppl_ratio_se"] == pytest.approx(se(diff[inside]), rel=1e-6, abs=1e-15)
 
 
 def _store_rows(store: str) -> np.ndarray:

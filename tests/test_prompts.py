@@ -289,4 +289,11 @@ def test_row_depths_are_the_tokens_each_window_gives_before_its_position(context
 def test_generate_rows_are_as_deep_as_the_prompt_and_the_continuation_so_far():
     segments = prompts.generate_segments(_tokens([5, 3]), [[7, 8, 9], [1]])
     assert prompts.row_depths(segments).tolist() == [5, 6, 7, 3]
-    assert prompts.row_depths([]).tolist() == []
+    assert prompts.row_windows(segments).tolist() == [0, 0, 0, 1]
+    assert prompts.row_depths([]).tolist() == [] and prompts.row_windows([]).tolist() == []
+
+
+def test_row_windows_name_each_rows_forward_pass():
+    segments = prompts.text_segments(_tokens([40, 3]), context=16, score="second_half")
+    windows = prompts.row_windows(segments)
+    assert windows.dtype == np.int32 and windows.tolist() == [i for i, s in enumerate(segments) for _ in range(s.rows)]

@@ -46,7 +46,7 @@ def test_positions_csv_has_a_row_per_pair_and_position_with_the_token_text(micro
         rows = list(csv.DictReader(f))
     n = rec.pairs[0].aggregates["positions"]
     assert len(rows) == len(rec.pairs) * n
-    assert list(rows[0])[:7] == ["reference", "candidate", "prompt", "position", "depth", "token", "token_text"]
+    assert list(rows[0])[:8] == ["reference", "candidate", "prompt", "position", "depth", "window", "token", "token_text"]
     assert {"kl", "kl_rev", "js", "tv", "top1_agree", "delta_p", "nll_ref", "nll_cand", "entropy_ref", "p_top_ref",
             "margin_ref"} <= set(rows[0])  # fmt: skip
     int4 = [r for r in rows if r["candidate"] == "s-chat-gptq-int4"]
@@ -379,8 +379,13 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     for name, pair_bins in bins.items():
         for b in pair_bins:
             span = str(b["depth_lo"]) if b["depth_lo"] == b["depth_hi"] else f"{b['depth_lo']}–{b['depth_hi']}"
-            se = f" ± {b['kl_mean_se']:.2g}" if b["positions"] > 1 else ""  # one position: no standard error
-            assert f"{name}, depth {span}: mean KL {b['kl_mean']:.3g}{se} over {b['positions']} positions" in tips
+            se = f" ± {b['kl_mean_se']:.2g}" if b["windows"] > 1 else ""  # one window: no standard error
+            text = f"{name}, depth {span}: mean KL {b['kl_mean']:.3g}{se}".replace("e-0", "e-")  # as the page writes exponents
+            n, w = b["positions"], b["windows"]
+            assert f"{text} over {n} position{'s' * (n != 1)} in {w} window{'s' * (w != 1)}" in tips
+    hollow = depth.locator("circle[fill=white]").count()
+    assert hollow == sum(b["windows"] < 5 for pair_bins in bins.values() for b in pair_bins) > 0
+    assert "a hollow point is a bin from fewer than 5 windows" in page.locator("#depth + div + p").inner_text()
     height = "(s, n) => +[...s.querySelectorAll('circle')].find(c => c.textContent.startsWith(n + ',')).getAttribute('cy')"
     assert depth.evaluate(height, "s-chat-gptq-int4") < depth.evaluate(height, "s-chat-bf16") < depth.evaluate(height, "s-chat-fp16")
     assert page.locator("#heat-top1 td").count() == 7 * 7
