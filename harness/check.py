@@ -10,8 +10,9 @@ Limits (`gate:` in the config) bound any aggregate of a pair by name: `min`, `ma
 AMOUNT in the bad direction: `+` an increase (the default), `-` a decrease; `%` relative, else absolute.
 Each limit becomes a check whose `breach()` returns None or a Breach. A breach smaller than the
 combined standard error of the numbers it compares is "within noise" (a warning) unless `strict`.
-Every breach is printed once as a table; the last line is one JSON verdict. Exit 0 pass, 1 fail,
-2 a usage or config error (GateError).
+Every breach is printed once as a table; the last line is one JSON verdict, also in `gate.json`, and in the forms CI
+systems read (JUnit XML, Markdown, GitHub annotations: `harness.gate_formats`). Exit 0 pass, 1 fail, 2 a usage or
+config error (GateError).
 """
 
 from __future__ import annotations

@@ -405,9 +405,10 @@ def _main(argv: list[str]) -> int:
         _quiet_libraries()
         run = lambda: args.run_command(args)  # noqa: E731
         extracting = args.command in ("compare", "extract") or (args.command == "check" and args.config)
+    bad_input = input_errors()  # imported here, not while an exception is being matched
     try:
         return run()
-    except input_errors() as exc:
+    except bad_input as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         _no_verdict(argv, str(exc), "input error, exit 2")
         return 2

@@ -1,14 +1,16 @@
 """The gate's verdict in the forms CI systems read, beside `gate.json` and the console table.
 
-    harness check --config configs/ci-gate.yaml --junit reports/gate-junit.xml
+    harness check --config configs/ci-gate.yaml --junit gate.xml --markdown gate.md
 
 - `--junit PATH`: JUnit XML (GitLab's `artifacts:reports:junit`, Jenkins' junit step, the test-report actions of
-  GitHub), a test case per check: a breach is a failure, a check within noise passes with a note. A check that could
-  not run at all (a usage error, a failed comparison, a crash) is one test case with an error, so the report names it.
-- `gate.md` in the run folder, and appended to `$GITHUB_STEP_SUMMARY` where that is set (a GitHub Actions job's
-  summary page): the verdict as a Markdown table.
+  GitHub), a test case per check: a breach is a failure, a check within noise passes with a note.
+- `--markdown PATH`, and `gate.md` in the run folder: the verdict as a Markdown table, for a pull-request comment;
+  appended to `$GITHUB_STEP_SUMMARY` where that is set (a GitHub Actions job's summary page).
 - In GitHub Actions (`GITHUB_ACTIONS=true`), each breach and warning also as a workflow command (`::error ...`), which
   GitHub shows as an annotation on the run.
+
+A gate that gives no verdict (a command-line or input error, a crash, an interruption: `check.error_reports`) writes
+each of them too, as one error naming why, so that no CI system shows an earlier run's file in its place.
 """
 
 from __future__ import annotations
