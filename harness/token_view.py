@@ -55,11 +55,13 @@ def view_data(
     # every pair over the reference's tokens has its positions, in its store's order; a cross_vocab pair has some of
     # them (ref_row: which); where every pair is cross_vocab, rows none of them aligns stay out (prompt -1)
     full = [m for m in positions.values() if "ref_row" not in m]
+    # depth: the tokens before a position in its window (runs from 2026-12-07 on)
+    keys = ("prompt", "position", "target") + (("depth",) if all("depth" in m for m in positions.values()) else ())
     if full:
-        pos = {key: full[0][key].tolist() for key in ("prompt", "position", "target")}
+        pos = {key: full[0][key].tolist() for key in keys}
     else:
         n = 1 + max(int(m["ref_row"].max()) for m in positions.values() if len(m["ref_row"]))
-        pos = {key: [-1] * n for key in ("prompt", "position", "target")}
+        pos = {key: [-1] * n for key in keys}
         for m in positions.values():
             for key in pos:
                 for r, v in zip(m["ref_row"].tolist(), m[key].tolist()):

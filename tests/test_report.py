@@ -436,6 +436,8 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     pair, prompt = page.locator("#pair-select").input_value(), page.locator("#prompt-select option:checked").inner_text().split(" (")[0]
     with gzip.open(run_dir / "positions.csv.gz", "rt", newline="") as f:
         row = next(r for r in csv.DictReader(f) if (r["candidate"], r["prompt"], int(r["position"])) == (pair, prompt, at))
+    n = int(row["depth"])  # how many tokens the models had: the position's depth in its window
+    assert f"as each model predicted it from the {n} token{'s' * (n != 1)} before it in its window" in page.locator("#detail p").first.inner_text()
     assert page.locator("#detail td.token").first.evaluate("e => getComputedStyle(e).whiteSpace") == "pre"  # "  " is not " "
     hits = [float(r.locator("td").nth(1).inner_text()) for r in page.locator("#detail tr.hit").all()]
     assert hits == pytest.approx([math.exp(-float(row["nll_ref"])), math.exp(-float(row["nll_cand"]))], rel=1e-3)

@@ -172,8 +172,9 @@ function buildView() {
     detail.textContent = "";
     const target = D.pos.target[i];
     const word = D.vocab[target] !== undefined ? D.vocab[target] : `#${target}`;
+    const before = D.pos.depth ? `the ${D.pos.depth[i]} token${D.pos.depth[i] === 1 ? "" : "s"} before it in its window` : "the tokens before it in its window";
     detail.appendChild(el("p", `position ${D.pos.position[i]}: the token ${JSON.stringify(word)} (id ${target}), as each model predicted it ` +
-      `from the tokens before it in its window · KL ${num(D.kl[c][i]).toExponential(3)} nats · the token in bold, below the top 5 where it is not in them`));
+      `from ${before} · KL ${num(D.kl[c][i]).toExponential(3)} nats · the token in bold, below the top 5 where it is not in them`));
     detail.append(topTable(D.reference, i), topTable(c, i));
   }
 
