@@ -81,9 +81,6 @@ def confidence_bins(p_top: np.ndarray, kl: np.ndarray, flip: np.ndarray) -> list
     return rows
 
 
-MIN_WINDOWS = 5  # a depth bin from fewer windows is marked on the page: its standard error rests on too few of them
-
-
 def clustered_se(x: np.ndarray, cluster: np.ndarray) -> float:
     """The standard error of mean(x) where the values of one cluster are not independent (the positions of one window):
     sqrt(G / (G - 1) * sum over clusters of (sum of x - mean)^2) / n, the cluster-robust (CR1) estimate; NaN from
@@ -95,15 +92,17 @@ def clustered_se(x: np.ndarray, cluster: np.ndarray) -> float:
     return float(math.sqrt(len(groups) / (len(groups) - 1) * (residual**2).sum()) / len(x))
 
 
-def depth_bins(depth: np.ndarray, window: np.ndarray, kl: np.ndarray, flip: np.ndarray, nll_diff: np.ndarray) -> list[dict]:
+def depth_bins(depth: np.ndarray, window: np.ndarray, kl: np.ndarray, flip: np.ndarray, nll_diff: np.ndarray,
+               span: tuple[int, int] | None = None) -> list[dict]:  # fmt: skip
     """KL, flip rate and ln PPL ratio by context depth (the tokens a position's window gives the model before it), in
     bins of powers of two, [2^k, 2^(k+1)), from the shallowest scored position's bin to the deepest's, the outer
-    bounds cut to the depths scored: drift that grows along the context (half-precision attention or rotary
-    positions, a quantized KV path) shows here. Standard errors are clustered by window (`window`: each position's
-    forward pass), whose positions are not independent; with fewer than 2 windows in a bin, NaN."""
+    bounds cut to the depths scored (`span`: the run's, so that a pair scoring some positions only, cross_vocab, has
+    the other pairs' bins): drift that grows along the context (half-precision attention or rotary positions, a
+    quantized KV path) shows here. Standard errors are clustered by window (`window`: each position's forward pass),
+    whose positions are not independent; with fewer than 2 windows in a bin, NaN."""
     if not len(depth):
         return []
-    rows, first, last = [], int(depth.min()), int(depth.max())
+    rows, (first, last) = [], span or (int(depth.min()), int(depth.max()))
     for k in range(first.bit_length() - 1, last.bit_length()):
         lo, hi = max(2**k, first), min(2 ** (k + 1) - 1, last)
         inside = (depth >= lo) & (depth <= hi)
@@ -120,8 +119,10 @@ def depth_bins(depth: np.ndarray, window: np.ndarray, kl: np.ndarray, flip: np.n
     return rows
 
 
-def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resamples: int, seed: int) -> dict:
-    """Every aggregate of one (reference, candidate) pair from its per-position metric arrays."""
+def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resamples: int, seed: int,
+                    depth_span: tuple[int, int] | None = None) -> dict:  # fmt: skip
+    """Every aggregate of one (reference, candidate) pair from its per-position metric arrays (`depth_span`: the
+    run's shallowest and deepest scored depths, depth_bins' `span`)."""
     n = len(m["kl"])
     out: dict = {"positions": n}
     for name in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "kl_rev_smoothed"):
@@ -167,7 +168,7 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
     out["flip_rate"] = 1.0 - out["top1_agree"]
     out["by_confidence"] = confidence_bins(m["p_top_ref"], m["kl"], ~m["top1_agree"].astype(bool))
     if "depth" in m:
-        out["by_depth"] = depth_bins(m["depth"], m["window"], m["kl"], ~m["top1_agree"].astype(bool), d)
+        out["by_depth"] = depth_bins(m["depth"], m["window"], m["kl"], ~m["top1_agree"].astype(bool), d, depth_span)
     out["kl_mean_ci95"] = bootstrap_mean(m["kl"], prompt, resamples=resamples, seed=seed)
     out["top1_agree_ci95"] = bootstrap_mean(m["top1_agree"].astype(np.float64), prompt, resamples=resamples, seed=seed)
     return out

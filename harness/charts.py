@@ -117,25 +117,32 @@ def depth_svg(series: dict[str, list[dict]], few: int = 0, width: int = 720, hei
     """Each pair's mean KL by context depth (aggregate.depth_bins: powers of two), a point per bin with its ± one
     standard error, on a log KL axis; a hollow point where a bin comes from fewer than `few` windows; empty bins and
     KL = 0 leave gaps."""
-    edges = sorted({(b["depth_lo"], b["depth_hi"]) for bins in series.values() for b in bins})
+    def k(b: dict) -> int:  # a bin's power of two: its place on the axis, whatever its cut bounds
+        return b["depth_lo"].bit_length() - 1
+
+    spans: dict[int, tuple[int, int]] = {}
+    for b in (b for bins in series.values() for b in bins):
+        lo_, hi_ = spans.get(k(b), (b["depth_lo"], b["depth_hi"]))
+        spans[k(b)] = (min(lo_, b["depth_lo"]), max(hi_, b["depth_hi"]))
     values = [np.array([b["kl_mean"] for b in bins if b["positions"]], dtype=np.float64) for bins in series.values()]
     lo, hi = _decades(values)
     x0, x1, y0, y1 = 60, width - 150, 10, height - 42
-    step = (x1 - x0) / max(1, len(edges))
-    at = {e: x0 + step * (i + 0.5) for i, e in enumerate(edges)}
+    step = (x1 - x0) / max(1, len(spans))
+    at = {key: x0 + step * (i + 0.5) for i, key in enumerate(sorted(spans))}
     sy = lambda v: y1 - (math.log10(min(max(v, 10.0**lo), 10.0**hi)) - lo) / max(1, hi - lo) * (y1 - y0)  # noqa: E731
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="mean KL by context depth">',
              f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#444"/>']  # fmt: skip
     for d in range(lo, hi + 1, max(1, math.ceil((hi - lo) / 6))):
         y = sy(10.0**d)
         parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="#ddd"/><text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">1e{d}</text>')
-    for (a, b), x in at.items():
+    for key, x in at.items():
+        a, b = spans[key]
         parts.append(f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="middle">{depth_span({"depth_lo": a, "depth_hi": b})}</text>')
     for i, (name, bins) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         points = []
         for b in bins:
-            x, v = at[(b["depth_lo"], b["depth_hi"])], b["kl_mean"]
+            x, v = at[k(b)], b["kl_mean"]
             if not b["positions"] or not v or not math.isfinite(v) or v <= 0:  # a gap: log10 has no 0
                 points.append(None)
                 continue
@@ -166,4 +173,3 @@ if __name__ == "__main__":
     run = records.run_dir((script.args(__doc__, 0, 1) or ["reports/latest"])[0])
     record = records.read(run)
     print(cdf_svg({p.candidate: records.load_positions(run, p)["kl"] for p in record.pairs}).replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1))
-

@@ -436,18 +436,3 @@ def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool,
     print(json.dumps(records.json_safe(verdict), separators=(",", ":"), allow_nan=False))
     return 1 if verdict["verdict"] == "fail" else 0
 
-
-def error_reports(message: str, kind: str, *, junit: Path | None = None, markdown: Path | None = None, detail: str | None = None) -> None:
-    """A gate that ended without a verdict (exit 2, 3, 130 or 143) still leaves its --junit and --markdown files, step
-    summary and (in GitHub Actions) an annotation, naming why: `kind` says which (e.g. "input error, exit 2");
-    `detail`, a traceback."""
-    text = gate_formats.markdown_error(message, kind)
-    writes = [lambda: junit and gate_formats.write(junit, gate_formats.junit_error(message, kind, detail)),
-              lambda: markdown and gate_formats.write(markdown, text), lambda: gate_formats.append_step_summary(text)]  # fmt: skip
-    for write in writes:
-        try:
-            write()
-        except OSError:  # the error in flight is the one to report
-            pass
-    if gate_formats.in_github_actions():
-        print(gate_formats.error_annotation(message, kind))

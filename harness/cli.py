@@ -373,21 +373,11 @@ def _interrupted(exc: KeyboardInterrupt) -> tuple[str, str]:
 
 
 def _no_verdict(argv: list[str], message: str, kind: str, detail: str | None = None) -> None:
-    """`harness check` that ends without a verdict (a command-line or input error, a crash, an interruption) still
-    writes its --junit and --markdown files, the step summary and an annotation, each naming why: a CI system reads
-    them instead of a report that is missing, or stale from an earlier run."""
-    if argv[:1] != ["check"]:
-        return
-    paths = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    paths.add_argument("--junit", type=Path)
-    paths.add_argument("--markdown", type=Path)
-    try:
-        known, _ = paths.parse_known_args(argv[1:])
-    except (argparse.ArgumentError, SystemExit):  # "--junit" without its path: nowhere to write
-        known = argparse.Namespace(junit=None, markdown=None)
-    from harness import check
+    """`harness check` that ends without a verdict still writes its CI reports, naming why (gate_formats.no_verdict)."""
+    if argv[:1] == ["check"]:
+        from harness import gate_formats
 
-    check.error_reports(message, kind, junit=known.junit, markdown=known.markdown, detail=detail)
+        gate_formats.no_verdict(argv[1:], message, kind, detail)
 
 
 def _main(argv: list[str]) -> int:

@@ -214,7 +214,8 @@ def compare(
         extra = {"aligned_of": alignment.ref_positions, "aligned": alignment.aligned, "shared_tokens": alignment.vocab.shared,
                  "outside_mass_ref": float(outside_ref.mean()), "outside_mass_cand": float(outside_cand.mean()),
                  **bits_per_byte(ref, cand, alignment)}  # fmt: skip
-    agg = aggregate.pair_aggregates(m, prompt, ks=ks, resamples=resamples, seed=seed)
+    span = (int(depth[0].min()), int(depth[0].max())) if depth is not None and len(depth[0]) else None  # the run's, not the pair's
+    agg = aggregate.pair_aggregates(m, prompt, ks=ks, resamples=resamples, seed=seed, depth_span=span)
     agg["pad_mass_ref"] = float(ref.read("pad_mass")[keep].double().mean())
     agg["pad_mass_cand"] = float(cand.read("pad_mass")[slice(None) if alignment is None else alignment.cand_rows].double().mean())
     return PairResult(ref_name, cand_name, agg | extra, aggregate.per_prompt(m, prompt, names, ks), m)

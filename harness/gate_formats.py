@@ -9,7 +9,7 @@
 - In GitHub Actions (`GITHUB_ACTIONS=true`), each breach and warning also as a workflow command (`::error ...`), which
   GitHub shows as an annotation on the run.
 
-A gate that gives no verdict (a command-line or input error, a crash, an interruption: `check.error_reports`) writes
+A gate that gives no verdict (a command-line or input error, a crash, an interruption: `no_verdict`) writes
 each of them too, as one error naming why, so that no CI system shows an earlier run's file in its place.
 """
 
@@ -168,7 +168,7 @@ def append_step_summary(text: str) -> str | None:
     if not path:
         return None
     try:
-        with open(path, "a", encoding="utf-8") as f:
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text + "\n")
     except OSError as exc:
         return f"GITHUB_STEP_SUMMARY {path} not written: {exc.strerror or exc}"
@@ -196,6 +196,38 @@ def check_writable(path: Path | None, flag: str) -> None:
 
 
 def write(path: Path, text: str) -> None:
+    """UTF-8; a character it cannot hold (a path's undecodable byte, kept by Python as a surrogate) as \\xNN."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    path.write_text(text, encoding="utf-8", errors="backslashreplace")
+
+
+def _flag(argv: list[str], flag: str) -> Path | None:
+    """The path given to `flag` in a command line that may not parse as a whole (None where it has none)."""
+    import argparse
+
+    one = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    one.add_argument(flag, type=Path)
+    try:
+        return getattr(one.parse_known_args(argv)[0], flag.lstrip("-"))
+    except (argparse.ArgumentError, SystemExit):  # "--junit" without its path: nowhere to write
+        return None
+
+
+def no_verdict(argv: list[str], message: str, kind: str, detail: str | None = None) -> None:
+    """`harness check ARGV` ended without a verdict (exit 2, 3, 130 or 143): its --junit and --markdown files, the
+    step summary and (in GitHub Actions) an annotation say why, `kind` which (e.g. "input error, exit 2"), with
+    `detail` (a traceback) in the JUnit file. Best effort: nothing here may change the exit code in flight."""
+    junit, markdown, text = _flag(argv, "--junit"), _flag(argv, "--markdown"), markdown_error(message, kind)
+    for path, content in ((junit, lambda: junit_error(message, kind, detail)), (markdown, lambda: text)):
+        if path is not None:
+            try:
+                write(path, content())
+            except (OSError, ValueError):  # the error in flight is the one to report
+                pass
+    try:
+        append_step_summary(text)
+        if in_github_actions():
+            print(error_annotation(message, kind), flush=True)
+    except (OSError, ValueError):  # a closed stdout (`| head`), say
+        pass

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from harness import charts, records
-from harness.aggregate import MIN_WINDOWS
 from harness.charts import PALETTE, cdf_svg, decades, depth_svg, exponent, heat, hist_svg
 from harness.check import ABSENT, VERSION_KEYS
 from harness.llama_report import LLAMA_ROWS
@@ -185,14 +184,17 @@ def _depth_note(record: records.RunRecord) -> str:
     if config.get("mode") == "generate":
         out.append("In generate mode a position's depth is its prompt's length plus the continuation before it: the bins "
                    "also sort the prompts by length, so a difference between bins may be one between prompts.")  # fmt: skip
-    elif (config.get("text") or {}).get("score") == "second_half":
-        out.append(f"With second_half scoring, depths under {config['text']['context'] // 2} come from each text's first "
-                   "window only: its opening tokens.")  # fmt: skip
-    if any(record.variants.get(p.candidate, {}).get("cross_vocab") for p in record.pairs):
+    cross = any(record.variants.get(p.candidate, {}).get("cross_vocab") for p in record.pairs)
+    if config.get("mode") != "generate" and (config.get("text") or {}).get("score") == "second_half":
+        context = config["text"]["context"]  # later windows score from depth context - context // 2 on
+        out.append(f"With second_half scoring, depths under {'about ' if cross else ''}{context - context // 2} come from "
+                   "each text's first window only: its opening tokens.")  # fmt: skip
+    if cross:
         out.append("Depth counts the reference's tokens.")
     return f"<p class=small>{' '.join(out)}</p>"
 
 
+MIN_WINDOWS = 5  # a depth bin from fewer windows is drawn hollow: its standard error rests on too few of them
 MIN_CI_PROMPTS = 5  # below it the page gives no bootstrap interval over prompts (with 2, its ends were the 2 prompts' means)
 
 

@@ -39,12 +39,12 @@ class _DepthBin(_Numbers):
     depth_lo: StrictInt
     depth_hi: StrictInt
     positions: StrictInt
-    windows: StrictInt
+    windows: StrictInt | None = None  # a record from 7d388cf (2026-12-07) has neither
     kl_mean: Number | None
     kl_mean_se: Number | None
     flip_rate: Number | None
     ln_ppl_ratio: Number | None
-    ln_ppl_ratio_se: Number | None
+    ln_ppl_ratio_se: Number | None = None
 
 
 Interval = tuple[Number | None, Number | None]

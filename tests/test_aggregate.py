@@ -121,6 +121,9 @@ def test_depth_bins_against_numpy_and_scipy():
     one = aggregate.depth_bins(np.array([5, 6], np.int32), np.array([0, 0]), kl[:2], flip[:2], diff[:2])
     assert [(b["depth_lo"], b["depth_hi"], b["windows"]) for b in one] == [(5, 6, 1)] and math.isnan(one[0]["kl_mean_se"])  # one window
     assert aggregate.depth_bins(np.zeros(0, np.int32), window[:0], kl[:0], flip[:0], diff[:0]) == []
+    # a pair that scores some of the run's positions only (cross_vocab) has the run's bins: cut to the run's span
+    some = aggregate.depth_bins(np.array([5, 9], np.int32), np.array([0, 1]), kl[:2], flip[:2], diff[:2], span=(4, 12))
+    assert [(b["depth_lo"], b["depth_hi"], b["positions"]) for b in some] == [(4, 7, 1), (8, 12, 1)]
 
 
 def test_llama_cpp_statistics():

@@ -704,3 +704,24 @@ def test_a_crash_report_names_the_exception_and_holds_its_traceback(tmp_path, ca
     (case,) = list(next(iter(JUnitXml.fromfile(str(junit)))))
     error = case.result[0]
     assert error.message == "KeyError: 'missing'" and "Traceback (most recent call last)" in error.text and "run_compare" in error.text
+
+
+def test_no_verdict_reports_are_best_effort_and_each_flag_is_read_on_its_own(tmp_path, monkeypatch):
+    """A message holding an undecodable path byte (a surrogate), a closed stdout, or `--junit` without its path: the
+    reports that can be written are, and nothing raises (an exception here would turn exit 2 or 3 into 1)."""
+    from harness import gate_formats
+
+    summary, md = tmp_path / "summary.md", tmp_path / "gate.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    gate_formats.no_verdict(["--run", "x", "--markdown", str(md), "--junit"], "no run record at /tmp/no\udcffdir", "input error, exit 2")
+    assert "/tmp/no\\udcffdir" in md.read_text() and "/tmp/no\\udcffdir" in summary.read_text()

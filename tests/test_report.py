@@ -68,6 +68,31 @@ def test_prompt_and_matrix_csv(micro_run):
     assert len(matrix) == 7 * 6 // 2 and all(0 <= float(m["top1_agree"]) <= 1 and float(m["sym_kl_mean"]) >= 0 for m in matrix)
 
 
+def test_the_depth_chart_puts_each_power_of_two_at_one_place():
+    """Bins of one power of two cut to other bounds (a record's pairs from other spans) share one x position."""
+    from harness import charts
+
+    def b(lo, hi, kl):
+        return {"depth_lo": lo, "depth_hi": hi, "positions": 9, "windows": 9, "kl_mean": kl, "kl_mean_se": kl / 10}
+
+    svg = charts.depth_svg({"a": [b(1, 1, 1e-3), b(2, 3, 1e-3), b(4, 6, 1e-3)], "c": [b(2, 3, 1e-2), b(4, 7, 1e-2)]})
+    labels = re.findall(r'text-anchor="middle">([0-9–]+)</text>', svg)
+    assert labels == ["1", "2–3", "4–7"]
+    points = re.findall(r'<circle cx="([0-9.]+)"[^>]*><title>([a-z]), depth ([0-9–]+)', svg)
+    xs = {f"{name}{span}": float(x) for x, name, span in points}
+    assert xs["a4–6"] == xs["c4–7"] and xs["a2–3"] == xs["c2–3"] and xs["a1"] < xs["a2–3"] < xs["a4–6"]
+
+
+def test_a_depth_bin_of_a_record_from_before_windows_reads():
+    """Records of 7d388cf (2026-12-07) have depth bins without windows and ln_ppl_ratio_se: they read."""
+    from harness import record_shapes
+
+    old = {"depth_lo": 1, "depth_hi": 1, "positions": 3, "kl_mean": 1e-3, "kl_mean_se": 1e-4, "flip_rate": 0.0, "ln_ppl_ratio": 1e-3}
+    agg = {"positions": 3, "kl_mean": 1e-3, "top1_agree": 1.0, "by_depth": [old]}
+    assert record_shapes.checked(record_shapes.Aggregates, agg) == agg
+    assert "<td>–</td>" in html_report._depth_table([old])
+
+
 def test_binned_csvs_hold_the_records_bins(micro_run):
     """confidence.csv and depth.csv: a row per (pair, bin), the record's values (NaN in an empty bin as an empty cell)."""
     run_dir, _ = micro_run
