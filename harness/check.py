@@ -20,7 +20,9 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -428,11 +430,14 @@ def main(run_dir: Path, *, baseline: Path | None, fail: list[str], strict: bool,
     except (OSError, ValueError, KeyError) as exc:  # the verdict stands without it
         verdict["warnings"].append(f"{run_dir}/index.html not re-rendered: {exc}")
         save()
-    if gate_formats.in_github_actions() and (lines := gate_formats.annotations(verdict, _line)):
-        print("\n".join(lines))
-    for w in verdict["warnings"]:
-        print(f"warning: {w}")
-    print(table(verdict))
-    print(json.dumps(records.json_safe(verdict), separators=(",", ":"), allow_nan=False))
+    try:
+        if gate_formats.in_github_actions() and (lines := gate_formats.annotations(verdict, _line)):
+            print("\n".join(lines))
+        for w in verdict["warnings"]:
+            print(f"warning: {w}")
+        print(table(verdict))
+        print(json.dumps(records.json_safe(verdict), separators=(",", ":"), allow_nan=False), flush=True)
+    except BrokenPipeError:  # stdout closed early (`| head -1`): the verdict stands, and so does its exit code
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
     return 1 if verdict["verdict"] == "fail" else 0
 

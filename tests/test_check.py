@@ -725,3 +725,15 @@ def test_no_verdict_reports_are_best_effort_and_each_flag_is_read_on_its_own(tmp
     monkeypatch.setattr("sys.stdout", Closed())
     gate_formats.no_verdict(["--run", "x", "--markdown", str(md), "--junit"], "no run record at /tmp/no\udcffdir", "input error, exit 2")
     assert "/tmp/no\\udcffdir" in md.read_text() and "/tmp/no\\udcffdir" in summary.read_text()
+
+
+def test_a_verdict_piped_into_head_keeps_its_exit_code(tmp_path):
+    """`harness check ... | head -1` may close stdout before the table: the verdict's exit code stands (it was 3, an
+    internal error, with a BrokenPipeError traceback). `| true` closes it before the first line, every time."""
+    import subprocess
+    import sys
+
+    _, bad = _gate_pair(tmp_path)
+    script = f'"{sys.executable}" -m harness check --run "{bad}" | true; echo "rc=${{PIPESTATUS[0]}}"'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "rc=1" and "Traceback" not in done.stderr, done.stderr
