@@ -190,7 +190,8 @@ def per_prompt(m: dict[str, np.ndarray], prompt: np.ndarray, names: list[str], k
     for p in np.unique(prompt):
         inside = prompt == p
         with np.errstate(invalid="ignore", divide="ignore"):  # a prompt whose NLLs are constant has no correlation
-            a = pair_aggregates({k: v[inside] for k, v in m.items()}, prompt[inside], ks=ks, resamples=0, seed=0)
+            # without depth and window: no depth bins per prompt, which PROMPT_AGGREGATES leaves out
+            a = pair_aggregates({k: v[inside] for k, v in m.items() if k not in ("depth", "window")}, prompt[inside], ks=ks, resamples=0, seed=0)
         rows.append({"prompt": names[int(p)], **{k: a[k] for k in keys}})
     return rows
 

@@ -286,7 +286,7 @@ def row_depths(segments: list[Segment]) -> np.ndarray:
 
 def row_windows(segments: list[Segment]) -> np.ndarray:
     """[rows] each scored row's window: the index of its segment (one forward pass) in `segments`, in store order."""
-    return np.repeat(np.arange(len(segments), dtype=np.int32), [s.rows for s in segments]).astype(np.int32)
+    return np.repeat(np.arange(len(segments), dtype=np.int32), [s.rows for s in segments])
 
 
 def sequences(segments: list[Segment]) -> dict[int, list[int]]:
