@@ -565,7 +565,7 @@ def test_the_verdict_as_junit_a_step_summary_and_annotations(tmp_path, capsys, m
     assert any(line.startswith("::warning title=gate::") and "within noise" in line for line in out)
 
 
-def test_without_github_actions_there_are_no_annotations_and_no_step_summary(tmp_path, capsys, monkeypatch):
+def test_without_github_actions_there_are_no_annotations_and_gate_md_is_still_written(tmp_path, capsys, monkeypatch):
     good, _ = _gate_pair(tmp_path)
     monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
