@@ -179,7 +179,7 @@ def check_writable(path: Path | None, flag: str) -> None:
     """GateError where `flag`'s file cannot be written (its folder is made): before the gate runs, not after."""
     if path is None:
         return
-    from harness.check import GateError
+    from harness.gate_checks import GateError
 
     path = Path(path)
     if path.is_dir():

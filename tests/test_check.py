@@ -1,4 +1,4 @@
-"""The quantization gate: limit and --fail parsing, noise handling and comparability on synthetic
+"""The quantization gate: limit and --fail parsing (harness.gate_checks), noise handling and comparability on synthetic
 records; then on the micro family, the good builds pass and the deliberately damaged ones fail."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from harness import check, records
-from harness.check import GateError, Regression
 from harness.cli import main
+from harness.gate_checks import GateError, Regression, Threshold, standard_error
 
 ROOT = Path(__file__).parents[1]
 SMALL = Path(__file__).parent / "data" / "prompts-small.jsonl"
@@ -85,7 +85,7 @@ def test_a_breach_inside_the_standard_error_is_within_noise_unless_strict():
 
 
 def test_a_value_at_its_limit_passes_even_strict():
-    T = check.Threshold
+    T = Threshold
     at = {"kl_mean": 0.01, "top1_agree": 0.95}  # no standard errors: judged on the value alone
     assert T("p", "kl_mean", "max", 0.01).breach(at, None, strict=True) is None
     assert T("p", "top1_agree", "min", 0.95).breach(at, None, strict=True) is None
@@ -100,7 +100,7 @@ def test_a_baseline_or_floor_that_is_not_finite_fails_every_check(bad):
     """An inf or NaN baseline (a broken build's run) or noise floor makes an infinite or NaN limit, which every value
     met before (inf > inf and NaN comparisons are false): the check passed whatever the run measured."""
     floor, pair = {"kl_mean": bad, "kl_mean_se": 1e-5}, {"kl_mean": 4e-3, "kl_mean_se": 1e-4, "top1_agree": 0.9}
-    b = check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
+    b = Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
     assert b is not None and not b.within_noise
     assert b.line().endswith(f"limit <= 20 x floor = {bad:g}, from the noise floor's value, which is not finite: FAIL")
     for metric, sign in (("kl_mean", 1), ("top1_agree", -1)):
@@ -114,10 +114,10 @@ def test_a_floor_multiple_limit_carries_the_floors_standard_error():
     """The noise band of `max_x_floor: B` is the combined se of the pair's value and of B x the floor's:
     √(1e-4² + (20 x 1e-5)²) = 2.24e-4 here, so a breach of 1.5e-4 is within noise (not with the pair's se alone)."""
     floor, pair = {"kl_mean": 2e-4, "kl_mean_se": 1e-5}, {"kl_mean": 4.15e-3, "kl_mean_se": 1e-4}
-    b = check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
+    b = Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
     assert b.limit == pytest.approx(4e-3) and b.noise == pytest.approx(math.hypot(1e-4, 20 * 1e-5), rel=1e-12)
     assert b.within_noise
-    assert not check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor, strict=True).within_noise
+    assert not Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor, strict=True).within_noise
 
 
 def test_the_same_limit_as_a_floor_multiple_has_the_same_noise_band():
@@ -133,8 +133,8 @@ def test_the_same_limit_as_a_floor_multiple_has_the_same_noise_band():
     floor, pair = pairs[0].aggregates, pairs[1].aggregates
     assert floor["kl_floor_multiple"] == 1.0 and floor["kl_floor_multiple_se"] == 0.0
     assert pair["kl_floor_multiple_se"] == pytest.approx(20.75 * math.hypot(1e-4 / 4.15e-3, 1e-5 / 2e-4), rel=1e-12)
-    as_floor = check.Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
-    as_multiple = check.Threshold("int4", "kl_floor_multiple", "max", 20).breach(pair, floor)
+    as_floor = Threshold("int4", "kl_mean", "max_x_floor", 20).breach(pair, floor)
+    as_multiple = Threshold("int4", "kl_floor_multiple", "max", 20).breach(pair, floor)
     assert as_floor.within_noise and as_multiple.within_noise
     assert as_multiple.noise == pytest.approx(as_floor.noise / floor["kl_mean"], rel=0.05)  # the same band, in floor units
 
@@ -458,7 +458,7 @@ def test_a_nan_metric_fails_its_limit():
     pairs = {"bf16": _agg(2e-4, 1e-5, 0.99), "int4": _agg(math.nan, math.nan, 0.98)}
     v = check.gate(_run(pairs, {"int4": {"kl_mean": {"max": 0.01}}}))
     assert v["verdict"] == "fail" and [b["metric"] for b in v["breaches"]] == ["kl_mean"]
-    assert check.Threshold("p", "top1_agree", "min", 0.9).breach({"top1_agree": math.nan}, None) is not None
+    assert Threshold("p", "top1_agree", "min", 0.9).breach({"top1_agree": math.nan}, None) is not None
     base = _run({"bf16": _agg(2e-4, 1e-5, 0.99), "int4": _agg(3e-3, 1e-4, 0.98)}, run_id="base")
     v = check.gate(_run(pairs), baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert v["verdict"] == "fail" and v["breaches"][0]["pair"] == "int4"
@@ -468,7 +468,7 @@ def test_a_flip_rate_limit_has_the_top1_standard_error_as_its_noise_band():
     """flip_rate = 1 − top1_agree: its standard error is top1_agree's (the record has no flip_rate_se), so a breach
     inside it is within noise, and one past it fails."""
     agg = _agg(3e-3, 1e-4, 0.98)  # flip_rate 0.02, se √(0.98·0.02/1000) = 0.00443
-    assert check.standard_error(agg, "flip_rate") == pytest.approx(agg["top1_agree_se"], rel=1e-12)
+    assert standard_error(agg, "flip_rate") == pytest.approx(agg["top1_agree_se"], rel=1e-12)
     v = check.gate(_run({"bf16": _agg(2e-4, 1e-5, 0.99), "int4": agg}, {"int4": {"flip_rate": {"max": 0.018}}}))
     assert v["verdict"] == "pass" and v["within_noise"][0]["noise"] == pytest.approx(agg["top1_agree_se"])
     v = check.gate(_run({"bf16": _agg(2e-4, 1e-5, 0.99), "int4": agg}, {"int4": {"flip_rate": {"max": 0.01}}}))
@@ -477,7 +477,7 @@ def test_a_flip_rate_limit_has_the_top1_standard_error_as_its_noise_band():
 
 def test_a_ppl_ratio_se_follows_from_the_log_ratios_where_a_record_lacks_it():
     """standard_error(ppl_ratio) of a record without ppl_ratio_se: the delta method, e^x·se(x) = ppl_ratio·se(ln ratio)."""
-    assert check.standard_error({"ppl_ratio": 1.25, "ln_ppl_ratio_se": 0.004}, "ppl_ratio") == pytest.approx(0.005, rel=1e-12)
+    assert standard_error({"ppl_ratio": 1.25, "ln_ppl_ratio_se": 0.004}, "ppl_ratio") == pytest.approx(0.005, rel=1e-12)
 
 
 def test_a_baseline_without_input_fingerprints_is_compared_with_a_warning():
@@ -493,7 +493,7 @@ def test_a_baseline_without_input_fingerprints_is_compared_with_a_warning():
 def test_a_move_of_exactly_the_allowed_amount_passes_even_strict(text, value):
     """--fail METRIC:±AMOUNT fails a move past the baseline by more than AMOUNT: exactly AMOUNT passes (as a value
     at a config limit does); just past it fails. Values exact in binary floating point."""
-    r = check.Regression.parse(text)
+    r = Regression.parse(text)
     assert r.breach("p", {r.metric: value}, {r.metric: 0.5}, strict=True) is None
     assert r.breach("p", {r.metric: value + r.sign * 1e-9}, {r.metric: 0.5}, strict=True) is not None
 

@@ -1,0 +1,184 @@
+"""The gate's checks: each limit as an object whose `breach()` returns None or a Breach (pytest-benchmark's idea).
+
+    harness check --run reports/latest --baseline reports/<run>/run.json --fail kl_mean:+10% top1_agree:-1%
+
+`Threshold` is one bound of the config's `gate:` (`min`, `max`, `max_x_floor`: a multiple of the noise-floor pair's
+value); `Regression` is one `--fail METRIC:[+|-]AMOUNT[%]` against the baseline's pair. A check that breaks its limit by
+less than the combined standard error of the numbers it compares is "within noise" unless strict. `harness.check`
+runs them on a run and gives the verdict.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+
+from harness import gate_formats
+from harness.config import Limit
+
+ABSENT = gate_formats.ABSENT  # "present in this run": the rule a baseline pair missing from the run breaks (with --strict and --fail)
+UNMATCHED = "has a baseline pair"  # the rule a run pair missing from the baseline breaks (with --strict and --fail)
+
+
+class GateError(ValueError):
+    """A usage or config problem (exit 2), not a regression."""
+
+
+@dataclass(frozen=True)
+class Breach:
+    pair: str
+    metric: str
+    value: float
+    limit: float
+    rule: str  # e.g. "<= 40 x floor", "+10% vs baseline"
+    baseline: float | None = None
+    noise: float | None = None  # the combined standard error it was judged against
+    within_noise: bool = False
+    passed: bool = False  # a check that held (the verdict lists them too: what was checked, against what)
+
+    def line(self) -> str:
+        base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
+        verdict = "pass" if self.passed else "within noise" if self.within_noise else "FAIL"
+        limit = "" if self.rule.endswith(f" {self.limit:g}") or math.isnan(self.limit) else f" = {self.limit:.4g}"  # "<= 0.01" says it
+        if self.rule not in (ABSENT, UNMATCHED) and not math.isfinite(self.limit):  # an inf or NaN baseline or floor: no check can pass
+            limit = f" = {self.limit:g}, from the {'baseline' if self.baseline is not None else 'noise floor'}'s value, which is not finite"
+            base = ""
+        value = "absent" if self.rule == ABSENT else f"{self.value:.4g}"
+        return f"{self.pair}: {self.metric} = {value}, limit {self.rule}{limit}{base}: {verdict}"
+
+
+def standard_error(aggregates: dict, metric: str) -> float | None:
+    """The standard error of an aggregate where the run recorded one (or one follows from it)."""
+    a = aggregates
+    if isinstance(a.get(f"{metric}_se"), (int, float)):
+        return float(a[f"{metric}_se"])
+    if metric == "ppl_ratio" and "ln_ppl_ratio_se" in a:  # delta method: se(e^x) = e^x se(x)
+        return float(a["ppl_ratio"] * a["ln_ppl_ratio_se"])
+    if metric == "kl_floor_multiple" and a.get("kl_mean"):  # a record from before kl_floor_multiple_se: the pair's part
+        return float(a["kl_floor_multiple"] * a.get("kl_mean_se", math.nan) / a["kl_mean"])
+    if metric == "flip_rate" and "top1_agree_se" in a:
+        return float(a["top1_agree_se"])
+    return None
+
+
+def _combined(*errors: float | None) -> float | None:
+    if any(e is None or not math.isfinite(e) for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors))
+
+
+def _judge(pair, metric, value, limit, rule, noise, *, baseline=None, strict=False, passed=False) -> Breach:
+    within = not passed and not strict and noise is not None and abs(value - limit) < noise
+    return Breach(pair, metric, value, limit, rule, baseline, noise, within, passed)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One bound from the config's `gate:` on one pair's aggregate."""
+
+    pair: str
+    metric: str
+    kind: str  # "min", "max" or "max_x_floor"
+    bound: float
+
+    @property
+    def rule(self) -> str:
+        return {"min": f">= {self.bound:g}", "max": f"<= {self.bound:g}", "max_x_floor": f"<= {self.bound:g} x floor"}[self.kind]
+
+    def breach(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None) -> Breach | None:
+        """`pair`: the candidate these aggregates are of (a "*" limit applies to each pair; its breach names it)."""
+        out = self.outcome(aggregates, floor, strict=strict, pair=pair)
+        return None if out.passed else out
+
+    def outcome(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None) -> Breach:
+        """The check on one pair, passed or not."""
+        value = float(aggregates[self.metric])
+        se = standard_error(aggregates, self.metric)
+        if self.kind == "max_x_floor":
+            limit = self.bound * float(floor[self.metric])
+            se = _combined(se, None if (f := standard_error(floor, self.metric)) is None else self.bound * f)
+        else:
+            limit = self.bound
+        bad = value < limit if self.kind == "min" else value > limit
+        passed = not bad and not math.isnan(value) and math.isfinite(limit)  # an inf or NaN floor fails every check
+        return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict, passed=passed)
+
+
+DIVERGENCES = ("kl_", "js_", "tv_")  # aggregates that are 0 only for a pair whose distributions are the same
+
+
+def cross_vocab_only(metric: str) -> bool:
+    """Whether only a pair of two vocabularies has this aggregate (align.AGGREGATES; align imports torch: not at import)."""
+    from harness.align import AGGREGATES
+
+    return metric in AGGREGATES
+
+
+_FAIL = re.compile(r"^(?P<metric>[A-Za-z_][A-Za-z0-9_]*):(?P<sign>[+-]?)(?P<amount>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?P<pct>%?)$")
+
+
+@dataclass(frozen=True)
+class Regression:
+    """`--fail METRIC:[+|-]AMOUNT[%]`: the metric may not move past the baseline's in the bad direction."""
+
+    metric: str
+    sign: int  # +1: an increase is bad; -1: a decrease is bad
+    amount: float
+    relative: bool
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Regression:
+        m = _FAIL.match(text.strip())
+        if not m or not math.isfinite(float(m["amount"])):  # 1e400 reads as inf: a bound that passes everything
+            raise GateError(
+                f"--fail {text!r}: expected METRIC:[+|-]AMOUNT[%], e.g. kl_mean:+10% (fail if it grows by more "
+                "than 10%), top1_agree:-1% (fail if it drops by more than 1%), kl_mean:+0.001 (absolute)"
+            )
+        return cls(m["metric"], -1 if m["sign"] == "-" else 1, float(m["amount"]), bool(m["pct"]), text.strip())
+
+    @property
+    def rule(self) -> str:
+        return f"{'+' if self.sign > 0 else '-'}{self.amount:g}{'%' if self.relative else ''} vs baseline"
+
+    def breach(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False) -> Breach | None:
+        out = self.outcome(pair, aggregates, base, strict=strict)
+        return None if out.passed else out
+
+    def outcome(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False) -> Breach:
+        """The check on one pair against its baseline pair, passed or not."""
+        value, ref = float(aggregates[self.metric]), float(base[self.metric])
+        step = abs(ref) * self.amount / 100 if self.relative else self.amount
+        limit = ref + self.sign * step
+        bad = (value - limit) * self.sign > 0
+        passed = not bad and not math.isnan(value) and math.isfinite(limit)  # an inf or NaN baseline fails every check
+        noise = _combined(standard_error(aggregates, self.metric), standard_error(base, self.metric))
+        return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict, passed=passed)
+
+
+def thresholds(gate: dict) -> list[Threshold]:
+    """The config's `gate:` (as the run record holds it) as checks."""
+    out = []
+    for pair, limits in (gate or {}).items():
+        for metric, raw in limits.items():
+            limit = raw if isinstance(raw, Limit) else Limit.model_validate(raw)
+            for kind in ("min", "max", "max_x_floor"):
+                if (bound := getattr(limit, kind)) is not None:
+                    out.append(Threshold(pair, metric, kind, float(bound)))
+    return out
+
+
+def known_metric(metric: str, aggregates: dict, where: str) -> None:
+    scalars = sorted(k for k, v in aggregates.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if metric not in scalars:
+        if metric == "kl_floor_multiple":
+            raise GateError(f"{where}: kl_floor_multiple is the mean KL over the noise floor's, and this run has no "
+                            "noise_floor: set one in the config (noise_floor: NAME) and run it again")  # fmt: skip
+        if cross_vocab_only(metric):
+            raise GateError(f"{where}: {metric} is an aggregate of cross_vocab pairs only (a variant with another "
+                            "tokenizer, compared over the tokens both share, with cross_vocab: true), and there is none")  # fmt: skip
+        close = difflib.get_close_matches(metric, scalars, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(scalars)}"
+        raise GateError(f"{where}: unknown metric {metric!r}{hint}")
