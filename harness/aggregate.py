@@ -11,6 +11,7 @@ within a prompt are correlated). Everything is deterministic for a seed.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 from scipy import stats
@@ -36,10 +37,18 @@ def distribution(x: np.ndarray, name: str) -> dict[str, float]:
         f"{name}_max": float(x.max()),
         f"{name}_inf": inf,
     }
-    with np.errstate(invalid="ignore"):  # numpy's interpolation gives NaN next to a +inf (inf − inf): it is +inf
-        for q in PERCENTILES:
-            v = float(np.percentile(x, q))
-            out[f"{name}_{_pkey(q)}"] = math.inf if math.isnan(v) and inf else v
+    if not inf:
+        out |= {f"{name}_{_pkey(q)}": float(v) for q, v in zip(PERCENTILES, np.percentile(x, PERCENTILES))}
+        return out
+    # numpy's interpolation gives NaN next to a +inf (0·inf where a percentile falls on the finite value beside it,
+    # inf − inf between them), and its index (n − 1)·q/100 in floats may pass a whole one by 1e-13 toward the +inf:
+    # the linear rule by hand, its index exact, so a percentile on a finite value is that value, one past it +inf
+    xs = np.sort(x)
+    for q in PERCENTILES:
+        h = Fraction(str(q)) * (n - 1) / 100
+        lo = math.floor(h)
+        a, b = xs[lo], xs[min(lo + 1, n - 1)]
+        out[f"{name}_{_pkey(q)}"] = float(a) if h == lo else math.inf if math.isinf(b) else float(a + float(h - lo) * (b - a))
     return out
 
 
@@ -103,8 +112,10 @@ def depth_bins(depth: np.ndarray, window: np.ndarray, kl: np.ndarray, flip: np.n
     if not len(depth):
         return []
     rows, (first, last) = [], span or (int(depth.min()), int(depth.max()))
-    for k in range(first.bit_length() - 1, last.bit_length()):
-        lo, hi = max(2**k, first), min(2 ** (k + 1) - 1, last)
+    bounds = [(0, 0)] if first == 0 else []  # a position scored from no context (a model with a BOS token: none here)
+    for k in range(max(first, 1).bit_length() - 1, last.bit_length()):
+        bounds.append((max(2**k, first), min(2 ** (k + 1) - 1, last)))
+    for lo, hi in bounds:
         inside = (depth >= lo) & (depth <= hi)
         n = int(inside.sum())
         x, d, w = kl[inside].astype(np.float64), nll_diff[inside].astype(np.float64), window[inside]
@@ -151,18 +162,19 @@ def pair_aggregates(m: dict[str, np.ndarray], prompt: np.ndarray, *, ks, resampl
     d = nll_c - nll_r
     out["ln_ppl_ratio"] = float(d.mean())
     if n > 1:  # standard errors by the delta method, from the per-position NLLs (and their covariance, for the diff)
-        cov = np.cov(nll_r, nll_c) / n  # of the two mean NLLs
-        out["ln_ppl_ratio_se"] = float(d.std(ddof=1) / math.sqrt(n))
+        with np.errstate(invalid="ignore"):  # an NLL of +inf (a next token of probability 0): NaN, no spread
+            cov = np.cov(nll_r, nll_c) / n  # of the two mean NLLs
+        out["ln_ppl_ratio_se"] = float(d.std(ddof=1) / math.sqrt(n)) if np.isfinite(d).all() else float("nan")
         out["ppl_ref_se"] = out["ppl_ref"] * math.sqrt(cov[0, 0])
         out["ppl_cand_se"] = out["ppl_cand"] * math.sqrt(cov[1, 1])
         out["ppl_ratio_se"] = out["ppl_ratio"] * out["ln_ppl_ratio_se"]
         # se(pc - pr) = se of the mean of pc·nll_c - pr·nll_r: the spread of that one series rather than
         # pc²var_c + pr²var_r - 2·pr·pc·cov, whose terms cancel to rounding (or below 0) for nearly equal models
         lin = out["ppl_cand"] * nll_c - out["ppl_ref"] * nll_r
-        out["ppl_diff_se"] = float(lin.std(ddof=1) / math.sqrt(n))
+        out["ppl_diff_se"] = float(lin.std(ddof=1) / math.sqrt(n)) if np.isfinite(lin).all() else float("nan")
     else:
         out |= dict.fromkeys(("ln_ppl_ratio_se", "ppl_ref_se", "ppl_cand_se", "ppl_ratio_se", "ppl_diff_se"), float("nan"))
-    out["nll_correlation"] = float(np.corrcoef(nll_r, nll_c)[0, 1]) if n > 1 else float("nan")
+    out["nll_correlation"] = float(np.corrcoef(nll_r, nll_c)[0, 1]) if n > 1 and np.isfinite(nll_r).all() and np.isfinite(nll_c).all() else float("nan")
     out["entropy_ref_mean"] = float(m["entropy_ref"].mean())
     out["entropy_cand_mean"] = float(m["entropy_cand"].mean())
     out["flip_rate"] = 1.0 - out["top1_agree"]

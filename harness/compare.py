@@ -153,7 +153,7 @@ def bits_per_byte(ref: Store, cand: Store, alignment: align.PairAlignment) -> di
     total = spans_bytes.sum()
     diff = nll[1] - nll[0]  # [S] nats per span
     d = diff.sum() / total
-    se = np.sqrt(n / max(n - 1, 1) * np.sum((diff - d * spans_bytes) ** 2)) / total
+    se = np.sqrt(n / (n - 1) * np.sum((diff - d * spans_bytes) ** 2)) / total if n > 1 else np.nan  # one span: no spread
     return {"bpb_ref": float(nll[0].sum() / total / np.log(2)), "bpb_cand": float(nll[1].sum() / total / np.log(2)),
             "bpb_diff": float(d / np.log(2)), "bpb_diff_se": float(se / np.log(2)), "bpb_spans": int(n), "bpb_bytes": int(total)}  # fmt: skip
 
@@ -195,8 +195,11 @@ def compare(
     m = pair_metrics(ref, cand, target, ks, smoothing_eps, (ref_name, cand_name), alignment)
     if ref_columns is not None and alignment is None:
         # the candidate's NLL as the reference's float64 one plus the pair's own difference (both sides of a pair come
-        # from one path, alike): a candidate that gives the reference's rows has its PPL exactly, ratio 1, not 1 + 1e-10
-        m["nll_cand"] = ref_columns["nll_ref"] + (m["nll_cand"] - m["nll_ref"])
+        # from one path, alike): a candidate that gives the reference's rows has its PPL exactly, ratio 1, not 1 + 1e-10.
+        # Where the reference gives the next token probability 0 (NLL +inf), inf − inf: the candidate's own NLL
+        both = np.isfinite(ref_columns["nll_ref"]) & np.isfinite(m["nll_ref"])
+        with np.errstate(invalid="ignore"):  # the NaN that np.where leaves out
+            m["nll_cand"] = np.where(both, ref_columns["nll_ref"] + (m["nll_cand"] - m["nll_ref"]), m["nll_cand"])
         m |= ref_columns
     prompt = ref.read("prompt")[keep].numpy()
     names = prompt_names or [str(i) for i in range(int(prompt.max()) + 1)]

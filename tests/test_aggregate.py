@@ -124,6 +124,9 @@ def test_depth_bins_against_numpy_and_scipy():
     # a pair that scores some of the run's positions only (cross_vocab) has the run's bins: cut to the run's span
     some = aggregate.depth_bins(np.array([5, 9], np.int32), np.array([0, 1]), kl[:2], flip[:2], diff[:2], span=(4, 12))
     assert [(b["depth_lo"], b["depth_hi"], b["positions"]) for b in some] == [(4, 7, 1), (8, 12, 1)]
+    # depth 0 (a position scored from no context, which a model with a BOS token would have) is a bin of its own
+    zero = aggregate.depth_bins(np.array([0, 0, 1, 2, 3], np.int32), np.arange(5), kl[:5], flip[:5], diff[:5])
+    assert [(b["depth_lo"], b["depth_hi"], b["positions"]) for b in zero] == [(0, 0, 2), (1, 1, 1), (2, 3, 2)]
 
 
 def test_llama_cpp_statistics():
@@ -190,6 +193,21 @@ def test_percentiles_next_to_an_infinite_kl_are_infinite():
     d = aggregate.distribution(np.array([np.inf, 0.2, 0.1]), "kl")
     assert d["kl_p99_9"] == d["kl_p99"] == d["kl_max"] == np.inf and d["kl_inf"] == 1
     assert d["kl_p1"] == pytest.approx(0.1 + 0.02 * (0.2 - 0.1)) and d["kl_median"] == 0.2  # below it, as numpy gives
+
+
+def test_a_percentile_on_the_finite_value_beside_an_infinite_kl_is_that_value():
+    """The linear rule's percentile q of n sorted values is x[h], h = (n − 1)·q/100, where h is whole: with 10 finite
+    KLs and one +inf, p90 is the largest finite one (numpy gives 0·inf = NaN there, which was reported as +inf), and
+    p95 lies halfway toward the +inf, so it is +inf; the others are the finite values' own interpolations."""
+    rng = np.random.default_rng(4)
+    finite = np.sort(rng.random(10))
+    x = rng.permutation(np.append(finite, np.inf))
+    d = aggregate.distribution(x, "kl")
+    assert d["kl_p90"] == finite[9] and d["kl_p95"] == d["kl_p99"] == np.inf
+    assert d["kl_p10"] == pytest.approx(finite[1], rel=1e-12) and d["kl_median"] == finite[5]
+    assert d["kl_p5"] == pytest.approx((finite[0] + finite[1]) / 2, rel=1e-12)  # h = 0.5
+    many = np.append(np.linspace(0, 1, 1000), np.inf)  # 1001 values: p99.9 is x[999] = 1, the largest finite one
+    assert aggregate.distribution(many, "kl")["kl_p99_9"] == pytest.approx(1.0, rel=1e-12)
 
 
 def test_per_prompt_of_one_position_and_of_constant_nlls(recwarn):

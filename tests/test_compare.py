@@ -118,6 +118,28 @@ def test_a_candidate_that_is_the_reference_has_its_perplexity_exactly(tmp_path):
     np.testing.assert_allclose(other.positions["nll_cand"], -lq.gather(1, target[:, None]).squeeze(1).numpy(), rtol=1e-8)
 
 
+def test_a_next_token_the_reference_gives_probability_0_keeps_the_candidates_perplexity(tmp_path):
+    """Where the reference's row is -inf at the next token (its NLL +inf), the candidate's NLL is its own, not the
+    reference's plus the pair's difference (inf − inf = NaN, which made PPL(Q) and the ratio NaN): PPL(Q) equals a
+    float64 computation by hand, PPL(base) and ln(PPL ratio) are +inf."""
+    gen = torch.Generator().manual_seed(3)
+    n, v = 20, 500
+    ref = torch.log_softmax(torch.randn(n, v, generator=gen) * 3, -1)
+    cand = torch.log_softmax(ref + 0.1 * torch.randn(n, v, generator=gen), -1)
+    target = torch.randint(0, v, (n,), generator=gen)
+    ref[3, target[3]] = -torch.inf
+    prompt = torch.arange(n) // 5
+    a = _store(tmp_path / "a", ref, target, prompt)
+    got = compare.compare("ref", a, "cand", _store(tmp_path / "b", cand, target, prompt), ks=(5,), resamples=0,
+                          ref_columns=compare.reference_columns(a))  # fmt: skip
+    lq = cand.half().double()
+    nll_q = -(lq - torch.logsumexp(lq, -1, keepdim=True)).gather(1, target[:, None]).squeeze(1).numpy()
+    assert not np.isnan(got.positions["nll_cand"]).any()
+    np.testing.assert_allclose(got.positions["nll_cand"], nll_q, rtol=1e-8)
+    assert got.aggregates["ppl_cand"] == pytest.approx(math.exp(nll_q.mean()), rel=1e-8)
+    assert got.aggregates["ppl_ref"] == math.inf and got.aggregates["ln_ppl_ratio"] == -math.inf
+
+
 def test_misaligned_stores_are_refused(tmp_path):
     logp = torch.log_softmax(torch.randn(4, 10), -1)
     a = _store(tmp_path / "a", logp, torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long))
@@ -213,6 +235,9 @@ def test_bits_per_byte_and_its_standard_error_over_few_spans(tmp_path):
     assert got["bpb_diff"] == pytest.approx(R / math.log(2), rel=1e-6)
     assert got["bpb_diff_se"] == pytest.approx(math.sqrt(3 / 2 * ((D - R * span_bytes) ** 2).sum()) / B / math.log(2), rel=1e-6)
     assert (got["bpb_spans"], got["bpb_bytes"]) == (3, 23)
+    one = align.PairAlignment(torch.tensor([]), torch.tensor([]), None, n, 0, ref_rows[:2], ref_span[:2], cand_rows[:1], cand_span[:1], span_bytes[:1])
+    alone = compare.bits_per_byte(stores["ref"], stores["cand"], one)
+    assert alone["bpb_spans"] == 1 and math.isfinite(alone["bpb_diff"]) and math.isnan(alone["bpb_diff_se"])  # one span: no spread (it gave 0)
 
 
 def test_matrix_rows_of_compared_pairs_against_float64(tmp_path):
