@@ -9,7 +9,8 @@ Limits (`gate:` in the config) bound any aggregate of a pair by name: `min`, `ma
 `--benchmark-compare-fail` idea) fails a pair whose metric moved past the baseline's by more than
 AMOUNT in the bad direction: `+` an increase (the default), `-` a decrease; `%` relative, else absolute.
 Each limit becomes a check whose `breach()` returns None or a Breach (`harness.gate_checks`). A breach smaller than the
-combined standard error of the numbers it compares is "within noise" (a warning) unless `strict`.
+standard error of the numbers it compares (over prompts; against a baseline, that of the difference paired by prompt
+where it can be) is "within noise" (a warning) unless `strict`.
 Every breach is printed once as a table; the last line is one JSON verdict, also in `gate.json`, and in the forms CI
 systems read (JUnit XML, Markdown, GitHub annotations: `harness.gate_formats`). Exit 0 pass, 1 fail, 2 a usage or
 config error (GateError).
@@ -121,6 +122,7 @@ def gate(
                 "numerical noise of its own (the reference in bfloat16, say)"
             )
     base_pairs = {p.candidate: p.aggregates for p in baseline.pairs} if baseline is not None else {}
+    run_rows, base_rows = ({p.candidate: p.prompts for p in r.pairs} if r is not None else {} for r in (run, baseline))
     either = sample | {k: v for agg in base_pairs.values() for k, v in agg.items()}  # a dropped cross_vocab pair's too
     for r in regressions:
         known_metric(r.metric, either, f"--fail {r.text}")
@@ -147,7 +149,8 @@ def gate(
                                     "pair there): not compared")  # fmt: skip
                     continue
                 known_metric(r.metric, base_pairs[name], f"--fail {r.text} (baseline {baseline_path})")
-                found.append(r.outcome(name, agg, base_pairs[name], strict=strict))
+                rows = (run_rows[name], base_rows[name])  # per prompt: the band of the difference, paired by prompt
+                found.append(r.outcome(name, agg, base_pairs[name], strict=strict, rows=rows))
         for name, agg in base_pairs.items():
             if name in pairs:
                 continue

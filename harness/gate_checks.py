@@ -4,7 +4,8 @@
 
 `Threshold` is one bound of the config's `gate:` (`min`, `max`, `max_x_floor`: a multiple of the noise-floor pair's
 value); `Regression` is one `--fail METRIC:[+|-]AMOUNT[%]` against the baseline's pair. A check that breaks its limit by
-less than the combined standard error of the numbers it compares is "within noise" unless strict. `harness.check`
+less than the standard error of the numbers it compares (`standard_error`: over prompts where the record has it;
+against a baseline, `paired_error`, of the difference paired by prompt, where it can be) is "within noise" unless strict. `harness.check`
 runs them on a run and gives the verdict.
 """
 
@@ -50,16 +51,22 @@ class Breach:
 
 
 def standard_error(aggregates: dict, metric: str) -> float | None:
-    """The standard error of an aggregate where the run recorded one (or one follows from it)."""
-    a = aggregates
-    if isinstance(a.get(f"{metric}_se"), (int, float)):
-        return float(a[f"{metric}_se"])
-    if metric == "ppl_ratio" and "ln_ppl_ratio_se" in a:  # delta method: se(e^x) = e^x se(x)
-        return float(a["ppl_ratio"] * a["ln_ppl_ratio_se"])
-    if metric == "kl_floor_multiple" and a.get("kl_mean"):  # a record from before kl_floor_multiple_se: the pair's part
+    """The standard error of an aggregate where the run recorded one (or one follows from it): the one over prompts
+    (`*_se_prompts`: the positions of one prompt are not independent) where the record has it and it is finite, else
+    the per-position one (a record from before 2026-12-07, or a run of one prompt)."""
+    prompts = _error(aggregates, metric, "_se_prompts")
+    return prompts if prompts is not None and math.isfinite(prompts) else _error(aggregates, metric, "_se")
+
+
+def _error(a: dict, metric: str, suffix: str) -> float | None:
+    if isinstance(a.get(f"{metric}{suffix}"), (int, float)):
+        return float(a[f"{metric}{suffix}"])
+    if metric == "ppl_ratio" and f"ln_ppl_ratio{suffix}" in a:  # delta method: se(e^x) = e^x se(x)
+        return float(a["ppl_ratio"] * a[f"ln_ppl_ratio{suffix}"])
+    if metric == "kl_floor_multiple" and suffix == "_se" and a.get("kl_mean"):  # a record from before kl_floor_multiple_se: the pair's part
         return float(a["kl_floor_multiple"] * a.get("kl_mean_se", math.nan) / a["kl_mean"])
-    if metric == "flip_rate" and "top1_agree_se" in a:
-        return float(a["top1_agree_se"])
+    if metric == "flip_rate" and f"top1_agree{suffix}" in a:
+        return float(a[f"top1_agree{suffix}"])
     return None
 
 
@@ -147,15 +154,51 @@ class Regression:
         out = self.outcome(pair, aggregates, base, strict=strict)
         return None if out.passed else out
 
-    def outcome(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False) -> Breach:
-        """The check on one pair against its baseline pair, passed or not."""
+    def outcome(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False,
+                rows: tuple[list[dict], list[dict]] | None = None) -> Breach:  # fmt: skip
+        """The check on one pair against its baseline pair, passed or not. `rows`: the pair's per-prompt rows in the
+        run and in the baseline (records' `prompts`), for the noise band of the difference paired by prompt."""
         value, ref = float(aggregates[self.metric]), float(base[self.metric])
         step = abs(ref) * self.amount / 100 if self.relative else self.amount
         limit = ref + self.sign * step
         bad = (value - limit) * self.sign > 0
         passed = not bad and not math.isnan(value) and math.isfinite(limit)  # an inf or NaN baseline fails every check
-        noise = _combined(standard_error(aggregates, self.metric), standard_error(base, self.metric))
+        # value − limit = value − scale·ref − constant: relative, |ref| = ref·sign(ref)
+        scale = 1 + self.sign * math.copysign(self.amount / 100, ref) if self.relative else 1.0
+        noise = paired_error(self.metric, *rows, scale) if rows is not None else None
+        if noise is None:
+            noise = _combined(standard_error(aggregates, self.metric), None if (e := standard_error(base, self.metric)) is None else scale * e)
         return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict, passed=passed)
+
+
+# the aggregates that are position-weighted means of a per-position value and that each prompt's row holds (flip_rate:
+# 1 − top1_agree, whose difference has the same spread)
+PAIRED = {"kl_mean": "kl_mean", "kl_rev_mean": "kl_rev_mean", "js_mean": "js_mean", "tv_mean": "tv_mean",
+          "top1_agree": "top1_agree", "flip_rate": "top1_agree", "delta_p_mean": "delta_p_mean", "ln_ppl_ratio": "ln_ppl_ratio"}  # fmt: skip
+
+
+def paired_error(metric: str, rows: list[dict], base_rows: list[dict], scale: float) -> float | None:
+    """The standard error of (run's metric − scale × baseline's), both means over the positions of the same prompts,
+    paired by prompt: √(G/(G−1) Σ_g (n_g (a_g − scale·b_g) − n_g D)²) / N, D the difference over all N positions, G
+    prompts (cluster-robust, as aggregate.clustered_se). A regression is judged against the baseline on the same
+    prompts, whose hard prompts are hard for both builds: the two means move together, and their standard errors
+    combined as if independent make a band several times too wide. None where it cannot be paired: a metric that is
+    not such a mean (PAIRED), rows missing (an older record), other prompts or other positions per prompt, fewer than
+    2 prompts, or a value that is not finite."""
+    key = PAIRED.get(metric)
+    if key is None or not rows or not base_rows:
+        return None
+    a = {r["prompt"]: (r.get("positions"), r.get(key)) for r in rows}
+    b = {r["prompt"]: (r.get("positions"), r.get(key)) for r in base_rows}
+    if a.keys() != b.keys() or len(a) < 2 or any(a[p][0] != b[p][0] for p in a):
+        return None
+    n = [a[p][0] for p in a]
+    if any(not isinstance(x, (int, float)) or not math.isfinite(x) for p in a for x in (a[p][1], b[p][1])) or not all(n):
+        return None
+    sums = [k * (a[p][1] - scale * b[p][1]) for k, p in zip(n, a)]  # each prompt's part of N·D
+    total = sum(n)
+    d = math.fsum(sums) / total
+    return math.sqrt(len(n) / (len(n) - 1) * math.fsum((x - k * d) ** 2 for x, k in zip(sums, n))) / total
 
 
 def thresholds(gate: dict) -> list[Threshold]:

@@ -95,15 +95,21 @@ SUMMARY_HEAD = [  # (aggregate key, header, format)
 ]  # fmt: skip
 SUMMARY_TITLES = {  # each header's tooltip
     "positions": "scored positions compared", "kl_mean": "mean KL(reference ‖ candidate) per position, nats",
-    "kl_mean_se": "standard error of the mean KL", "kl_median": "median KL", "kl_p99": "99th percentile of KL",
+    "kl_mean_se": "standard error of the mean KL, over prompts", "kl_median": "median KL", "kl_p99": "99th percentile of KL",
     "kl_max": "largest KL of one position", "kl_rev_mean": "mean KL(candidate ‖ reference), nats",
     "js_mean": "mean Jensen-Shannon divergence, nats", "tv_mean": "mean total variation distance",
     "top1_agree": "fraction of positions where both models' most likely token is the same",
-    "top1_agree_se": "standard error of the top-1 agreement", "top5_overlap": "mean share of the reference's top 5 in the candidate's top 5",
+    "top1_agree_se": "standard error of the top-1 agreement, over prompts", "top5_overlap": "mean share of the reference's top 5 in the candidate's top 5",
     "delta_p_rms": "RMS of the change in the probability of the text's next token", "ppl_ref": "the reference's perplexity on the text",
     "ppl_cand": "the candidate's perplexity on the text", "ppl_ratio": "PPL cand over PPL ref",
     "kl_floor_multiple": "mean KL over the noise-floor pair's mean KL",
 }  # fmt: skip
+
+
+def summary_value(a: dict, key: str):
+    """A pair's aggregate as the summary shows it: a standard error over prompts where the record has one (a record
+    from before 2026-12-07 has the per-position one only)."""
+    return a.get(f"{key}_prompts", a.get(key)) if key.endswith("_se") else a.get(key)
 
 
 def summary_table(record: records.RunRecord) -> str:
@@ -117,14 +123,16 @@ def summary_table(record: records.RunRecord) -> str:
         badge += " <span class=badge>cross-vocabulary</span>" if "aligned_of" in p.aggregates else ""
         cells = [f'<td data-v="{_e(p.candidate)}">{_e(p.candidate)}{badge}</td>']
         for key, _, spec in head:
-            v = p.aggregates.get(key)
+            v = summary_value(p.aggregates, key)
             raw = "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
             cells.append(f'<td data-v="{raw}">{_fraction(v, spec) if isinstance(spec, int) else _num(v, spec)}</td>')
         rows.append(f'<tr class="{"floor" if floor else ""}">{"".join(cells)}</tr>')
     rows.append("</tbody></table></div>")
     floor = "; × floor: mean KL over the noise-floor pair's" if record.noise_floor else ""
+    over = (" over prompts (the positions of one prompt are not independent: llama.cpp's per-position ones, smaller, are "
+            "<a href=\"#llama\">in its terms</a> below)" if any("kl_mean_se_prompts" in p.aggregates for p in record.pairs) else "")
     rows.append(f"<p class=small>KL, rev. KL (candidate ‖ reference) and JS in nats; TV, agreements, overlaps and Δp RMS as "
-                f"fractions; ± se: standard errors{floor}. <span class=js>Click a column (or Enter on it) to sort.</span></p>")
+                f"fractions; ± se: standard errors{over}{floor}. <span class=js>Click a column (or Enter on it) to sort.</span></p>")
     return "".join(rows) + cross_vocab_note(record)
 
 

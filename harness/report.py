@@ -29,7 +29,8 @@ from harness.compare import PairResult
 SUMMARY_COLUMNS = [
     "reference", "candidate", "positions", "kl_mean", "kl_mean_se", "kl_median", "kl_p99", "kl_max", "kl_rev_mean",
     "js_mean", "tv_mean", "top1_agree", "top1_agree_se", "top5_overlap", "delta_p_rms", "ppl_ref", "ppl_cand",
-    "ppl_ratio", "ln_ppl_ratio", "ln_ppl_ratio_se", "kl_floor_multiple",
+    "ppl_ratio", "ln_ppl_ratio", "ln_ppl_ratio_se", "kl_floor_multiple", "kl_mean_se_prompts", "top1_agree_se_prompts",
+    "ln_ppl_ratio_se_prompts",
 ]  # fmt: skip
 # a pair of two vocabularies (cross_vocab): what its numbers are over, and bits per byte on each model's own tokens
 CROSS_COLUMNS = list(align.AGGREGATES)
@@ -47,29 +48,35 @@ POSITION_KEYS = ("prompt", "position", "depth", "window", "target", "ref_row")
 def summary_columns(record: records.RunRecord) -> list[str]:
     """SUMMARY_COLUMNS with the run's own top-k overlaps (top5_overlap stands for them: metrics.top_k may not hold 5),
     without kl_floor_multiple where the run has no noise floor, and with CROSS_COLUMNS where a pair has them (empty in
-    the other pairs' rows)."""
+    the other pairs' rows). The standard errors over prompts came last (2026-12-07), so that a reader by position
+    still finds the others where they were."""
     first = record.pairs[0].aggregates if record.pairs else {}
     overlaps = sorted((k for k in first if re.fullmatch(r"top\d+_overlap", k)), key=lambda k: int(k[3:-8]))
     at = SUMMARY_COLUMNS.index("top5_overlap")
     columns = SUMMARY_COLUMNS[:at] + overlaps + SUMMARY_COLUMNS[at + 1 :]
-    columns = columns if record.noise_floor else columns[:-1]
+    columns = columns if record.noise_floor else [c for c in columns if c != "kl_floor_multiple"]
     return columns + (CROSS_COLUMNS if any("aligned_of" in p.aggregates for p in record.pairs) else [])
 
 
 def add_floor(pairs: list[PairResult], floor: str | None) -> str | None:
-    """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place), with its standard error: both
-    means' relative errors combined (delta method for a ratio, the two taken as independent, as a `max_x_floor`
+    """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place), with its standard errors (per
+    position, and over prompts where the pairs have them): both means' relative errors combined (delta method for a ratio, the two taken as independent, as a `max_x_floor`
     limit combines them; the floor pair's own multiple is 1 exactly). Returns a warning where the floor's mean KL is
     0 (then every multiple is NaN)."""
     if floor is None:
         return None
     f = next(p for p in pairs if p.candidate == floor).aggregates
-    base, base_rel = f["kl_mean"], f.get("kl_mean_se", math.nan) / f["kl_mean"] if f["kl_mean"] > 0 else math.nan
+    base = f["kl_mean"]
     for p in pairs:
         a = p.aggregates
         a["kl_floor_multiple"] = a["kl_mean"] / base if base > 0 else math.nan
-        rel = a.get("kl_mean_se", math.nan) / a["kl_mean"] if a["kl_mean"] > 0 else math.nan
-        a["kl_floor_multiple_se"] = 0.0 if p.candidate == floor and base > 0 else a["kl_floor_multiple"] * math.hypot(rel, base_rel)
+        for suffix in ("_se", "_se_prompts"):  # per position (llama.cpp's), and over prompts
+            if f"kl_mean{suffix}" not in f:
+                continue
+            base_rel = f[f"kl_mean{suffix}"] / base if base > 0 else math.nan
+            rel = a.get(f"kl_mean{suffix}", math.nan) / a["kl_mean"] if a["kl_mean"] > 0 else math.nan
+            same = p.candidate == floor and base > 0
+            a[f"kl_floor_multiple{suffix}"] = 0.0 if same else a["kl_floor_multiple"] * math.hypot(rel, base_rel)
     if base > 0:
         return None
     return (f"the noise floor pair {floor!r} has mean KL {base}: it gives the reference's distributions exactly, so no "
@@ -168,7 +175,7 @@ def table(record: records.RunRecord) -> str:
     for p in record.pairs:
         a = p.aggregates
         row = (
-            f"{p.candidate:<22} {a['positions']:>9} {a['kl_mean']:>10.3e} {a['kl_mean_se']:>9.1e} {a['kl_p99']:>9.2e} "
+            f"{p.candidate:<22} {a['positions']:>9} {a['kl_mean']:>10.3e} {html_report.summary_value(a, 'kl_mean_se'):>9.1e} {a['kl_p99']:>9.2e} "
             f"{a['js_mean']:>9.2e} {a['top1_agree']:>10.4f} {_ratio(a['ppl_ratio'])}"
         )
         rows.append(row + (f" {a['kl_floor_multiple']:>9.3g}" if floor else ""))

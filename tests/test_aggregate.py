@@ -95,6 +95,47 @@ def test_clustered_standard_error():
     assert math.isnan(aggregate.clustered_se(y[:10], cluster[:10]))  # one cluster
 
 
+def _pair_metrics(rng, prompt: np.ndarray) -> dict:
+    """Per-position metrics with a level per prompt (its text's difficulty), as a real run's are."""
+    n, level = len(prompt), rng.normal(0, 1, prompt.max() + 1)[prompt]
+    nll_r = rng.exponential(2, n)
+    return {
+        "kl": np.exp(-7 + level + rng.normal(0, 0.5, n)), "kl_rev": rng.lognormal(-7, 1, n), "js": rng.lognormal(-8, 1, n),
+        "tv": rng.random(n) * 0.1, "top1_agree": rng.random(n) < 0.9 + 0.05 * np.tanh(level),
+        "ref_top_rank": rng.integers(0, 3, n), "delta_p": 0.01 * level + rng.normal(0, 0.01, n),
+        "delta_p_top": rng.normal(0, 0.01, n), "nll_ref": nll_r, "nll_cand": nll_r + 0.02 * level + rng.normal(0.01, 0.02, n),
+        "entropy_ref": rng.random(n), "entropy_cand": rng.random(n), "p_top_ref": rng.random(n),
+    }  # fmt: skip
+
+
+def test_standard_errors_over_prompts():
+    """`*_se_prompts`: the cluster-robust standard error by prompt, against the loop over prompts (prompts of unequal
+    length); the RMS Δp's by the delta method, as the per-position one. Where each prompt has a level of its own, the
+    per-position one (llama.cpp's) is much smaller; and over 300 runs of new prompts, the spread of the mean KL is the
+    one over prompts (within 15%), not the per-position one. One prompt: NaN."""
+    rng = np.random.default_rng(6)
+    prompt = np.repeat(np.arange(40), rng.integers(10, 90, 40))
+    m = _pair_metrics(rng, prompt)
+    a = aggregate.pair_aggregates(m, prompt, ks=(), resamples=0, seed=0)
+    for key, x in (("kl_mean", m["kl"]), ("kl_rev_mean", m["kl_rev"]), ("js_mean", m["js"]), ("tv_mean", m["tv"]),
+                   ("delta_p_mean", m["delta_p"]), ("top1_agree", m["top1_agree"].astype(np.float64)),
+                   ("ln_ppl_ratio", m["nll_cand"] - m["nll_ref"])):  # fmt: skip
+        assert a[f"{key}_se_prompts"] == pytest.approx(_cr1(x, prompt), rel=1e-9), key
+    for name in ("delta_p", "delta_p_top"):
+        rms = math.sqrt(np.mean(m[name] ** 2))
+        assert a[f"{name}_rms_se_prompts"] == pytest.approx(_cr1(m[name] ** 2, prompt) / (2 * rms), rel=1e-9), name
+    assert a["kl_mean_se_prompts"] > 2 * a["kl_mean_se"] and a["ln_ppl_ratio_se_prompts"] > 2 * a["ln_ppl_ratio_se"]
+    means, ses = [], []
+    for _ in range(300):
+        m = _pair_metrics(rng, prompt)
+        a = aggregate.pair_aggregates(m, prompt, ks=(), resamples=0, seed=0)
+        means.append(a["kl_mean"])
+        ses.append(a["kl_mean_se_prompts"])
+    assert np.mean(ses) == pytest.approx(np.std(means, ddof=1), rel=0.15)
+    one = aggregate.pair_aggregates(_pair_metrics(rng, np.zeros(50, int)), np.zeros(50, int), ks=(), resamples=0, seed=0)
+    assert math.isnan(one["kl_mean_se_prompts"]) and math.isfinite(one["kl_mean_se"])
+
+
 def test_depth_bins_against_numpy_and_scipy():
     """KL, its clustered standard error, the flip rate and the ln PPL ratio ± se by context depth in [2^k, 2^(k+1))
     bins, by hand, on random positions whose depths skip a bin (64-127: empty, NaN) and reach the edges 2^k - 1 and

@@ -7,9 +7,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from harness import check, records
+from harness import check, gate_checks, records
 from harness.cli import main
 from harness.gate_checks import GateError, Regression, Threshold, standard_error
 
@@ -478,6 +479,93 @@ def test_a_flip_rate_limit_has_the_top1_standard_error_as_its_noise_band():
 def test_a_ppl_ratio_se_follows_from_the_log_ratios_where_a_record_lacks_it():
     """standard_error(ppl_ratio) of a record without ppl_ratio_se: the delta method, e^x·se(x) = ppl_ratio·se(ln ratio)."""
     assert standard_error({"ppl_ratio": 1.25, "ln_ppl_ratio_se": 0.004}, "ppl_ratio") == pytest.approx(0.005, rel=1e-12)
+
+
+def test_the_noise_band_is_the_standard_error_over_prompts_where_the_record_has_one():
+    """The positions of one prompt are not independent, so the gate judges noise by `*_se_prompts` (larger) where the
+    record has it: a breach of 2e-4 is past the per-position se (1e-4) and inside the one over prompts (3e-4); the
+    ppl ratio's and flip rate's follow from ln_ppl_ratio_se_prompts and top1_agree_se_prompts, and the floor multiple's
+    from report.add_floor's over both pairs' ones. NaN (a run of one prompt) or absent (an older record): the
+    per-position one."""
+    from harness import report
+    from harness.compare import PairResult
+
+    agg = _agg(3.2e-3, 1e-4, 0.98) | {"kl_mean_se_prompts": 3e-4, "ln_ppl_ratio_se_prompts": 0.006, "top1_agree_se_prompts": 0.01}
+    assert standard_error(agg, "kl_mean") == 3e-4 and standard_error(agg, "flip_rate") == 0.01
+    assert standard_error(agg, "ppl_ratio") == pytest.approx(1.01 * 0.006, rel=1e-12)
+    v = check.gate(_run({"bf16": _agg(2e-4, 1e-5, 0.99), "int4": agg}, {"int4": {"kl_mean": {"max": 3e-3}}}))
+    assert v["verdict"] == "pass" and v["within_noise"][0]["noise"] == 3e-4
+    assert standard_error(agg | {"kl_mean_se_prompts": math.nan}, "kl_mean") == 1e-4
+    v = check.gate(_run({"bf16": _agg(2e-4, 1e-5, 0.99), "int4": _agg(3.2e-3, 1e-4, 0.98)}, {"int4": {"kl_mean": {"max": 3e-3}}}))
+    assert v["verdict"] == "fail"  # the same breach, a record without them
+    pairs = [PairResult("ref", "bf16", {"kl_mean": 2e-4, "kl_mean_se": 1e-5, "kl_mean_se_prompts": 3e-5}, [], {}),
+             PairResult("ref", "int4", {"kl_mean": 4e-3, "kl_mean_se": 1e-4, "kl_mean_se_prompts": 4e-4}, [], {})]  # fmt: skip
+    report.add_floor(pairs, "bf16")
+    floor, pair = pairs[0].aggregates, pairs[1].aggregates
+    assert floor["kl_floor_multiple_se_prompts"] == 0.0
+    assert pair["kl_floor_multiple_se_prompts"] == pytest.approx(20 * math.hypot(4e-4 / 4e-3, 3e-5 / 2e-4), rel=1e-12)
+    assert standard_error(pair, "kl_floor_multiple") == pair["kl_floor_multiple_se_prompts"]
+
+
+def _build(rng, prompt: np.ndarray, level: np.ndarray, drift: float) -> dict:
+    """A build's per-position metrics on prompts of a difficulty each (`level`), its KL scaled by `drift`."""
+    n = len(prompt)
+    nll_r = rng.exponential(2, n)
+    return {"kl": drift * np.exp(-7 + level[prompt] + rng.normal(0, 0.3, n)), "kl_rev": rng.lognormal(-7, 1, n),
+            "js": rng.lognormal(-8, 1, n), "tv": rng.random(n) * 0.1, "top1_agree": rng.random(n) < 0.95,
+            "ref_top_rank": rng.integers(0, 3, n), "delta_p": rng.normal(0, 0.01, n), "delta_p_top": rng.normal(0, 0.01, n),
+            "nll_ref": nll_r, "nll_cand": nll_r + drift * 0.01 * (1 + level[prompt]) + rng.normal(0, 0.01, n),
+            "entropy_ref": rng.random(n), "entropy_cand": rng.random(n), "p_top_ref": rng.random(n)}  # fmt: skip
+
+
+def test_a_regression_is_judged_by_the_difference_paired_by_prompt():
+    """`--fail` against a baseline of the same prompts: the noise band is the standard error of (run − scale ×
+    baseline) paired by prompt, from the records' per-prompt rows; against the cluster-robust loop over the positions'
+    differences; over 300 new prompt sets it is the spread of that difference (within 15%), where the two errors
+    combined as independent are several times it. So a 12% rise in mean KL against `kl_mean:+10%` fails, where the
+    combined band called it within noise. Other prompts, or other positions in one: the combined band."""
+    from harness import aggregate
+
+    rng = np.random.default_rng(8)
+    prompt = np.repeat(np.arange(30), rng.integers(20, 60, 30))
+    names = [f"p{i}" for i in range(30)]
+
+    def pair(level, drift):
+        m = _build(rng, prompt, level, drift)
+        agg = aggregate.pair_aggregates(m, prompt, ks=(), resamples=0, seed=0)
+        return m, agg, aggregate.per_prompt(m, prompt, names)
+
+    level = rng.normal(0, 1, 30)
+    (ma, a, rows_a), (mb, b, rows_b) = pair(level, 1.12), pair(level, 1.0)
+    scale = 1.1  # kl_mean:+10%: limit = 1.1 x baseline
+    got = gate_checks.paired_error("kl_mean", rows_a, rows_b, scale)
+    diff = ma["kl"] - scale * mb["kl"]  # the same positions: a per-position difference
+    groups = sorted(set(prompt.tolist()))
+    sums = [math.fsum(diff[prompt == g] - diff.mean()) for g in groups]
+    assert got == pytest.approx(math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(x * x for x in sums)) / len(diff), rel=1e-9)
+    combined = math.hypot(a["kl_mean_se_prompts"], scale * b["kl_mean_se_prompts"])
+    assert combined > 3 * got
+    spread, bands = [], []
+    counts = np.bincount(prompt)
+    for _ in range(300):  # per-prompt rows by numpy here (the loop above had per_prompt's)
+        level = rng.normal(0, 1, 30)
+        kl = [_build(rng, prompt, level, drift)["kl"] for drift in (1.12, 1.0)]
+        r2, q2 = ([{"prompt": g, "positions": int(counts[g]), "kl_mean": float(v)} for g, v in enumerate(np.bincount(prompt, x) / counts)] for x in kl)
+        spread.append(kl[0].mean() - scale * kl[1].mean())
+        bands.append(gate_checks.paired_error("kl_mean", r2, q2, scale))
+    assert np.mean(bands) == pytest.approx(np.std(spread, ddof=1), rel=0.15)
+    run, base = _run({"int4": a}), _run({"int4": b}, run_id="base")
+    run.pairs[0].prompts, base.pairs[0].prompts = rows_a, rows_b
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert a["kl_mean"] > 1.1 * b["kl_mean"] and v["verdict"] == "fail" and v["breaches"][0]["noise"] == pytest.approx(got, rel=1e-12)
+    assert a["kl_mean"] - 1.1 * b["kl_mean"] < combined  # within the old band
+    base.pairs[0].prompts = rows_b[1:]  # a prompt fewer: not paired
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "pass" and v["within_noise"][0]["noise"] == pytest.approx(combined, rel=1e-12)
+    assert gate_checks.paired_error("kl_mean", rows_a, [r | {"positions": r["positions"] + 1} for r in rows_b], 1.0) is None
+    assert gate_checks.paired_error("ppl_ratio", rows_a, rows_b, 1.0) is None  # not a mean of positions
+    flip = gate_checks.paired_error("flip_rate", rows_a, rows_b, 1.0)
+    assert flip == gate_checks.paired_error("top1_agree", rows_a, rows_b, 1.0) and flip > 0
 
 
 def test_a_baseline_without_input_fingerprints_is_compared_with_a_warning():

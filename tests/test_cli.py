@@ -37,11 +37,11 @@ def test_compare_default_config_on_micro_zoo(micro_run):
     # the console table: each row's columns, by the header's names, as summary.csv has them (within the printed digits)
     lines = out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("candidate "))
-    names = lines[at].replace("± se", "kl_mean_se").replace("x floor", "kl_floor_multiple").split()
+    names = lines[at].replace("± se", "kl_mean_se_prompts").replace("x floor", "kl_floor_multiple").split()  # ±: over prompts
     for line in lines[at + 1 : at + 1 + len(rows)]:
         cells = dict(zip(names, line.split(), strict=True))
         for name in names[1:]:
-            rel = 5e-2 if name == "kl_mean_se" else 6e-3  # 2 significant digits there, 3 or more elsewhere
+            rel = 5e-2 if name == "kl_mean_se_prompts" else 6e-3  # 2 significant digits there, 3 or more elsewhere
             assert float(cells[name]) == pytest.approx(float(rows[cells["candidate"]][name]), rel=rel), (cells["candidate"], name)
     # The noise floor (bf16) and every aggregate land where the report stage reads them.
     assert float(rows["s-chat-bf16"]["kl_floor_multiple"]) == pytest.approx(1.0)

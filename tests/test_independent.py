@@ -339,7 +339,8 @@ def test_every_pair_aggregate_by_hand(seed):
     """The pair aggregates the other tests leave out, from random per-position values: every divergence's mean ± se,
     median, percentiles, min and max, Δp's and the top token's Δp's RMS ± se (delta method) and |Δp| percentiles, both
     PPLs' and their ratio's se (delta method), entropies, flip rate, top-k overlaps, the reference top's rank; and the
-    warper summary. math.fsum, scipy.stats.sem and percentiles written by hand; within 1e-9 relative."""
+    warper summary; the standard errors over prompts. math.fsum, scipy.stats.sem and percentiles written by hand; within 1e-9
+    relative."""
     rng = np.random.default_rng(1000 + seed)
     n = int(rng.integers(50, 3000))
     nll_r = rng.exponential(2, n)
@@ -350,7 +351,8 @@ def test_every_pair_aggregate_by_hand(seed):
          "delta_p": rng.normal(-0.001, 0.02, n), "delta_p_top": rng.normal(-0.003, 0.03, n), "nll_ref": nll_r,
          "nll_cand": nll_c, "entropy_ref": rng.random(n) * 5, "entropy_cand": rng.random(n) * 5, "p_top_ref": rng.random(n),
          "kl_smoothed": rng.lognormal(-6, 1, n), "kl_rev_smoothed": rng.lognormal(-6, 1, n)}  # fmt: skip
-    got = aggregate.pair_aggregates(m, np.sort(rng.integers(0, 12, n)), ks=(5, 10), resamples=0, seed=0)
+    prompt = np.sort(rng.integers(0, 12, n))
+    got = aggregate.pair_aggregates(m, prompt, ks=(5, 10), resamples=0, seed=0)
     want = {"positions": n}
     for name in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "kl_rev_smoothed"):
         x = m[name]
@@ -369,6 +371,19 @@ def test_every_pair_aggregate_by_hand(seed):
              "entropy_ref_mean": math.fsum(m["entropy_ref"]) / n, "entropy_cand_mean": math.fsum(m["entropy_cand"]) / n,
              "flip_rate": 1 - int(m["top1_agree"].sum()) / n, "top5_overlap": math.fsum(m["top5_overlap"]) / n,
              "top10_overlap": math.fsum(m["top10_overlap"]) / n, "ref_top_rank_mean": int(m["ref_top_rank"].sum()) / n}  # fmt: skip
+    # over prompts: √(G/(G−1) Σ_g (Σ_{i in g} (x_i − x̄))²) / n, the prompts' residual sums in math.fsum
+    groups = sorted(set(prompt.tolist()))
+
+    def over_prompts(x):
+        mean = math.fsum(x) / n
+        sums = [math.fsum(float(v) - mean for v in x[prompt == g]) for g in groups]
+        return math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(s * s for s in sums)) / n
+
+    for name in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "kl_rev_smoothed", "delta_p"):
+        want[f"{name}_mean_se_prompts"] = over_prompts(m[name])
+    want |= {"top1_agree_se_prompts": over_prompts(m["top1_agree"].astype(float)), "ln_ppl_ratio_se_prompts": over_prompts(d)}
+    for name in ("delta_p", "delta_p_top"):
+        want[f"{name}_rms_se_prompts"] = over_prompts(m[name] ** 2) / (2 * want[f"{name}_rms"])
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=0), key
     finite, kept, pad = rng.integers(1, 50, n), rng.random(n), rng.random(n) * 1e-5

@@ -20,7 +20,8 @@ from harness.cli import main
 pytestmark = pytest.mark.slow
 REQUIRED_SUMMARY = (
     "reference,candidate,positions,kl_mean,kl_mean_se,kl_median,kl_p99,kl_max,kl_rev_mean,js_mean,tv_mean,"
-    "top1_agree,top1_agree_se,top5_overlap,top10_overlap,delta_p_rms,ppl_ref,ppl_cand,ppl_ratio,kl_floor_multiple"
+    "top1_agree,top1_agree_se,top5_overlap,top10_overlap,delta_p_rms,ppl_ref,ppl_cand,ppl_ratio,kl_floor_multiple,"
+    "kl_mean_se_prompts,top1_agree_se_prompts,ln_ppl_ratio_se_prompts"
 ).split(",")
 CANDIDATES = {"s-chat-fp16", "s-chat-bf16", "s-chat-gptq-int8", "s-chat-gptq-int4", "s-base", "m-chat"}
 
@@ -34,7 +35,7 @@ def test_summary_csv_has_every_column_and_matches_the_record(micro_run):
     assert set(rows) == CANDIDATES
     rec = records.read(run_dir)
     for p in rec.pairs:
-        for key in ("kl_mean", "kl_p99", "top1_agree", "ppl_ratio", "kl_floor_multiple"):
+        for key in ("kl_mean", "kl_p99", "top1_agree", "ppl_ratio", "kl_floor_multiple", "kl_mean_se_prompts", "ln_ppl_ratio_se_prompts"):
             assert float(rows[p.candidate][key]) == pytest.approx(p.aggregates[key], rel=1e-12)
 
 
@@ -395,6 +396,15 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)  # each anchor names one element
     assert page.locator("#summary tbody tr").count() == len(CANDIDATES)
     assert page.locator("#summary tr.floor").inner_text().startswith("s-chat-bf16")
+    # its ± columns: the standard errors over prompts (each cell's data-v holds the value), not llama.cpp's per position
+    heads = page.locator("#summary th").all_inner_texts()
+    shown = {row[0].split()[0]: row for row in page.evaluate(
+        "[...document.querySelectorAll('#summary tbody tr')].map(r => [...r.cells].map(c => c.dataset.v))")}  # fmt: skip
+    for p in records.read(run_dir).pairs:
+        for head, key in (("KL ± se", "kl_mean_se_prompts"), ("top-1 ± se", "top1_agree_se_prompts")):
+            assert float(shown[p.candidate][heads.index(head)]) == p.aggregates[key]
+        assert p.aggregates["kl_mean_se_prompts"] != p.aggregates["kl_mean_se"]
+    assert "over prompts" in page.locator(".wide:has(#summary) + p").inner_text()
     assert page.locator("svg.chart").count() == 2 + len(CANDIDATES)  # the CDF, KL by depth, and a histogram per pair
     # KL by context depth: a point per pair and bin, its tooltip the record's mean, higher on the page for more KL
     depth = page.locator("svg[aria-label='mean KL by context depth']")
@@ -621,7 +631,7 @@ def test_summary_columns_follow_the_runs_top_k():
     at = cols.index("top1_agree_se")
     assert cols[at + 1 : at + 3] == ["top3_overlap", "top20_overlap"] and "top5_overlap" not in cols
     assert "kl_floor_multiple" not in cols
-    assert report.summary_columns(SimpleNamespace(pairs=[pair], noise_floor="bf16"))[-1] == "kl_floor_multiple"
+    assert report.summary_columns(SimpleNamespace(pairs=[pair], noise_floor="bf16"))[-4:] == ["kl_floor_multiple", "kl_mean_se_prompts", "top1_agree_se_prompts", "ln_ppl_ratio_se_prompts"]
     cross = SimpleNamespace(aggregates={"kl_mean": 0.2, "aligned_of": 90, "bpb_cand": 4.2})
     cols = report.summary_columns(SimpleNamespace(pairs=[pair, cross], noise_floor=None))
     assert cols[-len(report.CROSS_COLUMNS) :] == report.CROSS_COLUMNS and "bpb_diff_se" in cols  # a cross_vocab pair's
