@@ -137,6 +137,32 @@ static inline __m512d psi8(__m512d pm, __m512d pp, __m512d d, __mmask8 live) {
   }
   return out;
 }
+// KL's and KL_rev's terms p·g(d) and q·g(−d), g(d) = d + e^(−d) − 1 >= 0, d = ln p − ln q: Σ p·g(d) = Σ p·d + Σ (q − p)
+// is KL, with no cancellation (Σ p·d sums terms of either sign, and an error δ in a normaliser moves it by δ; here
+// by δ·Σ (p − q), second order). Where |d| <= 0.2, g(d) = d²·(E(d²) − d·O(d²)) in series (to d^11: < 1e-17
+// relative); elsewhere p·d + (q − p) and (p − q) − q·d, which do not cancel there (q = p·e^(−d)).
+static inline void gkl8(__m512d p, __m512d q, __m512d d, __m512d* tkl, __m512d* tklr) {
+  const __m512d w = _mm512_mul_pd(d, d);
+  __m512d e = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 479001600), w, _mm512_set1_pd(1.0 / 3628800));
+  e = _mm512_fmadd_pd(e, w, _mm512_set1_pd(1.0 / 40320));
+  e = _mm512_fmadd_pd(e, w, _mm512_set1_pd(1.0 / 720));
+  e = _mm512_fmadd_pd(e, w, _mm512_set1_pd(1.0 / 24));
+  e = _mm512_fmadd_pd(e, w, _mm512_set1_pd(0.5));
+  __m512d o = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 6227020800), w, _mm512_set1_pd(1.0 / 39916800));
+  o = _mm512_fmadd_pd(o, w, _mm512_set1_pd(1.0 / 362880));
+  o = _mm512_fmadd_pd(o, w, _mm512_set1_pd(1.0 / 5040));
+  o = _mm512_fmadd_pd(o, w, _mm512_set1_pd(1.0 / 120));
+  o = _mm512_fmadd_pd(o, w, _mm512_set1_pd(1.0 / 6));
+  const __m512d dodd = _mm512_mul_pd(d, o);
+  *tkl = _mm512_mul_pd(p, _mm512_mul_pd(w, _mm512_sub_pd(e, dodd)));
+  *tklr = _mm512_mul_pd(q, _mm512_mul_pd(w, _mm512_add_pd(e, dodd)));
+  const __mmask8 big = _mm512_cmp_pd_mask(w, _mm512_set1_pd(0.04), _CMP_NLE_UQ);
+  if (big) {
+    const __m512d pq = _mm512_sub_pd(p, q);
+    *tkl = _mm512_mask_mov_pd(*tkl, big, _mm512_fmsub_pd(p, d, pq));
+    *tklr = _mm512_mask_mov_pd(*tklr, big, _mm512_fnmadd_pd(q, d, pq));
+  }
+}
 static inline __m512d load8(const float* x, int64_t i, int64_t V) {  // 8 floats as doubles, -inf past the end
   __mmask8 m = V - i >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (V - i)) - 1);
   return _mm512_cvtps_pd(_mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, x + i));
@@ -208,7 +234,7 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
   const __m512d vmx = _mm512_set1_pd(mx), vmy = _mm512_set1_pd(my), vlp = _mm512_set1_pd(lsp), vlq = _mm512_set1_pd(lsq);
   const __m512d vc = _mm512_set1_pd(c), ln4 = _mm512_set1_pd(2 * LN2_HI), ninf = _mm512_set1_pd(-INFINITY);
   const __m512d vyt = _mm512_set1_pd((double)y[tx[0]] - my), one = _mm512_set1_pd(1.0);
-  if (finite) {  // no -inf in either row (so p, q > 0): Σ p(dx − dy) − c and Σ p dx − ln Σ, no masks
+  if (finite) {  // no -inf in either row (so p, q > 0): Σ p·g(d) and Σ p dx − ln Σ, no masks
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
       const __m512d gx = _mm512_set1_pd(rx[b]), gy = _mm512_set1_pd(ry[b]);
@@ -221,11 +247,12 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
           p = _mm512_maskz_mov_pd(m, p); q = _mm512_maskz_mov_pd(m, q); dx = _mm512_maskz_mov_pd(m, dx); dy = _mm512_maskz_mov_pd(m, dy);
         }
         __m512d e = _mm512_sub_pd(dx, dy);
-        akl = _mm512_fmadd_pd(p, e, akl); aklr = _mm512_fnmadd_pd(q, e, aklr);
         ahp = _mm512_fmadd_pd(p, dx, ahp); ahq = _mm512_fmadd_pd(q, dy, ahq);
         __m512d pm = _mm512_sub_pd(p, q), pp = _mm512_add_pd(p, q);
         atv = _mm512_add_pd(atv, _mm512_abs_pd(pm));
-        __m512d d = _mm512_sub_pd(e, vc), w = _mm512_mul_pd(d, d), psi;  // d = ln p − ln q
+        __m512d d = _mm512_sub_pd(e, vc), w = _mm512_mul_pd(d, d), psi, tkl, tklr;  // d = ln p − ln q
+        gkl8(p, q, d, &tkl, &tklr);  // tail lanes: p = q = 0, terms 0
+        akl = _mm512_add_pd(akl, tkl); aklr = _mm512_add_pd(aklr, tklr);
         if (_mm512_cmp_pd_mask(w, _mm512_set1_pd(0.04), _CMP_LE_OQ) == 0xFF) {
           // |d| <= 0.2 (the usual case): ψ = d tanh(d/2) − 2 ln cosh(d/2) in powers of w = d², to w^6
           // (the next term is 5461 w^7 / 13412044800: truncation < 1e-14 relative)
@@ -241,8 +268,9 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
         ajs = _mm512_fmadd_pd(pp, psi, ajs);
       }
     }
-    kl = hsum(akl) - c; klr = hsum(aklr) + c; hp = hsum(ahp) - lsp; hq = hsum(ahq) - lsq; tv = hsum(atv); js = hsum(ajs);
-  } else {
+    kl = hsum(akl); klr = hsum(aklr); hp = hsum(ahp) - lsp; hq = hsum(ahq) - lsq; tv = hsum(atv); js = hsum(ajs);
+  } else {  // Σ p·g(d) over the lanes both sides hold, which is KL − (the q mass where p = 0) + (the p mass where q = 0)
+    __m512d aqo = _mm512_setzero_pd(), apo = aqo;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t i0 = b * BS, i1 = i0 + BS < V ? i0 + BS : V;
       const __m512d gx = _mm512_set1_pd(rx[b]), gy = _mm512_set1_pd(ry[b]);
@@ -253,21 +281,24 @@ static void row_f64(const float* x, const float* y, int64_t V, int K, int32_t* t
         __mmask8 fx = _mm512_cmp_pd_mask(dx, ninf, _CMP_NEQ_OQ), fy = _mm512_cmp_pd_mask(dy, ninf, _CMP_NEQ_OQ), both = fx & fy;
         __m512d p = _mm512_maskz_mul_pd(fx, _mm512_load_pd(bx + i), gx), q = _mm512_maskz_mul_pd(fy, _mm512_load_pd(by + i), gy);
         __m512d d = _mm512_sub_pd(_mm512_sub_pd(dx, dy), vc);
-        akl = _mm512_mask3_fmadd_pd(p, d, akl, both);
-        aklr = _mm512_mask3_fnmadd_pd(q, d, aklr, both);
+        __m512d tkl, tklr;
+        gkl8(p, q, d, &tkl, &tklr);
+        akl = _mm512_mask_add_pd(akl, both, akl, tkl);
+        aklr = _mm512_mask_add_pd(aklr, both, aklr, tklr);
         ahp = _mm512_mask3_fmadd_pd(p, lp, ahp, fx);
         ahq = _mm512_mask3_fmadd_pd(q, lq, ahq, fy);
         __m512d pm = _mm512_sub_pd(p, q), pp = _mm512_add_pd(p, q);
         atv = _mm512_add_pd(atv, _mm512_abs_pd(pm));
         ajs = _mm512_fmadd_pd(pp, psi8(pm, pp, d, both), ajs);
         __mmask8 ox = fx & ~fy, oy = fy & ~fx;  // one side -inf: that KL is +inf where the other p > 0 in float64
+        apo = _mm512_mask_add_pd(apo, ox, apo, p); aqo = _mm512_mask_add_pd(aqo, oy, aqo, q);
         if ((ox && !infp) || (oy && !infq)) {
           double a[8], bb[8]; _mm512_storeu_pd(a, lp); _mm512_storeu_pd(bb, lq);
           for (int l = 0; l < 8; ++l) { infp |= (ox >> l & 1) && exp(a[l]) > 0; infq |= (oy >> l & 1) && exp(bb[l]) > 0; }
         }
       }
     }
-    kl = hsum(akl); klr = hsum(aklr); hp = hsum(ahp); hq = hsum(ahq); tv = hsum(atv); js = hsum(ajs);
+    kl = hsum(akl) + hsum(aqo); klr = hsum(aklr) + hsum(apo); hp = hsum(ahp); hq = hsum(ahq); tv = hsum(atv); js = hsum(ajs);
   }
   R.lx = mx + lsp; R.ly = my + lsq; R.kl = kl; R.klr = klr; R.hp = hp; R.hq = hq; R.l1 = tv; R.js4 = js;
   R.infp = infp; R.infq = infq; R.rank = cnt; R.bad = bad != 0;
