@@ -165,22 +165,25 @@ class Regression:
         passed = not bad and not math.isnan(value) and math.isfinite(limit)  # an inf or NaN baseline fails every check
         # value − limit = value − scale·ref − constant: relative, |ref| = ref·sign(ref)
         scale = 1 + self.sign * math.copysign(self.amount / 100, ref) if self.relative else 1.0
-        noise = paired_error(self.metric, *rows, scale) if rows is not None else None
+        noise = paired_error(self.metric, *rows, scale, value=value, ref=ref) if rows is not None else None
         if noise is None:
             noise = _combined(standard_error(aggregates, self.metric), None if (e := standard_error(base, self.metric)) is None else scale * e)
         return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict, passed=passed)
 
 
-# the aggregates that are position-weighted means of a per-position value and that each prompt's row holds (flip_rate:
-# 1 − top1_agree, whose difference has the same spread)
+# the aggregates that are position-weighted means of a per-position value, and the key of that mean in each prompt's
+# row (flip_rate: 1 − top1_agree, whose difference has the same spread; ppl_ratio: e^ln_ppl_ratio, by the delta method)
 PAIRED = {"kl_mean": "kl_mean", "kl_rev_mean": "kl_rev_mean", "js_mean": "js_mean", "tv_mean": "tv_mean",
-          "top1_agree": "top1_agree", "flip_rate": "top1_agree", "delta_p_mean": "delta_p_mean", "ln_ppl_ratio": "ln_ppl_ratio"}  # fmt: skip
+          "top1_agree": "top1_agree", "flip_rate": "top1_agree", "delta_p_mean": "delta_p_mean", "ln_ppl_ratio": "ln_ppl_ratio",
+          "ppl_ratio": "ln_ppl_ratio"}  # fmt: skip
 
 
-def paired_error(metric: str, rows: list[dict], base_rows: list[dict], scale: float) -> float | None:
+def paired_error(metric: str, rows: list[dict], base_rows: list[dict], scale: float, *, value: float = math.nan,
+                 ref: float = math.nan) -> float | None:  # fmt: skip
     """The standard error of (run's metric − scale × baseline's), both means over the positions of the same prompts,
     paired by prompt: √(G/(G−1) Σ_g (n_g (a_g − scale·b_g) − n_g D)²) / N, D the difference over all N positions, G
-    prompts (cluster-robust, as aggregate.clustered_se). A regression is judged against the baseline on the same
+    prompts (cluster-robust, as aggregate.clustered_se). ppl_ratio = e^(mean ln ratio): its rows' ln ratios weighted
+    by the run's `value` and scale × the baseline's `ref` (d e^x = e^x dx). A regression is judged against the baseline on the same
     prompts, whose hard prompts are hard for both builds: the two means move together, and their standard errors
     combined as if independent make a band several times too wide. None where it cannot be paired: a metric that is
     not such a mean (PAIRED), rows missing (an older record), other prompts or other positions per prompt, fewer than
@@ -195,7 +198,10 @@ def paired_error(metric: str, rows: list[dict], base_rows: list[dict], scale: fl
     n = [a[p][0] for p in a]
     if any(not isinstance(x, (int, float)) or not math.isfinite(x) for p in a for x in (a[p][1], b[p][1])) or not all(n):
         return None
-    sums = [k * (a[p][1] - scale * b[p][1]) for k, p in zip(n, a)]  # each prompt's part of N·D
+    wa, wb = (value, scale * ref) if metric == "ppl_ratio" else (1.0, scale)
+    if not (math.isfinite(wa) and math.isfinite(wb)):
+        return None
+    sums = [k * (wa * a[p][1] - wb * b[p][1]) for k, p in zip(n, a)]  # each prompt's part of N·D
     total = sum(n)
     d = math.fsum(sums) / total
     return math.sqrt(len(n) / (len(n) - 1) * math.fsum((x - k * d) ** 2 for x, k in zip(sums, n))) / total

@@ -523,7 +523,8 @@ def test_a_regression_is_judged_by_the_difference_paired_by_prompt():
     baseline) paired by prompt, from the records' per-prompt rows; against the cluster-robust loop over the positions'
     differences; over 300 new prompt sets it is the spread of that difference (within 15%), where the two errors
     combined as independent are several times it. So a 12% rise in mean KL against `kl_mean:+10%` fails, where the
-    combined band called it within noise. Other prompts, or other positions in one: the combined band."""
+    combined band called it within noise. Other prompts, or other positions in one: the combined band. ppl_ratio: its
+    ln ratios paired, by the delta method."""
     from harness import aggregate
 
     rng = np.random.default_rng(8)
@@ -563,7 +564,14 @@ def test_a_regression_is_judged_by_the_difference_paired_by_prompt():
     v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert v["verdict"] == "pass" and v["within_noise"][0]["noise"] == pytest.approx(combined, rel=1e-12)
     assert gate_checks.paired_error("kl_mean", rows_a, [r | {"positions": r["positions"] + 1} for r in rows_b], 1.0) is None
-    assert gate_checks.paired_error("ppl_ratio", rows_a, rows_b, 1.0) is None  # not a mean of positions
+    assert gate_checks.paired_error("kl_p99", rows_a, rows_b, 1.0) is None  # not a mean of positions
+    # ppl_ratio = e^(mean ln ratio): the delta method, each side's per-position ln ratios times its value
+    ln_a, ln_b = ma["nll_cand"] - ma["nll_ref"], mb["nll_cand"] - mb["nll_ref"]
+    diff = a["ppl_ratio"] * ln_a - 1.01 * b["ppl_ratio"] * ln_b
+    sums = [math.fsum(diff[prompt == g] - diff.mean()) for g in groups]
+    want = math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(x * x for x in sums)) / len(diff)
+    got = gate_checks.paired_error("ppl_ratio", rows_a, rows_b, 1.01, value=a["ppl_ratio"], ref=b["ppl_ratio"])
+    assert got == pytest.approx(want, rel=1e-9)
     flip = gate_checks.paired_error("flip_rate", rows_a, rows_b, 1.0)
     assert flip == gate_checks.paired_error("top1_agree", rows_a, rows_b, 1.0) and flip > 0
 
