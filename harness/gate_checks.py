@@ -193,7 +193,7 @@ def paired_error(metric: str, rows: list[dict], base_rows: list[dict], scale: fl
         return None
     a = {r["prompt"]: (r.get("positions"), r.get(key)) for r in rows}
     b = {r["prompt"]: (r.get("positions"), r.get(key)) for r in base_rows}
-    if a.keys() != b.keys() or len(a) < 2 or any(a[p][0] != b[p][0] for p in a):
+    if a.keys() != b.keys() or len(a) < 2 or len(a) != len(rows) or len(b) != len(base_rows) or any(a[p][0] != b[p][0] for p in a):
         return None
     n = [a[p][0] for p in a]
     if any(not isinstance(x, (int, float)) or not math.isfinite(x) for p in a for x in (a[p][1], b[p][1])) or not all(n):
