@@ -109,10 +109,18 @@ def _clustered_or_nan(x: np.ndarray, cluster: np.ndarray) -> float:
     return clustered_se(x, cluster) if len(x) and np.isfinite(x).all() else float("nan")  # an infinite mean has no ±
 
 
+# from fewer prompts, a standard error over prompts is the larger of it and the per-position one: the cluster-robust
+# estimate then has few degrees of freedom (G − 1), and from 2 prompts it is under half the truth half the time
+MIN_PROMPTS = 10
+
+
 def prompt_errors(m: dict[str, np.ndarray], prompt: np.ndarray, nll_diff: np.ndarray, out: dict) -> dict:
-    """The standard errors over prompts (`*_se_prompts`, clustered_se by prompt) of the headline means in `out`
+    """The standard errors over prompts (`*_se_prompts`, clustered_se by prompt) of the headline aggregates in `out`
     (pair_aggregates' so far): each `distribution`'s mean, the top-1 agreement, ln PPL ratio (`nll_diff`: candidate
-    NLL − reference NLL per position) and the RMS Δp's (delta method, as the per-position one). NaN from one prompt."""
+    NLL − reference NLL per position), the RMS Δp's, both PPLs, their ratio and difference (delta method, as the
+    per-position ones in `out`). From fewer than MIN_PROMPTS prompts, each is the larger of that and the per-position
+    one (from one prompt, the per-position one)."""
+    nll_r, nll_c = (np.asarray(m[k], dtype=np.float64) for k in ("nll_ref", "nll_cand"))
     se = {f"{name}_mean_se_prompts": _clustered_or_nan(m[name], prompt)
           for name in ("kl", "kl_rev", "js", "tv", "kl_smoothed", "kl_rev_smoothed", "delta_p") if name in m}  # fmt: skip
     se["top1_agree_se_prompts"] = _clustered_or_nan(m["top1_agree"], prompt)
@@ -120,6 +128,15 @@ def prompt_errors(m: dict[str, np.ndarray], prompt: np.ndarray, nll_diff: np.nda
     for name in ("delta_p", "delta_p_top"):
         rms = out[f"{name}_rms"]
         se[f"{name}_rms_se_prompts"] = _clustered_or_nan(np.square(m[name], dtype=np.float64), prompt) / (2 * rms) if rms > 0 else float("nan")
+    se["ppl_ref_se_prompts"] = out["ppl_ref"] * _clustered_or_nan(nll_r, prompt)
+    se["ppl_cand_se_prompts"] = out["ppl_cand"] * _clustered_or_nan(nll_c, prompt)
+    se["ppl_ratio_se_prompts"] = out["ppl_ratio"] * se["ln_ppl_ratio_se_prompts"]
+    with np.errstate(invalid="ignore"):  # an infinite PPL: no spread
+        se["ppl_diff_se_prompts"] = _clustered_or_nan(out["ppl_cand"] * nll_c - out["ppl_ref"] * nll_r, prompt)
+    if len(np.unique(prompt)) < MIN_PROMPTS:
+        for key, v in se.items():
+            per_position = out.get(key.removesuffix("_prompts"), float("nan"))
+            se[key] = float(max(v, per_position) if math.isfinite(v) and math.isfinite(per_position) else per_position if math.isnan(v) else v)
     return se
 
 

@@ -131,7 +131,8 @@ def gate(
     found: list[Breach] = []
     for t in checks:
         for name in [p for p in pairs if t.metric in pairs[p]] if t.pair == "*" else [t.pair]:  # "*": the pairs that have it
-            found.append(t.outcome(pairs[name], floor, strict=strict, pair=name))
+            rows = (run_rows[name], run_rows[run.noise_floor]) if t.kind == "max_x_floor" else None  # paired by prompt
+            found.append(t.outcome(pairs[name], floor, strict=strict, pair=name, rows=rows))
     if baseline is not None:
         for name, agg in pairs.items():
             if name not in base_pairs:  # a new variant; or a renamed one, which --strict does not let pass unchecked

@@ -35,7 +35,7 @@ class Breach:
     limit: float
     rule: str  # e.g. "<= 40 x floor", "+10% vs baseline"
     baseline: float | None = None
-    noise: float | None = None  # the combined standard error it was judged against
+    noise: float | None = None  # the standard error it was judged against (of value − limit)
     within_noise: bool = False
     passed: bool = False  # a check that held (the verdict lists them too: what was checked, against what)
 
@@ -94,18 +94,23 @@ class Threshold:
     def rule(self) -> str:
         return {"min": f">= {self.bound:g}", "max": f"<= {self.bound:g}", "max_x_floor": f"<= {self.bound:g} x floor"}[self.kind]
 
-    def breach(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None) -> Breach | None:
+    def breach(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None,
+               rows: tuple[list[dict], list[dict]] | None = None) -> Breach | None:  # fmt: skip
         """`pair`: the candidate these aggregates are of (a "*" limit applies to each pair; its breach names it)."""
-        out = self.outcome(aggregates, floor, strict=strict, pair=pair)
+        out = self.outcome(aggregates, floor, strict=strict, pair=pair, rows=rows)
         return None if out.passed else out
 
-    def outcome(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None) -> Breach:
-        """The check on one pair, passed or not."""
+    def outcome(self, aggregates: dict, floor: dict | None, *, strict: bool = False, pair: str | None = None,
+                rows: tuple[list[dict], list[dict]] | None = None) -> Breach:  # fmt: skip
+        """The check on one pair, passed or not. `rows`: this pair's per-prompt rows and the floor pair's, for a
+        `max_x_floor` band of value − bound × floor paired by prompt (the two pairs of one run share its prompts)."""
         value = float(aggregates[self.metric])
         se = standard_error(aggregates, self.metric)
         if self.kind == "max_x_floor":
-            limit = self.bound * float(floor[self.metric])
-            se = _combined(se, None if (f := standard_error(floor, self.metric)) is None else self.bound * f)
+            ref = float(floor[self.metric])
+            limit = self.bound * ref
+            paired = paired_error(self.metric, *rows, self.bound, value=value, ref=ref) if rows is not None else None
+            se = paired if paired is not None else _combined(se, None if (f := standard_error(floor, self.metric)) is None else self.bound * f)
         else:
             limit = self.bound
         bad = value < limit if self.kind == "min" else value > limit
@@ -150,8 +155,9 @@ class Regression:
     def rule(self) -> str:
         return f"{'+' if self.sign > 0 else '-'}{self.amount:g}{'%' if self.relative else ''} vs baseline"
 
-    def breach(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False) -> Breach | None:
-        out = self.outcome(pair, aggregates, base, strict=strict)
+    def breach(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False,
+               rows: tuple[list[dict], list[dict]] | None = None) -> Breach | None:  # fmt: skip
+        out = self.outcome(pair, aggregates, base, strict=strict, rows=rows)
         return None if out.passed else out
 
     def outcome(self, pair: str, aggregates: dict, base: dict, *, strict: bool = False,
@@ -180,20 +186,23 @@ PAIRED = {"kl_mean": "kl_mean", "kl_rev_mean": "kl_rev_mean", "js_mean": "js_mea
 
 def paired_error(metric: str, rows: list[dict], base_rows: list[dict], scale: float, *, value: float = math.nan,
                  ref: float = math.nan) -> float | None:  # fmt: skip
-    """The standard error of (run's metric − scale × baseline's), both means over the positions of the same prompts,
+    """The standard error of (a pair's metric − scale × another's), both means over the positions of the same prompts
+    (`rows`, `base_rows`: their per-prompt rows; the other pair is the baseline's, or the run's noise-floor pair),
     paired by prompt: √(G/(G−1) Σ_g (n_g (a_g − scale·b_g) − n_g D)²) / N, D the difference over all N positions, G
     prompts (cluster-robust, as aggregate.clustered_se). ppl_ratio = e^(mean ln ratio): its rows' ln ratios weighted
-    by the run's `value` and scale × the baseline's `ref` (d e^x = e^x dx). A regression is judged against the baseline on the same
-    prompts, whose hard prompts are hard for both builds: the two means move together, and their standard errors
-    combined as if independent make a band several times too wide. None where it cannot be paired: a metric that is
+    by this pair's `value` and scale × the other's `ref` (d e^x = e^x dx). A prompt hard for one build is hard for
+    the other: the two means move together, and their standard errors combined as if independent make a band several
+    times too wide. None where it cannot be paired: a metric that is
     not such a mean (PAIRED), rows missing (an older record), other prompts or other positions per prompt, fewer than
-    2 prompts, or a value that is not finite."""
+    aggregate.MIN_PROMPTS prompts (a cluster-robust error from few is itself noisy), or a value that is not finite."""
+    from harness.aggregate import MIN_PROMPTS  # numpy and scipy: not at import
+
     key = PAIRED.get(metric)
     if key is None or not rows or not base_rows:
         return None
     a = {r["prompt"]: (r.get("positions"), r.get(key)) for r in rows}
     b = {r["prompt"]: (r.get("positions"), r.get(key)) for r in base_rows}
-    if a.keys() != b.keys() or len(a) < 2 or len(a) != len(rows) or len(b) != len(base_rows) or any(a[p][0] != b[p][0] for p in a):
+    if a.keys() != b.keys() or len(a) < MIN_PROMPTS or len(a) != len(rows) or len(b) != len(base_rows) or any(a[p][0] != b[p][0] for p in a):
         return None
     n = [a[p][0] for p in a]
     if any(not isinstance(x, (int, float)) or not math.isfinite(x) for p in a for x in (a[p][1], b[p][1])) or not all(n):

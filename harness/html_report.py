@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import charts, records
+from harness import aggregate, charts, records
 from harness.charts import PALETTE, cdf_svg, decades, depth_svg, exponent, heat, hist_svg
 from harness.check import ABSENT, VERSION_KEYS
 from harness.llama_report import LLAMA_ROWS
@@ -95,11 +95,11 @@ SUMMARY_HEAD = [  # (aggregate key, header, format)
 ]  # fmt: skip
 SUMMARY_TITLES = {  # each header's tooltip
     "positions": "scored positions compared", "kl_mean": "mean KL(reference ‖ candidate) per position, nats",
-    "kl_mean_se": "standard error of the mean KL, over prompts", "kl_median": "median KL", "kl_p99": "99th percentile of KL",
+    "kl_mean_se": "standard error of the mean KL", "kl_median": "median KL", "kl_p99": "99th percentile of KL",
     "kl_max": "largest KL of one position", "kl_rev_mean": "mean KL(candidate ‖ reference), nats",
     "js_mean": "mean Jensen-Shannon divergence, nats", "tv_mean": "mean total variation distance",
     "top1_agree": "fraction of positions where both models' most likely token is the same",
-    "top1_agree_se": "standard error of the top-1 agreement, over prompts", "top5_overlap": "mean share of the reference's top 5 in the candidate's top 5",
+    "top1_agree_se": "standard error of the top-1 agreement", "top5_overlap": "mean share of the reference's top 5 in the candidate's top 5",
     "delta_p_rms": "RMS of the change in the probability of the text's next token", "ppl_ref": "the reference's perplexity on the text",
     "ppl_cand": "the candidate's perplexity on the text", "ppl_ratio": "PPL cand over PPL ref",
     "kl_floor_multiple": "mean KL over the noise-floor pair's mean KL",
@@ -107,15 +107,23 @@ SUMMARY_TITLES = {  # each header's tooltip
 
 
 def summary_value(a: dict, key: str):
-    """A pair's aggregate as the summary shows it: a standard error over prompts where the record has one (a record
-    from before 2026-12-07 has the per-position one only)."""
-    return a.get(f"{key}_prompts", a.get(key)) if key.endswith("_se") else a.get(key)
+    """A pair's aggregate as the summary shows it: a standard error over prompts where the record has a finite one (a
+    record from before 2026-12-07 has the per-position one only)."""
+    v = a.get(f"{key}_prompts") if key.endswith("_se") else None
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else a.get(key)
+
+
+def over_prompts(record: records.RunRecord) -> bool:
+    """Whether the summary's ± are over prompts (summary_value): in a record of 2026-12-07 or later."""
+    return any(isinstance(v := p.aggregates.get("kl_mean_se_prompts"), (int, float)) and math.isfinite(v) for p in record.pairs)
 
 
 def summary_table(record: records.RunRecord) -> str:
     head = SUMMARY_HEAD + ([("kl_floor_multiple", "× floor", ".3g")] if record.noise_floor else [])
     rows = ['<div class=wide><table class="sortable" id="summary"><thead><tr><th data-type="text">candidate</th>']
-    rows += [f"<th title=\"{_e(SUMMARY_TITLES.get(k, ''))}\">{_e(h)}</th>" for k, h, _ in head]
+    over = over_prompts(record)
+    titles = {k: t + (", over prompts" if over and k.endswith("_se") else "") for k, t in SUMMARY_TITLES.items()}
+    rows += [f"<th title=\"{_e(titles.get(k, ''))}\">{_e(h)}</th>" for k, h, _ in head]
     rows.append("</tr></thead><tbody>")
     for p in record.pairs:
         floor = p.candidate == record.noise_floor
@@ -129,8 +137,9 @@ def summary_table(record: records.RunRecord) -> str:
         rows.append(f'<tr class="{"floor" if floor else ""}">{"".join(cells)}</tr>')
     rows.append("</tbody></table></div>")
     floor = "; × floor: mean KL over the noise-floor pair's" if record.noise_floor else ""
-    over = (" over prompts (the positions of one prompt are not independent: llama.cpp's per-position ones, smaller, are "
-            "<a href=\"#llama\">in its terms</a> below)" if any("kl_mean_se_prompts" in p.aggregates for p in record.pairs) else "")
+    over = (" over prompts (the positions of one prompt are not independent; from fewer than "
+            f"{aggregate.MIN_PROMPTS} prompts, the larger of that and the per-position one), where llama.cpp's "
+            "<a href=\"#llama\">in its terms</a> below are per position" if over else "")
     rows.append(f"<p class=small>KL, rev. KL (candidate ‖ reference) and JS in nats; TV, agreements, overlaps and Δp RMS as "
                 f"fractions; ± se: standard errors{over}{floor}. <span class=js>Click a column (or Enter on it) to sort.</span></p>")
     return "".join(rows) + cross_vocab_note(record)

@@ -59,24 +59,32 @@ def summary_columns(record: records.RunRecord) -> list[str]:
 
 
 def add_floor(pairs: list[PairResult], floor: str | None) -> str | None:
-    """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place), with its standard errors (per
-    position, and over prompts where the pairs have them): both means' relative errors combined (delta method for a ratio, the two taken as independent, as a `max_x_floor`
-    limit combines them; the floor pair's own multiple is 1 exactly). Returns a warning where the floor's mean KL is
-    0 (then every multiple is NaN)."""
+    """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place), with its standard errors: per
+    position, both means' relative errors combined (delta method for a ratio, the two taken as independent); over
+    prompts, the difference A − multiple·F paired by prompt over F (gate_checks.paired_error, as a `max_x_floor` limit's
+    band), or where the pairs do not pair (a cross_vocab pair, fewer than aggregate.MIN_PROMPTS prompts) their errors
+    over prompts combined as the per-position ones. The floor pair's own multiple is 1 exactly. Returns a warning where
+    the floor's mean KL is 0 (then every multiple is NaN)."""
     if floor is None:
         return None
-    f = next(p for p in pairs if p.candidate == floor).aggregates
+    from harness.gate_checks import paired_error
+
+    floor_pair = next(p for p in pairs if p.candidate == floor)
+    f = floor_pair.aggregates
     base = f["kl_mean"]
     for p in pairs:
         a = p.aggregates
-        a["kl_floor_multiple"] = a["kl_mean"] / base if base > 0 else math.nan
+        a["kl_floor_multiple"] = r = a["kl_mean"] / base if base > 0 else math.nan
         for suffix in ("_se", "_se_prompts"):  # per position (llama.cpp's), and over prompts
             if f"kl_mean{suffix}" not in f:
                 continue
             base_rel = f[f"kl_mean{suffix}"] / base if base > 0 else math.nan
             rel = a.get(f"kl_mean{suffix}", math.nan) / a["kl_mean"] if a["kl_mean"] > 0 else math.nan
             same = p.candidate == floor and base > 0
-            a[f"kl_floor_multiple{suffix}"] = 0.0 if same else a["kl_floor_multiple"] * math.hypot(rel, base_rel)
+            a[f"kl_floor_multiple{suffix}"] = 0.0 if same else r * math.hypot(rel, base_rel)
+        # over prompts, where they pair (one run's pairs share its prompts): se(A/F) = se(A − r·F) / F, delta method
+        if p.candidate != floor and base > 0 and (paired := paired_error("kl_mean", p.prompts, floor_pair.prompts, r)) is not None:
+            a["kl_floor_multiple_se_prompts"] = paired / base
     if base > 0:
         return None
     return (f"the noise floor pair {floor!r} has mean KL {base}: it gives the reference's distributions exactly, so no "

@@ -112,7 +112,7 @@ def test_standard_errors_over_prompts():
     """`*_se_prompts`: the cluster-robust standard error by prompt, against the loop over prompts (prompts of unequal
     length); the RMS Δp's by the delta method, as the per-position one. Where each prompt has a level of its own, the
     per-position one (llama.cpp's) is much smaller; and over 300 runs of new prompts, the spread of the mean KL is the
-    one over prompts (within 15%), not the per-position one. One prompt: NaN."""
+    one over prompts (within 15%), not the per-position one. From fewer than 10 prompts, the larger of the two."""
     rng = np.random.default_rng(6)
     prompt = np.repeat(np.arange(40), rng.integers(10, 90, 40))
     m = _pair_metrics(rng, prompt)
@@ -133,7 +133,14 @@ def test_standard_errors_over_prompts():
         ses.append(a["kl_mean_se_prompts"])
     assert np.mean(ses) == pytest.approx(np.std(means, ddof=1), rel=0.15)
     one = aggregate.pair_aggregates(_pair_metrics(rng, np.zeros(50, int)), np.zeros(50, int), ks=(), resamples=0, seed=0)
-    assert math.isnan(one["kl_mean_se_prompts"]) and math.isfinite(one["kl_mean_se"])
+    assert one["kl_mean_se_prompts"] == one["kl_mean_se"] and math.isfinite(one["kl_mean_se"])  # one prompt: per position
+    # fewer than MIN_PROMPTS prompts: the larger of the two (CR1 from 3 clusters is noisy, and often too small)
+    few = np.repeat(np.arange(3), 40)
+    m = _pair_metrics(rng, few)
+    a = aggregate.pair_aggregates(m, few, ks=(), resamples=0, seed=0)
+    for key, x in (("kl_mean", m["kl"]), ("top1_agree", m["top1_agree"].astype(np.float64)), ("ln_ppl_ratio", m["nll_cand"] - m["nll_ref"])):
+        assert a[f"{key}_se_prompts"] == pytest.approx(max(_cr1(x, few), a[f"{key}_se"]), rel=1e-9), key
+    assert aggregate.MIN_PROMPTS == 10
 
 
 def test_depth_bins_against_numpy_and_scipy():

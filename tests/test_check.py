@@ -572,8 +572,46 @@ def test_a_regression_is_judged_by_the_difference_paired_by_prompt():
     want = math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(x * x for x in sums)) / len(diff)
     got = gate_checks.paired_error("ppl_ratio", rows_a, rows_b, 1.01, value=a["ppl_ratio"], ref=b["ppl_ratio"])
     assert got == pytest.approx(want, rel=1e-9)
-    flip = gate_checks.paired_error("flip_rate", rows_a, rows_b, 1.0)
-    assert flip == gate_checks.paired_error("top1_agree", rows_a, rows_b, 1.0) and flip > 0
+
+
+def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
+    """A pair and the noise-floor pair of one run share its prompts: `max_x_floor: B` is judged by the standard error
+    of value − B·floor paired by prompt (the loop over the positions' differences, by hand), and kl_floor_multiple's
+    over prompts is that of A − r·F over F (delta method for the ratio r = A/F). Both far below the two errors
+    combined as if independent. From fewer than aggregate.MIN_PROMPTS prompts nothing is paired."""
+    from harness import aggregate, report
+    from harness.compare import PairResult
+
+    rng = np.random.default_rng(9)
+    prompt = np.repeat(np.arange(30), rng.integers(20, 60, 30))
+    names = [f"p{i}" for i in range(30)]
+    level = rng.normal(0, 1, 30)
+    m = {name: _build(rng, prompt, level, drift) for name, drift in (("bf16", 0.05), ("int4", 1.0))}
+    results = [PairResult("ref", name, aggregate.pair_aggregates(x, prompt, ks=(), resamples=0, seed=0), aggregate.per_prompt(x, prompt, names), {})
+               for name, x in m.items()]  # fmt: skip
+    report.add_floor(results, "bf16")
+    floor, pair = results[0].aggregates, results[1].aggregates
+    groups = sorted(set(prompt.tolist()))
+
+    def by_hand(diff):
+        sums = [math.fsum(diff[prompt == g] - diff.mean()) for g in groups]
+        return math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(x * x for x in sums)) / len(diff)
+
+    r = pair["kl_floor_multiple"]
+    assert pair["kl_floor_multiple_se_prompts"] == pytest.approx(by_hand(m["int4"]["kl"] - r * m["bf16"]["kl"]) / floor["kl_mean"], rel=1e-9)
+    bound = r * 0.98  # a 2% breach
+    run = _run({"bf16": floor, "int4": pair}, {"int4": {"kl_mean": {"max_x_floor": bound}}})
+    run.pairs[0].prompts, run.pairs[1].prompts = results[0].prompts, results[1].prompts
+    v = check.gate(run)
+    band = by_hand(m["int4"]["kl"] - bound * m["bf16"]["kl"])
+    assert v["verdict"] == "fail" and v["breaches"][0]["noise"] == pytest.approx(band, rel=1e-9)
+    assert math.hypot(pair["kl_mean_se_prompts"], bound * floor["kl_mean_se_prompts"]) > 3 * band
+    few = [row for row in results[1].prompts][: aggregate.MIN_PROMPTS - 1]
+    assert gate_checks.paired_error("kl_mean", few, results[0].prompts[: aggregate.MIN_PROMPTS - 1], 1.0) is None
+    # flip_rate through the top-1 rows, a relative limit (scale 1.2): the flips' own differences, by hand
+    flips = [1 - x["top1_agree"].astype(float) for x in (m["int4"], m["bf16"])]
+    got = gate_checks.paired_error("flip_rate", results[1].prompts, results[0].prompts, 1.2)
+    assert got == pytest.approx(by_hand(flips[0] - 1.2 * flips[1]), rel=1e-9)
 
 
 def test_a_baseline_without_input_fingerprints_is_compared_with_a_warning():

@@ -384,6 +384,10 @@ def test_every_pair_aggregate_by_hand(seed):
     want |= {"top1_agree_se_prompts": over_prompts(m["top1_agree"].astype(float)), "ln_ppl_ratio_se_prompts": over_prompts(d)}
     for name in ("delta_p", "delta_p_top"):
         want[f"{name}_rms_se_prompts"] = over_prompts(m[name] ** 2) / (2 * want[f"{name}_rms"])
+    ppl_r, ppl_c = math.exp(math.fsum(nll_r) / n), math.exp(math.fsum(nll_c) / n)
+    want |= {"ppl_ref_se_prompts": ppl_r * over_prompts(nll_r), "ppl_cand_se_prompts": ppl_c * over_prompts(nll_c),
+             "ppl_ratio_se_prompts": want["ppl_ratio"] * over_prompts(d), "ppl_diff_se_prompts": over_prompts(ppl_c * nll_c - ppl_r * nll_r)}  # fmt: skip
+    assert len(groups) >= aggregate.MIN_PROMPTS  # else each is the larger of this and the per-position one
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=0), key
     finite, kept, pad = rng.integers(1, 50, n), rng.random(n), rng.random(n) * 1e-5

@@ -215,13 +215,14 @@ def _exact(ref, cand, target):
             "entropy_ref": -(p * lp).sum(-1), "entropy_cand": -(q * lq).sum(-1)}  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["float64_only", "unnormalised", "-inf in both", "-inf in the reference"])
+@pytest.mark.parametrize("case", ["float64_only", "unnormalised", "-inf in both", "-inf in the reference", "-inf in the candidate", "far apart"])
 def test_a_kl_of_1e_12_through_the_float64_kernel(case):
     """KL ~ 1e-13 to 1e-11 nats (float32 rows a few ulp apart) through the float64 kernel, which takes rows with -inf,
     unnormalised ones, and every row with float64_only: KL, KL_rev and JS within 1e-6 relative of _exact, no absolute
     slack. Summed as Σ p·d − (ln Z_p − ln Z_q), an error of 1e-16 in a normaliser moved KL by 1e-16 x 20: 7e-3
     relative at 2.4e-13. A column -inf in both rows: _exact of the rows without it. -inf in the reference's only:
-    KL(p ‖ q) = KL(p ‖ q renormalised without it) − ln(1 − q_j), KL_rev +inf."""
+    KL(p ‖ q) = KL(p ‖ q renormalised without it) − ln(1 − q_j), KL_rev +inf; in the candidate's only, the same the
+    other way. Far apart: -inf in both and the reference's top 40 columns 1 nat apart (the kernel's |d| > 0.2 form beside the series)."""
     gen = torch.Generator().manual_seed(21)
     ref = torch.log_softmax(bench.realistic_logits(4, WIDE, seed=22), -1)
     cand = ref + 1e-6 * torch.randn(ref.shape, generator=gen)
@@ -232,16 +233,27 @@ def test_a_kl_of_1e_12_through_the_float64_kernel(case):
         ref[:, 100], cand[:, 100] = -torch.inf, -torch.inf
     if case == "-inf in the reference":
         ref[:, 100], cand[:, 100] = -torch.inf, ref[:, 0] - 30  # q_j ~ e^-30 of the top: KL stays tiny
+    if case == "-inf in the candidate":
+        ref[:, 100], cand[:, 100] = cand[:, 0] - 30, -torch.inf
+    if case == "far apart":
+        ref[:, 100], cand[:, 100] = -torch.inf, -torch.inf
+        cand.scatter_add_(1, ref.topk(40, dim=-1).indices, torch.ones(4, 40))  # the reference's top 40, where its mass is
     got = metrics_fused.fused_position_metrics(ref, cand, target, float64_only=case == "float64_only")
     keep = torch.arange(WIDE) != 100
-    want = _exact(ref[:, keep], cand[:, keep], target) if case.startswith("-inf") else _exact(ref, cand, target)
+    want = _exact(ref[:, keep], cand[:, keep], target) if case.startswith("-inf") or case == "far apart" else _exact(ref, cand, target)
     keys = ("kl", "kl_rev", "js")
     if case == "-inf in the reference":
         lq = cand.double() - torch.logsumexp(cand.double(), -1, keepdim=True)
         want = {"kl": want["kl"] - torch.log1p(-lq[:, 100].exp())}
         keys = ("kl",)
         assert torch.isinf(got["kl_rev"]).all()
-    assert 1e-14 < float(want["kl"].min()) and float(want["kl"].max()) < 1e-10
+    if case == "-inf in the candidate":
+        lp = ref.double() - torch.logsumexp(ref.double(), -1, keepdim=True)
+        want = {"kl_rev": want["kl_rev"] - torch.log1p(-lp[:, 100].exp()), "kl": want["kl"]}
+        keys = ("kl_rev",)
+        assert torch.isinf(got["kl"]).all()
+    tiny = want["kl_rev" if case == "-inf in the candidate" else "kl"]
+    assert (1e-14 < float(tiny.min()) and float(tiny.max()) < 1e-10) if case != "far apart" else float(tiny.min()) > 1e-6
     for key in keys:
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0.0, msg=lambda m: f"{key}: {m}")
 
