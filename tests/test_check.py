@@ -578,7 +578,8 @@ def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
     """A pair and the noise-floor pair of one run share its prompts: `max_x_floor: B` is judged by the standard error
     of value − B·floor paired by prompt (the loop over the positions' differences, by hand), and kl_floor_multiple's
     over prompts is that of A − r·F over F (delta method for the ratio r = A/F). Both far below the two errors
-    combined as if independent. From fewer than aggregate.MIN_PROMPTS prompts nothing is paired."""
+    combined as if independent. From fewer than aggregate.MIN_PROMPTS prompts nothing is paired. A relative --fail on
+    a negative baseline, and flip_rate through the top-1 rows with a relative limit, against their own differences."""
     from harness import aggregate, report
     from harness.compare import PairResult
 
@@ -608,6 +609,13 @@ def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
     assert math.hypot(pair["kl_mean_se_prompts"], bound * floor["kl_mean_se_prompts"]) > 3 * band
     few = [row for row in results[1].prompts][: aggregate.MIN_PROMPTS - 1]
     assert gate_checks.paired_error("kl_mean", few, results[0].prompts[: aggregate.MIN_PROMPTS - 1], 1.0) is None
+    # a relative limit on a negative baseline: delta_p_mean:+10% allows ref + 10% of |ref| = 0.9 x ref, so its band is
+    # that of A − 0.9·B
+    dp = [x["delta_p"] - 0.01 for x in (m["int4"], m["bf16"])]
+    rows = [[r | {"delta_p_mean": float(x[prompt == i].mean())} for i, r in enumerate(res.prompts)] for x, res in zip(dp, results[::-1])]
+    b = Regression.parse("delta_p_mean:+10%").outcome("int4", {"delta_p_mean": dp[0].mean()}, {"delta_p_mean": dp[1].mean()}, rows=tuple(rows))
+    assert dp[1].mean() < 0 and b.limit == pytest.approx(0.9 * dp[1].mean(), rel=1e-12)
+    assert b.noise == pytest.approx(by_hand(dp[0] - 0.9 * dp[1]), rel=1e-9)
     # flip_rate through the top-1 rows, a relative limit (scale 1.2): the flips' own differences, by hand
     flips = [1 - x["top1_agree"].astype(float) for x in (m["int4"], m["bf16"])]
     got = gate_checks.paired_error("flip_rate", results[1].prompts, results[0].prompts, 1.2)
