@@ -6,7 +6,7 @@ Means carry a standard error (sample std / √n), proportions a binomial one (�
 is the same with the 0/1 hits as the sample, and llama.cpp's "Same top p" ±): llama.cpp's, which take the
 positions as independent. They are not: the positions of one prompt share its text and context, so the
 headline means also carry a standard error over prompts (`*_se_prompts`, cluster-robust by prompt), 1.3 to
-2.3 times larger on the default run, which the summary shows and the gate judges noise by; and the mean
+3 times larger on the default run, which the summary shows and the gate judges noise by; and the mean
 KL and the top-1 agreement a bootstrap confidence interval that resamples prompts. Everything is
 deterministic for a seed.
 """
@@ -110,7 +110,7 @@ def _clustered_or_nan(x: np.ndarray, cluster: np.ndarray) -> float:
 
 
 # from fewer prompts, a standard error over prompts is the larger of it and the per-position one: the cluster-robust
-# estimate then has few degrees of freedom (G − 1), and from 2 prompts it is under half the truth half the time
+# estimate then has few degrees of freedom (G − 1), and from 2 prompts it is half the time under two-thirds of the truth
 MIN_PROMPTS = 10
 
 

@@ -5,7 +5,8 @@
 `Threshold` is one bound of the config's `gate:` (`min`, `max`, `max_x_floor`: a multiple of the noise-floor pair's
 value); `Regression` is one `--fail METRIC:[+|-]AMOUNT[%]` against the baseline's pair. A check that breaks its limit by
 less than the standard error of the numbers it compares (`standard_error`: over prompts where the record has it;
-against a baseline, `paired_error`, of the difference paired by prompt, where it can be) is "within noise" unless strict. `harness.check`
+against a baseline or the noise-floor pair, `paired_error`, of the difference paired by prompt, where it can be) is
+"within noise" unless strict. `harness.check`
 runs them on a run and gives the verdict.
 """
 
@@ -193,16 +194,15 @@ def paired_error(metric: str, rows: list[dict], base_rows: list[dict], scale: fl
     by this pair's `value` and scale × the other's `ref` (d e^x = e^x dx). A prompt hard for one build is hard for
     the other: the two means move together, and their standard errors combined as if independent make a band several
     times too wide. None where it cannot be paired: a metric that is
-    not such a mean (PAIRED), rows missing (an older record), other prompts or other positions per prompt, fewer than
-    aggregate.MIN_PROMPTS prompts (a cluster-robust error from few is itself noisy), or a value that is not finite."""
-    from harness.aggregate import MIN_PROMPTS  # numpy and scipy: not at import
-
+    not such a mean (PAIRED), rows missing (an older record), other prompts or other positions per prompt, one prompt,
+    or a value that is not finite. From 2 prompts on, unlike the record's own errors over prompts (aggregate.MIN_PROMPTS):
+    a band from few prompts is itself noisy, but the combined one instead is the lenient side, several times too wide."""
     key = PAIRED.get(metric)
     if key is None or not rows or not base_rows:
         return None
     a = {r["prompt"]: (r.get("positions"), r.get(key)) for r in rows}
     b = {r["prompt"]: (r.get("positions"), r.get(key)) for r in base_rows}
-    if a.keys() != b.keys() or len(a) < MIN_PROMPTS or len(a) != len(rows) or len(b) != len(base_rows) or any(a[p][0] != b[p][0] for p in a):
+    if a.keys() != b.keys() or len(a) < 2 or len(a) != len(rows) or len(b) != len(base_rows) or any(a[p][0] != b[p][0] for p in a):
         return None
     n = [a[p][0] for p in a]
     if any(not isinstance(x, (int, float)) or not math.isfinite(x) for p in a for x in (a[p][1], b[p][1])) or not all(n):

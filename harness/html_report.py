@@ -114,8 +114,10 @@ def summary_value(a: dict, key: str):
 
 
 def over_prompts(record: records.RunRecord) -> bool:
-    """Whether the summary's ± are over prompts (summary_value): in a record of 2026-12-07 or later."""
-    return any(isinstance(v := p.aggregates.get("kl_mean_se_prompts"), (int, float)) and math.isfinite(v) for p in record.pairs)
+    """Whether the summary's ± are over prompts (summary_value): in a record of 2026-12-07 or later, of 2 prompts or
+    more (from one, they are the per-position ones)."""
+    return any(isinstance(v := p.aggregates.get("kl_mean_se_prompts"), (int, float)) and math.isfinite(v) and len(p.prompts) > 1
+               for p in record.pairs)  # fmt: skip
 
 
 def summary_table(record: records.RunRecord) -> str:
@@ -138,8 +140,8 @@ def summary_table(record: records.RunRecord) -> str:
     rows.append("</tbody></table></div>")
     floor = "; × floor: mean KL over the noise-floor pair's" if record.noise_floor else ""
     over = (" over prompts (the positions of one prompt are not independent; from fewer than "
-            f"{aggregate.MIN_PROMPTS} prompts, the larger of that and the per-position one), where llama.cpp's "
-            "<a href=\"#llama\">in its terms</a> below are per position" if over else "")
+            f"{aggregate.MIN_PROMPTS} prompts, the larger of that and the per-position one); llama.cpp's, "
+            "<a href=\"#llama\">in its terms</a> below, are per position" if over else "")
     rows.append(f"<p class=small>KL, rev. KL (candidate ‖ reference) and JS in nats; TV, agreements, overlaps and Δp RMS as "
                 f"fractions; ± se: standard errors{over}{floor}. <span class=js>Click a column (or Enter on it) to sort.</span></p>")
     return "".join(rows) + cross_vocab_note(record)

@@ -62,7 +62,7 @@ def add_floor(pairs: list[PairResult], floor: str | None) -> str | None:
     """Gives every pair's mean KL as a multiple of the noise-floor pair's (in place), with its standard errors: per
     position, both means' relative errors combined (delta method for a ratio, the two taken as independent); over
     prompts, the difference A − multiple·F paired by prompt over F (gate_checks.paired_error, as a `max_x_floor` limit's
-    band), or where the pairs do not pair (a cross_vocab pair, fewer than aggregate.MIN_PROMPTS prompts) their errors
+    band), or where the pairs do not pair (a cross_vocab pair, one prompt) their errors
     over prompts combined as the per-position ones. The floor pair's own multiple is 1 exactly. Returns a warning where
     the floor's mean KL is 0 (then every multiple is NaN)."""
     if floor is None:

@@ -140,6 +140,14 @@ def test_standard_errors_over_prompts():
     a = aggregate.pair_aggregates(m, few, ks=(), resamples=0, seed=0)
     for key, x in (("kl_mean", m["kl"]), ("top1_agree", m["top1_agree"].astype(np.float64)), ("ln_ppl_ratio", m["nll_cand"] - m["nll_ref"])):
         assert a[f"{key}_se_prompts"] == pytest.approx(max(_cr1(x, few), a[f"{key}_se"]), rel=1e-9), key
+    # the boundary: prompts whose means are all equal have CR1 = 0; from 10 prompts that is the error, from 9 the
+    # per-position one
+    for g, want_pos in ((10, False), (9, True)):
+        prompt = np.repeat(np.arange(g), 20)
+        m = _pair_metrics(rng, prompt)
+        m["kl"] = np.tile(rng.lognormal(-7, 1, 20), g)  # each prompt the same 20 values
+        a = aggregate.pair_aggregates(m, prompt, ks=(), resamples=0, seed=0)
+        assert a["kl_mean_se_prompts"] == (a["kl_mean_se"] if want_pos else pytest.approx(0, abs=1e-18)), g
     assert aggregate.MIN_PROMPTS == 10
 
 

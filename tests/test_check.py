@@ -574,11 +574,30 @@ def test_a_regression_is_judged_by_the_difference_paired_by_prompt():
     assert got == pytest.approx(want, rel=1e-9)
 
 
+def test_a_regression_over_a_few_prompts_is_paired_too():
+    """Below aggregate.MIN_PROMPTS (10) the record's own errors over prompts are the larger of CR1 and the per-position
+    one, but a --fail band is still paired from 2 prompts: combining the two errors is the lenient side, and over 6
+    prompts it calls a 15% rise against kl_mean:+10% within noise, where the paired band fails it."""
+    from harness import aggregate
+
+    rng = np.random.default_rng(10)
+    prompt = np.repeat(np.arange(6), 200)
+    names = [f"p{i}" for i in range(6)]
+    level = rng.normal(0, 1, 6)
+    (ma, mb) = (_build(rng, prompt, level, drift) for drift in (1.15, 1.0))
+    a, b = (aggregate.pair_aggregates(m, prompt, ks=(), resamples=0, seed=0) for m in (ma, mb))
+    run, base = _run({"int4": a}), _run({"int4": b}, run_id="base")
+    run.pairs[0].prompts, base.pairs[0].prompts = aggregate.per_prompt(ma, prompt, names), aggregate.per_prompt(mb, prompt, names)
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    combined = math.hypot(a["kl_mean_se_prompts"], 1.1 * b["kl_mean_se_prompts"])
+    assert v["verdict"] == "fail" and v["breaches"][0]["noise"] < a["kl_mean"] - 1.1 * b["kl_mean"] < combined
+
+
 def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
     """A pair and the noise-floor pair of one run share its prompts: `max_x_floor: B` is judged by the standard error
     of value − B·floor paired by prompt (the loop over the positions' differences, by hand), and kl_floor_multiple's
     over prompts is that of A − r·F over F (delta method for the ratio r = A/F). Both far below the two errors
-    combined as if independent. From fewer than aggregate.MIN_PROMPTS prompts nothing is paired. A relative --fail on
+    combined as if independent. One prompt, or a prompt twice: nothing is paired. A relative --fail on
     a negative baseline, and flip_rate through the top-1 rows with a relative limit, against their own differences."""
     from harness import aggregate, report
     from harness.compare import PairResult
@@ -607,8 +626,10 @@ def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
     band = by_hand(m["int4"]["kl"] - bound * m["bf16"]["kl"])
     assert v["verdict"] == "fail" and v["breaches"][0]["noise"] == pytest.approx(band, rel=1e-9)
     assert math.hypot(pair["kl_mean_se_prompts"], bound * floor["kl_mean_se_prompts"]) > 3 * band
-    few = [row for row in results[1].prompts][: aggregate.MIN_PROMPTS - 1]
-    assert gate_checks.paired_error("kl_mean", few, results[0].prompts[: aggregate.MIN_PROMPTS - 1], 1.0) is None
+    one = (results[1].prompts[:1], results[0].prompts[:1])
+    assert gate_checks.paired_error("kl_mean", *one, 1.0) is None  # one prompt: no spread
+    twice = results[1].prompts[:5] + results[1].prompts[4:5]  # a prompt twice: not rows of one run
+    assert gate_checks.paired_error("kl_mean", twice, results[0].prompts[:6], 1.0) is None
     # a relative limit on a negative baseline: delta_p_mean:+10% allows ref + 10% of |ref| = 0.9 x ref, so its band is
     # that of A − 0.9·B
     dp = [x["delta_p"] - 0.01 for x in (m["int4"], m["bf16"])]

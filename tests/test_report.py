@@ -622,6 +622,38 @@ def test_a_failed_run_renders_its_error(browser, micro_run, tmp_path):
     assert seen["errors"] == []
 
 
+def test_the_summarys_standard_errors_say_what_they_are_over():
+    """The summary's ± cells: the error over prompts where the record has a finite one (its tooltip and footnote say
+    so), else the per-position one with no such claim: a record from before 2026-12-07, a run of one prompt (whose
+    error over prompts is the per-position one), a NaN. Each cell's data-v holds the value shown."""
+    import re
+
+    def record(extra: dict, prompts: int) -> records.RunRecord:
+        agg = {"positions": 40, "kl_mean": 2e-3, "kl_mean_se": 1e-4, "top1_agree": 0.97, "top1_agree_se": 0.003, "by_confidence": []} | extra
+        rows = [{"prompt": f"p{i}", "positions": 40 // prompts} for i in range(prompts)]
+        return records.RunRecord(
+            schema_version=records.SCHEMA_VERSION, run_id="r", status="ok", created_at="2026-12-07T00:00:00Z", config={},
+            noise_floor=None, inputs={}, versions={}, machine={}, variants={"q": {}},
+            pairs=[records.PairRecord(reference="ref", candidate="q", aggregates=agg, prompts=rows, positions_file="-")],
+        )  # fmt: skip
+
+    def shown(rec):
+        page = html_report.summary_table(rec)
+        cells = re.findall(r'<td data-v="([^"]*)">', page)
+        heads = [h for h in re.findall(r"<th[^>]*>([^<]*)</th>", page) if h != "candidate"]
+        return dict(zip(heads, cells[1:])), page
+
+    new = {"kl_mean_se_prompts": 2.5e-4, "top1_agree_se_prompts": 0.006}
+    cells, page = shown(record(new, 8))
+    assert float(cells["KL ± se"]) == 2.5e-4 and float(cells["top-1 ± se"]) == 0.006
+    assert "standard error of the mean KL, over prompts" in page and "standard errors over prompts" in page
+    for rec in (record({}, 8), record(new | {"kl_mean_se_prompts": 1e-4, "top1_agree_se_prompts": 0.003}, 1),
+                record({"kl_mean_se_prompts": math.nan, "top1_agree_se_prompts": math.nan}, 8)):  # fmt: skip
+        cells, page = shown(rec)
+        assert float(cells["KL ± se"]) == 1e-4 and float(cells["top-1 ± se"]) == 0.003
+        assert "over prompts" not in page
+
+
 def test_summary_columns_follow_the_runs_top_k():
     """summary.csv has a topK_overlap column for each K the run measured (metrics.top_k need not hold 5)."""
     from types import SimpleNamespace
