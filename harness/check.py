@@ -9,8 +9,8 @@ Limits (`gate:` in the config) bound any aggregate of a pair by name: `min`, `ma
 `--benchmark-compare-fail` idea) fails a pair whose metric moved past the baseline's by more than
 AMOUNT in the bad direction: `+` an increase (the default), `-` a decrease; `%` relative, else absolute.
 Each limit becomes a check whose `breach()` returns None or a Breach (`harness.gate_checks`). A breach smaller than the
-standard error of the numbers it compares (over prompts; against a baseline, that of the difference paired by prompt
-where it can be) is "within noise" (a warning) unless `strict`.
+standard error of the numbers it compares (over prompts; against a baseline or the noise-floor pair, that of the
+difference paired by prompt where it can be) is "within noise" (a warning) unless `strict`.
 Every breach is printed once as a table; the last line is one JSON verdict, also in `gate.json`, and in the forms CI
 systems read (JUnit XML, Markdown, GitHub annotations: `harness.gate_formats`). Exit 0 pass, 1 fail, 2 a usage or
 config error (GateError).

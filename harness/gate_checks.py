@@ -6,8 +6,7 @@
 value); `Regression` is one `--fail METRIC:[+|-]AMOUNT[%]` against the baseline's pair. A check that breaks its limit by
 less than the standard error of the numbers it compares (`standard_error`: over prompts where the record has it;
 against a baseline or the noise-floor pair, `paired_error`, of the difference paired by prompt, where it can be) is
-"within noise" unless strict. `harness.check`
-runs them on a run and gives the verdict.
+"within noise" unless strict. `harness.check` runs them on a run and gives the verdict.
 """
 
 from __future__ import annotations
@@ -193,10 +192,10 @@ def paired_error(metric: str, rows: list[dict], base_rows: list[dict], scale: fl
     prompts (cluster-robust, as aggregate.clustered_se). ppl_ratio = e^(mean ln ratio): its rows' ln ratios weighted
     by this pair's `value` and scale × the other's `ref` (d e^x = e^x dx). A prompt hard for one build is hard for
     the other: the two means move together, and their standard errors combined as if independent make a band several
-    times too wide. None where it cannot be paired: a metric that is
-    not such a mean (PAIRED), rows missing (an older record), other prompts or other positions per prompt, one prompt,
-    or a value that is not finite. From 2 prompts on, unlike the record's own errors over prompts (aggregate.MIN_PROMPTS):
-    a band from few prompts is itself noisy, but the combined one instead is the lenient side, several times too wide."""
+    times too wide. None where it cannot be paired: a metric that is not such a mean (PAIRED), rows missing (an older
+    record), other prompts or other positions per prompt, one prompt, or a value that is not finite. From 2 prompts on,
+    unlike the record's own errors over prompts (aggregate.MIN_PROMPTS): a band from few prompts is itself noisy, but
+    the combined one instead is the lenient side."""
     key = PAIRED.get(metric)
     if key is None or not rows or not base_rows:
         return None
