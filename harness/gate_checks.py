@@ -38,6 +38,7 @@ class Breach:
     noise: float | None = None  # the standard error it was judged against (of value − limit)
     within_noise: bool = False
     passed: bool = False  # a check that held (the verdict lists them too: what was checked, against what)
+    paired: bool = False  # its noise is the error of value − limit paired by prompt (paired_error)
 
     def line(self) -> str:
         base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
@@ -47,6 +48,8 @@ class Breach:
             limit = f" = {self.limit:g}, from the {'baseline' if self.baseline is not None else 'noise floor'}'s value, which is not finite"
             base = ""
         value = "absent" if self.rule == ABSENT else f"{self.value:.4g}"
+        if self.within_noise and self.noise is not None:  # the band it is within, and what it is the error of
+            verdict += f" (± {self.noise:.2g}{', paired by prompt' if self.paired else ''})"
         return f"{self.pair}: {self.metric} = {value}, limit {self.rule}{limit}{base}: {verdict}"
 
 
@@ -76,9 +79,9 @@ def _combined(*errors: float | None) -> float | None:
     return math.sqrt(sum(e * e for e in errors))
 
 
-def _judge(pair, metric, value, limit, rule, noise, *, baseline=None, strict=False, passed=False) -> Breach:
+def _judge(pair, metric, value, limit, rule, noise, *, baseline=None, strict=False, passed=False, paired=False) -> Breach:
     within = not passed and not strict and noise is not None and abs(value - limit) < noise
-    return Breach(pair, metric, value, limit, rule, baseline, noise, within, passed)
+    return Breach(pair, metric, value, limit, rule, baseline, noise, within, passed, paired)
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,10 @@ class Threshold:
             paired = paired_error(self.metric, *rows, self.bound, value=value, ref=ref) if rows is not None else None
             se = paired if paired is not None else _combined(se, None if (f := standard_error(floor, self.metric)) is None else self.bound * f)
         else:
-            limit = self.bound
+            limit, paired = self.bound, None
         bad = value < limit if self.kind == "min" else value > limit
         passed = not bad and not math.isnan(value) and math.isfinite(limit)  # an inf or NaN floor fails every check
-        return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict, passed=passed)
+        return _judge(pair or self.pair, self.metric, value, limit, self.rule, se, strict=strict, passed=passed, paired=paired is not None)
 
 
 DIVERGENCES = ("kl_", "js_", "tv_")  # aggregates that are 0 only for a pair whose distributions are the same
@@ -171,10 +174,10 @@ class Regression:
         passed = not bad and not math.isnan(value) and math.isfinite(limit)  # an inf or NaN baseline fails every check
         # value − limit = value − scale·ref − constant: relative, |ref| = ref·sign(ref)
         scale = 1 + self.sign * math.copysign(self.amount / 100, ref) if self.relative else 1.0
-        noise = paired_error(self.metric, *rows, scale, value=value, ref=ref) if rows is not None else None
-        if noise is None:
-            noise = _combined(standard_error(aggregates, self.metric), None if (e := standard_error(base, self.metric)) is None else scale * e)
-        return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict, passed=passed)
+        paired = paired_error(self.metric, *rows, scale, value=value, ref=ref) if rows is not None else None
+        noise = paired if paired is not None else _combined(standard_error(aggregates, self.metric),
+                                                            None if (e := standard_error(base, self.metric)) is None else scale * e)  # fmt: skip
+        return _judge(pair, self.metric, value, limit, self.rule, noise, baseline=ref, strict=strict, passed=passed, paired=paired is not None)
 
 
 # the aggregates that are position-weighted means of a per-position value, and the key of that mean in each prompt's

@@ -451,6 +451,10 @@ def test_a_breach_line_states_its_limit_once():
     assert check.Breach("int4", "top1_agree", 0.98, 0.99, ">= 0.99").line() == "int4: top1_agree = 0.98, limit >= 0.99: FAIL"
     assert (check.Breach("int4", "kl_mean", 0.01, 0.008, "<= 40 x floor", within_noise=True).line()
             == "int4: kl_mean = 0.01, limit <= 40 x floor = 0.008: within noise")  # fmt: skip
+    # within noise: the band, and whether it is the error of the difference paired by prompt
+    assert (check.Breach("int4", "kl_mean", 0.0031, 0.003, "+10% vs baseline", 0.0027, 2.6e-4, within_noise=True, paired=True).line()
+            == "int4: kl_mean = 0.0031, limit +10% vs baseline = 0.003 (baseline 0.0027): within noise (± 0.00026, paired by prompt)")  # fmt: skip
+    assert check.Breach("int4", "kl_mean", 0.0031, 0.003, "<= 0.003", noise=2.6e-4, within_noise=True).line().endswith("within noise (± 0.00026)")
 
 
 def test_a_nan_metric_fails_its_limit():
@@ -560,9 +564,11 @@ def test_a_regression_is_judged_by_the_difference_paired_by_prompt():
     v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert a["kl_mean"] > 1.1 * b["kl_mean"] and v["verdict"] == "fail" and v["breaches"][0]["noise"] == pytest.approx(got, rel=1e-12)
     assert a["kl_mean"] - 1.1 * b["kl_mean"] < combined  # within the old band
+    assert v["breaches"][0]["paired"]
     base.pairs[0].prompts = rows_b[1:]  # a prompt fewer: not paired
     v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
     assert v["verdict"] == "pass" and v["within_noise"][0]["noise"] == pytest.approx(combined, rel=1e-12)
+    assert not v["within_noise"][0]["paired"] and v["warnings"][-1].endswith(f"within noise (± {combined:.2g})")
     assert gate_checks.paired_error("kl_mean", rows_a, [r | {"positions": r["positions"] + 1} for r in rows_b], 1.0) is None
     assert gate_checks.paired_error("kl_p99", rows_a, rows_b, 1.0) is None  # not a mean of positions
     # ppl_ratio = e^(mean ln ratio): the delta method, each side's per-position ln ratios times its value
