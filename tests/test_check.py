@@ -634,8 +634,9 @@ def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
     assert math.hypot(pair["kl_mean_se_prompts"], bound * floor["kl_mean_se_prompts"]) > 3 * band
     one = (results[1].prompts[:1], results[0].prompts[:1])
     assert gate_checks.paired_error("kl_mean", *one, 1.0) is None  # one prompt: no spread
-    twice = results[1].prompts[:5] + results[1].prompts[4:5]  # a prompt twice: not rows of one run
-    assert gate_checks.paired_error("kl_mean", twice, results[0].prompts[:6], 1.0) is None
+    twice = [res.prompts[:5] + res.prompts[4:5] for res in results[::-1]]  # a prompt twice, on both sides: not rows of one run
+    assert gate_checks.paired_error("kl_mean", *twice, 1.0) is None
+    assert gate_checks.paired_error("kl_mean", *(rows[:5] for rows in twice), 1.0) is not None
     # a relative limit on a negative baseline: delta_p_mean:+10% allows ref + 10% of |ref| = 0.9 x ref, so its band is
     # that of A − 0.9·B
     dp = [x["delta_p"] - 0.01 for x in (m["int4"], m["bf16"])]
