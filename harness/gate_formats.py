@@ -93,7 +93,7 @@ def junit(verdict: dict, line) -> str:
             failure = ET.SubElement(case, "failure", message=_x(line(b)), type="regression")
             failure.text = _x("  ".join(f"{k}: {c[k]}" for k in COLUMNS[2:6]))
         elif c["verdict"] == "within noise":
-            ET.SubElement(case, "system-out").text = _x(line(b))  # its band: "within noise (± 2.6e-04, paired by prompt)"
+            ET.SubElement(case, "system-out").text = _x(line(b))  # its band: "within noise (± 0.00026, paired by prompt)"
     if verdict["warnings"]:
         ET.SubElement(suite, "system-err").text = _x("\n".join(f"warning: {w}" for w in verdict["warnings"]))
     return _xml(root)
