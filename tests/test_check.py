@@ -489,8 +489,8 @@ def test_the_noise_band_is_the_standard_error_over_prompts_where_the_record_has_
     """The positions of one prompt are not independent, so the gate judges noise by `*_se_prompts` (larger) where the
     record has it: a breach of 2e-4 is past the per-position se (1e-4) and inside the one over prompts (3e-4); the
     ppl ratio's and flip rate's follow from ln_ppl_ratio_se_prompts and top1_agree_se_prompts, and the floor multiple's
-    from report.add_floor's over both pairs' ones. NaN (a run of one prompt) or absent (an older record): the
-    per-position one."""
+    from report.add_floor's over both pairs' ones. NaN (an infinite mean) or absent (an older record): the per-position
+    one."""
     from harness import report
     from harness.compare import PairResult
 
@@ -509,6 +509,13 @@ def test_the_noise_band_is_the_standard_error_over_prompts_where_the_record_has_
     assert floor["kl_floor_multiple_se_prompts"] == 0.0
     assert pair["kl_floor_multiple_se_prompts"] == pytest.approx(20 * math.hypot(4e-4 / 4e-3, 3e-5 / 2e-4), rel=1e-12)
     assert standard_error(pair, "kl_floor_multiple") == pair["kl_floor_multiple_se_prompts"]
+
+
+def _paired_by_hand(diff: np.ndarray, prompt: np.ndarray) -> float:
+    """The cluster-robust standard error of mean(diff) by prompt, the loop over prompts written out in math.fsum."""
+    groups = sorted(set(prompt.tolist()))
+    sums = [math.fsum(diff[prompt == g] - diff.mean()) for g in groups]
+    return math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(x * x for x in sums)) / len(diff)
 
 
 def _build(rng, prompt: np.ndarray, level: np.ndarray, drift: float) -> dict:
@@ -544,10 +551,7 @@ def test_a_regression_is_judged_by_the_difference_paired_by_prompt():
     (ma, a, rows_a), (mb, b, rows_b) = pair(level, 1.12), pair(level, 1.0)
     scale = 1.1  # kl_mean:+10%: limit = 1.1 x baseline
     got = gate_checks.paired_error("kl_mean", rows_a, rows_b, scale)
-    diff = ma["kl"] - scale * mb["kl"]  # the same positions: a per-position difference
-    groups = sorted(set(prompt.tolist()))
-    sums = [math.fsum(diff[prompt == g] - diff.mean()) for g in groups]
-    assert got == pytest.approx(math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(x * x for x in sums)) / len(diff), rel=1e-9)
+    assert got == pytest.approx(_paired_by_hand(ma["kl"] - scale * mb["kl"], prompt), rel=1e-9)  # the same positions
     combined = math.hypot(a["kl_mean_se_prompts"], scale * b["kl_mean_se_prompts"])
     assert combined > 3 * got
     spread, bands = [], []
@@ -573,9 +577,7 @@ def test_a_regression_is_judged_by_the_difference_paired_by_prompt():
     assert gate_checks.paired_error("kl_p99", rows_a, rows_b, 1.0) is None  # not a mean of positions
     # ppl_ratio = e^(mean ln ratio): the delta method, each side's per-position ln ratios times its value
     ln_a, ln_b = ma["nll_cand"] - ma["nll_ref"], mb["nll_cand"] - mb["nll_ref"]
-    diff = a["ppl_ratio"] * ln_a - 1.01 * b["ppl_ratio"] * ln_b
-    sums = [math.fsum(diff[prompt == g] - diff.mean()) for g in groups]
-    want = math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(x * x for x in sums)) / len(diff)
+    want = _paired_by_hand(a["ppl_ratio"] * ln_a - 1.01 * b["ppl_ratio"] * ln_b, prompt)
     got = gate_checks.paired_error("ppl_ratio", rows_a, rows_b, 1.01, value=a["ppl_ratio"], ref=b["ppl_ratio"])
     assert got == pytest.approx(want, rel=1e-9)
 
@@ -617,11 +619,9 @@ def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
                for name, x in m.items()]  # fmt: skip
     report.add_floor(results, "bf16")
     floor, pair = results[0].aggregates, results[1].aggregates
-    groups = sorted(set(prompt.tolist()))
 
     def by_hand(diff):
-        sums = [math.fsum(diff[prompt == g] - diff.mean()) for g in groups]
-        return math.sqrt(len(groups) / (len(groups) - 1) * math.fsum(x * x for x in sums)) / len(diff)
+        return _paired_by_hand(diff, prompt)
 
     r = pair["kl_floor_multiple"]
     assert pair["kl_floor_multiple_se_prompts"] == pytest.approx(by_hand(m["int4"]["kl"] - r * m["bf16"]["kl"]) / floor["kl_mean"], rel=1e-9)
