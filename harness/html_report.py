@@ -257,18 +257,18 @@ def llama_section(record: records.RunRecord) -> str:
         "rows and units (Δp and same top p in %, ± a standard error), over the scored positions of this run, to 4 "
         "significant digits or to the standard error's second, whichever is finer (<code>kl_report.txt</code> has them in its own fixed-point formats). Q: the candidate; "
         "base: the reference.</p>"
-        "<div class=wide><table id=llama-table><tr><th>statistic</th>",
+        "<div class=wide><table id=llama-table><thead><tr><th>statistic</th>",
         *(f"<th>{_e(p.candidate)}</th>" for p in record.pairs),
-        "</tr>",
+        "</tr></thead>",
     ]
-    for row in LLAMA_ROWS:
+    for i, row in enumerate(LLAMA_ROWS):  # each group of rows a <tbody> under its heading (LLAMA_ROWS opens with one)
         label = " ".join(row[0].strip("= ").split())
         if row[1] is None:
-            out.append(f'<tr><th colspan="{1 + len(record.pairs)}" class=group>{_e(label)}</th></tr>')
+            out.append(("</tbody>" if i else "") + f'<tbody><tr><th colspan="{1 + len(record.pairs)}" scope=rowgroup class=group>{_e(label)}</th></tr>')
             continue
         cells = (_llama_cell(p.aggregates, row) for p in record.pairs)
         out.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return "".join(out) + "</table></div>"
+    return "".join(out) + "</tbody></table></div>"
 
 
 def matrix_section(record: records.RunRecord) -> str:
@@ -278,7 +278,7 @@ def matrix_section(record: records.RunRecord) -> str:
     cell = {(r["a"], r["b"]): r for r in record.matrix} | {(r["b"], r["a"]): r for r in record.matrix}
     out = ["<h2 id=matrix>All pairs</h2><div class=cards>"]
     for key, title, kind, spec in (("top1_agree", "top-1 agreement", "top1", 3), ("sym_kl_mean", "symmetric KL (nats)", "kl", ".2e")):
-        rows = [f"<div class=card><h3>{title}</h3><div class=wide><table class=heat id=heat-{kind}><tr><th></th>"]
+        rows = [f"<div class=card><h3>{title}</h3><div class=wide><table class=heat id=heat-{kind}><tr><th><span class=sr>model</span></th>"]
         rows += [f"<th class=rot><span>{_e(m)}</span></th>" for m in models]
         rows.append("</tr>")
         for a in models:
@@ -511,6 +511,6 @@ def render(run_dir: Path, record: records.RunRecord, view_positions: int = VIEW_
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
-        f"<style>{css}</style></head><body>{''.join(body)}"
+        f"<style>{css}</style></head><body><main>{''.join(body)}</main>"
         f'<script type="application/json" id="data">{script_json(data)}</script><script>{js}</script></body></html>\n'
     )

@@ -64,6 +64,17 @@ def open_page(browser, path: Path):
     return page, seen
 
 
+def axe_violations(page) -> list[str]:
+    """axe-core's rules (WCAG 2 A and AA, best practices) on the page as it stands: a line per rule it breaks, with the
+    first elements. The scroll boxes' edge shadows are painted plain white first, so that the contrast of every cell in
+    them is checked (over a gradient axe leaves a cell unchecked)."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    page.add_style_tag(content=".wide { background: #fff !important; }")
+    found = Axe().run(page, options={"resultTypes": ["violations"]}).response["violations"]
+    return [f"{v['impact']} {v['id']}: {v['help']} at {[n['target'] for n in v['nodes'][:3]]}" for v in found]
+
+
 XSS_PROMPTS = [  # prompt text and ids that a careless report would execute
     {"id": "xss-<img src=x onerror=\"window.__pwned='id'\">",
      "text": "Plain words first, then <script>window.__pwned='text'</script> and <img src=x onerror=\"window.__pwned='img'\"> & more."},

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import open_page
+from conftest import axe_violations, open_page
 from safetensors.torch import load_file, save_file
 from scipy.special import rel_entr
 
@@ -461,6 +461,7 @@ def test_the_token_view_leaves_unaligned_positions_out(cross_run, browser):
     below = page.locator("#detail tr.below").count()
     assert page.locator("#detail table").count() == 2 and page.locator("#detail table tr").count() == 6 + below + 1 and below <= 1
     assert page.locator("#detail table").nth(1).locator("tr").count() == 1
+    assert axe_violations(page) == []  # the cross-vocabulary badge, the empty table, the positions left out as context
     page.select_option("#pair-select", "s-perm")
     assert page.locator('#tokens-out span.ctx[title^="not aligned"]').count() == 0
     assert seen["errors"] == [] and [m for m in seen["console"] if m[0] in ("error", "warning")] == []

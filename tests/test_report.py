@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import open_page
+from conftest import axe_violations, open_page
 
 from harness import aggregate, html_report, llama_report, records, report, token_view
 from harness.cli import main
@@ -605,6 +605,25 @@ def test_the_throughput_table_scrolls_in_its_own_box(browser, micro_run, tmp_pat
     for width in (800, 390):
         page.set_viewport_size({"width": width, "height": 800})
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), width
+    assert axe_violations(page) == [] and seen["errors"] == []
+
+
+def test_the_page_passes_axe_cores_accessibility_checks(browser, micro_run):
+    """axe-core's rules (WCAG 2 A and AA, and its best practices: contrast, names of controls, landmarks, tables,
+    keyboard access to scroll boxes) find nothing on a run's page, at a desktop's width and a phone's, with a prompt's tokens and a token's top-5
+    shown and a table sorted; and a box scrolls by keyboard only where it scrolls at all."""
+    run_dir, _ = micro_run
+    page, seen = open_page(browser, run_dir / "index.html")
+    page.locator("#tokens-out span.tok").nth(2).click()
+    page.locator("#prompt-table th").nth(2).click()
+    for width in (1400, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.evaluate("window.dispatchEvent(new Event('resize'))")
+        assert axe_violations(page) == [], width
+        boxes = page.evaluate("[...document.querySelectorAll('.wide, .tall, pre, #tokens-out')].map(b => "
+                              "[b.scrollWidth > b.clientWidth + 1 || b.scrollHeight > b.clientHeight + 1, b.getAttribute('tabindex')])")
+        assert boxes and all((tab == "0") == scrolls for scrolls, tab in boxes), (width, boxes)
+        assert any(scrolls for scrolls, _ in boxes) and (width == 390 or not all(scrolls for scrolls, _ in boxes))
     assert seen["errors"] == []
 
 
@@ -619,7 +638,7 @@ def test_a_failed_run_renders_its_error(browser, micro_run, tmp_path):
     banner = page.locator(".error").inner_text()
     assert "This run failed. ExtractError: <b>NaN</b> logits" in banner and "the same command again reuses them" in banner
     assert page.locator("#models").count() == 0 and "resolved config" in page.locator("body").inner_text()  # no empty table
-    assert seen["errors"] == []
+    assert axe_violations(page) == [] and seen["errors"] == []
 
 
 def test_the_summarys_standard_errors_say_what_they_are_over():

@@ -105,7 +105,10 @@ function buildView() {
   const pairSel = el("select", null, { id: "pair-select" });
   cands.forEach((c) => pairSel.appendChild(el("option", `${D.reference} vs ${c}`, { value: c })));
   const promptSel = el("select", null, { id: "prompt-select" });
-  controls.append("pair ", pairSel, "  prompt ", promptSel);
+  const pairLabel = el("label", "pair "), promptLabel = el("label", "  prompt ");
+  pairLabel.append(pairSel);
+  promptLabel.append(promptSel);
+  controls.append(pairLabel, promptLabel);
   // the pair's prompts, most drift first (prompts.csv's main columns): a click (or Enter) shows one below
   const promptBox = el("div", null, { class: "wide tall" });
   const COLS = [["positions", "positions", (v) => String(v)], ["KL mean", "kl_mean", (v) => v.toExponential(2)],
@@ -200,6 +203,7 @@ function buildView() {
       frag.appendChild(span);
     });
     out.appendChild(frag);
+    focusScrollers(); // the new prompt's tokens may scroll, or no longer
   }
 
   pairSel.addEventListener("change", () => { fillPrompts(); fillTable(); draw(); });
@@ -209,3 +213,15 @@ function buildView() {
   draw();
 }
 buildView();
+
+// a box that scrolls (a wide table on a phone, the config, the token view) takes the focus, so that the keyboard scrolls
+// it too; one that fits does not, so that Tab does not stop on it
+function focusScrollers() {
+  document.querySelectorAll(".wide, .tall, pre, #tokens-out").forEach((box) => {
+    const scrolls = box.scrollWidth > box.clientWidth + 1 || box.scrollHeight > box.clientHeight + 1;
+    if (scrolls && !box.hasAttribute("tabindex")) box.setAttribute("tabindex", "0");
+    else if (!scrolls && box.getAttribute("tabindex") === "0") box.removeAttribute("tabindex");
+  });
+}
+focusScrollers();
+window.addEventListener("resize", focusScrollers);
