@@ -80,6 +80,8 @@ def _combined(*errors: float | None) -> float | None:
 
 
 def _judge(pair, metric, value, limit, rule, noise, *, baseline=None, strict=False, passed=False, paired=False) -> Breach:
+    if noise is not None and not math.isfinite(noise):  # an error that overflowed (a PPL near 1e300) excuses nothing
+        noise = None
     within = not passed and not strict and noise is not None and abs(value - limit) < noise
     return Breach(pair, metric, value, limit, rule, baseline, noise, within, passed, paired)
 

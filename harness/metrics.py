@@ -45,11 +45,6 @@ def check_rows(ref: torch.Tensor, cand: torch.Tensor, rows: torch.Tensor | None 
         raise BadRowsError(r, c)
 
 
-def _xlogy_diff(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ p (a − b) over the last dim, with 0 where p = 0 (so 0 · (−inf − x) is 0, not NaN)."""
-    return (p * torch.where(p > 0, a - b, torch.zeros_like(a))).sum(-1)
-
-
 def _kl_sum(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """[B] KL(p ‖ q) of normalised rows, d = log p − log q: Σ p·d written as Σ p·d + (q − p) over the entries where
     p > 0 (p·(d + e^−d − 1) ≥ 0, as p·expm1(−d) where |d| < 1; +inf where q = 0, as d = +inf), plus q where p = 0.
@@ -74,9 +69,11 @@ def kl_smoothed(lp: torch.Tensor, lq: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def js(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """[B] Jensen–Shannon divergence ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q)/2, in nats (0 ≤ JS ≤ ln 2)."""
-    lm = torch.logaddexp(lp, lq) - math.log(2.0)
-    return (0.5 * _xlogy_diff(lp.exp(), lp, lm) + 0.5 * _xlogy_diff(lq.exp(), lq, lm)).clamp(0.0, math.log(2.0))
+    """[B] Jensen–Shannon divergence ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q)/2, in nats (0 ≤ JS ≤ ln 2), summed as
+    ¼ Σ (p + q)·ψ(log p − log q) (as position_metrics): the two KLs to m, summed as they are written, lost the digits
+    of a tiny drift (1.7e-8 relative at JS 1e-9, 8e-4 at 8e-15 against mpmath). Entries 0 on both sides count 0."""
+    terms = (lp.exp() + lq.exp()) * _psi(lp - lq)  # NaN where both are 0 (−inf − −inf), weighed by 0
+    return (0.25 * torch.nan_to_num(terms, nan=0.0).sum(-1)).clamp(0.0, math.log(2.0))
 
 
 def tv(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:

@@ -241,7 +241,7 @@ def test_ppl_diff_se_of_nearly_equal_models_is_exact():
     var_r, var_c = (sum((x - m) ** 2 for x in xs) / (n - 1) for xs, m in ((r, mr), (c, mc)))
     cov = sum((x - mr) * (y - mc) for x, y in zip(r, c, strict=True)) / (n - 1)
     want = math.sqrt((pc * pc * var_c + pr * pr * var_r - 2 * pr * pc * cov) / n)
-    assert want > 0 and a["ppl_diff_se"] == pytest.approx(want, rel=1e-6)
+    assert want > 0 and a["ppl_diff_se"] == pytest.approx(want, rel=1e-6, abs=0)  # abs=0: pytest's default abs 1e-12 is 0.2% of it
 
 
 def test_percentiles_next_to_an_infinite_kl_are_infinite():
@@ -264,6 +264,42 @@ def test_a_percentile_on_the_finite_value_beside_an_infinite_kl_is_that_value():
     assert d["kl_p5"] == pytest.approx((finite[0] + finite[1]) / 2, rel=1e-12)  # h = 0.5
     many = np.append(np.linspace(0, 1, 1000), np.inf)  # 1001 values: p99.9 is x[999] = 1, the largest finite one
     assert aggregate.distribution(many, "kl")["kl_p99_9"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_percentiles_between_finite_values_below_an_infinite_one():
+    """Twelve finite KLs 0.1 … 1.2 and one +inf (n − 1 = 12): p90 at h = 10.8 is 1.1 + 0.8·0.1 = 1.18, p10 at 1.2 is
+    0.22, p5 0.16, p1 0.112, p0.1 0.1012 (by hand); p95 and up reach toward the +inf. One value, +inf: every
+    percentile is +inf, and the mean has no standard error."""
+    x = np.append(np.round(np.arange(1, 13) * 0.1, 10), np.inf)
+    d = aggregate.distribution(np.random.default_rng(3).permutation(x), "kl")
+    for key, want in (("kl_p90", 1.18), ("kl_p10", 0.22), ("kl_p5", 0.16), ("kl_p1", 0.112), ("kl_p0_1", 0.1012)):
+        assert d[key] == pytest.approx(want, rel=1e-12, abs=0), key
+    assert d["kl_p95"] == d["kl_p99"] == d["kl_p99_9"] == np.inf and d["kl_median"] == 0.7
+    one = aggregate.distribution(np.array([np.inf]), "kl")
+    assert all(one[f"kl_{aggregate._pkey(q)}"] == np.inf for q in aggregate.PERCENTILES) and math.isnan(one["kl_mean_se"])
+
+
+def test_two_values_two_prompts_and_the_confidence_bins_edges():
+    """The smallest samples that have a spread, by hand: two values 1 and 3 (sd √2, se 1), two 0/1 hits (se 0.5), two
+    clusters of two (residual sums ∓2: √(2 · 8)/4 = 1), a bootstrap over two prompts (finite, around the mean); two
+    positions' PPL errors and NLL correlation (±1 from two points). A top-1 probability on a bin's lower edge falls in
+    that bin, and 1.0 in the last."""
+    assert aggregate.distribution(np.array([1.0, 3.0]), "x")["x_mean_se"] == pytest.approx(1.0, rel=1e-12, abs=0)
+    assert aggregate.proportion(np.array([True, False]), "t")["t_se"] == pytest.approx(0.5, rel=1e-12, abs=0)
+    assert aggregate.clustered_se(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0, 0, 1, 1])) == pytest.approx(1.0, rel=1e-12, abs=0)
+    lo, hi = aggregate.bootstrap_mean(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0, 0, 1, 1]), resamples=200, seed=0)
+    assert math.isfinite(lo) and math.isfinite(hi) and lo <= 2.5 <= hi
+    rng = np.random.default_rng(6)
+    m = {k: rng.random(2) for k in ("kl", "kl_rev", "js", "tv", "delta_p", "delta_p_top", "entropy_ref", "entropy_cand", "p_top_ref")}
+    nll_r, nll_c = np.array([1.0, 2.0]), np.array([1.5, 1.0])
+    m |= {"top1_agree": np.array([True, False]), "ref_top_rank": np.array([0, 1]), "nll_ref": nll_r, "nll_cand": nll_c}
+    a = aggregate.pair_aggregates(m, np.array([0, 1]), ks=(), resamples=0, seed=0)
+    d = [0.5, -1.0]  # nll_c − nll_r: sd of two values is |a − b|/√2, so se = |a − b|/2
+    assert a["ln_ppl_ratio_se"] == pytest.approx(abs(d[0] - d[1]) / 2, rel=1e-12, abs=0)
+    assert a["ppl_ref_se"] == pytest.approx(math.exp(1.5) * math.sqrt(0.5 / 2), rel=1e-12, abs=0)  # var_r = 0.5, over n = 2
+    assert a["nll_correlation"] == pytest.approx(-1.0, rel=1e-12, abs=0)
+    bins = aggregate.confidence_bins(np.array([0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99, 1.0]), np.ones(8), np.zeros(8, dtype=bool))
+    assert [b["positions"] for b in bins] == [1, 1, 1, 1, 1, 1, 2]
 
 
 def test_per_prompt_of_one_position_and_of_constant_nlls(recwarn):

@@ -29,7 +29,7 @@ def _run(pairs: dict[str, dict], gate: dict | None = None, **extra) -> records.R
     config = {"mode": "text", "store_dtype": "float16", "batch_size": 8, "seed": 0, "gate": gate or {}}
     return records.RunRecord(
         schema_version=records.SCHEMA_VERSION, run_id=extra.pop("run_id", "run"), status="ok", created_at="2026-11-25T00:00:00Z",
-        config=config, noise_floor="bf16", inputs=dict(INPUTS), versions={"torch": "2.13.0"}, machine={"cpu": "x"},
+        config=config, noise_floor=extra.pop("noise_floor", "bf16"), inputs=dict(INPUTS), versions={"torch": "2.13.0"}, machine={"cpu": "x"},
         variants={name: {"dtype": "float32", "device": "cpu", "source": f"zoo:{name}"} for name in pairs},
         pairs=[records.PairRecord(reference="ref", candidate=c, aggregates=a, prompts=[], positions_file="-") for c, a in pairs.items()],
         **extra,
@@ -630,7 +630,7 @@ def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
     run.pairs[0].prompts, run.pairs[1].prompts = results[0].prompts, results[1].prompts
     v = check.gate(run)
     band = by_hand(m["int4"]["kl"] - bound * m["bf16"]["kl"])
-    assert v["verdict"] == "fail" and v["breaches"][0]["noise"] == pytest.approx(band, rel=1e-9)
+    assert v["verdict"] == "fail" and v["breaches"][0]["noise"] == pytest.approx(band, rel=1e-9) and v["breaches"][0]["paired"]
     assert math.hypot(pair["kl_mean_se_prompts"], bound * floor["kl_mean_se_prompts"]) > 3 * band
     one = (results[1].prompts[:1], results[0].prompts[:1])
     assert gate_checks.paired_error("kl_mean", *one, 1.0) is None  # one prompt: no spread
@@ -648,6 +648,92 @@ def test_a_floor_multiple_band_is_paired_by_prompt_with_the_floor_pair():
     flips = [1 - x["top1_agree"].astype(float) for x in (m["int4"], m["bf16"])]
     got = gate_checks.paired_error("flip_rate", results[1].prompts, results[0].prompts, 1.2)
     assert got == pytest.approx(by_hand(flips[0] - 1.2 * flips[1]), rel=1e-9)
+
+
+def test_a_noise_band_needs_a_finite_error_of_the_metric_itself():
+    """A limit's noise band is the metric's own standard error, and only a finite one: an error that overflowed (a PPL
+    near 1e300) excuses no breach, and a metric without one (kl_p99, an overlap) never borrows another's (flip rate's
+    fallback to top-1's is for flip_rate alone). kl_floor_multiple of a record that predates its own error: the
+    pair's part, multiple × se(kl_mean) / kl_mean (none where the mean KL is 0). A breach exactly one error past its
+    limit is past the band; a value inside its limit, within one error of it, passes with no warning."""
+    b = Threshold("p", "kl_mean", "max", 0.01).breach({"kl_mean": 5.0, "kl_mean_se": math.inf}, None)
+    assert b is not None and not b.within_noise and b.noise is None
+    agg = _agg(3e-3, 1e-4, 0.98) | {"kl_p99": 0.05, "top5_overlap": 0.9}
+    assert standard_error(agg, "kl_p99") is None and standard_error(agg, "top5_overlap") is None
+    v = check.gate(_run({"bf16": GOOD["bf16"], "int4": agg}, {"int4": {"kl_p99": {"max": 0.0499}}}))
+    assert v["verdict"] == "fail" and v["breaches"][0]["noise"] is None
+    old = {"kl_floor_multiple": 20.75, "kl_mean": 4.15e-3, "kl_mean_se": 1e-4}
+    assert standard_error(old, "kl_floor_multiple") == pytest.approx(0.5, rel=1e-12, abs=0)
+    assert standard_error(old | {"kl_mean": 0.0}, "kl_floor_multiple") is None
+    edge = Threshold("p", "kl_mean", "max", 0.5).breach({"kl_mean": 0.75, "kl_mean_se": 0.25}, None)
+    assert edge is not None and not edge.within_noise  # |0.75 − 0.5| = 0.25 exactly: not inside a band of 0.25
+    v = check.gate(_run({"bf16": GOOD["bf16"], "int4": _agg(0.00995, 1e-4, 0.98)}, {"int4": {"kl_mean": {"max": 0.01}}}))
+    assert v["verdict"] == "pass" and v["within_noise"] == [] and v["warnings"] == [] and not v["passed"][0]["within_noise"]
+
+
+def test_an_absolute_fail_limit_combines_both_errors_unscaled():
+    """kl_mean:+0.001 against a baseline of 0.003: the limit is 0.004, and without per-prompt rows the band is both
+    records' errors combined, the baseline's not scaled (an absolute step moves the limit, not its spread): √2·1e-4."""
+    out = Regression.parse("kl_mean:+0.001").outcome("p", {"kl_mean": 0.0041, "kl_mean_se": 1e-4}, {"kl_mean": 0.003, "kl_mean_se": 1e-4})
+    assert out.limit == pytest.approx(0.004, rel=1e-12, abs=0) and out.noise == pytest.approx(math.sqrt(2) * 1e-4, rel=1e-12, abs=0)
+    assert out.within_noise and not out.passed and not out.paired
+
+
+def test_paired_errors_from_two_prompts_and_rows_that_cannot_be_paired():
+    """Two prompts of 10 and 30 positions, means 0.002/0.005 against 0.001/0.003: each prompt's part of N·D is 0.01
+    and 0.06, D = 0.07/40, so the paired error is √(2/1 · 2 · 0.0075²)/40 = 3.75e-4 (by hand). None where a row's
+    value is not a finite number (an infinite KL in one prompt: the gate falls back to the combined band rather than
+    crash), or one side holds a prompt twice."""
+    a = [{"prompt": "a", "positions": 10, "kl_mean": 0.002}, {"prompt": "b", "positions": 30, "kl_mean": 0.005}]
+    b = [{"prompt": "a", "positions": 10, "kl_mean": 0.001}, {"prompt": "b", "positions": 30, "kl_mean": 0.003}]
+    assert gate_checks.paired_error("kl_mean", a, b, 1.0) == pytest.approx(3.75e-4, rel=1e-12, abs=0)
+    for bad in (math.inf, math.nan, None):
+        assert gate_checks.paired_error("kl_mean", [a[0] | {"kl_mean": bad}, a[1]], b, 1.0) is None, bad
+    assert gate_checks.paired_error("kl_mean", [a[0] | {"kl_mean": math.inf}, a[1]], [b[0], b[1] | {"kl_mean": math.inf}], 1.0) is None
+    assert gate_checks.paired_error("kl_mean", a + [a[0]], b, 1.0) is None and gate_checks.paired_error("kl_mean", a, b + [b[1]], 1.0) is None
+    run, base = _run({"int4": _agg(math.inf, math.nan, 0.98)}), _run({"int4": _agg(3e-3, 1e-4, 0.98)}, run_id="base")
+    run.pairs[0].prompts, base.pairs[0].prompts = [a[0] | {"kl_mean": math.inf}, a[1]], b
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "fail" and v["breaches"][0]["noise"] is None
+
+
+def test_a_run_without_a_noise_floor_is_gated_by_its_plain_limits():
+    """No noise_floor in the run: min and max limits and --fail hold as ever; a limit in multiples of the floor, or on
+    kl_floor_multiple, is a usage error that says so."""
+    run = _run(GOOD, {"int4": {"kl_mean": {"max": 0.01}, "top1_agree": {"min": 0.95}}}, noise_floor=None)
+    v = check.gate(run)
+    assert v["verdict"] == "pass" and v["checks"] == 2
+    with pytest.raises(GateError, match="max_x_floor needs a noise floor"):
+        check.gate(_run(GOOD, {"int4": {"kl_mean": {"max_x_floor": 20}}}, noise_floor=None))
+
+
+def test_a_fail_metric_the_baseline_pair_lacks_is_an_error_naming_the_baseline():
+    """--fail on a metric the run's pair has and the baseline's pair does not (and that is not a cross_vocab
+    aggregate, which a baseline pair of one vocabulary lacks by design): an error naming the baseline file."""
+    run = _run({"int4": _agg(3e-3, 1e-4, 0.98) | {"kl_p99": 0.02}})
+    with pytest.raises(GateError, match=r"kl_p99:\+10%.*baseline b\.json"):
+        check.gate(run, baseline=_run({"int4": _agg(3e-3, 1e-4, 0.98)}, run_id="base"), baseline_path=Path("b.json"), fail=["kl_p99:+10%"])
+
+
+def test_the_text_settings_differ_with_a_warning_in_text_mode_only():
+    """config.text (the windows) moves the numbers of a text-mode run: a difference is a warning; in generate mode the
+    text settings are unused and their difference is not one."""
+    run, base = _run(GOOD), _run(GOOD, run_id="base")
+    run.config["text"], base.config["text"] = {"context": 256}, {"context": 512}
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert "config.text differs: baseline {'context': 512}, this run {'context': 256}" in v["warnings"]
+    run.config["mode"] = base.config["mode"] = "generate"
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert not any("config.text" in w for w in v["warnings"])
+
+
+def test_a_run_without_input_fingerprints_is_compared_with_a_warning():
+    """The run's record (not the baseline's) lacks token_ids_sha256 and segments_sha256: a warning, no KeyError."""
+    run, base = _run(GOOD), _run(GOOD, run_id="base")
+    run.inputs.pop("token_ids_sha256")
+    base.inputs["segments_sha256"] = "c" * 64
+    v = check.gate(run, baseline=base, baseline_path=Path("b.json"), fail=["kl_mean:+10%"])
+    assert v["verdict"] == "pass" and any("cannot be verified" in w for w in v["warnings"])
 
 
 def test_a_baseline_without_input_fingerprints_is_compared_with_a_warning():
