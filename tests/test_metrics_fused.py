@@ -478,6 +478,53 @@ def test_nan_and_plus_inf_rows_raise_naming_them(fn, dtype):
     assert not kl.isnan().any()
 
 
+@pytest.mark.parametrize("fn", ["fused", "sym", "torch"])
+def test_a_bad_row_on_one_side_only_is_named_on_that_side(fn):
+    """NaN in a reference row alone, or +inf in a candidate row alone, is an error naming that side's row and no row of
+    the other (a check of one side only would let a corrupt reference store through: KL 1 nat, JS 0, from NaN)."""
+    ref = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(2)), -1)
+    run = {
+        "fused": lambda a, b: metrics_fused.fused_position_metrics(a, b, torch.zeros(3, dtype=torch.int64)),
+        "sym": metrics_fused.fused_sym_kl_top1,
+        "torch": lambda a, b: metrics.position_metrics(a, b, torch.zeros(3, dtype=torch.int64)),
+    }[fn]
+    bad = ref.clone()
+    bad[1, 7] = math.nan
+    with pytest.raises(metrics.BadRowsError) as info:
+        run(bad, ref.clone())
+    assert (info.value.ref_rows, info.value.cand_rows) == ([1], [])
+    bad = ref.clone()
+    bad[2, 49] = math.inf
+    with pytest.raises(metrics.BadRowsError) as info:
+        run(ref.clone(), bad)
+    assert (info.value.ref_rows, info.value.cand_rows) == ([], [2])
+
+
+def test_a_long_tie_below_a_clear_top_token_takes_the_lowest_ids():
+    """One clear top token, then 299 tied at the next value, at other columns in each of 20 rows: the tie runs past
+    the k + 64 values torch.topk fetched, so the top-5 must look at each row whole to take the tie's 4 lowest ids (by
+    hand: sorted; topk's own pick among the tied was not those in a quarter of such rows). Both paths give those ids'
+    overlap: where half the tie drops a little in the candidate, its top 5 are the other half's lowest."""
+    gen = torch.Generator().manual_seed(3)
+    rows, width = 20, 151646
+    x = torch.randn(rows, width, dtype=torch.float64, generator=gen) - 20
+    cand = x.clone()
+    want, overlap = [], []
+    for r in range(rows):
+        cols = torch.randperm(width, generator=gen)[:300]
+        x[r, cols] = cand[r, cols] = -3.0
+        x[r, cols[0]] = cand[r, cols[0]] = -1.0
+        cand[r, cols[1:150]] = -3.5
+        want.append(sorted([int(cols[0])] + sorted(cols[1:].tolist())[:4]))
+        overlap.append(len(set(want[-1]) & {int(cols[0]), *sorted(cols[150:].tolist())[:4]}) / 5)
+    lp = metrics.normalize(x)
+    assert [sorted(row.tolist()) for row in metrics.top_ids(lp, lp.topk(6), 5)] == want
+    target = torch.zeros(rows, dtype=torch.int64)
+    fused = metrics_fused.fused_position_metrics(x.float(), cand.float(), target, (5,))
+    plain = metrics.position_metrics(x.float(), cand.float(), target, ks=(5,))
+    assert fused["top5_overlap"].tolist() == plain["top5_overlap"].tolist() == overlap
+
+
 def test_sym_kl_top1_unnormalised_rows():
     """Rows are renormalised, so shifting one changes nothing; a candidate entry over 80 nats above the reference's
     maximum (where exp(y − max x) would overflow float32) goes to the full kernel."""

@@ -17,6 +17,22 @@ def _rows(n: int, width: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("layout", ["float16", "float64", "transposed"])
+def test_other_dtypes_and_strides_take_the_fallback(layout):
+    """The kernel reads contiguous float32 rows; float16 or float64 logits, or a block whose rows are not contiguous,
+    go to the torch fallback and give the float64 logsumexp, pad mass and log-probs (the kernel would read float16
+    memory as float32, or walk a transposed block's columns as its rows)."""
+    raw = bench.realistic_logits(4, 1000, seed=3)
+    x = {"float16": raw.half(), "float64": raw.double(), "transposed": raw.t().contiguous().t()}[layout]
+    assert layout != "transposed" or x.stride(1) != 1
+    got, pad, lse, _ = row_stats.row_stats(x, 997)
+    want = x.double()
+    want_lse = torch.logsumexp(want, -1)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=0)
+    torch.testing.assert_close(pad.double(), (want[:, 997:] - want_lse[:, None]).exp().sum(-1), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(got.double(), torch.log_softmax(want[:, :997], -1), rtol=0, atol=4e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("width, n_vocab", [(151936, 151646), (152064, 151646), (151646, 151646), (1000, 997), (37, 20)])
 def test_matches_float64(dtype, width, n_vocab):
