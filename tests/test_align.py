@@ -137,6 +137,41 @@ def test_metaspace_keys_and_its_dummy_prefix(tokenizer):
     assert got[:4] == [(b"the", "▁cat"), (b"the cat", "▁sat"), (b"the cat sat", "<0x0A>"), (b"the cat sat\n", "the")]
 
 
+def test_aligned_positions_by_hand_either_side_a_sentencepiece_reading():
+    """Small vocabularies, pairs by hand: a SentencePiece reading (its dummy prefix's space) as the reference or as the
+    candidate gives the same pairs; a reference of one byte a token lines up with the candidate's word starts from
+    byte 1 on; the byte a mismatch is reported at, either way round and past a dummy prefix."""
+    sp, qw = [("bytes", b" the"), ("bytes", b" cat")], [("bytes", b"the"), ("bytes", b" cat")]
+    for got in (align.aligned_positions(sp, (0, 1), qw, (0, 1)), align.aligned_positions(qw, (0, 1), sp, (0, 1))):
+        assert [x.tolist() for x in got] == [[1], [1]]
+    text = b"I am here"
+    bytewise = [("bytes", bytes([c])) for c in text]
+    words = [("bytes", b"I"), ("bytes", b" am"), ("bytes", b" here")]
+    got = align.aligned_positions(bytewise, tuple(range(len(text))), words, (0, 1, 2))
+    assert [x.tolist() for x in got] == [[1, 4], [1, 2]]  # "I|am" at byte 1, "am| here" at byte 4
+    short, long = [("bytes", b"one two")], [("bytes", b"one two three")]
+    for a, b in ((short, long), (long, short)):
+        with pytest.raises(align.AlignError, match="from byte 7 on"):
+            align.aligned_positions(a, (0,), b, (0,))
+    with pytest.raises(align.AlignError, match="from byte 6 on"):  # " one two" read past its dummy prefix
+        align.aligned_positions([("bytes", b" one two")], (0,), [("bytes", b"one twx")], (0,))
+
+
+def test_projection_onto_shared_tokens_by_hand():
+    """A reference id that repeats a shared token's bytes (after the shared ones: its order is the identity, shorter
+    than the row) adds its mass to that column, and none is left outside: [0.5, 0.3, 0.2] over a, b, a gives 0.7 and
+    0.3. A candidate whose ids are the shared tokens in another order is gathered into the reference's order."""
+    a, b, c = ("bytes", b"a"), ("bytes", b"b"), ("bytes", b"c")
+    vm = align.VocabMap.build([a, b, a], [a, b])
+    got, outside = vm.project(torch.tensor([[0.5, 0.3, 0.2]]).log(), "ref")
+    torch.testing.assert_close(got.exp(), torch.tensor([[0.7, 0.3]]), rtol=1e-6, atol=0)
+    assert outside.tolist() == [0.0]
+    vm = align.VocabMap.build([a, b, c], [c, a, b])
+    rows = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0]]), -1)
+    got, outside = vm.project(rows, "cand")
+    assert torch.equal(got, rows[:, [1, 2, 0]]) and outside.tolist() == [0.0]
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_aligned_positions_are_exactly_the_equal_prefixes(tokenizer, cut_tokenizer, text):
     """Brute force: (t, u) is aligned iff the bytes of the first t reference tokens equal those of the first u candidate
