@@ -450,6 +450,15 @@ def test_sym_kl_top1_non_finite_rows_take_the_full_kernel():
     assert math.isinf(sym[1]) and math.isfinite(sym[2]) and math.isfinite(sym[0])
 
 
+def _checking_path(fn: str):
+    """One of the three paths that check rows for NaN and +inf, called as path(ref, cand)."""
+    return {
+        "fused": lambda a, b: metrics_fused.fused_position_metrics(a, b, torch.arange(len(a))),
+        "sym": metrics_fused.fused_sym_kl_top1,
+        "torch": lambda a, b: metrics.position_metrics(a, b, torch.arange(len(a))),
+    }[fn]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fn", ["fused", "sym", "torch"])
 def test_nan_and_plus_inf_rows_raise_naming_them(fn, dtype):
@@ -464,11 +473,7 @@ def test_nan_and_plus_inf_rows_raise_naming_them(fn, dtype):
     ref[7, 9] = math.nan
     ref[7, 10] = -math.inf
     cand[7, 12] = math.inf
-    run = {
-        "fused": lambda a, b: metrics_fused.fused_position_metrics(a, b, torch.arange(len(a))),
-        "sym": metrics_fused.fused_sym_kl_top1,
-        "torch": lambda a, b: metrics.position_metrics(a, b, torch.arange(len(a))),
-    }[fn]
+    run = _checking_path(fn)
     with pytest.raises(metrics.BadRowsError, match=r"reference rows \[1, 7\] and candidate rows \[2, 4, 7\]") as info:
         run(ref.to(dtype), cand.to(dtype))
     assert (info.value.ref_rows, info.value.cand_rows) == ([1, 7], [2, 4, 7])
@@ -483,11 +488,7 @@ def test_a_bad_row_on_one_side_only_is_named_on_that_side(fn):
     """NaN in a reference row alone, or +inf in a candidate row alone, is an error naming that side's row and no row of
     the other (a check of one side only would let a corrupt reference store through: KL 1 nat, JS 0, from NaN)."""
     ref = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(2)), -1)
-    run = {
-        "fused": lambda a, b: metrics_fused.fused_position_metrics(a, b, torch.zeros(3, dtype=torch.int64)),
-        "sym": metrics_fused.fused_sym_kl_top1,
-        "torch": lambda a, b: metrics.position_metrics(a, b, torch.zeros(3, dtype=torch.int64)),
-    }[fn]
+    run = _checking_path(fn)
     bad = ref.clone()
     bad[1, 7] = math.nan
     with pytest.raises(metrics.BadRowsError) as info:
