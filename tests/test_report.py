@@ -588,7 +588,7 @@ def test_the_cut_token_view_in_a_browser(browser, micro_run, tmp_path, capsys):
 
 def test_the_throughput_table_scrolls_in_its_own_box(browser, micro_run, tmp_path):
     """A run record with `harness bench`'s result attached: its table (13 columns) scrolls in its own box at a narrow
-    window, as the other wide tables do, and the page itself does not."""
+    window, as the other wide tables do, and the page itself does not; the page breaks no axe-core rule."""
     run_dir, _ = micro_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -610,8 +610,9 @@ def test_the_throughput_table_scrolls_in_its_own_box(browser, micro_run, tmp_pat
 
 def test_the_page_passes_axe_cores_accessibility_checks(browser, micro_run):
     """axe-core's rules (WCAG 2 A and AA, and its best practices: contrast, names of controls, landmarks, tables,
-    keyboard access to scroll boxes) find nothing on a run's page, at a desktop's width and a phone's, with a prompt's tokens and a token's top-5
-    shown and a table sorted; and a box scrolls by keyboard only where it scrolls at all."""
+    keyboard access to scroll boxes) find nothing on a run's page, at a desktop's width and a phone's, with a prompt's
+    tokens and a token's top-5 shown and a table sorted; and a box takes the keyboard's focus exactly where it
+    scrolls."""
     run_dir, _ = micro_run
     page, seen = open_page(browser, run_dir / "index.html")
     page.locator("#tokens-out span.tok").nth(2).click()
