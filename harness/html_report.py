@@ -2,16 +2,15 @@
 
     harness report reports/latest && chromium reports/latest/index.html
 
-Tables, SVG charts and heatmaps are built here in Python; the per-prompt token view is drawn by
+Tables, SVG charts and heatmaps are built here in Python (the statistics' sections; the run's own, gate, throughput
+and run facts, in html_run; the number formats in html_format); the per-prompt token view is drawn by
 assets/report.js from a JSON block. Every text that comes from a prompt, a token or the config is
-escaped (html.escape here, textContent in the script), and the page's Content-Security-Policy
+escaped (html_format.esc here, textContent in the script), and the page's Content-Security-Policy
 forbids every fetch, so a prompt holding `<script>` shows as text and nothing leaves the machine.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -19,70 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from harness import aggregate, charts, records
-from harness.charts import PALETTE, cdf_svg, decades, depth_svg, exponent, heat, hist_svg
-from harness.check import ABSENT, VERSION_KEYS
+from harness.charts import PALETTE, cdf_svg, decades, depth_svg, heat, hist_svg
+from harness.html_format import esc, fraction, num, script_json, sig
+from harness.html_run import gate_section, metadata_section, throughput_section
 from harness.llama_report import LLAMA_ROWS
 from harness.token_view import VIEW_POSITIONS, view_data
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
-
-
-def _e(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _num(x, spec: str = ".3g") -> str:
-    if isinstance(x, str):  # "inf" / "-inf" from a strict-JSON file
-        return _e(x)
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    return exponent(format(x, spec))
-
-
-def _fraction(x, decimals: int) -> str:
-    """A fraction (an agreement, a rate) to `decimals` places, with more (up to 6) where it would read as exactly 0 or
-    1 without being so: an agreement of 0.99956 is 0.9996, not 1.000."""
-    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
-        return _num(x)
-    text = f"{x:.{decimals}f}"
-    while decimals < 6 and x not in (0, 1) and float(text) in (0, 1):
-        decimals += 1
-        text = f"{x:.{decimals}f}"
-    return text
-
-
-def _sig(v: float, se: float | None = None, digits: int = 4, near: float | None = None) -> str:
-    """v to `digits` significant digits (trailing zeros kept), and further to its standard error's second significant
-    digit where that is finer, as is `near - v` when given (a correlation of 99.9998% shows as that, not 100.0%); the se
-    rounded to the same place. Fixed point from 1e-3 to 1e6, else an exponent (the se then to 2 digits)."""
-    if not math.isfinite(v):
-        return _num(v)
-    se = se if se is not None and math.isfinite(se) and se > 0 else None
-    if not v and not se:
-        return "0"
-    e = math.floor(math.log10(abs(v))) if v else 0
-    last = e - digits + 1  # the power of ten of the last digit shown
-    for fine in (se, None if near is None else abs(near - v)):
-        if fine:
-            last = min(last, math.floor(math.log10(fine)) - 1)
-    if -3 <= e < 6 or not v:
-        dec = max(0, -last)
-        text = f"{round(v, -last) if last > 0 else v:.{dec}f}"
-        return text + (f" ± {round(se, -last) if last > 0 else se:.{dec}f}" if se else "")
-    return exponent(f"{v:.{e - last}e}" + (f" ± {se:.1e}" if se else ""))
-
-
-def script_json(obj) -> str:
-    """JSON to place inside <script type="application/json">: no '<', '>' or '&' can close the element."""
-    text = json.dumps(records.json_safe(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    for a, b in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        text = text.replace(a, b)
-    return text
-
-
-# ---------------------------------------------------------------- sections
 
 
 SUMMARY_HEAD = [  # (aggregate key, header, format)
@@ -125,17 +67,17 @@ def summary_table(record: records.RunRecord) -> str:
     rows = ['<div class=wide><table class="sortable" id="summary"><thead><tr><th data-type="text">candidate</th>']
     over = over_prompts(record)
     titles = {k: t + (", over prompts" if over and k.endswith("_se") else "") for k, t in SUMMARY_TITLES.items()}
-    rows += [f"<th title=\"{_e(titles.get(k, ''))}\">{_e(h)}</th>" for k, h, _ in head]
+    rows += [f"<th title=\"{esc(titles.get(k, ''))}\">{esc(h)}</th>" for k, h, _ in head]
     rows.append("</tr></thead><tbody>")
     for p in record.pairs:
         floor = p.candidate == record.noise_floor
         badge = " <span class=badge>noise floor</span>" if floor else ""
         badge += " <span class=badge>cross-vocabulary</span>" if "aligned_of" in p.aggregates else ""
-        cells = [f'<td data-v="{_e(p.candidate)}">{_e(p.candidate)}{badge}</td>']
+        cells = [f'<td data-v="{esc(p.candidate)}">{esc(p.candidate)}{badge}</td>']
         for key, _, spec in head:
             v = summary_value(p.aggregates, key)
             raw = "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
-            cells.append(f'<td data-v="{raw}">{_fraction(v, spec) if isinstance(spec, int) else _num(v, spec)}</td>')
+            cells.append(f'<td data-v="{raw}">{fraction(v, spec) if isinstance(spec, int) else num(v, spec)}</td>')
         rows.append(f'<tr class="{"floor" if floor else ""}">{"".join(cells)}</tr>')
     rows.append("</tbody></table></div>")
     floor = "; × floor: mean KL over the noise-floor pair's" if record.noise_floor else ""
@@ -154,7 +96,7 @@ def cross_vocab_note(record: records.RunRecord) -> str:
         a = p.aggregates
         if "aligned_of" in a:
             items.append(
-                f"<li><b>{_e(p.candidate)}</b> has another tokenizer. Of the reference's {a['aligned_of']} positions, "
+                f"<li><b>{esc(p.candidate)}</b> has another tokenizer. Of the reference's {a['aligned_of']} positions, "
                 f"{a['aligned']} line up (both models start a token at the same byte, having read the same text), and "
                 f"{a['positions']} of those predict a token both vocabularies hold: its numbers are over those. Both "
                 f"distributions are taken over the {a['shared_tokens']} shared tokens, renormalised; on average these "
@@ -174,8 +116,8 @@ def _bins_table(bins: list[dict]) -> str:
     for b in bins:
         rows.append(
             f"<tr><td>{b['p_top_lo']:g}–{b['p_top_hi']:g}</td><td>{b['positions']}</td>"
-            f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}</td>"
-            f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_fraction(b['flip_rate'], 3)}</td></tr>"
+            f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{num(b['kl_mean'], '.2e')}</td>"
+            f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{fraction(b['flip_rate'], 3)}</td></tr>"
         )
     return "".join(rows) + "</table>"
 
@@ -185,12 +127,12 @@ def _depth_table(bins: list[dict]) -> str:
             "<th>positions</th><th title=\"the windows (forward passes) they come from\">windows</th><th>KL mean ± se</th>"
             "<th>flip rate</th><th title=\"mean NLL difference, candidate − reference\">ln PPL ratio ± se</th></tr>"]  # fmt: skip
     for b in bins:
-        kl_se, ppl_se = (f" ± {_num(b[k], '.1e')}" if b.get(k) is not None and math.isfinite(b[k]) else "" for k in ("kl_mean_se", "ln_ppl_ratio_se"))
+        kl_se, ppl_se = (f" ± {num(b[k], '.1e')}" if b.get(k) is not None and math.isfinite(b[k]) else "" for k in ("kl_mean_se", "ln_ppl_ratio_se"))
         rows.append(
             f"<tr><td>{charts.depth_span(b)}</td><td>{b['positions']}</td><td>{b.get('windows', '–')}</td>"
-            f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{_num(b['kl_mean'], '.2e')}{kl_se}</td>"
-            f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{_fraction(b['flip_rate'], 3)}</td>"
-            f"<td>{_num(b['ln_ppl_ratio'], '+.2e')}{ppl_se}</td></tr>"
+            f"<td style=\"background:{heat(b['kl_mean'], 'kl')}\">{num(b['kl_mean'], '.2e')}{kl_se}</td>"
+            f"<td style=\"background:{heat(1 - b['flip_rate'] if b['positions'] else None, 'top1')}\">{fraction(b['flip_rate'], 3)}</td>"
+            f"<td>{num(b['ln_ppl_ratio'], '+.2e')}{ppl_se}</td></tr>"
         )
     return "".join(rows) + "</table>"
 
@@ -226,13 +168,13 @@ def distribution_section(record: records.RunRecord, kl: dict[str, np.ndarray]) -
     span = decades(list(kl.values()))  # one axis for all: a histogram further right is a pair further off
     for i, p in enumerate(record.pairs):
         a = p.aggregates
-        pct = " · ".join(f"p{q}: {_num(a.get('kl_p' + q.replace('.', '_')), '.2e')}" for q in ("99.9", "99", "90", "10"))
+        pct = " · ".join(f"p{q}: {num(a.get('kl_p' + q.replace('.', '_')), '.2e')}" for q in ("99.9", "99", "90", "10"))
         ci, n = a.get("kl_mean_ci95") or [None, None], len(p.prompts)
-        ci = (f"95% CI over {n} prompts {_num(ci[0], '.2e')}–{_num(ci[1], '.2e')}" if n >= MIN_CI_PROMPTS else
+        ci = (f"95% CI over {n} prompts {num(ci[0], '.2e')}–{num(ci[1], '.2e')}" if n >= MIN_CI_PROMPTS else
               f"no CI: resampling {n} prompt{'' if n == 1 else 's'} says little")  # fmt: skip
         out.append(
-            f'<div class="card"><h3>{_e(p.candidate)}</h3>{hist_svg(kl[p.candidate], PALETTE[i % len(PALETTE)], span=span)}'
-            f"<p class=small>mean {_num(a['kl_mean'], '.3e')} ({ci}) · {pct}</p>"
+            f'<div class="card"><h3>{esc(p.candidate)}</h3>{hist_svg(kl[p.candidate], PALETTE[i % len(PALETTE)], span=span)}'
+            f"<p class=small>mean {num(a['kl_mean'], '.3e')} ({ci}) · {pct}</p>"
             f"<h4>by reference confidence</h4>{_bins_table(a.get('by_confidence', []))}"
             + (f"<h4>by context depth</h4><div class=wide>{_depth_table(a['by_depth'])}</div>" if a.get("by_depth") else "") + "</div>"
         )
@@ -247,7 +189,7 @@ def _llama_cell(a: dict, row: tuple) -> str:
     if v is None:
         return "–"
     se = float(se) * scale if se_fmt is not None and se is not None else None
-    return _e(_sig(float(v) * scale, se, near=100.0 if unit.strip() == "%" and se is None else None) + unit)
+    return esc(sig(float(v) * scale, se, near=100.0 if unit.strip() == "%" and se is None else None) + unit)
 
 
 def llama_section(record: records.RunRecord) -> str:
@@ -258,16 +200,16 @@ def llama_section(record: records.RunRecord) -> str:
         "significant digits or to the standard error's second, whichever is finer (<code>kl_report.txt</code> has them in its own fixed-point formats). Q: the candidate; "
         "base: the reference.</p>"
         "<div class=wide><table id=llama-table><thead><tr><th>statistic</th>",
-        *(f"<th>{_e(p.candidate)}</th>" for p in record.pairs),
+        *(f"<th>{esc(p.candidate)}</th>" for p in record.pairs),
         "</tr></thead>",
     ]
     for i, row in enumerate(LLAMA_ROWS):  # each group of rows a <tbody> under its heading (LLAMA_ROWS opens with one)
         label = " ".join(row[0].strip("= ").split())
         if row[1] is None:
-            out.append(("</tbody>" if i else "") + f'<tbody><tr><th colspan="{1 + len(record.pairs)}" scope=rowgroup class=group>{_e(label)}</th></tr>')
+            out.append(("</tbody>" if i else "") + f'<tbody><tr><th colspan="{1 + len(record.pairs)}" scope=rowgroup class=group>{esc(label)}</th></tr>')
             continue
         cells = (_llama_cell(p.aggregates, row) for p in record.pairs)
-        out.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        out.append(f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</tbody></table></div>"
 
 
@@ -279,16 +221,16 @@ def matrix_section(record: records.RunRecord) -> str:
     out = ["<h2 id=matrix>All pairs</h2><div class=cards>"]
     for key, title, kind, spec in (("top1_agree", "top-1 agreement", "top1", 3), ("sym_kl_mean", "symmetric KL (nats)", "kl", ".2e")):
         rows = [f"<div class=card><h3>{title}</h3><div class=wide><table class=heat id=heat-{kind}><tr><th><span class=sr>model</span></th>"]
-        rows += [f"<th class=rot><span>{_e(m)}</span></th>" for m in models]
+        rows += [f"<th class=rot><span>{esc(m)}</span></th>" for m in models]
         rows.append("</tr>")
         for a in models:
-            rows.append(f"<tr><th>{_e(a)}</th>")
+            rows.append(f"<tr><th>{esc(a)}</th>")
             for b in models:
                 if a == b:
                     rows.append('<td class=self title="the same model">–</td>')
                     continue
                 v = cell.get((a, b), {}).get(key)
-                rows.append(f'<td style="background:{heat(v, kind)}" title="{_e(a)} vs {_e(b)}">{_fraction(v, spec) if isinstance(spec, int) else _num(v, spec)}</td>')
+                rows.append(f'<td style="background:{heat(v, kind)}" title="{esc(a)} vs {esc(b)}">{fraction(v, spec) if isinstance(spec, int) else num(v, spec)}</td>')
             rows.append("</tr>")
         out.append("".join(rows) + "</table></div></div>")
     legend = "".join(f'<span style="background:{heat(v, "top1")}">{v:g}</span>' for v in (0.999, 0.99, 0.95, 0.8, 0.5))
@@ -315,92 +257,22 @@ def warp_section(record: records.RunRecord, n_vocab: int | None) -> str:
         knobs = ", ".join(f"{k}={cfg[k]}" for k in ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty") if cfg.get(k) is not None)
         first = first or (name, w)
         out.append(
-            f"<tr><td>{_e(name)}</td><td class=text>{_e(knobs or 'none')}</td><td>{_e(v.get('logit_width', '–'))}</td>"
-            f"<td>{_num(w['finite_p50'], '.0f')} ({_num(w['finite_p10'], '.0f')}–{_num(w['finite_p90'], '.0f')}, "
-            f"{_num(w['finite_min'], '.0f')}–{_num(w['finite_max'], '.0f')})</td><td>{_num(100 * w['single_finite_rate'], '.1f')}%</td>"
-            f"<td>{_num(w['kept_mass_mean'], '.3f')} ({_num(w['kept_mass_p50'], '.3f')})</td>"
-            f"<td>{_num(w['pad_mass_max'], '.1e')}</td></tr>"
+            f"<tr><td>{esc(name)}</td><td class=text>{esc(knobs or 'none')}</td><td>{esc(v.get('logit_width', '–'))}</td>"
+            f"<td>{num(w['finite_p50'], '.0f')} ({num(w['finite_p10'], '.0f')}–{num(w['finite_p90'], '.0f')}, "
+            f"{num(w['finite_min'], '.0f')}–{num(w['finite_max'], '.0f')})</td><td>{num(100 * w['single_finite_rate'], '.1f')}%</td>"
+            f"<td>{num(w['kept_mass_mean'], '.3f')} ({num(w['kept_mass_p50'], '.3f')})</td>"
+            f"<td>{num(w['pad_mass_max'], '.1e')}</td></tr>"
         )
     out.append("</table></div>")
     if first and (width := record.variants[first[0]].get("logit_width")):
         name, w = first
         out.append(
-            f"<p>So for <b>{_e(name)}</b>, of the {width} entries of a step's score row a median of "
-            f"{_num(w['finite_p50'], '.0f')} are finite and the other {_num(width - w['finite_p50'], '.0f')} are −inf; "
-            f"those finite tokens held {_num(100 * w['kept_mass_mean'], '.1f')}% of the raw probability on average. "
-            f"Only the first {_e(n_vocab or '–')} columns are real tokens: the rest of the row is padding, cut before "
+            f"<p>So for <b>{esc(name)}</b>, of the {width} entries of a step's score row a median of "
+            f"{num(w['finite_p50'], '.0f')} are finite and the other {num(width - w['finite_p50'], '.0f')} are −inf; "
+            f"those finite tokens held {num(100 * w['kept_mass_mean'], '.1f')}% of the raw probability on average. "
+            f"Only the first {esc(n_vocab or '–')} columns are real tokens: the rest of the row is padding, cut before "
             "every statistic in this report.</p>"
         )
-    return "".join(out)
-
-
-def throughput_section(record: records.RunRecord) -> str:
-    t = record.throughput
-    if not t:
-        return ""
-    write = f", write ceiling {_num(t.get('write_ceiling_gbps'), '.1f')} GB/s" if "write_ceiling_gbps" in t else ""
-    rows = [
-        f"<h2 id=throughput>Softmax/filter throughput</h2><p>{_e(t.get('device'))} ({_e(t.get('device_name'))}): read ceiling "
-        f"{_num(t.get('read_ceiling_gbps'), '.1f')} GB/s, copy ceiling {_num(t.get('copy_ceiling_gbps'), '.1f')} GB/s{write}. "
-        "The ceilings are the best measured in the run; each case is also held against the read ceiling measured just "
-        "before and after it (<i>near</i>), as a shared machine's memory runs in phases. <i>of ceiling</i>: logits bytes "
-        "read per second over the near read ceiling; <i>of run</i>: the same over the run's; <i>of bound</i>: rows/s over "
-        "what memory allows the case's reads and writes of its sparse form at the near ceilings. A fraction over 100% "
-        "means the case ran in a faster memory phase than its near probes saw, or (of bound) that its output stayed in "
-        "the cache between calls.</p>",
-        "<div class=wide><table class=sortable id=bench><thead><tr><th data-type=text>impl</th><th>batch</th><th data-type=text>dtype</th>"
-        "<th data-type=text>inputs</th><th data-type=text>filter</th><th>rows/s</th><th>GB/s</th><th>near GB/s</th>"
-        "<th>of ceiling</th><th>of bound</th><th>of run</th><th>× snippet</th><th>spread</th></tr></thead><tbody>",
-    ]
-    for r in t.get("results", []):
-        spread = r["iqr_s"] / r["median_s"] if r.get("iqr_s") is not None and r.get("median_s") else None
-        rows.append(
-            f"<tr><td>{_e(r.get('impl'))}</td><td data-v=\"{r.get('batch')}\">{_e(r.get('batch'))}</td><td>{_e(r.get('dtype'))}</td>"
-            f"<td>{_e(r.get('inputs'))}</td><td>{_e(r.get('filter'))}</td>"
-            f"<td data-v=\"{r.get('rows_per_s')}\">{_num(r.get('rows_per_s'), ',.0f')}</td>"
-            f"<td data-v=\"{r.get('gbps')}\">{_num(r.get('gbps'), '.2f')}</td>"
-            f"<td data-v=\"{r.get('near_read_gbps')}\">{_num(r.get('near_read_gbps'), '.1f')}</td>"
-            f"<td data-v=\"{r.get('fraction_of_ceiling')}\">{_num(r.get('fraction_of_ceiling'), '.1%')}</td>"
-            f"<td data-v=\"{r.get('fraction_of_bound')}\">{_num(r.get('fraction_of_bound'), '.1%')}</td>"
-            f"<td data-v=\"{r.get('fraction_of_run_ceiling')}\">{_num(r.get('fraction_of_run_ceiling'), '.1%')}</td>"
-            f"<td data-v=\"{r.get('speedup_vs_snippet')}\">{_num(r.get('speedup_vs_snippet'), '.0f')}</td>"
-            f"<td data-v=\"{spread}\">{_num(spread, '.0%')}</td></tr>"
-        )
-    notes = [f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in (t.get("notes") or {}).items()]
-    return ("".join(rows) + "</tbody></table></div><p class=small>rows/s × the row width is the logit tokens per second; spread: "
-            "interquartile range over median.</p>" + (f"<ul class=small>{''.join(notes)}</ul>" if notes else ""))
-
-
-def gate_section(run_dir: Path) -> str:
-    """The verdict of `harness check` on this run (gate.json beside the record), when there is one."""
-    path = run_dir / "gate.json"
-    if not path.is_file():
-        return ""
-    try:
-        return _gate_html(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # cut short, or edited by hand
-        return (f"<h2 id=gate>Quantization gate</h2><p>{_e(path)} cannot be read ({_e(type(exc).__name__)}: {_e(exc)}), so "
-                "its verdict is not shown; <code>harness check --run</code> on this run writes it again.</p>")
-
-
-def _gate_html(v: dict) -> str:
-    rows = v.get("breaches", []) + v.get("within_noise", []) + v.get("passed", [])
-    passed, checks, fails = v.get("verdict") == "pass", _e(v.get("checks")), len(v.get("breaches", []))
-    count = f"all {checks} checks pass" if passed else f"{fails} of {checks} checks fail"
-    out = [f"<h2 id=gate>Quantization gate: <span class=\"verdict {'pass' if passed else 'fail'}\">{'PASS' if passed else 'FAIL'}</span></h2>"
-           f"<p>{count}" + (f", against baseline {_e(v['baseline'])}" if v.get("baseline") else "") + ".</p>"]  # fmt: skip
-    if rows:
-        out.append("<div class=wide><table id=gate-table><tr><th>pair</th><th>metric</th><th>value</th><th>limit</th><th>baseline</th>"
-                   "<th>rule</th><th>verdict</th></tr>")  # fmt: skip
-        for b in rows:
-            word = "pass" if b.get("passed") else "within noise" if b["within_noise"] else "FAIL"
-            out.append(
-                f"<tr><td>{_e(b['pair'])}</td><td>{_e(b['metric'])}</td><td>{'absent' if b['rule'] == ABSENT else _num(b['value'], '.4g')}</td>"
-                f"<td>{_num(b['limit'], '.4g')}</td><td>{_num(b.get('baseline'), '.4g')}</td><td>{_e(b['rule'])}</td>"
-                f"<td class=\"verdict {'pass' if b.get('passed') else 'noise' if b['within_noise'] else 'fail'}\">{word}</td></tr>"
-            )
-        out.append("</table></div>")
-    out += [f"<p class=small>warning: {_e(w)}</p>" for w in v.get("warnings", [])]
     return "".join(out)
 
 
@@ -413,11 +285,11 @@ def scope(record: records.RunRecord) -> str:
     and the prompts that gave no scored position (a prompt shorter than a llama_cpp window, say), by name."""
     cfg, n = record.config, record.pairs[0].aggregates["positions"] if record.pairs else 0
     if cfg.get("mode") == "generate":
-        how = f"mode generate: each prompt's greedy continuation by the reference, up to {_e((cfg.get('generate') or {}).get('max_new_tokens'))} tokens"
+        how = f"mode generate: each prompt's greedy continuation by the reference, up to {esc((cfg.get('generate') or {}).get('max_new_tokens'))} tokens"
     else:
         text = cfg.get("text") or {}
-        how = f"mode text: windows of {_e(text.get('context'))} tokens, text.score {_e(text.get('score'))}"
-    out = (f"Reference <b>{_e(record.reference)}</b>, {_plural(len(record.pairs), 'candidate')}, {_plural(n, 'scored position')}"
+        how = f"mode text: windows of {esc(text.get('context'))} tokens, text.score {esc(text.get('score'))}"
+    out = (f"Reference <b>{esc(record.reference)}</b>, {_plural(len(record.pairs), 'candidate')}, {_plural(n, 'scored position')}"
            f" ({how}).")  # fmt: skip
     scored = {r.get("prompt") for p in record.pairs[:1] for r in p.prompts}
     prompts = record.inputs.get("prompts")
@@ -428,59 +300,6 @@ def scope(record: records.RunRecord) -> str:
     return out
 
 
-def metadata_section(record: records.RunRecord) -> str:
-    kv = lambda d: "".join(f"<tr><th>{_e(str(k).replace('_', ' '))}</th><td>{_value(v)}</td></tr>" for k, v in (d or {}).items())  # noqa: E731
-    git = record.git or {}
-    run = {"run id": record.run_id, "created (UTC)": record.created_at, "status": record.status, "seed": record.seed,
-           "batch size": record.batch_size, "git commit": git.get("commit", "–"), "tree dirty": git.get("dirty", "–")}  # fmt: skip
-    out = [
-        "<h2 id=meta>Run</h2><div class=cards>",
-        f"<div class=card><h3>run</h3><table class=kv>{kv(run)}</table></div>",
-        f"<div class=card><h3>machine</h3><table class=kv>{kv(record.machine)}</table></div>",
-        f"<div class=card><h3>versions</h3><table class=kv>{kv(record.versions)}</table></div></div>",
-    ]
-    config = f"<h3>resolved config</h3><pre>{_e(json.dumps(record.config, indent=2, default=str))}</pre>"
-    if not record.variants:  # a failed run's record: the models' facts come with the finished run
-        return "".join(out) + config
-    out.append("<h3>models</h3><div class=wide><table id=models><tr><th>model</th><th>source</th><th>dtype</th><th>device</th>"
-               "<th>loader (kernel)</th><th>parameters</th><th>load s</th><th>extract s</th><th>forward s</th><th>store</th></tr>")  # fmt: skip
-    for name, v in record.variants.items():
-        reused = v.get("reused_shards") == v.get("shards")
-        by = f"its last part, {_e(v['first_part'])}," if v.get("first_part") else "filling it"
-        filled = (v.get("filled_by") or {}).get("versions") or {}
-        other = ", ".join(f"{k} {filled[k]}" for k in VERSION_KEYS if k in filled and filled[k] != record.versions.get(k))
-        took = f" (store reused; {by} took {_num(v.get('first_extract_s'), '.1f')}{'; filled with ' + _e(other) if other else ''})" if reused else ""
-        out.append(
-            f"<tr><td>{_e(name)}</td><td class=path>{_e(v.get('source'))}{'@' + _e(v['revision']) if v.get('revision') else ''}</td>"
-            f"<td>{_e(v.get('dtype'))}</td><td>{_e(v.get('device'))}{_placed(v)}</td><td class=text>{_loader(v)}</td>"
-            f"<td>{_num(v.get('parameters'), ',')}</td><td>{'–' if reused and not v.get('load_s') else _num(v.get('load_s'), '.1f')}</td>"
-            f"<td>{_num(v.get('extract_s'), '.1f')}{took}</td>"
-            f"<td>{_num(v.get('forward_s'), '.1f')}</td>"
-            f"<td class='small path'>{_e(v.get('store'))}</td></tr>"
-        )
-    out.append(f"</table></div>{config}")
-    return "".join(out)
-
-
-def _value(v) -> str:
-    """A record value for a key-value table: "–" for None, yes/no for booleans."""
-    return "–" if v is None else ("yes" if v else "no") if isinstance(v, bool) else _e(v)
-
-
-def _placed(v: dict) -> str:
-    """Where a model's weights were, where that is not what its device says (a sharded model's GPUs, or the CPU)."""
-    placed = v.get("placed_on")  # None in records from before it was kept
-    return "" if not placed or placed in ([v.get("device")], [f"{v.get('device')}:0"]) else f" ({_e(', '.join(placed))})"
-
-
-def _loader(v: dict) -> str:
-    """A model's loader, the backend it was asked for, and the quantized kernels it ran (records before they were kept:
-    transformers)."""
-    text = _e(v.get("loader", "transformers")) + (f" ({_e(v['backend'])})" if v.get("backend") else "")
-    return text + (f"<br><span class=small>{_e(', '.join(v['kernels']))}</span>" if v.get("kernels") else "")
-
-
-# the per-prompt table of the token view (report.js keeps this order): what prompts.csv holds, the main columns
 def render(run_dir: Path, record: records.RunRecord, view_positions: int = VIEW_POSITIONS) -> str:
     run_dir = Path(run_dir)
     css = resources.files("harness").joinpath("assets/report.css").read_text()
@@ -490,14 +309,14 @@ def render(run_dir: Path, record: records.RunRecord, view_positions: int = VIEW_
     tokens = records.load_tokens(run_dir, record) if record.status == "ok" else None  # a failed run's: not needed
     n_vocab = (record.variants.get(record.reference or "", {}) or {}).get("n_vocab") or (tokens or {}).get("n_vocab")
     title = f"Drift report {record.run_id}"
-    body = [f"<h1>{_e(title)}</h1>"]
+    body = [f"<h1>{esc(title)}</h1>"]
     if record.status != "ok":
-        body.append(f'<div class="error"><b>This run failed.</b> {_e(record.error)}<br>The stores of the models it finished '
+        body.append(f'<div class="error"><b>This run failed.</b> {esc(record.error)}<br>The stores of the models it finished '
                     "are kept: the same command again reuses them and goes on where it stopped.</div>")
     else:
         gate = gate_section(run_dir)
         body += [
-            f"<p>{scope(record)} Noise floor: <b>{_e(record.noise_floor or 'none set')}</b>.</p>",
+            f"<p>{scope(record)} Noise floor: <b>{esc(record.noise_floor or 'none set')}</b>.</p>",
             '<nav><a href="#summary">summary</a> ' + ('<a href="#gate">gate</a> ' if gate else "") + '<a href="#dist">KL distribution</a> '
             '<a href="#llama">llama.cpp terms</a> <a href="#matrix">all pairs</a> '
             '<a href="#tokens">per prompt</a> <a href="#inf">−inf scores</a> <a href="#meta">run</a></nav>',
@@ -510,7 +329,7 @@ def render(run_dir: Path, record: records.RunRecord, view_positions: int = VIEW_
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(title)}</title>'
         f"<style>{css}</style></head><body><main>{''.join(body)}</main>"
         f'<script type="application/json" id="data">{script_json(data)}</script><script>{js}</script></body></html>\n'
     )

@@ -430,9 +430,9 @@ def test_a_baseline_pair_missing_from_the_run_warns_and_fails_only_with_strict(t
     assert [(b["pair"], b["metric"], b["baseline"]) for b in v["breaches"]] == [("int8", "kl_mean", 1e-5), ("int8", "top1_agree", 0.999)]
     assert check.Breach(**v["breaches"][0]).line() == "int8: kl_mean = absent, limit present in this run (baseline 1e-05): FAIL"
     (tmp_path / "gate.json").write_text(json.dumps(records.json_safe(v), allow_nan=False))  # strict JSON, as main writes it
-    from harness import html_report
+    from harness import html_run
 
-    assert "<td>int8</td><td>kl_mean</td><td>absent</td><td>–</td><td>1e-5</td>" in html_report.gate_section(tmp_path)
+    assert "<td>int8</td><td>kl_mean</td><td>absent</td><td>–</td><td>1e-5</td>" in html_run.gate_section(tmp_path)
     # a dropped cross_vocab pair: its bits per byte are a known --fail metric (the baseline has them), and absent now
     v = check.gate(_run(GOOD), baseline=base, baseline_path=Path("b.json"), fail=["bpb_diff:+0.1"], strict=True)
     assert [(b["pair"], b["metric"], b["rule"]) for b in v["breaches"]] == [("int8", "bpb_diff", check.ABSENT)]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import axe_violations, open_page
 
-from harness import aggregate, html_report, llama_report, records, report, token_view
+from harness import aggregate, html_format, html_report, html_run, llama_report, records, report, token_view
 from harness.cli import main
 
 pytestmark = pytest.mark.slow
@@ -213,7 +213,7 @@ def test_the_page_gives_no_interval_over_too_few_prompts(micro_run):
 def test_numbers_on_the_page_keep_their_digits():
     """The page's formats: at least 4 significant digits with trailing zeros kept, more to reach a standard error's
     second digit or a correlation's distance from 100%; an agreement that is not 1 never reads 1.000."""
-    sig = html_report._sig
+    sig = html_format.sig
     assert sig(1.000044, 0.0001014) == "1.00004 ± 0.00010"  # a good quant's PPL ratio: not "1 ± 0.0001"
     assert sig(4216.619, 35.2) == "4217 ± 35" and sig(13260.4, 1998.0) == "13260 ± 2000"
     assert sig(14.002261) == "14.00" and sig(0.548) == "0.5480" and sig(-0.34) == "-0.3400"
@@ -221,7 +221,7 @@ def test_numbers_on_the_page_keep_their_digits():
     assert sig(4.531e-06, 3.3e-07) == "4.531e-6 ± 3.3e-7" and sig(-5.2e-12) == "-5.200e-12" and sig(1e7) == "1.000e+7"
     assert sig(99.99981, near=100.0) == "99.99981" and sig(97.5, near=100.0) == "97.50"
     assert sig(0.0) == "0" and sig(float("inf")) == "∞" and sig(0.0, 0.02) == "0.000 ± 0.020"
-    frac = html_report._fraction
+    frac = html_format.fraction
     assert [frac(v, 3) for v in (0.99956, 0.9999996, 1.0, 0.0, 0.0004, 0.5)] == ["0.9996", "1.000000", "1.000", "0.000", "0.0004", "0.500"]
     assert frac(None, 3) == "–"
 
@@ -377,7 +377,7 @@ def test_a_schema_1_record_still_renders(micro_run, tmp_path):
 
 def test_script_json_cannot_close_its_element():
     payload = {"t": "</script><script>alert(1)</script>", "u": "a\u2028b & <!--", "inf": float("inf"), "nan": float("nan")}
-    text = html_report.script_json(payload)
+    text = html_format.script_json(payload)
     assert "<" not in text and ">" not in text and "&" not in text
     back = json.loads(text)
     assert back == {"t": payload["t"], "u": payload["u"], "inf": "inf", "nan": None}
@@ -445,7 +445,7 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     heads = page.locator("#llama-table tr").first.locator("th").all_inner_texts()[1:]
     pairs = {p.candidate: p.aggregates for p in records.read(run_dir).pairs}
     assert heads == list(pairs)
-    sig = html_report._sig  # test_numbers_on_the_page_keep_their_digits checks it
+    sig = html_format.sig  # test_numbers_on_the_page_keep_their_digits checks it
     for label, fmt in (("Mean Δp", lambda a: f"{sig(100 * a['delta_p_mean'], 100 * a['delta_p_mean_se'])} %"),
                        ("Same top p", lambda a: f"{sig(100 * a['top1_agree'], 100 * a['top1_agree_se'])} %"),
                        ("Mean PPL(Q)-PPL(base)", lambda a: sig(a['ppl_diff'], a['ppl_diff_se'])),
@@ -692,11 +692,11 @@ def test_summary_columns_follow_the_runs_top_k():
 def test_models_table_says_where_a_sharded_model_was_and_which_kernel_ran():
     sharded = {"device": "sharded", "placed_on": ["cpu", "cuda:0", "cuda:1"], "loader": "gptqmodel",
                "backend": "gptq_marlin", "kernels": ["MarlinLinear"]}  # fmt: skip
-    assert html_report._placed(sharded) == " (cpu, cuda:0, cuda:1)"  # spilled to the CPU: shown
-    assert html_report._placed({"device": "cuda", "placed_on": ["cuda:0"]}) == ""
-    assert html_report._placed({"device": "cpu"}) == ""  # a record from before placed_on
-    assert html_report._loader(sharded) == "gptqmodel (gptq_marlin)<br><span class=small>MarlinLinear</span>"
-    assert html_report._loader({"device": "cpu"}) == "transformers"
+    assert html_run._placed(sharded) == " (cpu, cuda:0, cuda:1)"  # spilled to the CPU: shown
+    assert html_run._placed({"device": "cuda", "placed_on": ["cuda:0"]}) == ""
+    assert html_run._placed({"device": "cpu"}) == ""  # a record from before placed_on
+    assert html_run._loader(sharded) == "gptqmodel (gptq_marlin)<br><span class=small>MarlinLinear</span>"
+    assert html_run._loader({"device": "cpu"}) == "transformers"
 
 
 def test_models_table_names_the_versions_a_reused_store_was_filled_with():
@@ -706,7 +706,7 @@ def test_models_table_names_the_versions_a_reused_store_was_filled_with():
                             variants={"same": v | {"filled_by": {"versions": {"torch": "2.13.0", "transformers": "5.24.0"}}},
                                       "older": v | {"filled_by": {"versions": {"torch": "2.12.0", "transformers": "5.24.0"}}},
                                       "unknown": v})  # fmt: skip
-    rows = {r.split("</td>")[0]: r for r in html_report.metadata_section(rec).split("<tr><td>")[1:]}  # model name -> its row
+    rows = {r.split("</td>")[0]: r for r in html_run.metadata_section(rec).split("<tr><td>")[1:]}  # model name -> its row
     assert "(store reused; filling it took 2.0; filled with torch 2.12.0)" in rows["older"]
     assert "filled with" not in rows["same"] and "filled with" not in rows["unknown"]
 
@@ -750,8 +750,8 @@ def test_every_kl_report_row_prints_its_own_aggregate():
 
 
 def test_infinities_on_the_page_keep_their_sign():
-    assert html_report._num(math.inf) == "∞" and html_report._num(-math.inf) == "−∞"
-    assert html_report._sig(-math.inf) == "−∞"
+    assert html_format.num(math.inf) == "∞" and html_format.num(-math.inf) == "−∞"
+    assert html_format.sig(-math.inf) == "−∞"
 
 
 def test_positions_csv_flags_are_0_and_1_and_average_to_the_agreement(micro_run):
@@ -783,7 +783,7 @@ def test_the_console_table_keeps_its_columns_for_a_huge_ppl_ratio():
 def test_a_damaged_gate_file_leaves_the_report_a_note(tmp_path, text):
     """gate.json cut short or edited by hand crashed `harness report` (exit 3); the page now says it cannot be read."""
     (tmp_path / "gate.json").write_text(text)
-    html = html_report.gate_section(tmp_path)
+    html = html_run.gate_section(tmp_path)
     assert "gate.json cannot be read" in html and "harness check --run</code> on this run writes it again" in html
     (tmp_path / "gate.json").write_text('{"verdict": "pass", "checks": 3, "breaches": [], "within_noise": []}')
-    assert "Quantization gate: <span class=\"verdict pass\">PASS</span>" in html_report.gate_section(tmp_path)
+    assert "Quantization gate: <span class=\"verdict pass\">PASS</span>" in html_run.gate_section(tmp_path)
