@@ -20,7 +20,8 @@ def esc(x) -> str:
 
 
 def num(x, spec: str = ".3g") -> str:
-    """A number in `spec`, its exponent as JavaScript writes it (2.69e-6); "–" for None or NaN, ∞ and −∞ for the infinities."""
+    """A number in `spec`, its exponent as JavaScript writes it (2.69e-6); "–" for None or NaN, ∞ and −∞ for the
+    infinities."""
     if isinstance(x, str):  # "inf" / "-inf" from a strict-JSON file
         return esc(x)
     if x is None or (isinstance(x, float) and math.isnan(x)):

@@ -1,6 +1,6 @@
 """The report page's sections on the run itself rather than its statistics: the quantization gate's verdict
-(gate.json beside the record), the softmax/filter throughput table (`harness bench --into RUN_DIR`), and the run, machine,
-versions and models cards.
+(gate.json beside the record), the softmax/filter throughput table (`harness bench --into RUN_DIR`), and the run,
+machine, versions and models cards.
 
     harness report reports/latest && chromium reports/latest/index.html      # the sections at #gate, #throughput, #meta
 """
