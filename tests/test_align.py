@@ -700,3 +700,13 @@ def test_ids_without_a_piece_are_never_shared():
     vm = align.VocabMap.build(ref_keys, cand_keys)
     assert vm.shared == 2 and vm.ref.tolist() == [0, 2] and vm.cand.tolist() == [2, 0]
     assert vm.ref_column.tolist() == [0, 2, 1]  # id 1: no column (S = 2)
+
+
+def test_window_starts_names_the_reference_where_a_reading_spells_other_text():
+    """window_starts over two other readings, the second of which spells other text ("abce" against "abcd"): an
+    AlignError naming the prompt, the reference and that model, and the byte where they part."""
+    keys = [("bytes", b"ab"), ("bytes", b"cd"), ("bytes", b"ce")]
+    ref = align.Side(ids=((0, 1),), keys=keys)
+    same, odd = align.Side(ids=((0, 1),), keys=keys), align.Side(ids=((0, 2),), keys=keys)
+    with pytest.raises(align.AlignError, match=r"prompt 'p': 'ref' and 'odd' tokenize it to different text from byte 3"):
+        align.window_starts(ref, [same, odd], ["p"], ["ref", "same", "odd"])

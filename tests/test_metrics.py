@@ -183,3 +183,19 @@ def test_smoothed_kl_is_finite_and_matches_scipy():
         Q = (1 - eps) * _probs(b) + eps / b.shape[-1]
         np.testing.assert_allclose(got, rel_entr(_probs(a), Q).sum(-1), rtol=1e-6)
         assert np.isfinite(got).all() and np.isinf(metrics.kl(lp, lq).numpy()).all()
+
+
+def test_js_and_tv_of_disjoint_rows_are_their_maxima_never_past_them():
+    """position_metrics on rows with disjoint supports (each token -inf on one side or the other): JS is ln 2 and TV is
+    1, their maxima, within 1e-12, and never past them. Σ p + Σ q lands a few float64 ulps either side of 2, so the
+    sums unclamped overshoot ln 2 and 1 on some of these 32 rows (about half, for JS)."""
+    ln2 = math.log(2.0)
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(8, 1000, generator=gen, dtype=torch.float64) * 3
+        ref_side = torch.rand(8, 1000, generator=gen) < 0.5
+        ref, cand = x.masked_fill(~ref_side, -math.inf), x.masked_fill(ref_side, -math.inf)
+        m = metrics.position_metrics(ref, cand, torch.zeros(8, dtype=torch.int64))
+        assert ((m["js"] <= ln2) & (m["js"] >= ln2 - 1e-12)).all(), (m["js"] - ln2).tolist()
+        assert ((m["tv"] <= 1.0) & (m["tv"] >= 1.0 - 1e-12)).all(), (m["tv"] - 1.0).tolist()
+
