@@ -4,9 +4,9 @@
 
 The statistics' tables, SVG charts and heatmaps are built here in Python (the gate, throughput and run sections in
 html_run, the number formats in html_format); the per-prompt token view is drawn by assets/report.js from a JSON
-block. Every text that comes from a prompt, a token or the config is
-escaped (html_format.esc here, textContent in the script), and the page's Content-Security-Policy
-forbids every fetch, so a prompt holding `<script>` shows as text and nothing leaves the machine.
+block. Every text that comes from a prompt, a token or the config is escaped (html_format.esc here, textContent in
+the script), and the page's Content-Security-Policy forbids every fetch, so a prompt holding `<script>` shows as text
+and nothing leaves the machine.
 """
 
 from __future__ import annotations
