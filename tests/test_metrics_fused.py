@@ -46,7 +46,7 @@ def _check(ref, cand, target, ks=(5, 10), atol=1e-12):
     stable (lowest id first) definition everywhere, and the reference where no tie straddles the k-th place."""
     want = metrics.position_metrics(ref, cand, target, ks)
     got = metrics_fused.fused_position_metrics(ref, cand, target, ks)
-    assert got.keys() == want.keys()
+    assert list(got) == list(want)  # the same keys, in the same order (the order compare writes its columns in)
     for key, w in want.items():
         g = got[key]
         assert g.dtype == w.dtype and g.shape == w.shape, key
@@ -122,11 +122,124 @@ def test_identical_rows_and_infinite_kl():
 
 
 def test_bad_arguments():
+    """Arguments the kernel cannot take are a ValueError, raised before it reads them."""
     x = torch.zeros(2, 8)
     with pytest.raises(ValueError):
         metrics_fused.fused_position_metrics(x, x[:, :4], torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError):
         metrics_fused.fused_position_metrics(x, x, torch.zeros(2, dtype=torch.long), ks=(9,))
+    # each check on its own, every other argument valid (rows wider than the default ks, so that no other check fires
+    # first): blocks of two widths, or one not on the CPU (the meta device; no rows, so that a missing check shows as
+    # no error rather than as a read through a null pointer), from both entry points; top-k sizes of 0 or past MAX_K
+    # (256: the kernel's lists); targets that are not one id per row. Each a ValueError naming what is wrong.
+    x, zero = torch.zeros(2, 300), torch.zeros(2, dtype=torch.long)
+    on_meta = torch.zeros(0, 300, device="meta")
+    cpu = torch.zeros(0, 300)
+    for a, b in ((x, x[:, :200]), (on_meta, cpu), (cpu, on_meta)):
+        for path in (lambda a, b: metrics_fused.fused_position_metrics(a, b, torch.zeros(len(a), dtype=torch.long)),
+                     metrics_fused.fused_sym_kl_top1):  # fmt: skip
+            with pytest.raises(ValueError, match=r"takes two \[B, V\] CPU tensors"):
+                path(a, b)
+    for ks in ((257,), (0, 5), (5, 0)):
+        with pytest.raises(ValueError, match=r"top-k sizes must be in \[1, 256\]"):
+            metrics_fused.fused_position_metrics(x, x, zero, ks=ks)
+    for target in (torch.zeros(3, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"targets must be \[2\] token ids"):
+            metrics_fused.fused_position_metrics(x, x, target)
+
+
+def test_the_smallest_arguments_allowed():
+    """Top-1 lists alone (ks=(1,)), rows of two entries (the kernel's lists hold at least 2: here the whole row), and
+    a block of no rows: every key as the float64 reference gives it (empty tensors of its dtypes for no rows), from
+    both entry points (fused_sym_kl_top1 with a -inf entry in one narrow row: that row from the full kernel)."""
+    ref, cand = _rows("normal", 8, 300, seed=31)
+    target = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(32))
+    _check(ref, cand, target, ks=(1,))
+    ref, cand = _rows("normal", 8, 2, seed=33)
+    _check(ref, cand, torch.tensor([0, 1] * 4), ks=(1,))
+    cand[3, 1] = -math.inf  # a row for the full kernel (q = 0 where p > 0: inf)
+    sym, top1 = metrics_fused.fused_sym_kl_top1(ref, cand)
+    want, agree = _sym_exact(ref, cand)
+    torch.testing.assert_close(sym, want, rtol=1e-6, atol=1e-12)
+    assert torch.equal(top1, agree)
+    ref, cand = _rows("normal", 0, 300, seed=34)
+    _check(ref, cand, torch.zeros(0, dtype=torch.long))
+    sym, top1 = metrics_fused.fused_sym_kl_top1(ref, cand)
+    assert sym.shape == top1.shape == (0,) and sym.dtype == torch.float64 and top1.dtype == torch.bool
+
+
+def test_defaults_are_position_metrics_defaults():
+    """Called without ks, the fused path gives the torch reference's keys (top5 and top10 overlaps), in its order,
+    with its values."""
+    ref, cand = _rows("quantised", 4, 1000, seed=35)
+    target = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(36))
+    got, want = metrics_fused.fused_position_metrics(ref, cand, target), metrics.position_metrics(ref, cand, target)
+    assert list(got) == list(want) and "top5_overlap" in got and "top10_overlap" in got
+    for key in ("top5_overlap", "top10_overlap"):
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_mixed_dtype_pairs_and_column_strided_blocks_go_in_as_float32_copies():
+    """Pairs the kernel does not read as they are, a float16 reference with a float32 or bfloat16 candidate (the kernel
+    reads 16-bit rows only as pairs of one dtype), float64 pairs, and blocks whose entries are not adjacent in memory
+    (a transposed [V, B] block, every other column of a wider one, one column broadcast over a row: a uniform row):
+    both entry points give, bit for bit, what contiguous float32 copies of the same numbers give."""
+    ref, cand = _rows("quantised", 5, 4001, seed=37)
+    ref = ref.half()
+    target = torch.randint(0, 4001, (5,), generator=torch.Generator().manual_seed(38))
+    pairs = [(ref, cand), (ref, cand.bfloat16()), (ref.double(), cand.double()), (ref.float().T.contiguous().T, cand.T.contiguous().T),
+             (ref.repeat_interleave(2, 1)[:, ::2], cand.repeat_interleave(2, 1)[:, 1::2]), (ref.float()[:, :1].expand(-1, 4001), cand)]  # fmt: skip
+    for a, b in pairs:
+        want = metrics_fused.fused_position_metrics(a.float().contiguous(), b.float().contiguous(), target)
+        got = metrics_fused.fused_position_metrics(a, b, target)
+        assert all(torch.equal(got[k], want[k]) for k in want), (a.dtype, b.dtype, a.stride())
+        sym, top1 = metrics_fused.fused_sym_kl_top1(a, b)
+        sym_want, top1_want = metrics_fused.fused_sym_kl_top1(a.float().contiguous(), b.float().contiguous())
+        assert torch.equal(sym, sym_want) and torch.equal(top1, top1_want), (a.dtype, b.dtype, a.stride())
+
+
+def test_sym_kl_top1_without_the_avx512_copy_takes_the_full_kernel(monkeypatch):
+    """Routing: where the kernel has no AVX-512 copy (pm_native() is 0, as in a portable build), fused_sym_kl_top1
+    never calls sym_team (whose portable copy computes nothing) and gives fused_position_metrics' kl + kl_rev and
+    top1_agree for every row, bit for bit, float32 and float16 pairs; within 1e-6 relative of float64. pm_team then
+    gets float32 rows only (kind 0: the portable copy reads no 16-bit rows), 16-bit pairs converted first. Rows of two
+    entries included."""
+    lib = metrics_fused._lib()
+    monkeypatch.setattr(lib, "pm_native", lambda: 0)
+
+    def no_sym_team(*args):
+        raise AssertionError("sym_team called where the kernel has no AVX-512 copy")
+
+    real_pm_team, kinds = lib.pm_team, []
+
+    def pm_team(x, y, kind, *rest):  # the real kernel (it reads 16-bit rows here), recording what it is given
+        kinds.append(kind)
+        return real_pm_team(x, y, kind, *rest)
+
+    monkeypatch.setattr(lib, "sym_team", no_sym_team)
+    monkeypatch.setattr(lib, "pm_team", pm_team)
+    ref, cand = _rows("quantised", 5, 4001, seed=39)
+    narrow = _rows("normal", 5, 2, seed=40)  # rows of two entries: as wide as the kernel's shortest lists
+    for a, b in ((ref, cand), (ref.half(), cand.half()), narrow):
+        sym, top1 = metrics_fused.fused_sym_kl_top1(a, b)
+        full = metrics_fused.fused_position_metrics(a.float(), b.float(), torch.zeros(5, dtype=torch.int64), (2,))
+        assert torch.equal(sym, full["kl"] + full["kl_rev"]) and torch.equal(top1, full["top1_agree"]), a.dtype
+        want, agree = _sym_exact(a, b)
+        torch.testing.assert_close(sym, want, rtol=1e-6, atol=0)
+        assert torch.equal(top1, agree)
+    assert len(kinds) == 6 and set(kinds) == {0}
+
+
+def test_available_says_why_the_kernel_does_not_build(monkeypatch, tmp_path):
+    """With no g++ on PATH (an empty folder for PATH), `available()` is the reason, in a line, not None
+    (compare.position_metrics_fn reads it to fall back to the torch reference)."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    metrics_fused._lib.cache_clear()
+    try:
+        why = metrics_fused.available()
+    finally:
+        metrics_fused._lib.cache_clear()  # the next call loads the real build again (the environment restored by then)
+    assert why == "RuntimeError: the metrics_fused kernel needs g++ on PATH"
 
 
 @pytest.mark.parametrize("shift", [0.0, 7.3])
