@@ -192,8 +192,8 @@ def test_a_kernel_without_the_16_bit_vector_path_leaves_16_bit_outputs_to_torch(
 
 
 def test_without_the_kernel_everything_takes_the_torch_path(monkeypatch):
-    """No kernel here (no g++, a failed build: _lib raises, so available() says why): float32 logits, float32 output,
-    with and without top, still work, through torch."""
+    """No kernel here (no g++, a failed build: _lib raises, so available() says why): float32 logits give their float32
+    log-probs, sums and top 5 through torch."""
 
     def broken():
         raise RuntimeError("the row_stats kernel needs g++ on PATH")
