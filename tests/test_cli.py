@@ -337,7 +337,6 @@ def test_module_entry_points_take_help_and_refuse_flags(tmp_path):
     assert run("harness.store", "empty").returncode == 1  # no shard: nothing verifies
 
 
-
 def test_importing_any_module_prints_and_writes_nothing(tmp_path):
     """Every module of the package imported in one process (all but __main__, which is the command): nothing on
     stdout and no file written, so a module's `python -m` demo (metrics' scipy check, say) runs only as a script."""
@@ -350,6 +349,7 @@ def test_importing_any_module_prints_and_writes_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout == "", (done.stdout, done.stderr)
     assert list(tmp_path.iterdir()) == []
+
 
 def test_an_interrupt_before_the_commands_handling_is_exit_130_or_143(monkeypatch, capsys):
     """SIGINT or SIGTERM in the seconds in which a command imports torch (before its own handling is in place): the
