@@ -64,6 +64,20 @@ def open_page(browser, path: Path):
     return page, seen
 
 
+def tied_below_a_top(rows: int, width: int, gen, dtype=None):
+    """`rows` rows of N(-20, 1) logits ([rows, width], float32 unless `dtype`), each with one clear top at -1 and 299
+    more tied at -3 at random columns, and each row's 300 columns, its top first. torch.topk's pick inside such a tie
+    strays from the lowest columns on some rows, which is what the tests of the lowest-id rule need."""
+    import torch
+
+    x = torch.randn(rows, width, dtype=dtype or torch.float32, generator=gen) - 20
+    cols = []
+    for r in range(rows):
+        cols.append(torch.randperm(width, generator=gen)[:300])
+        x[r, cols[-1]] = -3.0
+        x[r, cols[-1][0]] = -1.0
+    return x, cols
+
 def axe_violations(page) -> list[str]:
     """axe-core's rules (WCAG 2 A and AA, best practices) on the page as it stands: a line per rule it breaks, with the
     first elements. The scroll boxes' edge shadows are painted plain white first, so that the contrast of every cell in

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import tied_below_a_top
 
 from harness import bench, metrics, metrics_fused
 
@@ -619,15 +620,11 @@ def test_a_long_tie_below_a_clear_top_token_takes_the_lowest_ids():
     the k + 64 values torch.topk fetched, so the top-5 must look at each row whole to take the tie's 4 lowest ids (by
     hand: sorted; topk's own pick among the tied was not those in a quarter of such rows). Both paths give those ids'
     overlap: where half the tie drops a little in the candidate, its top 5 are the other half's lowest."""
-    gen = torch.Generator().manual_seed(3)
-    rows, width = 20, 151646
-    x = torch.randn(rows, width, dtype=torch.float64, generator=gen) - 20
+    rows = 20
+    x, all_cols = tied_below_a_top(rows, 151646, torch.Generator().manual_seed(3), torch.float64)
     cand = x.clone()
     want, overlap = [], []
-    for r in range(rows):
-        cols = torch.randperm(width, generator=gen)[:300]
-        x[r, cols] = cand[r, cols] = -3.0
-        x[r, cols[0]] = cand[r, cols[0]] = -1.0
+    for r, cols in enumerate(all_cols):
         cand[r, cols[1:150]] = -3.5
         want.append(sorted([int(cols[0])] + sorted(cols[1:].tolist())[:4]))
         overlap.append(len(set(want[-1]) & {int(cols[0]), *sorted(cols[150:].tolist())[:4]}) / 5)

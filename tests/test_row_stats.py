@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tied_below_a_top
 
 from harness import bench, row_stats
 
@@ -223,13 +224,8 @@ def test_a_tie_at_the_kth_place_keeps_its_lowest_columns():
     Then column 0 as the one column of a long tie that makes the top 5: a row whose last column is 0 is no short row
     (the -1 that marks one is below 0), so the kernel's pick stands."""
     gen = torch.Generator().manual_seed(3)
-    raw = torch.randn(20, 151936, generator=gen) - 20
-    want = []
-    for r in range(20):
-        cols = torch.randperm(151936, generator=gen)[:300]
-        raw[r, cols] = -3.0
-        raw[r, cols[0]] = -1.0
-        want.append([int(cols[0])] + sorted(cols[1:].tolist())[:4])
+    raw, cols = tied_below_a_top(20, 151936, gen)
+    want = [[int(c[0])] + sorted(c[1:].tolist())[:4] for c in cols]
     _, _, _, (values, columns) = row_stats.row_stats(raw, 151646, top=5)
     assert values.tolist() == [[-1.0] + [-3.0] * 4] * 20
     assert columns.tolist() == want
