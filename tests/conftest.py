@@ -11,6 +11,14 @@ import pytest
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 
+def pytest_collection_modifyitems(items):
+    """A test that takes the micro zoo, itself or through another fixture (`tokenizer`, a run on the zoo), is `slow`
+    whatever its file says: that is what the marker means, so `-m "not slow"` (make test-fast) never builds the zoo."""
+    for item in items:
+        if "micro_zoo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def micro_zoo():
     """name -> folder of every model of the micro profile (built on first use, then reused)."""
