@@ -179,6 +179,8 @@ def _compare(cfg, planned=None, state: dict | None = None) -> Path:
            if name not in the_plan.own}  # fmt: skip
     for name, store in stores.items():
         facts[name] |= {"warp": compare.warp_summary(store), "n_vocab": the_plan.model_tokens(name)[0].n_vocab}
+    if cfg.store_dtype != "float32":  # the reference's rounding, which every mean KL against it carries (html_report.rounding_note)
+        facts[ref]["store_rounding_kl"] = compare.store_rounding_kl(stores[ref])
     tokenizer = the_plan.tokenizer
     sequences = prompts.sequences(the_plan.segments)
     shown = {int(i) for ids, _ in top.values() for i in ids.reshape(-1)} | {int(i) for i in stores[ref].read("target")}

@@ -86,7 +86,28 @@ def summary_table(record: records.RunRecord) -> str:
             "<a href=\"#llama\">in its terms</a> below, are per position" if over else "")
     rows.append(f"<p class=small>KL, rev. KL (candidate ‖ reference) and JS in nats; TV, agreements, overlaps and Δp RMS as "
                 f"fractions; ± se: standard errors{over}{floor}. <span class=js>Click a column (or Enter on it) to sort.</span></p>")
+    if note := rounding_note(record):
+        rows.append(f"<p class=small id=rounding>Note: {esc(note)}</p>")
     return "".join(rows) + cross_vocab_note(record)
+
+
+ROUNDING_SHARE = 0.05  # the share of a pair's mean KL from which the store's rounding is named
+
+
+def rounding_note(record: records.RunRecord) -> str | None:
+    """Plain text: the pairs whose mean KL the reference store's rounding (compare.store_rounding_kl, recorded with
+    the reference's facts) makes up ROUNDING_SHARE or more of, or None."""
+    added = record.variants.get(record.reference or "", {}).get("store_rounding_kl")
+    if not added:
+        return None
+    hit = [(p.candidate, added / kl) for p in record.pairs if 0 < (kl := p.aggregates.get("kl_mean", math.nan)) < math.inf
+           and added / kl >= ROUNDING_SHARE]  # fmt: skip
+    if not hit:
+        return None
+    dtype = record.config.get("store_dtype", "16-bit")
+    shares = ", ".join(f"{share:.0%} of {name}'s" for name, share in hit)
+    return (f"the reference's {dtype} store rounds each log-prob, which adds about {added:.2e} nats to the mean KL of a "
+            f"close pair (estimated from its rows): {shares}. store_dtype: float32 keeps them as computed (twice the disk).")
 
 
 def cross_vocab_note(record: records.RunRecord) -> str:

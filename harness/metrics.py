@@ -12,6 +12,7 @@ in q where p > 0 makes KL(p ‖ q) +inf.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -85,6 +86,38 @@ def entropy(lp: torch.Tensor) -> torch.Tensor:
     """[B] −Σ p log p in nats."""
     p = lp.exp()
     return -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
+
+
+def _rounding_terms(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise float64 p u(x)²/12 of log-probs x held in `dtype` (p = e^x, 0 where x is -inf or NaN; u(x) the
+    dtype's unit in the last place at x: eps 2^(e − 1) for |x| = m 2^e, m in [0.5, 1), one subnormal spacing below its
+    smallest normal)."""
+    x = x.float()
+    info = torch.finfo(dtype)
+    _, e = torch.frexp(x.abs())
+    u = torch.where(x.abs() < info.smallest_normal, info.eps * info.smallest_normal, torch.ldexp(torch.full_like(x, info.eps), e - 1))
+    p = torch.where(torch.isfinite(x), x.double().exp(), 0.0)
+    return p * u.double().square() / 12
+
+
+@functools.cache
+def _rounding_table(dtype: torch.dtype) -> torch.Tensor:
+    """[65536] float64: _rounding_terms of every 16-bit pattern of `dtype`, at index bits + 32768."""
+    bits = (torch.arange(65536, dtype=torch.int32) - 32768).to(torch.int16)
+    return _rounding_terms(bits.view(dtype), dtype)
+
+
+def rounding_kl(stored: torch.Tensor) -> torch.Tensor:
+    """[B] float64 nats: what rounding [B, V] log-probs to `stored`'s dtype (as a store holds them) adds to a mean KL
+    against them, in expectation: Σ p u²/12. A stored log-prob x is off from the exact one by up to half its unit in
+    the last place u(x), spread about uniformly: an error of variance u²/12. KL(p̃ ‖ q) then gains Σ p u²/12 at second
+    order (its first-order terms have mean 0); against a candidate rounded alike, both rows renormalised, the gain is
+    half this of p plus half this of q: about this, for the close pairs where it matters. Float16 rows of the tiny
+    models give ~8e-7; bfloat16's 8 bits, 64 times as much; float32, 2^-26 of float16's. 16-bit rows are looked up
+    per bit pattern (a 65536-entry table), 2.5x the formula's speed."""
+    if stored.dtype in (torch.float16, torch.bfloat16):
+        return _rounding_table(stored.dtype)[stored.contiguous().view(torch.int16).int() + 32768].sum(-1)
+    return _rounding_terms(stored, stored.dtype).sum(-1)
 
 
 def rank_of(lq: torch.Tensor, token: torch.Tensor) -> torch.Tensor:

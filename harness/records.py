@@ -82,6 +82,15 @@ class RunRecord(BaseModel):
     files: dict[str, str] = {}  # what -> file name beside run.json ("tokens", "top_tokens")
     throughput: dict | None = None  # the last JSON line of `harness bench`, when one was attached
 
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: dict[str, dict]) -> dict[str, dict]:
+        for name, facts in value.items():  # the one fact a reader computes with (html_report.rounding_note)
+            added = facts.get("store_rounding_kl")
+            if added is not None and (isinstance(added, bool) or not isinstance(added, (int, float))):
+                raise ValueError(f"{name}.store_rounding_kl is {added!r}, not a number")
+        return value
+
     @field_validator("matrix")
     @classmethod
     def _matrix(cls, value: list[dict]) -> list[dict]:

@@ -197,4 +197,6 @@ def table(record: records.RunRecord) -> str:
            if p.aggregates.get("bpb_bytes") else "")
         for p in record.pairs if "aligned_of" in p.aggregates
     ]  # fmt: skip
+    if note := html_report.rounding_note(record):
+        notes.append(f"note: {note}")
     return "\n".join([f"reference: {record.reference}", head, *rows, *notes])

@@ -285,3 +285,18 @@ def test_pad_mass_aggregates_are_each_stores_own(tmp_path):
     agg = compare.compare("ref", stores["ref"], "cand", stores["cand"], resamples=0).aggregates
     assert agg["pad_mass_ref"] == pytest.approx(float(pads["ref"].double().mean()), rel=1e-6)
     assert agg["pad_mass_cand"] == pytest.approx(float(pads["cand"].double().mean()), rel=1e-6)
+
+
+def test_store_rounding_kl_is_the_mean_over_evenly_spaced_rows(tmp_path):
+    """store_rounding_kl: metrics.rounding_kl's mean over every row of a store (three shards here) where it holds no
+    more than `rows`, else over that many rows evenly spaced, its first and last among them."""
+    from harness import metrics
+
+    gen = torch.Generator().manual_seed(3)
+    n, v = 70, 3000
+    ref = torch.log_softmax(torch.randn(n, v, generator=gen) * 3, -1)
+    store = _store(tmp_path / "a", ref, torch.zeros(n, dtype=torch.long), torch.arange(n) // 10, cuts=(20, 45))
+    by_row = metrics.rounding_kl(ref.half())
+    assert compare.store_rounding_kl(store) == pytest.approx(float(by_row.mean()), rel=1e-12)
+    assert compare.store_rounding_kl(store, rows=4) == pytest.approx(float(by_row[[0, 23, 46, 69]].mean()), rel=1e-12)
+    assert compare.store_rounding_kl(store, rows=4) != pytest.approx(float(by_row.mean()), rel=1e-6)

@@ -787,3 +787,32 @@ def test_a_damaged_gate_file_leaves_the_report_a_note(tmp_path, text):
     assert "gate.json cannot be read" in html and "harness check --run</code> on this run writes it again" in html
     (tmp_path / "gate.json").write_text('{"verdict": "pass", "checks": 3, "breaches": [], "within_noise": []}')
     assert "Quantization gate: <span class=\"verdict pass\">PASS</span>" in html_run.gate_section(tmp_path)
+
+
+def test_the_store_rounding_note_names_the_pairs_it_makes_up_5_percent_of(tmp_path):
+    """The reference's store rounding (its facts' store_rounding_kl) is named in the console table and on the page for
+    each pair whose mean KL it makes up 5% or more of, with that share; a pair far above it, one at exactly 0 (the
+    reference's own rows) and one at +inf are not named; no note without the figure (a float32 store) or below 5%; a
+    figure that is not a number is an error naming it when the record is read."""
+
+    def record(facts: dict, kls: dict) -> records.RunRecord:
+        pairs = [records.PairRecord(reference="ref", candidate=name, prompts=[], positions_file="-", aggregates={
+            "positions": 10, "kl_mean": kl, "kl_mean_se": 0.0, "kl_p99": kl, "js_mean": kl, "top1_agree": 1.0,
+            "ppl_ratio": 1.0, "by_confidence": []}) for name, kl in kls.items()]  # fmt: skip
+        return records.RunRecord(schema_version=records.SCHEMA_VERSION, run_id="r", status="ok", created_at="2026-12-07T00:00:00Z",
+                                 config={"store_dtype": "float16"}, variants={"ref": facts}, pairs=pairs)  # fmt: skip
+
+    kls = {"fp16": 4e-6, "int8": 1.6e-5, "int4": 4e-3, "same": 0.0, "filtered": math.inf}
+    rec = record({"store_rounding_kl": 8e-7}, kls)
+    note = html_report.rounding_note(rec)
+    assert "float16 store" in note and "8.00e-07 nats" in note and "20% of fp16's, 5% of int8's." in note
+    assert not any(name in note for name in ("int4", "same", "filtered"))
+    assert report.table(rec).splitlines()[-1] == f"note: {note}"
+    assert '<p class=small id=rounding>Note: the reference&#x27;s float16 store' in html_report.summary_table(rec)
+    for quiet in (record({}, kls), record({"store_rounding_kl": 8e-7}, {"int8": 1.61e-5, "int4": 4e-3})):
+        assert html_report.rounding_note(quiet) is None and "note:" not in report.table(quiet)
+        assert "id=rounding" not in html_report.summary_table(quiet)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(rec.model_dump() | {"variants": {"ref": {"store_rounding_kl": "8e-7"}}}))
+    with pytest.raises(records.RecordError, match="store_rounding_kl"):
+        records.read(path)
