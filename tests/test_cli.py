@@ -51,6 +51,11 @@ def test_compare_default_config_on_micro_zoo(micro_run):
     assert len(run["inputs"]["segments_sha256"]) == 64 and "generations" not in run["inputs"]  # text mode: none
     for name, v in run["variants"].items():
         assert len(v["fingerprint"]) == 64 and v["filled_by"]["versions"]["torch"] == torch.__version__, name
+    # the float16 store's rounding, from the reference's rows: named under the table for each pair it is 5% or more of
+    added = run["variants"]["s-chat-fp32"]["store_rounding_kl"]
+    assert 1e-8 < added < kl["s-chat-bf16"]
+    named = [name for name in kl if added / kl[name] >= 0.05]
+    assert ("note: the reference's float16 store" in out) == bool(named) and all(f"of {name}'s" in out for name in named)
     agg = next(p for p in run["pairs"] if p["candidate"] == "s-chat-gptq-int4")["aggregates"]
     assert agg["kl_mean_ci95"][0] <= agg["kl_mean"] <= agg["kl_mean_ci95"][1]
     assert {"kl_p99_9", "js_mean_se", "ppl_ratio", "nll_correlation", "by_confidence", "top10_overlap"} <= set(agg)

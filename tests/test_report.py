@@ -422,7 +422,11 @@ def test_index_html_opens_offline_with_no_errors(browser, micro_run):
     assert hollow == sum(b["windows"] < 5 for pair_bins in bins.values() for b in pair_bins) > 0
     assert "a hollow point is a bin from fewer than 5 windows" in page.locator("#depth + div + p").inner_text()
     height = "(s, n) => +[...s.querySelectorAll('circle')].find(c => c.textContent.startsWith(n + ',')).getAttribute('cy')"
-    assert depth.evaluate(height, "s-chat-gptq-int4") < depth.evaluate(height, "s-chat-bf16") < depth.evaluate(height, "s-chat-fp16")
+    # each pair's first point: the more KL, the higher (smaller y); the order of the pairs is the weights' (it differs
+    # between machines, whose CPUs train the zoo otherwise), so it is read from the record
+    first = {name: pair_bins[0]["kl_mean"] for name, pair_bins in bins.items()}
+    ys = [depth.evaluate(height, name) for name in sorted(first, key=first.get)]
+    assert ys == sorted(ys, reverse=True) and ys[0] > ys[-1], ys
     assert page.locator("#heat-top1 td").count() == 7 * 7
     # the histograms share one axis (the same ticks under each), so that a pair further off sits further right: the
     # count-weighted mean bar position of the float16 pair (KL ~1e-6) is left of the Int4 build's (~1e-3)
