@@ -200,7 +200,6 @@ def test_js_and_tv_of_disjoint_rows_are_their_maxima_never_past_them():
         assert ((m["tv"] <= 1.0) & (m["tv"] >= 1.0 - 1e-12)).all(), (m["tv"] - 1.0).tolist()
 
 
-
 def _spacing(x: torch.Tensor) -> np.ndarray:
     """float64 spacing of the stored dtype above each |x| (its unit in the last place there): numpy's for float16 and
     float32; for bfloat16, which numpy lacks, the next bit pattern up minus |x|."""
