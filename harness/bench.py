@@ -251,6 +251,11 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     load = [_load()]
     notes = {i: sf.available(VARIANTS.get(i, (i,))[0], device.type) for i in impls if i != "snippet"}
     notes = {i: why for i, why in notes.items() if why}
+    fused = [i for i in ("fused-cpu", "fused-alloc") if i in impls and i not in notes]  # (notes: why one cannot run)
+    isa = sf.kernel_isa() if device.type == "cpu" and fused else None
+    if isa is not None and isa != "avx512":  # its fastest loops are AVX-512's: say which it runs here
+        notes["fused-cpu isa"] = ("8-lane AVX2 and FMA row loops (this CPU or build has no AVX-512)" if isa == "avx2"
+                                  else "scalar row loops (built without AVX2: HARNESS_CEXT_PORTABLE=1, or a CPU without it)")
     wrong: set[tuple] = set()  # cases whose output differed from the snippet's: not timed
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks at nonzero/.item() are expected
     ceil = ceilings(device, ceiling_gib, repeats)
@@ -352,7 +357,7 @@ def run(batches=(1, 16, 256, 4096), dtypes=("float32", "bfloat16"), repeats=5, i
     notes |= {v: f"{base}'s kernel with {what}" for v, (base, what) in VARIANTS.items() if v in impls and v not in notes}
     return {
         "version": 1, "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "width": width, "top_k": TOP_K, "top_p": TOP_P,
+        "torch": torch.__version__, "width": width, "top_k": TOP_K, "top_p": TOP_P, "fused_cpu_isa": isa,
         "read_ceiling_gbps": read_gbps, "copy_ceiling_gbps": copy_gbps, "write_ceiling_gbps": write_gbps,
         "ceiling_gib": ceiling_gib,
         "read_median_gbps": [ceil.read_median_gbps, end.read_median_gbps],  # at the start and at the end

@@ -4,7 +4,8 @@
 
 A kernel's source, harness/csrc/<name>.cpp with the headers there (exp_f32.h: the float32 exps and the
 OpenMP row split; topk.h: the running top-k lists), is compiled with g++ -O3 -fopenmp, `-march=native`
-first (AVX-512 where the compiler and CPU have it), else portable, into `$HARNESS_HOME/ext/<name>_<hash>.so`.
+first (AVX-512 where the compiler and CPU have it; softmax_filter also has 8-lane AVX2 paths for CPUs without it),
+else portable, into `$HARNESS_HOME/ext/<name>_<hash>.so`.
 The hash covers the sources, the flags and the CPU's identity, since `-march=native` code is only valid on
 the CPU it was built for. No -ffast-math: the kernels' -inf and NaN masks and compensated sums need IEEE semantics.
 Each kernel splits its rows over an OpenMP team of torch.get_num_threads() threads inside one ctypes
@@ -41,15 +42,28 @@ def source(name: str) -> str:
     return "".join(f.read_text() for f in [CSRC / f"{name}.cpp", *sorted(CSRC.glob("*.h"))])
 
 
+def build_flags() -> list[list[str]]:
+    """The g++ flags to try, in order. HARNESS_CEXT_PORTABLE=1 skips -march=native (the scalar code paths, as a CPU
+    without AVX2 runs them); =avx2 builds for AVX2 and FMA without AVX-512 (the 8-lane paths a Zen 2 or 3 runs), on any
+    CPU that has those: how the tests reach each path on a machine whose native build takes another."""
+    portable = os.environ.get("HARNESS_CEXT_PORTABLE", "")
+    if portable == "1":
+        return [[]]
+    if portable == "avx2":
+        return [["-mavx2", "-mfma", "-mno-avx512f"]]
+    if portable not in ("", "0"):
+        raise RuntimeError(f"HARNESS_CEXT_PORTABLE={portable!r}: expected 1 (scalar builds), avx2 (AVX2 and FMA, no "
+                           "AVX-512), or 0 or unset (-march=native)")  # fmt: skip
+    return [["-march=native"], []]
+
+
 def build(name: str) -> ctypes.CDLL:
     """csrc/<name>.cpp built and loaded; RuntimeError where g++ is missing or every build fails."""
     if shutil.which("g++") is None:
         raise RuntimeError(f"the {name} kernel needs g++ on PATH")
     text = source(name)
     errors = []
-    # HARNESS_CEXT_PORTABLE=1 skips -march=native: how the tests reach the scalar code paths
-    portable = os.environ.get("HARNESS_CEXT_PORTABLE") == "1"
-    for flags in ([],) if portable else (["-march=native"], []):
+    for flags in build_flags():
         tag = hashlib.sha256((text + " ".join(flags) + cpu_identity()).encode()).hexdigest()[:16]
         so = paths.home() / "ext" / f"{name}_{tag}.so"
         if not so.exists():

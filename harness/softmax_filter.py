@@ -131,7 +131,13 @@ def _lib() -> ctypes.CDLL:
     lib.sf_team.argtypes = [vp, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_int, vp, vp, i64, vp, vp, vp, ctypes.c_int, vp, i64]
     lib.sf_bf16.restype, lib.sf_bf16.argtypes = None, [vp, vp, i64]
     lib.sf_exp.restype, lib.sf_exp.argtypes = None, [vp, vp, i64]
+    lib.sf_lanes.restype, lib.sf_lanes.argtypes = ctypes.c_int, []
     return lib
+
+
+def kernel_isa() -> str:
+    """Which row loops the fused CPU kernel's build runs here: "avx512", "avx2" (AVX2 and FMA, 8 lanes) or "scalar"."""
+    return {16: "avx512", 8: "avx2", 1: "scalar"}[_lib().sf_lanes()]
 
 
 class Workspace:
@@ -159,6 +165,10 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
     float32 rounding of x - max adds (6e-8·|x - max|, as in torch's own float32 softmax; tests: |Δp| <= 1e-6), and
     bfloat16 ones round as torch's do up to one bfloat16 ulp near a rounding boundary. Dense p > 0 rows go out by
     non-temporal stores at any alignment (dense_out's staging); bfloat16 ones take their exps from pass 1 (ECache).
+    That is the AVX-512 build. A CPU with AVX2 and FMA but not AVX-512 (kernel_isa() "avx2") runs 8-lane loops:
+    by blocks of 1024 entries the block's max (+ NaN, top k, the finite entries of a warped row), then its Σ exp
+    from L1 (exp8c, exp16c's polynomial: 7.4e-8), and a dense p > 0 row's output after the row (exp8, plain
+    stores). Without AVX2, scalar loops.
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2:
         raise ValueError(f"fused-cpu takes a [B, V] CPU float32/bfloat16 tensor, not {x.dtype} {tuple(x.shape)} on {x.device}")

@@ -422,6 +422,8 @@ def test_quick_run_json_line(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     record = json.loads(out[-1])
     assert len(record["load_average"]) == 2 and "fused-alloc" in record["notes"]  # what the variant is, said
+    # which row loops the kernel ran: said where they are not AVX-512's
+    assert record["fused_cpu_isa"] == sf.kernel_isa() and (record["fused_cpu_isa"] == "avx512") == ("fused-cpu isa" not in record["notes"])
     snippet = {(r["dtype"], r["inputs"], r["batch"]): r["rows_per_s"] for r in record["results"] if r["impl"] == "snippet"}
     for key in ("device", "device_name", "read_ceiling_gbps", "copy_ceiling_gbps", "results"):
         assert key in record

@@ -1,7 +1,8 @@
-"""The C++ kernels' portable (scalar) builds give the same numbers as the torch references.
+"""The C++ kernels' portable (scalar) builds, and softmax_filter's AVX2 build, give the same numbers as the references.
 
-The rest of the suite runs the -march=native builds (AVX-512 here); a machine without AVX-512 runs
-the scalar code, so it is checked too, in a subprocess that builds only the portable versions.
+The rest of the suite runs the -march=native builds: AVX-512 where the CPU has it; on a CPU with AVX2 and FMA but no
+AVX-512, softmax_filter's 8-lane loops and the other kernels' scalar code; without AVX2, the scalar code everywhere.
+So each is checked here too, in subprocesses that build only those versions.
 """
 
 import ctypes
@@ -9,12 +10,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from harness import cext
 
 CHECK = r"""
 import torch
 from harness import bench, metrics, metrics_fused, row_stats, softmax_filter as sf
-assert metrics_fused.available() is None and row_stats.available() is None
+assert metrics_fused.available() is None and row_stats.available() is None and sf.kernel_isa() == "scalar"
 gen = torch.Generator().manual_seed(0)
 ref = torch.log_softmax(bench.realistic_logits(6, 151646, seed=1), -1)
 cand = torch.log_softmax(ref + 0.05 * torch.randn(ref.shape, generator=gen), -1)
@@ -70,6 +73,34 @@ def test_portable_softmax_filter_passes_its_tests(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def _cpu_has(*flags: str) -> bool:
+    return set(flags) <= set(cext.cpu_identity().split())
+
+
+@pytest.mark.skipif(not _cpu_has("avx2", "fma"), reason="the CPU has no AVX2 and FMA")
+def test_avx2_softmax_filter_passes_its_tests(tmp_path):
+    """The 8-lane AVX2 build of the fused softmax/filter kernel (what a CPU with AVX2 and FMA but no AVX-512 runs, a
+    Zen 2 or 3), built so on any CPU that has AVX2 (HARNESS_CEXT_PORTABLE=avx2), held to test_bench's fused-cpu tests."""
+    env = {**os.environ, "HARNESS_CEXT_PORTABLE": "avx2", "HARNESS_HOME": str(tmp_path)}
+    isa = subprocess.run([sys.executable, "-c", "from harness import softmax_filter as sf; print(sf.kernel_isa())"], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert isa.stdout.strip() == "avx2", isa.stderr[-3000:]
+    here = os.path.dirname(__file__)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "fused", os.path.join(here, "test_bench.py")],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_an_unknown_portable_value_is_an_error(monkeypatch):
+    monkeypatch.setenv("HARNESS_CEXT_PORTABLE", "yes")
+    with pytest.raises(RuntimeError, match="HARNESS_CEXT_PORTABLE='yes': expected 1"):
+        cext.build_flags()
+    for value, want in (("1", [[]]), ("avx2", [["-mavx2", "-mfma", "-mno-avx512f"]]), ("0", [["-march=native"], []])):
+        monkeypatch.setenv("HARNESS_CEXT_PORTABLE", value)
+        assert cext.build_flags() == want
 
 
 def test_a_header_edit_rebuilds_the_kernels_that_include_it(tmp_path, monkeypatch):

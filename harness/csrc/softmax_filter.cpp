@@ -207,6 +207,80 @@ static inline __attribute__((always_inline)) void dense_out(Dense& d, int bf, in
 }
 #endif
 
+#if KERNEL_AVX2
+// f_to_bf16 in 8 lanes (as bf16_round16)
+static inline __m256i bf16_round8(__m256 p) {
+  const __m256i u = _mm256_castps_si256(p);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+}
+// 8 entries from i as floats (bfloat16 widened); at a row's end (V − i < 8) the missing lanes are -inf
+static inline __m256 load8(const void* x, int bf, int64_t i, int64_t V) {
+  if (V - i >= 8) {
+    if (bf) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i))), 16));
+    return _mm256_loadu_ps((const float*)x + i);
+  }
+  alignas(32) float t[8];
+  for (int l = 0; l < 8; ++l) t[l] = i + l < V ? load1(x, bf, i + l) : -INFINITY;
+  return _mm256_load_ps(t);
+}
+// 16 entries from i as two vectors: bfloat16 as its even entries (shifted up) and its odd ones (masked), 2 ops where two
+// load8 take 4 (for sums and gates, where the order of the entries does not matter); float32 as they come
+static inline void load16x2(const void* x, int bf, int64_t i, int64_t V, __m256* v0, __m256* v1) {
+  if (bf && V - i >= 16) {
+    const __m256i u = _mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i));
+    *v0 = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    *v1 = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
+  } else { *v0 = load8(x, bf, i, V); *v1 = load8(x, bf, i + 8, V); }
+}
+// Whether the 64 bytes of entries from i (32 bfloat16 or 16 float32) are all -inf, as most of a warped row's are: then
+// they change nothing (max, NaN flag, finite list, top k), at one compare a 32 bytes.
+static inline bool ninf64_8(const void* row, int bf, int64_t i) {
+  const __m256i* p = (const __m256i*)(bf ? (const void*)((const uint16_t*)row + i) : (const void*)((const float*)row + i));
+  const __m256i a = _mm256_loadu_si256(p), b = _mm256_loadu_si256(p + 1);
+  const __m256i ni = bf ? _mm256_set1_epi16((short)0xFF80) : _mm256_set1_epi32((int)0xFF800000u);
+  const __m256i eq = bf ? _mm256_and_si256(_mm256_cmpeq_epi16(a, ni), _mm256_cmpeq_epi16(b, ni))
+                        : _mm256_and_si256(_mm256_cmpeq_epi32(a, ni), _mm256_cmpeq_epi32(b, ni));
+  return _mm256_movemask_epi8(eq) == -1;
+}
+// A dense row's p > 0 output, 8 columns at a time: p = exp(x − m) · inv (subnormal p included, as torch gives them),
+// the lanes that stay nonzero in the output dtype (f_to_bf16's rounding, as integers) appended at *c (REV: the row
+// from its last vector back, each vector's kept lanes prepended below *c), whole vectors by one store each.
+template <int REV>
+static inline void dense_out8(const void* row, int bf, int64_t V, float m, float inv, float* vf, uint16_t* vb, int32_t* ix,
+                              int64_t* cp) {
+  const __m256 vmax = _mm256_set1_ps(m), vinv = _mm256_set1_ps(inv);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int64_t nv = (V + 7) / 8;
+  int64_t c = *cp;
+  for (int64_t jj = 0; jj < nv; ++jj) {
+    const int64_t i = 8 * (REV ? nv - 1 - jj : jj);
+    const __m256 p = _mm256_mul_ps(exp8(_mm256_sub_ps(load8(row, bf, i, V), vmax)), vinv);
+    const __m256i ii = _mm256_add_epi32(iota, _mm256_set1_epi32((int)i));
+    const __m256i pb = bf ? bf16_round8(p) : _mm256_castps_si256(p);
+    const int keep = 0xFF & ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(pb, _mm256_setzero_si256())));
+    if (keep == 0xFF && V - i >= 8) {
+      const int64_t at = REV ? c - 8 : c;
+      if (bf) _mm_storeu_si128((__m128i*)(vb + at), _mm_packus_epi32(_mm256_castsi256_si128(pb), _mm256_extracti128_si256(pb, 1)));
+      else _mm256_storeu_si256((__m256i*)(vf + at), pb);
+      _mm256_storeu_si256((__m256i*)(ix + at), ii);
+      c += REV ? -8 : 8;
+    } else if (keep) {
+      alignas(32) uint32_t pv[8];
+      _mm256_store_si256((__m256i*)pv, pb);
+      for (int ll = 0; ll < 8; ++ll) {
+        const int l = REV ? 7 - ll : ll;
+        if (!(keep >> l & 1) || i + l >= V) continue;
+        const int64_t at = REV ? --c : c++;
+        if (bf) vb[at] = (uint16_t)pv[l]; else memcpy(vf + at, pv + l, 4);
+        ix[at] = (int32_t)(i + l);
+      }
+    }
+  }
+  *cp = c;
+}
+#endif
+
 // Rows [0, n) of x (row stride `ld` elements). mode 0: keep p > 0 (cap >= V), mode 1: top k with p > 0 (cap >= k).
 // The rows' kept entries go to vals/idx packed in row order: from [0] up (REV 0), or ending at [n*cap] (REV 1, rows
 // done last to first, each written from its last entry back). Each row's entries are in ascending index (mode 0) or
@@ -241,6 +315,11 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
   // a block of 1024 between blocks gained nothing.
   Dense pend{}; pend.r = -1;
   auto finish = [&](Dense& d) { dense_out<REV>(d, bf, V, V); counts[d.r] = REV ? -d.c : d.c; pos += d.c; d.r = -1; };
+#elif KERNEL_AVX2
+  enum { FCAP = 4096, BS = 1024 };
+  static thread_local int32_t fi[FCAP + 8];
+  int32_t hit[BS / 16 + 1];  // a dense block's listed groups
+  static thread_local Big big;  // top-k's candidates where k > BIG_K
 #endif
   for (int64_t rr = 0; rr < n; ++rr) {
     const int64_t r = REV ? n - 1 - rr : rr;
@@ -431,6 +510,98 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
     if (mode && k > BIG_K) big_finish(big, k, tv, ti, &tc);
     if (pend.r >= 0) finish(pend);  // the blocks above wrote all of it: this sets its count
     nan = un != 0;
+#elif KERNEL_AVX2
+    // By blocks of BS: the block's max, NaN, the running top k and, while the row has at most FCAP finite entries (and
+    // at least 1/4 of those read so far are -inf), where they are; then, once the row is dense, the block's Σ exp(x − m)
+    // against the max so far, from L1 (and the blocks before the row turned dense once, from L2).
+    int64_t nf = 0, summed = 0;  // fi[0, nf): the finite entries (-1 once there are more than FCAP); Σ covers [0, summed)
+    double s = 0.0;
+    int un = 0;
+    const int es = bf ? 2 : 4;
+    big.n = 0;
+    for (int64_t b0 = 0; b0 < V; b0 += BS) {
+      const int64_t b1 = b0 + BS < V ? b0 + BS : V;
+      if (nf < 0 && !un && summed == b0 && b0 > 0) {
+        // A dense row past its first block (so m is finite): one look per entry, Σ exp(x − m) against the max so far,
+        // and one compare against a gate (top-k: the k-th largest so far, which is <= m; else m) that catches NaN,
+        // +inf, a new max and top-k's candidates alike; a group of 16 entries with such a lane is only listed, without
+        // a branch, and the block's listed groups are then gone through from L1. Where one held a new max, the
+        // block's sum is taken again against it (a lane 88 above m overflows it; a row's max rises ~ln(blocks) times).
+        // (The block's max first, then its sum from L1, ran at 0.7x these rows/s; groups of 32, which list more entries
+        // to go through, at 0.88x.)
+        const __m256 vmax = _mm256_set1_ps(m), g = _mm256_set1_ps(mode ? thr : m);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+        int nh = 0;
+        for (i = b0; i < b1; i += 16) {
+          _mm_prefetch((const char*)row + (i + BS) * es, _MM_HINT_T0);
+          __m256 v0, v1;
+          load16x2(row, bf, i, b1, &v0, &v1);  // (past b1: -inf)
+          hit[nh] = (int32_t)i;
+          nh += _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(v0, g, _CMP_NLE_UQ), _mm256_cmp_ps(v1, g, _CMP_NLE_UQ))) != 0;
+          s0 = _mm256_add_ps(s0, exp8s(_mm256_sub_ps(v0, vmax))); s1 = _mm256_add_ps(s1, exp8s(_mm256_sub_ps(v1, vmax)));
+        }
+        float bm = m;
+        for (int h = 0; h < nh; ++h)  // in column order, as the scalar code takes them
+          for (int64_t j = hit[h]; j < hit[h] + 16 && j < b1; ++j) {
+            const float e = load1(row, bf, j);
+            un |= e != e; bm = e > bm ? e : bm;
+            if (mode && e > thr) thr = k > BIG_K ? big_add(big, k, thr, e, (int32_t)j) : topk_insert(tv, ti, &tc, k, e, (int32_t)j);
+          }
+        if (un || bm == INFINITY) { m = bm; summed = b1; continue; }  // a bad row: the sum no longer matters
+        if (bm > m) {
+          const __m256 nmax = _mm256_set1_ps(bm);
+          s0 = s1 = _mm256_setzero_ps();
+          for (i = b0; i < b1; i += 8) s0 = _mm256_add_ps(s0, exp8s(_mm256_sub_ps(load8(row, bf, i, b1), nmax)));
+          s = s * exp((double)m - (double)bm);
+          m = bm;
+        }
+        s += hsum8(_mm256_add_ps(s0, s1));
+        summed = b1;
+        continue;
+      }
+      __m256 vm = _mm256_set1_ps(-INFINITY), vu = _mm256_setzero_ps();
+      for (i = b0; i < b1; i += 8) {
+        if (b1 - i >= 64 / es && ninf64_8(row, bf, i)) { i += 64 / es - 8; continue; }
+        const __m256 v = load8(row, bf, i, b1);
+        vm = _mm256_max_ps(vm, v); vu = _mm256_or_ps(vu, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        if (nf >= 0) {  // warped rows: where the few finite entries are, so the rest visits only them
+          int fin = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ));
+          if (fin) {
+            if (nf + __builtin_popcount(fin) > FCAP) nf = -1;
+            else for (; fin; fin &= fin - 1) fi[nf++] = (int32_t)(i + __builtin_ctz(fin));
+          }
+        }
+        if (mode) {  // candidates in column order, as the scalar code takes them
+          for (int gt = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(thr), _CMP_GT_OQ)); gt; gt &= gt - 1) {
+            const int64_t j = i + __builtin_ctz(gt);
+            const float e = load1(row, bf, j);
+            if (e > thr) thr = k > BIG_K ? big_add(big, k, thr, e, (int32_t)j) : topk_insert(tv, ti, &tc, k, e, (int32_t)j);
+          }
+        }
+      }
+      un |= _mm256_movemask_ps(vu);
+      if (nf > b1 - b1 / 4) nf = -1;  // over 3/4 finite so far: a dense row
+      const float bm = hmax8(vm);
+      if (bm > m) {
+        if (summed > 0 && m > -INFINITY && bm < INFINITY) s *= exp((double)m - (double)bm);
+        m = bm;
+      }
+      if (nf < 0 && !un && m < INFINITY) {  // dense (so m is finite): Σ exp(x − m) over [summed, b1)
+        const __m256 vmax = _mm256_set1_ps(m);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+        for (i = summed; i + 16 <= b1; i += 16) {
+          _mm_prefetch((const char*)row + (i + BS) * es, _MM_HINT_T0);  // the next block, read while this one's exps run
+          s0 = _mm256_add_ps(s0, exp8s(_mm256_sub_ps(load8(row, bf, i, b1), vmax)));
+          s1 = _mm256_add_ps(s1, exp8s(_mm256_sub_ps(load8(row, bf, i + 8, b1), vmax)));
+          if ((i & (BS - 1)) == BS - 16) { s += hsum8(_mm256_add_ps(s0, s1)); s0 = s1 = _mm256_setzero_ps(); }
+        }
+        for (; i < b1; i += 8) s0 = _mm256_add_ps(s0, exp8s(_mm256_sub_ps(load8(row, bf, i, b1), vmax)));  // (-inf past b1: e^-87)
+        s += hsum8(_mm256_add_ps(s0, s1));
+        summed = b1;
+      }
+    }
+    if (mode && k > BIG_K) big_finish(big, k, tv, ti, &tc);
+    nan = un != 0;
 #else
     double s = 0.0;
     for (; i < V; ++i) { float e = load1(row, bf, i); nan |= e != e; m = e > m ? e : m;
@@ -440,7 +611,7 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
       *why = nan ? 1 : (m == INFINITY ? 3 : 2); bad = r;
       if (REV) continue; else return r;
     }
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || KERNEL_AVX2
     const bool listed = nf >= 0;  // at most FCAP finite entries (a warped row): sum and write from the list
     if (listed) for (int64_t j = 0; j < nf; ++j) s += exp_s(load1(row, bf, fi[j]) - m);
 #else
@@ -469,6 +640,11 @@ static int64_t sf_rows_t(const void* x, int64_t n, int64_t V, int64_t ld, int k,
         }
         continue;
       }
+#elif KERNEL_AVX2
+      if (listed) for (int64_t jj = 0; jj < nf; ++jj) {
+        const int64_t j = REV ? nf - 1 - jj : jj;
+        keep1<REV>(exp_s(load1(row, bf, fi[j]) - m) * inv, fi[j], bf, vf, vb, ix, &c);
+      } else dense_out8<REV>(row, bf, V, m, inv, vf, vb, ix, &c);
 #else
       for (int64_t ii = 0; ii < V; ++ii) { i = REV ? V - 1 - ii : ii; keep1<REV>(exp_s(load1(row, bf, i) - m) * inv, (int32_t)i, bf, vf, vb, ix, &c); }
 #endif
@@ -573,20 +749,35 @@ extern "C" int64_t sf_team(const void* x, int bf, int64_t n, int64_t V, int64_t 
   return -1;
 }
 
-// The kernels' two roundings to bfloat16 on n values (its test holds them to torch's, ties included): bf16_round16 on
-// whole vectors, f_to_bf16 on the rest.
+// The kernels' two roundings to bfloat16 on n values (its test holds them to torch's, ties included): bf16_round16 (or
+// bf16_round8) on whole vectors, f_to_bf16 on the rest.
 extern "C" void sf_bf16(const float* f, uint16_t* out, int64_t n) {
   int64_t i = 0;
 #ifdef __AVX512F__
   for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(out + i), _mm512_cvtepi32_epi16(bf16_round16(_mm512_loadu_ps(f + i))));
+#elif KERNEL_AVX2
+  for (; i + 8 <= n; i += 8) {
+    const __m256i b = bf16_round8(_mm256_loadu_ps(f + i));
+    _mm_storeu_si128((__m128i*)(out + i), _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+  }
 #endif
   for (; i < n; ++i) out[i] = f_to_bf16(f[i]);
 }
-// The row sums' exp (exp16s) on n values, for its accuracy test (the scalar exp_s without AVX-512).
+// The row sums' exp (exp16s; exp8s with AVX2 but not AVX-512; else the scalar exp_s) on n values, for its accuracy test.
 extern "C" void sf_exp(const float* t, float* out, int64_t n) {
   int64_t i = 0;
 #ifdef __AVX512F__
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, exp16s(_mm512_loadu_ps(t + i)));
+#elif KERNEL_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, exp8s(_mm256_loadu_ps(t + i)));
 #endif
   for (; i < n; ++i) out[i] = exp_s(t[i]);
+}
+// The vector width of this build's row loops: 16 (AVX-512), 8 (AVX2 and FMA), 1 (scalar).
+extern "C" int sf_lanes() {
+#ifdef __AVX512F__
+  return 16;
+#else
+  return KERNEL_AVX2 ? 8 : 1;
+#endif
 }
