@@ -166,9 +166,11 @@ def fused_cpu_filter(x: torch.Tensor, filter: str = "p>0", k: int = 20, workspac
     bfloat16 ones round as torch's do up to one bfloat16 ulp near a rounding boundary. Dense p > 0 rows go out by
     non-temporal stores at any alignment (dense_out's staging); bfloat16 ones take their exps from pass 1 (ECache).
     That is the AVX-512 build. A CPU with AVX2 and FMA but not AVX-512 (kernel_isa() "avx2") runs 8-lane loops:
-    by blocks of 1024 entries the block's max (+ NaN, top k, the finite entries of a warped row), then its Σ exp
-    from L1 (exp8c, exp16c's polynomial: 7.4e-8), and a dense p > 0 row's output after the row (exp8, plain
-    stores). Without AVX2, scalar loops.
+    by blocks of 1024 entries, the first block's max (+ NaN, top k, the finite entries of a warped row) and then
+    its Σ exp from L1; past it, a dense row's one look per entry (Σ exp against the max so far, one compare that
+    lists the groups holding a new max, a top-k candidate, NaN or +inf), the next block prefetched. exp8s (an
+    8-entry table: 1.33e-7 relative on [-10, 0]) for the sums and the p > 0 output, which a dense row writes after
+    the row by plain stores. Without AVX2, scalar loops.
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2:
         raise ValueError(f"fused-cpu takes a [B, V] CPU float32/bfloat16 tensor, not {x.dtype} {tuple(x.shape)} on {x.device}")
