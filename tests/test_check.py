@@ -356,7 +356,9 @@ def test_the_gate_passes_the_good_builds_and_fails_the_damaged_ones(gate_env, ca
     assert out[-2].startswith("gate: all 7 checks pass") and json.loads(out[-1])["verdict"] == "pass"
     good = (gate_env / "reports" / "latest").resolve()
 
-    for damaged, must in ((zoo.INT2, {"kl_mean"}), (zoo.BAD_SCALES, {"kl_mean", "top1_agree"})):
+    # each damaged build breaches the mean KL on every machine; which other checks it breaches follows the weights this
+    # CPU trained (bad scales breached top-1 agreement on the AVX-512 VMs' micro family, not on a Zen 2's)
+    for damaged, must in ((zoo.INT2, {"kl_mean"}), (zoo.BAD_SCALES, {"kl_mean"})):
         junit = gate_env / f"{damaged}.xml"
         assert main(_gate(gate_env, "--junit", str(junit), source=damaged)) == 1, damaged
         out = capsys.readouterr().out.strip().splitlines()
